@@ -1,0 +1,1275 @@
+"""
+The HMMC network and its losses, in one file: CLIP's ViT and text transformer, the Chinese BERT, the temporal
+transformer, hierarchical (video + top-k frame) matching, the fine-tuning loss and the momentum-contrast
+pre-training (FAM, VTM, FTM, MLM with momentum encoders and feature queues). No file I/O except the loaders of
+OpenAI CLIP checkpoints (`load_clip`), HF BERT folders (`load_bert`) and the original HMMC's state dicts
+(`HMMC.from_original`).
+
+CLIP submodule names follow OpenAI's state-dict keys exactly (`c_fc`, `ln_final`, `proj`...) and BERT's follow
+HF's, even where we would not choose them: that is what makes `load_state_dict(strict=True)` the whole loader.
+
+>>> clip = load_clip("ViT-B-32.pt")                      # OpenAI's TorchScript archive or a plain state dict
+>>> net = HMMC.from_original("pytorch_model.bin.4")      # a released HMMC fine-tuning checkpoint
+>>> video_emb, frame_emb = net.encode_video(video)      # video: float (B, T, 3, 224, 224), CLIP-normalised
+"""
+import copy
+import json
+import math
+import os
+import struct
+import sys
+import warnings
+import zipfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+import torch.distributed as dist
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# CLIP towers (OpenAI ViT layout) and the Chinese BERT text encoder.
+# Module names copy OpenAI's / HF's state-dict keys, so `load_state_dict(strict=True)` is the whole loader.
+# Weights stay fp32; callers run under autocast (which keeps layer_norm and softmax in fp32 anyway).
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    image_resolution: int = 224
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 32
+    context_length: int = 77
+    vocab_size: int = 49408
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+    eot_id: int = 49407  # end-of-text id used for pooling; CLIP's tokenizer puts it last in the vocabulary
+
+    @property
+    def vision_heads(self) -> int:
+        # OpenAI ties heads to width (64 per head); tiny custom towers still get one head
+        return max(1, self.vision_width // 64)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "CLIPConfig":
+        """Read the architecture off an OpenAI-layout ViT state dict (spec §2.2); no side-car config needed."""
+        if "visual.proj" not in sd and any(k.startswith("visual.layer1.") for k in sd):
+            raise ValueError("this is a ResNet CLIP (visual.layer1.* keys, no visual.proj); ResNet CLIP models are "
+                             "not supported, use a ViT one (ViT-B/32, ViT-B/16, ViT-L/14, ...)")
+        missing = [k for k in _CLIP_REQUIRED_KEYS if k not in sd]
+        if missing:
+            raise ValueError(f"not a CLIP ViT state dict: missing keys {missing}")
+        n_pos = sd["visual.positional_embedding"].shape[0]  # grid*grid patches + 1 class token
+        grid = round(math.sqrt(n_pos - 1))
+        if grid * grid + 1 != n_pos:
+            raise ValueError(f"visual.positional_embedding has {n_pos} rows, not a square patch grid plus one")
+        width = sd["ln_final.weight"].shape[0]
+        vocab_size = sd["token_embedding.weight"].shape[0]
+        return cls(
+            embed_dim=sd["text_projection"].shape[1],
+            image_resolution=sd["visual.conv1.weight"].shape[-1] * grid,
+            vision_layers=sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd),
+            vision_width=sd["visual.conv1.weight"].shape[0],
+            vision_patch_size=sd["visual.conv1.weight"].shape[-1],
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=vocab_size,
+            transformer_width=width,
+            transformer_heads=max(1, width // 64),
+            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+            # OpenAI's vocabulary ends with <|startoftext|>, <|endoftext|>; a small custom vocabulary keeps that order
+            eot_id=min(49407, vocab_size - 1),
+        )
+
+
+# the keys from_state_dict reads; anything else missing is reported by load_state_dict
+_CLIP_REQUIRED_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+                       "positional_embedding", "token_embedding.weight", "ln_final.weight")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Batch-first multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # packed q, k, v rows
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        # the same init as nn.MultiheadAttention, so modules built fresh (the temporal transformer) match it
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, L, 3D)
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in q's dtype (bf16 under autocast)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, h, L, D/h)
+        y = y.transpose(1, 2).reshape(B, L, D)                               # (B, L, D)
+        return self.out_proj(y)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, eps: float = 1e-5):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width),
+            gelu=QuickGELU(),
+            c_proj=nn.Linear(4 * width, width),
+        ))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of blocks (keys `resblocks.{i}`). `attn_mask` is additive or boolean (True = attend), broadcast to
+    (B, heads, L, L). Set `grad_checkpointing = True` to recompute activations in backward for large batches."""
+
+    def __init__(self, width: int, layers: int, heads: int, eps: float = 1e-5):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, eps) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if attn_mask is not None and is_causal:
+            raise ValueError("pass either attn_mask or is_causal=True, not both")
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, is_causal)
+        return x
+
+
+def _init_clip_blocks(transformer: Transformer):
+    # OpenAI's initialize_parameters: residual projections shrink with depth so the stream's variance stays put.
+    # Only matters for training from scratch; the plain Transformer keeps nn.MultiheadAttention's init.
+    W, layers = transformer.width, transformer.layers
+    for block in transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=W ** -0.5)
+        nn.init.normal_(block.attn.out_proj.weight, std=W ** -0.5 * (2 * layers) ** -0.5)
+        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * W) ** -0.5)
+        nn.init.normal_(block.mlp.c_proj.weight, std=W ** -0.5 * (2 * layers) ** -0.5)
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's image tower; keys are OpenAI's `visual.*` keys without the prefix."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        W, P = cfg.vision_width, cfg.vision_patch_size
+        if cfg.image_resolution % P:
+            raise ValueError(f"image_resolution {cfg.image_resolution} is not a multiple of the patch size {P}")
+        self.input_resolution = cfg.image_resolution
+        grid = cfg.image_resolution // P
+        scale = W ** -0.5
+        self.conv1 = nn.Conv2d(3, W, kernel_size=P, stride=P, bias=False)  # patchify
+        self.class_embedding = nn.Parameter(scale * torch.randn(W))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, W))
+        self.ln_pre = nn.LayerNorm(W)
+        self.transformer = Transformer(W, cfg.vision_layers, cfg.vision_heads)
+        self.ln_post = nn.LayerNorm(W)
+        self.proj = nn.Parameter(scale * torch.randn(W, cfg.embed_dim))
+        _init_clip_blocks(self.transformer)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.input_resolution, self.input_resolution):
+            raise ValueError(f"expected images of {self.input_resolution}x{self.input_resolution} pixels, "
+                             f"got shape {tuple(images.shape)}")
+        x = self.conv1(images.to(self.conv1.weight.dtype))                 # (B, W, grid, grid)
+        x = x.flatten(2).transpose(1, 2)                                   # (B, N-1, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)   # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, N, W)
+        x = self.transformer(self.ln_pre(x))                               # (B, N, W)
+        return self.ln_post(x[:, 0]) @ self.proj                           # (B, E)
+
+
+class TextTransformer(nn.Module):
+    """CLIP's causal text tower; keys are OpenAI's top-level text keys (token_embedding, positional_embedding,
+    transformer.*, ln_final, text_projection). Accepts any length L <= context_length."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.transformer_width
+        self.context_length, self.eot_id = cfg.context_length, cfg.eot_id
+        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, W))
+        self.transformer = Transformer(W, cfg.transformer_layers, cfg.transformer_heads)
+        self.ln_final = nn.LayerNorm(W)
+        self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
+        self._init_text_weights()
+
+    def _init_text_weights(self):
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        _init_clip_blocks(self.transformer)
+
+    def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-token features after ln_final, before the projection."""
+        B, L = ids.shape
+        if L > self.context_length:
+            raise ValueError(f"text of {L} tokens is longer than the context length {self.context_length}")
+        x = self.token_embedding(ids) + self.positional_embedding[:L]     # (B, L, W)
+        x = self.transformer(x, is_causal=True)                           # (B, L, W)
+        return self.ln_final(x)                                           # (B, L, W)
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Index of each row's first EOT token. OpenAI uses argmax(ids), which is the same thing as long as EOT is the
+        largest id; looking the id up explicitly survives other tokenizers. A row without EOT (cut off by the
+        caller) pools its last non-padding token, or position 0 when the row is all padding."""
+        is_eot = ids == self.eot_id                                        # (B, L)
+        first_eot = is_eot.int().argmax(dim=1)                             # (B,) argmax returns the first maximum
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        last_token = torch.where(ids != 0, pos, 0).amax(dim=1)             # (B,)
+        return torch.where(is_eot.any(dim=1), first_eot, last_token)       # (B,)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.text_hidden(ids)                                          # (B, L, W)
+        x = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(ids)]  # (B, W)
+        return x @ self.text_projection                                    # (B, E)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encode_text(ids)
+
+
+class CLIP(TextTransformer):
+    """OpenAI's CLIP: the text tower sits on the top module (their layout), the image tower under `visual.`."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__(cfg)
+        self.visual = VisionTransformer(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)                                         # (B, E)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        img = F.normalize(self.encode_image(image), dim=-1)                # (B, E)
+        txt = F.normalize(self.encode_text(text), dim=-1)                  # (N, E)
+        logits_per_image = self.logit_scale.exp() * img @ txt.T            # (B, N)
+        return logits_per_image, logits_per_image.T
+
+
+def load_clip_state_dict(path: str) -> dict:
+    """Read an OpenAI CLIP checkpoint into a plain fp32 state dict: the TorchScript archive as OpenAI distributes it
+    (ViT-B-32.pt), a file written by torch.save(state_dict), or a dict holding one under "state_dict"."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no CLIP checkpoint at {path}; download e.g. ViT-B-32.pt from OpenAI's CLIP release")
+    try:
+        if _clip_is_torchscript(path):
+            # this EXECUTES the TorchScript code inside the archive: only load files you trust (OpenAI's own).
+            # We do it once, take the tensors, and everything downstream is a plain state dict.
+            with warnings.catch_warnings():  # torch's deprecation notice for torch.jit is not actionable here
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read CLIP checkpoint {path} (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {e}") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors), found {type(sd).__name__}")
+    # OpenAI's archives add three ints; archives traced from open_clip also carry its constant causal mask
+    sd = {k: v for k, v in sd.items()
+          if k not in ("input_resolution", "context_length", "vocab_size") and k.split(".")[-1] != "attn_mask"}
+    try:
+        CLIPConfig.from_state_dict(sd)  # validates: ResNet CLIP, missing keys
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    # OpenAI stores most matrices in fp16; we keep fp32 master weights and leave low precision to autocast
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _clip_is_torchscript(path: str) -> bool:
+    # both torch.save and torch.jit.save write zip files; only TorchScript ones carry a code/ folder
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split("/")[1:2] == ["code"] or name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def load_clip(path: str, device="cpu") -> CLIP:
+    """Build a fp32 CLIP from an OpenAI checkpoint, architecture inferred from the tensor shapes."""
+    sd = load_clip_state_dict(path)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = CLIP(CLIPConfig.from_state_dict(sd))
+    _clip_load_strict(model, sd, path)
+    return model.to(device)
+
+
+def _clip_load_strict(model: nn.Module, sd: dict, path: str):
+    """load_state_dict(strict=True, assign=True) into a model built on the meta device, with messages that name
+    the file and the offending keys."""
+    expected, found = set(model.state_dict()), set(sd)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the {type(model).__name__} architecture inferred from it: "
+                         f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
+                         f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Chinese BERT (hfl/chinese-roberta-wwm-ext is a plain BERT-base): HF key names, post-LN, erf GELU, tanh pooler.
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 21128
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_json(cls, path: str) -> "BertConfig":
+        """Read a HF config.json; fields we do not model must hold the values we implement."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no BERT config at {path}; a HF model folder has config.json next to the weights")
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        for key, ok in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+            if d.get(key, ok) != ok:
+                raise ValueError(f"{path}: {key}={d[key]!r} is not supported (only {ok!r})")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder layer; the ModuleDicts only reproduce HF's key nesting (attention.self.query, ...)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.layer_norm_eps
+        if H % cfg.num_attention_heads:
+            raise ValueError(f"hidden_size {H} is not divisible by {cfg.num_attention_heads} attention heads")
+        self.heads = cfg.num_attention_heads
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+        self.attention = nn.ModuleDict(dict(
+            self=nn.ModuleDict(dict(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H))),
+            output=nn.ModuleDict(dict(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=eps))),
+        ))
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(H, cfg.intermediate_size)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(cfg.intermediate_size, H), LayerNorm=nn.LayerNorm(H, eps=eps)))
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # keep: (B, 1, 1, L) bool, True for real tokens
+        B, L, H = x.shape
+        a = self.attention.self
+        q, k, v = (m(x).view(B, L, self.heads, H // self.heads).transpose(1, 2)
+                   for m in (a.query, a.key, a.value))                      # 3 x (B, h, L, H/h)
+        # padding keys get the dtype's most negative score rather than -inf (as HF does): an all-padding row stays
+        # finite, and building it in q's dtype keeps it finite under fp16/bf16 autocast too
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, torch.finfo(q.dtype).min)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, L, H)                              # (B, L, H)
+        x = self.attention.output.LayerNorm(x + self.dropout(self.attention.output.dense(y)))
+        h = F.gelu(self.intermediate.dense(x))                              # (B, L, I) exact erf GELU, as BERT
+        return self.output.LayerNorm(x + self.dropout(self.output.dense(h)))  # (B, L, H)
+
+
+class BertModel(nn.Module):
+    """HF-compatible BertModel: forward(ids, mask) -> (last_hidden (B, L, H), pooled (B, H))."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.embeddings = nn.ModuleDict(dict(
+            word_embeddings=nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_token_id),
+            position_embeddings=nn.Embedding(cfg.max_position_embeddings, H),
+            token_type_embeddings=nn.Embedding(cfg.type_vocab_size, H),
+            LayerNorm=nn.LayerNorm(H, eps=cfg.layer_norm_eps),
+        ))
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])))
+        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H)))
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        # BERT's init (initializer_range 0.02); only matters when training without a checkpoint
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None):
+        B, L = ids.shape
+        if L > self.cfg.max_position_embeddings:
+            raise ValueError(f"text of {L} tokens is longer than max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        e = self.embeddings
+        pos = torch.arange(L, device=ids.device)
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
+        x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings(types)  # (B, L, H)
+        x = self.dropout(e.LayerNorm(x))
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        keep = keep[:, None, None, :]                                        # (B, 1, 1, L) for all heads, queries
+        for layer in self.encoder.layer:
+            x = layer(x, keep)                                               # (B, L, H)
+        pooled = torch.tanh(self.pooler.dense(x[:, 0]))                      # (B, H) from the [CLS] position
+        return x, pooled
+
+
+def _bert_weights_file(path: str) -> str:
+    """The weights file of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no BERT folder at {path}; download e.g. hfl/chinese-roberta-wwm-ext from "
+                                f"the Hugging Face hub (config.json, vocab.txt and the weights)")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"no BERT weights in {path}: expected model.safetensors or pytorch_model.bin")
+
+
+def load_bert_state_dict(path: str) -> dict:
+    """Weights of a HF BERT folder (model.safetensors or pytorch_model.bin) under our key names, fp32.
+    Strips a leading `bert.`, drops the `cls.*` pre-training heads and the `embeddings.position_ids` buffer."""
+    file = _bert_weights_file(path)
+    try:
+        if file.endswith(".safetensors"):
+            sd = read_safetensors(file)
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read BERT weights {file} (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{file} does not hold a state dict (a dict of tensors)")
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("bert.")
+        if k.startswith("cls.") or k == "embeddings.position_ids":
+            continue
+        # checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta; HF renames them on load
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def load_bert(path: str) -> BertModel:
+    """BertModel from a HF folder (config.json + model.safetensors or pytorch_model.bin)."""
+    file = _bert_weights_file(path)
+    cfg = BertConfig.from_json(os.path.join(os.path.dirname(file), "config.json"))
+    with torch.device("meta"):
+        model = BertModel(cfg)
+    _clip_load_strict(model, load_bert_state_dict(file), file)
+    return model
+
+
+# safetensors: 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, then raw bytes
+_CLIP_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path: str) -> dict:
+    """A minimal reader for the safetensors format (no dependency on the safetensors package)."""
+    assert sys.byteorder == "little", "the safetensors reader assumes a little-endian machine"
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())  # writable, so torch.frombuffer can share it without a warning
+    if len(buf) < 8:
+        raise ValueError(f"{path} is too short to be a safetensors file ({len(buf)} bytes)")
+    n = struct.unpack("<Q", buf[:8])[0]
+    if 8 + n > len(buf):
+        raise ValueError(f"{path}: header of {n} bytes runs past the end of the {len(buf)}-byte file (truncated?)")
+    header = json.loads(buf[8:8 + n].decode("utf-8"))
+    header.pop("__metadata__", None)
+    start, size = 8 + n, len(buf) - 8 - n
+    sd = {}
+    for name, info in header.items():
+        if info["dtype"] not in _CLIP_ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype, shape, (a, b) = _CLIP_ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        count = math.prod(shape)
+        if not 0 <= a <= b <= size or b - a != count * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} bytes {a}..{b} do not fit the file or its shape {shape} "
+                             f"(truncated or corrupt file?)")
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + a) if count else torch.empty(0, dtype=dtype)
+        sd[name] = t.reshape(shape)
+    return sd
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# HMMC: video encoder (CLIP ViT per frame + temporal transformer), text encoder (CLIP text tower or Chinese BERT),
+# hierarchical video/frame matching, the fine-tuning loss, and MoBY-style momentum-contrast pre-training
+# (FAM, VTM, FTM, MLM). Section numbers (§) point into the spec of the original (spec/HMMC.md).
+# Shape letters: B videos, T frames, L tokens, E joint embedding, K queue length, G global batch (all ranks).
+
+
+@dataclass
+class HMMCConfig:
+    clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
+    bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
+    text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
+    # video encoder (§3)
+    use_temp: bool = True  # temporal transformer over the frame embeddings
+    temporal_layers: int = 4
+    temporal_heads: int = 0  # 0 -> E // 64 (8 for E = 512, as the original)
+    max_frames: int = 48  # rows of the frame position table
+    temporal_init: str = "default"  # "default" (PyTorch init, N(0,1) positions, as released) | "clip" (CLIP4Clip)
+    # fine-tuning loss (§8)
+    use_frame_fea: bool = True  # frame-text matching term (training) / frame term (eval)
+    weight_video: float = 0.85
+    weight_frame: float = 0.15
+    logit_scale: float = 100.0  # similarity scale s (constant in the original)
+    learn_logit_scale: bool = False  # learn log(s), clamped to <= 100, CLIP4Clip style
+    # pre-training (§7)
+    pretrain: bool = False
+    use_tags: bool = True  # paper behaviour; the released code ran title-only (§7.9)
+    num_frames: int = 12  # frames per clip in pre-training batches (sizes the frame queues)
+    queue_size: int = 1024  # K; must be a multiple of the global batch
+    momentum: float = 0.99
+    temperature: float = 0.07
+    proj_hidden: int = 4096
+    weight_fam: float = 0.05
+    weight_vtm: float = 0.45
+    weight_ftm: float = 0.45
+    weight_mlm: float = 0.05
+    mlm_prob: float = 0.15
+    mlm_mask_id: int = 103  # [MASK] of hfl/chinese-roberta-wwm-ext; train sets it from the tokenizer
+    mlm_special_ids: tuple = (0, 101, 102)  # [PAD], [CLS], [SEP]: never masked
+    # fidelity switches: the original stored CLIP matrices in fp16 and trained them at ~1e-7, i.e. not at all (§2.8)
+    freeze_clip_vision: bool = False
+    freeze_clip_text: bool = False
+
+    def __post_init__(self):
+        if self.clip is None:
+            self.clip = CLIPConfig()
+        elif isinstance(self.clip, dict):
+            self.clip = CLIPConfig(**self.clip)
+        if isinstance(self.bert, dict):
+            self.bert = BertConfig(**self.bert)
+        self.mlm_special_ids = tuple(self.mlm_special_ids)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)  # nested dataclasses become dicts
+        d["mlm_special_ids"] = list(self.mlm_special_ids)  # plain types for weights_only checkpoints
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HMMCConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HMMCConfig keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# distributed helpers
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)  # (W*n, ...) in rank order
+
+
+class _AllGatherSumGrad(torch.autograd.Function):
+    # forward: concatenate every rank's rows in rank order. backward: every rank holds the gradient of the same global
+    # loss w.r.t. the whole gathered tensor; the local slice gets the SUM over ranks (a reduce-scatter), so after DDP
+    # averages parameter gradients they equal dL/dtheta of one process holding the global batch (spec §6,
+    # DESIGN §4.8).
+    # CLIP4Clip/OpenCLIP keep only the local slice of the local gradient, which is W times smaller.
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return _all_gather_cat(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # all_reduce is in place; autograd may reuse grad elsewhere
+        dist.all_reduce(grad)  # gloo has no reduce_scatter; all_reduce + slice is the same sum
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather rows across ranks keeping gradients (summed back, HMMC semantics). Identity on one process.
+    Every rank must pass the same number of rows (train uses drop_last)."""
+    return _AllGatherSumGrad.apply(x) if _distributed() else x
+
+
+@torch.no_grad()
+def _gather_keys(x: torch.Tensor) -> torch.Tensor:
+    # momentum keys: no gradient, and every rank must enqueue the same ones so the queues stay identical
+    return _all_gather_cat(x) if _distributed() else x
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# similarity and loss primitives
+
+def _no_autocast(x: torch.Tensor):
+    # similarities are scaled by 100 (or 1/0.07) before softmax/top-k: bf16's 8-bit mantissa would move logits by ~0.5,
+    # enough to reorder close candidates, and these matmuls are tiny next to the encoders. Keep them in fp32.
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, top_k: int,
+                            frame_weight: float, scale: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
+    """Eval score (spec §9.2, DESIGN §4.7): scale*cos(t, v) + frame_weight * mean of the top-k scale*cos(t, frame).
+    Inputs are normalised here too (cheap, idempotent). Chunked over queries so the (chunk, V, T) tensor stays around
+    2^25 elements (128 MB fp32): 15k texts x 1.5k videos x 12 frames never materialise at once."""
+    text_emb = F.normalize(text_emb.float(), dim=-1)  # (Q, E)
+    video_emb = F.normalize(video_emb.float(), dim=-1)  # (V, E)
+    V, T, E = frame_emb.shape
+    frames = F.normalize(frame_emb.float(), dim=-1).reshape(V * T, E)  # (V*T, E)
+    k = min(top_k, T)
+    if chunk_size is None:
+        chunk_size = max(1, (1 << 25) // max(1, V * T))
+    out = torch.empty(text_emb.shape[0], V, device=text_emb.device)  # (Q, V)
+    with _no_autocast(text_emb):
+        for i in range(0, text_emb.shape[0], chunk_size):
+            t = text_emb[i:i + chunk_size]  # (c, E)
+            sim = t @ video_emb.T  # (c, V)
+            if frame_weight != 0 and k > 0:
+                sim_frame = (t @ frames.T).view(-1, V, T)  # (c, V, T)
+                # a caption usually describes a few moments of a clip: keep the best-matching frames only
+                sim = sim + frame_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
+            out[i:i + chunk_size] = scale * sim
+    return out
+
+
+def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo primitive CL(q, k, Q) (§7.6): positive = row-wise q.k, negatives = the queue only (no in-batch ones);
+    mean CE with the positive as target. q (n, E) with grad, queue (M, E) L2-normalised, k (n, E) momentum keys, or
+    (n, r, E): r positives for each query sharing its negatives, i.e. the mean of CL(q, k[:, j], Q) over j, with the
+    (n, M) negative logits computed once instead of r times."""
+    with _no_autocast(q):
+        # 1/tau goes into q before the (n, M) matmul and CE with target 0 is written as logsumexp - positive, so the
+        # big logit matrix is never divided or concatenated (those copies dominated the pre-training loss time)
+        q = F.normalize(q.float(), dim=-1) / temperature  # (n, E)
+        k = F.normalize(k.float(), dim=-1)
+        pos = torch.einsum("ne,n...e->n...", q, k)  # (n,) or (n, r)
+        lse_neg = torch.logsumexp(q @ queue.float().T, dim=1)  # (n,)
+        lse_neg = lse_neg.view(-1, *[1] * (pos.dim() - 1))  # broadcast over the r positives
+        return (torch.logaddexp(pos, lse_neg) - pos).mean()
+
+
+def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, prob: float = 0.15,
+                attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """BERT masking (§7.7): each position is chosen with `prob`; chosen ones become [MASK] 80%, a random id 10%,
+    unchanged 10%. Special ids and padding (attention_mask 0) are never chosen. Returns (masked_ids, labels) with
+    labels -100 where not chosen. All draws on ids.device (pass a generator on that device to seed them)."""
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for s in special_ids:
+        special |= ids == s
+    if attention_mask is not None:
+        special |= attention_mask == 0
+    kw = dict(device=ids.device, generator=generator)
+    chosen = (torch.rand(ids.shape, **kw) < prob) & ~special  # (B, L)
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    action = torch.rand(ids.shape, **kw)  # one draw decides mask / random / keep
+    random_ids = torch.randint(vocab_size, ids.shape, dtype=ids.dtype, **kw)
+    out = torch.where(chosen & (action < 0.8), torch.full_like(ids, mask_id), ids)
+    out = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, out)
+    return out, labels
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# modules
+
+class VideoEncoder(nn.Module):
+    """CLIP ViT per frame, then the temporal transformer with the original's residual (§3):
+    h = TT(x + P) + x; video = mean_t normalise(h). Returns (video [B, E] unnormalised mean, raw frames [B, T, E])."""
+
+    def __init__(self, cfg: HMMCConfig):
+        super().__init__()
+        E = cfg.clip.embed_dim
+        self.visual = VisionTransformer(cfg.clip)
+        self.use_temp = cfg.use_temp
+        if cfg.use_temp:
+            heads = cfg.temporal_heads or max(1, E // 64)
+            # eps 1e-12: the original's TF-style LayerNorm in the temporal blocks
+            self.temporal = Transformer(E, cfg.temporal_layers, heads, eps=1e-12)
+            self.frame_position_embeddings = nn.Embedding(cfg.max_frames, E)  # N(0, 1) init, as released
+
+    def forward(self, video: torch.Tensor):
+        B, T = video.shape[:2]
+        x = self.visual(video.reshape(B * T, *video.shape[2:])).reshape(B, T, -1)  # (B, T, E)
+        h = x
+        if self.use_temp:
+            if T > self.frame_position_embeddings.num_embeddings:
+                raise ValueError(f"{T} frames but the frame position table has "
+                                 f"{self.frame_position_embeddings.num_embeddings} rows (max_frames)")
+            h = self.temporal(x + self.frame_position_embeddings.weight[:T]) + x  # (B, T, E)
+        video_emb = F.normalize(h, dim=-1).mean(dim=1)  # (B, E); consumers normalise it again
+        return video_emb, x
+
+
+class BertTextEncoder(nn.Module):
+    """Chinese BERT + Linear(hidden -> E) (§4). Pooled: text_proj(tanh pooler); hidden: text_proj(last layer)."""
+
+    def __init__(self, bert_cfg: BertConfig, embed_dim: int):
+        super().__init__()
+        self.bert = BertModel(bert_cfg)
+        self.text_proj = nn.Linear(bert_cfg.hidden_size, embed_dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        last, pooled = self.bert(ids, mask)  # (B, L, H), (B, H)
+        return self.text_proj(last if return_hidden else pooled)  # (B, L, E) or (B, E)
+
+
+def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    # MoBY projector / predictor: Linear-BN-ReLU-Linear (§7.2); train converts BN to SyncBN under DDP on CUDA
+    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+class MLMHead(nn.Module):
+    """BERT LM prediction head on the E-wide projected hidden states (§7.3): dense, erf-GELU, LayerNorm, decoder."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim, eps=1e-12)
+        self.decoder = nn.Linear(dim, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.ln(F.gelu(self.dense(x))))  # (B, L, vocab)
+
+
+def _is_clip_matrix(name: str) -> bool:
+    # the tensors the original stored in fp16 (conv, attention, MLP, projections; §2.8), which therefore never moved
+    return ".attn." in name or ".mlp." in name or name.endswith(("conv1.weight", "proj", "text_projection"))
+
+
+class HMMC(nn.Module):
+    """Video encoder `video` + text encoder `text` (fine-tuning and eval). With cfg.pretrain also the momentum copies
+    `video_m`, `text_m` (+ `projector_m`), the projector/predictor MLPs, the MLM head and the key queues.
+    New modules keep PyTorch's default init; `from_clip` loads CLIP/BERT (and applies temporal_init="clip")."""
+
+    def __init__(self, cfg: HMMCConfig):
+        super().__init__()
+        if cfg.text_encoder not in ("clip", "bert"):
+            raise ValueError(f"text_encoder must be 'clip' or 'bert', got {cfg.text_encoder!r}")
+        if cfg.text_encoder == "bert" and cfg.bert is None:
+            raise ValueError("text_encoder='bert' needs cfg.bert (a BertConfig, e.g. BertConfig.from_json of the "
+                             "BERT folder's config.json)")
+        if cfg.temporal_init not in ("default", "clip"):
+            raise ValueError(f"temporal_init must be 'default' or 'clip', got {cfg.temporal_init!r}")
+        if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
+            raise ValueError("MLM pre-training needs the bidirectional BERT text encoder; the CLIP text tower is "
+                             "causal. Set weight_mlm=0 for English pre-training (the released English run did).")
+        if cfg.freeze_clip_text and cfg.text_encoder != "clip":
+            raise ValueError("freeze_clip_text freezes the CLIP text tower, but text_encoder='bert'")
+        self.cfg = cfg
+        E = cfg.clip.embed_dim
+        self.video = VideoEncoder(cfg)
+        self.text = TextTransformer(cfg.clip) if cfg.text_encoder == "clip" else BertTextEncoder(cfg.bert, E)
+        if cfg.learn_logit_scale and not cfg.pretrain:  # pre-training uses tau, never s: DDP would see it unused
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale)))
+        if cfg.freeze_clip_vision or cfg.freeze_clip_text:
+            towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + \
+                     ([self.text] if cfg.freeze_clip_text else [])
+            for tower in towers:
+                for n, p in tower.named_parameters():
+                    if _is_clip_matrix(n):
+                        p.requires_grad_(False)
+        if cfg.pretrain:
+            self._build_pretrain(cfg, E)
+
+    def _build_pretrain(self, cfg: HMMCConfig, E: int):
+        self.use_fam = cfg.weight_fam > 0
+        self.use_mlm = cfg.weight_mlm > 0
+        # heads whose loss is off are not built, so DDP never sees parameters without gradients
+        if self.use_fam:
+            self.projector = _mlp(E, cfg.proj_hidden)
+            self.predictor = _mlp(E, cfg.proj_hidden)
+        if self.use_mlm:
+            self.mlm_head = MLMHead(E, cfg.bert.vocab_size)
+        # momentum encoders: EMA copies that produce the queue keys; never receive gradients (§7.4)
+        self.video_m = copy.deepcopy(self.video)
+        self.text_m = copy.deepcopy(self.text)
+        if self.use_fam:
+            self.projector_m = copy.deepcopy(self.projector)
+        for p in self._momentum_params()[1]:
+            p.requires_grad_(False)
+        # one helper, one pointer, one buffer per key stream; frame streams hold num_frames rows per video
+        K, T = cfg.queue_size, cfg.num_frames
+        self.queue_rows = {"video": 1, "title": 1}
+        if cfg.use_tags:
+            self.queue_rows["tag"] = 1
+        if cfg.use_frame_fea:
+            self.queue_rows["frame"] = T
+        if self.use_fam:
+            self.queue_rows["frame_proj"] = T
+        for name, rows in self.queue_rows.items():
+            self.register_buffer(f"queue_{name}", F.normalize(torch.randn(K * rows, E), dim=-1))  # (K*rows, E)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # encoders
+
+    def similarity_scale(self):
+        """s in s*cos: the constant 100 of the original, or exp(learned log s) clamped to 100. Eval uses it too."""
+        if getattr(self, "logit_scale", None) is not None:
+            return self.logit_scale.exp().clamp(max=100.0)
+        return self.cfg.logit_scale
+
+    def _text(self, encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # the CLIP tower pools at EOT under a causal mask, so padding after EOT cannot matter (§2.6)
+        return encoder(ids) if self.cfg.text_encoder == "clip" else encoder(ids, mask)  # (N, E)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
+
+    def encode_video(self, video: torch.Tensor):
+        """video: float (B, T, 3, H, W), CLIP-normalised. Returns L2-normalised (video_emb (B, E), frame_emb (B, T, E));
+        frame_emb are the raw pre-temporal CLIP frame embeddings, as the original uses them for frame matching."""
+        video_emb, frames = self.video(video)
+        return F.normalize(video_emb.float(), dim=-1), F.normalize(frames.float(), dim=-1)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # training
+
+    def forward(self, batch: dict):
+        """Returns (loss, parts) where parts are detached scalars: fine-tuning {"video", "frame"}; pre-training
+        {"fam", "vtm", "ftm", "mlm"}."""
+        if self.cfg.pretrain:
+            return self._pretrain_loss(batch)
+        return self._finetune_loss(batch)
+
+    def _finetune_loss(self, batch: dict):
+        text_emb = self.encode_text(batch["ids"], batch["mask"])  # (B, E)
+        video_emb, frame_emb = self.encode_video(batch["video"])  # (B, E), (B, T, E)
+        # every rank computes the same loss over the global batch (§8); gradients are summed back to their rank
+        text_emb, video_emb, frame_emb = (gather_with_grad(x) for x in (text_emb, video_emb, frame_emb))
+        with _no_autocast(text_emb):
+            return self._finetune_terms(text_emb, video_emb, frame_emb)
+
+    def _finetune_terms(self, text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor):
+        cfg = self.cfg
+        G, T = frame_emb.shape[:2]
+        s = self.similarity_scale()
+        labels = torch.arange(G, device=text_emb.device)
+        logits = s * text_emb @ video_emb.T  # (G, G) text x video
+        # symmetric CE, summed (not halved) as in the original
+        loss_video = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+        loss = cfg.weight_video * loss_video
+        parts = {"video": loss_video.detach()}
+        if cfg.use_frame_fea:
+            # frame-text matching: each frame position t is its own "video" candidate set; batched over t
+            logits_f = s * torch.einsum("ie,jte->tij", text_emb, frame_emb)  # (T, G, G)
+            labels_f = labels.repeat(T)  # (T*G,)
+            # all T blocks have G rows, so one mean over T*G rows is the mean over t of the per-position losses
+            loss_frame = F.cross_entropy(logits_f.reshape(T * G, G), labels_f) + \
+                F.cross_entropy(logits_f.transpose(1, 2).reshape(T * G, G), labels_f)
+            loss = loss + cfg.weight_frame * loss_frame
+            parts["frame"] = loss_frame.detach()
+        else:
+            parts["frame"] = torch.zeros((), device=loss.device)
+        return loss, parts
+
+    def _pretrain_loss(self, batch: dict):
+        cfg = self.cfg
+        B, T = batch["video"].shape[:2]
+        if T != cfg.num_frames:
+            raise ValueError(f"pre-training batch has {T} frames but the frame queues were sized for "
+                             f"num_frames={cfg.num_frames}")
+        use_tags = cfg.use_tags
+        if use_tags and "tag_ids" not in batch:
+            raise ValueError("use_tags=True but the batch has no tag_ids/tag_mask (dataset mode='pretrain' makes them)")
+        # snapshot the queues: the enqueue below writes them in place, but backward still needs the values used here
+        queues = {name: getattr(self, f"queue_{name}").clone() for name in self.queue_rows}
+        CL = lambda q, k, name: queue_contrastive_loss(q, k, queues[name], cfg.temperature)
+        zero = torch.zeros((), device=batch["video"].device)
+
+        # online features
+        v, frames = self.video(batch["video"])  # (B, E), (B, T, E) raw pre-temporal frames
+        title = self._text(self.text, batch["ids"], batch["mask"])  # (B, E)
+        tag = self._text(self.text, batch["tag_ids"], batch["tag_mask"]) if use_tags else None
+        if self.use_fam:
+            pred = self.predictor(self.projector(frames.reshape(B * T, -1))).reshape(B, T, -1)  # (B, T, E)
+
+        # momentum keys: no gradient; the momentum encoders run in train mode as in the original
+        with torch.no_grad():
+            v_m, frames_m = self.video_m(batch["video"])  # (B, E), (B, T, E)
+            title_m = self._text(self.text_m, batch["ids"], batch["mask"])  # (B, E)
+            tag_m = self._text(self.text_m, batch["tag_ids"], batch["tag_mask"]) if use_tags else None
+            if self.use_fam:
+                proj_m = self.projector_m(frames_m.reshape(B * T, -1)).reshape(B, T, -1)  # (B, T, E)
+
+        # FAM, frame adjacency matching: predictor of frame t vs momentum projection of t+1, and t+1 vs t,
+        # all T-1 pairs and both directions in one batch. The original sums the two directions and averages over
+        # pairs, i.e. twice the mean over all 2(T-1)B rows.
+        loss_fam = zero
+        if self.use_fam and T > 1:
+            q = torch.cat([pred[:, :-1], pred[:, 1:]], dim=1)  # (B, 2(T-1), E)
+            k = torch.cat([proj_m[:, 1:], proj_m[:, :-1]], dim=1)  # (B, 2(T-1), E)
+            loss_fam = 2 * CL(q.reshape(-1, q.shape[-1]), k.reshape(-1, k.shape[-1]), "frame_proj")
+
+        # VTM, video-text matching, both directions through the queues; with tags, the average of title and tag
+        loss_vtm = CL(v, title_m, "title") + CL(title, v_m, "video")
+        if use_tags:
+            loss_vtm = 0.5 * (loss_vtm + CL(v, tag_m, "tag") + CL(tag, v_m, "video"))
+
+        # FTM, frame-text matching: text vs each momentum frame, each frame vs the momentum text; means over the B*T
+        # (query, positive) pairs equal the original's (1/T) sum over frame positions
+        loss_ftm = zero
+        if cfg.use_frame_fea:
+            def ftm(c, c_m, queue):
+                # text -> frames: the T momentum frames are T positives of one query with the same queue negatives,
+                # so the (B, K*T) negative logits are computed once, not once per frame position as in the original
+                c_m_rows = c_m[:, None].expand(B, T, c_m.shape[-1]).reshape(B * T, -1)  # (B*T, E)
+                return CL(c, frames_m, "frame") + CL(frames.reshape(B * T, -1), c_m_rows, queue)
+            loss_ftm = ftm(title, title_m, "title")
+            if use_tags:
+                loss_ftm = 0.5 * (loss_ftm + ftm(tag, tag_m, "tag"))
+
+        # keys enter the queues only after the losses, so a queue never holds the current batch; a forward in eval
+        # mode (a validation loss) leaves the queues alone
+        if self.training:
+            keys = {"video": v_m, "title": title_m}
+            if use_tags:
+                keys["tag"] = tag_m
+            if cfg.use_frame_fea:
+                keys["frame"] = frames_m
+            if self.use_fam:
+                keys["frame_proj"] = proj_m
+            self._enqueue(keys)
+
+        # MLM on the online text encoder (a separate pass over masked ids; Chinese BERT only)
+        loss_mlm = zero
+        if self.use_mlm:
+            loss_mlm = self._mlm_loss(batch["ids"], batch["mask"])
+            if use_tags:
+                loss_mlm = 0.5 * (loss_mlm + self._mlm_loss(batch["tag_ids"], batch["tag_mask"]))
+
+        loss = cfg.weight_fam * loss_fam + cfg.weight_vtm * loss_vtm + cfg.weight_ftm * loss_ftm + \
+            cfg.weight_mlm * loss_mlm
+        parts = {"fam": loss_fam, "vtm": loss_vtm, "ftm": loss_ftm, "mlm": loss_mlm}
+        return loss, {k: x.detach() for k, x in parts.items()}
+
+    def _mlm_loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        masked, labels = mask_tokens(ids, cfg.bert.vocab_size, cfg.mlm_mask_id, cfg.mlm_special_ids, cfg.mlm_prob,
+                                     attention_mask=mask)
+        logits = self.mlm_head(self.text(masked, mask, return_hidden=True))  # (B, L, vocab)
+        # mean over masked tokens; a batch with none gives 0 rather than NaN (and needs no host sync)
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        return total / (labels != -100).sum().clamp(min=1)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: dict):
+        """Write the global batch of normalised keys at the shared pointer; rows per video from self.queue_rows."""
+        ptr = int(self.queue_ptr)
+        K = self.cfg.queue_size
+        for name, x in keys.items():
+            x = _gather_keys(x.float())  # (G, E) or (G, T, E)
+            G, rows = x.shape[0], self.queue_rows[name]
+            if K % G != 0:
+                raise ValueError(f"queue_size={K} must be a multiple of the global batch ({G} videos)")
+            queue = getattr(self, f"queue_{name}")
+            queue[ptr * rows:(ptr + G) * rows] = F.normalize(x.reshape(G * rows, -1), dim=-1)
+        self.queue_ptr.fill_((ptr + G) % K)
+
+    def _momentum_params(self):
+        online = [self.video, self.text] + ([self.projector] if self.use_fam else [])
+        momentum = [self.video_m, self.text_m] + ([self.projector_m] if self.use_fam else [])
+        return ([p for m in online for p in m.parameters()], [p for m in momentum for p in m.parameters()])
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """theta_m <- m * theta_m + (1 - m) * theta. Train calls this once after each optimizer step; the original
+        did it at the start of every forward (every micro-batch, and once before the first step). Only parameters are
+        averaged; BN running statistics of the momentum projector come from its own forwards, as in the original."""
+        if not self.cfg.pretrain:
+            return
+        online, momentum = self._momentum_params()
+        torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def copy_to_momentum(self):
+        """Set every momentum parameter to its online twin (after loading weights into the online encoders)."""
+        if self.cfg.pretrain:
+            online, momentum = self._momentum_params()
+            torch._foreach_copy_(momentum, online)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # optimizer and FLOPs
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, clip_lr_scale: float, text_lr: float,
+                             betas=(0.9, 0.98), eps: float = 1e-6, device_type: str = "cpu"):
+        """AdamW over {CLIP vision tower, text encoder, new modules} x {decay, no-decay} (DESIGN §4.9).
+        No decay for tensors with dim < 2 (biases, LayerNorm/BatchNorm weights, class_embedding, logit_scale); the
+        original decayed CLIP's ln_* weights and class_embedding (§11.3). Each group carries `base_lr` (and `name`)
+        so the schedule can set lr = base_lr * factor. Frozen and momentum parameters are left out."""
+        lrs = {"vision": learning_rate * clip_lr_scale, "text": text_lr, "new": learning_rate}
+        groups = {(tower, decay): [] for tower in lrs for decay in (True, False)}
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            tower = "vision" if n.startswith("video.visual.") else "text" if n.startswith("text.") else "new"
+            groups[(tower, p.dim() >= 2)].append(p)
+        param_groups = []
+        for (tower, decay), params in groups.items():
+            if not params:
+                continue
+            name = f"{tower}_{'decay' if decay else 'no_decay'}"
+            n_el = sum(p.numel() for p in params)
+            print(f"param group {name}: {len(params)} tensors, {n_el:,} parameters, lr {lrs[tower]:.3g}")
+            param_groups.append({"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
+                                 "weight_decay": weight_decay if decay else 0.0, "name": name})
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+
+    def flops_per_video(self, num_frames: int, context_length: int, tag_context_length: int | None = None) -> float:
+        """Analytic training FLOPs (forward + backward) per video, PaLM-appendix style: a matmul with P weights costs
+        2P FLOPs per token forward; attention adds 4 * n^2 * d per layer (QK^T and AV); backward = 2x forward, so a
+        trained part costs 3x its forward and a momentum (forward-only) part 1x. Element-wise ops, norms, softmax, the
+        (G x G) loss and the queue-logit matmuls (under 1% at the paper's sizes) are ignored; so is the backward
+        saved by freeze_clip_*. One caption per video; tags use tag_context_length."""
+        cfg, c = self.cfg, self.cfg.clip
+        E, T = c.embed_dim, num_frames
+
+        def blocks(n, d, layers, ffn=None):  # pre-LN transformer blocks, fused qkv + out + MLP
+            ffn = ffn or 4 * d
+            return layers * (2 * n * (4 * d * d + 2 * d * ffn) + 4 * n * n * d)
+
+        grid = c.image_resolution // c.vision_patch_size
+        n_patch = grid * grid
+        vit = 2 * n_patch * 3 * c.vision_patch_size ** 2 * c.vision_width + \
+            blocks(n_patch + 1, c.vision_width, c.vision_layers) + 2 * c.vision_width * E
+        video = T * vit + (blocks(T, E, cfg.temporal_layers) if cfg.use_temp else 0)
+
+        def text(L):
+            if cfg.text_encoder == "clip":
+                return blocks(L, c.transformer_width, c.transformer_layers) + 2 * c.transformer_width * E
+            b = cfg.bert
+            return blocks(L, b.hidden_size, b.num_hidden_layers, b.intermediate_size) + \
+                2 * b.hidden_size * b.hidden_size + 2 * b.hidden_size * E
+
+        L, Lt = context_length, tag_context_length or context_length
+        if not cfg.pretrain:
+            return 3.0 * (video + text(L))
+        texts = text(L) + (text(Lt) if cfg.use_tags else 0)
+        fwd_train = video + texts
+        fwd_m = video + texts
+        if self.use_fam:
+            mlp = 2 * 2 * E * cfg.proj_hidden  # E -> hidden -> E per frame
+            fwd_train += 2 * T * mlp  # projector + predictor
+            fwd_m += T * mlp
+        if self.use_mlm:
+            head = lambda n: 2 * n * (E * E + E * cfg.bert.vocab_size)
+            fwd_train += text(L) + head(L) + ((text(Lt) + head(Lt)) if cfg.use_tags else 0)
+        return 3.0 * fwd_train + fwd_m
+
+    def estimate_mfu(self, videos_per_s: float, peak_flops: float, num_frames: int | None = None,
+                     context_length: int = 32) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (both in FLOP/s)."""
+        return self.flops_per_video(num_frames or self.cfg.num_frames, context_length) * videos_per_s / peak_flops
+
+    # ---------------------------------------------------------------------------------------------------------
+    # weights
+
+    @torch.no_grad()
+    def init_temporal_from_clip(self, clip_sd: dict):
+        """CLIP4Clip-style init: temporal block i <- CLIP text block i, frame positions <- CLIP text positions."""
+        if not self.cfg.use_temp:
+            return
+        sd = {}
+        for k, p in self.video.temporal.state_dict().items():  # keys resblocks.{i}.*
+            src = f"transformer.{k}"
+            if src not in clip_sd or clip_sd[src].shape != p.shape:
+                raise ValueError(f"temporal_init='clip' needs CLIP text weights {src} of shape {tuple(p.shape)}")
+            sd[k] = clip_sd[src]
+        self.video.temporal.load_state_dict(sd)
+        pos = clip_sd["positional_embedding"]
+        n = self.video.frame_position_embeddings.num_embeddings
+        if pos.shape[0] < n or pos.shape[1] != self.cfg.clip.embed_dim:
+            raise ValueError(f"temporal_init='clip' needs {n} CLIP text positions of width "
+                             f"{self.cfg.clip.embed_dim}, got {tuple(pos.shape)}")
+        self.video.frame_position_embeddings.weight.copy_(pos[:n])
+        self.copy_to_momentum()
+
+    @classmethod
+    def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
+        """Fresh HMMC with the OpenAI CLIP towers (and the HF Chinese BERT) loaded; new modules keep their init.
+        cfg.clip is replaced by the architecture read from clip_sd."""
+        clip_sd = {k: v.float() if v.is_floating_point() else v for k, v in clip_sd.items()}
+        cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
+        model = cls(cfg)
+        visual = {k[len("visual."):]: v for k, v in clip_sd.items() if k.startswith("visual.")}
+        model.video.visual.load_state_dict(visual)
+        if cfg.text_encoder == "clip":
+            text_keys = model.text.state_dict().keys()
+            model.text.load_state_dict({k: clip_sd[k] for k in text_keys if k in clip_sd})
+        else:
+            if bert_sd is None:
+                raise ValueError("text_encoder='bert' needs bert_sd (model.load_bert_state_dict(path))")
+            bert_sd = {k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"}
+            model.text.bert.load_state_dict(bert_sd)
+        if cfg.temporal_init == "clip":
+            model.init_temporal_from_clip(clip_sd)
+        model.copy_to_momentum()
+        return model
+
+    @classmethod
+    def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
+        """Build a fine-tuning HMMC from a state dict of the original's `BirdModel` (or `BirdPreTrainedModel`, whose
+        momentum parts, projectors, MLM head and queues are dropped), inferring the architecture from keys and shapes.
+        fp16 tensors become fp32. `overrides` set other HMMCConfig fields (e.g. num_frames)."""
+        sd = state_dict_or_path
+        if isinstance(sd, (str, os.PathLike)):
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+        cfg, ours, ignored = _convert_original(sd)
+        cfg = HMMCConfig.from_dict({**cfg.to_dict(), **overrides})
+        model = cls(cfg)
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        missing = [k for k in missing if k != "logit_scale"]
+        if missing or unexpected:
+            raise ValueError(f"original checkpoint does not match the inferred architecture: missing {missing}, "
+                             f"unexpected {unexpected}")
+        print(f"loaded {len(ours)} tensors from the original checkpoint ({cfg.text_encoder} text, "
+              f"use_temp={cfg.use_temp}); ignored {len(ignored)} pre-training tensors")
+        return model
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# checkpoint conversion
+
+_PRETRAIN_ONLY = ("video_m.", "text_m.", "projector.", "projector_m.", "predictor.", "mlm_head.", "queue_")
+_ORIGINAL_PRETRAIN_ONLY = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector",
+                           "cls.", "queue_")
+
+
+def _count_layers(sd: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def _convert_original(sd: dict):
+    """Original BirdModel keys -> (HMMCConfig, our state dict, ignored keys). Layouts (spec §2.3, §3, §4, §7.1):
+    visual_encoder.visual.* (OpenAI ViT), visual_encoder.temporal_transformer.resblocks.{i}.* (CLIP-style blocks,
+    TF LayerNorm weight/bias), visual_encoder.frame_position_embeddings.weight, and either the OpenAI text keys under
+    text_encoder.* or text_encoder.chinese_encoder.* (HF BertModel) + text_encoder.text_proj.*."""
+    ours, ignored, unknown = {}, [], []
+    for k, v in sd.items():
+        if k.startswith(_ORIGINAL_PRETRAIN_ONLY):
+            ignored.append(k)
+        elif k.startswith("visual_encoder.visual."):
+            ours["video.visual." + k[len("visual_encoder.visual."):]] = v
+        elif k.startswith("visual_encoder.temporal_transformer."):
+            ours["video.temporal." + k[len("visual_encoder.temporal_transformer."):]] = v
+        elif k == "visual_encoder.frame_position_embeddings.weight":
+            ours["video.frame_position_embeddings.weight"] = v
+        elif k.startswith("text_encoder.chinese_encoder."):
+            k2 = k[len("text_encoder.chinese_encoder."):]
+            if k2 != "embeddings.position_ids":  # a buffer that transformers 4.x saved; positions are 0..L-1 anyway
+                ours["text.bert." + k2] = v
+        elif k.startswith("text_encoder.text_proj."):
+            ours["text.text_proj." + k[len("text_encoder.text_proj."):]] = v
+        elif k.startswith("text_encoder."):
+            ours["text." + k[len("text_encoder."):]] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f"unrecognised keys in the original checkpoint: {unknown[:20]}"
+                         f"{' ...' if len(unknown) > 20 else ''}")
+    if "video.visual.proj" not in ours:
+        raise ValueError("no visual_encoder.visual.proj: only ViT CLIP backbones are supported")
+
+    # architecture from shapes (spec §2.2)
+    E = ours["video.visual.proj"].shape[1]
+    bert = None
+    if "text.bert.embeddings.word_embeddings.weight" in ours:
+        text_encoder = "bert"
+        g = lambda name: ours["text.bert." + name]
+        hidden = g("embeddings.word_embeddings.weight").shape[1]
+        bert = BertConfig(vocab_size=g("embeddings.word_embeddings.weight").shape[0], hidden_size=hidden,
+                          num_hidden_layers=_count_layers(ours, "text.bert.encoder.layer."),
+                          num_attention_heads=max(1, hidden // 64),
+                          intermediate_size=g("encoder.layer.0.intermediate.dense.weight").shape[0],
+                          max_position_embeddings=g("embeddings.position_embeddings.weight").shape[0],
+                          type_vocab_size=g("embeddings.token_type_embeddings.weight").shape[0])
+        conv = ours["video.visual.conv1.weight"]  # (width, 3, p, p)
+        grid = round((ours["video.visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        # the CLIP text fields stay at their defaults: no CLIP text tower is built with BERT
+        clip = CLIPConfig(embed_dim=E, image_resolution=conv.shape[-1] * grid, vision_width=conv.shape[0],
+                          vision_layers=_count_layers(ours, "video.visual.transformer.resblocks."),
+                          vision_patch_size=conv.shape[-1])
+    else:
+        text_encoder = "clip"
+        openai = {k[len("video."):]: v for k, v in ours.items() if k.startswith("video.visual.")}
+        openai.update({k[len("text."):]: v for k, v in ours.items() if k.startswith("text.")})
+        clip = CLIPConfig.from_state_dict(openai)  # reads OpenAI-layout keys
+    use_temp = "video.frame_position_embeddings.weight" in ours
+    temporal = {}
+    if use_temp:
+        temporal = dict(temporal_layers=_count_layers(ours, "video.temporal.resblocks."),
+                        temporal_heads=max(1, E // 64),
+                        max_frames=ours["video.frame_position_embeddings.weight"].shape[0])
+    cfg = HMMCConfig(clip=clip, bert=bert, text_encoder=text_encoder, use_temp=use_temp, **temporal)
+    return cfg, ours, ignored
+
+
+def load_hmmc_weights(model: HMMC, state_dict: dict) -> dict:
+    """Load a (pre-training or fine-tuning) HMMC state dict into `model`. Pre-training-only tensors the model does not
+    have (momentum encoders, projector, predictor, MLM head, queues) are dropped and reported; any other missing or
+    unexpected key or shape mismatch is an architecture mismatch and raises with the list."""
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    dropped = sorted(k for k in sd if k not in own and (k.startswith(_PRETRAIN_ONLY) or k == "logit_scale"))
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    missing = sorted(k for k in own if k not in sd and k != "logit_scale")
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(f"{k}: {tuple(v.shape)} vs ours {tuple(own[k].shape)}" for k, v in sd.items()
+                    if k in own and v.shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint does not fit this HMMC: missing {missing}, unexpected {unexpected}, "
+                         f"shape mismatch {shapes}")
+    model.load_state_dict(sd, strict=False)
+    streams = sorted({k.split(".")[0] for k in dropped})
+    print(f"loaded {len(sd)} tensors; dropped {len(dropped)} pre-training tensors ({', '.join(streams) or 'none'})")
+    return {"loaded": len(sd), "dropped": dropped}
