@@ -1058,7 +1058,8 @@ class HMMC(nn.Module):
             print(f"param group {name}: {len(params)} tensors, {n_el:,} parameters, lr {lrs[tower]:.3g}")
             param_groups.append({"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
                                  "weight_decay": weight_decay if decay else 0.0, "name": name})
-        fused = device_type == "cuda"
+        # the fused kernel (CUDA, and CPU since torch 2.4) is several times faster on the large embedding tables
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 
     def flops_per_video(self, num_frames: int, context_length: int, tag_context_length: int | None = None) -> float:

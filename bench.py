@@ -1,0 +1,399 @@
+"""
+Benchmark HMMC with random weights at real sizes: the fine-tuning and pre-training steps (videos/s, model FLOPs
+utilisation, peak memory), eval encoding, the hierarchical similarity of a 1k x 1k test set, the data loader on an
+LMDB of generated frames, and the tokenizer. Prints one table and writes JSON.
+
+$ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
+$ python bench.py --compile=True --batch_sizes="(128, 256)"
+$ python bench.py --size=tiny                       # CI size: a tiny model, a few steps, seconds on a CPU
+
+MFU = flops_per_video * videos/s / peak, with flops_per_video from HMMC.flops_per_video (model.py): PaLM-appendix
+style, 2 FLOPs per weight per token forward (patch tokens for the ViT on every frame, caption tokens for the text
+tower, frame tokens for the temporal transformer) plus 4 * n^2 * d per attention layer; a trained part costs 3x its
+forward (backward = 2x), a momentum encoder 1x. Peak = the GPU's dense bf16 tensor-core figure (989 TFLOP/s for
+H100/H200 SXM). On a CPU there is no meaningful peak, so instead every figure is also measured for a plain baseline
+in the same process (fp32, naive softmax attention instead of SDPA, no compile) and reported as a ratio: on a
+shared machine only ratios measured side by side mean anything.
+"""
+
+import io
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext, redirect_stdout
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import configurator
+import eval as hmmc_eval
+import model as hmmc_model
+import prepare
+
+# -----------------------------------------------------------------------------
+_keys_before = set(globals())
+size = "full"  # "full": ViT-B/32 + ViT-B/16 at 224 px, T=12, L=32 | "tiny": a small model for CI
+models = ("ViT-B/32", "ViT-B/16")  # which towers to time at size="full"
+batch_sizes = (128,)  # videos per training step (one GPU)
+num_frames = 12
+context_length = 32
+steps = 10  # timed steps per measurement (after warm-up)
+warmup = 3
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+compile = False  # torch.compile the model for the step measurements
+activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
+pretrain = True  # also time the pre-training step (momentum encoders, queues)
+eval_batch_size = 256
+loader_videos = 256  # videos in the generated LMDB
+loader_workers = (0, 4, 8)  # data loader process counts to time
+loader_batch_size = 64
+loader_frame_size = 224  # short side of the generated frames
+sim_videos = 1000  # the similarity row: sim_videos texts x sim_videos videos x num_frames frames
+tokenizer_captions = 20000
+baseline = None  # run the plain baseline too; default: on CPU only
+out = "out/bench.json"
+seed = 0
+config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
+# -----------------------------------------------------------------------------
+
+TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpoints)
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32),
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16),
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                 transformer_width=64, transformer_heads=2, transformer_layers=2),
+}
+TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=2, warmup=1,
+            eval_batch_size=8, loader_videos=16, loader_workers=(0, 2), loader_batch_size=4, loader_frame_size=32,
+            tokenizer_captions=500, sim_videos=64)  # defaults of size="tiny"; --key=value still overrides them
+
+CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
+            "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
+            "a child rides a red bicycle in the park", "a chef explains how to cook pasta"]
+
+
+def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """softmax(QK^T / sqrt(d)) V materialised in full, as nn.MultiheadAttention-era code computes it."""
+    s = (q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # (B, h, L, L)
+    if is_causal:
+        L = q.shape[-2]
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return s.softmax(dim=-1) @ v
+
+
+@contextmanager
+def plain_attention(enabled: bool):
+    # the model calls F.scaled_dot_product_attention through the module attribute, so swapping it is enough
+    sdpa = F.scaled_dot_product_attention
+    if enabled:
+        F.scaled_dot_product_attention = naive_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int) -> "hmmc_model.HMMC":
+    clip = dict(TOWERS[tower], context_length=max(L, 77) if tower != "tiny" else L)
+    cfg = hmmc_model.HMMCConfig(clip=hmmc_model.CLIPConfig(**clip), num_frames=T, pretrain=pretrain_,
+                                weight_mlm=0.0,  # English pre-training: the CLIP text tower is causal
+                                queue_size=max(batch, 1024 // batch * batch),  # a multiple of the batch
+                                proj_hidden=4096 if tower != "tiny" else 128)
+    return hmmc_model.HMMC(cfg)
+
+
+def fake_batch(tower: str, B: int, T: int, L: int, dev: str, tokenizer, pretrain_: bool) -> dict:
+    S = TOWERS[tower]["image_resolution"]
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(B)], L)
+    batch = {"video": torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, generator=g), "ids": ids,
+             "mask": mask}
+    if pretrain_:
+        batch["tag_ids"], batch["tag_mask"] = ids.clone(), mask.clone()
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def _sync(dev: str):
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _ctx(dev: str, dt: str):
+    if dt == "float32":
+        return nullcontext()
+    return torch.amp.autocast(device_type=torch.device(dev).type, dtype=getattr(torch, dt))
+
+
+def _peak_memory_gb(dev: str) -> float:
+    if torch.device(dev).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    # CPU: the process's peak resident set (Linux reports KiB); it only grows, so it bounds every row so far
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, n_steps, n_warmup, tokenizer):
+    """videos/s of full optimizer steps (forward, backward, clip, AdamW, momentum update) on random weights."""
+    torch.manual_seed(seed)
+    net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B).to(dev)
+    if grad_ckpt:  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
+        for m in net.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = True
+    with redirect_stdout(io.StringIO()):  # it prints its parameter groups: once per row is noise
+        opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
+                                       betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
+    step_model = torch.compile(net) if compile_ else net
+    batch = fake_batch(tower, B, T, L, dev, tokenizer, pretrain_)
+    if torch.device(dev).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with _ctx(dev, dt):
+            loss, _ = step_model({**batch, "video": prepare.normalize(batch["video"])})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if pretrain_:
+            net.momentum_update()
+
+    for _ in range(n_warmup):
+        step()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    _sync(dev)
+    dt_s = (time.perf_counter() - t0) / n_steps
+    return {"videos_per_s": B / dt_s, "step_ms": 1000 * dt_s, "peak_mem_gb": _peak_memory_gb(dev),
+            "flops_per_video": net.flops_per_video(T, L)}
+
+
+@torch.no_grad()
+def time_encode(tower, B, *, T, L, dev, dt, n_steps, n_warmup):
+    """Eval video encoding, model only: uint8 on the device -> normalise -> (video_emb, frame_emb)."""
+    torch.manual_seed(seed)
+    net = build(tower, pretrain_=False, T=T, L=L, batch=B).to(dev).eval()
+    S = TOWERS[tower]["image_resolution"]
+    video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
+    for _ in range(n_warmup):
+        with _ctx(dev, dt):
+            net.encode_video(prepare.normalize(video))
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        with _ctx(dev, dt):
+            net.encode_video(prepare.normalize(video))
+    _sync(dev)
+    return {"videos_per_s": B * n_steps / (time.perf_counter() - t0)}
+
+
+@torch.no_grad()
+def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dict:
+    """Hierarchical similarity of num texts x num videos x T frames (MSR-VTT 1k-A is 1000 x 1000 x 12)."""
+    g = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
+    video = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
+    frames = F.normalize(torch.randn(num, T, E, generator=g), dim=-1).to(dev)
+    hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_weight=1.0)
+    _sync(dev)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sim = hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_weight=1.0)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    hmmc_eval.retrieval_metrics(sim.cpu().numpy())
+    return {"similarity_ms": 1000 * best, "metrics_ms": 1000 * (time.perf_counter() - t0)}
+
+
+def make_lmdb(path: str, num_videos: int, T: int, S: int) -> None:
+    """An LMDB of JPEG frames like `prepare.py frames` writes (short side S), plus a train.jsonl."""
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+    yy, xx = np.mgrid[0:S, 0:S]
+    with prepare.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=T, frame_size=S) as db:
+        for v in range(num_videos):
+            frames = []
+            for t in range(T):
+                # smooth gradients plus a little noise: JPEG sizes like real footage, not like white noise
+                base = (np.sin(xx / (7 + v % 5) + t) * 60 + yy * 100 / S + rng.integers(0, 40))
+                img = np.stack([base, base[::-1], base.T], -1) + rng.normal(0, 6, (S, S, 3))
+                buf = io.BytesIO()
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+                frames.append(buf.getvalue())
+            db.put_video(f"v{v:05d}", frames)
+    with open(os.path.join(path, "train.jsonl"), "w") as f:
+        for v in range(num_videos):
+            f.write(json.dumps({"video_id": f"v{v:05d}", "captions": [CAPTIONS[v % len(CAPTIONS)]]}) + "\n")
+
+
+def time_loader(path: str, workers: int, *, T: int, S: int, L: int, batch: int, tokenizer) -> dict:
+    """Training data loader videos/s: LMDB read, JPEG decode, crop, tokenise, collate (one caption per video)."""
+    ds = prepare.VideoTextDataset(path, "train", tokenizer, mode="train", num_frames=T, context_length=L,
+                                  image_size=S)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                         drop_last=False, persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    n = sum(len(b["video"]) for b in loader)  # worker start-up counted: it is paid once per epoch
+    return {"videos_per_s": n / (time.perf_counter() - t0)}
+
+
+def time_tokenizer(n: int, L: int, tokenizer) -> dict:
+    texts = [f"{CAPTIONS[i % len(CAPTIONS)]} number {i}" for i in range(n)]  # distinct: no cache hits
+    t0 = time.perf_counter()
+    tokenizer(texts, L)
+    return {"captions_per_s": n / (time.perf_counter() - t0)}
+
+
+def run(cfg: dict) -> dict:
+    """All measurements for one configuration -> {"rows": [...], "setup": {...}}."""
+    dev, dt = cfg["device"], cfg["dtype"]
+    on_cuda = torch.device(dev).type == "cuda"
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with_baseline = (not on_cuda) if cfg["baseline"] is None else bool(cfg["baseline"])
+    T, L = cfg["num_frames"], cfg["context_length"]
+    tokenizer = prepare.get_tokenizer("clip")
+    peak = _peak_flops(dev)
+    rows = []
+
+    def add(name, ours, base=None, *, key="videos_per_s", flops=None):
+        row = {"name": name, "ours": ours, "baseline": base}
+        if flops and peak:
+            row["mfu"] = flops * ours[key] / peak
+        if base:
+            row["ratio"] = ours[key] / base[key] if base.get(key) else None
+        rows.append(row)
+        print(_format_row(row, key), flush=True)
+
+    def both(fn, **kw):
+        if not with_baseline:
+            return fn(dt=dt, **kw), None
+        # a shared machine's load drifts: alternate ours and the baseline twice and keep each side's best run
+        runs = {"ours": [], "base": []}
+        for _ in range(2):
+            runs["ours"].append(fn(dt=dt, **kw))
+            with plain_attention(True):
+                runs["base"].append(fn(dt="float32", **{**kw, **({"compile_": False} if "compile_" in kw else {})}))
+        best = lambda rs: max(rs, key=lambda r: r["videos_per_s"])
+        return best(runs["ours"]), best(runs["base"])
+
+    steps_kw = dict(T=T, L=L, dev=dev, n_steps=cfg["steps"], n_warmup=cfg["warmup"], tokenizer=tokenizer,
+                    compile_=cfg["compile"], grad_ckpt=cfg["activation_checkpointing"])
+    for tower in cfg["models"]:
+        for B in cfg["batch_sizes"]:
+            for pre in ((False, True) if cfg["pretrain"] else (False,)):
+                name = f"{'pretrain' if pre else 'finetune'} step {tower} B={B}"
+                try:
+                    ours, base = both(time_train_step, tower=tower, B=B, pretrain_=pre, **steps_kw)
+                except torch.cuda.OutOfMemoryError:  # a batch that does not fit is a result too
+                    rows.append({"name": name, "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None})
+                    print(f"{name:<44s} out of memory", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                add(name, ours, base, flops=ours["flops_per_video"])
+                if on_cuda:
+                    torch.cuda.empty_cache()
+        ours, base = both(time_encode, tower=tower, B=cfg["eval_batch_size"], T=T, L=L, dev=dev,
+                          n_steps=cfg["steps"], n_warmup=cfg["warmup"])
+        add(f"eval encode {tower} B={cfg['eval_batch_size']}", ours, base)
+
+    num = cfg["sim_videos"]
+    sim = time_similarity(num, T, TOWERS[cfg["models"][0]]["embed_dim"], dev)
+    rows.append({"name": f"similarity {num}x{num}x{T} + metrics", "ours": sim, "baseline": None})
+    print(_format_row(rows[-1], "similarity_ms"), flush=True)
+
+    S = cfg["loader_frame_size"]
+    tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
+    try:
+        make_lmdb(tmp, cfg["loader_videos"], T, S)
+        for w in cfg["loader_workers"]:
+            r = time_loader(tmp, w, T=T, S=S, L=L, batch=cfg["loader_batch_size"], tokenizer=tokenizer)
+            rows.append({"name": f"data loader {S}px T={T}, {w} workers", "ours": r, "baseline": None})
+            print(_format_row(rows[-1], "videos_per_s"), flush=True)
+        # the whole evaluation as eval.py runs it: LMDB -> decode -> encode -> similarity -> metrics
+        torch.manual_seed(seed)
+        net = build(cfg["models"][0], pretrain_=False, T=T, L=L, batch=1).to(dev)
+        t0 = time.perf_counter()
+        res = TOWERS[cfg["models"][0]]["image_resolution"]  # frames are centre-cropped to the tower's input
+        m = hmmc_eval.evaluate(net, tmp, "train", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
+                               top_k=3, frame_weight=1.0, batch_size=cfg["eval_batch_size"],
+                               num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
+        r = {"videos_per_s": m["num_videos"] / (time.perf_counter() - t0)}
+        rows.append({"name": f"evaluate() {cfg['models'][0]}, {m['num_videos']} videos from LMDB", "ours": r,
+                     "baseline": None})
+        print(_format_row(rows[-1], "videos_per_s"), flush=True)
+        del net
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    r = time_tokenizer(cfg["tokenizer_captions"], L, tokenizer)
+    rows.append({"name": "tokenizer (CLIP BPE)", "ours": r, "baseline": None})
+    print(_format_row(rows[-1], "captions_per_s"), flush=True)
+
+    setup = {"device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores, "
+             f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "dtype": dt, "compile": cfg["compile"],
+             "peak_flops": peak, "baseline": "fp32, naive attention, eager" if with_baseline else None,
+             "config": cfg}
+    return {"rows": rows, "setup": setup}
+
+
+def _peak_flops(dev: str):
+    if torch.device(dev).type != "cuda":
+        return None
+    import train
+    return train.peak_flops("cuda")
+
+
+def _format_row(row: dict, key: str) -> str:
+    ours = row["ours"]
+    value = ours.get(key)
+    unit = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms"}[key]
+    extra = []
+    if "mfu" in row:
+        extra.append(f"MFU {100 * row['mfu']:.1f}%")
+    if "peak_mem_gb" in ours:
+        extra.append(f"peak mem {ours['peak_mem_gb']:.2f} GB")
+    if "metrics_ms" in ours:
+        extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
+    if row.get("baseline"):
+        extra.append(f"baseline {row['baseline'][key]:.1f} {unit}, x{row['ratio']:.2f}")
+    return f"{row['name']:<44s} {value:>10.1f} {unit:<10s} {' | '.join(extra)}"
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {k: globals()[k] for k in config_keys}
+    cfg = configurator.configure(defaults, argv)
+    if cfg["size"] not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {cfg['size']!r}")
+    if cfg["size"] == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
+        cfg = configurator.configure({**defaults, **TINY}, argv)
+    print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
+          flush=True)
+    result = run(cfg)
+    print(f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details")
+    for row in result["rows"]:
+        key = next(k for k in ("videos_per_s", "captions_per_s", "similarity_ms") if k in row["ours"])
+        print(_format_row(row, key))
+    print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
+    if cfg["out"]:
+        os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
+        with open(cfg["out"], "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        print(f"wrote {cfg['out']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+# Fine-tune HMMC on VATEX with the Chinese captions and the Chinese BERT text encoder.
+# $ torchrun --standalone --nproc_per_node=8 train.py config/finetune_vatex_zh.py
+# Needs data/vatex (with captions_zh), the Chinese pre-training checkpoint (config/pretrain_chvtt.py) or
+# --init_from=clip with bert_path = the HF folder of hfl/chinese-roberta-wwm-ext.
+# Chinese captions get [CLS]/[SEP] (the original fed [UNK] on VATEX-zh, DESIGN §4.6). BERT trains at 1e-5 (the
+# original's default text_lr): unlike the CLIP text tower it was never effectively frozen.
+# Batch: 256 videos per step = 32 per GPU x 8 GPUs x 1; 1,015 steps per epoch, 5 epochs = 5,075 steps.
+out_dir = "out-finetune-vatex-zh"
+dataset = "vatex"
+init_from = "out-pretrain-chvtt/ckpt.pt"
+clip_path = "ViT-B-32.pt"
+text_encoder = "bert"
+bert_path = "chinese-roberta-wwm-ext"
+caption_field = "captions_zh"
+pretrain = False
+num_frames = 12
+image_size = 224
+context_length = 32
+frame_sample = "random"
+use_temp = True
+temporal_layers = 4
+use_frame_fea = True
+weight_video = 0.85
+weight_frame = 0.15
+top_k_frames = 3
+frame_weight = 1.0
+batch_size = 256
+gradient_accumulation_steps = 1
+epochs = 5
+learning_rate = 1e-4
+text_lr = 1e-5
+clip_lr_scale = 1e-3
+weight_decay = 0.2
+warmup_proportion = 0.1
+eval_batch_size = 256
+num_workers = 8
+log_interval = 50
+eval_interval = 1015

@@ -1,0 +1,48 @@
+# Pre-train HMMC on CHVTT (Chinese titles + tags) with momentum contrast: FAM + VTM + FTM + MLM (spec §7, §11.6).
+# $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt.py
+# Needs: data/chvtt (python prepare.py frames --videos=CHVTT_VIDEOS --out=data/chvtt/frames.lmdb --num_frames=48
+#        and python prepare.py chvtt ... --out=data/chvtt), data/vatex for the zero-shot eval, OpenAI's ViT-B-32.pt
+#        and the HF folder of hfl/chinese-roberta-wwm-ext.
+# Batch: 128 videos per step = 16 per GPU x 8 GPUs x 1 accumulation step (the README's run); on 4 GPUs it is
+# 32 per GPU, or --gradient_accumulation_steps=2 at 16 per GPU. The queue (1024) must stay a multiple of 128.
+# About 76k videos / 128 = 596 steps per epoch, 11 epochs = 6,556 steps with 20% warm-up (the original's defaults).
+out_dir = "out-pretrain-chvtt"
+dataset = "chvtt"
+eval_dataset = "vatex"  # zero-shot check on Chinese VATEX test, as the original's --language chinese did
+eval_caption_field = "captions_zh"
+init_from = "clip"
+clip_path = "ViT-B-32.pt"
+text_encoder = "bert"
+bert_path = "chinese-roberta-wwm-ext"  # its vocab.txt is the tokenizer
+caption_field = "captions"  # CHVTT's own language is Chinese; tags follow the caption field
+pretrain = True
+use_tags = True  # the paper; the released code silently ran title-only (spec §7.9): use_tags=False reproduces it
+num_frames = 12
+image_size = 224
+context_length = 45  # CHVTT titles
+tag_context_length = 25
+frame_sample = "random"
+augment = "frame"  # SimCLR-style augmentation per frame, as released
+use_temp = True
+temporal_layers = 4
+use_frame_fea = True
+top_k_frames = 3
+queue_size = 1024
+momentum = 0.99
+temperature = 0.07
+weight_fam = 0.05
+weight_vtm = 0.45
+weight_ftm = 0.45
+weight_mlm = 0.05
+batch_size = 128
+gradient_accumulation_steps = 1
+epochs = 11
+learning_rate = 1e-4
+text_lr = 1e-4
+clip_lr_scale = 1e-3  # CLIP vision tower at 1e-7
+weight_decay = 0.05
+warmup_proportion = 0.2
+eval_batch_size = 128
+num_workers = 8
+log_interval = 50
+eval_interval = 596  # once per epoch, as the original

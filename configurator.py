@@ -1,0 +1,106 @@
+"""
+The configurator: defaults (the globals at the top of train.py) <- config files <- --key=value overrides.
+
+    $ python train.py config/finetune_msrvtt.py --batch_size=32 --learning_rate=3e-5
+
+A bare argument is a config file, plain Python whose assignments override the defaults; `--key=value` overrides
+one key, the value read with `ast.literal_eval` and kept as a string when that fails. Arguments apply in order, so
+a later one wins. Every key must already exist (a typo names its close matches instead of silently creating an
+unused global), and every value must have the default's type: an int is accepted for a float, `true`/`false` for a
+bool, and a key whose default is None takes anything. `configure` is an ordinary function so it can be tested.
+"""
+
+import ast
+import difflib
+import os
+
+
+def _close(key: str, known) -> str:
+    matches = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(matches)}?" if matches else ""
+
+
+def _check_type(key: str, value, default, source: str):
+    """Return `value` converted to the type of `default`, or raise a ValueError saying what was expected."""
+    if default is None:  # optional settings (a path or nothing) take any value
+        return value
+    expected = type(default)
+    if isinstance(default, bool):  # bool before int: bool is a subclass of int
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return expected(value)
+    elif isinstance(value, expected):
+        return value
+    raise ValueError(f"{source}: {key} expects {expected.__name__} (default {default!r}), "
+                     f"got {type(value).__name__} {value!r}")
+
+
+def _parse_value(text: str, default):
+    # strings need no quotes on the command line: anything literal_eval cannot read stays a string, and a key
+    # whose default is a string keeps the raw text even when it looks like a number (--dataset=2024)
+    if isinstance(default, str):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+        return value if isinstance(value, str) else text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _help(defaults: dict) -> str:
+    width = max(len(k) for k in defaults) if defaults else 0
+    lines = [f"  --{k.ljust(width)} = {v!r}" for k, v in defaults.items()]
+    return "usage: python train.py [config_file.py ...] [--key=value ...]\nkeys and defaults:\n" + "\n".join(lines)
+
+
+def configure(defaults: dict, argv: list[str]) -> dict:
+    """Merge config files and --key=value overrides from `argv` into a copy of `defaults`; raise ValueError on a bad
+    key, type or file (SystemExit with the list of keys for -h/--help)."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise SystemExit(_help(defaults))
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise ValueError(f"command line: {arg!r} has no value; write --key=value")
+            key, text = arg[2:].split("=", 1)  # only the first '=': values may contain '=' themselves
+            if key not in config:
+                raise ValueError(f"command line: unknown config key {key!r}{_close(key, config)}")
+            config[key] = _check_type(key, _parse_value(text, defaults[key]), defaults[key], "command line")
+        elif arg.startswith("-"):
+            raise ValueError(f"command line: {arg!r} is neither a config file nor --key=value")
+        else:
+            if not os.path.isfile(arg):
+                raise ValueError(f"no config file {arg!r} (a bare argument is a config file; "
+                                 f"overrides are written --key=value)")
+            with open(arg) as f:
+                source = f.read()
+            # the file sees the values so far, so it can derive one from another (warmup = 0.1 * epochs);
+            # anything it assigns that is not a config key is a typo unless it is private, a module or a function
+            namespace = dict(config)
+            before = dict(namespace)
+            exec(compile(source, arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or key in ("__builtins__",):
+                    continue
+                if key not in config:
+                    if type(value).__name__ in ("module", "function", "type", "builtin_function_or_method"):
+                        continue
+                    raise ValueError(f"{arg}: unknown config key {key!r}{_close(key, config)}")
+                if value is before[key]:
+                    continue
+                config[key] = _check_type(key, value, defaults[key], arg)
+    return config

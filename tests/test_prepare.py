@@ -1,0 +1,479 @@
+# Data part of prepare.py: frame LMDB, sampling, the dataset, ffmpeg extraction on real files, converters, CLI.
+# Videos are made by ffmpeg inside the tests (tiny: 64x48, a few frames, -threads 1) so the file runs in seconds.
+import io
+import csv
+import json
+import shutil
+import subprocess
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import prepare
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+                                  reason="ffmpeg/ffprobe not installed")
+
+
+class WordTokenizer:
+    """Stand-in for prepare.get_tokenizer(...): word ids from a growing table, [1] ... [2], zero padding."""
+
+    def __init__(self):
+        self.table = {}
+
+    def __call__(self, texts, context_length):
+        ids = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for n, text in enumerate(texts):
+            words = [self.table.setdefault(w, 3 + len(self.table)) for w in text.split()]
+            row = ([1] + words)[:context_length - 1] + [2]
+            ids[n, :len(row)] = torch.tensor(row)
+        return ids, (ids > 0).long()
+
+
+def _jpeg(rgb, quality=90):
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _make_dataset(root, n_videos=6, n_frames=8, size=(48, 36), missing=(), tags=True):
+    """A prepared dataset dir: frames.lmdb (frame i of video v is a flat grey 10*i + v) and train.jsonl."""
+    db = prepare.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=n_frames, frame_size=min(size))
+    recs = []
+    for v in range(n_videos):
+        vid = f"video{v}"
+        if vid not in missing:
+            db.put_video(vid, [_jpeg(np.full((size[1], size[0], 3), 10 * i + v, np.uint8), 95)
+                               for i in range(n_frames)])
+        r = {"video_id": vid, "captions": [f"caption {v} a", f"caption {v} b"]}
+        if tags:
+            r["tags"] = [f"tag{v}", "common"]
+        recs.append(r)
+    db.close()
+    with open(root / "train.jsonl", "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FrameDB
+
+def test_framedb_roundtrip_growth_and_meta(tmp_path):
+    path = str(tmp_path / "f.lmdb")
+    db = prepare.FrameDB(path, readonly=False, num_frames=3, frame_size=16, map_size=1 << 20, commit_every=4)
+    rng = np.random.default_rng(0)
+    blobs = {f"v{k}": [rng.bytes(20_000) for _ in range(3)] for k in range(40)}  # 2.4 MB > the 1 MiB map
+    for vid, frames in blobs.items():
+        db.put_video(vid, frames)
+    db.mark_failed("broken", "no video stream")
+    db.close()
+    r = prepare.FrameDB(path)
+    assert r.meta["num_frames"] == 3 and r.meta["frame_size"] == 16 and r.meta["count"] == 40
+    assert r.meta["version"] == prepare.FRAMEDB_VERSION and r.failed == {"broken": "no video stream"}
+    assert r.has_video("v7") and not r.has_video("broken") and r.get_frame("v7", 2) == blobs["v7"][2]
+    assert sorted(r.video_ids()) == sorted(blobs)
+    with pytest.raises(KeyError, match="v7_5"):
+        r.get_frames("v7", [0, 5])
+    r2 = prepare.FrameDB(path)  # a second reader in the same process shares the environment
+    assert r2.get_frame("v1", 0) == blobs["v1"][0]
+    r.close(), r2.close()
+    # the writer refuses other settings, and a later success clears an earlier failure
+    with pytest.raises(ValueError, match="num_frames=3"):
+        prepare.FrameDB(path, readonly=False, num_frames=5, frame_size=16)
+    w = prepare.FrameDB(path, readonly=False, num_frames=3, frame_size=16)
+    w.put_video("broken", [b"x", b"y", b"z"])
+    w.close()
+    r = prepare.FrameDB(path)
+    assert r.failed == {} and r.meta["count"] == 41
+    r.close()
+
+
+def test_framedb_missing_path_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare.py frames"):
+        prepare.FrameDB(str(tmp_path / "nope.lmdb"))
+
+
+def test_framedb_reads_original_hmmc_layout(tmp_path):
+    # tools/frame2lmdb.py: keys f"{video_id}_{i}", no __meta__
+    env = lmdb.open(str(tmp_path / "orig.lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for vid in ("video0", "video1", "video2"):
+            for i in range(5):
+                txn.put(f"{vid}_{i}".encode(), _jpeg(np.full((40, 60, 3), 50, np.uint8)))
+    env.close()
+    db = prepare.FrameDB(str(tmp_path / "orig.lmdb"))
+    assert db.num_frames == 5 and len(db) == 3 and db.frame_size is None and db.has_video("video2")
+    db.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# normalisation and frame sampling
+
+def test_normalize_matches_clip_constants():
+    x = torch.randint(0, 256, (2, 4, 3, 5, 5), dtype=torch.uint8)
+    y = prepare.normalize(x)
+    mean, std = torch.tensor(prepare.CLIP_MEAN).view(3, 1, 1), torch.tensor(prepare.CLIP_STD).view(3, 1, 1)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    torch.testing.assert_close(y, (x.float() / 255 - mean) / std, atol=1e-5, rtol=1e-5)
+    assert prepare.CLIP_MEAN[2] == 0.40821073  # not the original's augmentation typo
+    with pytest.raises(ValueError):
+        prepare.normalize(torch.zeros(2, 4, 5, 5, dtype=torch.uint8))
+
+
+def test_uniform_sampling_matches_spec():
+    assert prepare.sample_frame_indices(30, 12).tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27]
+    assert prepare.sample_frame_indices(48, 12).tolist() == list(range(0, 48, 4))
+
+
+def test_stratified_and_random_sampling_cover_the_clip():
+    seen_s, seen_r = set(), set()
+    for s in range(200):
+        st = prepare.sample_frame_indices(30, 12, "stratified", np.random.default_rng(s))
+        rd = prepare.sample_frame_indices(30, 12, "random", np.random.default_rng(s))
+        edges = np.floor(np.linspace(0, 30, 13)).astype(int)
+        assert ((st >= edges[:-1]) & (st < edges[1:])).all()  # one frame per bin
+        assert len(set(rd.tolist())) == 12 and (np.diff(rd) > 0).all()
+        seen_s.update(st.tolist()), seen_r.update(rd.tolist())
+    assert seen_s == set(range(30)) and seen_r == set(range(30))  # the tail (24..29) is reachable
+    a = prepare.sample_frame_indices(30, 12, "stratified", np.random.default_rng([0, 1, 2]))
+    b = prepare.sample_frame_indices(30, 12, "stratified", np.random.default_rng([0, 1, 2]))
+    assert a.tolist() == b.tolist()
+    with pytest.raises(ValueError):
+        prepare.sample_frame_indices(4, 8, "random", np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VideoTextDataset
+
+def test_dataset_modes_shapes_and_caption_tokens(tmp_path):
+    root = _make_dataset(tmp_path, n_videos=4, n_frames=8, size=(48, 36))
+    tok = WordTokenizer()
+    ds = prepare.VideoTextDataset(str(root), "train", tok, num_frames=4, image_size=32, context_length=8)
+    assert len(ds) == 8 and ds.num_videos == 4 and ds.video_ids == [f"video{v}" for v in range(4)]
+    item = ds[3]
+    assert item["video"].shape == (4, 3, 32, 32) and item["video"].dtype == torch.uint8
+    assert item["video_index"] == 1 and item["ids"].shape == (8,) and item["mask"].sum() == 5
+    # uniform frames 0, 2, 4, 6 of video1: grey 10*i + 1 (JPEG may move a flat grey by a level or two)
+    means = item["video"].float().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(means, torch.tensor([1.0, 21.0, 41.0, 61.0]), atol=2.5, rtol=0)
+    ids, mask, vot = ds.caption_tokens()
+    assert ids.shape == (8, 8) and vot.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(ids[3], item["ids"])
+    assert ds.captions[3] == ("caption 1 b", 1)
+
+    pre = prepare.VideoTextDataset(str(root), "train", tok, mode="pretrain", num_frames=4, image_size=32,
+                                   context_length=8, tag_context_length=5)
+    item = pre[2]
+    assert len(pre) == 4 and set(item) == {"video", "ids", "mask", "video_index", "tag_ids", "tag_mask"}
+    assert item["tag_ids"].shape == (5,) and item["tag_mask"].sum() == 4  # [1] tag2 common [2]
+    vids = prepare.VideoTextDataset(str(root), "train", mode="videos", num_frames=4, image_size=32)
+    assert len(vids) == 4 and set(vids[0]) == {"video", "video_index"}
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["video"].is_contiguous()
+
+
+def test_dataset_resizes_frames_stored_at_another_size(tmp_path):
+    root = _make_dataset(tmp_path, n_videos=2, n_frames=4, size=(96, 64))  # short side 64, asked 32
+    ds = prepare.VideoTextDataset(str(root), "train", mode="videos", num_frames=2, image_size=32)
+    assert ds[0]["video"].shape == (2, 3, 32, 32)
+
+
+def test_dataset_reports_missing_videos_once_and_leaves_them_out(tmp_path, capsys):
+    root = _make_dataset(tmp_path, n_videos=5, missing=("video1", "video3"))
+    ds = prepare.VideoTextDataset(str(root), "train", WordTokenizer(), num_frames=4, image_size=32)
+    out = capsys.readouterr().out
+    assert "2 have no frames" in out and "video1" in out and "video3" in out
+    assert ds.video_ids == ["video0", "video2", "video4"] and len(ds) == 6
+    for i in range(len(ds)):
+        ds[i]  # never a crash later
+
+
+def test_dataset_errors_on_mismatch_and_missing_split(tmp_path):
+    root = _make_dataset(tmp_path, n_videos=2, n_frames=4, size=(48, 36))
+    with pytest.raises(ValueError, match="stores 4 frames"):
+        prepare.VideoTextDataset(str(root), "train", mode="videos", num_frames=8, image_size=32)
+    with pytest.raises(ValueError, match="short side of 36"):
+        prepare.VideoTextDataset(str(root), "train", mode="videos", num_frames=4, image_size=64)
+    with pytest.raises(FileNotFoundError, match="test.jsonl"):
+        prepare.VideoTextDataset(str(root), "test", mode="videos")
+    with pytest.raises(ValueError, match="frame_sample"):
+        prepare.VideoTextDataset(str(root), "train", mode="videos", frame_sample="uniform_random")
+    with open(root / "bad.jsonl", "w") as f:
+        f.write('{"video_id": "video0", "captions": ["a"]}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        prepare.VideoTextDataset(str(root), "bad", mode="videos", num_frames=4, image_size=32)
+
+
+def test_dataset_randomness_is_a_function_of_seed_epoch_index(tmp_path):
+    root = _make_dataset(tmp_path, n_videos=3, n_frames=16, size=(48, 36))
+    kw = dict(mode="videos", num_frames=4, image_size=32, frame_sample="stratified", augment="frame")
+    a = prepare.VideoTextDataset(str(root), "train", seed=3, **kw)
+    b = prepare.VideoTextDataset(str(root), "train", seed=3, **kw)
+    assert torch.equal(a[1]["video"], b[1]["video"])
+    b.epoch = 1
+    assert not torch.equal(a[1]["video"], b[1]["video"])
+    # the same through DataLoader workers (each opens the LMDB itself)
+    loader = torch.utils.data.DataLoader(a, batch_size=3, num_workers=2)
+    assert torch.equal(next(iter(loader))["video"][1], a[1]["video"])
+
+
+def test_augmentation_ranges_shapes_and_clip_consistency(tmp_path):
+    # all frames identical: per-clip augmentation must give identical frames, per-frame must not
+    root = tmp_path
+    rng = np.random.default_rng(0)
+    img = _jpeg((rng.random((40, 56, 3)) * 255).astype(np.uint8), 95)
+    db = prepare.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=6, frame_size=40)
+    db.put_video("v", [img] * 6)
+    db.close()
+    (root / "train.jsonl").write_text('{"video_id": "v", "captions": ["x"]}\n')
+    kw = dict(mode="videos", num_frames=6, image_size=32)
+    clip = prepare.VideoTextDataset(str(root), "train", augment="clip", **kw)
+    frame = prepare.VideoTextDataset(str(root), "train", augment="frame", **kw)
+    for epoch in range(3):
+        clip.epoch = frame.epoch = epoch
+        c, f = clip[0]["video"], frame[0]["video"]
+        assert c.shape == f.shape == (6, 3, 32, 32) and c.dtype == f.dtype == torch.uint8
+        assert all(torch.equal(c[0], c[t]) for t in range(6))
+        assert not all(torch.equal(f[0], f[t]) for t in range(6))
+    p = prepare._draw_augmentation(np.random.default_rng(1), 56, 40)
+    x0, y0, x1, y1 = p["crop"]
+    assert 0 <= x0 < x1 <= 56 and 0 <= y0 < y1 <= 40
+    area = (x1 - x0) * (y1 - y0) / (56 * 40)
+    assert 0.15 <= area <= 1.0
+
+
+def test_colour_jitter_matrix_matches_pillow_enhance():
+    from PIL import ImageEnhance
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((32, 32, 3)) * 155 + 50).astype(np.uint8))
+    mean = np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    for kind, enhance in ((0, ImageEnhance.Brightness), (1, ImageEnhance.Contrast), (2, ImageEnhance.Color)):
+        ours = np.asarray(img.convert("RGB", prepare._jitter_matrix([(kind, 1.2)], mean))).astype(int)
+        ref = np.asarray(enhance(img).enhance(1.2)).astype(int)
+        assert np.abs(ours - ref).max() <= 2, kind
+    same = img.convert("RGB", prepare._jitter_matrix([(3, 0.0)], mean))
+    assert np.abs(np.asarray(same).astype(int) - np.asarray(img).astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# frame extraction with ffmpeg, on real files of several containers and codecs
+
+def _ff(*args, stdin=None):
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], input=stdin, check=True,
+                   stdout=subprocess.DEVNULL if stdin is None else None)
+
+
+def _grey_raw(n, w=64, h=48):
+    return b"".join(bytes([8 * k]) * (w * h * 3) for k in range(n))  # frame k is grey 8*k: its index is visible
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        pytest.skip("ffmpeg/ffprobe not installed")
+    d = tmp_path_factory.mktemp("videos")
+    raw = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "64x48", "-r", "10", "-i", "pipe:0", "-threads", "1"]
+    lossless = ["-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p"]
+    src = ["-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=1", "-threads", "1"]
+    _ff(*raw, *lossless, str(d / "grey.mp4"), stdin=_grey_raw(30))
+    # variable frame rate: 20 frames, the first 10 every 0.1 s, the rest every 0.3 s
+    _ff(*raw, "-vf", "setpts='if(lt(N,10),N,10+(N-10)*3)/10/TB'", "-fps_mode", "vfr", *lossless,
+        "-video_track_timescale", "1000", str(d / "vfr.mp4"), stdin=_grey_raw(20))
+    _ff(*src, "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "200k", str(d / "vp9.webm"))
+    _ff(*src, "-c:v", "libx264", str(d / "h264.mkv"))
+    _ff(*src, "-c:v", "mpeg4", str(d / "mpeg4.avi"))
+    _ff(*src, "-c:v", "mjpeg", str(d / "mjpeg.mov"))
+    _ff(*src, "-frames:v", "1", "-c:v", "libx264", str(d / "one.mp4"))
+    _ff("-i", str(d / "h264.mkv"), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(d / "rotated.mp4"))
+    _ff("-f", "lavfi", "-i", "sine=duration=0.5", "-c:a", "aac", str(d / "audio.mp4"))
+    (d / "empty.mp4").write_bytes(b"")
+    # truncated: an mp4 whose index (moov, at the end) is cut off is undecodable; a cut mkv keeps its first part
+    (d / "cut.mp4").write_bytes((d / "grey.mp4").read_bytes()[:2000])
+    _ff("-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=3", "-threads", "1", "-c:v", "libx264", "-g", "5",
+        str(d / "long.mkv"))
+    mkv = (d / "long.mkv").read_bytes()
+    (d / "long.mkv").unlink()
+    (d / "cutmkv.mkv").write_bytes(mkv[:len(mkv) * 6 // 10])
+    # a raw H.264 stream (no container duration) whose frame size changes half way
+    _ff(*src, "-c:v", "libx264", str(d / "a.h264"))
+    _ff("-f", "lavfi", "-i", "testsrc=size=48x80:rate=10:duration=1", "-threads", "1", "-c:v", "libx264",
+        str(d / "b.h264"))
+    (d / "mixed.h264").write_bytes((d / "a.h264").read_bytes() + (d / "b.h264").read_bytes())
+    (d / "a.h264").unlink(), (d / "b.h264").unlink()
+    (d / "notes.txt").write_text("not a video")
+    return d
+
+
+GOOD = {"grey", "vfr", "vp9", "h264", "mpeg4", "mjpeg", "one", "rotated", "cutmkv", "mixed"}
+BAD = {"audio": "no video stream", "empty": "empty file", "cut": "unreadable"}
+
+
+def _frame_pts(path):
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts_time",
+                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout
+    return [float(x.split(",")[0]) for x in out.split()]
+
+
+def _grey_levels(frames):
+    return [round(float(np.asarray(Image.open(io.BytesIO(b))).mean()) / 8) for b in frames]
+
+
+@needs_ffmpeg
+def test_extract_frames_all_formats_failures_and_resume(video_dir, tmp_path, capsys):
+    out = str(tmp_path / "frames.lmdb")
+    r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=2, progress_every=0)
+    log = capsys.readouterr().out
+    assert set(r["failed"]) == set(BAD), r["failed"]
+    for vid, why in BAD.items():
+        assert why in r["failed"][vid], (vid, r["failed"][vid])
+    assert r["done"] == len(GOOD) and "videos/s" in log and "3 videos failed" in log
+    db = prepare.FrameDB(out)
+    assert db.num_frames == 6 and db.frame_size == 32 and len(db) == len(GOOD) and set(db.failed) == set(BAD)
+    for vid in GOOD:
+        sizes = {Image.open(io.BytesIO(db.get_frame(vid, i))).size for i in range(6)}
+        assert sizes == ({(32, 43)} if vid == "rotated" else {(43, 32)}), (vid, sizes)
+    # frames are the ones on screen at the centres of 6 equal segments, by timestamp (constant and variable rate;
+    # frame k of both videos is grey 8*k)
+    for vid in ("grey", "vfr"):
+        pts = _frame_pts(video_dir / f"{vid}.mp4")
+        duration = prepare.probe_video(str(video_dir / f"{vid}.mp4"))["duration"]
+        want = [max(k for k, p in enumerate(pts) if p <= (i + 0.5) * duration / 6 + 1e-6) for i in range(6)]
+        assert _grey_levels(db.get_frames(vid, range(6))) == want, vid
+    assert len(set(db.get_frames("one", range(6)))) == 1  # a 1-frame video repeats its frame
+    db.close()
+
+    # rerun: nothing to do; failed ones are retried only when asked
+    r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1)
+    assert r["done"] == 0 and r["skipped"] == len(GOOD) + len(BAD) and not r["failed"]
+    r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1, retry_failed=True)
+    assert r["done"] == 0 and set(r["failed"]) == set(BAD)
+    with pytest.raises(ValueError, match="frame_size=32"):
+        prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=64, workers=1)
+
+
+@needs_ffmpeg
+def test_frames_cli_with_id_list_and_missing_video(video_dir, tmp_path, capsys):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    shutil.copy(video_dir / "grey.mp4", vids / "grey.mp4")
+    shutil.copy(video_dir / "vp9.webm", vids / "vp9.webm")
+    shutil.copy(video_dir / "h264.mkv", vids / "other.mkv")  # not in the list
+    ids = tmp_path / "ids.txt"
+    ids.write_text("grey\nvp9\nghost\n")
+    out = tmp_path / "f.lmdb"
+    argv = ["frames", f"--videos={vids}", f"--out={out}", "--num_frames=4", "--frame_size=24", "--workers=1",
+            f"--ids={ids}"]
+    prepare.main(argv)
+    db = prepare.FrameDB(str(out))
+    assert sorted(db.video_ids()) == ["grey", "vp9"] and "missing" in db.failed["ghost"]
+    db.close()
+    assert "ghost" in capsys.readouterr().out
+    # the missing video turns up: a rerun picks it up without --retry_failed
+    shutil.copy(video_dir / "mpeg4.avi", vids / "ghost.avi")
+    prepare.main(argv)
+    db = prepare.FrameDB(str(out))
+    assert sorted(db.video_ids()) == ["ghost", "grey", "vp9"] and db.failed == {}
+    db.close()
+    # CHVTT: files named <docid>, keys Video<docid>_<i> like the original's LMDBs
+    r = prepare.extract_frames(str(vids), str(tmp_path / "chvtt.lmdb"), num_frames=2, frame_size=16, workers=1,
+                               ids=["grey"], id_prefix="Video")
+    assert r["done"] == 1 and prepare.FrameDB(str(tmp_path / "chvtt.lmdb")).has_video("Videogrey")
+
+
+def test_cli_refuses_unknown_options_and_commands(capsys):
+    with pytest.raises(SystemExit, match="valid: --videos, --out"):
+        prepare.main(["frames", "--videos=x", "--out=y", "--frames=30"])
+    with pytest.raises(SystemExit, match="unknown command"):
+        prepare.main(["msvd"])
+    with pytest.raises(SystemExit, match="needs --videos"):
+        prepare.main(["frames", "--out=y"])
+    with pytest.raises(SystemExit, match="expects an integer"):
+        prepare.main(["frames", "--videos=x", "--out=y", "--workers=many"])
+    prepare.main([])
+    assert "msrvtt" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# annotation converters on small files in the real formats
+
+def _read(path):
+    return [json.loads(l) for l in open(path, encoding="utf-8")]
+
+
+def test_msrvtt_converter(tmp_path, capsys):
+    anno = tmp_path / "msrvtt_data"
+    anno.mkdir()
+    sentences = [{"caption": f"video {v} caption {k}", "video_id": f"video{v}", "sen_id": 10 * v + k}
+                 for v in range(6) for k in range(3)]
+    sentences.append({"caption": "   ", "video_id": "video0", "sen_id": 999})
+    videos = [{"video_id": f"video{v}", "start time": 1.5, "end time": 11.5, "split": "train"} for v in range(6)]
+    (anno / "MSRVTT_data.json").write_text(json.dumps({"info": {}, "videos": videos, "sentences": sentences}))
+    (anno / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo1\nvideo2\nvideo3\n")
+    (anno / "MSRVTT_train.7k.csv").write_text("video_id\nvideo0\nvideo1\n")
+    with open(anno / "MSRVTT_JSFUSION_test.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", "key", "vid_key", "video_id", "sentence"])
+        w.writerow([0, "ret0", "msr4", "video4", "a man is talking"])
+        w.writerow([1, "ret1", "msr5", "video5", "a cat, jumping"])
+    out = tmp_path / "msrvtt"
+    # frames for every video but video3 and video5: those are reported and left out
+    db = prepare.FrameDB(str(out / "frames.lmdb"), readonly=False, num_frames=2, frame_size=8)
+    for v in (0, 1, 2, 4):
+        db.put_video(f"video{v}", [b"a", b"b"])
+    db.close()
+    prepare.main(["msrvtt", f"--anno={anno}", f"--out={out}"])
+    log = capsys.readouterr().out
+    train = _read(out / "train_9k.jsonl")
+    assert [r["video_id"] for r in train] == ["video0", "video1", "video2"]
+    assert train[1] == {"video_id": "video1", "captions": [f"video 1 caption {k}" for k in range(3)],
+                        "duration": 10.0}
+    assert _read(out / "train.jsonl") == train and len(_read(out / "train_7k.jsonl")) == 2
+    assert _read(out / "test.jsonl") == [{"video_id": "video4", "captions": ["a man is talking"], "duration": 10.0}]
+    assert "video3" in log and "video5" in log and "dropped 1 empty" in log
+
+
+def test_vatex_converter_both_formats(tmp_path):
+    ids = [f"vid{k}_000001_000011" for k in range(5)]
+    split_dir = tmp_path / "vatex_txt"
+    split_dir.mkdir()
+    (split_dir / "train_list.txt").write_text("\n".join(ids[:3]) + "\n")
+    (split_dir / "val_list.txt").write_text(ids[3] + "\n")
+    (split_dir / "test_list.txt").write_text(ids[4] + "\n")
+    caps = {v: {"enCap": [f"en {v} {k}" for k in range(2)], "chCap": [f"中文 {v} {k}" for k in range(2)]}
+            for v in ids}
+    (tmp_path / "vatex_data.json").write_text(json.dumps(caps, ensure_ascii=False))
+    out1 = tmp_path / "a"
+    prepare.convert_vatex(str(tmp_path / "vatex_data.json"), str(split_dir), out=str(out1))
+    # the official files: lists of {videoID, enCap, chCap}, train and validation separate
+    official = [{"videoID": v, **c} for v, c in caps.items()]
+    (tmp_path / "train.json").write_text(json.dumps(official[:3], ensure_ascii=False))
+    (tmp_path / "val.json").write_text(json.dumps(official[3:], ensure_ascii=False))
+    out2 = tmp_path / "b"
+    prepare.main(["vatex", f"--annotations={tmp_path / 'train.json'},{tmp_path / 'val.json'}",
+                  f"--splits_dir={split_dir}", f"--out={out2}"])
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        a, b = _read(out1 / f"{split}.jsonl"), _read(out2 / f"{split}.jsonl")
+        assert a == b and len(a) == n
+    assert _read(out1 / "test.jsonl")[0] == {"video_id": ids[4], "captions": [f"en {ids[4]} 0", f"en {ids[4]} 1"],
+                                             "captions_zh": [f"中文 {ids[4]} 0", f"中文 {ids[4]} 1"]}
+
+
+def test_chvtt_converter_reports_bad_lines(tmp_path, capsys):
+    lines = [json.dumps({"docid": 101, "title": "猫在跳舞", "tag": "猫,宠物，搞笑", "title_eng": "a cat dances",
+                         "tag_eng": "cat,pet", "duration": 12.5}, ensure_ascii=False),
+             "{not json",
+             json.dumps({"docid": 102, "title": "", "tag": "x"}),
+             json.dumps({"docid": 103, "title": "做饭", "tag": ["美食", "厨房"], "duration": "7"}, ensure_ascii=False)]
+    src = tmp_path / "chvtt.json"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare.main(["chvtt", f"--annotations={src}", f"--out={tmp_path / 'chvtt'}"])
+    log = capsys.readouterr().out
+    recs = _read(tmp_path / "chvtt" / "train.jsonl")
+    assert recs[0] == {"video_id": "Video101", "captions": ["猫在跳舞"], "tags": ["猫", "宠物", "搞笑"],
+                       "captions_en": ["a cat dances"], "tags_en": ["cat", "pet"], "duration": 12.5}
+    assert recs[1] == {"video_id": "Video103", "captions": ["做饭"], "tags": ["美食", "厨房"], "duration": 7.0}
+    assert "chvtt.json:2: invalid JSON" in log and "1 videos without any caption" in log

@@ -1,0 +1,155 @@
+# Tokenizers of prepare.py: CLIP BPE against OpenAI's clip.tokenize, BERT WordPiece against HF's BertTokenizer.
+# Golden ids were recorded once from the reference implementations (tests/golden/README.md, "Tokenizers").
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import prepare
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+SOT, EOT = 49406, 49407
+
+
+def _load(name):
+    with open(os.path.join(GOLDEN, name), encoding="utf-8") as f:
+        return json.load(f)["items"]
+
+
+@pytest.fixture(scope="module")
+def clip_tok():
+    return prepare.ClipTokenizer()
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    return prepare.BertTokenizer(os.path.join(GOLDEN, "tok_bert_vocab.txt"))
+
+
+@pytest.mark.parametrize("L", [77, 32])
+def test_clip_golden(L):
+    items = _load("tok_clip.json")
+    assert len(items) > 400
+    ids = prepare.tokenize([it["text"] for it in items], context_length=L)
+    assert ids.dtype == torch.long and ids.shape == (len(items), L)
+    for row, it in zip(ids.tolist(), items):
+        want = it[str(L)] + [0] * (L - len(it[str(L)]))
+        assert row == want, f"caption {it['text']!r}"
+
+
+def test_truncation_ends_in_eot():
+    text = "a man is " + "very " * 200 + "happy"
+    for L in (77, 32, 8, 2):
+        row = prepare.tokenize(text, context_length=L)[0].tolist()
+        assert len(row) == L and row[0] == SOT and row[-1] == EOT and 0 not in row
+    assert prepare.tokenize(text, context_length=1).tolist() == [[EOT]]  # OpenAI: cut to [SOT], then EOT overwrites
+    # a caption that fits exactly is not touched
+    n = len(prepare.ClipTokenizer().encode("a dog runs"))
+    assert prepare.tokenize("a dog runs", context_length=n + 2)[0, -1].item() == EOT
+
+
+def test_empty_and_shapes():
+    assert prepare.tokenize("").tolist() == [[SOT, EOT] + [0] * 75]
+    assert prepare.tokenize(["", "  \n\t "], context_length=4).tolist() == [[SOT, EOT, 0, 0]] * 2
+    assert prepare.tokenize([], context_length=16).shape == (0, 16)
+    assert prepare.tokenize(("a", "b")).shape == (2, 77)
+    with pytest.raises(ValueError):
+        prepare.tokenize("a", context_length=0)
+
+
+def test_type_error_names_the_item():
+    with pytest.raises(TypeError, match="item 1 is int"):
+        prepare.tokenize(["fine", 3])
+    with pytest.raises(TypeError, match="item 0 is NoneType"):
+        prepare.tokenize([None])
+    with pytest.raises(TypeError):
+        prepare.ClipTokenizer().encode(b"bytes")
+
+
+def test_literal_special_tokens(clip_tok):
+    # OpenAI keeps a literal <|startoftext|>/<|endoftext|> in the text as the special id
+    assert clip_tok.encode("<|startoftext|>x<|endoftext|>") == [SOT, clip_tok.encode("x")[0], EOT]
+
+
+def test_surrogate_pair_is_joined(clip_tok):
+    # ftfy joins a surrogate pair (e.g. from badly decoded JSON) into the character it encodes
+    assert clip_tok.encode("\ud83d\ude00 ok") == clip_tok.encode("😀 ok")
+
+
+def test_mojibake_left_alone():
+    # the one documented deviation: ftfy would repair "cafÃ©" to "café"; we keep the text as it is
+    assert prepare._ftfy_fix_text("cafÃ©") == "cafÃ©"
+
+
+def test_encode_decode_round_trip(clip_tok):
+    for text in ["a man is playing the guitar", "café naïve 一个男人 привет", "a dog, a cat. 3 birds!"]:
+        ids = clip_tok.encode(text)
+        assert all(0 <= i < SOT for i in ids)
+        # OpenAI's decode ends every word with a space and keeps punctuation as its own word
+        assert " ".join(clip_tok.decode(ids).split()) == " ".join(prepare._clip_pieces(text))
+    assert clip_tok.decode(clip_tok.encode("a man is playing the guitar")) == "a man is playing the guitar "
+    assert clip_tok.decode([SOT, EOT]) == "<|startoftext|><|endoftext|>"
+    with pytest.raises(ValueError):
+        clip_tok.decode([49408])
+
+
+def test_clip_call_contract(clip_tok):
+    texts = ["!$ wow", "a much longer caption about a dog " * 10, ""]
+    ids, mask = clip_tok(texts, 32)
+    assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape == (3, 32)
+    assert torch.equal(ids, prepare.tokenize(texts, 32))
+    assert ids[0, 1].item() == 0  # "!" inside a piece is id 0: the mask cannot be ids != 0
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        n = row.index(EOT, 1) + 1
+        assert m == [1] * n + [0] * (32 - n)
+    assert (clip_tok.vocab_size, clip_tok.sot_id, clip_tok.eot_id, clip_tok.pad_id, clip_tok.mask_id) == \
+        (49408, SOT, EOT, 0, None)
+    # DataLoader workers may receive the tokenizer pickled
+    assert pickle.loads(pickle.dumps(clip_tok)).encode(texts[0]) == clip_tok.encode(texts[0])
+
+
+def test_bert_golden(bert_tok):
+    items = _load("tok_bert.json")
+    assert len(items) > 300
+    cased = prepare.BertTokenizer(os.path.join(GOLDEN, "tok_bert_vocab.txt"), do_lower_case=False)
+    for it in items:
+        assert bert_tok.encode(it["text"]) == it["ids"], f"caption {it['text']!r}"
+        assert cased.encode(it["text"]) == it["cased"], f"caption {it['text']!r} (cased)"
+
+
+def test_bert_call_contract(bert_tok):
+    specials = (bert_tok.pad_id, bert_tok.unk_id, bert_tok.cls_id, bert_tok.sep_id, bert_tok.mask_id)
+    assert specials == (0, 100, 101, 102, 103) and bert_tok.vocab_size == 1114
+    texts = ["一个男人在弹吉他", "一个男人在弹吉他" * 20, ""]
+    ids, mask = bert_tok(texts, 12)
+    assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape == (3, 12)
+    body = bert_tok.encode(texts[0])
+    assert ids[0].tolist() == [101] + body + [102] + [0] * (12 - len(body) - 2)
+    assert ids[1].tolist() == [101] + bert_tok.encode(texts[1])[:10] + [102]  # cut to L-2 tokens between specials
+    assert ids[2].tolist()[:3] == [101, 102, 0]
+    assert mask.sum(1).tolist() == [len(body) + 2, 12, 2]
+    assert bert_tok.decode(body) == " ".join("一个男人在弹吉他")
+    assert bert_tok.tokenize("a" * 101) == ["[UNK]"]  # longer than 100 characters
+
+
+def test_bert_bad_input(tmp_path, bert_tok):
+    with pytest.raises(TypeError, match="item 1"):
+        bert_tok(["ok", 5], 8)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\[MASK\]"):
+        prepare.BertTokenizer(str(vocab))
+    with pytest.raises(FileNotFoundError):
+        prepare.BertTokenizer(str(tmp_path / "missing.txt"))
+
+
+def test_get_tokenizer():
+    assert isinstance(prepare.get_tokenizer("clip"), prepare.ClipTokenizer)
+    tok = prepare.get_tokenizer("bert", os.path.join(GOLDEN, "tok_bert_vocab.txt"))
+    assert isinstance(tok, prepare.BertTokenizer)
+    with pytest.raises(ValueError, match="bert_vocab"):
+        prepare.get_tokenizer("bert")
+    with pytest.raises(ValueError, match="unknown"):
+        prepare.get_tokenizer("gpt2")
