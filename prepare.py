@@ -275,32 +275,29 @@ class ClipTokenizer:
         text = b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
         return text.replace("</w>", " ")
 
-    def _rows(self, texts, context_length: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids int64 [N, L] as clip.tokenize(..., truncate=True) builds them, and each row's length."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if context_length < 1:
-            raise ValueError(f"context_length must be at least 1, got {context_length}")
-        texts = list(texts)
-        ids = np.zeros((len(texts), context_length), dtype=np.int64)
-        lengths = np.zeros(len(texts), dtype=np.int64)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"tokenize: item {i} is {type(text).__name__}, not str: {text!r:.80}")
-            row = [self.sot_id, *self.encode(text), self.eot_id]
-            if len(row) > context_length:  # OpenAI's truncate=True: cut, then force EOT into the last slot
-                row = row[:context_length]
-                row[-1] = self.eot_id
-            ids[i, :len(row)] = row
-            lengths[i] = len(row)
-        return ids, lengths
-
     def __call__(self, texts, context_length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask), both LongTensor [N, L]; mask is 1 from SOT to EOT. Id 0 is the token '!', so the mask is
-        built from lengths, never from ids != 0."""
-        ids, lengths = self._rows(texts, context_length)
-        mask = (np.arange(context_length) < lengths[:, None]).astype(np.int64)
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        """(ids, mask), both LongTensor [N, L]; mask is 1 from SOT to EOT."""
+        return _pack_rows(texts, context_length, self.encode, self.sot_id, self.eot_id, "tokenize")
+
+
+def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, who: str):
+    """(ids, mask) LongTensor [N, L] of rows `start, ids..., end`, zero-padded. A row too long for L is cut and keeps
+    `end` in its last slot: OpenAI's clip.tokenize(truncate=True) and HMMC's BERT loaders ([CLS], L-1 tokens, [SEP],
+    spec §5.3) are both this one rule."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if context_length < 1:
+        raise ValueError(f"context_length must be at least 1, got {context_length}")
+    texts = list(texts)
+    ids = np.zeros((len(texts), context_length), dtype=np.int64)
+    mask = np.zeros((len(texts), context_length), dtype=np.int64)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{who}: item {i} is {type(text).__name__}, not str: {text!r:.80}")
+        row = [start_id, *encode(text)][:context_length - 1] + [end_id]
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1  # from the length, never ids != 0: id 0 is CLIP's '!' and a literal "[PAD]" in BERT
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 _default_clip_tokenizer = None
@@ -312,7 +309,7 @@ def tokenize(texts, context_length: int = 77) -> torch.Tensor:
     global _default_clip_tokenizer
     if _default_clip_tokenizer is None:
         _default_clip_tokenizer = ClipTokenizer()
-    return torch.from_numpy(_default_clip_tokenizer._rows(texts, context_length)[0])
+    return _default_clip_tokenizer(texts, context_length)[0]
 
 
 # ---- BERT WordPiece (Chinese side) ---------------------------------------------------------------------------------
@@ -434,21 +431,7 @@ class BertTokenizer:
 
     def __call__(self, texts, context_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) LongTensor [N, L]: [CLS] tokens [SEP], cut so the row fits L, padded with 0 (spec §5.3)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if context_length < 1:
-            raise ValueError(f"context_length must be at least 1, got {context_length}")
-        texts = list(texts)
-        ids = np.zeros((len(texts), context_length), dtype=np.int64)
-        mask = np.zeros((len(texts), context_length), dtype=np.int64)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"BertTokenizer: item {i} is {type(text).__name__}, not str: {text!r:.80}")
-            # HMMC's loaders: prepend [CLS], keep L-1 tokens, append [SEP]
-            row = ([self.cls_id] + self.encode(text))[:context_length - 1] + [self.sep_id]
-            ids[i, :len(row)] = row
-            mask[i, :len(row)] = 1  # from the length: a literal "[PAD]" in the text is a real token
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return _pack_rows(texts, context_length, self.encode, self.cls_id, self.sep_id, "BertTokenizer")
 
 
 def get_tokenizer(text_encoder: str, bert_vocab: str | None = None):
