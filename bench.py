@@ -396,4 +396,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input or config: the message says what to fix
+        sys.exit(f"error: {e}")

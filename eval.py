@@ -716,4 +716,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input or config: the message says what to fix
+        sys.exit(f"error: {e}")

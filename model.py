@@ -241,13 +241,11 @@ class TextTransformer(nn.Module):
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Index of each row's first EOT token. OpenAI uses argmax(ids), which is the same thing as long as EOT is the
-        largest id; looking the id up explicitly survives other tokenizers. A row without EOT (cut off by the
-        caller) pools its last non-padding token, or position 0 when the row is all padding."""
+        largest id; looking the id up explicitly survives other tokenizers. A row without EOT falls back to OpenAI's
+        (and the original HMMC's) argmax, so any input, even random ids, pools where the reference code does."""
         is_eot = ids == self.eot_id                                        # (B, L)
         first_eot = is_eot.int().argmax(dim=1)                             # (B,) argmax returns the first maximum
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        last_token = torch.where(ids != 0, pos, 0).amax(dim=1)             # (B,)
-        return torch.where(is_eot.any(dim=1), first_eot, last_token)       # (B,)
+        return torch.where(is_eot.any(dim=1), first_eot, ids.argmax(dim=1))  # (B,)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.text_hidden(ids)                                          # (B, L, W)
@@ -1174,7 +1172,7 @@ class HMMC(nn.Module):
             raise ValueError(f"original checkpoint does not match the inferred architecture: missing {missing}, "
                              f"unexpected {unexpected}")
         print(f"loaded {len(ours)} tensors from the original checkpoint ({cfg.text_encoder} text, "
-              f"use_temp={cfg.use_temp}); ignored {len(ignored)} pre-training tensors")
+              f"use_temp={cfg.use_temp}); ignored {len(ignored)} pre-training tensors and logit scales")
         return model
 
 
@@ -1184,6 +1182,10 @@ class HMMC(nn.Module):
 _PRETRAIN_ONLY = ("video_m.", "text_m.", "projector.", "projector_m.", "predictor.", "mlm_head.", "queue_")
 _ORIGINAL_PRETRAIN_ONLY = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector",
                            "cls.", "queue_")
+# learned scalars that earlier commits of the original saved as nn.Parameters (spec §2.7): a top-level `logit_scale`
+# and `weight_sum`, and a CLIP `logit_scale` copied into TextEncoder or VisualEncoder. They touch no embedding (our
+# scale is cfg.logit_scale), so checkpoints written by those commits load with them dropped.
+_ORIGINAL_SCALARS = ("logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
 
 
 def _count_layers(sd: dict, prefix: str) -> int:
@@ -1197,7 +1199,7 @@ def _convert_original(sd: dict):
     text_encoder.* or text_encoder.chinese_encoder.* (HF BertModel) + text_encoder.text_proj.*."""
     ours, ignored, unknown = {}, [], []
     for k, v in sd.items():
-        if k.startswith(_ORIGINAL_PRETRAIN_ONLY):
+        if k.startswith(_ORIGINAL_PRETRAIN_ONLY) or k in _ORIGINAL_SCALARS:
             ignored.append(k)
         elif k.startswith("visual_encoder.visual."):
             ours["video.visual." + k[len("visual_encoder.visual."):]] = v

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import regex
@@ -1899,7 +1900,7 @@ def _syn_vocab() -> list[str]:
 
 def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
     h, w, _ = frames[0].shape
-    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-threads", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
            "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
     proc = subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), capture_output=True)
     if proc.returncode != 0:
@@ -1928,6 +1929,8 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     if videos:
         os.makedirs(videos, exist_ok=True)
     db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
+    # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
+    mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
     for split, event_lists in splits.items():
         with open(os.path.join(tmp_dir, f"{split}.jsonl"), "w") as f:
             for i, events in enumerate(event_lists):
@@ -1940,7 +1943,7 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
                     encoded.append(buf.getvalue())
                 db.put_video(vid, encoded)
                 if videos:
-                    _syn_write_mp4(os.path.join(videos, f"{vid}.mp4"), frames)
+                    mp4_jobs.append(mp4_pool.submit(_syn_write_mp4, os.path.join(videos, f"{vid}.mp4"), frames))
                 record = {"video_id": vid, "captions": [_syn_caption_en(events)],
                           "captions_zh": [_syn_caption_zh(events)],
                           # tags (for pre-training recipes): the words of the objects, in caption order
@@ -1950,6 +1953,14 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
                           "duration": num_frames / 8.0}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     db.close()
+    t0 = time.time()
+    for n, job in enumerate(mp4_jobs, 1):
+        job.result()  # re-raises an ffmpeg failure
+        if verbose and (n % 1000 == 0 or n == len(mp4_jobs)):
+            print(f"synthetic: {n}/{len(mp4_jobs)} .mp4 files in {videos} ({n / (time.time() - t0 + 1e-9):.0f}/s)",
+                  flush=True)
+    if mp4_pool:
+        mp4_pool.shutdown()
     with open(os.path.join(tmp_dir, "vocab.txt"), "w") as f:
         f.write("\n".join(_syn_vocab()) + "\n")
     # swap in the finished folder at the end, so an interrupted run never leaves a dataset that looks complete

@@ -211,15 +211,15 @@ def test_eot_pooling():
     m = model.TextTransformer(tiny_cfg())
     ids = torch.tensor([[98, 5, 6, 99, 0, 0, 0, 0],     # EOT at 3
                         [98, 5, 99, 7, 99, 0, 0, 0],    # two EOTs (a literal <|endoftext|>): the first, like argmax
-                        [98, 5, 6, 7, 8, 9, 0, 0],      # cut before EOT: the last non-padding token
+                        [98, 5, 9, 7, 8, 6, 0, 0],      # no EOT: argmax, as OpenAI and the original HMMC
                         [0, 0, 0, 0, 0, 0, 0, 0]])      # all padding: position 0
-    assert m.eot_positions(ids).tolist() == [3, 2, 5, 0]
+    assert m.eot_positions(ids).tolist() == [3, 2, 0, 0]
     with torch.no_grad():
         h = m.text_hidden(ids)
-        expected = h[torch.arange(4), torch.tensor([3, 2, 5, 0])] @ m.text_projection
+        expected = h[torch.arange(4), torch.tensor([3, 2, 0, 0])] @ m.text_projection
         torch.testing.assert_close(m(ids), expected)
-    # with EOT as the largest id, explicit lookup equals OpenAI's argmax on ordinary rows
-    assert torch.equal(m.eot_positions(ids[:2]), ids[:2].argmax(dim=1))
+    # with EOT as the largest id, explicit lookup equals OpenAI's argmax on every row
+    assert torch.equal(m.eot_positions(ids), ids.argmax(dim=1))
 
 
 def test_grad_checkpointing_same_result():

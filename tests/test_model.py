@@ -616,7 +616,25 @@ def test_from_original_drops_pretraining_parts_and_rejects_unknown_keys():
     sd = original_state_dict("clip", True)
     extra = {"visual_encoder_k.visual.proj": sd["visual_encoder.visual.proj"], "queue_v_cross_ng": torch.randn(E, 8),
              "v_projector.linear_out.weight": torch.randn(E, 16), "cls.bias": torch.randn(5)}
+    # learned scalars that earlier commits of the original saved (nn.Parameters then): dropped, never loaded
+    extra.update({"logit_scale": torch.tensor([2.66]), "weight_sum": torch.tensor([0.5]),
+                  "text_encoder.logit_scale": torch.tensor(4.6), "visual_encoder.logit_scale": torch.tensor(4.6)})
     m = M.HMMC.from_original({**sd, **extra})
     assert not m.cfg.pretrain
+    assert not hasattr(m, "logit_scale") and m.similarity_scale() == 100.0
     with pytest.raises(ValueError, match="unrecognised keys.*bogus"):
         M.HMMC.from_original({**sd, "bogus.weight": torch.zeros(1)})
+
+
+def test_from_original_temporal_layernorm_eps():
+    # tiny frame embeddings make the temporal LayerNorm's eps visible: the original's TF-style LayerNorm uses 1e-12,
+    # and torch's default 1e-5 would move the video embedding by ~1e-1 here
+    sd = original_state_dict("clip", True)
+    for k in ("visual_encoder.visual.ln_post.weight", "visual_encoder.visual.ln_post.bias",
+              "visual_encoder.frame_position_embeddings.weight"):
+        sd[k] = sd[k] * 1e-3
+    m = M.HMMC.from_original(sd).eval()
+    b = make_batch(2, "clip", frames=3)
+    with torch.no_grad():
+        v, _ = m.encode_video(b["video"])
+    torch.testing.assert_close(v, ref_video(b["video"], sd)[0], atol=2e-4, rtol=1e-4)
