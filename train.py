@@ -509,20 +509,20 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
                 raise SystemExit(f"out of GPU memory at iter {iter_num} with {per_rank} videos per rank: lower "
                                  f"batch_size and raise gradient_accumulation_steps, or set "
                                  f"activation_checkpointing=True (note batch_size is also the contrastive batch)")
-            # one host sync per micro-step (.item()); averaged over ranks so that every rank sees the same value and
-            # stops together on NaN (pre-training losses are per-rank, fine-tuning ones already global)
-            value = loss.detach().float().clone()
+            # one host sync per micro-step for the loss and its parts together; averaged over ranks so that every
+            # rank sees the same value and stops together on NaN (pre-training losses are per-rank)
+            stats = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
             if ddp:
-                dist.all_reduce(value)
-                value /= world_size
-            value = value.item()
+                dist.all_reduce(stats)
+                stats /= world_size
+            value, *part_values = stats.tolist()
             if not math.isfinite(value):
                 good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
                 raise SystemExit(f"loss is {value} at iter {iter_num} (epoch {epoch}, step {step_in_epoch}); "
                                  f"stopping, {good}. Try a lower learning_rate or dtype=bfloat16/float32")
             step_loss += value / gradient_accumulation_steps
-            for k, v in parts.items():
-                step_parts[k] = step_parts.get(k, 0.0) + float(v) / gradient_accumulation_steps
+            for k, v in zip(parts, part_values):
+                step_parts[k] = step_parts.get(k, 0.0) + v / gradient_accumulation_steps
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
