@@ -997,17 +997,18 @@ class HMMC(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: dict):
-        """Write the global batch of normalised keys at the shared pointer; rows per video from self.queue_rows."""
-        ptr = int(self.queue_ptr)
+        """Write the global batch of normalised keys at the shared pointer; rows per video from self.queue_rows.
+        The pointer stays on the device (indices are computed there): reading it would stall the host every step
+        and break torch.compile's graph. queue_size % G == 0 keeps every write inside the queue."""
         K = self.cfg.queue_size
         for name, x in keys.items():
             x = _gather_keys(x.float())  # (G, E) or (G, T, E)
             G, rows = x.shape[0], self.queue_rows[name]
             if K % G != 0:
                 raise ValueError(f"queue_size={K} must be a multiple of the global batch ({G} videos)")
-            queue = getattr(self, f"queue_{name}")
-            queue[ptr * rows:(ptr + G) * rows] = F.normalize(x.reshape(G * rows, -1), dim=-1)
-        self.queue_ptr.fill_((ptr + G) % K)
+            at = self.queue_ptr * rows + torch.arange(G * rows, device=x.device)  # rows ptr*r .. (ptr+G)*r - 1
+            getattr(self, f"queue_{name}").index_copy_(0, at, F.normalize(x.reshape(G * rows, -1), dim=-1))
+        self.queue_ptr.copy_((self.queue_ptr + G) % K)
 
     def _momentum_params(self):
         online = [self.video, self.text] + ([self.projector] if self.use_fam else [])

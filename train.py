@@ -13,6 +13,7 @@ Writes out_dir/ckpt.pt (latest), best.pt (best val R@1), log.jsonl (one JSON lin
 results.json (test metrics at the end). `python train.py --help` lists every setting with its default.
 """
 
+import inspect
 import json
 import math
 import os
@@ -427,10 +428,12 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
         print0("compiling the model (takes a minute)")
         model = torch.compile(model)
     if ddp:
-        # broadcast_buffers=False: queues and BN statistics are kept identical by the model itself; rank 0 must not
-        # overwrite them at every forward
+        # queues and BN statistics are kept identical by the model itself: rank 0 must not overwrite them at every
+        # forward (torch 2.13 renamed broadcast_buffers=False to forward_sync_buffers=False and warns on the old name)
+        renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
         model = DDP(model, device_ids=[int(run_device.split(":")[1])] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
+                    gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer
+                    **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
     def evaluate(split: str) -> dict:
         # eval must not move the training RNG, or a run that evaluates would differ from one that does not
@@ -494,7 +497,7 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
         lr_factor = get_lr(iter_num, t_total, warmup_proportion)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_factor
-        step_loss, step_parts = 0.0, {}
+        step_stats = []
         for micro in range(gradient_accumulation_steps):
             batch = to_device(next(stream))
             # all-reduce gradients only on the last micro-step; the others accumulate locally
@@ -509,20 +512,7 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
                 raise SystemExit(f"out of GPU memory at iter {iter_num} with {per_rank} videos per rank: lower "
                                  f"batch_size and raise gradient_accumulation_steps, or set "
                                  f"activation_checkpointing=True (note batch_size is also the contrastive batch)")
-            # one host sync per micro-step for the loss and its parts together; averaged over ranks so that every
-            # rank sees the same value and stops together on NaN (pre-training losses are per-rank)
-            stats = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
-            if ddp:
-                dist.all_reduce(stats)
-                stats /= world_size
-            value, *part_values = stats.tolist()
-            if not math.isfinite(value):
-                good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise SystemExit(f"loss is {value} at iter {iter_num} (epoch {epoch}, step {step_in_epoch}); "
-                                 f"stopping, {good}. Try a lower learning_rate or dtype=bfloat16/float32")
-            step_loss += value / gradient_accumulation_steps
-            for k, v in zip(parts, part_values):
-                step_parts[k] = step_parts.get(k, 0.0) + v / gradient_accumulation_steps
+            step_stats.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]))
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -530,6 +520,20 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         raw_model.momentum_update()  # once per optimizer step (the original: every micro-step, documented)
+
+        # the step's only host sync, after all of its work is queued: the loss and its parts of every micro-step,
+        # averaged over ranks so that every rank sees the same value and stops together on NaN (pre-training losses
+        # are per-rank). A NaN step has already been applied, but nothing is saved after it.
+        stats = torch.stack(step_stats).mean(dim=0)
+        if ddp:
+            dist.all_reduce(stats)
+            stats /= world_size
+        step_loss, *part_values = stats.tolist()
+        step_parts = dict(zip(parts, part_values))
+        if not math.isfinite(step_loss):
+            good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+            raise SystemExit(f"loss is {step_loss} at iter {iter_num} (epoch {epoch}, step {step_in_epoch}); "
+                             f"stopping, {good}. Try a lower learning_rate or dtype=bfloat16/float32")
         iter_num += 1
 
         videos_since_log += batch_size * gradient_accumulation_steps
