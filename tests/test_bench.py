@@ -44,7 +44,8 @@ def test_bench_tiny_cpu(tmp_path, capsys):
     text = capsys.readouterr().out
     saved = json.loads(out.read_text())
     names = [r["name"] for r in saved["rows"]]
-    for prefix in ("finetune step", "pretrain step", "eval encode", "similarity", "data loader", "tokenizer"):
+    for prefix in ("finetune step", "pretrain step", "eval encode", "similarity", "data loader", "evaluate()",
+                   "tokenizer"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
         assert prefix in text
     assert sum(n.startswith("data loader") for n in names) == 2
@@ -56,6 +57,8 @@ def test_bench_tiny_cpu(tmp_path, capsys):
         if row["name"].startswith(("finetune", "pretrain")):
             assert row["ours"]["peak_mem_gb"] > 0 and row["ours"]["flops_per_video"] > 0
             assert "mfu" not in row  # no meaningful CPU peak
+    evaluated = next(r for r in saved["rows"] if r["name"].startswith("evaluate()"))
+    assert "16x16 from LMDB" in evaluated["name"] and evaluated["ours"]["seconds"] > 0  # eval_videos=16 in tiny
     assert saved["setup"]["baseline"].startswith("fp32")
     assert "machine: cpu" in text
 

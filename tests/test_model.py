@@ -313,6 +313,17 @@ def test_queue_wrap_around_and_divisibility():
         m(make_batch(2, frames=T + 1))
 
 
+@pytest.mark.parametrize("pretrain", [False, True])
+def test_training_forward_is_one_graph(pretrain):
+    # no host syncs (.item(), data-dependent shapes) in the step: each would stall the GPU's queue every step and
+    # split torch.compile's graph. The queue pointer used to be read on the host; this pins that it is not.
+    m = make_model(pretrain=pretrain)
+    explained = torch._dynamo.explain(m)(make_batch(4))
+    reasons = [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1 and not reasons, reasons
+    torch._dynamo.reset()
+
+
 def test_mask_tokens_rules_and_proportions():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 1000, (400, 50), generator=g)
