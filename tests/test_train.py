@@ -71,18 +71,24 @@ def test_epoch_batches_deterministic_and_rank_independent():
 
 # ----------------------------------------------------------------------------- runs
 
-def test_exact_resume(data, tmp_path):
+# 96 training captions / batch 8 = 12 steps per epoch: stop mid-epoch, and exactly at the end of an epoch (the
+# loader already holds the next epoch's first batch then, one copy ahead)
+@pytest.mark.parametrize("stop, total", [(6, 12), (12, 15)])
+def test_exact_resume(data, tmp_path, stop, total):
     common = ["--data_dir=" + data, "--batch_size=8", "--epochs=3", "--seed=5", *TINY]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    run(common + [f"--out_dir={straight}", "--max_iters=12"])
-    run(common + [f"--out_dir={split}", "--max_iters=6"])
-    run(common + [f"--out_dir={split}", "--max_iters=12", "--init_from=resume"])
+    run(common + [f"--out_dir={straight}", f"--max_iters={total}"])
+    run(common + [f"--out_dir={split}", f"--max_iters={stop}"])
+    assert torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["step_in_epoch"] == stop
+    run(common + [f"--out_dir={split}", f"--max_iters={total}", "--init_from=resume"])
     a, b = log(straight), log(split)
-    assert [r["iter"] for r in b] == list(range(1, 13))
+    assert [r["iter"] for r in b] == list(range(1, total + 1))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     sa = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     sb = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)
-    assert sa["iter_num"] == sb["iter_num"] == 12 and sa["epoch"] == sb["epoch"]
+    assert sa["iter_num"] == sb["iter_num"] == total
+    assert (sa["epoch"], sa["step_in_epoch"]) == ((total - 1) // 12, (total - 1) % 12 + 1)  # the last batch used
+    assert (sb["epoch"], sb["step_in_epoch"]) == (sa["epoch"], sa["step_in_epoch"])
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
     results = json.load(open(os.path.join(split, "results.json")))
