@@ -46,7 +46,7 @@ steps = 10  # timed steps per measurement (after warm-up)
 warmup = 3
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-compile = False  # torch.compile the model for the step measurements
+compile = False  # torch.compile the model for the step and eval-encoding measurements
 activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
 eval_batch_size = 256
@@ -139,6 +139,13 @@ def _peak_memory_gb(dev: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+def _compiled(fn):
+    # a fresh, static-shape compile per row: otherwise the second batch size of a run would get a dynamic-shape
+    # graph and later rows could hit dynamo's recompile limit and silently run eager
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
 def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, n_steps, n_warmup, tokenizer):
     """videos/s of full optimizer steps (forward, backward, clip, AdamW, momentum update) on random weights."""
     torch.manual_seed(seed)
@@ -150,7 +157,7 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
     with redirect_stdout(io.StringIO()):  # it prints its parameter groups: once per row is noise
         opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
                                        betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
-    step_model = torch.compile(net) if compile_ else net
+    step_model = _compiled(net) if compile_ else net
     batch = fake_batch(tower, B, T, L, dev, tokenizer, pretrain_)
     if torch.device(dev).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -178,20 +185,21 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
 
 
 @torch.no_grad()
-def time_encode(tower, B, *, T, L, dev, dt, n_steps, n_warmup):
+def time_encode(tower, B, *, T, L, dev, dt, n_steps, n_warmup, compile_):
     """Eval video encoding, model only: uint8 on the device -> normalise -> (video_emb, frame_emb)."""
     torch.manual_seed(seed)
     net = build(tower, pretrain_=False, T=T, L=L, batch=B).to(dev).eval()
+    encode = _compiled(net.encode_video) if compile_ else net.encode_video
     S = TOWERS[tower]["image_resolution"]
     video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
     for _ in range(n_warmup):
         with _ctx(dev, dt):
-            net.encode_video(prepare.normalize(video))
+            encode(prepare.normalize(video))
     _sync(dev)
     t0 = time.perf_counter()
     for _ in range(n_steps):
         with _ctx(dev, dt):
-            net.encode_video(prepare.normalize(video))
+            encode(prepare.normalize(video))
     _sync(dev)
     return {"videos_per_s": B * n_steps / (time.perf_counter() - t0)}
 
@@ -311,7 +319,7 @@ def run(cfg: dict) -> dict:
                 if on_cuda:
                     torch.cuda.empty_cache()
         ours, base = both(time_encode, tower=tower, B=cfg["eval_batch_size"], T=T, L=L, dev=dev,
-                          n_steps=cfg["steps"], n_warmup=cfg["warmup"])
+                          n_steps=cfg["steps"], n_warmup=cfg["warmup"], compile_=cfg["compile"])
         add(f"eval encode {tower} B={cfg['eval_batch_size']}", ours, base)
 
     num = cfg["sim_videos"]
