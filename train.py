@@ -424,9 +424,6 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
         set_rng_state(_unplain(ckpt["rng"]))
     ckpt = None  # free the memory
 
-    if compile:
-        print0("compiling the model (takes a minute)")
-        model = torch.compile(model)
     if ddp:
         # queues and BN statistics are kept identical by the model itself: rank 0 must not overwrite them at every
         # forward (torch 2.13 renamed broadcast_buffers=False to forward_sync_buffers=False and warns on the old name)
@@ -434,6 +431,10 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
         model = DDP(model, device_ids=[int(run_device.split(":")[1])] if device_type == "cuda" else None,
                     gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer
                     **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+    if compile:
+        # compiled around DDP, so that the graph is split at gradient buckets and all-reduces overlap the backward
+        print0("compiling the model (takes a minute)")
+        model = torch.compile(model)
 
     def evaluate(split: str) -> dict:
         # eval must not move the training RNG, or a run that evaluates would differ from one that does not

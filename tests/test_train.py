@@ -95,7 +95,9 @@ def test_exact_resume(data, tmp_path, stop, total):
     assert set(results["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"} and "v2t" in results
 
 
-def test_two_process_gloo_matches_one_process(data, tmp_path):
+# compiled: torch.compile around DDP, through the gradient-summing all-gather of the loss
+@pytest.mark.parametrize("compiled", [False, True])
+def test_two_process_gloo_matches_one_process(data, tmp_path, compiled):
     common = ["train.py", "--data_dir=" + data, "--batch_size=8", "--epochs=2", "--max_iters=4", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -103,9 +105,10 @@ def test_two_process_gloo_matches_one_process(data, tmp_path):
                         text=True, timeout=300)
     assert p1.returncode == 0, p1.stderr[-3000:]
     p2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         *common, f"--out_dir={two}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+                         *common, f"--out_dir={two}", f"--compile={compiled}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-3000:]
+    assert ("compiling the model" in p2.stdout) == compiled
     a, b = log(one), log(two)
     assert len(a) == len(b) == 4
     for ra, rb in zip(a, b):
