@@ -1,10 +1,11 @@
 """
 Benchmark HMMC with random weights at real sizes: the fine-tuning and pre-training steps (videos/s, model FLOPs
 utilisation, peak memory), eval encoding, the hierarchical similarity of a 1k x 1k test set, the data loader on an
-LMDB of generated frames, and the tokenizer. Prints one table and writes JSON.
+LMDB of generated frames, a whole evaluate() of 1,000 videos from that LMDB, and the tokenizer. Prints one table and
+writes JSON.
 
 $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
-$ python bench.py --compile=True --batch_sizes="(128, 256)"
+$ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
 $ python bench.py --size=tiny                       # CI size: a tiny model, a few steps, seconds on a CPU
 
 MFU = flops_per_video * videos/s / peak, with flops_per_video from HMMC.flops_per_video (model.py): PaLM-appendix
