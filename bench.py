@@ -102,13 +102,15 @@ def plain_attention(enabled: bool):
         F.scaled_dot_product_attention = sdpa
 
 
-def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int) -> "hmmc_model.HMMC":
+def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) -> "hmmc_model.HMMC":
+    """The model at a real size, initialised directly on `dev` (random init of 350M floats on a CPU takes seconds)."""
     clip = dict(TOWERS[tower], context_length=max(L, 77) if tower != "tiny" else L)
     cfg = hmmc_model.HMMCConfig(clip=hmmc_model.CLIPConfig(**clip), num_frames=T, pretrain=pretrain_,
                                 weight_mlm=0.0,  # English pre-training: the CLIP text tower is causal
                                 queue_size=max(batch, 1024 // batch * batch),  # a multiple of the batch
                                 proj_hidden=4096 if tower != "tiny" else 128)
-    return hmmc_model.HMMC(cfg)
+    with torch.device(dev):
+        return hmmc_model.HMMC(cfg)
 
 
 def fake_batch(tower: str, B: int, T: int, L: int, dev: str, tokenizer, pretrain_: bool) -> dict:
@@ -150,7 +152,7 @@ def _compiled(fn):
 def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, n_steps, n_warmup, tokenizer):
     """videos/s of full optimizer steps (forward, backward, clip, AdamW, momentum update) on random weights."""
     torch.manual_seed(seed)
-    net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B).to(dev)
+    net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B, dev=dev)
     if grad_ckpt:  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
         for m in net.modules():
             if hasattr(m, "grad_checkpointing"):
@@ -189,7 +191,7 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
 def time_encode(tower, B, *, T, L, dev, dt, n_steps, n_warmup, compile_):
     """Eval video encoding, model only: uint8 on the device -> normalise -> (video_emb, frame_emb)."""
     torch.manual_seed(seed)
-    net = build(tower, pretrain_=False, T=T, L=L, batch=B).to(dev).eval()
+    net = build(tower, pretrain_=False, T=T, L=L, batch=B, dev=dev).eval()
     encode = _compiled(net.encode_video) if compile_ else net.encode_video
     S = TOWERS[tower]["image_resolution"]
     video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
@@ -338,7 +340,7 @@ def run(cfg: dict) -> dict:
             print(_format_row(rows[-1], "videos_per_s"), flush=True)
         # the whole evaluation as eval.py runs it: LMDB -> decode -> encode -> similarity -> metrics
         torch.manual_seed(seed)
-        net = build(cfg["models"][0], pretrain_=False, T=T, L=L, batch=1).to(dev)
+        net = build(cfg["models"][0], pretrain_=False, T=T, L=L, batch=1, dev=dev)
         t0 = time.perf_counter()
         res = TOWERS[cfg["models"][0]]["image_resolution"]  # frames are centre-cropped to the tower's input
         m = hmmc_eval.evaluate(net, tmp, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
