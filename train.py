@@ -576,7 +576,7 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
             now = time.time()
             dt = now - t_log
             vps = videos_since_log / max(dt, 1e-9)
-            mfu = raw_model.estimate_mfu(vps, peak, num_frames, context_length) if peak else None
+            mfu = flops_per_video * vps / peak if peak else None  # tags counted at tag_context_length
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device_type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
             eta = (stop_iter - iter_num) * (now - t0) / (iter_num - start_iter)  # this run's average pace
