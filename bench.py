@@ -70,9 +70,10 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
     "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                  transformer_width=64, transformer_heads=2, transformer_layers=2),
 }
+# defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=2, warmup=1,
-            eval_batch_size=8, loader_videos=16, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4, loader_frame_size=32,
-            tokenizer_captions=500, sim_videos=64)  # defaults of size="tiny"; --key=value still overrides them
+            eval_batch_size=8, loader_videos=16, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4,
+            loader_frame_size=32, tokenizer_captions=500, sim_videos=64)
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
@@ -248,8 +249,9 @@ def make_lmdb(path: str, splits: dict, T: int, S: int, distinct: int = 384) -> N
             db.put_video(f"v{v:05d}", [pool[(v * T + t) % distinct] for t in range(T)])
     for split, n in splits.items():
         with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
-            for v in range(n):
-                f.write(json.dumps({"video_id": f"v{v:05d}", "captions": [f"{CAPTIONS[v % len(CAPTIONS)]} {v}"]}) + "\n")
+            for v in range(n):  # distinct captions, as in a real test set
+                caption = f"{CAPTIONS[v % len(CAPTIONS)]} {v}"
+                f.write(json.dumps({"video_id": f"v{v:05d}", "captions": [caption]}) + "\n")
 
 
 def time_loader(path: str, workers: int, *, T: int, S: int, L: int, batch: int, tokenizer) -> dict:

@@ -1105,9 +1105,10 @@ class HMMC(nn.Module):
         return 3.0 * fwd_train + fwd_m
 
     def estimate_mfu(self, videos_per_s: float, peak_flops: float, num_frames: int | None = None,
-                     context_length: int = 32) -> float:
+                     context_length: int = 32, tag_context_length: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (both in FLOP/s)."""
-        return self.flops_per_video(num_frames or self.cfg.num_frames, context_length) * videos_per_s / peak_flops
+        flops = self.flops_per_video(num_frames or self.cfg.num_frames, context_length, tag_context_length)
+        return flops * videos_per_s / peak_flops
 
     # ---------------------------------------------------------------------------------------------------------
     # weights

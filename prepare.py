@@ -1209,8 +1209,8 @@ def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=
                    quality=90, id_prefix="", progress_every=5.0, _seek=False) -> dict:
     """Decode every video under videos_dir into the frame LMDB at out_path (resumable; never stops on a bad file).
 
-    `ids`: a list of file names without extension, or a file with one per line. Videos already in the LMDB are skipped; ones that
-    failed before are retried only with retry_failed. The LMDB key of a video is id_prefix + its file name without
+    `ids`: a list of file names without extension, or a file with one per line. Videos already in the LMDB are
+    skipped; ones that failed before are retried only with retry_failed. The LMDB key of a video is id_prefix + its file name without
     extension (CHVTT: files <docid>.mp4 with id_prefix="Video" give the original's keys Video<docid>_<i>).
     Returns {"done", "skipped", "failed": {id: reason}, "seconds"}.
     """
@@ -1900,8 +1900,8 @@ def _syn_vocab() -> list[str]:
 
 def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
     h, w, _ = frames[0].shape
-    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-threads", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
-           "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
+    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-threads", "1", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
     proc = subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), capture_output=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")

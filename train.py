@@ -462,7 +462,6 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
         os.makedirs(out_dir, exist_ok=True)
         if init_from != "resume" and os.path.exists(os.path.join(out_dir, "log.jsonl")):
             os.remove(os.path.join(out_dir, "log.jsonl"))  # a fresh run starts a fresh log
-    flops_per_video = raw_model.flops_per_video(num_frames, context_length, tag_context_length)
     peak = peak_flops(device_type)
     per_rank = batch_size // world_size
 
@@ -576,7 +575,7 @@ def _train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str,
             now = time.time()
             dt = now - t_log
             vps = videos_since_log / max(dt, 1e-9)
-            mfu = flops_per_video * vps / peak if peak else None  # tags counted at tag_context_length
+            mfu = raw_model.estimate_mfu(vps, peak, num_frames, context_length, tag_context_length) if peak else None
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device_type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
             eta = (stop_iter - iter_num) * (now - t0) / (iter_num - start_iter)  # this run's average pace
