@@ -1,5 +1,6 @@
 """
-The configurator: defaults (the globals at the top of train.py) <- config files <- --key=value overrides.
+The configurator: defaults (the globals at the top of a script) <- config files <- --key=value overrides.
+Every script (train.py, eval.py, bench.py, each `prepare.py` command) reads its command line through `configure`.
 
     $ python train.py config/finetune_msrvtt.py --batch_size=32 --learning_rate=3e-5
 
@@ -7,12 +8,15 @@ A bare argument is a config file, plain Python whose assignments override the de
 one key, the value read with `ast.literal_eval` and kept as a string when that fails. Arguments apply in order, so
 a later one wins. Every key must already exist (a typo names its close matches instead of silently creating an
 unused global), and every value must have the default's type: an int is accepted for a float, `true`/`false` for a
-bool, and a key whose default is None takes anything. `configure` is an ordinary function so it can be tested.
+bool (and a bare `--flag` means True), and a key whose default is None takes anything. `--help` prints every key
+with its default and the comment beside it in the defaults block.
 """
 
 import ast
 import difflib
 import os
+import re
+import sys
 
 
 def _close(key: str, known) -> str:
@@ -48,37 +52,44 @@ def _check_type(key: str, value, default, source: str):
 def _parse_value(text: str, default):
     # strings need no quotes on the command line: anything literal_eval cannot read stays a string, and a key
     # whose default is a string keeps the raw text even when it looks like a number (--dataset=2024)
-    if isinstance(default, str):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-        return value if isinstance(value, str) else text
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
-def _help(defaults: dict) -> str:
-    width = max(len(k) for k in defaults) if defaults else 0
-    lines = [f"  --{k.ljust(width)} = {v!r}" for k, v in defaults.items()]
-    return "usage: python train.py [config_file.py ...] [--key=value ...]\nkeys and defaults:\n" + "\n".join(lines)
+def describe(path: str) -> dict:
+    """key -> the comment after `key = value` at the top level of a script (its defaults block), for --help."""
+    with open(path, encoding="utf-8") as f:
+        return {m[1]: m[2].strip() for m in re.finditer(r"^(\w+) = .*?  # (.*)$", f.read(), re.M)}
 
 
-def configure(defaults: dict, argv: list[str]) -> dict:
+def help_text(defaults: dict, prog: str, descriptions: dict | None = None) -> str:
+    descriptions = descriptions or {}
+    width = max((len(f"--{k}={v!r}") for k, v in defaults.items()), default=0)
+    lines = [f"--{k}={v!r}".ljust(width) + (f"  {descriptions[k]}" if descriptions.get(k) else "")
+             for k, v in defaults.items()]
+    return (f"usage: python {prog} [config_file.py ...] [--key=value ...]\nsettings and defaults:\n  "
+            + "\n  ".join(lines))
+
+
+def configure(defaults: dict, argv: list[str], prog: str = "train.py", descriptions: dict | None = None) -> dict:
     """Merge config files and --key=value overrides from `argv` into a copy of `defaults`; raise ValueError on a bad
-    key, type or file (SystemExit with the list of keys for -h/--help)."""
+    key, type or file. -h/--help prints the keys with their defaults and descriptions to stdout and exits 0."""
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
-            raise SystemExit(_help(defaults))
+            print(help_text(defaults, prog, descriptions))
+            sys.exit(0)
         if arg.startswith("--"):
-            if "=" not in arg:
-                raise ValueError(f"command line: {arg!r} has no value; write --key=value")
-            key, text = arg[2:].split("=", 1)  # only the first '=': values may contain '=' themselves
+            key, eq, text = arg[2:].partition("=")  # only the first '=': values may contain '=' themselves
             if key not in config:
                 raise ValueError(f"command line: unknown config key {key!r}{_close(key, config)}")
+            if not eq:
+                if not isinstance(defaults[key], bool):
+                    raise ValueError(f"command line: {arg!r} has no value; write --{key}=value")
+                text = "True"  # a bare --flag switches a bool on
             config[key] = _check_type(key, _parse_value(text, defaults[key]), defaults[key], "command line")
         elif arg.startswith("-"):
             raise ValueError(f"command line: {arg!r} is neither a config file nor --key=value")

@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import configure
+from configurator import configure, describe
 
 DEFAULTS = {
     "batch_size": 32,
@@ -86,6 +86,15 @@ def test_config_file_refuses_unknown_and_mistyped_keys(tmp_path):
         configure(DEFAULTS, [str(path)])
 
 
-def test_help_lists_keys():
-    with pytest.raises(SystemExit, match="batch_size"):
-        configure(DEFAULTS, ["--help"])
+def test_help_on_stdout_with_descriptions(capsys, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("batch_size = 32  # videos per step\nlearning_rate = 1e-4  # new modules\n")
+    with pytest.raises(SystemExit) as e:
+        configure(DEFAULTS, ["--help"], prog="eval.py", descriptions=describe(str(script)))
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python eval.py") and "--batch_size=32" in out and "videos per step" in out
+
+
+def test_bare_flag_switches_a_bool_on():
+    assert configure(DEFAULTS, ["--compile"])["compile"] is True
