@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import configurator
 import eval as hmmc_eval
 import model as hmmc_model
 import prepare
+from common import autocast, peak_flops
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
@@ -110,8 +111,7 @@ def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) 
                                 weight_mlm=0.0,  # English pre-training: the CLIP text tower is causal
                                 queue_size=max(batch, 1024 // batch * batch),  # a multiple of the batch
                                 proj_hidden=4096 if tower != "tiny" else 128)
-    with torch.device(dev):
-        return hmmc_model.HMMC(cfg)
+    return hmmc_model.load_model("scratch", cfg, device=dev)[0]
 
 
 def fake_batch(tower: str, B: int, T: int, L: int, dev: str, tokenizer, pretrain_: bool) -> dict:
@@ -128,12 +128,6 @@ def fake_batch(tower: str, B: int, T: int, L: int, dev: str, tokenizer, pretrain
 def _sync(dev: str):
     if torch.device(dev).type == "cuda":
         torch.cuda.synchronize()
-
-
-def _ctx(dev: str, dt: str):
-    if dt == "float32":
-        return nullcontext()
-    return torch.amp.autocast(device_type=torch.device(dev).type, dtype=getattr(torch, dt))
 
 
 def _peak_memory_gb(dev: str) -> float:
@@ -158,17 +152,16 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
         for m in net.modules():
             if hasattr(m, "grad_checkpointing"):
                 m.grad_checkpointing = True
-    with redirect_stdout(io.StringIO()):  # it prints its parameter groups: once per row is noise
-        opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
-                                       betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
+    opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
+                                   betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
     step_model = _compiled(net) if compile_ else net
     batch = fake_batch(tower, B, T, L, dev, tokenizer, pretrain_)
     if torch.device(dev).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with _ctx(dev, dt):
-            loss, _ = step_model({**batch, "video": prepare.normalize(batch["video"])})
+        with autocast(dev, dt):
+            loss, _ = step_model(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
@@ -190,20 +183,20 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
 
 @torch.no_grad()
 def time_encode(tower, B, *, T, L, dev, dt, n_steps, n_warmup, compile_):
-    """Eval video encoding, model only: uint8 on the device -> normalise -> (video_emb, frame_emb)."""
+    """Eval video encoding, model only: uint8 frames on the device -> (video_emb, frame_emb)."""
     torch.manual_seed(seed)
     net = build(tower, pretrain_=False, T=T, L=L, batch=B, dev=dev).eval()
     encode = _compiled(net.encode_video) if compile_ else net.encode_video
     S = TOWERS[tower]["image_resolution"]
     video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
     for _ in range(n_warmup):
-        with _ctx(dev, dt):
-            encode(prepare.normalize(video))
+        with autocast(dev, dt):
+            encode(video)
     _sync(dev)
     t0 = time.perf_counter()
     for _ in range(n_steps):
-        with _ctx(dev, dt):
-            encode(prepare.normalize(video))
+        with autocast(dev, dt):
+            encode(video)
     _sync(dev)
     return {"videos_per_s": B * n_steps / (time.perf_counter() - t0)}
 
@@ -215,12 +208,12 @@ def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dic
     text = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
     video = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
     frames = F.normalize(torch.randn(num, T, E, generator=g), dim=-1).to(dev)
-    hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_weight=1.0)
+    hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
     _sync(dev)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sim = hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_weight=1.0)
+        sim = hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
         _sync(dev)
         best = min(best, time.perf_counter() - t0)
     t0 = time.perf_counter()
@@ -283,7 +276,7 @@ def run(cfg: dict) -> dict:
     with_baseline = (not on_cuda) if cfg["baseline"] is None else bool(cfg["baseline"])
     T, L = cfg["num_frames"], cfg["context_length"]
     tokenizer = prepare.get_tokenizer("clip")
-    peak = _peak_flops(dev)
+    peak = peak_flops(torch.device(dev).type)
     rows = []
 
     def add(name, ours, base=None, *, key="videos_per_s", flops=None):
@@ -346,7 +339,7 @@ def run(cfg: dict) -> dict:
         t0 = time.perf_counter()
         res = TOWERS[cfg["models"][0]]["image_resolution"]  # frames are centre-cropped to the tower's input
         m = hmmc_eval.evaluate(net, tmp, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
-                               top_k=3, frame_weight=1.0, batch_size=cfg["eval_batch_size"],
+                               top_k_frames=3, frame_match_weight=1.0, batch_size=cfg["eval_batch_size"],
                                num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
         elapsed = time.perf_counter() - t0
         r = {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed}
@@ -365,13 +358,6 @@ def run(cfg: dict) -> dict:
              "peak_flops": peak, "baseline": "fp32, naive attention, eager" if with_baseline else None,
              "config": cfg}
     return {"rows": rows, "setup": setup}
-
-
-def _peak_flops(dev: str):
-    if torch.device(dev).type != "cuda":
-        return None
-    import train
-    return train.peak_flops("cuda")
 
 
 def _format_row(row: dict, key: str) -> str:
@@ -395,11 +381,11 @@ def _format_row(row: dict, key: str) -> str:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: globals()[k] for k in config_keys}
-    cfg = configurator.configure(defaults, argv)
+    cfg = configurator.configure(defaults, argv, prog="bench.py", descriptions=configurator.describe(__file__))
     if cfg["size"] not in ("full", "tiny"):
         raise ValueError(f"size must be 'full' or 'tiny', got {cfg['size']!r}")
     if cfg["size"] == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
-        cfg = configurator.configure({**defaults, **TINY}, argv)
+        cfg = configurator.configure({**defaults, **TINY}, argv, prog="bench.py")
     print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
           flush=True)
     result = run(cfg)

@@ -13,7 +13,7 @@ is cached in DIR/.hmmc_index/ so a second query does not encode anything again):
 $ python eval.py --init_from=out/ckpt.pt --search=my_videos/ --query="a dog catches a frisbee" --top=5 --html=hits.html
 prints one line per hit, best first: `rank video_id score`.
 
-Scores are HMMC's hierarchical similarity (spec §9.2): 100*cos(text, video) + frame_weight * mean of the top-k
+Scores are HMMC's hierarchical similarity: 100*cos(text, video) + frame_match_weight * mean of the top-k
 100*cos(text, frame). Dual-softmax re-normalisation ("DSL", --dsl=True) is off by default and every output says
 whether it was on, because published numbers often mix it in without saying so.
 """
@@ -36,6 +36,7 @@ import torch.distributed as dist
 import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
+from common import autocast, cleanup_compute, init_compute, unwrap
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
@@ -53,7 +54,7 @@ num_frames = None  # frames per video (12 in every paper recipe)
 image_size = None
 context_length = None  # text tokens per caption (32 in the paper)
 top_k_frames = None  # hierarchical matching: mean of the k best-matching frames (2 MSR-VTT fine-tune, 3 otherwise)
-frame_weight = None  # weight of the frame term; 0 = video-level similarity only
+frame_match_weight = None  # weight of the frame term; 0 = video-level similarity only
 dsl = False  # dual-softmax re-normalisation of the similarity matrix (inference trick; off = the paper's numbers)
 batch_size = 256 if torch.cuda.is_available() else 64  # videos per encoding batch
 num_workers = min(8, os.cpu_count() or 1)  # data loader processes: JPEG decoding is the bottleneck of eval
@@ -85,7 +86,7 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
     Ties are pessimistic: a query's rank is the number of candidates scoring at least as high as the true one, so
     a constant matrix gets chance-level recall, never a perfect one. NaN scores count as -inf (the worst score),
     so a query whose true score is NaN gets the worst rank instead of being dropped (which would flatter).
-    V2T with several captions per video (spec §9.4): each video is a query, each video's caption group is scored
+    V2T with several captions per video: each video is a query, each video's caption group is scored
     by its best caption, and the rank is that of the query's own group; videos without captions are left out.
     The input is not modified.
     """
@@ -185,7 +186,7 @@ def format_table(metrics: dict, title: str = "") -> str:
 
 # ----------------------------------------------------------------------------- encoding (single process or DDP)
 
-def _dist_rank_world() -> tuple[int, int]:
+def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -199,28 +200,12 @@ def _shard(n: int, rank: int, world: int) -> range:
 
 def _gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """Concatenate every rank's shard of an n-row tensor (shards from `_shard`), on every rank."""
-    rank, world = _dist_rank_world()
+    world = _rank_world()[1]
     if world == 1:
         return x
-    per = math.ceil(n / world)
-    padded = x.new_zeros((per, *x.shape[1:]))  # all_gather needs equal shapes: pad the short last shard
+    padded = x.new_zeros((math.ceil(n / world), *x.shape[1:]))  # all_gather needs equal shapes: pad the last shard
     padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat(parts)[:n]
-
-
-def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    """The raw model under DDP and torch.compile wrappers: eval must not go through DDP's forward (buffer syncs)."""
-    net = getattr(net, "module", net)
-    return getattr(net, "_orig_mod", net)
-
-
-def _autocast(device: str, dtype):
-    if dtype is None or dtype in ("float32", torch.float32):
-        return nullcontext()
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return torch.amp.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return hmmc_model.all_gather_rows(padded)[:n]
 
 
 class _Progress:
@@ -244,8 +229,8 @@ def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, d
                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every video of a mode="videos" dataset once -> (video_emb [V,E], frame_emb [V,T,E]) in fp32 on device.
     Under torch.distributed each rank encodes a contiguous shard and every rank gets all rows back."""
-    net = _unwrap(net)
-    rank, world = _dist_rank_world()
+    net = unwrap(net)
+    rank, world = _rank_world()
     n = len(dataset)
     shard = torch.utils.data.Subset(dataset, _shard(n, rank, world))
     on_cuda = torch.device(device).type == "cuda"
@@ -254,9 +239,9 @@ def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, d
     meter = _Progress("encoding videos", len(shard), enabled=progress and rank == 0)
     video_embs, frame_embs, done = [], [], 0
     for batch in loader:
-        frames = batch["video"].to(device, non_blocking=True)  # (B, T, 3, S, S) uint8: normalised on the device
-        with _autocast(device, dtype):
-            video_emb, frame_emb = net.encode_video(prepare.normalize(frames))
+        frames = batch["video"].to(device, non_blocking=True)  # (B, T, 3, S, S) uint8: the model normalises them
+        with autocast(device, dtype):
+            video_emb, frame_emb = net.encode_video(frames)
         video_embs.append(video_emb.float())
         frame_embs.append(frame_emb.float())
         done += len(frames)
@@ -277,47 +262,49 @@ def _embed_dim(net) -> int:
 def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 256, device: str = "cpu",
                  dtype=None) -> torch.Tensor:
     """Encode every caption once -> text_emb [N,E] fp32 on device (sharded over ranks like encode_videos)."""
-    net = _unwrap(net)
-    rank, world = _dist_rank_world()
+    net = unwrap(net)
+    rank, world = _rank_world()
     n = len(ids)
     shard = _shard(n, rank, world)
     out = []
     for i in range(shard.start, shard.stop, batch_size):
         j = min(i + batch_size, shard.stop)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             out.append(net.encode_text(ids[i:j].to(device), mask[i:j].to(device)).float())
     text_emb = torch.cat(out) if out else torch.zeros((0, _embed_dim(net)), device=device)
     return _gather_rows(text_emb, n)
 
 
 @torch.no_grad()
-def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, *, top_k: int,
-                      frame_weight: float, chunk_size: int | None = None) -> np.ndarray:
+def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, *, top_k_frames: int,
+                      frame_match_weight: float, chunk_size: int | None = None) -> np.ndarray:
     """Hierarchical similarity [Q,V] as float32 numpy, computed on the embeddings' device; model.py's
     hierarchical_similarity takes the queries a chunk at a time so the (chunk, V, T) frame scores stay small."""
-    top_k = max(1, min(int(top_k), frame_emb.shape[1]))
+    top_k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
     sim = hmmc_model.hierarchical_similarity(text_emb, video_emb, frame_emb, top_k=top_k,
-                                             frame_weight=float(frame_weight), chunk_size=chunk_size)
+                                             frame_match_weight=float(frame_match_weight), chunk_size=chunk_size)
     return sim.float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- benchmark evaluation
 
 def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, image_size: int, context_length: int,
-             top_k: int, frame_weight: float, batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
-             dtype=None, dsl: bool = False, caption_field: str = "captions", progress: bool = True) -> dict:
+             top_k_frames: int, frame_match_weight: float, batch_size: int = 64, num_workers: int = 0,
+             device: str = "cpu", dtype=None, dsl: bool = False, caption_field: str = "captions",
+             progress: bool = True) -> dict:
     """Retrieval metrics of `net` on a prepared split: each video encoded once, each caption once, hierarchical
     similarity in chunks on the device, metrics on rank 0 and the same dict returned on every rank.
 
-    Returns {"t2v": {...}, "v2t": {...}, "dsl", "num_videos", "num_texts", "top_k", "frame_weight", "encode_s",
-    "videos_per_s"}. `net` may be wrapped in DDP or torch.compile; it is put in eval mode and restored after.
+    Returns {"t2v": {...}, "v2t": {...}, "dsl", "num_videos", "num_texts", "top_k_frames", "frame_match_weight",
+    "encode_s", "videos_per_s"}. `net` may be wrapped in DDP or torch.compile; it is put in eval mode and restored
+    after.
     """
-    raw = _unwrap(net)
+    raw = unwrap(net)
     was_training = raw.training
     raw.eval()
-    rank, world = _dist_rank_world()
+    rank, world = _rank_world()
     if getattr(getattr(raw, "cfg", None), "use_frame_fea", True) is False:
-        frame_weight = 0.0  # a model trained without frame features has no business scoring with them
+        frame_match_weight = 0.0  # a model trained without frame features has no business scoring with them
     dataset = prepare.VideoTextDataset(data_dir, split, tokenizer, mode="videos", num_frames=num_frames,
                                        context_length=context_length, image_size=image_size,
                                        caption_field=caption_field)
@@ -331,11 +318,13 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
     encode_s = time.time() - t0
     result = None
     if rank == 0:
-        sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k=top_k, frame_weight=frame_weight)
+        sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=top_k_frames,
+                                frame_match_weight=frame_match_weight)
         result = metrics_with_dsl(sim, video_of_text.cpu().numpy() if torch.is_tensor(video_of_text)
                                   else np.asarray(video_of_text), dsl=dsl)
-        result.update(dsl=bool(dsl), num_videos=int(len(video_emb)), num_texts=int(len(text_emb)), top_k=int(top_k),
-                      frame_weight=float(frame_weight), encode_s=round(encode_s, 3),
+        result.update(dsl=bool(dsl), num_videos=int(len(video_emb)), num_texts=int(len(text_emb)),
+                      top_k_frames=int(top_k_frames),
+                      frame_match_weight=float(frame_match_weight), encode_s=round(encode_s, 3),
                       videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
     if world > 1:  # every rank returns the same dict, so callers need no rank checks
         box = [result]
@@ -346,67 +335,6 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
 
 
 # ----------------------------------------------------------------------------- loading a model
-
-def _strip_prefixes(sd: dict) -> dict:
-    # checkpoints saved from a compiled or DDP-wrapped module carry these; ours never should, but users' might
-    for prefix in ("_orig_mod.", "module."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def load_model(init_from: str, *, clip_path: str = "", bert_path=None, text_encoder=None,
-               device: str = "cpu") -> tuple[torch.nn.Module, dict, dict]:
-    """Build the network to evaluate -> (net in eval mode on device, model_args, training config).
-
-    init_from: "clip" (zero-shot OpenAI CLIP: mean pooling of frame embeddings, no temporal transformer), a
-    checkpoint written by train.py (architecture from its model_args), or an original HMMC state dict.
-    """
-    if init_from == "clip":
-        clip_sd = hmmc_model.load_clip_state_dict(clip_path)
-        text_encoder = text_encoder or "clip"
-        bert_sd = None
-        if text_encoder == "bert":
-            if not bert_path:
-                raise ValueError("init_from='clip' with text_encoder='bert' needs --bert_path=<HF BERT folder>")
-            bert_sd = hmmc_model.load_bert_state_dict(bert_path)
-        bert_cfg = hmmc_model.BertConfig.from_json(os.path.join(bert_path, "config.json")) if bert_sd else None
-        cfg = hmmc_model.HMMCConfig(text_encoder=text_encoder, use_temp=False, bert=bert_cfg)
-        net = hmmc_model.HMMC.from_clip(cfg, clip_sd, bert_sd)
-        return net.to(device).eval(), net.cfg.to_dict(), {}
-    if not init_from:
-        raise ValueError("nothing to evaluate: pass --init_from=<ckpt.pt> (train.py's checkpoint), an original HMMC "
-                         "state dict, or --init_from=clip --clip_path=ViT-B-32.pt")
-    if not os.path.isfile(init_from):
-        raise FileNotFoundError(f"no checkpoint at {init_from}")
-    ckpt = torch.load(init_from, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{init_from}: expected a dict (train.py checkpoint or state dict), got {type(ckpt).__name__}")
-    if "model" in ckpt and "model_args" in ckpt:
-        cfg = hmmc_model.HMMCConfig.from_dict(ckpt["model_args"])
-        if text_encoder and text_encoder != cfg.text_encoder:
-            raise ValueError(f"{init_from} has a {cfg.text_encoder!r} text encoder, but text_encoder={text_encoder!r} "
-                             f"was asked for; drop the override")
-        net = hmmc_model.HMMC(cfg)
-        sd = _strip_prefixes(ckpt["model"])
-        own = net.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-        if missing or unexpected or wrong:
-            def show(keys):
-                return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-            raise ValueError(f"{init_from}: weights do not match the architecture in its model_args: "
-                             f"missing [{show(missing)}], unexpected [{show(unexpected)}], "
-                             f"wrong shape [{show(wrong)}]")
-        net.load_state_dict(sd)
-        return net.to(device).eval(), dict(ckpt["model_args"]), dict(ckpt.get("config") or {})
-    if all(torch.is_tensor(v) for v in ckpt.values()):  # a bare state dict: the original HMMC's released weights
-        net = hmmc_model.HMMC.from_original(ckpt)
-        return net.to(device).eval(), net.cfg.to_dict(), {}
-    raise ValueError(f"{init_from}: not a train.py checkpoint (needs 'model' and 'model_args') nor a state dict; "
-                     f"top-level keys: {sorted(ckpt)[:20]}")
-
 
 def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
     """Eval settings: command line/config file first, then the checkpoint's training config, then defaults."""
@@ -425,7 +353,7 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
         "context_length": int(pick("context_length", 32)),
         "top_k_frames": int(pick("top_k_frames", 3)),
         # the zero-shot CLIP baseline is the plain mean-pooling one unless frames are asked for explicitly
-        "frame_weight": float(pick("frame_weight", 0.0 if is_clip else 1.0)),
+        "frame_match_weight": float(pick("frame_match_weight", 0.0 if is_clip else 1.0)),
         "caption_field": pick("caption_field", "captions"),
         "text_encoder": model_args.get("text_encoder", "clip"),
         "bert_vocab": pick("bert_vocab", None),
@@ -552,21 +480,22 @@ def _check_query(text: str, tokenizer) -> None:
 
 
 @torch.no_grad()
-def search_index(net, index: dict, queries: list[str], *, tokenizer, context_length: int, top_k: int,
-                 frame_weight: float, top: int = 5, device: str = "cpu", dtype=None) -> list[list[dict]]:
+def search_index(net, index: dict, queries: list[str], *, tokenizer, context_length: int, top_k_frames: int,
+                 frame_match_weight: float, top: int = 5, device: str = "cpu", dtype=None) -> list[list[dict]]:
     """Rank the indexed videos for each query -> per query a list of hits, best first:
     {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame), "top_frames" [k positions]}."""
     if not index["video_ids"]:
         raise ValueError("the index is empty: no videos to search")
     for q in queries:
         _check_query(q, tokenizer)
-    net = _unwrap(net)
+    net = unwrap(net)
     ids, mask = tokenizer(queries, context_length)
     text_emb = encode_texts(net, ids, mask, device=device, dtype=dtype)
     video_emb = index["video_emb"].to(device)
     frame_emb = index["frame_emb"].to(device)
-    k = max(1, min(int(top_k), frame_emb.shape[1]))
-    sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k=k, frame_weight=frame_weight)  # (Q, V)
+    k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
+    sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=k,
+                            frame_match_weight=frame_match_weight)  # (Q, V)
     frame_sim = 100.0 * torch.einsum("qe,vte->qvt", text_emb, frame_emb).cpu()  # (Q, V, T) for the report
     results = []
     for qi in range(len(queries)):
@@ -635,26 +564,31 @@ def _checkpoint_key(init_from: str, clip_path: str) -> str:
 
 def main(argv=None):
     defaults = {k: globals()[k] for k in config_keys}
-    cfg = configurator.configure(defaults, sys.argv[1:] if argv is None else argv)
+    cfg = configurator.configure(defaults, sys.argv[1:] if argv is None else argv, prog="eval.py",
+                                 descriptions=configurator.describe(__file__))
 
-    # torchrun sets RANK: shard the encoding over the processes, metrics on rank 0
-    ddp = int(os.environ.get("RANK", -1)) != -1 and not cfg["search"]
-    dev = cfg["device"]
-    if ddp:
-        backend = "nccl" if dev.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(dev)
-    master = int(os.environ.get("RANK", 0)) == 0 or not ddp
-    if dev.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # under torchrun the encoding is sharded over the processes and the metrics computed on rank 0
+    ddp, rank, _, dev = init_compute(cfg["device"]) if not cfg["search"] else (False, 0, 1, cfg["device"])
+    master = rank == 0
     # autocast on the GPU only: CPU bf16 matmuls are slower than fp32 on most CPUs
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
 
-    net, model_args, ckpt_config = load_model(cfg["init_from"], clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
-                                              text_encoder=cfg["text_encoder"], device=dev)
+    if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
+        zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
+        net, info = hmmc_model.load_model("clip", zero_shot, clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
+                                          device=dev)
+    elif cfg["init_from"]:
+        net, info = hmmc_model.load_model(cfg["init_from"], device=dev)
+    else:
+        raise ValueError("nothing to evaluate: pass --init_from=<ckpt.pt> (train.py's checkpoint), an original HMMC "
+                         "state dict, or --init_from=clip --clip_path=ViT-B-32.pt")
+    net.eval()
+    model_args = net.cfg.to_dict()
+    ckpt_config = (info["checkpoint"] or {}).get("config") or {}
+    info = None  # the checkpoint's tensors are in the model now
+    if cfg["text_encoder"] and cfg["text_encoder"] != model_args["text_encoder"]:
+        raise ValueError(f"{cfg['init_from']} has a {model_args['text_encoder']!r} text encoder, but "
+                         f"text_encoder={cfg['text_encoder']!r} was asked for; drop the override")
     s = _settings(cfg, model_args, ckpt_config)
     tokenizer = prepare.get_tokenizer(s["text_encoder"], s["bert_vocab"])
 
@@ -674,8 +608,8 @@ def main(argv=None):
                             num_workers=cfg["num_workers"], device=dev, dtype=dtype,
                             frames_per_video=cfg["frames_per_video"], extract_workers=cfg["extract_workers"])
         results = search_index(net, index, queries, tokenizer=tokenizer, context_length=s["context_length"],
-                               top_k=s["top_k_frames"], frame_weight=s["frame_weight"], top=cfg["top"],
-                               device=dev, dtype=dtype)
+                               top_k_frames=s["top_k_frames"], frame_match_weight=s["frame_match_weight"],
+                               top=cfg["top"], device=dev, dtype=dtype)
         for q, hits in zip(queries, results):
             if len(queries) > 1:
                 print(f"query: {q}")
@@ -688,14 +622,15 @@ def main(argv=None):
         return results
 
     result = evaluate(net, s["data_dir"], cfg["split"], tokenizer=tokenizer, num_frames=s["num_frames"],
-                      image_size=s["image_size"], context_length=s["context_length"], top_k=s["top_k_frames"],
-                      frame_weight=s["frame_weight"], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
-                      device=dev, dtype=dtype, dsl=cfg["dsl"], caption_field=s["caption_field"])
+                      image_size=s["image_size"], context_length=s["context_length"], top_k_frames=s["top_k_frames"],
+                      frame_match_weight=s["frame_match_weight"], batch_size=cfg["batch_size"],
+                      num_workers=cfg["num_workers"], device=dev, dtype=dtype, dsl=cfg["dsl"],
+                      caption_field=s["caption_field"])
     if master:
         label = "zero-shot CLIP (mean pooling)" if cfg["init_from"] == "clip" else cfg["init_from"]
         title = (f"{label} on {s['dataset']} {cfg['split']}: {result['num_texts']} captions x "
-                 f"{result['num_videos']} videos, top-{s['top_k_frames']} frames, frame_weight "
-                 f"{result['frame_weight']:g}, DSL {'on' if cfg['dsl'] else 'off'}")
+                 f"{result['num_videos']} videos, top-{s['top_k_frames']} frames, frame_match_weight "
+                 f"{result['frame_match_weight']:g}, DSL {'on' if cfg['dsl'] else 'off'}")
         print(f"encoded {result['num_videos']} videos and {result['num_texts']} captions in {result['encode_s']:.1f}s "
               f"({result['videos_per_s']:.0f} videos/s)")
         print(format_table(result, title))
@@ -711,7 +646,7 @@ def main(argv=None):
                       f, indent=2, default=str)
         print(f"wrote {out_path}", flush=True)
     if ddp:
-        dist.destroy_process_group()
+        cleanup_compute()
     return result
 
 

@@ -1,16 +1,17 @@
 """
 The HMMC network and its losses, in one file: CLIP's ViT and text transformer, the Chinese BERT, the temporal
 transformer, hierarchical (video + top-k frame) matching, the fine-tuning loss and the momentum-contrast
-pre-training (FAM, VTM, FTM, MLM with momentum encoders and feature queues). No file I/O except the loaders of
-OpenAI CLIP checkpoints (`load_clip`), HF BERT folders (`load_bert`) and the original HMMC's state dicts
-(`HMMC.from_original`).
+pre-training (FAM, VTM, FTM, MLM with momentum encoders and feature queues), and `load_model`, the one way from an
+`init_from` ("scratch", "clip", a train.py checkpoint, a state dict of the original code) to a model. No file I/O
+except the loaders of OpenAI CLIP checkpoints, HF BERT folders and checkpoints.
 
 CLIP submodule names follow OpenAI's state-dict keys exactly (`c_fc`, `ln_final`, `proj`...) and BERT's follow
 HF's, even where we would not choose them: that is what makes `load_state_dict(strict=True)` the whole loader.
 
 >>> clip = load_clip("ViT-B-32.pt")                      # OpenAI's TorchScript archive or a plain state dict
 >>> net = HMMC.from_original("pytorch_model.bin.4")      # a released HMMC fine-tuning checkpoint
->>> video_emb, frame_emb = net.encode_video(video)      # video: float (B, T, 3, 224, 224), CLIP-normalised
+>>> net, info = load_model("out-synthetic/ckpt.pt")      # a checkpoint of train.py (info: what was loaded, dropped)
+>>> video_emb, frame_emb = net.encode_video(video)      # video: uint8 (B, T, 3, 224, 224) frames, RGB
 """
 import copy
 import json
@@ -57,7 +58,7 @@ class CLIPConfig:
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "CLIPConfig":
-        """Read the architecture off an OpenAI-layout ViT state dict (spec §2.2); no side-car config needed."""
+        """Read the architecture off an OpenAI-layout ViT state dict; no side-car config needed."""
         if "visual.proj" not in sd and any(k.startswith("visual.layer1.") for k in sd):
             raise ValueError("this is a ResNet CLIP (visual.layer1.* keys, no visual.proj); ResNet CLIP models are "
                              "not supported, use a ViT one (ViT-B/32, ViT-B/16, ViT-L/14, ...)")
@@ -89,6 +90,22 @@ class CLIPConfig:
 # the keys from_state_dict reads; anything else missing is reported by load_state_dict
 _CLIP_REQUIRED_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
                        "positional_embedding", "token_embedding.weight", "ln_final.weight")
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the RGB statistics CLIP's image tower was trained with
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [..., 3, H, W] -> float32 CLIP-normalised, on the frames' device; float input is returned as it is
+    (taken to be normalised already). Loaders move uint8 frames, 4x less than floats, and the model normalises."""
+    if frames.dtype != torch.uint8:
+        return frames
+    if frames.dim() < 3 or frames.shape[-3] != 3:
+        raise ValueError(f"expected RGB frames [..., 3, H, W], got shape {tuple(frames.shape)}")
+    mean = torch.tensor(CLIP_MEAN, device=frames.device, dtype=torch.float32).view(3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=frames.device, dtype=torch.float32).view(3, 1, 1) * 255
+    return (frames.to(torch.float32) - mean) / std
 
 
 class QuickGELU(nn.Module):
@@ -259,7 +276,8 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(TextTransformer):
-    """OpenAI's CLIP: the text tower sits on the top module (their layout), the image tower under `visual.`."""
+    """OpenAI's CLIP. Its state dict keeps the text tower's tensors on the top module (`token_embedding`, not
+    `text.token_embedding`), so CLIP extends the text tower rather than holding one; the image tower is `visual`."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__(cfg)
@@ -322,23 +340,9 @@ def load_clip(path: str, device="cpu") -> CLIP:
     sd = load_clip_state_dict(path)
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = CLIP(CLIPConfig.from_state_dict(sd))
-    _clip_load_strict(model, sd, path)
+    model.load_state_dict(check_state_dict(model, sd, path)[0], assign=True)
     return model.to(device)
 
-
-def _clip_load_strict(model: nn.Module, sd: dict, path: str):
-    """load_state_dict(strict=True, assign=True) into a model built on the meta device, with messages that name
-    the file and the offending keys."""
-    expected, found = set(model.state_dict()), set(sd)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the {type(model).__name__} architecture inferred from it: "
-                         f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
-                         f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{path}: {e}") from None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -497,12 +501,12 @@ def load_bert(path: str) -> BertModel:
     cfg = BertConfig.from_json(os.path.join(os.path.dirname(file), "config.json"))
     with torch.device("meta"):
         model = BertModel(cfg)
-    _clip_load_strict(model, load_bert_state_dict(file), file)
+    model.load_state_dict(check_state_dict(model, load_bert_state_dict(file), file)[0], assign=True)
     return model
 
 
 # safetensors: 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, then raw bytes
-_CLIP_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
@@ -522,9 +526,9 @@ def read_safetensors(path: str) -> dict:
     start, size = 8 + n, len(buf) - 8 - n
     sd = {}
     for name, info in header.items():
-        if info["dtype"] not in _CLIP_ST_DTYPES:
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype, shape, (a, b) = _CLIP_ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        dtype, shape, (a, b) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         count = math.prod(shape)
         if not 0 <= a <= b <= size or b - a != count * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name} bytes {a}..{b} do not fit the file or its shape {shape} "
@@ -537,7 +541,7 @@ def read_safetensors(path: str) -> dict:
 # -----------------------------------------------------------------------------------------------------------------
 # HMMC: video encoder (CLIP ViT per frame + temporal transformer), text encoder (CLIP text tower or Chinese BERT),
 # hierarchical video/frame matching, the fine-tuning loss, and MoBY-style momentum-contrast pre-training
-# (FAM, VTM, FTM, MLM). Section numbers (§) point into the spec of the original (spec/HMMC.md).
+# (FAM, VTM, FTM, MLM).
 # Shape letters: B videos, T frames, L tokens, E joint embedding, K queue length, G global batch (all ranks).
 
 
@@ -546,21 +550,21 @@ class HMMCConfig:
     clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
     bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
     text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
-    # video encoder (§3)
+    # video encoder
     use_temp: bool = True  # temporal transformer over the frame embeddings
     temporal_layers: int = 4
     temporal_heads: int = 0  # 0 -> E // 64 (8 for E = 512, as the original)
     max_frames: int = 48  # rows of the frame position table
     temporal_init: str = "default"  # "default" (PyTorch init, N(0,1) positions, as released) | "clip" (CLIP4Clip)
-    # fine-tuning loss (§8)
+    # fine-tuning loss
     use_frame_fea: bool = True  # frame-text matching term (training) / frame term (eval)
     weight_video: float = 0.85
     weight_frame: float = 0.15
-    logit_scale: float = 100.0  # similarity scale s (constant in the original)
-    learn_logit_scale: bool = False  # learn log(s), clamped to <= 100, CLIP4Clip style
-    # pre-training (§7)
+    sim_scale: float = 100.0  # similarity scale s in s*cos (a constant in the original)
+    learn_sim_scale: bool = False  # learn log(s), clamped to <= 100, CLIP4Clip style
+    # pre-training
     pretrain: bool = False
-    use_tags: bool = True  # paper behaviour; the released code ran title-only (§7.9)
+    use_tags: bool = True  # paper behaviour; the released code ran title-only
     num_frames: int = 12  # frames per clip in pre-training batches (sizes the frame queues)
     queue_size: int = 1024  # K; must be a multiple of the global batch
     momentum: float = 0.99
@@ -573,7 +577,7 @@ class HMMCConfig:
     mlm_prob: float = 0.15
     mlm_mask_id: int = 103  # [MASK] of hfl/chinese-roberta-wwm-ext; train sets it from the tokenizer
     mlm_special_ids: tuple = (0, 101, 102)  # [PAD], [CLS], [SEP]: never masked
-    # fidelity switches: the original stored CLIP matrices in fp16 and trained them at ~1e-7, i.e. not at all (§2.8)
+    # fidelity switches: the original stored CLIP matrices in fp16 and trained them at ~1e-7, i.e. not at all
     freeze_clip_vision: bool = False
     freeze_clip_text: bool = False
 
@@ -607,7 +611,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order (no gradient); each rank must pass the same shape."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)  # (W*n, ...) in rank order
@@ -616,14 +621,13 @@ def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 class _AllGatherSumGrad(torch.autograd.Function):
     # forward: concatenate every rank's rows in rank order. backward: every rank holds the gradient of the same global
     # loss w.r.t. the whole gathered tensor; the local slice gets the SUM over ranks (a reduce-scatter), so after DDP
-    # averages parameter gradients they equal dL/dtheta of one process holding the global batch (spec §6,
-    # DESIGN §4.8).
+    # averages parameter gradients they equal dL/dtheta of one process holding the global batch.
     # CLIP4Clip/OpenCLIP keep only the local slice of the local gradient, which is W times smaller.
 
     @staticmethod
     def forward(ctx, x):
         ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return _all_gather_cat(x)
+        return all_gather_rows(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -641,7 +645,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _gather_keys(x: torch.Tensor) -> torch.Tensor:
     # momentum keys: no gradient, and every rank must enqueue the same ones so the queues stay identical
-    return _all_gather_cat(x) if _distributed() else x
+    return all_gather_rows(x) if _distributed() else x
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -654,8 +658,9 @@ def _no_autocast(x: torch.Tensor):
 
 
 def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, top_k: int,
-                            frame_weight: float, scale: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
-    """Eval score (spec §9.2, DESIGN §4.7): scale*cos(t, v) + frame_weight * mean of the top-k scale*cos(t, frame).
+                            frame_match_weight: float, scale: float = 100.0,
+                            chunk_size: int | None = None) -> torch.Tensor:
+    """Eval score: scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame).
     Inputs are normalised here too (cheap, idempotent). Chunked over queries so the (chunk, V, T) tensor stays around
     2^25 elements (128 MB fp32): 15k texts x 1.5k videos x 12 frames never materialise at once."""
     text_emb = F.normalize(text_emb.float(), dim=-1)  # (Q, E)
@@ -670,16 +675,16 @@ def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, fra
         for i in range(0, text_emb.shape[0], chunk_size):
             t = text_emb[i:i + chunk_size]  # (c, E)
             sim = t @ video_emb.T  # (c, V)
-            if frame_weight != 0 and k > 0:
+            if frame_match_weight != 0 and k > 0:
                 sim_frame = (t @ frames.T).view(-1, V, T)  # (c, V, T)
                 # a caption usually describes a few moments of a clip: keep the best-matching frames only
-                sim = sim + frame_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
+                sim = sim + frame_match_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
             out[i:i + chunk_size] = scale * sim
     return out
 
 
 def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo primitive CL(q, k, Q) (§7.6): positive = row-wise q.k, negatives = the queue only (no in-batch ones);
+    """MoCo primitive CL(q, k, Q): positive = row-wise q.k, negatives = the queue only (no in-batch ones);
     mean CE with the positive as target. q (n, E) with grad, queue (M, E) L2-normalised, k (n, E) momentum keys, or
     (n, r, E): r positives for each query sharing its negatives, i.e. the mean of CL(q, k[:, j], Q) over j, with the
     (n, M) negative logits computed once instead of r times."""
@@ -696,7 +701,7 @@ def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor
 
 def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, prob: float = 0.15,
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """BERT masking (§7.7): each position is chosen with `prob`; chosen ones become [MASK] 80%, a random id 10%,
+    """BERT masking: each position is chosen with `prob`; chosen ones become [MASK] 80%, a random id 10%,
     unchanged 10%. Special ids and padding (attention_mask 0) are never chosen. Returns (masked_ids, labels) with
     labels -100 where not chosen. All draws on ids.device (pass a generator on that device to seed them)."""
     special = torch.zeros_like(ids, dtype=torch.bool)
@@ -718,7 +723,7 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
 # modules
 
 class VideoEncoder(nn.Module):
-    """CLIP ViT per frame, then the temporal transformer with the original's residual (§3):
+    """CLIP ViT per frame, then the temporal transformer with the original's residual:
     h = TT(x + P) + x; video = mean_t normalise(h). Returns (video [B, E] unnormalised mean, raw frames [B, T, E])."""
 
     def __init__(self, cfg: HMMCConfig):
@@ -746,7 +751,7 @@ class VideoEncoder(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-    """Chinese BERT + Linear(hidden -> E) (§4). Pooled: text_proj(tanh pooler); hidden: text_proj(last layer)."""
+    """Chinese BERT + Linear(hidden -> E). Pooled: text_proj(tanh pooler); hidden: text_proj(last layer)."""
 
     def __init__(self, bert_cfg: BertConfig, embed_dim: int):
         super().__init__()
@@ -759,12 +764,12 @@ class BertTextEncoder(nn.Module):
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
-    # MoBY projector / predictor: Linear-BN-ReLU-Linear (§7.2); train converts BN to SyncBN under DDP on CUDA
+    # MoBY projector / predictor: Linear-BN-ReLU-Linear; train converts BN to SyncBN under DDP on CUDA
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
 class MLMHead(nn.Module):
-    """BERT LM prediction head on the E-wide projected hidden states (§7.3): dense, erf-GELU, LayerNorm, decoder."""
+    """BERT LM prediction head on the E-wide projected hidden states: dense, erf-GELU, LayerNorm, decoder."""
 
     def __init__(self, dim: int, vocab_size: int):
         super().__init__()
@@ -777,7 +782,7 @@ class MLMHead(nn.Module):
 
 
 def _is_clip_matrix(name: str) -> bool:
-    # the tensors the original stored in fp16 (conv, attention, MLP, projections; §2.8), which therefore never moved
+    # the tensors the original stored in fp16 (conv, attention, MLP, projections), which therefore never moved
     return ".attn." in name or ".mlp." in name or name.endswith(("conv1.weight", "proj", "text_projection"))
 
 
@@ -804,8 +809,8 @@ class HMMC(nn.Module):
         E = cfg.clip.embed_dim
         self.video = VideoEncoder(cfg)
         self.text = TextTransformer(cfg.clip) if cfg.text_encoder == "clip" else BertTextEncoder(cfg.bert, E)
-        if cfg.learn_logit_scale and not cfg.pretrain:  # pre-training uses tau, never s: DDP would see it unused
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale)))
+        if cfg.learn_sim_scale and not cfg.pretrain:  # pre-training uses tau, never s: DDP would see it unused
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.sim_scale)))
         if cfg.freeze_clip_vision or cfg.freeze_clip_text:
             towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + \
                      ([self.text] if cfg.freeze_clip_text else [])
@@ -825,7 +830,7 @@ class HMMC(nn.Module):
             self.predictor = _mlp(E, cfg.proj_hidden)
         if self.use_mlm:
             self.mlm_head = MLMHead(E, cfg.bert.vocab_size)
-        # momentum encoders: EMA copies that produce the queue keys; never receive gradients (§7.4)
+        # momentum encoders: EMA copies that produce the queue keys; never receive gradients
         self.video_m = copy.deepcopy(self.video)
         self.text_m = copy.deepcopy(self.text)
         if self.use_fam:
@@ -852,19 +857,20 @@ class HMMC(nn.Module):
         """s in s*cos: the constant 100 of the original, or exp(learned log s) clamped to 100. Eval uses it too."""
         if getattr(self, "logit_scale", None) is not None:
             return self.logit_scale.exp().clamp(max=100.0)
-        return self.cfg.logit_scale
+        return self.cfg.sim_scale
 
     def _text(self, encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # the CLIP tower pools at EOT under a causal mask, so padding after EOT cannot matter (§2.6)
+        # the CLIP tower pools at EOT under a causal mask, so padding after EOT cannot matter
         return encoder(ids) if self.cfg.text_encoder == "clip" else encoder(ids, mask)  # (N, E)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
 
     def encode_video(self, video: torch.Tensor):
-        """video: float (B, T, 3, H, W), CLIP-normalised. Returns L2-normalised (video_emb (B, E), frame_emb (B, T, E));
-        frame_emb are the raw pre-temporal CLIP frame embeddings, as the original uses them for frame matching."""
-        video_emb, frames = self.video(video)
+        """video: uint8 RGB frames (B, T, 3, H, W) (or floats already CLIP-normalised). Returns L2-normalised
+        (video_emb (B, E), frame_emb (B, T, E)); frame_emb are the raw pre-temporal CLIP frame embeddings, as the
+        original uses them for frame matching."""
+        video_emb, frames = self.video(normalize_frames(video))
         return F.normalize(video_emb.float(), dim=-1), F.normalize(frames.float(), dim=-1)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -880,7 +886,7 @@ class HMMC(nn.Module):
     def _finetune_loss(self, batch: dict):
         text_emb = self.encode_text(batch["ids"], batch["mask"])  # (B, E)
         video_emb, frame_emb = self.encode_video(batch["video"])  # (B, E), (B, T, E)
-        # every rank computes the same loss over the global batch (§8); gradients are summed back to their rank
+        # every rank computes the same loss over the global batch; gradients are summed back to their rank
         text_emb, video_emb, frame_emb = (gather_with_grad(x) for x in (text_emb, video_emb, frame_emb))
         with _no_autocast(text_emb):
             return self._finetune_terms(text_emb, video_emb, frame_emb)
@@ -923,7 +929,8 @@ class HMMC(nn.Module):
         zero = torch.zeros((), device=batch["video"].device)
 
         # online features
-        v, frames = self.video(batch["video"])  # (B, E), (B, T, E) raw pre-temporal frames
+        video = normalize_frames(batch["video"])  # (B, T, 3, H, W)
+        v, frames = self.video(video)  # (B, E), (B, T, E) raw pre-temporal frames
         title = self._text(self.text, batch["ids"], batch["mask"])  # (B, E)
         tag = self._text(self.text, batch["tag_ids"], batch["tag_mask"]) if use_tags else None
         if self.use_fam:
@@ -931,7 +938,7 @@ class HMMC(nn.Module):
 
         # momentum keys: no gradient; the momentum encoders run in train mode as in the original
         with torch.no_grad():
-            v_m, frames_m = self.video_m(batch["video"])  # (B, E), (B, T, E)
+            v_m, frames_m = self.video_m(video)  # (B, E), (B, T, E)
             title_m = self._text(self.text_m, batch["ids"], batch["mask"])  # (B, E)
             tag_m = self._text(self.text_m, batch["tag_ids"], batch["tag_mask"]) if use_tags else None
             if self.use_fam:
@@ -1039,9 +1046,9 @@ class HMMC(nn.Module):
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, clip_lr_scale: float, text_lr: float,
                              betas=(0.9, 0.98), eps: float = 1e-6, device_type: str = "cpu"):
-        """AdamW over {CLIP vision tower, text encoder, new modules} x {decay, no-decay} (DESIGN §4.9).
+        """AdamW over {CLIP vision tower, text encoder, new modules} x {decay, no-decay}.
         No decay for tensors with dim < 2 (biases, LayerNorm/BatchNorm weights, class_embedding, logit_scale); the
-        original decayed CLIP's ln_* weights and class_embedding (§11.3). Each group carries `base_lr` (and `name`)
+        original decayed CLIP's ln_* weights and class_embedding. Each group carries `base_lr` (and `name`)
         so the schedule can set lr = base_lr * factor. Frozen and momentum parameters are left out."""
         lrs = {"vision": learning_rate * clip_lr_scale, "text": text_lr, "new": learning_rate}
         groups = {(tower, decay): [] for tower in lrs for decay in (True, False)}
@@ -1055,8 +1062,6 @@ class HMMC(nn.Module):
             if not params:
                 continue
             name = f"{tower}_{'decay' if decay else 'no_decay'}"
-            n_el = sum(p.numel() for p in params)
-            print(f"param group {name}: {len(params)} tensors, {n_el:,} parameters, lr {lrs[tower]:.3g}")
             param_groups.append({"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
                                  "weight_decay": weight_decay if decay else 0.0, "name": name})
         # the fused kernel (CUDA, and CPU since torch 2.4) is several times faster on the large embedding tables
@@ -1157,38 +1162,28 @@ class HMMC(nn.Module):
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
-        """Build a fine-tuning HMMC from a state dict of the original's `BirdModel` (or `BirdPreTrainedModel`, whose
-        momentum parts, projectors, MLM head and queues are dropped), inferring the architecture from keys and shapes.
+        """A fine-tuning HMMC from a state dict of the original's `BirdModel` (or `BirdPreTrainedModel`, whose
+        momentum parts, projectors, MLM head and queues are dropped), the architecture inferred from keys and shapes.
         fp16 tensors become fp32. `overrides` set other HMMCConfig fields (e.g. num_frames)."""
         sd = state_dict_or_path
         if isinstance(sd, (str, os.PathLike)):
-            sd = torch.load(sd, map_location="cpu", weights_only=True)
-        if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-        cfg, ours, ignored = _convert_original(sd)
-        cfg = HMMCConfig.from_dict({**cfg.to_dict(), **overrides})
-        model = cls(cfg)
-        missing, unexpected = model.load_state_dict(ours, strict=False)
-        missing = [k for k in missing if k != "logit_scale"]
-        if missing or unexpected:
-            raise ValueError(f"original checkpoint does not match the inferred architecture: missing {missing}, "
-                             f"unexpected {unexpected}")
-        print(f"loaded {len(ours)} tensors from the original checkpoint ({cfg.text_encoder} text, "
-              f"use_temp={cfg.use_temp}); ignored {len(ignored)} pre-training tensors and logit scales")
+            sd = read_checkpoint(sd)
+        cfg, ours, _ = _convert_original(sd)
+        model = cls(HMMCConfig.from_dict({**cfg.to_dict(), **overrides}))
+        model.load_state_dict(check_state_dict(model, ours, "original checkpoint", optional=("logit_scale",))[0],
+                              strict=False)
         return model
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# checkpoint conversion
+# loading: the original's keys, one checker for every state dict, one function from `init_from` to a model
 
 _PRETRAIN_ONLY = ("video_m.", "text_m.", "projector.", "projector_m.", "predictor.", "mlm_head.", "queue_")
 _ORIGINAL_PRETRAIN_ONLY = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector",
                            "cls.", "queue_")
-# learned scalars that earlier commits of the original saved as nn.Parameters (spec §2.7): a top-level `logit_scale`
+# learned scalars that earlier commits of the original saved as nn.Parameters: a top-level `logit_scale`
 # and `weight_sum`, and a CLIP `logit_scale` copied into TextEncoder or VisualEncoder. They touch no embedding (our
-# scale is cfg.logit_scale), so checkpoints written by those commits load with them dropped.
+# scale is cfg.sim_scale), so checkpoints written by those commits load with them dropped.
 _ORIGINAL_SCALARS = ("logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
 
 
@@ -1197,10 +1192,13 @@ def _count_layers(sd: dict, prefix: str) -> int:
 
 
 def _convert_original(sd: dict):
-    """Original BirdModel keys -> (HMMCConfig, our state dict, ignored keys). Layouts (spec §2.3, §3, §4, §7.1):
+    """Original BirdModel keys -> (HMMCConfig, our state dict, ignored keys). Layouts:
     visual_encoder.visual.* (OpenAI ViT), visual_encoder.temporal_transformer.resblocks.{i}.* (CLIP-style blocks,
     TF LayerNorm weight/bias), visual_encoder.frame_position_embeddings.weight, and either the OpenAI text keys under
     text_encoder.* or text_encoder.chinese_encoder.* (HF BertModel) + text_encoder.text_proj.*."""
+    if isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(sd).items()}  # fp16 -> fp32
     ours, ignored, unknown = {}, [], []
     for k, v in sd.items():
         if k.startswith(_ORIGINAL_PRETRAIN_ONLY) or k in _ORIGINAL_SCALARS:
@@ -1227,7 +1225,7 @@ def _convert_original(sd: dict):
     if "video.visual.proj" not in ours:
         raise ValueError("no visual_encoder.visual.proj: only ViT CLIP backbones are supported")
 
-    # architecture from shapes (spec §2.2)
+    # architecture from shapes
     E = ours["video.visual.proj"].shape[1]
     bert = None
     if "text.bert.embeddings.word_embeddings.weight" in ours:
@@ -1261,22 +1259,106 @@ def _convert_original(sd: dict):
     return cfg, ours, ignored
 
 
-def load_hmmc_weights(model: HMMC, state_dict: dict) -> dict:
-    """Load a (pre-training or fine-tuning) HMMC state dict into `model`. Pre-training-only tensors the model does not
-    have (momentum encoders, projector, predictor, MLM head, queues) are dropped and reported; any other missing or
-    unexpected key or shape mismatch is an architecture mismatch and raises with the list."""
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+def strip_prefixes(sd: dict) -> dict:
+    """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes that wrapped models save."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),
+                     optional: tuple = ()) -> tuple[dict, list]:
+    """The one check before every load: (the tensors of sd to load, the keys dropped). Keys the model lacks that start
+    with a `droppable` prefix are dropped; model keys in `optional` may be absent (they keep their init). Any other
+    missing, unexpected or differently shaped tensor means another architecture: a ValueError naming `source`."""
     own = model.state_dict()
-    dropped = sorted(k for k in sd if k not in own and (k.startswith(_PRETRAIN_ONLY) or k == "logit_scale"))
+    dropped = sorted(k for k in sd if k not in own and droppable and k.startswith(droppable))
     sd = {k: v for k, v in sd.items() if k not in dropped}
-    missing = sorted(k for k in own if k not in sd and k != "logit_scale")
+    missing = sorted(k for k in own if k not in sd and k not in optional)
     unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted(f"{k}: {tuple(v.shape)} vs ours {tuple(own[k].shape)}" for k, v in sd.items()
+    shapes = sorted(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
                     if k in own and v.shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint does not fit this HMMC: missing {missing}, unexpected {unexpected}, "
-                         f"shape mismatch {shapes}")
+        def show(keys):
+            return "[" + ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") + "]"
+        raise ValueError(f"{source} holds another architecture than this model: missing {show(missing)}; "
+                         f"unexpected {show(unexpected)}; shape mismatch {show(shapes)}")
+    return sd, dropped
+
+
+def read_checkpoint(path) -> dict:
+    """torch.load(weights_only=True) of a checkpoint file, with errors that name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {first}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict (a train.py checkpoint or a state dict), got {type(ckpt).__name__}")
+    return ckpt
+
+
+# what the weights of a checkpoint fix; every other HMMCConfig field may come from the config that loads it
+_ARCH_FIELDS = ("clip", "bert", "text_encoder")
+
+
+def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str = "", bert_path: str | None = None,
+               device="cpu") -> tuple[HMMC, dict]:
+    """The one way to a model. `init_from`:
+    - "scratch": a fresh HMMC(cfg);
+    - "clip": cfg's model with OpenAI's CLIP towers from `clip_path` (and the HF BERT folder `bert_path` when
+      cfg.text_encoder == "bert"; its config.json gives the BERT architecture);
+    - a checkpoint written by train.py, or a state dict of the original HMMC code.
+    From a checkpoint, the towers' architecture comes from its weights and the rest from `cfg` (a pre-training
+    checkpoint then initialises fine-tuning: momentum encoders, projectors, MLM head and queues are dropped and
+    reported); without `cfg` the checkpoint's own config is used as it is (evaluation, resume).
+    Returns (model on `device`, info) with info = {"loaded", "dropped" (keys), "message" (a line for the log),
+    "checkpoint" (the loaded dict of a train.py checkpoint, else None)}."""
+    info = {"loaded": 0, "dropped": [], "checkpoint": None}
+    if init_from in ("scratch", "clip"):
+        if cfg is None:
+            raise ValueError(f"init_from={init_from!r} needs a config (HMMCConfig) for the model to build")
+        if init_from == "scratch":
+            with torch.device(device):
+                model = HMMC(cfg)
+            info["message"] = f"initialised a new model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)"
+            return model, info
+        clip_sd, bert_sd = load_clip_state_dict(clip_path), None
+        if cfg.text_encoder == "bert":
+            if not bert_path:
+                raise ValueError("init_from='clip' with text_encoder='bert' needs bert_path (a HF folder such as "
+                                 "hfl/chinese-roberta-wwm-ext)")
+            bert_cfg = BertConfig.from_json(os.path.join(bert_path, "config.json"))
+            cfg = HMMCConfig.from_dict({**cfg.to_dict(), "bert": asdict(bert_cfg)})
+            bert_sd = load_bert_state_dict(bert_path)
+        model = HMMC.from_clip(cfg, clip_sd, bert_sd)
+        info["loaded"] = len(clip_sd) + len(bert_sd or {})
+        info["message"] = f"loaded CLIP from {clip_path}" + (f" and BERT from {bert_path}" if bert_sd else "")
+        return model.to(device), info
+    ckpt = read_checkpoint(init_from)
+    if "model" in ckpt and "model_args" in ckpt:  # ours
+        saved, sd, ignored = HMMCConfig.from_dict(ckpt["model_args"]), strip_prefixes(ckpt["model"]), []
+        info["checkpoint"] = ckpt
+    elif isinstance(ckpt.get("state_dict"), dict) or all(torch.is_tensor(v) for v in ckpt.values()):
+        # a bare state dict: the original HMMC's released weights
+        saved, sd, ignored = _convert_original(ckpt)
+    else:
+        raise ValueError(f"{init_from}: neither a train.py checkpoint (with 'model' and 'model_args') nor a state "
+                         f"dict; top-level keys: {sorted(ckpt)[:20]}")
+    if cfg is not None:
+        saved = HMMCConfig.from_dict({**cfg.to_dict(), **{k: saved.to_dict()[k] for k in _ARCH_FIELDS}})
+    model = HMMC(saved)
+    sd, dropped = check_state_dict(model, sd, init_from, droppable=_PRETRAIN_ONLY, optional=("logit_scale",))
     model.load_state_dict(sd, strict=False)
-    streams = sorted({k.split(".")[0] for k in dropped})
-    print(f"loaded {len(sd)} tensors; dropped {len(dropped)} pre-training tensors ({', '.join(streams) or 'none'})")
-    return {"loaded": len(sd), "dropped": dropped}
+    info.update(loaded=len(sd), dropped=ignored + dropped)
+    parts = sorted({k.split(".")[0] for k in info["dropped"]})
+    info["message"] = f"loaded {len(sd)} tensors from {init_from}" + (
+        f"; dropped {len(info['dropped'])} this model has no use for ({', '.join(parts)})" if parts else "")
+    return model.to(device), info

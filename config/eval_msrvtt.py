@@ -3,7 +3,7 @@
 # $ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt   # zero-shot CLIP, mean pooling
 # Frame count, image size, caption length and the top-k of hierarchical matching come from the checkpoint's training
 # config (the paper: 12 frames, 224 px, 32 tokens, top-2 frames after MSR-VTT fine-tuning, top-3 otherwise);
-# set them here or with --top_k_frames=... only to deviate. Paper numbers (ViT-B/32): spec/HMMC.md §16.
+# set them here or with --top_k_frames=... only to deviate.
 dataset = "msrvtt"
 split = "test"
 caption_field = "captions"

@@ -1,4 +1,4 @@
-# Fine-tune HMMC on MSR-VTT 9k and evaluate on 1k-A (the README's run, spec §11.6).
+# Fine-tune HMMC on MSR-VTT 9k and evaluate on 1k-A (the original README's run).
 # $ torchrun --standalone --nproc_per_node=8 train.py config/finetune_msrvtt.py
 # $ torchrun --standalone --nproc_per_node=8 train.py config/finetune_msrvtt.py --init_from=clip   # no pre-training
 # Needs data/msrvtt (python prepare.py frames --videos=MSRVTT_VIDEOS --out=data/msrvtt/frames.lmdb and
@@ -24,7 +24,7 @@ use_frame_fea = True
 weight_video = 0.85
 weight_frame = 0.15
 top_k_frames = 2  # the README's fine-tuning value
-frame_weight = 1.0
+frame_match_weight = 1.0
 batch_size = 256
 gradient_accumulation_steps = 1
 epochs = 5

@@ -2,7 +2,7 @@
 # $ torchrun --standalone --nproc_per_node=8 train.py config/finetune_vatex_zh.py
 # Needs data/vatex (with captions_zh), the Chinese pre-training checkpoint (config/pretrain_chvtt.py) or
 # --init_from=clip with bert_path = the HF folder of hfl/chinese-roberta-wwm-ext.
-# Chinese captions get [CLS]/[SEP] (the original fed [UNK] on VATEX-zh, DESIGN §4.6). BERT trains at 1e-5 (the
+# Chinese captions get [CLS]/[SEP] (the original fed [UNK] on VATEX-zh). BERT trains at 1e-5 (the
 # original's default text_lr): unlike the CLIP text tower it was never effectively frozen.
 # Batch: 256 videos per step = 32 per GPU x 8 GPUs x 1; 1,015 steps per epoch, 5 epochs = 5,075 steps.
 out_dir = "out-finetune-vatex-zh"
@@ -23,7 +23,7 @@ use_frame_fea = True
 weight_video = 0.85
 weight_frame = 0.15
 top_k_frames = 3
-frame_weight = 1.0
+frame_match_weight = 1.0
 batch_size = 256
 gradient_accumulation_steps = 1
 epochs = 5

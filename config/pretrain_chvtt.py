@@ -1,4 +1,4 @@
-# Pre-train HMMC on CHVTT (Chinese titles + tags) with momentum contrast: FAM + VTM + FTM + MLM (spec §7, §11.6).
+# Pre-train HMMC on CHVTT (Chinese titles + tags) with momentum contrast: FAM + VTM + FTM + MLM.
 # $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt.py
 # Needs: data/chvtt (python prepare.py frames --videos=CHVTT_VIDEOS --out=data/chvtt/frames.lmdb --num_frames=48
 #        and python prepare.py chvtt ... --out=data/chvtt), data/vatex for the zero-shot eval, OpenAI's ViT-B-32.pt
@@ -16,7 +16,7 @@ text_encoder = "bert"
 bert_path = "chinese-roberta-wwm-ext"  # its vocab.txt is the tokenizer
 caption_field = "captions"  # CHVTT's own language is Chinese; tags follow the caption field
 pretrain = True
-use_tags = True  # the paper; the released code silently ran title-only (spec §7.9): use_tags=False reproduces it
+use_tags = True  # the paper; the released code silently ran title-only: use_tags=False reproduces it
 num_frames = 12
 image_size = 224
 context_length = 45  # CHVTT titles

@@ -187,14 +187,12 @@ def test_bad_shapes_raise():
         ev.retrieval_metrics(np.zeros(3))
 
 
-def test_large_matrix_is_fast():
-    import time
+def test_equal_groups_match_reference():
+    # every video has the same number of captions (VATEX): the V2T maxima take the no-scatter path
     rng = np.random.default_rng(7)
-    sim = rng.random(size=(15000, 1500), dtype=np.float32)
-    vot = np.repeat(np.arange(1500), 10)
-    t0 = time.time()
-    ev.retrieval_metrics(sim, vot)
-    assert time.time() - t0 < 5.0
+    sim = rng.random(size=(1500, 150), dtype=np.float32)
+    vot = np.repeat(np.arange(150), 10)
+    _assert_same(ev.retrieval_metrics(sim, vot), _reference_metrics(sim, vot))
 
 
 def test_dsl_is_labelled_and_sane():
@@ -203,7 +201,8 @@ def test_dsl_is_labelled_and_sane():
     plain = ev.metrics_with_dsl(sim, dsl=False)
     assert plain == ev.retrieval_metrics(sim)
     with_dsl = ev.metrics_with_dsl(sim, dsl=True)
-    assert with_dsl["t2v"]["R1"] >= 0 and with_dsl["t2v"]["MnR"] >= 1
+    assert with_dsl["t2v"] == ev.retrieval_metrics(ev.dual_softmax(sim, axis=0))["t2v"]
+    assert with_dsl["v2t"] == ev.retrieval_metrics(ev.dual_softmax(sim, axis=1))["v2t"]
     # the prior is a softmax along one axis: columns of the T2V weights sum to one
     w = ev.dual_softmax(sim, axis=0) / sim
     assert np.allclose(w.sum(axis=0), 1.0)
@@ -224,8 +223,8 @@ def test_similarity_matrix_chunked_equals_full_and_loop():
     text = F.normalize(torch.randn(23, 16, generator=g), dim=-1)
     video = F.normalize(torch.randn(11, 16, generator=g), dim=-1)
     frames = F.normalize(torch.randn(11, 5, 16, generator=g), dim=-1)
-    full = ev.similarity_matrix(text, video, frames, top_k=2, frame_weight=1.0, chunk_size=10_000)
-    chunked = ev.similarity_matrix(text, video, frames, top_k=2, frame_weight=1.0, chunk_size=4)
+    full = ev.similarity_matrix(text, video, frames, top_k_frames=2, frame_match_weight=1.0, chunk_size=10_000)
+    chunked = ev.similarity_matrix(text, video, frames, top_k_frames=2, frame_match_weight=1.0, chunk_size=4)
     np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=1e-5)
     ref = np.zeros((23, 11))
     for q in range(23):
@@ -233,7 +232,7 @@ def test_similarity_matrix_chunked_equals_full_and_loop():
             per_frame = sorted((100 * float(text[q] @ frames[v, t]) for t in range(5)), reverse=True)
             ref[q, v] = 100 * float(text[q] @ video[v]) + 1.0 * sum(per_frame[:2]) / 2
     np.testing.assert_allclose(full, ref, rtol=1e-5, atol=1e-3)
-    video_only = ev.similarity_matrix(text, video, frames, top_k=2, frame_weight=0.0)
+    video_only = ev.similarity_matrix(text, video, frames, top_k_frames=2, frame_match_weight=0.0)
     np.testing.assert_allclose(video_only, 100 * (text @ video.T).numpy(), rtol=1e-5, atol=1e-3)
 
 
@@ -303,7 +302,7 @@ def trained(tmp_path_factory):
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     net = hmmc_model.HMMC(tiny_config())
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.0)
-    video = prepare.normalize(batch["video"])
+    video = batch["video"]  # uint8: the model normalises it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: more threads only fight over a shared CPU
     try:
@@ -315,7 +314,7 @@ def trained(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     config = {"dataset": "toy", "data_dir": data_dir, "num_frames": T, "image_size": S, "context_length": 16,
-              "top_k_frames": 2, "frame_weight": 1.0, "text_encoder": "clip", "caption_field": "captions"}
+              "top_k_frames": 2, "frame_match_weight": 1.0, "text_encoder": "clip", "caption_field": "captions"}
     ckpt = {"model": net.state_dict(), "model_args": net.cfg.to_dict(), "config": config, "iter_num": 90}
     path = str(root / "ckpt.pt")
     torch.save(ckpt, path)
@@ -323,15 +322,15 @@ def trained(tmp_path_factory):
 
 
 def _evaluate(net, data_dir, **kw):
-    args = dict(tokenizer=_tok(), num_frames=T, image_size=S, context_length=16, top_k=2,
-                frame_weight=1.0, batch_size=3, progress=False)
+    args = dict(tokenizer=_tok(), num_frames=T, image_size=S, context_length=16, top_k_frames=2,
+                frame_match_weight=1.0, batch_size=3, progress=False)
     args.update(kw)
     return ev.evaluate(net, data_dir, "test", **args)
 
 
 def test_evaluate_trained_model(trained):
     path, data_dir, loss = trained
-    net, _, _ = ev.load_model(path)
+    net = hmmc_model.load_model(path)[0].eval()
     m = _evaluate(net, data_dir)
     assert m["num_videos"] == 8 and m["num_texts"] == 8 and m["dsl"] is False
     assert m["t2v"]["R1"] >= 75.0, (m, loss)
@@ -346,7 +345,7 @@ def test_evaluate_matches_manual_pipeline(trained, tmp_path):
     # evaluate() == encode by hand + hierarchical_similarity + retrieval_metrics, multi-caption included
     path, _, _ = trained
     data_dir = make_dataset(str(tmp_path / "multi"), captions_per_video=3)
-    net, _, _ = ev.load_model(path)
+    net = hmmc_model.load_model(path)[0].eval()
     tok = _tok()
     m = _evaluate(net, data_dir, batch_size=5)
     assert m["num_texts"] == 24 and m["num_videos"] == 8
@@ -354,10 +353,10 @@ def test_evaluate_matches_manual_pipeline(trained, tmp_path):
                                   image_size=S)
     ids, mask, vot = ds.caption_tokens()
     with torch.no_grad():
-        video = prepare.normalize(torch.stack([ds[i]["video"] for i in range(len(ds))]))
+        video = torch.stack([ds[i]["video"] for i in range(len(ds))])
         v, f = net.encode_video(video)
         t = net.encode_text(ids, mask)
-        sim = hmmc_model.hierarchical_similarity(t, v, f, top_k=2, frame_weight=1.0).numpy()
+        sim = hmmc_model.hierarchical_similarity(t, v, f, top_k=2, frame_match_weight=1.0).numpy()
     want = ev.retrieval_metrics(sim, vot.numpy())
     for d in ("t2v", "v2t"):
         for k in want[d]:
@@ -392,12 +391,12 @@ def test_cli_mismatched_checkpoint(trained, tmp_path):
     bad = str(tmp_path / "bad.pt")
     torch.save(ckpt, bad)
     with pytest.raises(ValueError, match="missing .*unexpected \\[extra.weight\\]"):
-        ev.load_model(bad)
+        hmmc_model.load_model(bad)
     torch.save({"foo": 1, "bar": [2]}, bad)
     with pytest.raises(ValueError, match="top-level keys"):
-        ev.load_model(bad)
+        hmmc_model.load_model(bad)
     with pytest.raises(FileNotFoundError):
-        ev.load_model(str(tmp_path / "nope.pt"))
+        hmmc_model.load_model(str(tmp_path / "nope.pt"))
 
 
 # ----------------------------------------------------------------------------- search and the HTML report
@@ -539,11 +538,11 @@ def test_search_bad_input(trained, tmp_path, capsys):
         with pytest.raises(ValueError, match="tokenizes to nothing"):
             ev._check_query("☃☃ ☃", bert)
         ev._check_query("红色", bert)  # partly known is fine
-    net, _, _ = ev.load_model(path)
+    net = hmmc_model.load_model(path)[0].eval()
     index = {"video_ids": [], "video_emb": torch.zeros(0, 32), "frame_emb": torch.zeros(0, T, 32)}
     with pytest.raises(ValueError, match="empty"):
         ev.search_index(net, index, ["a red screen"], tokenizer=_tok(), context_length=16,
-                        top_k=2, frame_weight=1.0)
+                        top_k_frames=2, frame_match_weight=1.0)
 
 
 def _rank_main(rank, world, port, path, data_dir, queue):
@@ -551,7 +550,7 @@ def _rank_main(rank, world, port, path, data_dir, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        net, _, _ = ev.load_model(path)
+        net = hmmc_model.load_model(path)[0].eval()
         queue.put((rank, _evaluate(net, data_dir, batch_size=2)))
     finally:
         dist.destroy_process_group()
@@ -579,7 +578,7 @@ def test_two_ranks_equal_one(trained, tmp_path):
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    net, _, _ = ev.load_model(path)
+    net = hmmc_model.load_model(path)[0].eval()
     single = _evaluate(net, data_dir)
     assert results[0] == results[1]  # the same dict on every rank
     assert results[0]["num_videos"] == 7 and results[0]["num_texts"] == 14
@@ -600,7 +599,7 @@ def test_zero_shot_clip_baseline(tmp_path, capsys):
                               f"--out={out}"], capsys)
     assert "zero-shot CLIP" in text and result["num_videos"] == 8
     saved = json.load(open(out))
-    assert saved["model_args"]["use_temp"] is False and saved["frame_weight"] == 0.0  # plain mean pooling
+    assert saved["model_args"]["use_temp"] is False and saved["frame_match_weight"] == 0.0  # plain mean pooling
     assert saved["config"]["image_size"] == S  # read off the CLIP weights
-    net, _, _ = ev.load_model("clip", clip_path=clip_path)
+    net = hmmc_model.load_model("clip", hmmc_model.HMMCConfig(use_temp=False), clip_path=clip_path)[0]
     torch.testing.assert_close(net.video.visual.conv1.weight, clip.visual.conv1.weight)

@@ -95,6 +95,23 @@ def test_encode_shapes_and_pooling():
     torch.testing.assert_close(v2, F.normalize(f2.mean(1), dim=-1))
 
 
+def test_uint8_frames_are_normalised_by_the_model():
+    x = torch.randint(0, 256, (2, 4, 3, 5, 5), dtype=torch.uint8)
+    y = M.normalize_frames(x)
+    mean, std = torch.tensor(M.CLIP_MEAN).view(3, 1, 1), torch.tensor(M.CLIP_STD).view(3, 1, 1)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    torch.testing.assert_close(y, (x.float() / 255 - mean) / std, atol=1e-5, rtol=1e-5)
+    assert M.CLIP_MEAN[2] == 0.40821073  # not the original's augmentation typo
+    assert M.normalize_frames(y) is y  # floats are taken as normalised already
+    with pytest.raises(ValueError, match="RGB"):
+        M.normalize_frames(torch.zeros(2, 4, 5, 5, dtype=torch.uint8))
+    # the model gives the same embeddings for uint8 frames as for the frames normalised by hand
+    m = make_model()
+    video = torch.randint(0, 256, (2, T, 3, RES, RES), dtype=torch.uint8)
+    for a, b in zip(m.encode_video(video), m.encode_video(M.normalize_frames(video))):
+        assert torch.equal(a, b)
+
+
 def finetune_loss_reference(t, v, f, scale=100.0, w_video=0.85, w_frame=0.15):
     # the original's BirdModel loss (§8): per-frame-position loop, CE written row by row
     G, T_ = f.shape[:2]
@@ -126,7 +143,7 @@ def test_finetune_loss_matches_loop_reference():
 
 
 def test_finetune_bert_and_learned_scale():
-    m = make_model(text_encoder="bert", learn_logit_scale=True, logit_scale=50.0).eval()  # eval: no dropout
+    m = make_model(text_encoder="bert", learn_sim_scale=True, sim_scale=50.0).eval()  # eval: no dropout
     b = make_batch(4, "bert")
     loss, _ = m(b)
     t = m.encode_text(b["ids"], b["mask"])
@@ -174,7 +191,7 @@ def test_hierarchical_similarity_brute_force_and_chunks():
     t = torch.randn(Q, E, generator=g)
     v = torch.randn(V, E, generator=g)
     f = torch.randn(V, T, E, generator=g)
-    sim = M.hierarchical_similarity(t, v, f, top_k=k, frame_weight=0.7, scale=100.0)
+    sim = M.hierarchical_similarity(t, v, f, top_k=k, frame_match_weight=0.7, scale=100.0)
     ref = torch.empty(Q, V)
     for i in range(Q):
         for j in range(V):
@@ -184,7 +201,7 @@ def test_hierarchical_similarity_brute_force_and_chunks():
     torch.testing.assert_close(sim, ref, atol=1e-4, rtol=1e-5)
     for chunk in (1, 3, 100):
         torch.testing.assert_close(M.hierarchical_similarity(t, v, f, k, 0.7, chunk_size=chunk), sim)
-    # frame_weight 0: the video term only; top_k larger than T is clamped
+    # frame_match_weight 0: the video term only; top_k larger than T is clamped
     torch.testing.assert_close(M.hierarchical_similarity(t, v, f, k, 0.0), 100 * F.normalize(t, dim=-1) @
                                F.normalize(v, dim=-1).T)
     assert M.hierarchical_similarity(t, v, f, 99, 1.0).shape == (Q, V)
@@ -367,7 +384,7 @@ def test_mlm_loss_matches_reference():
 # ---------------------------------------------------------------------------------------------------------------
 # optimizer, FLOPs
 
-def test_optimizer_groups_cover_trainable_params_once(capsys):
+def test_optimizer_groups_cover_trainable_params_once():
     m = make_model(pretrain=True, text_encoder="bert", freeze_clip_vision=True)
     opt = m.configure_optimizers(0.2, 1e-4, 1e-3, 1e-5, (0.9, 0.98), 1e-6, "cpu")
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
@@ -384,7 +401,7 @@ def test_optimizer_groups_cover_trainable_params_once(capsys):
     # freeze_clip_vision freezes the tensors the original kept in fp16 (matrices), not LayerNorms/embeddings
     assert not m.video.visual.conv1.weight.requires_grad and not m.video.visual.proj.requires_grad
     assert m.video.visual.ln_post.weight.requires_grad and m.video.visual.class_embedding.requires_grad
-    assert "param group vision_no_decay" in capsys.readouterr().out
+    assert "vision_no_decay" in [g["name"] for g in opt.param_groups]
     assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
 
 
@@ -428,20 +445,22 @@ def test_from_clip_and_temporal_init():
         M.HMMC.from_clip(make_cfg(text_encoder="bert"), sd)
 
 
-def test_load_hmmc_weights_pretrain_to_finetune(capsys):
+def test_load_model_pretrain_checkpoint_into_finetuning(tmp_path):
     pre = make_model(seed=1, pretrain=True)
-    fin = make_model(seed=2)
-    report = M.load_hmmc_weights(fin, pre.state_dict())
-    assert "queue_video" in report["dropped"] and any(k.startswith("video_m.") for k in report["dropped"])
-    assert any(k.startswith("projector.") for k in report["dropped"])
+    path = str(tmp_path / "pre.pt")
+    torch.save({"model": pre.state_dict(), "model_args": pre.cfg.to_dict()}, path)
+    fin, info = M.load_model(path, make_cfg())  # this config's losses, the checkpoint's towers
+    assert "queue_video" in info["dropped"] and any(k.startswith("video_m.") for k in info["dropped"])
+    assert any(k.startswith("projector.") for k in info["dropped"]) and "dropped" in info["message"]
+    assert fin.cfg.pretrain is False and info["checkpoint"]["model_args"]["pretrain"] is True
     for k, v in fin.state_dict().items():
         assert torch.equal(v, pre.state_dict()[k]), k
-    assert "dropped" in capsys.readouterr().out
-    other = make_model(temporal_layers=2)
+    same, info = M.load_model(path)  # no config: the checkpoint's own model, nothing dropped
+    assert same.cfg.pretrain is True and info["dropped"] == []
     with pytest.raises(ValueError, match="video.temporal.resblocks.1"):
-        M.load_hmmc_weights(other, pre.state_dict())
+        M.load_model(path, make_cfg(temporal_layers=2))
     with pytest.raises(ValueError, match="shape mismatch"):
-        M.load_hmmc_weights(make_model(max_frames=6), pre.state_dict())
+        M.load_model(path, make_cfg(max_frames=6))
 
 
 # --- an independent reference of the original's forward, straight from the spec (§2.4-§2.6, §3, §4) ---------------

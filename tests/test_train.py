@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from prepare import prepare_synthetic
+from synthetic import prepare_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,11 +123,6 @@ RECIPES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "conf
                  if not os.path.basename(p).startswith("eval_"))
 
 
-def test_recipes_present():
-    assert {"synthetic.py", "pretrain_chvtt.py", "pretrain_chvtt_en.py", "finetune_msrvtt.py", "finetune_vatex_en.py",
-            "finetune_vatex_zh.py"} <= set(RECIPES)
-
-
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_smoke(recipe, data, tmp_path):
     # every recipe at toy size: scratch towers, the synthetic data, two steps, so none of them rots
@@ -171,17 +166,17 @@ def test_checkpoint_of_another_architecture(data, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ckpt["model_args"]["temporal_layers"] = 2  # the tensors hold one layer
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match=r"another architecture.*missing video\.temporal\.resblocks\.1"):
+    with pytest.raises(ValueError, match=r"ckpt\.pt holds another architecture.*missing \[video\.temporal\.resblocks\.1"):
         run(base + ["--max_iters=2", "--init_from=resume"])
     # fine-tuning from it with a deeper temporal module than it has: the missing keys are listed
     ckpt["model_args"]["temporal_layers"] = 1
     torch.save(ckpt, tmp_path / "pre.pt")
-    with pytest.raises(SystemExit, match=r"video\.temporal\.resblocks\.1"):
+    with pytest.raises(ValueError, match=r"pre\.pt holds another architecture.*video\.temporal\.resblocks\.1"):
         run(base + ["--max_iters=2", f"--init_from={tmp_path / 'pre.pt'}", "--temporal_layers=2"])
 
 
 def test_nan_loss_stops_with_step(data, tmp_path):
     cfg = tmp_path / "nan.py"
-    cfg.write_text("logit_scale = float('nan')\n")
+    cfg.write_text("sim_scale = float('nan')\n")
     with pytest.raises(SystemExit, match="loss is nan at iter 0"):
         run([str(cfg), "--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", *TINY])

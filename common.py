@@ -1,0 +1,78 @@
+"""
+Where a script runs, shared by train.py, eval.py and bench.py: the device and torchrun's process group, autocast,
+rank-0 printing, and the raw model under the DDP and torch.compile wrappers.
+"""
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def init_compute(device: str) -> tuple[bool, int, int, str]:
+    """(ddp, rank, world_size, device). A run is distributed when torchrun set RANK: each rank then takes its local
+    GPU (NCCL) or shares the CPU cores with the other local ranks (gloo). TF32 matmuls are switched on for CUDA."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size = 0, 1
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # free speed on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world_size, device
+
+
+def cleanup_compute():
+    if dist.is_available() and dist.is_initialized():
+        # tear down while every rank is still alive and in step; gloo can abort at interpreter exit otherwise
+        try:
+            dist.barrier()
+        except Exception:
+            pass
+        dist.destroy_process_group()
+
+
+def autocast(device: str, dtype):
+    """bf16/fp16 autocast on the device's type, or nothing for float32 (a dtype name, a torch.dtype or None)."""
+    if dtype is None or dtype in ("float32", torch.float32):
+        return nullcontext()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.amp.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def is_master() -> bool:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only: one line per event, not one per GPU."""
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+# dense bf16/fp16 tensor-core peaks in FLOP/s, by a part of the device name
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+               "4090": 165e12, "3090": 71e12, "V100": 125e12, "A6000": 155e12}
+
+
+def peak_flops(device_type: str) -> float | None:
+    """The GPU's peak for MFU; None on a CPU (no meaningful peak: MFU is left out) or an unknown GPU."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The raw model under DDP and torch.compile wrappers (eval must not go through DDP's forward)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
