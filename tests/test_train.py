@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from prepare import prepare_synthetic
+from synthetic import prepare_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
