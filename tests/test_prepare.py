@@ -1,10 +1,13 @@
 # Data part of prepare.py: frame LMDB, sampling, the dataset, ffmpeg extraction on real files, converters, CLI.
 # Videos are made by ffmpeg inside the tests (tiny: 64x48, a few frames, -threads 1) so the file runs in seconds.
-import io
 import csv
+import inspect
+import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import lmdb
 import numpy as np
@@ -13,6 +16,8 @@ import torch
 from PIL import Image
 
 import prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
                                   reason="ffmpeg/ffprobe not installed")
@@ -111,20 +116,9 @@ def test_framedb_reads_original_hmmc_layout(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# normalisation and frame sampling
+# frame sampling
 
-def test_normalize_matches_clip_constants():
-    x = torch.randint(0, 256, (2, 4, 3, 5, 5), dtype=torch.uint8)
-    y = prepare.normalize(x)
-    mean, std = torch.tensor(prepare.CLIP_MEAN).view(3, 1, 1), torch.tensor(prepare.CLIP_STD).view(3, 1, 1)
-    assert y.dtype == torch.float32 and y.shape == x.shape
-    torch.testing.assert_close(y, (x.float() / 255 - mean) / std, atol=1e-5, rtol=1e-5)
-    assert prepare.CLIP_MEAN[2] == 0.40821073  # not the original's augmentation typo
-    with pytest.raises(ValueError):
-        prepare.normalize(torch.zeros(2, 4, 5, 5, dtype=torch.uint8))
-
-
-def test_uniform_sampling_matches_spec():
+def test_uniform_sampling_matches_the_original():
     assert prepare.sample_frame_indices(30, 12).tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27]
     assert prepare.sample_frame_indices(48, 12).tolist() == list(range(0, 48, 4))
 
@@ -385,16 +379,79 @@ def test_frames_cli_with_id_list_and_missing_video(video_dir, tmp_path, capsys):
 
 
 def test_cli_refuses_unknown_options_and_commands(capsys):
-    with pytest.raises(SystemExit, match="valid: --videos, --out"):
+    with pytest.raises(SystemExit, match="unknown config key 'frames'"):
         prepare.main(["frames", "--videos=x", "--out=y", "--frames=30"])
     with pytest.raises(SystemExit, match="unknown command"):
         prepare.main(["msvd"])
     with pytest.raises(SystemExit, match="needs --videos"):
         prepare.main(["frames", "--out=y"])
-    with pytest.raises(SystemExit, match="expects an integer"):
+    with pytest.raises(SystemExit, match="workers expects int"):
         prepare.main(["frames", "--videos=x", "--out=y", "--workers=many"])
     prepare.main([])
     assert "msrvtt" in capsys.readouterr().out
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "prepare.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_help_lists_commands_and_options():
+    p = _run_cli()
+    assert p.returncode == 0 and all(cmd in p.stdout for cmd in prepare.COMMANDS)
+    p = _run_cli("frames", "--help")
+    assert p.returncode == 0
+    line = next(l for l in p.stdout.splitlines() if "--num_frames=30" in l)
+    assert prepare.COMMANDS["frames"][2]["num_frames"][1] in line  # its description, on the same line
+
+
+@pytest.mark.parametrize("args, option", [(["--videos=x", "--out=y", "--num_frame=8"], "num_frame"),
+                                          (["--out=y"], "--videos")])
+def test_cli_error_is_one_line_naming_the_option(args, option):
+    p = _run_cli("frames", *args)
+    assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and option in errors[0], p.stderr
+    assert p.stderr.strip().splitlines()[-1] == errors[0]  # nothing after it (no usage dump, no traceback)
+
+
+def test_cli_passes_options_to_extract_frames(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(prepare, "extract_frames", lambda *a, **kw: calls.append((a, kw)) or
+                        {"done": 1, "failed": {}, "skipped": 0})
+    prepare.main(["frames", "--videos=v", f"--out={tmp_path}/f.lmdb", "--retry_failed", "--ids=2024",
+                  "--quality=80", "--id_prefix=Video"])
+    (args, kw), = calls
+    assert args == ("v", f"{tmp_path}/f.lmdb")
+    assert kw == dict(num_frames=30, frame_size=224, workers=8, ids="2024", retry_failed=True, quality=80,
+                      id_prefix="Video")  # a path stays the text typed, even when it reads as a number
+
+
+def test_cli_defaults_are_the_functions_defaults():
+    import synthetic
+    targets = {"frames": prepare.extract_frames, "msrvtt": prepare.convert_msrvtt, "vatex": prepare.convert_vatex,
+               "chvtt": prepare.convert_chvtt, "synthetic": synthetic.prepare_synthetic}
+    renamed = {"frames": {"videos": "videos_dir", "out": "out_path"}, "synthetic": {"out": "out_dir"}}
+    for cmd, fn in targets.items():
+        params = inspect.signature(fn).parameters
+        for key, (default, description) in prepare.COMMANDS[cmd][2].items():
+            p = params[renamed.get(cmd, {}).get(key, key)]
+            assert description and (p.default is p.empty if "(required)" in description else p.default == default), \
+                (cmd, key)
+        assert set(params) - {"progress_every"} == {renamed.get(cmd, {}).get(k, k) for k in prepare.COMMANDS[cmd][2]}
+
+
+def test_synthetic_command_writes_the_dataset(tmp_path):
+    import synthetic
+    small = dict(seed=3, num_train=4, test_single=1, test_double=0, val_single=1, val_double=0, verbose=False)
+    synthetic.prepare_synthetic(str(tmp_path / "a"), **small)
+    prepare.main(["synthetic", f"--out={tmp_path / 'b'}", *(f"--{k}={v}" for k, v in small.items())])
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "vocab.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    a, b = prepare.FrameDB(str(tmp_path / "a" / "frames.lmdb")), prepare.FrameDB(str(tmp_path / "b" / "frames.lmdb"))
+    assert len(a) == len(b) == 8
+    assert all(a.get_frames(v, range(8)) == b.get_frames(v, range(8)) for v in a.video_ids())
+    a.close(), b.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# Tokenizers of prepare.py: CLIP BPE against OpenAI's clip.tokenize, BERT WordPiece against HF's BertTokenizer.
+# tokenizer.py: CLIP BPE against OpenAI's clip.tokenize, BERT WordPiece against HF's BertTokenizer.
 # Golden ids were recorded once from the reference implementations (tests/golden/README.md, "Tokenizers").
 import json
 import os
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prepare
+import tokenizer
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 SOT, EOT = 49406, 49407
@@ -20,19 +21,19 @@ def _load(name):
 
 @pytest.fixture(scope="module")
 def clip_tok():
-    return prepare.ClipTokenizer()
+    return tokenizer.ClipTokenizer()
 
 
 @pytest.fixture(scope="module")
 def bert_tok():
-    return prepare.BertTokenizer(os.path.join(GOLDEN, "tok_bert_vocab.txt"))
+    return tokenizer.BertTokenizer(os.path.join(GOLDEN, "tok_bert_vocab.txt"))
 
 
 @pytest.mark.parametrize("L", [77, 32])
 def test_clip_golden(L):
     items = _load("tok_clip.json")
     assert len(items) > 400
-    ids = prepare.tokenize([it["text"] for it in items], context_length=L)
+    ids = tokenizer.tokenize([it["text"] for it in items], context_length=L)
     assert ids.dtype == torch.long and ids.shape == (len(items), L)
     for row, it in zip(ids.tolist(), items):
         want = it[str(L)] + [0] * (L - len(it[str(L)]))
@@ -42,30 +43,30 @@ def test_clip_golden(L):
 def test_truncation_ends_in_eot():
     text = "a man is " + "very " * 200 + "happy"
     for L in (77, 32, 8, 2):
-        row = prepare.tokenize(text, context_length=L)[0].tolist()
+        row = tokenizer.tokenize(text, context_length=L)[0].tolist()
         assert len(row) == L and row[0] == SOT and row[-1] == EOT and 0 not in row
-    assert prepare.tokenize(text, context_length=1).tolist() == [[EOT]]  # OpenAI: cut to [SOT], then EOT overwrites
+    assert tokenizer.tokenize(text, context_length=1).tolist() == [[EOT]]  # OpenAI: cut to [SOT], then EOT overwrites
     # a caption that fits exactly is not touched
-    n = len(prepare.ClipTokenizer().encode("a dog runs"))
-    assert prepare.tokenize("a dog runs", context_length=n + 2)[0, -1].item() == EOT
+    n = len(tokenizer.ClipTokenizer().encode("a dog runs"))
+    assert tokenizer.tokenize("a dog runs", context_length=n + 2)[0, -1].item() == EOT
 
 
 def test_empty_and_shapes():
-    assert prepare.tokenize("").tolist() == [[SOT, EOT] + [0] * 75]
-    assert prepare.tokenize(["", "  \n\t "], context_length=4).tolist() == [[SOT, EOT, 0, 0]] * 2
-    assert prepare.tokenize([], context_length=16).shape == (0, 16)
-    assert prepare.tokenize(("a", "b")).shape == (2, 77)
+    assert tokenizer.tokenize("").tolist() == [[SOT, EOT] + [0] * 75]
+    assert tokenizer.tokenize(["", "  \n\t "], context_length=4).tolist() == [[SOT, EOT, 0, 0]] * 2
+    assert tokenizer.tokenize([], context_length=16).shape == (0, 16)
+    assert tokenizer.tokenize(("a", "b")).shape == (2, 77)
     with pytest.raises(ValueError):
-        prepare.tokenize("a", context_length=0)
+        tokenizer.tokenize("a", context_length=0)
 
 
 def test_type_error_names_the_item():
     with pytest.raises(TypeError, match="item 1 is int"):
-        prepare.tokenize(["fine", 3])
+        tokenizer.tokenize(["fine", 3])
     with pytest.raises(TypeError, match="item 0 is NoneType"):
-        prepare.tokenize([None])
+        tokenizer.tokenize([None])
     with pytest.raises(TypeError):
-        prepare.ClipTokenizer().encode(b"bytes")
+        tokenizer.ClipTokenizer().encode(b"bytes")
 
 
 def test_literal_special_tokens(clip_tok):
@@ -80,7 +81,7 @@ def test_surrogate_pair_is_joined(clip_tok):
 
 def test_mojibake_left_alone():
     # the one documented deviation: ftfy would repair "cafÃ©" to "café"; we keep the text as it is
-    assert prepare._ftfy_fix_text("cafÃ©") == "cafÃ©"
+    assert tokenizer._ftfy_fix_text("cafÃ©") == "cafÃ©"
 
 
 def test_encode_decode_round_trip(clip_tok):
@@ -88,7 +89,7 @@ def test_encode_decode_round_trip(clip_tok):
         ids = clip_tok.encode(text)
         assert all(0 <= i < SOT for i in ids)
         # OpenAI's decode ends every word with a space and keeps punctuation as its own word
-        assert " ".join(clip_tok.decode(ids).split()) == " ".join(prepare._clip_pieces(text))
+        assert " ".join(clip_tok.decode(ids).split()) == " ".join(tokenizer._clip_pieces(text))
     assert clip_tok.decode(clip_tok.encode("a man is playing the guitar")) == "a man is playing the guitar "
     assert clip_tok.decode([SOT, EOT]) == "<|startoftext|><|endoftext|>"
     with pytest.raises(ValueError):
@@ -99,7 +100,7 @@ def test_clip_call_contract(clip_tok):
     texts = ["!$ wow", "a much longer caption about a dog " * 10, ""]
     ids, mask = clip_tok(texts, 32)
     assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape == (3, 32)
-    assert torch.equal(ids, prepare.tokenize(texts, 32))
+    assert torch.equal(ids, tokenizer.tokenize(texts, 32))
     assert ids[0, 1].item() == 0  # "!" inside a piece is id 0: the mask cannot be ids != 0
     for row, m in zip(ids.tolist(), mask.tolist()):
         n = row.index(EOT, 1) + 1
@@ -113,7 +114,7 @@ def test_clip_call_contract(clip_tok):
 def test_bert_golden(bert_tok):
     items = _load("tok_bert.json")
     assert len(items) > 300
-    cased = prepare.BertTokenizer(os.path.join(GOLDEN, "tok_bert_vocab.txt"), do_lower_case=False)
+    cased = tokenizer.BertTokenizer(os.path.join(GOLDEN, "tok_bert_vocab.txt"), do_lower_case=False)
     for it in items:
         assert bert_tok.encode(it["text"]) == it["ids"], f"caption {it['text']!r}"
         assert cased.encode(it["text"]) == it["cased"], f"caption {it['text']!r} (cased)"
@@ -140,16 +141,22 @@ def test_bert_bad_input(tmp_path, bert_tok):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"\[MASK\]"):
-        prepare.BertTokenizer(str(vocab))
+        tokenizer.BertTokenizer(str(vocab))
     with pytest.raises(FileNotFoundError):
-        prepare.BertTokenizer(str(tmp_path / "missing.txt"))
+        tokenizer.BertTokenizer(str(tmp_path / "missing.txt"))
 
 
 def test_get_tokenizer():
-    assert isinstance(prepare.get_tokenizer("clip"), prepare.ClipTokenizer)
-    tok = prepare.get_tokenizer("bert", os.path.join(GOLDEN, "tok_bert_vocab.txt"))
-    assert isinstance(tok, prepare.BertTokenizer)
+    assert isinstance(tokenizer.get_tokenizer("clip"), tokenizer.ClipTokenizer)
+    tok = tokenizer.get_tokenizer("bert", os.path.join(GOLDEN, "tok_bert_vocab.txt"))
+    assert isinstance(tok, tokenizer.BertTokenizer)
     with pytest.raises(ValueError, match="bert_vocab"):
-        prepare.get_tokenizer("bert")
+        tokenizer.get_tokenizer("bert")
     with pytest.raises(ValueError, match="unknown"):
-        prepare.get_tokenizer("gpt2")
+        tokenizer.get_tokenizer("gpt2")
+
+
+def test_prepare_reexports_the_public_names():
+    # prepare.tokenize, prepare.get_tokenizer, ... are what users and older scripts call
+    for name in ("tokenize", "get_tokenizer", "ClipTokenizer", "BertTokenizer"):
+        assert getattr(prepare, name) is getattr(tokenizer, name), name

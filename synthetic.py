@@ -1,0 +1,248 @@
+"""
+The synthetic dataset: the data of train.py's default run (made on demand) and a learning test of the whole
+pipeline, small enough for a CPU. Writes <out_dir>/{frames.lmdb, train.jsonl, val.jsonl, test.jsonl, vocab.txt}.
+
+$ python prepare.py synthetic --out=data/synthetic --seed=0
+
+Each video shows coloured shapes on a dark background. Usually one object moves across the clip, either straight
+(left, right, up or down) or turning half-way ("moves left, then up"); in some videos a second object follows: the
+first one moves during the first half and leaves, then the second appears and moves. Captions say colour, shape,
+direction and order, in English ("a red circle moves left, then up"; "a red circle moves left, then a blue square
+moves up") and Chinese ("红色圆形向左移动，然后向上移动"; "红色圆形向左移动，然后蓝色方块向上移动").
+
+Why this needs temporal modelling: positions are drawn so that a video and its time reverse are equally likely;
+any function of the *set* of frames (mean pooling, top-k frame matching) therefore sees the same thing for "moves
+left" and "moves right", for "left, then up" and "down, then right", and for "A then B" and "B then A". The test
+split is built from complete confusion groups (every caption next to its time-reversed twins), so a frame-level
+model is held near 1/group-size on them while a model that reads frame order can solve them all.
+"""
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from prepare import FrameDB  # prepare.py imports this file only inside its `synthetic` command
+
+
+_SYN_COLOURS = {  # name: (RGB, Chinese)
+    "red": ((230, 40, 40), "红色"),
+    "green": ((40, 200, 60), "绿色"),
+    "blue": ((50, 90, 240), "蓝色"),
+    "yellow": ((235, 220, 40), "黄色"),
+    "white": ((235, 235, 235), "白色"),
+}
+_SYN_SHAPES = {"circle": "圆形", "square": "方块", "triangle": "三角形"}
+_SYN_DIRECTIONS = {  # name: (unit step in image coordinates (x right, y down), Chinese)
+    "left": ((-1, 0), "向左"),
+    "right": ((1, 0), "向右"),
+    "up": ((0, -1), "向上"),
+    "down": ((0, 1), "向下"),
+}
+_SYN_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+_SYN_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# motions of one object: straight, or a turn half-way (never straight on or straight back)
+_SYN_MOTIONS = [(d,) for d in _SYN_DIRECTIONS] + [(a, b) for a in _SYN_DIRECTIONS for b in _SYN_DIRECTIONS
+                                                   if a != b and b != _SYN_OPPOSITE[a]]
+
+
+def _syn_objects():
+    return [(c, s) for c in _SYN_COLOURS for s in _SYN_SHAPES]
+
+
+def _syn_reverse(motion: tuple) -> tuple:
+    # the time-reversed motion: the same path walked backwards
+    return tuple(_SYN_OPPOSITE[d] for d in reversed(motion))
+
+
+def _syn_caption_en(events) -> str:
+    # events: [(colour, shape, motion)], motion a tuple of one or two directions
+    parts = [f"a {c} {s} moves " + ", then ".join(m) for c, s, m in events]
+    return ", then ".join(parts)
+
+
+def _syn_caption_zh(events) -> str:
+    parts = [f"{_SYN_COLOURS[c][1]}{_SYN_SHAPES[s]}" + "，然后".join(f"{_SYN_DIRECTIONS[d][1]}移动" for d in m)
+             for c, s, m in events]
+    return "，然后".join(parts)
+
+
+def _syn_coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Boolean inside-the-shape test at offsets (dx, dy) from the centre (y grows downwards)."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+    # upward triangle: apex (0, -r), base corners (+-r, 0.8 r)
+    return (dy <= 0.8 * r) & (2 * np.abs(dx) <= (dy + r))
+
+
+def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) -> np.ndarray:
+    """Frames (uint8 [T, size, size, 3]) of a video whose objects share the clip in equal consecutive parts; an
+    object that turns spends half of its part on each leg."""
+    ss = 2  # 2x2 supersampling: anti-aliased edges make motion smooth rather than jumping whole pixels
+    grid = ((np.arange(size * ss) + 0.5) / ss).astype(np.float32)  # sample positions in pixels
+    gy, gx = np.meshgrid(grid, grid, indexing="ij")  # (size*ss, size*ss)
+    background = rng.integers(0, 30, size=3).astype(np.float32)
+    frames = np.empty((num_frames, size, size, 3), dtype=np.float32)
+    frames[:] = background
+    per_object = num_frames // len(events)
+    for k, (colour, shape, motion) in enumerate(events):
+        r = rng.uniform(0.17, 0.21) * size
+        first = k * per_object
+        last = num_frames if k == len(events) - 1 else first + per_object
+        n = last - first
+        # legs of the path, then a placement of the whole path drawn uniformly among those that fit the frame: the
+        # time reverse of every video is then an equally likely video (see the module docstring)
+        lengths = rng.uniform(0.4, 0.55, size=len(motion)) * size / len(motion) ** 0.5
+        steps = [np.array(_SYN_DIRECTIONS[d][0], dtype=np.float64) * L for d, L in zip(motion, lengths)]
+        corners = np.cumsum([np.zeros(2)] + steps, axis=0)  # (legs+1, 2) relative to the start
+        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        start = rng.uniform(r - lo, size - r - hi)  # (2,)
+        pos = np.empty((n, 2))
+        legs = len(motion)
+        for j in range(n):
+            leg = min(j * legs // n, legs - 1)
+            in_leg = [i for i in range(n) if min(i * legs // n, legs - 1) == leg]
+            u = (in_leg.index(j) + 0.5) / len(in_leg)  # progress along the leg at the centre of the frame's slot
+            pos[j] = start + corners[leg] + u * steps[leg]
+        cx = pos[:, 0].astype(np.float32)
+        cy = pos[:, 1].astype(np.float32)
+        rgb = np.array(_SYN_COLOURS[colour][0], dtype=np.float32)
+        inside = _syn_coverage(shape, gx - cx[:, None, None], gy - cy[:, None, None], r)  # (n, size*ss, size*ss)
+        alpha = inside.reshape(-1, size, ss, size, ss).sum(axis=(2, 4), dtype=np.float32)[..., None] / (ss * ss)
+        frames[first:last] = frames[first:last] * (1 - alpha) + rgb * alpha  # (n, size, size, 3)
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def _syn_random_events(rng: np.random.Generator, p_two: float):
+    objects = _syn_objects()
+    straight = [m for m in _SYN_MOTIONS if len(m) == 1]
+    if rng.random() < p_two:  # two objects one after the other, each moving straight
+        i, j = rng.choice(len(objects), size=2, replace=False)
+        return [(*objects[i], straight[rng.integers(4)]), (*objects[j], straight[rng.integers(4)])]
+    c, s = objects[rng.integers(len(objects))]
+    return [(c, s, _SYN_MOTIONS[rng.integers(len(_SYN_MOTIONS))])]
+
+
+def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double: int):
+    """Caption event lists made of whole confusion groups, every caption once: one object's motion next to its time
+    reverse (groups of 2); for two objects the 8 variants (2 orders x 2 x 2 directions). `num_single` groups are
+    drawn from the 15 objects x 6 reverse pairs, `num_double` groups from pairs of objects and axes."""
+    objects = _syn_objects()
+    pairs, seen = [], set()
+    for m in _SYN_MOTIONS:
+        key = min(m, _syn_reverse(m))
+        if key not in seen:
+            seen.add(key)
+            pairs.append((key, _syn_reverse(key)))
+    singles = [(o, p) for o in objects for p in pairs]
+    order = rng.permutation(len(singles))[:num_single]
+    out = []
+    for i in order:
+        (c, s), (m, m_rev) = singles[i]
+        out += [[(c, s, m)], [(c, s, m_rev)]]
+    seen = set()
+    while len(seen) < num_double:
+        i, j = rng.choice(len(objects), size=2, replace=False)
+        a, b = objects[min(i, j)], objects[max(i, j)]
+        axes = (("left", "up")[rng.integers(2)], ("left", "up")[rng.integers(2)])
+        if (a, b, axes) in seen:
+            continue
+        seen.add((a, b, axes))
+        for da in (axes[0], _SYN_OPPOSITE[axes[0]]):
+            for db in (axes[1], _SYN_OPPOSITE[axes[1]]):
+                out.append([(*a, (da,)), (*b, (db,))])
+                out.append([(*b, (db,)), (*a, (da,))])
+    return out
+
+
+def _syn_vocab() -> list[str]:
+    chars = set("，然后移动")
+    for _, zh in _SYN_COLOURS.values():
+        chars.update(zh)
+    for zh in _SYN_SHAPES.values():
+        chars.update(zh)
+    for _, zh in _SYN_DIRECTIONS.values():
+        chars.update(zh)
+    return _SYN_SPECIALS + sorted(chars)
+
+
+def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
+    h, w, _ = frames[0].shape
+    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-threads", "1", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
+    proc = subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: str | None = None,
+                      num_frames: int = 8, frame_size: int = 32, num_train: int = 6000, p_two: float = 0.15,
+                      test_single: int = 90, test_double: int = 3, val_single: int = 40, val_double: int = 1,
+                      verbose: bool = True) -> str:
+    """Write the synthetic dataset to `out_dir` (frames.lmdb, train/val/test.jsonl with `captions` (English) and
+    `captions_zh`, vocab.txt for the Chinese side); with `videos` also one .mp4 per video there. Deterministic in
+    `seed`. The test split has 2*test_single + 8*test_double videos (default 204), all captions unique;
+    val 2*val_single + 8*val_double (88)."""
+    if num_frames % 2:
+        raise ValueError(f"num_frames must be even (two-event videos split the clip in halves), got {num_frames}")
+    rng = np.random.default_rng(seed)
+    splits = {
+        "test": _syn_confusion_groups(rng, test_single, test_double),
+        "val": _syn_confusion_groups(rng, val_single, val_double),
+        "train": [_syn_random_events(rng, p_two) for _ in range(num_train)],
+    }
+    tmp_dir = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    if videos:
+        os.makedirs(videos, exist_ok=True)
+    db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
+    # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
+    mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
+    for split, event_lists in splits.items():
+        with open(os.path.join(tmp_dir, f"{split}.jsonl"), "w") as f:
+            for i, events in enumerate(event_lists):
+                vid = f"{split}{i:05d}"
+                frames = _syn_render(events, rng, num_frames, frame_size)
+                encoded = []
+                for frame in frames:
+                    buf = io.BytesIO()
+                    Image.fromarray(frame).save(buf, format="JPEG", quality=95)
+                    encoded.append(buf.getvalue())
+                db.put_video(vid, encoded)
+                if videos:
+                    mp4_jobs.append(mp4_pool.submit(_syn_write_mp4, os.path.join(videos, f"{vid}.mp4"), frames))
+                record = {"video_id": vid, "captions": [_syn_caption_en(events)],
+                          "captions_zh": [_syn_caption_zh(events)],
+                          # tags (for pre-training recipes): the words of the objects, in caption order
+                          "tags": [w for c, s, m in events for w in (c, s, *m)],
+                          "tags_zh": [w for c, s, m in events for w in
+                                      (_SYN_COLOURS[c][1], _SYN_SHAPES[s], *(_SYN_DIRECTIONS[d][1] for d in m))],
+                          "duration": num_frames / 8.0}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    db.close()
+    t0 = time.time()
+    for n, job in enumerate(mp4_jobs, 1):
+        job.result()  # re-raises an ffmpeg failure
+        if verbose and (n % 1000 == 0 or n == len(mp4_jobs)):
+            print(f"synthetic: {n}/{len(mp4_jobs)} .mp4 files in {videos} ({n / (time.time() - t0 + 1e-9):.0f}/s)",
+                  flush=True)
+    if mp4_pool:
+        mp4_pool.shutdown()
+    with open(os.path.join(tmp_dir, "vocab.txt"), "w") as f:
+        f.write("\n".join(_syn_vocab()) + "\n")
+    # swap in the finished folder at the end, so an interrupted run never leaves a dataset that looks complete
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp_dir, out_dir)
+    if verbose:
+        counts = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
+        print(f"wrote synthetic dataset to {out_dir}: {counts} videos, {num_frames} frames of {frame_size} px",
+              flush=True)
+    return out_dir

@@ -1,0 +1,426 @@
+"""
+Tokenizers: captions -> rows of token ids (and masks) for HMMC's text towers. prepare.py re-exports them.
+
+English: OpenAI CLIP's byte-level BPE (`ClipTokenizer`, `tokenize`), id for id equal to OpenAI's
+`clip.tokenize(texts, L, truncate=True)`. Chinese: BERT WordPiece (`BertTokenizer`), id for id equal to HF
+transformers' BertTokenizer (hfl/chinese-roberta-wwm-ext vocab). `get_tokenizer` picks one by text tower.
+
+CLIP's reference tokenizer (clip/simple_tokenizer.py) is: ftfy.fix_text -> html.unescape twice -> strip ->
+collapse whitespace -> lower -> split with a regex -> byte-level BPE per piece with an end-of-word marker `</w>`.
+We keep the regex (the `regex` package, same pattern and flags) and replace two slow parts:
+  - ftfy (not a dependency) by `_ftfy_fix_text`, a re-implementation of the fixes ftfy.fix_text applies by default,
+    except its mojibake repair (see there);
+  - the pure-Python BPE loop by tiktoken's Rust BPE (see `_clip_bpe_ranks` for why the result is the same).
+
+    >>> tokenize("a dog runs", context_length=8)       # SOT, BPE ids, EOT, zero padding
+    tensor([[49406,   320,  1929,  5586, 49407,     0,     0,     0]])
+"""
+import gzip
+import html
+import html.entities
+import os
+import re
+import unicodedata
+
+import numpy as np
+import regex
+import tiktoken
+import torch
+
+
+CLIP_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
+
+# ---- ftfy.fix_text, default configuration (facts from ftfy 6.3.1: ftfy/__init__.py, fixes.py, chardata.py) -----
+
+def _ftfy_tables():
+    # The single-character fixes ftfy applies one after the other: C1 controls read as windows-1252 (the 5 bytes
+    # cp1252 leaves undefined stay as they are), Latin ligatures, half/full-width forms (plus U+3000 ideographic
+    # space), curly quotes, one-character line breaks. We compose them into one str.translate table, so that e.g.
+    # \x92 -> ’ -> ' happens in one step as it does across ftfy's steps.
+    c1 = {}
+    for b in range(0x80, 0xA0):
+        try:
+            c1[b] = bytes([b]).decode("cp1252")
+        except UnicodeDecodeError:
+            c1[b] = chr(b)
+    ligatures = {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
+                 "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl",
+                 "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
+    ligatures = {ord(k): v for k, v in ligatures.items()}
+    width = {0x3000: " "}
+    for cp in range(0xFF01, 0xFFF0):
+        alt = unicodedata.normalize("NFKC", chr(cp))
+        if alt != chr(cp):
+            width[cp] = alt
+    quotes = {cp: "'" for cp in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)}
+    quotes.update({cp: '"' for cp in (0x201C, 0x201D, 0x201E, 0x201F)})
+    breaks = {ord("\r"): "\n", 0x2028: "\n", 0x2029: "\n", 0x85: "\n"}  # "\r\n" is replaced before the table
+    steps = [c1, ligatures, width, quotes, breaks]
+    table = {}
+    for cp in set().union(*steps):
+        s = chr(cp)
+        for step in steps:
+            s = "".join(step.get(ord(ch), ch) for ch in s)
+        table[cp] = s
+    # controls ftfy deletes: C0 except \t \n \f \r, DEL, deprecated Arabic format chars, interlinear annotation,
+    # object replacement character, BOM. Zero-width (joiner) characters and C1 controls are kept.
+    controls = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                              *range(0xFFF9, 0xFFFD)])
+    return table, controls
+
+
+_FTFY_TABLE, _FTFY_CONTROLS = _ftfy_tables()
+# ftfy's patterns use the standard library's `re` (its \d is any Unicode digit), so ours do too
+_FTFY_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+_FTFY_ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
+_FTFY_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+_FTFY_SURROGATE = re.compile("[\ud800-\udfff]")
+# text that fix_text returns unchanged: ASCII without '&', ESC or a control character it deletes or rewrites (\r)
+_FTFY_ASCII_NOOP = re.compile(r"[^&\x00-\x08\x0b\x0d-\x1f\x7f]*")
+_html_entities = None
+
+
+def _ftfy_entity(m):
+    # ftfy's own HTML unescaping: all HTML5 named entities that end in ';', the upper-cased form of lower-case names
+    # (&NTILDE; -> Ñ) when stdlib html would not read it, and numeric ones that html.unescape can decode.
+    global _html_entities
+    if _html_entities is None:
+        ents = {}
+        for name, char in html.entities.html5.items():
+            if name.endswith(";"):
+                ents["&" + name] = char
+                if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
+                    ents["&" + name.upper()] = char.upper()
+        _html_entities = ents
+    s = m.group(0)
+    if s in _html_entities:
+        return _html_entities[s]
+    if s.startswith("&#"):
+        out = html.unescape(s)
+        return s if ";" in out else out
+    return s
+
+
+def _ftfy_segment(text: str, unescape: bool) -> str:
+    # one pass of ftfy's fixes in its order, repeated until nothing changes (ftfy loops the same way)
+    while True:
+        before = text
+        if unescape and "&" in text:
+            text = _FTFY_ENTITY.sub(_ftfy_entity, text)
+        # ftfy.fix_encoding would come here: its mojibake repair (text decoded with the wrong codec, e.g. "cafÃ©"
+        # -> "café") is a heuristic over ~400 lines of character-class tables, judged not worth carrying for
+        # captions; we leave such text as it is, so ids differ from OpenAI's only on text ftfy deems mojibake.
+        text = text.replace("\r\n", "\n").translate(_FTFY_TABLE)
+        if _FTFY_SURROGATE.search(text):  # strings from bad JSON: pairs joined, lone halves become U+FFFD
+            text = _FTFY_SURROGATE_PAIR.sub(
+                lambda m: chr(0x10000 + (ord(m[0][0]) - 0xD800) * 1024 + ord(m[0][1]) - 0xDC00), text)
+            text = _FTFY_SURROGATE.sub("\ufffd", text)
+        if "\x1b" in text:
+            text = _FTFY_ANSI.sub("", text)
+        text = unicodedata.normalize("NFC", text.translate(_FTFY_CONTROLS))
+        if text == before:
+            return text
+
+
+def _ftfy_fix_text(text: str) -> str:
+    """ftfy.fix_text(text) with ftfy's default settings, minus mojibake repair."""
+    if text.isascii() and _FTFY_ASCII_NOOP.fullmatch(text):
+        return text
+    # ftfy works line by line (and cuts lines at 1e6 characters, which we ignore) and stops HTML unescaping for good
+    # at the first line containing '<' (it may be HTML)
+    lt = text.find("<")
+    if lt < 0:
+        return _ftfy_segment(text, True)
+    cut = text.rfind("\n", 0, lt) + 1
+    return _ftfy_segment(text[:cut], True) + _ftfy_segment(text[cut:], False)
+
+
+# ---- CLIP BPE ------------------------------------------------------------------------------------------------------
+
+_CLIP_PAT = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE)
+# The same pattern for cleaned ASCII text (lower-case, single spaces, no control characters), where \p{L} is [a-z] and
+# \p{N} is [0-9]; the standard library's `re` runs it about 4x faster than `regex` runs the Unicode one.
+_CLIP_PAT_ASCII = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""")
+_WHITESPACE = regex.compile(r"\s+")
+
+
+def _clip_pieces(text: str) -> list[str]:
+    """OpenAI's whitespace_clean(basic_clean(text)).lower(), split into BPE pieces."""
+    text = _ftfy_fix_text(text)
+    if "&" in text:
+        text = html.unescape(html.unescape(text))
+    if text.isascii():  # after ftfy the only ASCII whitespace left is \t \n \v \f \r and space: split() agrees with \s
+        return _CLIP_PAT_ASCII.findall(" ".join(text.split()).lower())
+    return _CLIP_PAT.findall(_WHITESPACE.sub(" ", text.strip()).strip().lower())
+
+
+def _clip_byte_order() -> list[int]:
+    # CLIP's byte-level alphabet: the 188 printable bytes keep their code point and come first, the other 68 bytes
+    # follow in ascending order (mapped to chr(256 + n)). The list position of a byte is its token id.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return printable + [b for b in range(256) if b not in printable]
+
+
+def _clip_bpe_ranks(path: str) -> tuple[dict[bytes, int], list[bytes]]:
+    """CLIP's vocabulary as tiktoken mergeable ranks (rank == CLIP id) plus the id -> bytes table for decoding.
+
+    CLIP's BPE works on symbols, where the last symbol of a piece carries `</w>`. We write `</w>` as one trailing
+    byte b" " (a space never occurs inside a piece, because whitespace separates pieces), so "dog</w>" is b"dog ".
+    Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT.
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank; CLIP merges the pair with the lowest
+    merge rank. They agree as long as no reachable pair (C, D) concatenates to a token built by a different merge.
+    Byte + b" " ranks (256-511) are below every merge, so tiktoken's first step always attaches the end-of-word marker,
+    as CLIP starts with it attached. We checked the agreement piece by piece against the reference BPE on ~1.7M
+    words: every vocabulary word, random words (letters, tokens glued together, mixed scripts), and each of the 34,803
+    tokens that can also be split into two other tokens, inside random contexts: no difference (tests/golden/README.md).
+    """
+    order = _clip_byte_order()
+    char_to_byte = {chr(b) if i < 188 else chr(256 + i - 188): b for i, b in enumerate(order)}
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]  # OpenAI's slice: line 0 is a header, 48,894 merges are used
+    ranks, id_to_bytes = {}, []
+    for i, b in enumerate(order):
+        ranks[bytes([b])] = i
+        id_to_bytes.append(bytes([b]))
+    for i, b in enumerate(order):
+        ranks[bytes([b, 32])] = 256 + i
+        id_to_bytes.append(bytes([b]) + b"</w>")
+    for i, line in enumerate(merges):
+        token = "".join(line.split())
+        eow = token.endswith("</w>")
+        body = bytes(char_to_byte[c] for c in (token[:-4] if eow else token))
+        ranks[body + (b" " if eow else b"")] = 512 + i
+        id_to_bytes.append(body + (b"</w>" if eow else b""))
+    id_to_bytes += [b"<|startoftext|>", b"<|endoftext|>"]
+    if len(ranks) != 49406:
+        raise ValueError(f"{path} is not CLIP's bpe_simple_vocab_16e6.txt.gz: {len(ranks) - 512} distinct merges, "
+                         f"expected 48894")
+    return ranks, id_to_bytes
+
+
+_clip_bpe_cache = {}  # merges path -> (tiktoken Encoding, id -> bytes)
+
+
+class ClipTokenizer:
+    """OpenAI CLIP's BPE tokenizer (49,408 ids). Rows of `__call__` equal `clip.tokenize(texts, L, truncate=True)`."""
+
+    vocab_size = 49408
+    sot_id = 49406
+    eot_id = 49407
+    pad_id = 0
+    mask_id = None  # OpenAI's vocabulary has no mask token (HMMC overwrote id 49394 with "[MASK]"; we do not)
+
+    def __init__(self, bpe_path: str = CLIP_BPE_PATH):
+        self.bpe_path = bpe_path
+        if bpe_path not in _clip_bpe_cache:  # parsing the merges takes ~0.5 s: once per process
+            if not os.path.exists(bpe_path):
+                raise FileNotFoundError(f"CLIP BPE merges file not found at {bpe_path} (it ships in assets/)")
+            ranks, id_to_bytes = _clip_bpe_ranks(bpe_path)
+            # pieces arrive one at a time, each already ending in its b" " marker, so the split pattern is trivial
+            bpe = tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={})
+            _clip_bpe_cache[bpe_path] = (bpe, id_to_bytes)
+        self._bpe, self._id_to_bytes = _clip_bpe_cache[bpe_path]
+        # per-piece cache, as in OpenAI's tokenizer; a literal <|startoftext|>/<|endoftext|> in the text is one piece
+        # and maps to the special id there too
+        self._cache = {"<|startoftext|>": (self.sot_id,), "<|endoftext|>": (self.eot_id,)}
+
+    def __getstate__(self):  # DataLoader workers started by spawn get the path and rebuild (once per process)
+        return {"bpe_path": self.bpe_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["bpe_path"])
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of one text, without SOT/EOT."""
+        if not isinstance(text, str):
+            raise TypeError(f"ClipTokenizer.encode expects str, got {type(text).__name__}: {text!r:.80}")
+        ids, cache = [], self._cache
+        for piece in _clip_pieces(text):
+            out = cache.get(piece)
+            if out is None:
+                out = cache[piece] = tuple(self._bpe.encode_ordinary(piece + " "))
+                if len(cache) > 1_000_000:  # a bound for streams of random text; real captions reuse few words
+                    self._cache = cache = {k: cache[k] for k in ("<|startoftext|>", "<|endoftext|>")}
+            ids.extend(out)
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of a list of ids (as OpenAI: `</w>` becomes a space; SOT/EOT come out as their literal strings)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"ClipTokenizer.decode: id {i} is outside the vocabulary [0, {self.vocab_size})")
+        text = b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ")
+
+    def __call__(self, texts, context_length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask), both LongTensor [N, L]; mask is 1 from SOT to EOT."""
+        return _pack_rows(texts, context_length, self.encode, self.sot_id, self.eot_id, "tokenize")
+
+
+def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, who: str):
+    """(ids, mask) LongTensor [N, L] of rows `start, ids..., end`, zero-padded. A row too long for L is cut and keeps
+    `end` in its last slot: OpenAI's clip.tokenize(truncate=True) and the original HMMC's BERT loaders
+    ([CLS] tokens [SEP]) are both this one rule."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if context_length < 1:
+        raise ValueError(f"context_length must be at least 1, got {context_length}")
+    texts = list(texts)
+    ids = np.zeros((len(texts), context_length), dtype=np.int64)
+    mask = np.zeros((len(texts), context_length), dtype=np.int64)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{who}: item {i} is {type(text).__name__}, not str: {text!r:.80}")
+        row = [start_id, *encode(text)][:context_length - 1] + [end_id]
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1  # from the length, never ids != 0: id 0 is CLIP's '!' and a literal "[PAD]" in BERT
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+_default_clip_tokenizer = None
+
+
+def tokenize(texts, context_length: int = 77) -> torch.Tensor:
+    """CLIP token ids, LongTensor [N, context_length]: SOT, BPE ids, EOT, zero padding; a text longer than the
+    context is cut and its last id is EOT. Identical to OpenAI `clip.tokenize(texts, context_length, truncate=True)`."""
+    global _default_clip_tokenizer
+    if _default_clip_tokenizer is None:
+        _default_clip_tokenizer = ClipTokenizer()
+    return _default_clip_tokenizer(texts, context_length)[0]
+
+
+# ---- BERT WordPiece (Chinese side) ---------------------------------------------------------------------------------
+
+def _bert_is_cjk(cp: int) -> bool:
+    # the CJK Unified Ideographs blocks BERT splits into single characters (not Hiragana/Katakana/Hangul)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def _bert_is_punct(ch: str) -> bool:
+    # all ASCII non-alphanumeric printables count ($, +, ^, ` too), plus every Unicode P* category
+    return (ch.isascii() and ch.isprintable() and not ch.isalnum() and ch != " ") or \
+        unicodedata.category(ch).startswith("P")
+
+
+class BertTokenizer:
+    """BERT WordPiece, same tokens and ids as HF transformers' BertTokenizer(vocab_file, do_lower_case=...)."""
+
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+    def __init__(self, vocab_file: str, do_lower_case: bool = True, max_chars_per_word: int = 100):
+        if not vocab_file or not os.path.exists(vocab_file):
+            raise FileNotFoundError(f"BERT vocab file not found: {vocab_file!r} (a vocab.txt, one token per line)")
+        self.vocab = {}
+        with open(vocab_file, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                self.vocab[line.rstrip("\n")] = i  # a repeated token keeps its last line, as HF's loader does
+        missing = [t for t in self.specials if t not in self.vocab]
+        if missing:
+            raise ValueError(f"BERT vocab {vocab_file} lacks the special tokens {missing}")
+        self.inv_vocab = {i: t for t, i in self.vocab.items()}
+        self.do_lower_case = do_lower_case
+        self.max_chars_per_word = max_chars_per_word
+        self.vocab_size = len(self.vocab)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in self.specials)
+        # special tokens written in the text are kept whole, before any lower-casing or punctuation split
+        self._special_pat = regex.compile("(" + "|".join(regex.escape(t) for t in self.specials) + ")")
+        self._cache = {}
+
+    def _basic(self, text: str) -> list[str]:
+        # clean: drop NUL, U+FFFD and control/format characters (category C*, except \t \n \r), whitespace -> space;
+        # put spaces around CJK ideographs so each is a word of its own. (transformers 5's Python BertTokenizer also
+        # applies NFC here; its default Rust one and 4.x's, which HMMC used, do not. With lower-casing the NFD below
+        # makes it moot; we follow the majority.)
+        out = []
+        for ch in text:
+            cp = ord(ch)
+            if cp == 0 or cp == 0xFFFD:
+                continue
+            if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+                out.append(" ")
+            elif unicodedata.category(ch).startswith("C"):
+                continue
+            elif _bert_is_cjk(cp):
+                out.append(" " + ch + " ")
+            else:
+                out.append(ch)
+        words = []
+        for word in "".join(out).split():
+            if self.do_lower_case:  # lower-casing also strips accents: NFD, then drop the combining marks (Mn)
+                word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            start = 0
+            for j, ch in enumerate(word):  # every punctuation character is a word of its own
+                if _bert_is_punct(ch):
+                    if j > start:
+                        words.append(word[start:j])
+                    words.append(ch)
+                    start = j + 1
+            if start < len(word):
+                words.append(word[start:])
+        return words
+
+    def _wordpiece(self, word: str) -> list[str]:
+        # greedy longest-match-first; a word with an unmatchable part, or longer than 100 chars, is one [UNK]
+        if len(word) > self.max_chars_per_word:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                sub = word[start:end] if start == 0 else "##" + word[start:end]
+                if sub in self.vocab:
+                    break
+                end -= 1
+            if end == start:
+                return ["[UNK]"]
+            pieces.append(sub)
+            start = end
+        return pieces
+
+    def tokenize(self, text: str) -> list[str]:
+        if not isinstance(text, str):
+            raise TypeError(f"BertTokenizer.tokenize expects str, got {type(text).__name__}: {text!r:.80}")
+        tokens = []
+        for part in self._special_pat.split(text):
+            if part in self.specials:
+                tokens.append(part)
+                continue
+            for word in self._basic(part):
+                pieces = self._cache.get(word)
+                if pieces is None:
+                    pieces = self._cache[word] = self._wordpiece(word)
+                tokens.extend(pieces)
+        return tokens
+
+    def encode(self, text: str) -> list[int]:
+        """WordPiece ids of one text, without [CLS]/[SEP]."""
+        return [self.vocab[t] for t in self.tokenize(text)]
+
+    def decode(self, ids) -> str:
+        """Tokens joined by spaces, '##' continuations glued back (HF's convert_tokens_to_string)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        for i in ids:
+            if i not in self.inv_vocab:
+                raise ValueError(f"BertTokenizer.decode: id {i} is not in the vocabulary")
+        return " ".join(self.inv_vocab[i] for i in ids).replace(" ##", "").strip()
+
+    def __call__(self, texts, context_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) LongTensor [N, L]: [CLS] tokens [SEP], cut so the row fits L, padded with 0."""
+        return _pack_rows(texts, context_length, self.encode, self.cls_id, self.sep_id, "BertTokenizer")
+
+
+def get_tokenizer(text_encoder: str, bert_vocab: str | None = None):
+    """The tokenizer for a text tower: "clip" -> ClipTokenizer(), "bert" -> BertTokenizer(bert_vocab)."""
+    if text_encoder == "clip":
+        return ClipTokenizer()
+    if text_encoder == "bert":
+        if not bert_vocab or not os.path.exists(bert_vocab):
+            raise ValueError(f"text_encoder='bert' needs bert_vocab, the path of a vocab.txt; got {bert_vocab!r}")
+        return BertTokenizer(bert_vocab)
+    raise ValueError(f"unknown text_encoder {text_encoder!r}; expected 'clip' or 'bert'")
