@@ -245,6 +245,83 @@ def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str, ru
     return metrics
 
 
+def load_data(config: dict, master: bool, ddp: bool):
+    """(training set, tokenizer, (eval data dir, eval split, eval caption field)). The built-in synthetic dataset
+    is made on demand, every other one by prepare.py."""
+    ddir = data_dir or os.path.join("data", dataset)
+    if dataset == "synthetic" and not os.path.exists(os.path.join(ddir, "frames.lmdb")):
+        if master:
+            synthetic.prepare_synthetic(ddir, seed=0)
+        if ddp:
+            dist.barrier()
+    edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
+    eval_split = val_split if val_split and os.path.exists(os.path.join(edir, f"{val_split}.jsonl")) else test_split
+    check_data(ddir, [train_split], dataset)
+    check_data(edir, [eval_split, test_split], eval_dataset or dataset)
+    vocab = bert_vocab
+    if text_encoder == "bert" and not vocab:
+        vocab = os.path.join(bert_path, "vocab.txt") if bert_path else os.path.join(ddir, "vocab.txt")
+    tokenizer = prepare.get_tokenizer(text_encoder, vocab)
+    config["bert_vocab"] = vocab  # saved with the checkpoint, so eval.py finds the same tokenizer
+    train_set = prepare.VideoTextDataset(
+        ddir, train_split, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
+        context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,
+        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master)
+    return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)
+
+
+def final_test(model, tokenizer, edir: str, eval_split: str, ecaption: str, iter_num: int, master: bool,
+         run_device: str, t0: float):
+    """The final metrics on the test split with the best-by-val weights (the original's practice) -> results.json."""
+    best_path = os.path.join(out_dir, "best.pt")
+    used = f"final weights (iter {iter_num})"
+    if eval_split != test_split and os.path.exists(best_path):
+        best = hmmc_model.read_checkpoint(best_path)
+        if best["iter_num"] != iter_num:
+            model.load_state_dict(best["model"])
+            used = f"best {eval_split} weights (iter {best['iter_num']})"
+    metrics = evaluate(model, edir, test_split, tokenizer, ecaption, run_device)
+    print0(hmmc_eval.format_table(metrics, f"{test_split} split, {used}, chance R@1 "
+                                           f"{100 / max(metrics.get('num_videos', 1), 1):.2f}%"))
+    if master:
+        result = {**metrics, "split": test_split, "weights": used, "iter": iter_num, "time_s": time.time() - t0}
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print0(f"wrote {out_dir}/results.json; training took {(time.time() - t0) / 60:.1f} min")
+
+
+def build_model(tokenizer, resume: bool):
+    """(model on the CPU, the checkpoint dict when resuming). Every HMMCConfig setting is passed here, explicitly;
+    a resumed run takes its checkpoint's own. Built on the CPU and moved later, so that a GPU run starts from the
+    same weights as a CPU run."""
+    clip_args = hmmc_model.CLIPConfig(
+        embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
+        vision_patch_size=vision_patch_size, context_length=max(context_length, tag_context_length),
+        vocab_size=tokenizer.vocab_size, transformer_width=transformer_width, transformer_heads=transformer_heads,
+        transformer_layers=transformer_layers, eot_id=getattr(tokenizer, "eot_id", None) or 49407)
+    bert_args, mlm_ids = None, {}
+    if text_encoder == "bert":
+        bert_args = hmmc_model.BertConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=bert_hidden_size, num_hidden_layers=bert_layers,
+            num_attention_heads=bert_heads, intermediate_size=4 * bert_hidden_size,
+            max_position_embeddings=max(64, context_length, tag_context_length), pad_token_id=tokenizer.pad_id)
+        mlm_ids = dict(mlm_mask_id=tokenizer.mask_id, mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id,
+                                                                      tokenizer.sep_id))
+    model_args = dict(
+        clip=clip_args, bert=bert_args, text_encoder=text_encoder, use_temp=use_temp, temporal_layers=temporal_layers,
+        temporal_heads=temporal_heads, max_frames=max_frames, temporal_init=temporal_init, use_frame_fea=use_frame_fea,
+        weight_video=weight_video, weight_frame=weight_frame, sim_scale=sim_scale, learn_sim_scale=learn_sim_scale,
+        pretrain=pretrain, use_tags=use_tags, num_frames=num_frames, queue_size=queue_size, momentum=momentum,
+        temperature=temperature, proj_hidden=proj_hidden, weight_fam=weight_fam, weight_vtm=weight_vtm,
+        weight_ftm=weight_ftm, weight_mlm=weight_mlm, mlm_prob=mlm_prob, freeze_clip_vision=freeze_clip_vision,
+        freeze_clip_text=freeze_clip_text, **mlm_ids)
+    model, info = hmmc_model.load_model(
+        os.path.join(out_dir, "ckpt.pt") if resume else init_from,
+        None if resume else hmmc_model.HMMCConfig(**model_args), clip_path=clip_path, bert_path=bert_path)
+    print0(info["message"])
+    return model, info["checkpoint"]
+
+
 def check_config(config: dict, world_size: int):
     """Settings that cannot work together, refused before anything slow happens."""
     if config["batch_size"] % world_size:
@@ -286,27 +363,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
     np.random.seed(seed)
     ctx = autocast(device_type, dtype)
 
-    # data: the built-in synthetic dataset is made on demand, every other one by prepare.py
-    ddir = data_dir or os.path.join("data", dataset)
-    if dataset == "synthetic" and not os.path.exists(os.path.join(ddir, "frames.lmdb")):
-        if master:
-            synthetic.prepare_synthetic(ddir, seed=0)
-        if ddp:
-            dist.barrier()
-    edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
-    ecaption = eval_caption_field or caption_field
-    eval_split = val_split if val_split and os.path.exists(os.path.join(edir, f"{val_split}.jsonl")) else test_split
-    check_data(ddir, [train_split], dataset)
-    check_data(edir, [eval_split, test_split], eval_dataset or dataset)
-    vocab = bert_vocab
-    if text_encoder == "bert" and not vocab:
-        vocab = os.path.join(bert_path, "vocab.txt") if bert_path else os.path.join(ddir, "vocab.txt")
-    tokenizer = prepare.get_tokenizer(text_encoder, vocab)
-    config["bert_vocab"] = vocab  # saved with the checkpoint, so eval.py finds the same tokenizer
-    train_set = prepare.VideoTextDataset(
-        ddir, train_split, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
-        context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,
-        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master)
+    train_set, tokenizer, (edir, eval_split, ecaption) = load_data(config, master, ddp)
     steps_per_epoch = len(train_set) // batch_size  # micro-steps
     if steps_per_epoch == 0:
         raise SystemExit(f"config error: the {train_split} split has {len(train_set)} samples, fewer than one "
@@ -315,35 +372,8 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
     total_iters = steps_per_epoch * epochs // gradient_accumulation_steps
     stop_iter = min(total_iters, max_iters) if max_iters > 0 else total_iters
 
-    # model: every HMMCConfig setting, explicitly; resume takes the checkpoint's own
-    clip_args = hmmc_model.CLIPConfig(
-        embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
-        vision_patch_size=vision_patch_size, context_length=max(context_length, tag_context_length),
-        vocab_size=tokenizer.vocab_size, transformer_width=transformer_width, transformer_heads=transformer_heads,
-        transformer_layers=transformer_layers, eot_id=getattr(tokenizer, "eot_id", None) or 49407)
-    bert_args, mlm_ids = None, {}
-    if text_encoder == "bert":
-        bert_args = hmmc_model.BertConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=bert_hidden_size, num_hidden_layers=bert_layers,
-            num_attention_heads=bert_heads, intermediate_size=4 * bert_hidden_size,
-            max_position_embeddings=max(64, context_length, tag_context_length), pad_token_id=tokenizer.pad_id)
-        mlm_ids = dict(mlm_mask_id=tokenizer.mask_id, mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id,
-                                                                      tokenizer.sep_id))
-    model_args = dict(
-        clip=clip_args, bert=bert_args, text_encoder=text_encoder, use_temp=use_temp, temporal_layers=temporal_layers,
-        temporal_heads=temporal_heads, max_frames=max_frames, temporal_init=temporal_init, use_frame_fea=use_frame_fea,
-        weight_video=weight_video, weight_frame=weight_frame, sim_scale=sim_scale, learn_sim_scale=learn_sim_scale,
-        pretrain=pretrain, use_tags=use_tags, num_frames=num_frames, queue_size=queue_size, momentum=momentum,
-        temperature=temperature, proj_hidden=proj_hidden, weight_fam=weight_fam, weight_vtm=weight_vtm,
-        weight_ftm=weight_ftm, weight_mlm=weight_mlm, mlm_prob=mlm_prob, freeze_clip_vision=freeze_clip_vision,
-        freeze_clip_text=freeze_clip_text, **mlm_ids)
     resume = init_from == "resume"
-    # built on the CPU and then moved, so that a GPU run starts from the same weights as a CPU run
-    model, info = hmmc_model.load_model(
-        os.path.join(out_dir, "ckpt.pt") if resume else init_from,
-        None if resume else hmmc_model.HMMCConfig(**model_args), clip_path=clip_path, bert_path=bert_path)
-    print0(info["message"])
-    ckpt, info = info["checkpoint"], None
+    model, ckpt = build_model(tokenizer, resume)
     iter_num, epoch, step_in_epoch, best_r1 = 0, 0, 0, -1.0
     if resume:
         iter_num, epoch, step_in_epoch, best_r1 = (ckpt[k] for k in ("iter_num", "epoch", "step_in_epoch", "best_r1"))
@@ -495,26 +525,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
                        f"{', new best' if improved else ''})")
             model.train()
 
-    # final test metrics with the best-by-val weights (the original's practice)
     if ddp:
         dist.barrier()  # best.pt is complete before any rank reads it
-    best_path = os.path.join(out_dir, "best.pt")
-    used = f"final weights (iter {iter_num})"
-    if eval_split != test_split and os.path.exists(best_path):
-        best = hmmc_model.read_checkpoint(best_path)
-        if best["iter_num"] != iter_num:
-            raw_model.load_state_dict(best["model"])
-            used = f"best {eval_split} weights (iter {best['iter_num']})"
-        best = None
-    metrics = evaluate(raw_model, edir, test_split, tokenizer, ecaption, run_device)
-    print0(hmmc_eval.format_table(metrics, f"{test_split} split, {used}, chance R@1 "
-                                           f"{100 / max(metrics.get('num_videos', 1), 1):.2f}%"))
-    if master:
-        result = {**metrics, "split": test_split, "weights": used, "iter": iter_num, "time_s": time.time() - t0}
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print0(f"wrote {out_dir}/results.json; training took {(time.time() - t0) / 60:.1f} min")
-
+    final_test(raw_model, tokenizer, edir, eval_split, ecaption, iter_num, master, run_device, t0)
 
 if __name__ == "__main__":
     try:

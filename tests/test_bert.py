@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model
+import towers
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 ST_DIR = os.path.join(GOLDEN, "bert_tiny")       # transformers 5 save_pretrained: model.safetensors, bert.* + cls.*
@@ -58,7 +59,7 @@ def test_hf_key_names():
 
 def test_safetensors_reader_dtypes():
     # written by the safetensors library itself (F32, F16, BF16, I64, an empty tensor); same tensors via torch.save
-    ours = model.read_safetensors(os.path.join(GOLDEN, "bert_st_dtypes.safetensors"))
+    ours = towers.read_safetensors(os.path.join(GOLDEN, "bert_st_dtypes.safetensors"))
     ref = torch.load(os.path.join(GOLDEN, "bert_st_dtypes.pt"), weights_only=True)
     assert set(ours) == set(ref)
     for k in ref:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import model
+import towers
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "clip_tiny.pt")
 
@@ -51,7 +52,7 @@ def test_state_dict_wrapped_in_dict(golden, tmp_path):
 
 
 def openai_vit_shapes(embed, res, v_layers, v_width, patch, ctx, vocab, t_width, t_layers):
-    """The key -> shape table of an OpenAI ViT CLIP, written from spec §2.3 (independent of our modules)."""
+    """The key -> shape table of an OpenAI ViT CLIP, written from OpenAI's clip/model.py (independent of our modules)."""
     def blocks(prefix, w, n):
         out = {}
         for i in range(n):
@@ -137,7 +138,7 @@ def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path):
         traced = torch.jit.trace(archive, golden["images"].half(), check_trace=False)
     jit_path = str(tmp_path / "tiny_clip_jit.pt")
     traced.save(jit_path)
-    assert model._clip_is_torchscript(jit_path) and not model._clip_is_torchscript(plain_path)
+    assert towers._clip_is_torchscript(jit_path) and not towers._clip_is_torchscript(plain_path)
     sd_jit, sd_plain = model.load_clip_state_dict(jit_path), model.load_clip_state_dict(plain_path)
     assert set(sd_jit) == set(sd_plain) and "input_resolution" not in sd_jit and "attn_mask" not in sd_jit
     assert all(torch.equal(sd_jit[k], sd_plain[k]) for k in sd_plain)
@@ -162,7 +163,7 @@ def test_text_tower_is_causal():
     torch.testing.assert_close(h_short, h[:, :j], atol=1e-5, rtol=0)
 
 
-def naive_attention(attn: model.Attention, x, mask=None):
+def naive_attention(attn: towers.Attention, x, mask=None):
     B, L, D = x.shape
     h, hd = attn.heads, D // attn.heads
     q, k, v = (x @ attn.in_proj_weight.T + attn.in_proj_bias).split(D, dim=-1)
@@ -178,7 +179,7 @@ def naive_attention(attn: model.Attention, x, mask=None):
 
 def test_sdpa_attention_equals_naive():
     torch.manual_seed(0)
-    attn = model.Attention(64, 4)
+    attn = towers.Attention(64, 4)
     nn.init.normal_(attn.in_proj_bias, std=0.1)
     x = torch.randn(3, 9, 64)
     causal = torch.full((9, 9), float("-inf")).triu(1)
@@ -195,12 +196,12 @@ def test_sdpa_attention_equals_naive():
 
 
 def test_block_keys_and_quickgelu():
-    block = model.ResidualAttentionBlock(32, 2, eps=1e-12)
+    block = towers.ResidualAttentionBlock(32, 2, eps=1e-12)
     assert set(block.state_dict()) == {"attn.in_proj_weight", "attn.in_proj_bias"} | {
         f"{m}.{p}" for m in ("ln_1", "ln_2", "attn.out_proj", "mlp.c_fc", "mlp.c_proj") for p in ("weight", "bias")}
     assert block.ln_1.eps == 1e-12
     x = torch.linspace(-4, 4, 9)
-    torch.testing.assert_close(model.QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    torch.testing.assert_close(towers.QuickGELU()(x), x * torch.sigmoid(1.702 * x))
     t = model.Transformer(32, 3, 2)
     assert [k for k in t.state_dict() if k.endswith("in_proj_weight")] == [
         f"resblocks.{i}.attn.in_proj_weight" for i in range(3)]
@@ -244,7 +245,7 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="context length 12"):
         m.encode_text(torch.zeros(1, 13, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible"):
-        model.Attention(30, 4)
+        towers.Attention(30, 4)
 
 
 # ---- bad input: every error names the file and says what is wrong

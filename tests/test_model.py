@@ -1,5 +1,5 @@
 # Tests of the HMMC part of model.py on tiny configs (CPU, a few seconds). Every loss is checked against a direct,
-# loop-based reference written here from the spec (spec/HMMC.md §6-§9), not against the batched code it tests.
+# loop-based reference written here from the original's description, not against the batched code it tests.
 import math
 
 import pytest
@@ -113,7 +113,7 @@ def test_uint8_frames_are_normalised_by_the_model():
 
 
 def finetune_loss_reference(t, v, f, scale=100.0, w_video=0.85, w_frame=0.15):
-    # the original's BirdModel loss (§8): per-frame-position loop, CE written row by row
+    # the original's BirdModel loss: per-frame-position loop, CE written row by row
     G, T_ = f.shape[:2]
 
     def sym_ce(S):
@@ -211,7 +211,7 @@ def test_hierarchical_similarity_brute_force_and_chunks():
 # pre-training
 
 def cl_reference(q, k, queue, tau=0.07):
-    # CL(q, k, Q) (§7.6), row by row: logits [q.k, q.Q_1 ... q.Q_M] / tau, target 0
+    # CL(q, k, Q), row by row: logits [q.k, q.Q_1 ... q.Q_M] / tau, target 0
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     rows = [ce(torch.cat([(q[i] @ k[i]).view(1), queue @ q[i]]) / tau, 0) for i in range(q.shape[0])]
     return sum(rows) / len(rows)
@@ -330,6 +330,7 @@ def test_queue_wrap_around_and_divisibility():
         m(make_batch(2, frames=T + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pretrain", [False, True])
 def test_training_forward_is_one_graph(pretrain):
     # no host syncs (.item(), data-dependent shapes) in the step: each would stall the GPU's queue every step and
@@ -463,7 +464,7 @@ def test_load_model_pretrain_checkpoint_into_finetuning(tmp_path):
         M.load_model(path, make_cfg(max_frames=6))
 
 
-# --- an independent reference of the original's forward, straight from the spec (§2.4-§2.6, §3, §4) ---------------
+# --- an independent reference of the original's forward, written from its description ---------------------------------
 
 def ref_ln(x, w, b, eps):
     mu = x.mean(-1, keepdim=True)
@@ -566,10 +567,10 @@ def ref_bert_text(ids, mask, sd, p="text_encoder.chinese_encoder."):
 
 
 def original_state_dict(text="clip", temporal=True, seed=0):
-    """A synthetic state dict in the original BirdModel layout (spec §7.1), fp16 where the original stores fp16."""
+    """A synthetic state dict in the original BirdModel layout, fp16 where the original stores fp16."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, std=0.1: (torch.randn(*s, generator=g) * std)
-    half = lambda x: x.half()  # conv / linear / attention / projection matrices were fp16 (§2.8)
+    half = lambda x: x.half()  # conv / linear / attention / projection matrices were fp16
     sd = {}
 
     def block(p, D):

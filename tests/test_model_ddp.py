@@ -1,4 +1,4 @@
-# HMMC under DDP: 2 CPU processes with gloo against 1 process holding the whole batch (DESIGN §4.8).
+# HMMC under DDP: 2 CPU processes with gloo against 1 process holding the whole batch.
 # - fine-tuning: gather_with_grad makes every rank compute the global loss and sums gradients back, so the DDP-averaged
 #   gradients equal the single-process gradients of the same loss;
 # - pre-training: keys are all-gathered before the enqueue, so the queues are identical on both ranks; without the
@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
+
+pytestmark = pytest.mark.slow
 
 WORLD, B_LOCAL, T, RES, STEPS = 2, 2, 3, 16, 3
 G = WORLD * B_LOCAL

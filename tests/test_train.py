@@ -41,7 +41,7 @@ def log(out_dir):
 # ----------------------------------------------------------------------------- schedule and sampler
 
 def test_get_lr_matches_hmmc_warmup_cosine():
-    # f(x) = x / w below the warm-up fraction, 0.5 (1 + cos(pi x)) after it, x = step / t_total (spec §11.2)
+    # f(x) = x / w below the warm-up fraction, 0.5 (1 + cos(pi x)) after it, x = step / t_total
     assert train.get_lr(0, 100, 0.1) == 0.0  # the first step runs at lr 0
     assert train.get_lr(5, 100, 0.1) == pytest.approx(0.5)
     assert train.get_lr(9, 100, 0.1) == pytest.approx(0.9)
@@ -96,6 +96,7 @@ def test_exact_resume(data, tmp_path, stop, total):
 
 
 # compiled: torch.compile around DDP, through the gradient-summing all-gather of the loss
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_two_process_gloo_matches_one_process(data, tmp_path, compiled):
     common = ["train.py", "--data_dir=" + data, "--batch_size=8", "--epochs=2", "--max_iters=4", *TINY]

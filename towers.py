@@ -1,0 +1,536 @@
+"""
+The two kinds of towers HMMC is built from, as their authors define them: OpenAI CLIP's ViT image tower and causal
+text transformer, and the Chinese BERT (hfl/chinese-roberta-wwm-ext is a plain BERT-base), with the readers of
+their released weights (OpenAI's TorchScript archives and plain state dicts; HF folders with safetensors or
+pytorch_model.bin). Rarely edited: outputs are pinned against open_clip and HF transformers by tests. HMMC itself,
+its losses and its checkpoints are in model.py.
+
+Module names copy OpenAI's / HF's state-dict keys exactly (`c_fc`, `ln_final`, `proj`, `attention.self.query`...),
+even where we would not choose them: that is what makes `load_state_dict(strict=True)` the whole loader.
+Weights stay fp32; callers run under autocast (which keeps layer_norm and softmax in fp32 anyway).
+
+>>> clip = load_clip("ViT-B-32.pt")          # OpenAI's archive or a plain state dict; architecture from the shapes
+>>> bert = load_bert("chinese-roberta-wwm-ext")
+"""
+import json
+import math
+import os
+import struct
+import sys
+import warnings
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    image_resolution: int = 224
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 32
+    context_length: int = 77
+    vocab_size: int = 49408
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+    eot_id: int = 49407  # end-of-text id used for pooling; CLIP's tokenizer puts it last in the vocabulary
+
+    @property
+    def vision_heads(self) -> int:
+        # OpenAI ties heads to width (64 per head); tiny custom towers still get one head
+        return max(1, self.vision_width // 64)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "CLIPConfig":
+        """Read the architecture off an OpenAI-layout ViT state dict; no side-car config needed."""
+        if "visual.proj" not in sd and any(k.startswith("visual.layer1.") for k in sd):
+            raise ValueError("this is a ResNet CLIP (visual.layer1.* keys, no visual.proj); ResNet CLIP models are "
+                             "not supported, use a ViT one (ViT-B/32, ViT-B/16, ViT-L/14, ...)")
+        missing = [k for k in _CLIP_REQUIRED_KEYS if k not in sd]
+        if missing:
+            raise ValueError(f"not a CLIP ViT state dict: missing keys {missing}")
+        n_pos = sd["visual.positional_embedding"].shape[0]  # grid*grid patches + 1 class token
+        grid = round(math.sqrt(n_pos - 1))
+        if grid * grid + 1 != n_pos:
+            raise ValueError(f"visual.positional_embedding has {n_pos} rows, not a square patch grid plus one")
+        width = sd["ln_final.weight"].shape[0]
+        vocab_size = sd["token_embedding.weight"].shape[0]
+        return cls(
+            embed_dim=sd["text_projection"].shape[1],
+            image_resolution=sd["visual.conv1.weight"].shape[-1] * grid,
+            vision_layers=sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd),
+            vision_width=sd["visual.conv1.weight"].shape[0],
+            vision_patch_size=sd["visual.conv1.weight"].shape[-1],
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=vocab_size,
+            transformer_width=width,
+            transformer_heads=max(1, width // 64),
+            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+            # OpenAI's vocabulary ends with <|startoftext|>, <|endoftext|>; a small custom vocabulary keeps that order
+            eot_id=min(49407, vocab_size - 1),
+        )
+
+
+# the keys from_state_dict reads; anything else missing is reported by load_state_dict
+_CLIP_REQUIRED_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+                       "positional_embedding", "token_embedding.weight", "ln_final.weight")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with. Written as the same
+    function silu(1.702 x) / 1.702, so that autograd keeps one tensor for backward instead of two (x and the sigmoid):
+    ~18% less activation memory for the ViT and fewer element-wise passes in backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(1.702 * x) * (1 / 1.702)
+
+
+class Attention(nn.Module):
+    """Batch-first multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # packed q, k, v rows
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        # the same init as nn.MultiheadAttention, so modules built fresh (the temporal transformer) match it
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, L, 3D)
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in q's dtype (bf16 under autocast)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, h, L, D/h)
+        y = y.transpose(1, 2).reshape(B, L, D)                               # (B, L, D)
+        return self.out_proj(y)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, eps: float = 1e-5):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width),
+            gelu=QuickGELU(),
+            c_proj=nn.Linear(4 * width, width),
+        ))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of blocks (keys `resblocks.{i}`). `attn_mask` is additive or boolean (True = attend), broadcast to
+    (B, heads, L, L). Set `grad_checkpointing = True` to recompute activations in backward for large batches."""
+
+    def __init__(self, width: int, layers: int, heads: int, eps: float = 1e-5):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, eps) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if attn_mask is not None and is_causal:
+            raise ValueError("pass either attn_mask or is_causal=True, not both")
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, is_causal)
+        return x
+
+
+def _init_clip_blocks(transformer: Transformer):
+    # OpenAI's initialize_parameters: residual projections shrink with depth so the stream's variance stays put.
+    # Only matters for training from scratch; the plain Transformer keeps nn.MultiheadAttention's init.
+    W, layers = transformer.width, transformer.layers
+    for block in transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=W ** -0.5)
+        nn.init.normal_(block.attn.out_proj.weight, std=W ** -0.5 * (2 * layers) ** -0.5)
+        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * W) ** -0.5)
+        nn.init.normal_(block.mlp.c_proj.weight, std=W ** -0.5 * (2 * layers) ** -0.5)
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's image tower; keys are OpenAI's `visual.*` keys without the prefix."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        W, P = cfg.vision_width, cfg.vision_patch_size
+        if cfg.image_resolution % P:
+            raise ValueError(f"image_resolution {cfg.image_resolution} is not a multiple of the patch size {P}")
+        self.input_resolution = cfg.image_resolution
+        grid = cfg.image_resolution // P
+        scale = W ** -0.5
+        self.conv1 = nn.Conv2d(3, W, kernel_size=P, stride=P, bias=False)  # patchify
+        self.class_embedding = nn.Parameter(scale * torch.randn(W))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, W))
+        self.ln_pre = nn.LayerNorm(W)
+        self.transformer = Transformer(W, cfg.vision_layers, cfg.vision_heads)
+        self.ln_post = nn.LayerNorm(W)
+        self.proj = nn.Parameter(scale * torch.randn(W, cfg.embed_dim))
+        _init_clip_blocks(self.transformer)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.input_resolution, self.input_resolution):
+            raise ValueError(f"expected images of {self.input_resolution}x{self.input_resolution} pixels, "
+                             f"got shape {tuple(images.shape)}")
+        x = self.conv1(images.to(self.conv1.weight.dtype))                 # (B, W, grid, grid)
+        x = x.flatten(2).transpose(1, 2)                                   # (B, N-1, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)   # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, N, W)
+        x = self.transformer(self.ln_pre(x))                               # (B, N, W)
+        return self.ln_post(x[:, 0]) @ self.proj                           # (B, E)
+
+
+class TextTransformer(nn.Module):
+    """CLIP's causal text tower; keys are OpenAI's top-level text keys (token_embedding, positional_embedding,
+    transformer.*, ln_final, text_projection). Accepts any length L <= context_length."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.transformer_width
+        self.context_length, self.eot_id = cfg.context_length, cfg.eot_id
+        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, W))
+        self.transformer = Transformer(W, cfg.transformer_layers, cfg.transformer_heads)
+        self.ln_final = nn.LayerNorm(W)
+        self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
+        self._init_text_weights()
+
+    def _init_text_weights(self):
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        _init_clip_blocks(self.transformer)
+
+    def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-token features after ln_final, before the projection."""
+        B, L = ids.shape
+        if L > self.context_length:
+            raise ValueError(f"text of {L} tokens is longer than the context length {self.context_length}")
+        x = self.token_embedding(ids) + self.positional_embedding[:L]     # (B, L, W)
+        x = self.transformer(x, is_causal=True)                           # (B, L, W)
+        return self.ln_final(x)                                           # (B, L, W)
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Index of each row's first EOT token. OpenAI uses argmax(ids), which is the same thing as long as EOT is the
+        largest id; looking the id up explicitly survives other tokenizers. A row without EOT falls back to OpenAI's
+        (and the original HMMC's) argmax, so any input, even random ids, pools where the reference code does."""
+        is_eot = ids == self.eot_id                                        # (B, L)
+        first_eot = is_eot.int().argmax(dim=1)                             # (B,) argmax returns the first maximum
+        return torch.where(is_eot.any(dim=1), first_eot, ids.argmax(dim=1))  # (B,)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.text_hidden(ids)                                          # (B, L, W)
+        x = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(ids)]  # (B, W)
+        return x @ self.text_projection                                    # (B, E)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encode_text(ids)
+
+
+class CLIP(TextTransformer):
+    """OpenAI's CLIP. Its state dict keeps the text tower's tensors on the top module (`token_embedding`, not
+    `text.token_embedding`), so CLIP extends the text tower rather than holding one; the image tower is `visual`."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__(cfg)
+        self.visual = VisionTransformer(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)                                         # (B, E)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        img = F.normalize(self.encode_image(image), dim=-1)                # (B, E)
+        txt = F.normalize(self.encode_text(text), dim=-1)                  # (N, E)
+        logits_per_image = self.logit_scale.exp() * img @ txt.T            # (B, N)
+        return logits_per_image, logits_per_image.T
+
+
+def load_clip_state_dict(path: str) -> dict:
+    """Read an OpenAI CLIP checkpoint into a plain fp32 state dict: the TorchScript archive as OpenAI distributes it
+    (ViT-B-32.pt), a file written by torch.save(state_dict), or a dict holding one under "state_dict"."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no CLIP checkpoint at {path}; download e.g. ViT-B-32.pt from OpenAI's CLIP release")
+    try:
+        if _clip_is_torchscript(path):
+            # this EXECUTES the TorchScript code inside the archive: only load files you trust (OpenAI's own).
+            # We do it once, take the tensors, and everything downstream is a plain state dict.
+            with warnings.catch_warnings():  # torch's deprecation notice for torch.jit is not actionable here
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read CLIP checkpoint {path} (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {e}") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors), found {type(sd).__name__}")
+    # OpenAI's archives add three ints; archives traced from open_clip also carry its constant causal mask
+    sd = {k: v for k, v in sd.items()
+          if k not in ("input_resolution", "context_length", "vocab_size") and k.split(".")[-1] != "attn_mask"}
+    try:
+        CLIPConfig.from_state_dict(sd)  # validates: ResNet CLIP, missing keys
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    # OpenAI stores most matrices in fp16; we keep fp32 master weights and leave low precision to autocast
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _clip_is_torchscript(path: str) -> bool:
+    # both torch.save and torch.jit.save write zip files; only TorchScript ones carry a code/ folder
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split("/")[1:2] == ["code"] or name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def load_clip(path: str, device="cpu") -> CLIP:
+    """Build a fp32 CLIP from an OpenAI checkpoint, architecture inferred from the tensor shapes."""
+    sd = load_clip_state_dict(path)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = CLIP(CLIPConfig.from_state_dict(sd))
+    model.load_state_dict(check_state_dict(model, sd, path)[0], assign=True)
+    return model.to(device)
+
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Chinese BERT (hfl/chinese-roberta-wwm-ext is a plain BERT-base): HF key names, post-LN, erf GELU, tanh pooler.
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 21128
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_json(cls, path: str) -> "BertConfig":
+        """Read a HF config.json; fields we do not model must hold the values we implement."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no BERT config at {path}; a HF model folder has config.json next to the weights")
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        for key, ok in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+            if d.get(key, ok) != ok:
+                raise ValueError(f"{path}: {key}={d[key]!r} is not supported (only {ok!r})")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder layer; the ModuleDicts only reproduce HF's key nesting (attention.self.query, ...)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.layer_norm_eps
+        if H % cfg.num_attention_heads:
+            raise ValueError(f"hidden_size {H} is not divisible by {cfg.num_attention_heads} attention heads")
+        self.heads = cfg.num_attention_heads
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+        self.attention = nn.ModuleDict(dict(
+            self=nn.ModuleDict(dict(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H))),
+            output=nn.ModuleDict(dict(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=eps))),
+        ))
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(H, cfg.intermediate_size)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(cfg.intermediate_size, H), LayerNorm=nn.LayerNorm(H, eps=eps)))
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # keep: (B, 1, 1, L) bool, True for real tokens
+        B, L, H = x.shape
+        a = self.attention.self
+        q, k, v = (m(x).view(B, L, self.heads, H // self.heads).transpose(1, 2)
+                   for m in (a.query, a.key, a.value))                      # 3 x (B, h, L, H/h)
+        # padding keys get the dtype's most negative score rather than -inf (as HF does): an all-padding row stays
+        # finite, and building it in q's dtype keeps it finite under fp16/bf16 autocast too
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, torch.finfo(q.dtype).min)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, L, H)                              # (B, L, H)
+        x = self.attention.output.LayerNorm(x + self.dropout(self.attention.output.dense(y)))
+        h = F.gelu(self.intermediate.dense(x))                              # (B, L, I) exact erf GELU, as BERT
+        return self.output.LayerNorm(x + self.dropout(self.output.dense(h)))  # (B, L, H)
+
+
+class BertModel(nn.Module):
+    """HF-compatible BertModel: forward(ids, mask) -> (last_hidden (B, L, H), pooled (B, H))."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.embeddings = nn.ModuleDict(dict(
+            word_embeddings=nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_token_id),
+            position_embeddings=nn.Embedding(cfg.max_position_embeddings, H),
+            token_type_embeddings=nn.Embedding(cfg.type_vocab_size, H),
+            LayerNorm=nn.LayerNorm(H, eps=cfg.layer_norm_eps),
+        ))
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])))
+        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H)))
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        # BERT's init (initializer_range 0.02); only matters when training without a checkpoint
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None):
+        B, L = ids.shape
+        if L > self.cfg.max_position_embeddings:
+            raise ValueError(f"text of {L} tokens is longer than max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        e = self.embeddings
+        pos = torch.arange(L, device=ids.device)
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
+        x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings(types)  # (B, L, H)
+        x = self.dropout(e.LayerNorm(x))
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        keep = keep[:, None, None, :]                                        # (B, 1, 1, L) for all heads, queries
+        for layer in self.encoder.layer:
+            x = layer(x, keep)                                               # (B, L, H)
+        pooled = torch.tanh(self.pooler.dense(x[:, 0]))                      # (B, H) from the [CLS] position
+        return x, pooled
+
+
+def _bert_weights_file(path: str) -> str:
+    """The weights file of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no BERT folder at {path}; download e.g. hfl/chinese-roberta-wwm-ext from "
+                                f"the Hugging Face hub (config.json, vocab.txt and the weights)")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"no BERT weights in {path}: expected model.safetensors or pytorch_model.bin")
+
+
+def load_bert_state_dict(path: str) -> dict:
+    """Weights of a HF BERT folder (model.safetensors or pytorch_model.bin) under our key names, fp32.
+    Strips a leading `bert.`, drops the `cls.*` pre-training heads and the `embeddings.position_ids` buffer."""
+    file = _bert_weights_file(path)
+    try:
+        if file.endswith(".safetensors"):
+            sd = read_safetensors(file)
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read BERT weights {file} (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{file} does not hold a state dict (a dict of tensors)")
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("bert.")
+        if k.startswith("cls.") or k == "embeddings.position_ids":
+            continue
+        # checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta; HF renames them on load
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def load_bert(path: str) -> BertModel:
+    """BertModel from a HF folder (config.json + model.safetensors or pytorch_model.bin)."""
+    file = _bert_weights_file(path)
+    cfg = BertConfig.from_json(os.path.join(os.path.dirname(file), "config.json"))
+    with torch.device("meta"):
+        model = BertModel(cfg)
+    model.load_state_dict(check_state_dict(model, load_bert_state_dict(file), file)[0], assign=True)
+    return model
+
+
+# safetensors: 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, then raw bytes
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path: str) -> dict:
+    """A minimal reader for the safetensors format (no dependency on the safetensors package)."""
+    assert sys.byteorder == "little", "the safetensors reader assumes a little-endian machine"
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())  # writable, so torch.frombuffer can share it without a warning
+    if len(buf) < 8:
+        raise ValueError(f"{path} is too short to be a safetensors file ({len(buf)} bytes)")
+    n = struct.unpack("<Q", buf[:8])[0]
+    if 8 + n > len(buf):
+        raise ValueError(f"{path}: header of {n} bytes runs past the end of the {len(buf)}-byte file (truncated?)")
+    header = json.loads(buf[8:8 + n].decode("utf-8"))
+    header.pop("__metadata__", None)
+    start, size = 8 + n, len(buf) - 8 - n
+    sd = {}
+    for name, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype, shape, (a, b) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        count = math.prod(shape)
+        if not 0 <= a <= b <= size or b - a != count * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} bytes {a}..{b} do not fit the file or its shape {shape} "
+                             f"(truncated or corrupt file?)")
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + a) if count else torch.empty(0, dtype=dtype)
+        sd[name] = t.reshape(shape)
+    return sd
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# loading
+
+def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),
+                     optional: tuple = ()) -> tuple[dict, list]:
+    """The one check before every load: (the tensors of sd to load, the keys dropped). Keys the model lacks that start
+    with a `droppable` prefix are dropped; model keys in `optional` may be absent (they keep their init). Any other
+    missing, unexpected or differently shaped tensor means another architecture: a ValueError naming `source`."""
+    own = model.state_dict()
+    dropped = sorted(k for k in sd if k not in own and droppable and k.startswith(droppable))
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    missing = sorted(k for k in own if k not in sd and k not in optional)
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+                    if k in own and v.shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def show(keys):
+            return "[" + ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") + "]"
+        raise ValueError(f"{source} holds another architecture than this model: missing {show(missing)}; "
+                         f"unexpected {show(unexpected)}; shape mismatch {show(shapes)}")
+    return sd, dropped
