@@ -3,6 +3,7 @@ Where a script runs, shared by train.py, eval.py and bench.py: the device and to
 rank-0 printing, and the raw model under the DDP and torch.compile wrappers.
 """
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -76,3 +77,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def run_script(main):
+    """Run a script's main(): bad input (a ValueError or FileNotFoundError whose message says what to fix) ends
+    with one `error: ...` line on stderr and exit status 1 instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -33,7 +33,7 @@ import eval as hmmc_eval  # `eval` would shadow the builtin
 import model as hmmc_model  # `model` is the usual name of the network object
 import prepare
 import synthetic
-from common import autocast, cleanup_compute, init_compute, peak_flops, print0
+from common import autocast, cleanup_compute, init_compute, peak_flops, print0, run_script
 from configurator import configure, describe
 
 # -----------------------------------------------------------------------------
@@ -530,7 +530,4 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
     final_test(raw_model, tokenizer, edir, eval_split, ecaption, iter_num, master, run_device, t0)
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line that says what to fix
-        sys.exit(f"error: {e}")
+    run_script(main)
