@@ -120,8 +120,8 @@ eps = 1e-6  # AdamW
 grad_clip = 1.0  # global gradient norm; 0 = off
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu" | "cuda" (torchrun gives each rank its GPU)
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else \
-    "float16" if torch.cuda.is_available() else "float32"  # autocast dtype: float32 | bfloat16 | float16
+_gpu_dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+dtype = _gpu_dtype if torch.cuda.is_available() else "float32"  # autocast: "float32" | "bfloat16" | "float16"
 compile = False  # torch.compile the model
 activation_checkpointing = False  # recompute transformer activations in backward: larger batches, ~30% slower
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and
@@ -354,6 +354,7 @@ def main(argv=None):
 
 
 def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
+    """Setup, the training loop, the final test."""
     master = rank == 0
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     check_config(config, world_size)
