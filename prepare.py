@@ -586,7 +586,7 @@ def _rate(x):
 
 def probe_video(path: str) -> dict:
     """Display width/height (rotation and pixel aspect applied), duration in seconds, frame rate, frame count.
-    A ValueError with a short reason when the file has no decodable video stream."""
+    Raises ValueError with a short reason when the file has no decodable video stream."""
     cmd = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
            "stream=width,height,duration,nb_frames,avg_frame_rate,r_frame_rate,sample_aspect_ratio:"
            "stream_tags=rotate:stream_side_data=rotation:format=duration", "-of", "json", path]
@@ -935,7 +935,7 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
     return _finish_conversion("msrvtt", out, splits, frames, counter)
 
 
-def _read_vatex_annotations(paths: list, counter: dict) -> dict:
+def _read_vatex_annotations(paths: list, counter: Counter) -> dict:
     """video_id -> {"en": [...], "zh": [...]} from vatex_data.json-style dicts and/or official VATEX json lists;
     only videos with a caption in either language."""
     ann = {}
