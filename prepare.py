@@ -18,6 +18,7 @@ Languages: `captions`/`tags` hold the dataset's own language (English for MSR-VT
 other languages sit next to them with a suffix: `captions_zh` (VATEX, synthetic), `captions_en`/`tags_en` (CHVTT).
 One LMDB serves every language; the dataset's `caption_field` picks the field (tags follow the suffix).
 """
+import contextlib
 import csv
 import errno
 import io
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import lmdb
 import numpy as np
@@ -131,9 +133,8 @@ def _jitter_matrix(jitter: list, channel_mean: np.ndarray) -> tuple:
     """Brightness, contrast, saturation and hue in the drawn order, composed into one affine colour map x -> A x + b.
 
     One Pillow pass instead of four (the HSV round trip for hue alone costs more than everything else). Two
-    approximations, both immaterial for augmentation: no clipping between the steps, and hue is rotated in YIQ
-    space rather than shifted in HSV. Contrast blends with the grey mean of the image as it is at that step, which
-    for an affine map is known from the channel means of the input.
+    approximations, immaterial for augmentation: no clipping between steps, and hue rotated in YIQ space rather
+    than shifted in HSV. Contrast blends with the image's grey mean at that step, known from the input's channel means.
     """
     A, b = np.eye(3), np.zeros(3)
     for kind, f in jitter:
@@ -169,7 +170,7 @@ def _apply_augmentation(img, p: dict, size: int):
 # The dataset: <split>.jsonl + frames.lmdb -> uint8 frames and token ids
 
 def _read_jsonl(path):
-    """Yield (line number, dict) from a jsonl file; a broken line is an error naming file and line."""
+    """Yield the objects of a jsonl file; a broken line is an error naming file and line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -180,7 +181,7 @@ def _read_jsonl(path):
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or "video_id" not in obj:
                 raise ValueError(f"{path}:{lineno}: expected an object with a 'video_id'")
-            yield lineno, obj
+            yield obj
 
 
 class VideoTextDataset(torch.utils.data.Dataset):
@@ -221,7 +222,6 @@ class VideoTextDataset(torch.utils.data.Dataset):
         db = FrameDB(self.lmdb_path)  # opened here only to check; workers open their own (LMDB + fork don't mix)
         try:
             self.lmdb_frames = db.num_frames
-            self.lmdb_frame_size = db.frame_size
             if num_frames > db.num_frames:
                 raise ValueError(f"{self.lmdb_path} stores {db.num_frames} frames per video but num_frames="
                                  f"{num_frames} was asked; lower num_frames or re-extract with "
@@ -232,7 +232,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                                  f"or re-extract with `python prepare.py frames --frame_size={image_size} ...`")
             self.video_ids, self.captions, self.tags, self._video_captions = [], [], [], []
             missing, no_caption, total = [], 0, 0
-            for lineno, obj in _read_jsonl(jsonl):
+            for obj in _read_jsonl(jsonl):
                 total += 1
                 vid = str(obj["video_id"])
                 caps = [c for c in obj.get(caption_field) or [] if isinstance(c, str) and c.strip()]
@@ -262,8 +262,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         if not self.video_ids:
             raise ValueError(f"{jsonl}: no usable videos ({len(missing)} without frames in {self.lmdb_path}, "
                              f"{no_caption} without {caption_field!r})")
-        self._db = None
-        self._pid = None
+        self._db, self._pid = None, None  # each process opens its own LMDB on first use (_frames)
 
     @property
     def num_videos(self) -> int:
@@ -273,9 +272,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return len(self.captions) if self.mode == "train" else len(self.video_ids)
 
     def __getstate__(self):  # an open LMDB environment must not travel to worker processes
-        state = dict(self.__dict__)
-        state["_db"], state["_pid"] = None, None
-        return state
+        return {**self.__dict__, "_db": None, "_pid": None}
 
     def caption_tokens(self):
         """All captions of the split in order: (ids [N, L], mask [N, L], video_of_text Long[N])."""
@@ -291,13 +288,13 @@ class VideoTextDataset(torch.utils.data.Dataset):
         out = np.empty((len(bufs), 3, S, S), dtype=np.uint8)  # filled in place: one copy per frame
         params = None
         for t, buf in enumerate(bufs):
+            img = _open_jpeg(buf, S)
             if self.augment == "none":
-                _center_crop_into(_open_jpeg(buf, S), S, out[t])
-            else:
-                img = _open_jpeg(buf, S)
-                if params is None or self.augment == "frame":  # per frame as released, or one draw per clip
-                    params = _draw_augmentation(rng, *img.size)
-                out[t] = _apply_augmentation(img, params, S).transpose(2, 0, 1)
+                _center_crop_into(img, S, out[t])
+                continue
+            if params is None or self.augment == "frame":  # per frame as released, or one draw per clip
+                params = _draw_augmentation(rng, *img.size)
+            out[t] = _apply_augmentation(img, params, S).transpose(2, 0, 1)
         return torch.from_numpy(out)  # (T, 3, S, S)
 
     def __getitem__(self, index: int) -> dict:
@@ -362,11 +359,10 @@ class FrameDB:
     """JPEG frames of videos in an LMDB: key f"{video_id}_{i}" -> JPEG bytes, plus a `__meta__` JSON entry.
 
     Reader: FrameDB(path) (readonly, no lock file, no readahead: safe and cheap in many DataLoader workers).
-    Writer: FrameDB(path, readonly=False, num_frames=30, frame_size=224). Writes are buffered and committed in
-    batches (every `commit_every` videos and on close()), each batch in one transaction, so a crash or a full disk
-    never leaves a half-written video behind: a video is either complete or absent. The memory map starts at
-    `map_size` and doubles whenever LMDB reports it full. LMDBs made by the original HMMC's tools/frame2lmdb.py
-    (no `__meta__`) are read too; their frame count is found by probing keys.
+    Writer: FrameDB(path, readonly=False, num_frames=30, frame_size=224). Writes are committed in batches (every
+    `commit_every` videos and on close()), one transaction each, so a crash or a full disk never leaves half a video
+    behind. The memory map starts at `map_size` and doubles whenever LMDB reports it full. LMDBs made by the
+    original HMMC's tools/frame2lmdb.py (no `__meta__`) are read too, their frame count found by probing keys.
     """
 
     def __init__(self, path, readonly=True, map_size=1 << 30, num_frames=None, frame_size=None, commit_every=64):
@@ -383,8 +379,8 @@ class FrameDB:
         else:
             os.makedirs(path, exist_ok=True)
             # an existing map may be larger than asked: never shrink it
-            existing = os.path.getsize(os.path.join(path, "data.mdb")) if os.path.exists(
-                os.path.join(path, "data.mdb")) else 0
+            data_file = os.path.join(path, "data.mdb")
+            existing = os.path.getsize(data_file) if os.path.exists(data_file) else 0
             if os.path.realpath(path) in _SHARED_ENVS:
                 raise RuntimeError(f"{path} is open for reading in this process; close its readers before writing")
             self.env = lmdb.open(path, map_size=max(map_size, 2 * existing, 1 << 20), subdir=True,
@@ -405,7 +401,6 @@ class FrameDB:
         elif self.meta is None:
             raise ValueError(f"{path} holds no frames (empty LMDB)")
 
-    # --- meta ---
     def _read_meta(self):
         with self.env.begin() as txn:
             raw = txn.get(_META_KEY)
@@ -441,12 +436,11 @@ class FrameDB:
 
     @property
     def failed(self) -> dict:
-        return {**self.meta.get("failed", {}), **self._pending_failed}
+        return {**self.meta["failed"], **self._pending_failed}
 
     def __len__(self):
         return self.meta["count"]
 
-    # --- reading ---
     def has_video(self, video_id: str) -> bool:
         """True when all frames of the video are stored (writes are per video, so the last key suffices)."""
         if video_id in self._pending:
@@ -455,12 +449,7 @@ class FrameDB:
             return txn.get(f"{video_id}_{self.num_frames - 1}".encode()) is not None
 
     def get_frame(self, video_id: str, i: int) -> bytes:
-        with self.env.begin() as txn:
-            raw = txn.get(f"{video_id}_{i}".encode())
-        if raw is None:
-            raise KeyError(f"frame {video_id}_{i} is not in {self.path} "
-                           f"({self.num_frames} frames per video stored)")
-        return raw
+        return self.get_frames(video_id, [i])[0]
 
     def get_frames(self, video_id: str, indices) -> list:
         """JPEG bytes of several frames of one video, read in one transaction."""
@@ -484,7 +473,6 @@ class FrameDB:
                     ids.append(k[:-2])
         return ids
 
-    # --- writing ---
     def put_video(self, video_id: str, frames: list):
         assert not self.readonly, "FrameDB opened readonly"
         if len(frames) != self.num_frames:
@@ -503,16 +491,11 @@ class FrameDB:
         if self.readonly or (not self._pending and not self._pending_failed):
             return
         self._write_batch(self._pending)
-        self._pending = {}
-        self._pending_failed = {}
+        self._pending, self._pending_failed = {}, {}
 
     def _write_batch(self, videos):
-        meta = dict(self.meta)
-        failed = dict(meta.get("failed", {}))
-        failed.update(self._pending_failed)
-        for vid in videos:
-            failed.pop(vid, None)
-        meta["failed"] = failed
+        # a video written now is no longer a failure, whatever an earlier run recorded
+        meta = {**self.meta, "failed": {vid: why for vid, why in self.failed.items() if vid not in videos}}
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -525,8 +508,7 @@ class FrameDB:
                 break
             except lmdb.MapFullError:
                 # the transaction was aborted, nothing is lost: grow the map and write the batch again
-                new_size = self.env.info()["map_size"] * 2
-                self.env.set_mapsize(new_size)
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.Error as e:
                 # a failed commit leaves the previous state on disk intact (LMDB is copy-on-write)
                 nbytes = sum(len(f) for frames in videos.values() for f in frames)
@@ -604,9 +586,7 @@ def _rate(x):
 
 def probe_video(path: str) -> dict:
     """Display width/height (rotation and pixel aspect applied), duration in seconds, frame rate, frame count.
-
-    Raises ValueError with a short reason when the file has no decodable video stream.
-    """
+    Raises ValueError with a short reason when the file has no decodable video stream."""
     cmd = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
            "stream=width,height,duration,nb_frames,avg_frame_rate,r_frame_rate,sample_aspect_ratio:"
            "stream_tags=rotate:stream_side_data=rotation:format=duration", "-of", "json", path]
@@ -689,10 +669,7 @@ def _decode_frames(path, num_frames, frame_size, quality):
     else:
         # fewer frames than the header promised (a truncated file, a wrong duration): spread over what decoded
         picks = [min(int((i + 0.5) * m / num_frames), m - 1) for i in range(num_frames)]
-    encoded = {}
-    for k in picks:
-        if k not in encoded:
-            encoded[k] = _encode_jpeg(frames[k], quality)
+    encoded = {k: _encode_jpeg(frames[k], quality) for k in set(picks)}  # a repeated frame is encoded once
     return [encoded[k] for k in picks]
 
 
@@ -702,8 +679,7 @@ def _extract_job(job):
     try:
         if path is None:
             return video_id, None, "missing: no video file with this id"
-        size = os.path.getsize(path)
-        if size == 0:
+        if os.path.getsize(path) == 0:
             return video_id, None, "empty file (0 bytes)"
         return video_id, _decode_frames(path, num_frames, frame_size, quality), None
     except subprocess.TimeoutExpired:
@@ -731,9 +707,7 @@ def _read_id_list(path) -> list:
 
 def find_videos(videos_dir: str, ids=None) -> dict:
     """video_id (file name without extension) -> path, for the video files under videos_dir (recursively).
-
-    With `ids`, only those ids (any extension); an id without a file maps to None.
-    """
+    With `ids`, only those ids (any extension); an id without a file maps to None."""
     if not os.path.isdir(videos_dir):
         raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
     wanted = set(ids) if ids is not None else None
@@ -763,9 +737,8 @@ def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=
     """Decode every video under videos_dir into the frame LMDB at out_path (resumable; never stops on a bad file).
 
     `ids`: a list of file names without extension, or a file with one per line. Videos already in the LMDB are
-    skipped; ones that failed before are retried only with retry_failed. The LMDB key of a video is id_prefix + its
-    file name without extension (CHVTT: files <docid>.mp4 with id_prefix="Video" give the original's keys
-    Video<docid>_<i>).
+    skipped; ones that failed before are retried only with retry_failed. A video's key is id_prefix + its file name
+    without extension (CHVTT: <docid>.mp4 with id_prefix="Video" gives the original's keys Video<docid>_<i>).
     Returns {"done", "skipped", "failed": {id: reason}, "seconds"}.
     """
     _check_ffmpeg()
@@ -831,17 +804,12 @@ def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=
 # -----------------------------------------------------------------------------------------------------------------
 # Annotation converters: annotation files -> data/<name>/<split>.jsonl (the schema at the top)
 
-def _clean_captions(caps, counter: dict) -> list:
+def _clean_captions(caps, counter: Counter) -> list:
     """Keep non-empty strings (stripped); count what was dropped."""
-    if isinstance(caps, str):
-        caps = [caps]
-    out = []
-    for c in caps or []:
-        if isinstance(c, str) and c.strip():
-            out.append(c.strip())
-        else:
-            counter["empty"] = counter.get("empty", 0) + 1
-    return out
+    caps = [caps] if isinstance(caps, str) else caps or []
+    kept = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+    counter["empty"] += len(caps) - len(kept)
+    return kept
 
 
 def _write_jsonl(path: str, records: list):
@@ -853,17 +821,15 @@ def _write_jsonl(path: str, records: list):
     os.replace(tmp, path)  # never leave a half-written split behind
 
 
-def _finish_conversion(name: str, out: str, splits: dict, frames, counter: dict) -> dict:
+def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Counter) -> dict:
     """Drop videos without frames (when an LMDB is known), write the splits, print one summary line each."""
     frames = frames or os.path.join(out, "frames.lmdb")
-    db = None
-    if os.path.exists(frames):
-        db = FrameDB(frames)
-    else:
+    have_frames = os.path.exists(frames)
+    if not have_frames:
         print(f"{name}: no frame LMDB at {frames}, so videos are not checked for frames now (the dataset "
               f"leaves out missing ones when it loads); pass --frames=PATH to check", flush=True)
-    try:
-        summary = {}
+    summary = {}
+    with (FrameDB(frames) if have_frames else contextlib.nullcontext()) as db:
         for split, records in splits.items():
             missing = [r["video_id"] for r in records if db is not None and not db.has_video(r["video_id"])]
             if missing:
@@ -876,12 +842,9 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: dict)
             n_caps = sum(len(r.get("captions", [])) for r in records)
             print(f"{name}: wrote {path}: {len(records)} videos, {n_caps} captions", flush=True)
             summary[split] = {"videos": len(records), "captions": n_caps, "missing_frames": missing}
-    finally:
-        if db is not None:
-            db.close()
-    if counter.get("empty"):
+    if counter["empty"]:
         print(f"{name}: dropped {counter['empty']} empty captions", flush=True)
-    if counter.get("no_caption"):
+    if counter["no_caption"]:
         print(f"{name}: dropped {counter['no_caption']} videos without any caption", flush=True)
     return summary
 
@@ -898,8 +861,6 @@ def _load_json(path: str):
 
 def _read_csv_ids(path: str) -> list:
     """The `video_id` column of a CLIP4Clip-style csv (a header-less single column works too)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"split file {path} does not exist")
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
@@ -920,7 +881,7 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
     """
     if anno is not None and not os.path.isdir(anno):
         raise FileNotFoundError(f"msrvtt: annotation folder {anno} does not exist")
-    explicit_7k = train_7k is not None
+    optional_7k = train_7k is None  # --anno's folder may lack the 7k list
 
     def default(path, name):
         return path or (os.path.join(anno, name) if anno else None)
@@ -930,7 +891,7 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
         raise ValueError("msrvtt needs --anno=DIR (with MSRVTT_data.json, MSRVTT_train.9k.csv, "
                          "MSRVTT_JSFUSION_test.csv) or the files one by one (--data_json= --train_9k= --test_csv=)")
     data = _load_json(data_json)
-    counter, caps, duration = {}, {}, {}
+    counter, caps, duration = Counter(), {}, {}
     for s in data.get("sentences", []):
         caps.setdefault(str(s.get("video_id")), []).extend(_clean_captions([s.get("caption")], counter))
     for v in data.get("videos", []):
@@ -947,44 +908,41 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
     splits = {}
     for split, path in (("train_9k", train_9k), ("train_7k", train_7k)):
         if path is None or not os.path.exists(path):
-            if split == "train_9k" or explicit_7k:
-                raise FileNotFoundError(f"msrvtt: split file {path} does not exist")
-            continue  # the 7k list is optional when it comes from --anno
-        recs, no_caps = [], []
-        for vid in _read_csv_ids(path):
-            if caps.get(vid):
-                recs.append(record(vid, caps[vid]))
-            else:
-                no_caps.append(vid)
+            if split == "train_7k" and optional_7k:
+                continue
+            raise FileNotFoundError(f"msrvtt: split file {path} does not exist")
+        ids = _read_csv_ids(path)
+        no_caps = [vid for vid in ids if not caps.get(vid)]
         if no_caps:
-            counter["no_caption"] = counter.get("no_caption", 0) + len(no_caps)
+            counter["no_caption"] += len(no_caps)
             print(f"msrvtt: {split}: {len(no_caps)} videos of {path} have no caption in {data_json} "
                   f"(e.g. {', '.join(no_caps[:5])})", flush=True)
-        splits[split] = recs
+        splits[split] = [record(vid, caps[vid]) for vid in ids if caps.get(vid)]
     splits["train"] = splits["train_9k"]
-    if test_csv is None or not os.path.exists(test_csv):
+    if not os.path.exists(test_csv):
         raise FileNotFoundError(f"msrvtt: test file {test_csv} does not exist")
     test = {}
     with open(test_csv, encoding="utf-8", newline="") as f:
         for lineno, row in enumerate(csv.DictReader(f), 2):
-            vid, sentence = (row.get("video_id") or "").strip(), row.get("sentence")
+            vid = (row.get("video_id") or "").strip()
             if not vid:
                 raise ValueError(f"{test_csv}:{lineno}: no video_id (expected columns key, vid_key, video_id, "
                                  f"sentence)")
-            kept = _clean_captions([sentence], counter)
+            kept = _clean_captions([row.get("sentence")], counter)
             if kept:
                 test.setdefault(vid, []).extend(kept)
     splits["test"] = [record(vid, c) for vid, c in test.items()]
     return _finish_conversion("msrvtt", out, splits, frames, counter)
 
 
-def _read_vatex_annotations(paths: list, counter: dict) -> dict:
-    """video_id -> {"en": [...], "zh": [...]} from vatex_data.json-style dicts and/or official VATEX json lists."""
+def _read_vatex_annotations(paths: list, counter: Counter) -> dict:
+    """video_id -> {"en": [...], "zh": [...]} from vatex_data.json-style dicts and/or official VATEX json lists;
+    only videos with a caption in either language."""
     ann = {}
     for path in paths:
         data = _load_json(path)
         if isinstance(data, dict):  # {video_id: {"enCap": [...], "chCap": [...]}}
-            items = [(k, v) for k, v in data.items()]
+            items = list(data.items())
         elif isinstance(data, list):  # official: [{"videoID": ..., "enCap": [...], "chCap": [...]}]
             items = [(d.get("videoID") or d.get("video_id"), d) for d in data if isinstance(d, dict)]
         else:
@@ -995,7 +953,7 @@ def _read_vatex_annotations(paths: list, counter: dict) -> dict:
             a = ann.setdefault(str(vid), {"en": [], "zh": []})
             a["en"].extend(_clean_captions(d.get("enCap"), counter))
             a["zh"].extend(_clean_captions(d.get("chCap"), counter))
-    return ann
+    return {vid: a for vid, a in ann.items() if a["en"] or a["zh"]}
 
 
 def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=None, test_list=None,
@@ -1010,7 +968,7 @@ def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=N
         raise ValueError("vatex needs --annotations=vatex_data.json (or the official "
                          "vatex_training_v1.0.json,vatex_validation_v1.0.json, comma-separated)")
     paths = [p for p in str(annotations).split(",") if p]
-    counter = {}
+    counter = Counter()
     ann = _read_vatex_annotations(paths, counter)
     splits = {}
     for split, path in (("train", train_list), ("val", val_list), ("test", test_list)):
@@ -1020,18 +978,14 @@ def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=N
                              f"test_list.txt, or --{split}_list=FILE")
         if not os.path.exists(path):
             raise FileNotFoundError(f"vatex: split list {path} does not exist")
-        recs, unknown = [], []
-        for vid in _read_id_list(path):
-            a = ann.get(vid)
-            if a is None or not (a["en"] or a["zh"]):
-                unknown.append(vid)
-                continue
-            recs.append({"video_id": vid, "captions": a["en"], "captions_zh": a["zh"]})
+        ids = _read_id_list(path)
+        unknown = [vid for vid in ids if vid not in ann]
         if unknown:
-            counter["no_caption"] = counter.get("no_caption", 0) + len(unknown)
+            counter["no_caption"] += len(unknown)
             print(f"vatex: {split}: {len(unknown)} ids of {path} have no captions in the annotations "
                   f"(e.g. {', '.join(unknown[:5])})", flush=True)
-        splits[split] = recs
+        splits[split] = [{"video_id": vid, "captions": ann[vid]["en"], "captions_zh": ann[vid]["zh"]}
+                         for vid in ids if vid in ann]
     return _finish_conversion("vatex", out, splits, frames, counter)
 
 
@@ -1039,11 +993,8 @@ _TAG_SEPARATORS = re.compile(r"[,，、;；|#/\t\n]+")
 
 
 def _split_tags(tag) -> list:
-    if isinstance(tag, list):
-        parts = [str(t) for t in tag]
-    else:
-        parts = _TAG_SEPARATORS.split(str(tag or ""))
-    return [p.strip() for p in parts if p and p.strip()]
+    parts = [str(t) for t in tag] if isinstance(tag, list) else _TAG_SEPARATORS.split(str(tag or ""))
+    return [p.strip() for p in parts if p.strip()]
 
 
 def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train") -> dict:
@@ -1055,7 +1006,7 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
     if not annotations:
         raise ValueError("chvtt needs --annotations=FILE.json (JSON lines: docid, title, tag, title_eng, tag_eng, "
                          "duration); several files comma-separated")
-    counter, recs, bad, seen = {}, [], [], set()
+    counter, recs, bad, seen = Counter(), [], [], set()
     for path in str(annotations).split(","):
         if not os.path.exists(path):
             raise FileNotFoundError(f"chvtt: annotation file {path} does not exist")
@@ -1072,20 +1023,21 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
                     continue
                 vid = f"Video{docid}"
                 if vid in seen:
-                    counter["duplicate"] = counter.get("duplicate", 0) + 1
+                    counter["duplicate"] += 1
                     continue
                 title = _clean_captions([d.get("title")], counter)
                 if not title:
-                    counter["no_caption"] = counter.get("no_caption", 0) + 1
+                    counter["no_caption"] += 1
                     continue
                 seen.add(vid)
                 r = {"video_id": vid, "captions": title, "tags": _split_tags(d.get("tag"))}
-                title_en = _clean_captions([d.get("title_eng")], {})
+                title_en = _clean_captions([d.get("title_eng")], Counter())
                 if title_en:
                     r["captions_en"] = title_en
                     r["tags_en"] = _split_tags(d.get("tag_eng"))
-                if _float(d.get("duration")) is not None:
-                    r["duration"] = _float(d.get("duration"))
+                duration = _float(d.get("duration"))
+                if duration is not None:
+                    r["duration"] = duration
                 recs.append(r)
     if bad:
         print(f"chvtt: skipped {len(bad)} bad lines:", flush=True)
@@ -1093,7 +1045,7 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
             print(f"  {b}", flush=True)
         if len(bad) > 10:
             print(f"  ... and {len(bad) - 10} more", flush=True)
-    if counter.get("duplicate"):
+    if counter["duplicate"]:
         print(f"chvtt: skipped {counter['duplicate']} repeated docids", flush=True)
     summary = _finish_conversion("chvtt", out, {split: recs}, frames, counter)
     summary["bad_lines"] = bad

@@ -83,6 +83,8 @@ def test_framedb_roundtrip_growth_and_meta(tmp_path):
     assert sorted(r.video_ids()) == sorted(blobs)
     with pytest.raises(KeyError, match="v7_5"):
         r.get_frames("v7", [0, 5])
+    with pytest.raises(KeyError, match="v7_3 is not in"):
+        r.get_frame("v7", 3)
     r2 = prepare.FrameDB(path)  # a second reader in the same process shares the environment
     assert r2.get_frame("v1", 0) == blobs["v1"][0]
     r.close(), r2.close()
@@ -491,20 +493,28 @@ def test_msrvtt_converter(tmp_path, capsys):
     assert _read(out / "train.jsonl") == train and len(_read(out / "train_7k.jsonl")) == 2
     assert _read(out / "test.jsonl") == [{"video_id": "video4", "captions": ["a man is talking"], "duration": 10.0}]
     assert "video3" in log and "video5" in log and "dropped 1 empty" in log
+    # the 7k list is optional in --anno, not when named
+    (anno / "MSRVTT_train.7k.csv").unlink()
+    summary = prepare.convert_msrvtt(str(anno), out=str(tmp_path / "no7k"))
+    assert set(summary) == {"train_9k", "train", "test"} and not (tmp_path / "no7k" / "train_7k.jsonl").exists()
+    with pytest.raises(FileNotFoundError, match="msrvtt: split file"):
+        prepare.convert_msrvtt(str(anno), train_7k=str(anno / "MSRVTT_train.7k.csv"), out=str(tmp_path / "x"))
 
 
-def test_vatex_converter_both_formats(tmp_path):
+def test_vatex_converter_both_formats(tmp_path, capsys):
     ids = [f"vid{k}_000001_000011" for k in range(5)]
     split_dir = tmp_path / "vatex_txt"
     split_dir.mkdir()
-    (split_dir / "train_list.txt").write_text("\n".join(ids[:3]) + "\n")
+    (split_dir / "train_list.txt").write_text("\n".join(ids[:3] + ["uncaptioned"]) + "\n")
     (split_dir / "val_list.txt").write_text(ids[3] + "\n")
     (split_dir / "test_list.txt").write_text(ids[4] + "\n")
     caps = {v: {"enCap": [f"en {v} {k}" for k in range(2)], "chCap": [f"中文 {v} {k}" for k in range(2)]}
             for v in ids}
-    (tmp_path / "vatex_data.json").write_text(json.dumps(caps, ensure_ascii=False))
+    (tmp_path / "vatex_data.json").write_text(json.dumps({**caps, "uncaptioned": {"enCap": [" "]}}))
     out1 = tmp_path / "a"
     prepare.convert_vatex(str(tmp_path / "vatex_data.json"), str(split_dir), out=str(out1))
+    log = capsys.readouterr().out  # a listed video whose captions are all empty is left out and counted
+    assert "1 ids of" in log and "dropped 1 empty captions" in log and "dropped 1 videos without any caption" in log
     # the official files: lists of {videoID, enCap, chCap}, train and validation separate
     official = [{"videoID": v, **c} for v, c in caps.items()]
     (tmp_path / "train.json").write_text(json.dumps(official[:3], ensure_ascii=False))
