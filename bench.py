@@ -8,13 +8,10 @@ $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
 $ python bench.py --size=tiny                       # CI size: a tiny model, a few steps, seconds on a CPU
 
-MFU = flops_per_video * videos/s / peak, with flops_per_video from HMMC.flops_per_video (model.py): PaLM-appendix
-style, 2 FLOPs per weight per token forward (patch tokens for the ViT on every frame, caption tokens for the text
-tower, frame tokens for the temporal transformer) plus 4 * n^2 * d per attention layer; a trained part costs 3x its
-forward (backward = 2x), a momentum encoder 1x. Peak = the GPU's dense bf16 tensor-core figure (989 TFLOP/s for
-H100/H200 SXM). On a CPU there is no meaningful peak, so instead every figure is also measured for a plain baseline
-in the same process (fp32, naive softmax attention instead of SDPA, no compile) and reported as a ratio: on a
-shared machine only ratios measured side by side mean anything.
+MFU = flops_per_video * videos/s / peak, with the analytic count of HMMC.flops_per_video (model.py) and the GPU's
+dense bf16 tensor-core peak (989 TFLOP/s for H100/H200 SXM). On a CPU there is no meaningful peak, so instead every
+figure is also measured for a plain baseline in the same process (fp32, naive softmax attention instead of SDPA, no
+compile) and reported as a ratio: on a shared machine only ratios measured side by side mean anything.
 """
 
 import io
@@ -35,7 +32,7 @@ import configurator
 import eval as hmmc_eval
 import model as hmmc_model
 import prepare
-from common import autocast, peak_flops
+from common import autocast, init_compute, peak_flops
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
@@ -79,6 +76,8 @@ TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16,
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
             "a child rides a red bicycle in the park", "a chef explains how to cook pasta"]
+# the units of a row's main figure, the one its baseline and ratio refer to
+UNITS = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms"}
 
 
 def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -93,11 +92,10 @@ def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
 
 @contextmanager
-def plain_attention(enabled: bool):
+def plain_attention():
     # the model calls F.scaled_dot_product_attention through the module attribute, so swapping it is enough
     sdpa = F.scaled_dot_product_attention
-    if enabled:
-        F.scaled_dot_product_attention = naive_attention
+    F.scaled_dot_product_attention = naive_attention
     try:
         yield
     finally:
@@ -106,6 +104,7 @@ def plain_attention(enabled: bool):
 
 def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) -> "hmmc_model.HMMC":
     """The model at a real size, initialised directly on `dev` (random init of 350M floats on a CPU takes seconds)."""
+    torch.manual_seed(seed)
     clip = dict(TOWERS[tower], context_length=max(L, 77) if tower != "tiny" else L)
     cfg = hmmc_model.HMMCConfig(clip=hmmc_model.CLIPConfig(**clip), num_frames=T, pretrain=pretrain_,
                                 weight_mlm=0.0,  # English pre-training: the CLIP text tower is causal
@@ -114,20 +113,20 @@ def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) 
     return hmmc_model.load_model("scratch", cfg, device=dev)[0]
 
 
-def fake_batch(tower: str, B: int, T: int, L: int, dev: str, tokenizer, pretrain_: bool) -> dict:
-    S = TOWERS[tower]["image_resolution"]
-    g = torch.Generator().manual_seed(seed)
-    ids, mask = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(B)], L)
-    batch = {"video": torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, generator=g), "ids": ids,
-             "mask": mask}
-    if pretrain_:
-        batch["tag_ids"], batch["tag_mask"] = ids.clone(), mask.clone()
-    return {k: v.to(dev) for k, v in batch.items()}
-
-
 def _sync(dev: str):
     if torch.device(dev).type == "cuda":
         torch.cuda.synchronize()
+
+
+def _seconds_per_call(fn, dev: str, n_steps: int, n_warmup: int) -> float:
+    for _ in range(n_warmup):
+        fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t0) / n_steps
 
 
 def _peak_memory_gb(dev: str) -> float:
@@ -146,7 +145,6 @@ def _compiled(fn):
 
 def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, n_steps, n_warmup, tokenizer):
     """videos/s of full optimizer steps (forward, backward, clip, AdamW, momentum update) on random weights."""
-    torch.manual_seed(seed)
     net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B, dev=dev)
     if grad_ckpt:  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
         for m in net.modules():
@@ -155,7 +153,12 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
     opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
                                    betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
     step_model = _compiled(net) if compile_ else net
-    batch = fake_batch(tower, B, T, L, dev, tokenizer, pretrain_)
+    S = TOWERS[tower]["image_resolution"]
+    ids, mask = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(B)], L)
+    batch = {"video": torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev), "ids": ids.to(dev),
+             "mask": mask.to(dev)}
+    if pretrain_:  # tags: the captions again, only their cost matters
+        batch["tag_ids"], batch["tag_mask"] = batch["ids"].clone(), batch["mask"].clone()
     if torch.device(dev).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -169,14 +172,7 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
         if pretrain_:
             net.momentum_update()
 
-    for _ in range(n_warmup):
-        step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    _sync(dev)
-    dt_s = (time.perf_counter() - t0) / n_steps
+    dt_s = _seconds_per_call(step, dev, n_steps, n_warmup)
     return {"videos_per_s": B / dt_s, "step_ms": 1000 * dt_s, "peak_mem_gb": _peak_memory_gb(dev),
             "flops_per_video": net.flops_per_video(T, L)}
 
@@ -184,21 +180,16 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
 @torch.no_grad()
 def time_encode(tower, B, *, T, L, dev, dt, n_steps, n_warmup, compile_):
     """Eval video encoding, model only: uint8 frames on the device -> (video_emb, frame_emb)."""
-    torch.manual_seed(seed)
     net = build(tower, pretrain_=False, T=T, L=L, batch=B, dev=dev).eval()
     encode = _compiled(net.encode_video) if compile_ else net.encode_video
     S = TOWERS[tower]["image_resolution"]
     video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
-    for _ in range(n_warmup):
+
+    def step():
         with autocast(dev, dt):
             encode(video)
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        with autocast(dev, dt):
-            encode(video)
-    _sync(dev)
-    return {"videos_per_s": B * n_steps / (time.perf_counter() - t0)}
+
+    return {"videos_per_s": B / _seconds_per_call(step, dev, n_steps, n_warmup)}
 
 
 @torch.no_grad()
@@ -208,14 +199,12 @@ def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dic
     text = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
     video = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
     frames = F.normalize(torch.randn(num, T, E, generator=g), dim=-1).to(dev)
-    hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
-    _sync(dev)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sim = hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
-        _sync(dev)
-        best = min(best, time.perf_counter() - t0)
+
+    def similarity():
+        return hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
+
+    sim = similarity()  # also the warm-up
+    best = min(_seconds_per_call(similarity, dev, 1, 0) for _ in range(repeats))
     t0 = time.perf_counter()
     hmmc_eval.retrieval_metrics(sim.cpu().numpy())
     return {"similarity_ms": 1000 * best, "metrics_ms": 1000 * (time.perf_counter() - t0)}
@@ -252,7 +241,6 @@ def time_loader(path: str, workers: int, *, T: int, S: int, L: int, batch: int, 
     ds = prepare.VideoTextDataset(path, "train", tokenizer, mode="train", num_frames=T, context_length=L,
                                   image_size=S)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                         drop_last=False, persistent_workers=False,
                                          generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     n = sum(len(b["video"]) for b in loader)  # worker start-up counted: it is paid once per epoch
@@ -268,46 +256,43 @@ def time_tokenizer(n: int, L: int, tokenizer) -> dict:
 
 def run(cfg: dict) -> dict:
     """All measurements for one configuration -> {"rows": [...], "setup": {...}}."""
-    dev, dt = cfg["device"], cfg["dtype"]
+    dev, dt = init_compute(cfg["device"])[3], cfg["dtype"]  # as train.py sets up: TF32 matmuls on CUDA
     on_cuda = torch.device(dev).type == "cuda"
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     with_baseline = (not on_cuda) if cfg["baseline"] is None else bool(cfg["baseline"])
-    T, L = cfg["num_frames"], cfg["context_length"]
+    T, L, first = cfg["num_frames"], cfg["context_length"], cfg["models"][0]
     tokenizer = prepare.get_tokenizer("clip")
     peak = peak_flops(torch.device(dev).type)
     rows = []
 
-    def add(name, ours, base=None, *, key="videos_per_s", flops=None):
-        row = {"name": name, "ours": ours, "baseline": base}
+    def add(name, ours, base=None, flops=None):
+        row, key = {"name": name, "ours": ours, "baseline": base}, _headline(ours)
         if flops and peak:
             row["mfu"] = flops * ours[key] / peak
         if base:
             row["ratio"] = ours[key] / base[key] if base.get(key) else None
         rows.append(row)
-        print(_format_row(row, key), flush=True)
+        print(_format_row(row), flush=True)
 
     def both(fn, **kw):
         if not with_baseline:
             return fn(dt=dt, **kw), None
         # a shared machine's load drifts: alternate ours and the baseline twice and keep each side's best run
-        runs = {"ours": [], "base": []}
+        ours, base = [], []
         for _ in range(2):
-            runs["ours"].append(fn(dt=dt, **kw))
-            with plain_attention(True):
-                runs["base"].append(fn(dt="float32", **{**kw, **({"compile_": False} if "compile_" in kw else {})}))
-        best = lambda rs: max(rs, key=lambda r: r["videos_per_s"])
-        return best(runs["ours"]), best(runs["base"])
+            ours.append(fn(dt=dt, **kw))
+            with plain_attention():
+                base.append(fn(dt="float32", **{**kw, "compile_": False}))
+        fastest = lambda runs: max(runs, key=lambda r: r["videos_per_s"])
+        return fastest(ours), fastest(base)
 
-    steps_kw = dict(T=T, L=L, dev=dev, n_steps=cfg["steps"], n_warmup=cfg["warmup"], tokenizer=tokenizer,
-                    compile_=cfg["compile"], grad_ckpt=cfg["activation_checkpointing"])
+    timing = dict(T=T, L=L, dev=dev, n_steps=cfg["steps"], n_warmup=cfg["warmup"], compile_=cfg["compile"])
     for tower in cfg["models"]:
         for B in cfg["batch_sizes"]:
             for pre in ((False, True) if cfg["pretrain"] else (False,)):
                 name = f"{'pretrain' if pre else 'finetune'} step {tower} B={B}"
                 try:
-                    ours, base = both(time_train_step, tower=tower, B=B, pretrain_=pre, **steps_kw)
+                    ours, base = both(time_train_step, tower=tower, B=B, pretrain_=pre, tokenizer=tokenizer,
+                                      grad_ckpt=cfg["activation_checkpointing"], **timing)
                 except torch.cuda.OutOfMemoryError:  # a batch that does not fit is a result too
                     rows.append({"name": name, "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None})
                     print(f"{name:<44s} out of memory", flush=True)
@@ -316,42 +301,31 @@ def run(cfg: dict) -> dict:
                 add(name, ours, base, flops=ours["flops_per_video"])
                 if on_cuda:
                     torch.cuda.empty_cache()
-        ours, base = both(time_encode, tower=tower, B=cfg["eval_batch_size"], T=T, L=L, dev=dev,
-                          n_steps=cfg["steps"], n_warmup=cfg["warmup"], compile_=cfg["compile"])
-        add(f"eval encode {tower} B={cfg['eval_batch_size']}", ours, base)
+        add(f"eval encode {tower} B={cfg['eval_batch_size']}",
+            *both(time_encode, tower=tower, B=cfg["eval_batch_size"], **timing))
 
     num = cfg["sim_videos"]
-    sim = time_similarity(num, T, TOWERS[cfg["models"][0]]["embed_dim"], dev)
-    rows.append({"name": f"similarity {num}x{num}x{T} + metrics", "ours": sim, "baseline": None})
-    print(_format_row(rows[-1], "similarity_ms"), flush=True)
-
+    add(f"similarity {num}x{num}x{T} + metrics", time_similarity(num, T, TOWERS[first]["embed_dim"], dev))
     S = cfg["loader_frame_size"]
     tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
     try:
         make_lmdb(tmp, {"train": cfg["loader_videos"], "test": cfg["eval_videos"]}, T, S)
         for w in cfg["loader_workers"]:
-            r = time_loader(tmp, w, T=T, S=S, L=L, batch=cfg["loader_batch_size"], tokenizer=tokenizer)
-            rows.append({"name": f"data loader {S}px T={T}, {w} workers", "ours": r, "baseline": None})
-            print(_format_row(rows[-1], "videos_per_s"), flush=True)
+            add(f"data loader {S}px T={T}, {w} workers",
+                time_loader(tmp, w, T=T, S=S, L=L, batch=cfg["loader_batch_size"], tokenizer=tokenizer))
         # the whole evaluation as eval.py runs it: LMDB -> decode -> encode -> similarity -> metrics
-        torch.manual_seed(seed)
-        net = build(cfg["models"][0], pretrain_=False, T=T, L=L, batch=1, dev=dev)
+        net = build(first, pretrain_=False, T=T, L=L, batch=1, dev=dev)
         t0 = time.perf_counter()
-        res = TOWERS[cfg["models"][0]]["image_resolution"]  # frames are centre-cropped to the tower's input
+        res = TOWERS[first]["image_resolution"]  # frames are centre-cropped to the tower's input
         m = hmmc_eval.evaluate(net, tmp, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
                                top_k_frames=3, frame_match_weight=1.0, batch_size=cfg["eval_batch_size"],
                                num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
         elapsed = time.perf_counter() - t0
-        r = {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed}
-        rows.append({"name": f"evaluate() {cfg['models'][0]}, {m['num_videos']}x{m['num_texts']} from LMDB",
-                     "ours": r, "baseline": None})
-        print(_format_row(rows[-1], "videos_per_s"), flush=True)
-        del net
+        add(f"evaluate() {first}, {m['num_videos']}x{m['num_texts']} from LMDB",
+            {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    r = time_tokenizer(cfg["tokenizer_captions"], L, tokenizer)
-    rows.append({"name": "tokenizer (CLIP BPE)", "ours": r, "baseline": None})
-    print(_format_row(rows[-1], "captions_per_s"), flush=True)
+    add("tokenizer (CLIP BPE)", time_tokenizer(cfg["tokenizer_captions"], L, tokenizer))
 
     setup = {"device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores, "
              f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "dtype": dt, "compile": cfg["compile"],
@@ -360,10 +334,12 @@ def run(cfg: dict) -> dict:
     return {"rows": rows, "setup": setup}
 
 
-def _format_row(row: dict, key: str) -> str:
-    ours = row["ours"]
-    value = ours.get(key)
-    unit = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms"}[key]
+def _headline(ours: dict) -> str:
+    return next(k for k in UNITS if k in ours)
+
+
+def _format_row(row: dict) -> str:
+    ours, key = row["ours"], _headline(row["ours"])
     extra = []
     if "mfu" in row:
         extra.append(f"MFU {100 * row['mfu']:.1f}%")
@@ -374,8 +350,8 @@ def _format_row(row: dict, key: str) -> str:
     if "metrics_ms" in ours:
         extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
     if row.get("baseline"):
-        extra.append(f"baseline {row['baseline'][key]:.1f} {unit}, x{row['ratio']:.2f}")
-    return f"{row['name']:<44s} {value:>10.1f} {unit:<10s} {' | '.join(extra)}"
+        extra.append(f"baseline {row['baseline'][key]:.1f} {UNITS[key]}, x{row['ratio']:.2f}")
+    return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(extra)}"
 
 
 def main(argv=None) -> dict:
@@ -391,8 +367,7 @@ def main(argv=None) -> dict:
     result = run(cfg)
     print(f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details")
     for row in result["rows"]:
-        key = next(k for k in ("videos_per_s", "captions_per_s", "similarity_ms") if k in row["ours"])
-        print(_format_row(row, key))
+        print(_format_row(row))
     print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
     if cfg["out"]:
         os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)

@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from html import escape
 
 import numpy as np
@@ -74,21 +73,16 @@ config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_bef
 # -----------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------- metrics
-
 def retrieval_metrics(sim, video_of_text=None) -> dict:
-    """Text-to-video and video-to-text retrieval metrics of a similarity matrix.
+    """Text-to-video and video-to-text retrieval metrics of a similarity matrix (higher = more similar).
 
-    sim: [num_texts, num_videos] (numpy or anything np.asarray accepts); higher = more similar.
-    video_of_text: [num_texts] index of each text's video; default identity (one caption per video, square).
-    Returns {"t2v": {...}, "v2t": {...}} with R1, R5, R10 in percent and MdR, MnR as 1-based ranks.
-
-    Ties are pessimistic: a query's rank is the number of candidates scoring at least as high as the true one, so
-    a constant matrix gets chance-level recall, never a perfect one. NaN scores count as -inf (the worst score),
-    so a query whose true score is NaN gets the worst rank instead of being dropped (which would flatter).
-    V2T with several captions per video: each video is a query, each video's caption group is scored
-    by its best caption, and the rank is that of the query's own group; videos without captions are left out.
-    The input is not modified.
+    sim: [num_texts, num_videos], numpy or torch, never modified; video_of_text: [num_texts] index of each text's
+    video, default identity (square). Returns {"t2v": {...}, "v2t": {...}} with R1, R5, R10 in percent and MdR, MnR
+    as 1-based ranks. Ties are pessimistic (a query's rank counts every candidate scoring at least as high as the
+    true one), so a constant matrix gets chance-level recall, never a perfect one. NaN scores count as the worst
+    score, so a query whose true score is NaN gets the worst rank instead of being dropped (which would flatter).
+    V2T with several captions per video: each video with captions is a query, the candidates are the caption groups,
+    each scored by its best caption.
     """
     if torch.is_tensor(sim):  # any device or dtype (numpy has no bfloat16)
         sim = sim.detach().float().cpu().numpy()
@@ -109,7 +103,9 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
     video_of_text = np.asarray(video_of_text).reshape(-1).astype(np.int64)
     if len(video_of_text) != num_texts:
         raise ValueError(f"video_of_text has {len(video_of_text)} entries for {num_texts} texts")
-    if num_texts and (video_of_text.min() < 0 or video_of_text.max() >= num_videos):
+    if num_texts == 0:
+        raise ValueError("no queries to evaluate (empty similarity matrix)")
+    if video_of_text.min() < 0 or video_of_text.max() >= num_videos:
         raise ValueError(f"video_of_text must index the {num_videos} videos, "
                          f"got values in [{video_of_text.min()}, {video_of_text.max()}]")
 
@@ -123,7 +119,7 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
     # group_score[g, v] = best caption of group g against video v, built one caption slot at a time: a few
     # (G, V) maxima (slots = the largest group, 10-20 in practice), much faster than np.maximum.reduceat on rows
     group_score = sim[order[starts]]  # (G, V) first caption of every group (a copy)
-    for j in range(1, int(counts.max()) if len(counts) else 0):
+    for j in range(1, int(counts.max())):
         more = np.nonzero(counts > j)[0]
         if len(more) == len(counts):  # every group has a j-th caption (equal group sizes): no scatter needed
             np.maximum(group_score, sim[order[starts + j]], out=group_score)
@@ -138,29 +134,19 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
 
 
 def _rank_summary(ranks: np.ndarray) -> dict:
-    if len(ranks) == 0:
-        raise ValueError("no queries to evaluate (empty similarity matrix)")
     ranks = ranks.astype(np.float64)
-    return {
-        "R1": 100.0 * float(np.mean(ranks <= 1)),
-        "R5": 100.0 * float(np.mean(ranks <= 5)),
-        "R10": 100.0 * float(np.mean(ranks <= 10)),
-        "MdR": float(np.median(ranks)),
-        "MnR": float(np.mean(ranks)),
-    }
+    recalls = {f"R{k}": 100.0 * float(np.mean(ranks <= k)) for k in (1, 5, 10)}
+    return {**recalls, "MdR": float(np.median(ranks)), "MnR": float(np.mean(ranks))}
 
 
-def dual_softmax(sim: np.ndarray, axis: int, temperature: float = 1.0) -> np.ndarray:
-    """Dual-softmax ("DSL", CAMoE, Cheng et al. 2021): sim * softmax(sim / temperature) along `axis`.
-
-    For T2V the prior is the softmax over texts (axis 0): a video that every caption likes is discounted. For V2T it
-    is over videos (axis 1). Our scores are already scaled by 100, so temperature 1 is CAMoE's setting on logits.
-    It uses the whole test set's statistics at once, which is why it is an opt-in trick and labelled everywhere.
+def dual_softmax(sim: np.ndarray, axis: int) -> np.ndarray:
+    """Dual-softmax ("DSL", CAMoE, Cheng et al. 2021): sim * softmax(sim) along `axis` (temperature 1: our scores are
+    already scaled by 100, like CAMoE's logits). T2V takes the prior over texts (axis 0), which discounts a video that
+    every caption likes; V2T over videos (axis 1). It uses the whole test set at once: opt-in, and labelled everywhere.
     """
     sim = np.asarray(sim, dtype=np.float64)
-    finite = np.where(np.isfinite(sim), sim, -np.inf) / temperature
-    shifted = finite - finite.max(axis=axis, keepdims=True)
-    weights = np.exp(shifted)
+    finite = np.where(np.isfinite(sim), sim, -np.inf)
+    weights = np.exp(finite - finite.max(axis=axis, keepdims=True))
     weights /= weights.sum(axis=axis, keepdims=True)
     return sim * weights
 
@@ -169,9 +155,8 @@ def metrics_with_dsl(sim: np.ndarray, video_of_text=None, dsl: bool = False) -> 
     """retrieval_metrics, optionally on the dual-softmax matrices (one prior per direction)."""
     if not dsl:
         return retrieval_metrics(sim, video_of_text)
-    t2v = retrieval_metrics(dual_softmax(sim, axis=0), video_of_text)["t2v"]
-    v2t = retrieval_metrics(dual_softmax(sim, axis=1), video_of_text)["v2t"]
-    return {"t2v": t2v, "v2t": v2t}
+    return {"t2v": retrieval_metrics(dual_softmax(sim, axis=0), video_of_text)["t2v"],
+            "v2t": retrieval_metrics(dual_softmax(sim, axis=1), video_of_text)["v2t"]}
 
 
 def format_table(metrics: dict, title: str = "") -> str:
@@ -183,8 +168,6 @@ def format_table(metrics: dict, title: str = "") -> str:
         lines.append(f"{name:6s}{m['R1']:7.1f}{m['R5']:7.1f}{m['R10']:7.1f}{m['MdR']:7.1f}{m['MnR']:7.1f}")
     return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------- encoding (single process or DDP)
 
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -198,30 +181,16 @@ def _shard(n: int, rank: int, world: int) -> range:
     return range(min(rank * per, n), min((rank + 1) * per, n))
 
 
-def _gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Concatenate every rank's shard of an n-row tensor (shards from `_shard`), on every rank."""
+def _gather_rows(batches: list[torch.Tensor], n: int, row_shape: tuple, device: str) -> torch.Tensor:
+    """Concatenate this rank's batches, then every rank's shard of the n rows (shards from `_shard`), on every rank."""
+    # an empty shard (more ranks than rows) still takes part in the gather
+    x = torch.cat(batches) if batches else torch.zeros((0, *row_shape), device=device)
     world = _rank_world()[1]
     if world == 1:
         return x
     padded = x.new_zeros((math.ceil(n / world), *x.shape[1:]))  # all_gather needs equal shapes: pad the last shard
     padded[:len(x)] = x
     return hmmc_model.all_gather_rows(padded)[:n]
-
-
-class _Progress:
-    """Rank-0 progress lines: at most one every `every` seconds, plus the last one."""
-
-    def __init__(self, what: str, total: int, every: float = 10.0, enabled: bool = True):
-        self.what, self.total, self.every, self.enabled = what, total, every, enabled
-        self.t0 = self.last = time.time()
-
-    def update(self, done: int):
-        now = time.time()
-        if self.enabled and (now - self.last >= self.every or done >= self.total):
-            rate = done / max(now - self.t0, 1e-9)
-            eta = (self.total - done) / rate if rate > 0 else 0.0
-            print(f"{self.what}: {done}/{self.total}, {rate:.1f}/s, eta {eta:.0f}s", flush=True)
-            self.last = now
 
 
 @torch.no_grad()
@@ -231,31 +200,26 @@ def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, d
     Under torch.distributed each rank encodes a contiguous shard and every rank gets all rows back."""
     net = unwrap(net)
     rank, world = _rank_world()
-    n = len(dataset)
-    shard = torch.utils.data.Subset(dataset, _shard(n, rank, world))
-    on_cuda = torch.device(device).type == "cuda"
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=on_cuda, drop_last=False)
-    meter = _Progress("encoding videos", len(shard), enabled=progress and rank == 0)
+    shard = torch.utils.data.Subset(dataset, _shard(len(dataset), rank, world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
     video_embs, frame_embs, done = [], [], 0
+    t0 = last_print = time.time()
     for batch in loader:
         frames = batch["video"].to(device, non_blocking=True)  # (B, T, 3, S, S) uint8: the model normalises them
         with autocast(device, dtype):
             video_emb, frame_emb = net.encode_video(frames)
         video_embs.append(video_emb.float())
         frame_embs.append(frame_emb.float())
-        done += len(frames)
-        meter.update(done)
-    if video_embs:
-        video_emb, frame_emb = torch.cat(video_embs), torch.cat(frame_embs)
-    else:  # an empty shard (more ranks than videos) still takes part in the gather
-        video_emb = torch.zeros((0, _embed_dim(net)), device=device)
-        frame_emb = torch.zeros((0, dataset.num_frames, _embed_dim(net)), device=device)
-    return _gather_rows(video_emb, n), _gather_rows(frame_emb, n)
-
-
-def _embed_dim(net) -> int:
-    return net.cfg.clip.embed_dim
+        done, now = done + len(frames), time.time()
+        if progress and rank == 0 and (now - last_print >= 10 or done == len(shard)):  # every 10 s, and the last
+            rate = done / max(now - t0, 1e-9)
+            print(f"encoding videos: {done}/{len(shard)}, {rate:.1f}/s, eta {(len(shard) - done) / rate:.0f}s",
+                  flush=True)
+            last_print = now
+    E = net.cfg.clip.embed_dim
+    return (_gather_rows(video_embs, len(dataset), (E,), device),
+            _gather_rows(frame_embs, len(dataset), (dataset.num_frames, E), device))
 
 
 @torch.no_grad()
@@ -263,16 +227,13 @@ def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int 
                  dtype=None) -> torch.Tensor:
     """Encode every caption once -> text_emb [N,E] fp32 on device (sharded over ranks like encode_videos)."""
     net = unwrap(net)
-    rank, world = _rank_world()
-    n = len(ids)
-    shard = _shard(n, rank, world)
-    out = []
+    shard = _shard(len(ids), *_rank_world())
+    text_embs = []
     for i in range(shard.start, shard.stop, batch_size):
         j = min(i + batch_size, shard.stop)
         with autocast(device, dtype):
-            out.append(net.encode_text(ids[i:j].to(device), mask[i:j].to(device)).float())
-    text_emb = torch.cat(out) if out else torch.zeros((0, _embed_dim(net)), device=device)
-    return _gather_rows(text_emb, n)
+            text_embs.append(net.encode_text(ids[i:j].to(device), mask[i:j].to(device)).float())
+    return _gather_rows(text_embs, len(ids), (net.cfg.clip.embed_dim,), device)
 
 
 @torch.no_grad()
@@ -286,24 +247,19 @@ def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb
     return sim.float().cpu().numpy()
 
 
-# ----------------------------------------------------------------------------- benchmark evaluation
-
 def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, image_size: int, context_length: int,
              top_k_frames: int, frame_match_weight: float, batch_size: int = 64, num_workers: int = 0,
              device: str = "cpu", dtype=None, dsl: bool = False, caption_field: str = "captions",
              progress: bool = True) -> dict:
-    """Retrieval metrics of `net` on a prepared split: each video encoded once, each caption once, hierarchical
-    similarity in chunks on the device, metrics on rank 0 and the same dict returned on every rank.
-
-    Returns {"t2v": {...}, "v2t": {...}, "dsl", "num_videos", "num_texts", "top_k_frames", "frame_match_weight",
-    "encode_s", "videos_per_s"}. `net` may be wrapped in DDP or torch.compile; it is put in eval mode and restored
-    after.
-    """
+    """Retrieval metrics of `net` on a prepared split: each video and caption encoded once (sharded under DDP),
+    similarity and metrics on rank 0, the same dict returned on every rank: {"t2v", "v2t", "dsl", "num_videos",
+    "num_texts", "top_k_frames", "frame_match_weight", "encode_s", "videos_per_s"}. `net` may be wrapped in DDP or
+    torch.compile; it is put in eval mode and its training mode restored after."""
     raw = unwrap(net)
     was_training = raw.training
     raw.eval()
     rank, world = _rank_world()
-    if getattr(getattr(raw, "cfg", None), "use_frame_fea", True) is False:
+    if not raw.cfg.use_frame_fea:
         frame_match_weight = 0.0  # a model trained without frame features has no business scoring with them
     dataset = prepare.VideoTextDataset(data_dir, split, tokenizer, mode="videos", num_frames=num_frames,
                                        context_length=context_length, image_size=image_size,
@@ -320,12 +276,10 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
     if rank == 0:
         sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=top_k_frames,
                                 frame_match_weight=frame_match_weight)
-        result = metrics_with_dsl(sim, video_of_text.cpu().numpy() if torch.is_tensor(video_of_text)
-                                  else np.asarray(video_of_text), dsl=dsl)
-        result.update(dsl=bool(dsl), num_videos=int(len(video_emb)), num_texts=int(len(text_emb)),
-                      top_k_frames=int(top_k_frames),
-                      frame_match_weight=float(frame_match_weight), encode_s=round(encode_s, 3),
-                      videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
+        result = metrics_with_dsl(sim, video_of_text, dsl=dsl)
+        result.update(dsl=bool(dsl), num_videos=len(video_emb), num_texts=len(text_emb),
+                      top_k_frames=int(top_k_frames), frame_match_weight=float(frame_match_weight),
+                      encode_s=round(encode_s, 3), videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
     if world > 1:  # every rank returns the same dict, so callers need no rank checks
         box = [result]
         dist.broadcast_object_list(box, src=0)
@@ -334,16 +288,15 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
     return result
 
 
-# ----------------------------------------------------------------------------- loading a model
-
 def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
-    """Eval settings: command line/config file first, then the checkpoint's training config, then defaults."""
+    """Eval settings: command line/config file first, then the checkpoint's training config, then defaults. The
+    text encoder is fixed by the checkpoint."""
     def pick(key, fallback):
-        if cfg.get(key) is not None:
-            return cfg[key]
-        if ckpt_config.get(key) is not None:
-            return ckpt_config[key]
-        return fallback
+        return next((c[key] for c in (cfg, ckpt_config) if c.get(key) is not None), fallback)
+
+    if cfg["text_encoder"] and cfg["text_encoder"] != model_args["text_encoder"]:
+        raise ValueError(f"{cfg['init_from']} has a {model_args['text_encoder']!r} text encoder, but "
+                         f"text_encoder={cfg['text_encoder']!r} was asked for; drop the override")
     is_clip = cfg["init_from"] == "clip"
     clip_args = model_args.get("clip") or {}
     s = {
@@ -361,15 +314,11 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
     }
     s["data_dir"] = cfg.get("data_dir") or (ckpt_config.get("data_dir") if cfg.get("dataset") is None else None) \
         or os.path.join("data", s["dataset"])
-    if s["text_encoder"] == "bert" and not s["bert_vocab"]:
-        for guess in (os.path.join(s["bert_path"] or "", "vocab.txt"), os.path.join(s["data_dir"], "vocab.txt")):
-            if os.path.isfile(guess):
-                s["bert_vocab"] = guess
-                break
+    if s["text_encoder"] == "bert" and not s["bert_vocab"]:  # look next to the BERT weights, then the data
+        guesses = (os.path.join(s["bert_path"] or "", "vocab.txt"), os.path.join(s["data_dir"], "vocab.txt"))
+        s["bert_vocab"] = next((g for g in guesses if os.path.isfile(g)), s["bert_vocab"])
     return s
 
-
-# ----------------------------------------------------------------------------- search
 
 def _files_stamp(paths: list[str], *settings) -> str:
     h = hashlib.sha1(json.dumps(settings).encode())
@@ -388,38 +337,34 @@ def _prepare_search_source(source: str, cache_dir: str, *, frame_size: int, fram
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--search={source}: no such folder (expected a folder of video files or a prepared "
                                 f"dataset folder with frames.lmdb)")
-    prepared = os.path.exists(os.path.join(source, "frames.lmdb"))
-    if prepared:
-        lmdb_path = os.path.join(source, "frames.lmdb")
-        ids = []
+    lmdb_path = os.path.join(source, "frames.lmdb")
+    ids = []
+    if os.path.exists(lmdb_path):  # a prepared dataset: the videos of all its splits
         for name in sorted(os.listdir(source)):
             if name.endswith(".jsonl"):
                 with open(os.path.join(source, name), encoding="utf-8") as f:
                     ids += [str(json.loads(line)["video_id"]) for line in f if line.strip()]
-        db = prepare.FrameDB(lmdb_path)
-        if not ids:  # frames without annotations: index whatever the LMDB holds
-            ids = db.video_ids()
     else:
         videos = prepare.find_videos(source)  # {video id (file stem): path}, recursive, skips hidden folders
         if not videos:
             raise ValueError(f"--search={source}: neither video files nor a frames.lmdb in this folder; "
                              f"nothing to index")
-        files = list(videos.values())
         os.makedirs(cache_dir, exist_ok=True)
         # one LMDB per extraction setting: a store never mixes frame counts or sizes
         lmdb_path = os.path.join(cache_dir, f"frames_{frames_per_video}x{frame_size}.lmdb")
         stamp_path = lmdb_path + ".sha1"
-        stamp = _files_stamp(files, frame_size, frames_per_video)
+        stamp = _files_stamp(list(videos.values()), frame_size, frames_per_video)
         if not (os.path.exists(stamp_path) and open(stamp_path).read() == stamp):
-            print(f"extracting {frames_per_video} frames from each of {len(files)} videos into {lmdb_path}",
+            print(f"extracting {frames_per_video} frames from each of {len(videos)} videos into {lmdb_path}",
                   flush=True)
             prepare.extract_frames(source, lmdb_path, num_frames=frames_per_video, frame_size=frame_size,
                                    workers=workers)
             with open(stamp_path, "w") as f:
                 f.write(stamp)
         ids = list(videos)
-        db = prepare.FrameDB(lmdb_path)
-    ids = list(dict.fromkeys(ids))  # a video in several splits is indexed once
+    db = prepare.FrameDB(lmdb_path)
+    # frames without annotations: index whatever the LMDB holds; a video in several splits is indexed once
+    ids = list(dict.fromkeys(ids or db.video_ids()))
     skipped = {v: r for v, r in db.failed.items() if v in set(ids)}
     skipped.update({v: "no frames in the LMDB" for v in ids if v not in skipped and not db.has_video(v)})
     db.close()
@@ -439,11 +384,9 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                 batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
                 frames_per_video: int = 30, extract_workers: int = 4) -> dict:
     """Video and frame embeddings of every video under `source`, cached in `cache_dir` and keyed by the model, the
-    settings and the videos, so a second search with the same checkpoint encodes nothing.
-
-    Returns {"video_ids", "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T] (which stored frames were
-    encoded), "lmdb" (where the frames live), "skipped" {video: reason}, "key"}.
-    """
+    settings and the videos, so a second search with the same checkpoint encodes nothing. Returns {"video_ids",
+    "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T] (which stored frames were encoded), "lmdb" (where
+    the frames live), "skipped" {video: reason}, "key"}."""
     # frames for thumbnails are worth a few more pixels than a tiny model needs
     lmdb_path, ids, skipped = _prepare_search_source(source, cache_dir, frame_size=max(image_size, 112),
                                                      frames_per_video=frames_per_video, workers=extract_workers)
@@ -488,7 +431,6 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
         raise ValueError("the index is empty: no videos to search")
     for q in queries:
         _check_query(q, tokenizer)
-    net = unwrap(net)
     ids, mask = tokenizer(queries, context_length)
     text_emb = encode_texts(net, ids, mask, device=device, dtype=dtype)
     video_emb = index["video_emb"].to(device)
@@ -500,13 +442,10 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
     results = []
     for qi in range(len(queries)):
         order = np.argsort(-sim[qi], kind="stable")[:top]
-        hits = []
-        for rank, vi in enumerate(order, 1):
-            fs = frame_sim[qi, vi]
-            hits.append({"rank": rank, "video_id": index["video_ids"][vi], "score": float(sim[qi, vi]),
-                         "frame_scores": [float(x) for x in fs],
-                         "top_frames": sorted(int(x) for x in fs.topk(k).indices)})
-        results.append(hits)
+        results.append([{"rank": rank, "video_id": index["video_ids"][vi], "score": float(sim[qi, vi]),
+                         "frame_scores": [float(x) for x in frame_sim[qi, vi]],
+                         "top_frames": sorted(int(x) for x in frame_sim[qi, vi].topk(k).indices)}
+                        for rank, vi in enumerate(order, 1)])
     return results
 
 
@@ -522,15 +461,14 @@ def _thumbnail_b64(jpeg: bytes, height: int = 96) -> str:
 def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "") -> None:
     """One self-contained page: for each query its top videos, each as a strip of the encoded frames (JPEG
     thumbnails inlined as base64) with the top-k matched frames outlined and every frame's score under it."""
-    db = prepare.FrameDB(index["lmdb"])
     positions = [int(p) for p in index["frame_indices"]]
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
-             f"<title>{escape(title or 'HMMC search')}</title>",
+    title = escape(title or "HMMC search")
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{title}</title>",
              "<style>body{font-family:sans-serif;margin:16px}.hit{margin:10px 0}.strip{display:flex;gap:4px}"
              "figure{margin:0;text-align:center;font-size:11px;color:#555}img{border:3px solid transparent}"
              "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}</style>",
-             "</head><body>", f"<h1>{escape(title or 'HMMC search')}</h1>"]
-    try:
+             "</head><body>", f"<h1>{title}</h1>"]
+    with prepare.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
             parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
                          f"<p>outlined: the top-{len(hits[0]['top_frames']) if hits else 0} frames that entered the "
@@ -547,19 +485,45 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
                                  f"<figcaption>{score:.1f}</figcaption></figure>")
                 parts.append("</div></div>")
             parts.append("</section>")
-    finally:
-        db.close()
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
 
 
-# ----------------------------------------------------------------------------- command line
-
 def _checkpoint_key(init_from: str, clip_path: str) -> str:
     path = clip_path if init_from == "clip" else init_from
     st = os.stat(path)
     return f"{init_from}|{os.path.realpath(path)}|{st.st_size}|{int(st.st_mtime)}"
+
+
+def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list[dict]]:
+    """Search mode of main: index cfg["search"], print `rank video_id score` per hit, optionally write the report."""
+    queries = [cfg["query"]] if cfg["query"] else []
+    if cfg["queries_file"]:
+        with open(cfg["queries_file"], encoding="utf-8") as f:
+            queries += [line.strip() for line in f if line.strip()]
+    if not queries:
+        raise ValueError("search mode needs --query=TEXT (or --queries_file=FILE, one query per line)")
+    for q in queries:  # fail on a bad query before spending minutes on an index
+        _check_query(q, tokenizer)
+    index = build_index(net, cfg["search"], cache_dir=cfg["index_dir"] or os.path.join(cfg["search"], ".hmmc_index"),
+                        model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]), num_frames=s["num_frames"],
+                        image_size=s["image_size"], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+                        device=device, dtype=dtype, frames_per_video=cfg["frames_per_video"],
+                        extract_workers=cfg["extract_workers"])
+    results = search_index(net, index, queries, tokenizer=tokenizer, context_length=s["context_length"],
+                           top_k_frames=s["top_k_frames"], frame_match_weight=s["frame_match_weight"],
+                           top=cfg["top"], device=device, dtype=dtype)
+    for q, hits in zip(queries, results):
+        if len(queries) > 1:
+            print(f"query: {q}")
+        for hit in hits:
+            print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
+    sys.stdout.flush()
+    if cfg["html"]:
+        write_html(cfg["html"], index, queries, results, title=f"HMMC search over {cfg['search']}")
+        print(f"wrote {cfg['html']}", flush=True)
+    return results
 
 
 def main(argv=None):
@@ -569,11 +533,11 @@ def main(argv=None):
 
     # under torchrun the encoding is sharded over the processes and the metrics computed on rank 0
     ddp, rank, _, dev = init_compute(cfg["device"]) if not cfg["search"] else (False, 0, 1, cfg["device"])
-    master = rank == 0
     # autocast on the GPU only: CPU bf16 matmuls are slower than fp32 on most CPUs
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
 
-    if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
+    is_clip = cfg["init_from"] == "clip"
+    if is_clip:  # the zero-shot baseline: mean pooling of CLIP frame embeddings
         zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
         net, info = hmmc_model.load_model("clip", zero_shot, clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
                                           device=dev)
@@ -586,48 +550,18 @@ def main(argv=None):
     model_args = net.cfg.to_dict()
     ckpt_config = (info["checkpoint"] or {}).get("config") or {}
     info = None  # the checkpoint's tensors are in the model now
-    if cfg["text_encoder"] and cfg["text_encoder"] != model_args["text_encoder"]:
-        raise ValueError(f"{cfg['init_from']} has a {model_args['text_encoder']!r} text encoder, but "
-                         f"text_encoder={cfg['text_encoder']!r} was asked for; drop the override")
     s = _settings(cfg, model_args, ckpt_config)
     tokenizer = prepare.get_tokenizer(s["text_encoder"], s["bert_vocab"])
-
     if cfg["search"]:
-        queries = [cfg["query"]] if cfg["query"] else []
-        if cfg["queries_file"]:
-            with open(cfg["queries_file"], encoding="utf-8") as f:
-                queries += [line.strip() for line in f if line.strip()]
-        if not queries:
-            raise ValueError("search mode needs --query=TEXT (or --queries_file=FILE, one query per line)")
-        for q in queries:  # fail on a bad query before spending minutes on an index
-            _check_query(q, tokenizer)
-        cache_dir = cfg["index_dir"] or os.path.join(cfg["search"], ".hmmc_index")
-        index = build_index(net, cfg["search"], cache_dir=cache_dir,
-                            model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]),
-                            num_frames=s["num_frames"], image_size=s["image_size"], batch_size=cfg["batch_size"],
-                            num_workers=cfg["num_workers"], device=dev, dtype=dtype,
-                            frames_per_video=cfg["frames_per_video"], extract_workers=cfg["extract_workers"])
-        results = search_index(net, index, queries, tokenizer=tokenizer, context_length=s["context_length"],
-                               top_k_frames=s["top_k_frames"], frame_match_weight=s["frame_match_weight"],
-                               top=cfg["top"], device=dev, dtype=dtype)
-        for q, hits in zip(queries, results):
-            if len(queries) > 1:
-                print(f"query: {q}")
-            for hit in hits:
-                print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
-        sys.stdout.flush()
-        if cfg["html"]:
-            write_html(cfg["html"], index, queries, results, title=f"HMMC search over {cfg['search']}")
-            print(f"wrote {cfg['html']}", flush=True)
-        return results
+        return _search(net, cfg, s, tokenizer, dev, dtype)
 
     result = evaluate(net, s["data_dir"], cfg["split"], tokenizer=tokenizer, num_frames=s["num_frames"],
                       image_size=s["image_size"], context_length=s["context_length"], top_k_frames=s["top_k_frames"],
                       frame_match_weight=s["frame_match_weight"], batch_size=cfg["batch_size"],
                       num_workers=cfg["num_workers"], device=dev, dtype=dtype, dsl=cfg["dsl"],
                       caption_field=s["caption_field"])
-    if master:
-        label = "zero-shot CLIP (mean pooling)" if cfg["init_from"] == "clip" else cfg["init_from"]
+    if rank == 0:
+        label = "zero-shot CLIP (mean pooling)" if is_clip else cfg["init_from"]
         title = (f"{label} on {s['dataset']} {cfg['split']}: {result['num_texts']} captions x "
                  f"{result['num_videos']} videos, top-{s['top_k_frames']} frames, frame_match_weight "
                  f"{result['frame_match_weight']:g}, DSL {'on' if cfg['dsl'] else 'off'}")
@@ -636,14 +570,13 @@ def main(argv=None):
         print(format_table(result, title))
         out_path = cfg["out"]
         if not out_path:
-            base = os.path.dirname(cfg["init_from"]) if cfg["init_from"] != "clip" else "out"
-            name = f"eval_{'clip_' if cfg['init_from'] == 'clip' else ''}{s['dataset']}_{cfg['split']}"
-            out_path = os.path.join(base or ".", name + ("_dsl" if cfg["dsl"] else "") + ".json")
+            base = "out" if is_clip else os.path.dirname(cfg["init_from"]) or "."
+            name = f"eval_{'clip_' if is_clip else ''}{s['dataset']}_{cfg['split']}{'_dsl' if cfg['dsl'] else ''}"
+            out_path = os.path.join(base, name + ".json")
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path, "w") as f:
             json.dump({**result, "split": cfg["split"], "checkpoint": cfg["init_from"], "config": {**cfg, **s},
-                       "model_args": model_args},
-                      f, indent=2, default=str)
+                       "model_args": model_args}, f, indent=2, default=str)
         print(f"wrote {out_path}", flush=True)
     if ddp:
         cleanup_compute()

@@ -23,15 +23,16 @@ def test_naive_attention_equals_sdpa(causal):
 
 def test_plain_attention_swaps_and_restores():
     sdpa = F.scaled_dot_product_attention
-    with bench.plain_attention(True):
+    with bench.plain_attention():
         assert F.scaled_dot_product_attention is bench.naive_attention
     assert F.scaled_dot_product_attention is sdpa
     with pytest.raises(RuntimeError):
-        with bench.plain_attention(True):
+        with bench.plain_attention():
             raise RuntimeError("boom")
     assert F.scaled_dot_product_attention is sdpa
 
 
+@pytest.mark.slow
 def test_bench_tiny_cpu(tmp_path, capsys):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
@@ -81,7 +82,7 @@ def test_baseline_reaches_the_model(monkeypatch):
     attn = model.Attention(16, 2)
     x = torch.randn(2, 5, 16)
     want = attn(x, is_causal=True)
-    with bench.plain_attention(True):
+    with bench.plain_attention():
         got = attn(x, is_causal=True)
     assert calls, "model.Attention did not go through the swapped attention"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
