@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import towers
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -70,8 +71,7 @@ def test_bench_rejects_bad_size():
 
 
 def test_baseline_reaches_the_model(monkeypatch):
-    # the swap must take effect inside model.py's attention, or the "baseline" would be our own code again
-    import model
+    # the swap must take effect inside the towers' attention, or the "baseline" would be our own code again
     calls, naive = [], bench.naive_attention
 
     def counting(*args, **kw):
@@ -79,10 +79,10 @@ def test_baseline_reaches_the_model(monkeypatch):
         return naive(*args, **kw)
 
     monkeypatch.setattr(bench, "naive_attention", counting)
-    attn = model.Attention(16, 2)
+    attn = towers.Attention(16, 2)
     x = torch.randn(2, 5, 16)
     want = attn(x, is_causal=True)
     with bench.plain_attention():
         got = attn(x, is_causal=True)
-    assert calls, "model.Attention did not go through the swapped attention"
+    assert calls, "towers.Attention did not go through the swapped attention"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
