@@ -23,9 +23,12 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
+import unicodedata
+from collections import Counter
 from html import escape
 
 import numpy as np
@@ -35,8 +38,9 @@ import torch.distributed as dist
 import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
-from common import autocast, cleanup_compute, init_compute, unwrap
+from common import autocast, cleanup_compute, init_compute, run_script, unwrap
 
+_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
 # defaults for `python eval.py`; None means "take it from the checkpoint's training config"
@@ -44,21 +48,21 @@ init_from = ""  # a checkpoint written by train.py, an original HMMC state dict,
 clip_path = "ViT-B-32.pt"  # OpenAI CLIP weights, for init_from="clip"
 bert_path = None  # HF Chinese BERT folder, for init_from="clip" with text_encoder="bert"
 dataset = None  # data dir is data/<dataset> unless data_dir is set
-data_dir = None
-split = "test"
+data_dir = None  # a prepared dataset folder (frames.lmdb + <split>.jsonl); overrides dataset
+split = "test"  # which <split>.jsonl of the dataset to evaluate
 caption_field = None  # "captions" (English) or e.g. "captions_zh", whatever the dataset's jsonl uses
 text_encoder = None  # "clip" | "bert"; fixed by the checkpoint, only init_from="clip" may choose
 bert_vocab = None  # vocab.txt of the Chinese tokenizer
 num_frames = None  # frames per video (12 in every paper recipe)
-image_size = None
+image_size = None  # pixels per frame side the model sees (224 for ViT-B/32)
 context_length = None  # text tokens per caption (32 in the paper)
 top_k_frames = None  # hierarchical matching: mean of the k best-matching frames (2 MSR-VTT fine-tune, 3 otherwise)
 frame_match_weight = None  # weight of the frame term; 0 = video-level similarity only
 dsl = False  # dual-softmax re-normalisation of the similarity matrix (inference trick; off = the paper's numbers)
 batch_size = 256 if torch.cuda.is_available() else 64  # videos per encoding batch
 num_workers = min(8, os.cpu_count() or 1)  # data loader processes: JPEG decoding is the bottleneck of eval
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
+dtype = "bfloat16" if _bf16 else "float32"  # autocast on the GPU: "float32", "bfloat16" or "float16"
 out = None  # results JSON; default: next to the checkpoint (eval_<dataset>_<split>.json) or out/ for "clip"
 # search mode
 search = ""  # a folder of videos or a prepared dataset folder; turns on search mode
@@ -69,6 +73,7 @@ html = ""  # write a self-contained HTML page of the hits here
 index_dir = ""  # where the index cache lives; default DIR/.hmmc_index
 frames_per_video = 30  # frames extracted per video file when DIR is a folder of videos
 extract_workers = 4  # ffmpeg processes when extracting
+retry_failed = False  # extract again the files that failed before even when unchanged (changed files always are)
 config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
 # -----------------------------------------------------------------------------
 
@@ -263,7 +268,7 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
         frame_match_weight = 0.0  # a model trained without frame features has no business scoring with them
     dataset = prepare.VideoTextDataset(data_dir, split, tokenizer, mode="videos", num_frames=num_frames,
                                        context_length=context_length, image_size=image_size,
-                                       caption_field=caption_field)
+                                       caption_field=caption_field, verbose=rank == 0)
     ids, mask, video_of_text = dataset.caption_tokens()
     t0 = time.time()
     video_emb, frame_emb = encode_videos(raw, dataset, batch_size=batch_size, num_workers=num_workers,
@@ -320,106 +325,264 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
     return s
 
 
-def _files_stamp(paths: list[str], *settings) -> str:
-    h = hashlib.sha1(json.dumps(settings).encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+# ----------------------------------------------------------------------------- search: the index cache
+
+INDEX_VERSION = 2  # bump when the layout of index_<key>.pt changes: older files are then ignored, not misread
+
+
+def _list_videos(source: str, skip: str = "") -> dict:
+    """{video id: path} of the video files under `source` (recursive; hidden names, *.lmdb folders and `skip`
+    left out). The id is the path relative to `source` without its extension, so `bikes.MP4` and `sub/bikes.mp4`
+    are `bikes` and `sub/bikes`; files that share a stem in one folder keep their extension (`a.mp4`, `a.mkv`)."""
+    files = []
+    for root, dirs, names in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".lmdb")
+                         and os.path.realpath(os.path.join(root, d)) != skip)
+        files += [os.path.relpath(os.path.join(root, n), source).replace(os.sep, "/") for n in sorted(names)
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in prepare.VIDEO_EXTENSIONS]
+    stems = Counter(os.path.splitext(f)[0] for f in files)
+    return {(os.path.splitext(f)[0] if stems[os.path.splitext(f)[0]] == 1 else f): os.path.join(source, f)
+            for f in files}
+
+
+def _file_sha1(path: str, chunk: int = 1 << 20) -> str:
+    """sha1 of a file's size, first and last MiB: a few reads whatever the size, and it tells a replaced video
+    from a copy of the same file (a touch or a copy-back does not force a re-extraction)."""
+    h = hashlib.sha1(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        f.seek(max(0, os.path.getsize(path) - chunk))
+        h.update(f.read(chunk))
     return h.hexdigest()
 
 
-def _prepare_search_source(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int,
-                           workers: int) -> tuple[str, list[str], dict]:
-    """Turn `source` into a frame LMDB plus `cache_dir/index.jsonl` listing its videos -> (lmdb path, video ids,
-    {video: why it was skipped}). A folder of video files (searched recursively) is extracted into
-    cache_dir/frames_<T>x<size>.lmdb when its files changed (extraction itself is resumable, so only new videos are
-    decoded); a prepared dataset folder is read in place and indexes the union of its splits."""
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"--search={source}: no such folder (expected a folder of video files or a prepared "
-                                f"dataset folder with frames.lmdb)")
-    lmdb_path = os.path.join(source, "frames.lmdb")
-    ids = []
-    if os.path.exists(lmdb_path):  # a prepared dataset: the videos of all its splits
-        for name in sorted(os.listdir(source)):
-            if name.endswith(".jsonl"):
-                with open(os.path.join(source, name), encoding="utf-8") as f:
-                    ids += [str(json.loads(line)["video_id"]) for line in f if line.strip()]
-    else:
-        videos = prepare.find_videos(source)  # {video id (file stem): path}, recursive, skips hidden folders
-        if not videos:
-            raise ValueError(f"--search={source}: neither video files nor a frames.lmdb in this folder; "
-                             f"nothing to index")
-        os.makedirs(cache_dir, exist_ok=True)
-        # one LMDB per extraction setting: a store never mixes frame counts or sizes
-        lmdb_path = os.path.join(cache_dir, f"frames_{frames_per_video}x{frame_size}.lmdb")
-        stamp_path = lmdb_path + ".sha1"
-        stamp = _files_stamp(list(videos.values()), frame_size, frames_per_video)
-        if not (os.path.exists(stamp_path) and open(stamp_path).read() == stamp):
-            print(f"extracting {frames_per_video} frames from each of {len(videos)} videos into {lmdb_path}",
-                  flush=True)
-            prepare.extract_frames(source, lmdb_path, num_frames=frames_per_video, frame_size=frame_size,
-                                   workers=workers)
-            with open(stamp_path, "w") as f:
-                f.write(stamp)
-        ids = list(videos)
-    db = prepare.FrameDB(lmdb_path)
-    # frames without annotations: index whatever the LMDB holds; a video in several splits is indexed once
-    ids = list(dict.fromkeys(ids or db.video_ids()))
-    skipped = {v: r for v, r in db.failed.items() if v in set(ids)}
-    skipped.update({v: "no frames in the LMDB" for v in ids if v not in skipped and not db.has_video(v)})
-    db.close()
-    ids = [v for v in ids if v not in skipped]
-    if skipped:
-        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items()), flush=True)
-    if not ids:
-        raise ValueError(f"--search={source}: no usable videos to index ({len(skipped)} skipped)")
+def _extract_video(job):
+    """Pool worker: (id, path, frames, size) -> (id, JPEG frames or None, error or None, duration in s or None)."""
+    vid, path, num_frames, frame_size = job
+    try:  # the duration turns stored frame positions into times in the report
+        duration = prepare.probe_video(path)["duration"]
+    except Exception:
+        duration = None
+    _, frames, err = prepare._extract_job((vid, path, num_frames, frame_size, 90))
+    return vid, frames, err, duration
+
+
+def _delete_frames(db, ids) -> None:
+    # FrameDB has no delete: the frames of removed or now-broken files go straight through its LMDB environment
+    with db.env.begin(write=True) as txn:
+        for vid in ids:
+            for i in range(db.num_frames):
+                txn.delete(f"{vid}_{i}".encode())
+
+
+def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int, workers: int,
+                       retry_failed: bool) -> dict:
+    """Bring cache_dir/frames_<T>x<size>.lmdb in line with the video files under `source`: extract new and changed
+    files (size or mtime differ and so does the content hash), drop removed ones, retry failed ones that changed
+    (all failed ones with retry_failed). The manifest next to the LMDB records each file's size, mtime, hash,
+    duration and error. Returns {"lmdb", "ids", "skipped", "stamps", "durations", "stored_frames", "extracted"}."""
+    videos = _list_videos(source, skip=os.path.realpath(cache_dir))
+    if not videos:
+        raise ValueError(f"--search={source}: neither video files nor a frames.lmdb in this folder; nothing to index")
     os.makedirs(cache_dir, exist_ok=True)
-    with open(os.path.join(cache_dir, "index.jsonl"), "w", encoding="utf-8") as f:
-        for v in ids:  # the id as a stand-in caption: never scored, but some loaders want one per video
-            f.write(json.dumps({"video_id": v, "captions": [v]}, ensure_ascii=False) + "\n")
-    return lmdb_path, ids, skipped
+    lmdb_path = os.path.join(cache_dir, f"frames_{frames_per_video}x{frame_size}.lmdb")  # one store per setting
+    manifest_path = lmdb_path[:-len(".lmdb")] + ".json"
+    old = {}
+    if os.path.exists(manifest_path) and os.path.exists(lmdb_path):  # without the LMDB every file is new
+        with open(manifest_path, encoding="utf-8") as f:
+            old = json.load(f)
+    files, todo = {}, []
+    for vid, path in videos.items():
+        st = os.stat(path)
+        prev = old.get(vid)
+        if prev and prev["size"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
+            entry = dict(prev)
+        else:
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _file_sha1(path)}
+            if prev and prev["sha1"] == entry["sha1"]:  # touched, same bytes: keep the frames and the outcome
+                entry = {**prev, **entry}
+        entry["path"] = os.path.relpath(path, source)
+        files[vid] = entry
+        if "error" not in entry or (entry["error"] and retry_failed):
+            todo.append(vid)
+    removed = [vid for vid in old if vid not in files]
+
+    extracted = []
+    if todo or removed:
+        with prepare.FrameDB(lmdb_path, readonly=False, num_frames=frames_per_video, frame_size=frame_size) as db:
+            _delete_frames(db, removed)
+            if todo:
+                prepare._check_ffmpeg()
+                print(f"extracting {frames_per_video} frames from each of {len(todo)} new or changed videos "
+                      f"(of {len(videos)}) into {lmdb_path}", flush=True)
+            jobs = [(vid, videos[vid], frames_per_video, frame_size) for vid in todo]
+            pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(jobs) > 1 else None
+            try:
+                results = pool.imap_unordered(_extract_video, jobs) if pool else map(_extract_video, jobs)
+                t0 = last = time.time()
+                for n, (vid, frames, err, duration) in enumerate(results, 1):  # this process is the only writer
+                    files[vid].update(error=err, duration=duration)
+                    if err is None:
+                        db.put_video(vid, frames)
+                        extracted.append(vid)
+                    else:
+                        _delete_frames(db, [vid])  # a file that broke must not keep serving its old frames
+                    if time.time() - last >= 10:
+                        last = time.time()
+                        print(f"extracting: {n}/{len(jobs)} videos, {n / (last - t0):.2g}/s", flush=True)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+        tmp = manifest_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(files, f, ensure_ascii=False, indent=0)
+        os.replace(tmp, manifest_path)  # written after the frames: a killed run redoes its videos, nothing worse
+    elif any(files[v] != old.get(v) for v in files):  # only touched files: remember their new mtimes
+        with open(manifest_path, "w", encoding="utf-8") as f:
+            json.dump(files, f, ensure_ascii=False, indent=0)
+    skipped = {vid: e["error"] for vid, e in files.items() if e.get("error")}
+    return {"lmdb": lmdb_path, "ids": [v for v in files if v not in skipped], "skipped": skipped,
+            "stamps": {v: e["sha1"] for v, e in files.items()}, "durations": {v: e.get("duration") for v, e in
+                                                                           files.items()},
+            "stored_frames": frames_per_video, "extracted": extracted,
+            "retry_hint": " (a file is tried again when it changes, or with --retry_failed)"}
+
+
+def _read_prepared(source: str) -> dict:
+    """A prepared dataset folder, read in place: the videos of all its splits (a video in several is indexed once),
+    in the same dict as _sync_video_folder. Its videos are re-encoded together when frames.lmdb changes."""
+    lmdb_path = os.path.join(source, "frames.lmdb")
+    ids, durations = [], {}
+    for name in sorted(os.listdir(source)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(source, name), encoding="utf-8") as f:
+                for obj in map(json.loads, filter(str.strip, f)):
+                    ids.append(str(obj["video_id"]))
+                    durations[ids[-1]] = obj.get("duration")
+    with prepare.FrameDB(lmdb_path) as db:
+        ids = list(dict.fromkeys(ids or db.video_ids()))  # frames without annotations: whatever the LMDB holds
+        skipped = {v: r for v, r in db.failed.items() if v in set(ids)}
+        skipped.update({v: "no frames in the LMDB" for v in ids if v not in skipped and not db.has_video(v)})
+        stored = db.num_frames
+    data_file = os.path.join(lmdb_path, "data.mdb") if os.path.isdir(lmdb_path) else lmdb_path
+    st = os.stat(data_file)
+    return {"lmdb": lmdb_path, "ids": [v for v in ids if v not in skipped], "skipped": skipped,
+            "stamps": dict.fromkeys(ids, f"{st.st_size}|{st.st_mtime_ns}"), "durations": durations,
+            "stored_frames": stored, "extracted": [], "retry_hint": ""}
 
 
 def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames: int, image_size: int,
                 batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
-                frames_per_video: int = 30, extract_workers: int = 4) -> dict:
-    """Video and frame embeddings of every video under `source`, cached in `cache_dir` and keyed by the model, the
-    settings and the videos, so a second search with the same checkpoint encodes nothing. Returns {"video_ids",
-    "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T] (which stored frames were encoded), "lmdb" (where
-    the frames live), "skipped" {video: reason}, "key"}."""
-    # frames for thumbnails are worth a few more pixels than a tiny model needs
-    lmdb_path, ids, skipped = _prepare_search_source(source, cache_dir, frame_size=max(image_size, 112),
-                                                     frames_per_video=frames_per_video, workers=extract_workers)
-    lmdb_file = os.path.join(lmdb_path, "data.mdb") if os.path.isdir(lmdb_path) else lmdb_path
-    key = hashlib.sha1(json.dumps([model_key, num_frames, image_size, str(dtype), ids, os.path.realpath(lmdb_path),
-                                   os.stat(lmdb_file).st_mtime_ns]).encode()).hexdigest()[:16]
+                frames_per_video: int = 30, extract_workers: int = 4, retry_failed: bool = False) -> dict:
+    """Video and frame embeddings of every video under `source` (a folder of video files, or a prepared dataset
+    folder), cached in `cache_dir` per model and settings. Only new and changed videos are extracted and encoded;
+    removed ones are dropped. Returns {"video_ids", "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T]
+    (which stored frames were encoded), "stored_frames", "durations" [V] (seconds or None), "lmdb" (where the frames
+    live), "skipped" {video: reason}, "key", "extracted" and "encoded" (the ids this call extracted / encoded)}."""
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--search={source}: no such folder (expected a folder of video files or a prepared "
+                                f"dataset folder with frames.lmdb)")
+    if os.path.exists(os.path.join(source, "frames.lmdb")):
+        src = _read_prepared(source)
+    else:  # frames for thumbnails are worth a few more pixels than a tiny model needs
+        if num_frames > frames_per_video:
+            raise ValueError(f"the model reads {num_frames} frames per video but frames_per_video="
+                             f"{frames_per_video}; pass --frames_per_video={max(30, num_frames)}")
+        src = _sync_video_folder(source, cache_dir, frame_size=max(image_size, 112), frames_per_video=frames_per_video,
+                                 workers=extract_workers, retry_failed=retry_failed)
+    ids, skipped = src["ids"], src["skipped"]
+    if skipped:
+        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items())
+              + src["retry_hint"], flush=True)
+    if not ids:
+        raise ValueError(f"--search={source}: no usable videos to index ({len(skipped)} skipped)")
+    key = hashlib.sha1(json.dumps([INDEX_VERSION, model_key, num_frames, image_size, str(dtype),
+                                   os.path.realpath(src["lmdb"])]).encode()).hexdigest()[:16]
     index_path = os.path.join(cache_dir, f"index_{key}.pt")
-    if os.path.exists(index_path):
-        index = torch.load(index_path, map_location="cpu", weights_only=True)
-        print(f"loaded the index of {len(index['video_ids'])} videos from {index_path}", flush=True)
-        return index
-    dataset = prepare.VideoTextDataset(cache_dir, "index", None, mode="videos", num_frames=num_frames,
-                                       image_size=image_size, lmdb_path=lmdb_path)
-    assert dataset.video_ids == ids, "the dataset must list the videos in index order"
-    print(f"encoding {len(ids)} videos", flush=True)
-    video_emb, frame_emb = encode_videos(net, dataset, batch_size=batch_size, num_workers=num_workers, device=device,
-                                         dtype=dtype)
-    positions = prepare.sample_frame_indices(dataset.lmdb_frames, num_frames, "uniform")  # what the dataset reads
-    index = {"video_ids": ids, "video_emb": video_emb.cpu(), "frame_emb": frame_emb.cpu(),
-             "frame_indices": torch.as_tensor(positions, dtype=torch.long), "lmdb": os.path.realpath(lmdb_path),
-             "skipped": {str(k): str(v) for k, v in skipped.items()}, "key": key}
-    tmp = index_path + ".tmp"
-    torch.save(index, tmp)
-    os.replace(tmp, index_path)  # a killed run never leaves half an index behind
-    print(f"indexed {len(ids)} videos -> {index_path}", flush=True)
-    return index
+    old = torch.load(index_path, map_location="cpu", weights_only=True) if os.path.exists(index_path) else None
+    # reuse the embeddings of every video whose file (or LMDB) is as it was; freshly extracted frames are encoded
+    row = {v: i for i, v in enumerate(old["video_ids"] if old else [])
+           if src["stamps"].get(v) == old["stamps"][i] and v not in src["extracted"]}
+    todo = [v for v in ids if v not in row]
+    video_emb, frame_emb = (old["video_emb"], old["frame_emb"]) if old else (None, None)
+    if todo:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(os.path.join(cache_dir, "encode.jsonl"), "w", encoding="utf-8") as f:
+            for v in todo:  # the id as a stand-in caption: never scored, but some loaders want one per video
+                f.write(json.dumps({"video_id": v, "captions": [v]}, ensure_ascii=False) + "\n")
+        dataset = prepare.VideoTextDataset(cache_dir, "encode", None, mode="videos", num_frames=num_frames,
+                                           image_size=image_size, lmdb_path=src["lmdb"])
+        assert dataset.video_ids == todo, "the dataset must list the videos in the order given"
+        print(f"encoding {len(todo)} videos" + (f" ({len(row)} unchanged ones reused)" if row else ""), flush=True)
+        new_video, new_frame = encode_videos(net, dataset, batch_size=batch_size, num_workers=num_workers,
+                                             device=device, dtype=dtype)
+        if getattr(dataset, "_db", None) is not None:  # free this process's reader: the next sync may write
+            dataset._db.close()
+        base = len(old["video_ids"]) if old else 0
+        row.update({v: base + i for i, v in enumerate(todo)})
+        video_emb = torch.cat([video_emb, new_video.cpu()]) if old else new_video.cpu()
+        frame_emb = torch.cat([frame_emb, new_frame.cpu()]) if old else new_frame.cpu()
+    rows = torch.tensor([row[v] for v in ids], dtype=torch.long)
+    index = {"video_ids": ids, "video_emb": video_emb[rows], "frame_emb": frame_emb[rows],
+             "stamps": [src["stamps"][v] for v in ids],
+             "frame_indices": torch.as_tensor(prepare.sample_frame_indices(src["stored_frames"], num_frames,
+                                                                           "uniform"), dtype=torch.long),
+             "stored_frames": src["stored_frames"], "durations": [src["durations"].get(v) for v in ids],
+             "lmdb": os.path.realpath(src["lmdb"]), "skipped": {str(k): str(v) for k, v in skipped.items()},
+             "key": key}
+    if old is None or todo or old["video_ids"] != ids or old["skipped"] != index["skipped"]:
+        tmp = index_path + ".tmp"
+        torch.save(index, tmp)
+        os.replace(tmp, index_path)  # a killed run never leaves half an index behind
+        print(f"indexed {len(ids)} videos -> {index_path}", flush=True)
+    else:
+        print(f"loaded the index of {len(ids)} videos from {index_path}", flush=True)
+    return {**index, "extracted": src["extracted"], "encoded": todo}
 
+
+# ----------------------------------------------------------------------------- search: queries, ranking, report
 
 def _check_query(text: str, tokenizer) -> None:
     ids = tokenizer.encode(text)
     unk = getattr(tokenizer, "unk_id", None)
     if not text.strip() or not ids or (unk is not None and all(i == unk for i in ids)):
         raise ValueError(f"query {text!r} tokenizes to nothing the text encoder knows; write some words")
+
+
+def _script(ch: str) -> str | None:
+    """The writing system of a letter or symbol: "latin", "cjk", "emoji", "cyrillic", "hangul"...; None otherwise."""
+    cat = unicodedata.category(ch)
+    if cat == "So":
+        return "emoji"  # pictographs and other symbols
+    if not cat.startswith("L"):
+        return None  # digits, punctuation, spaces: every script has them
+    name = unicodedata.name(ch, "")
+    if name.startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH")):
+        return "cjk"
+    return name.split(" ")[0].lower() or "unknown"
+
+
+def _quote(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
+
+
+def query_warnings(text: str, tokenizer, context_length: int) -> list[str]:
+    """What to know before trusting the scores of `text`, one line each: it was cut to the model's caption length,
+    or it is written in a script the text encoder was not trained on (the scores still look confident)."""
+    out = []
+    n, kept = len(tokenizer.encode(text)), context_length - 2  # each row also holds a start and an end token
+    if n > kept:
+        out.append(f"query {_quote(text)} is {n} tokens long; the model reads {context_length} per caption, so only "
+                   f"the first {kept} were kept")
+    scripts = {s for s in map(_script, text) if s}
+    if isinstance(tokenizer, prepare.BertTokenizer):
+        if "latin" in scripts and "cjk" not in scripts:
+            out.append(f"query {_quote(text)} is in Latin script but the text encoder (Chinese BERT) was trained on "
+                       f"Chinese captions; its scores will look confident and mean little. Write it in Chinese")
+    elif scripts - {"latin"}:
+        out.append(f"query {_quote(text)} contains {', '.join(sorted(scripts - {'latin'}))} text, which the CLIP "
+                   f"text encoder (trained on English) barely knows; its scores will look confident and mean little")
+    return out
 
 
 @torch.no_grad()
@@ -429,6 +592,8 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
     {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame), "top_frames" [k positions]}."""
     if not index["video_ids"]:
         raise ValueError("the index is empty: no videos to search")
+    if int(top) < 1:
+        raise ValueError(f"top={top}: ask for at least one hit per query")
     for q in queries:
         _check_query(q, tokenizer)
     ids, mask = tokenizer(queries, context_length)
@@ -458,31 +623,56 @@ def _thumbnail_b64(jpeg: bytes, height: int = 96) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "") -> None:
-    """One self-contained page: for each query its top videos, each as a strip of the encoded frames (JPEG
-    thumbnails inlined as base64) with the top-k matched frames outlined and every frame's score under it."""
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"  # 1:05.3
+
+
+_CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
+        # frames shrink to share the page width (min-width:0 lets a flex item go below its image's width)
+        ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;font-size:11px;"
+        "color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;border:3px solid transparent}"
+        "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}")
+
+
+def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
+               checkpoint: str = "") -> None:
+    """One self-contained page: the checkpoint and the skipped files first, then for each query its top videos,
+    each as a strip of the encoded frames (JPEG thumbnails inlined as base64, shrunk to fit the page width) with the
+    top-k matched frames outlined and each frame's time in the video and score under it."""
     positions = [int(p) for p in index["frame_indices"]]
+    stored = index.get("stored_frames")
+    durations = dict(zip(index["video_ids"], index.get("durations") or []))
     title = escape(title or "HMMC search")
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{title}</title>",
-             "<style>body{font-family:sans-serif;margin:16px}.hit{margin:10px 0}.strip{display:flex;gap:4px}"
-             "figure{margin:0;text-align:center;font-size:11px;color:#555}img{border:3px solid transparent}"
-             "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}</style>",
-             "</head><body>", f"<h1>{title}</h1>"]
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
+             f"<style>{_CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    if checkpoint:
+        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
+    if index.get("skipped"):
+        parts.append(f"<details class=\"skipped\" open><summary>{len(index['skipped'])} file(s) skipped as "
+                     f"unreadable</summary><ul>")
+        parts += [f"<li><code>{escape(v)}</code>: {escape(r)}</li>" for v, r in index["skipped"].items()]
+        parts.append("</ul></details>")
     with prepare.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
             parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
-                         f"<p>outlined: the top-{len(hits[0]['top_frames']) if hits else 0} frames that entered the "
-                         f"score; numbers: 100 x cosine of the query with each frame</p>")
+                         f"<p class=\"meta\">outlined: the top-{len(hits[0]['top_frames']) if hits else 0} frames "
+                         f"that entered the score; under each frame: its time in the video and 100 x cosine of the "
+                         f"query with it</p>")
             for hit in hits:
                 vid = hit["video_id"]
+                duration = durations.get(vid)
                 jpegs = db.get_frames(vid, positions)
                 parts.append(f"<div class=\"hit\" data-video-id=\"{escape(vid)}\"><div><b>{hit['rank']}.</b> "
-                             f"{escape(vid)} &mdash; score {hit['score']:.2f}</div><div class=\"strip\">")
+                             f"{escape(vid)} &mdash; score {hit['score']:.2f}"
+                             f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
                 for t, (p, jpeg, score) in enumerate(zip(positions, jpegs, hit["frame_scores"])):
                     cls = " class=\"top\"" if t in hit["top_frames"] else ""
+                    # extraction takes the centre of each of `stored` equal segments of the video
+                    when = f"{_clock((p + 0.5) * duration / stored)} &middot; " if duration and stored else ""
                     parts.append(f"<figure{cls}><img alt=\"{escape(vid)} frame {p}\" "
                                  f"src=\"data:image/jpeg;base64,{_thumbnail_b64(jpeg)}\">"
-                                 f"<figcaption>{score:.1f}</figcaption></figure>")
+                                 f"<figcaption>{when}{score:.1f}</figcaption></figure>")
                 parts.append("</div></div>")
             parts.append("</section>")
     parts.append("</body></html>")
@@ -498,6 +688,8 @@ def _checkpoint_key(init_from: str, clip_path: str) -> str:
 
 def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list[dict]]:
     """Search mode of main: index cfg["search"], print `rank video_id score` per hit, optionally write the report."""
+    if cfg["top"] < 1:
+        raise ValueError(f"--top={cfg['top']}: ask for at least one hit per query (e.g. --top=5)")
     queries = [cfg["query"]] if cfg["query"] else []
     if cfg["queries_file"]:
         with open(cfg["queries_file"], encoding="utf-8") as f:
@@ -506,11 +698,13 @@ def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list
         raise ValueError("search mode needs --query=TEXT (or --queries_file=FILE, one query per line)")
     for q in queries:  # fail on a bad query before spending minutes on an index
         _check_query(q, tokenizer)
+        for line in query_warnings(q, tokenizer, s["context_length"]):
+            print(f"warning: {line}", flush=True)
     index = build_index(net, cfg["search"], cache_dir=cfg["index_dir"] or os.path.join(cfg["search"], ".hmmc_index"),
                         model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]), num_frames=s["num_frames"],
                         image_size=s["image_size"], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
                         device=device, dtype=dtype, frames_per_video=cfg["frames_per_video"],
-                        extract_workers=cfg["extract_workers"])
+                        extract_workers=cfg["extract_workers"], retry_failed=cfg["retry_failed"])
     results = search_index(net, index, queries, tokenizer=tokenizer, context_length=s["context_length"],
                            top_k_frames=s["top_k_frames"], frame_match_weight=s["frame_match_weight"],
                            top=cfg["top"], device=device, dtype=dtype)
@@ -521,7 +715,9 @@ def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list
             print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
     sys.stdout.flush()
     if cfg["html"]:
-        write_html(cfg["html"], index, queries, results, title=f"HMMC search over {cfg['search']}")
+        checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
+        write_html(cfg["html"], index, queries, results, title=f"HMMC search over {cfg['search']}",
+                   checkpoint=checkpoint)
         print(f"wrote {cfg['html']}", flush=True)
     return results
 
@@ -584,7 +780,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input or config: the message says what to fix
-        sys.exit(f"error: {e}")
+    run_script(main)

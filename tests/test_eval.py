@@ -18,7 +18,7 @@ import prepare
 # ----------------------------------------------------------------------------- brute-force reference
 
 def _reference_metrics(sim, video_of_text=None):
-    """Plain loops written straight from DESIGN.md §2; no vectorisation, no shared code with eval.py."""
+    """Plain loops written from the metric definitions; no vectorisation, no shared code with eval.py."""
     sim = [[(-math.inf if math.isnan(x) else float(x)) for x in row] for row in np.asarray(sim).tolist()]
     num_texts, num_videos = len(sim), len(sim[0])
     if video_of_text is None:
@@ -603,3 +603,144 @@ def test_zero_shot_clip_baseline(tmp_path, capsys):
     assert saved["config"]["image_size"] == S  # read off the CLIP weights
     net = hmmc_model.load_model("clip", hmmc_model.HMMCConfig(use_temp=False), clip_path=clip_path)[0]
     torch.testing.assert_close(net.video.visual.conv1.weight, clip.visual.conv1.weight)
+
+
+# ----------------------------------------------------------------------------- search: a changing folder of videos
+
+def _index(net, videos, **kw):
+    return ev.build_index(net, str(videos), cache_dir=str(videos / ".hmmc_index"), model_key="tiny", num_frames=T,
+                          image_size=S, frames_per_video=6, extract_workers=2, **kw)
+
+
+def _rows(index):
+    return {v: (index["video_emb"][i], index["frame_emb"][i]) for i, v in enumerate(index["video_ids"])}
+
+
+@pytest.mark.skipif(not __import__("shutil").which("ffmpeg"), reason="needs ffmpeg")
+def test_search_index_follows_changed_files(trained, tmp_path, capsys):
+    path, _, _ = trained
+    net = hmmc_model.load_model(path)[0].eval()
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    for i, c in enumerate(("red", "green", "blue")):
+        _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=20 + i))
+    _write_mp4(str(videos / "sub" / "clip_green.MP4"), _frames("purple", n=12, size=48, seed=23))  # same stem
+    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    (videos / "broken2.mp4").write_bytes(b"not a video either")
+    first = _index(net, videos)
+    ids = ["clip_blue", "clip_green", "clip_red", "sub/clip_green"]  # a subfolder's file keeps its own id
+    assert first["video_ids"] == ids and sorted(first["encoded"]) == ids and sorted(first["extracted"]) == ids
+    assert set(first["skipped"]) == {"broken", "broken2"}
+    blue = ev.search_index(net, first, ["a blue screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
+                           frame_match_weight=1.0, top=4)[0]
+    assert blue[0]["video_id"] == "clip_blue"
+    with prepare.FrameDB(first["lmdb"]) as db:
+        red_frames = db.get_frames("clip_red", range(6))
+
+    # clip_red becomes a blue video (same name), broken.mp4 a good one, clip_green is touched (same bytes)
+    new = str(tmp_path / "new.mp4")
+    _write_mp4(new, _frames("blue", n=12, size=48, seed=30))
+    os.replace(new, videos / "clip_red.mp4")
+    _write_mp4(str(videos / "broken.mp4"), _frames("yellow", n=12, size=48, seed=31))
+    os.utime(videos / "clip_green.mp4", ns=(1, 1))
+    capsys.readouterr()
+    second = _index(net, videos)
+    assert sorted(second["extracted"]) == ["broken", "clip_red"]  # not the touched file, not the unchanged failure
+    assert sorted(second["encoded"]) == ["broken", "clip_red"]
+    assert second["video_ids"] == ["broken"] + ids and set(second["skipped"]) == {"broken2"}
+    before, after = _rows(first), _rows(second)
+    for v in ("clip_blue", "clip_green", "sub/clip_green"):  # reused, bit for bit
+        assert torch.equal(after[v][0], before[v][0]) and torch.equal(after[v][1], before[v][1])
+    assert not torch.allclose(after["clip_red"][0], before["clip_red"][0])
+    with prepare.FrameDB(second["lmdb"]) as db:
+        assert db.get_frames("clip_red", range(6)) != red_frames
+        assert db.has_video("broken")
+    hits = ev.search_index(net, second, ["a blue screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
+                           frame_match_weight=1.0, top=5)[0]
+    score = {h["video_id"]: h["score"] for h in hits}
+    old_score = {h["video_id"]: h["score"] for h in blue}
+    assert score["clip_red"] > old_score["clip_red"] + 1.0  # now blue: it scores like a blue video
+    assert {hits[0]["video_id"], hits[1]["video_id"]} == {"clip_blue", "clip_red"}
+    text = capsys.readouterr().out
+    assert "extracting 6 frames from each of 2 new or changed videos (of 6)" in text
+    assert "encoding 2 videos (3 unchanged ones reused)" in text
+
+    # a removed file leaves the index and the frame store; nothing else is redone
+    os.remove(videos / "sub" / "clip_green.MP4")
+    third = _index(net, videos)
+    assert third["video_ids"] == ["broken", "clip_blue", "clip_green", "clip_red"]
+    assert third["extracted"] == [] and third["encoded"] == []
+    with prepare.FrameDB(third["lmdb"]) as db:
+        assert not db.has_video("sub/clip_green")
+    # unchanged: nothing to do at all; retry_failed tries the unchanged failure again (and it fails again)
+    assert _index(net, videos)["encoded"] == []
+    assert "loaded the index of 4 videos" in capsys.readouterr().out
+    fourth = _index(net, videos, retry_failed=True)
+    assert fourth["extracted"] == [] and set(fourth["skipped"]) == {"broken2"}
+    assert "extracting 6 frames from each of 1 new or changed videos" in capsys.readouterr().out
+
+
+def test_search_ids_are_paths_relative_to_the_folder(tmp_path):
+    for name in ("bikes.MP4", "sub/bikes.mp4", "x/a.mp4", "x/a.mkv", "notes.txt", ".hidden.mp4",
+                 ".hmmc_index/c.mp4", "frames.lmdb/d.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = ev._list_videos(str(tmp_path))
+    assert found == {"bikes": str(tmp_path / "bikes.MP4"), "sub/bikes": str(tmp_path / "sub" / "bikes.mp4"),
+                     "x/a.mkv": str(tmp_path / "x" / "a.mkv"), "x/a.mp4": str(tmp_path / "x" / "a.mp4")}
+
+
+# ----------------------------------------------------------------------------- search: options and queries
+
+def test_search_top_must_be_positive(trained, tmp_path):
+    path, data_dir, _ = trained
+    base = [f"--init_from={path}", f"--search={data_dir}", "--query=a red screen", "--num_workers=0", "--device=cpu",
+            f"--index_dir={tmp_path / 'i'}"]
+    for top in (0, -1):
+        with pytest.raises(ValueError, match=f"^--top={top}: ask for at least one hit per query"):
+            ev.main(base + [f"--top={top}"])
+    assert not os.path.exists(tmp_path / "i")  # refused before any work
+    # the script: one `error:` line and exit status 1, no traceback
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([os.sys.executable, os.path.join(root, "eval.py"), *base, "--top=-1"], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == ["error: --top=-1: ask for at least one hit per "
+                                                                   "query (e.g. --top=5)"], p.stderr
+
+
+def test_query_warnings():
+    tok = _tok()
+    assert ev.query_warnings("a dog catches a frisbee", tok, 16) == []
+    long = "a small brown dog runs across the green park and catches a red frisbee in the air near the lake"
+    n = len(tok.encode(long))
+    assert n > 14
+    assert ev.query_warnings(long, tok, 16) == [f"query {long[:57] + '...'!r} is {n} tokens long; the model reads 16 per "
+                                                f"caption, so only the first 14 were kept"]
+    ids, mask = tok([long], 16)  # what "kept 14" means: start, the first 14 tokens, end
+    assert ids[0].tolist() == [tok.sot_id] + tok.encode(long)[:14] + [tok.eot_id]
+    (zh,) = ev.query_warnings("红色的屏幕", tok, 16)
+    assert "contains cjk text" in zh and "CLIP" in zh
+    (emoji,) = ev.query_warnings("dog 🐶", tok, 16)
+    assert "contains emoji text" in emoji
+    vocab = os.path.join(os.path.dirname(__file__), "golden", "tok_bert_vocab.txt")
+    if os.path.exists(vocab):
+        bert = prepare.BertTokenizer(vocab)
+        assert ev.query_warnings("红色", bert, 32) == []
+        (latin,) = ev.query_warnings("a red screen", bert, 32)
+        assert "Latin script" in latin and "Chinese" in latin
+
+
+def test_search_cli_prints_query_warnings(trained, tmp_path, capsys):
+    path, data_dir, _ = trained
+    long = "a red screen " * 8
+    _, text = _run_main([f"--init_from={path}", f"--search={data_dir}", f"--query={long}", "--num_workers=0",
+                         "--device=cpu", f"--index_dir={tmp_path / 'i'}", "--top=1"], capsys)
+    warnings = [line for line in text.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "24 tokens long; the model reads 16 per caption, so only the first 14" in warnings[0]
+    assert len(_hits(text)) == 1
+
+
+def test_every_setting_is_described():
+    import configurator
+    described = configurator.describe(ev.__file__)
+    assert [k for k in ev.config_keys if not described.get(k)] == []
