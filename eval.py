@@ -445,7 +445,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
             "stamps": {v: e["sha1"] for v, e in files.items()}, "durations": {v: e.get("duration") for v, e in
                                                                            files.items()},
             "stored_frames": frames_per_video, "extracted": extracted,
-            "retry_hint": " (a file is tried again when it changes, or with --retry_failed)"}
+            "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
 
 
 def _read_prepared(source: str) -> dict:

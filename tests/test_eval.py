@@ -443,14 +443,23 @@ def _write_mp4(path, frames, fps=8):
 
 
 class _ReportParser:
-    """Collects, per query section, the video ids of the hits, their images and the highlighted frames."""
+    """Collects, per query section, the video ids of the hits, their images, the highlighted frames and the frame
+    captions; the text of the skipped-files list items; the checkpoint line."""
 
     def __init__(self, text):
         from html.parser import HTMLParser
-        self.sections, self.errors = [], []
+        self.sections, self.errors, self.skipped, self.checkpoint = [], [], [], None
         parser = HTMLParser()
         stack = []
         void = {"img", "meta", "br", "hr", "link", "input"}
+
+        def data(text):
+            if "figcaption" in stack:
+                self.sections[-1][-1]["captions"].append(text)
+            elif "li" in stack:
+                self.skipped[-1] += text
+            elif stack[-1:] == ["code"] and "p" in stack and self.checkpoint is None:
+                self.checkpoint = text
 
         def start(tag, attrs):
             a = dict(attrs)
@@ -459,7 +468,9 @@ class _ReportParser:
             if tag == "section":
                 self.sections.append([])
             elif tag == "div" and "data-video-id" in a:
-                self.sections[-1].append({"video_id": a["data-video-id"], "images": 0, "top": 0})
+                self.sections[-1].append({"video_id": a["data-video-id"], "images": 0, "top": 0, "captions": []})
+            elif tag == "li":
+                self.skipped.append("")
             elif tag == "figure" and a.get("class") == "top":
                 self.sections[-1][-1]["top"] += 1
             elif tag == "img":
@@ -472,7 +483,7 @@ class _ReportParser:
             else:
                 stack.pop()
 
-        parser.handle_starttag, parser.handle_endtag = start, end
+        parser.handle_starttag, parser.handle_endtag, parser.handle_data = start, end, data
         parser.feed(text)
         parser.close()
         if stack:
@@ -509,6 +520,13 @@ def test_search_video_folder_with_broken_files_and_html(trained, tmp_path, capsy
     assert [h["video_id"] for h in page.sections[0]] == [h[1] for h in hits]
     for h in page.sections[0]:
         assert h["images"] == T and h["top"] == 2  # the strip of encoded frames, top-2 (checkpoint) highlighted
+        # each frame's time: stored frame p of 6 is the centre of segment p of the 1.5 s video (12 frames at 8 fps)
+        times = [60 * int(c.split(":")[0]) + float(c.split(":")[1].split()[0]) for c in h["captions"]]
+        want = [(p + 0.5) * 1.5 / 6 for p in prepare.sample_frame_indices(6, T)]
+        assert times == pytest.approx(want, abs=0.051), h["captions"]
+    assert page.checkpoint == path
+    skipped = dict(item.split(": ", 1) for item in page.skipped)  # the broken files and why
+    assert "broken" in skipped and "Invalid data" in skipped["broken"] and "notes" not in skipped
 
     # a second query does not extract or encode again
     _, text = _run_main(base + ["--query=a green screen", "--top=2"], capsys)
@@ -744,3 +762,37 @@ def test_every_setting_is_described():
     import configurator
     described = configurator.describe(ev.__file__)
     assert [k for k in ev.config_keys if not described.get(k)] == []
+
+
+_CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") if __import__("shutil").which(c)), None)
+
+
+@pytest.mark.skipif(not _CHROMIUM or not __import__("shutil").which("ffmpeg"), reason="needs chromium and ffmpeg")
+def test_html_report_of_wide_videos_fits_the_page(tmp_path):
+    # 4:1 videos: T thumbnails of 384x96 px side by side are wider than a 1280 px window unless they shrink
+    torch.manual_seed(0)
+    net = hmmc_model.HMMC(tiny_config()).eval()
+    videos = tmp_path / "wide"
+    videos.mkdir()
+    for i, c in enumerate(("red", "green")):
+        _write_mp4(str(videos / f"wide_{c}.mp4"), [np.concatenate([f] * 4, axis=1)
+                                                    for f in _frames(c, n=12, size=48, seed=40 + i)])
+    index = _index(net, videos)
+    results = ev.search_index(net, index, ["a red screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
+                              frame_match_weight=1.0, top=2)
+    report = tmp_path / "report.html"
+    ev.write_html(str(report), index, ["a red screen"], results, checkpoint="ckpt.pt")
+    # the page measures itself once loaded: document width, window width, right edge of the rightmost image
+    probe = ('<script>addEventListener("load", () => { document.body.dataset.fit = [document.documentElement'
+             '.scrollWidth, innerWidth, Math.max(...[...document.images].map(i => i.getBoundingClientRect().right)),'
+             ' document.images.length].join(","); });</script></body>')
+    report.write_text(report.read_text(encoding="utf-8").replace("</body>", probe), encoding="utf-8")
+    p = subprocess.run([_CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                        "--virtual-time-budget=3000", "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                       timeout=120)
+    import re
+    fit = re.search(r'data-fit="(\d+),(\d+),([\d.]+),(\d+)"', p.stdout)
+    assert fit, p.stderr[-2000:]
+    page_width, window_width, right_edge, images = map(float, fit.groups())
+    assert images == 2 * T and window_width == 1280
+    assert page_width <= window_width and right_edge <= window_width  # no horizontal scrollbar, every frame shown
