@@ -9,9 +9,10 @@ Zero-shot baseline straight from OpenAI's CLIP weights (mean pooling over frames
 $ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt
 
 Search (DIR is a folder of video files, frames are extracted on the way, or a prepared dataset folder; the index
-is cached in DIR/.hmmc_index/ so a second query does not encode anything again):
+is cached in DIR/.hmmc_index/, so a second query encodes nothing, and a new, changed or removed file is redone alone):
 $ python eval.py --init_from=out/ckpt.pt --search=my_videos/ --query="a dog catches a frisbee" --top=5 --html=hits.html
-prints one line per hit, best first: `rank video_id score`.
+prints one line per hit, best first: `rank video_id score`, the id being the file's path under DIR without its
+extension (`sub/bikes` for my_videos/sub/bikes.mp4).
 
 Scores are HMMC's hierarchical similarity: 100*cos(text, video) + frame_match_weight * mean of the top-k
 100*cos(text, frame). Dual-softmax re-normalisation ("DSL", --dsl=True) is off by default and every output says
@@ -412,7 +413,10 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
         with prepare.FrameDB(lmdb_path, readonly=False, num_frames=frames_per_video, frame_size=frame_size) as db:
             _delete_frames(db, removed)
             if todo:
-                prepare._check_ffmpeg()
+                try:
+                    prepare._check_ffmpeg()
+                except RuntimeError as e:  # a missing tool is bad input too: one line, not a traceback
+                    raise FileNotFoundError(str(e)) from None
                 print(f"extracting {frames_per_video} frames from each of {len(todo)} new or changed videos "
                       f"(of {len(videos)}) into {lmdb_path}", flush=True)
             jobs = [(vid, videos[vid], frames_per_video, frame_size) for vid in todo]
@@ -433,19 +437,16 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
             finally:
                 if pool is not None:
                     pool.terminate()
+    if files != old:  # also when files were only touched: their new mtimes spare the hashing next time
         tmp = manifest_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(files, f, ensure_ascii=False, indent=0)
         os.replace(tmp, manifest_path)  # written after the frames: a killed run redoes its videos, nothing worse
-    elif any(files[v] != old.get(v) for v in files):  # only touched files: remember their new mtimes
-        with open(manifest_path, "w", encoding="utf-8") as f:
-            json.dump(files, f, ensure_ascii=False, indent=0)
     skipped = {vid: e["error"] for vid, e in files.items() if e.get("error")}
     return {"lmdb": lmdb_path, "ids": [v for v in files if v not in skipped], "skipped": skipped,
-            "stamps": {v: e["sha1"] for v, e in files.items()}, "durations": {v: e.get("duration") for v, e in
-                                                                           files.items()},
-            "stored_frames": frames_per_video, "extracted": extracted,
-            "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
+            "stamps": {v: e["sha1"] for v, e in files.items()},
+            "durations": {v: e.get("duration") for v, e in files.items()}, "stored_frames": frames_per_video,
+            "extracted": extracted, "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
 
 
 def _read_prepared(source: str) -> dict:
@@ -484,10 +485,11 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                                 f"dataset folder with frames.lmdb)")
     if os.path.exists(os.path.join(source, "frames.lmdb")):
         src = _read_prepared(source)
-    else:  # frames for thumbnails are worth a few more pixels than a tiny model needs
+    else:
         if num_frames > frames_per_video:
             raise ValueError(f"the model reads {num_frames} frames per video but frames_per_video="
                              f"{frames_per_video}; pass --frames_per_video={max(30, num_frames)}")
+        # frames for thumbnails are worth a few more pixels than a tiny model needs
         src = _sync_video_folder(source, cache_dir, frame_size=max(image_size, 112), frames_per_video=frames_per_video,
                                  workers=extract_workers, retry_failed=retry_failed)
     ids, skipped = src["ids"], src["skipped"]

@@ -732,8 +732,9 @@ def test_query_warnings():
     long = "a small brown dog runs across the green park and catches a red frisbee in the air near the lake"
     n = len(tok.encode(long))
     assert n > 14
-    assert ev.query_warnings(long, tok, 16) == [f"query {long[:57] + '...'!r} is {n} tokens long; the model reads 16 per "
-                                                f"caption, so only the first 14 were kept"]
+    want = (f"query {long[:57] + '...'!r} is {n} tokens long; the model reads 16 per caption, so only the first 14 "
+            f"were kept")
+    assert ev.query_warnings(long, tok, 16) == [want]
     ids, mask = tok([long], 16)  # what "kept 14" means: start, the first 14 tokens, end
     assert ids[0].tolist() == [tok.sot_id] + tok.encode(long)[:14] + [tok.eot_id]
     (zh,) = ev.query_warnings("红色的屏幕", tok, 16)
