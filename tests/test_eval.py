@@ -574,13 +574,16 @@ def _rank_main(rank, world, port, path, data_dir, queue):
         dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one(trained, tmp_path):
+def test_two_ranks_equal_one(trained, tmp_path, capfd):
     """Two gloo ranks shard uneven video and caption lists, gather, and every rank returns exactly the
     single-process metrics; a hang fails the test through the timeout. (Forked, so no second torch import.)"""
     import multiprocessing as mp
     import socket
     path, _, _ = trained
     data_dir = make_dataset(str(tmp_path / "seven"), captions_per_video=2, colours=tuple(COLOURS)[:7])
+    with open(os.path.join(data_dir, "test.jsonl"), "a") as f:  # a video without frames: noticed once, not per rank
+        f.write(json.dumps({"video_id": "vid_gone", "captions": ["a gone screen"]}) + "\n")
+    capfd.readouterr()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -596,6 +599,7 @@ def test_two_ranks_equal_one(trained, tmp_path):
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    assert capfd.readouterr().out.count("1 have no frames in") == 1
     net = hmmc_model.load_model(path)[0].eval()
     single = _evaluate(net, data_dir)
     assert results[0] == results[1]  # the same dict on every rank
