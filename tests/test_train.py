@@ -2,12 +2,19 @@ import glob
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import lmdb
 import pytest
 import torch
 
+import prepare
 import train
 from synthetic import prepare_synthetic
 
@@ -183,3 +190,139 @@ def test_nan_loss_stops_with_step(data, tmp_path):
     cfg.write_text("sim_scale = float('nan')\n")
     with pytest.raises(SystemExit, match="loss is nan at iter 0"):
         run([str(cfg), "--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", *TINY])
+
+
+# ----------------------------------------------------------------------------- run folders and long runs
+
+def files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def test_new_run_refuses_another_runs_folder(data, tmp_path, capsys):
+    base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", "--max_iters=2", *TINY]
+    run(base)
+    before = files(tmp_path)
+    assert {"ckpt.pt", "ckpt.pt.sha256", "best.pt", "log.jsonl", "results.json"} <= set(before)
+    with pytest.raises(SystemExit, match=re.escape(
+            f"{tmp_path} holds the checkpoint of another run (differs in: use_temp, batch_size); continue it with "
+            f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")):
+        run(base + ["--use_temp=False", "--batch_size=4"])
+    assert files(tmp_path) == before  # not a byte touched
+    with pytest.raises(SystemExit, match="holds a checkpoint of this run .iter 2. and auto_resume=False"):
+        run(base + ["--auto_resume=False"])
+    assert files(tmp_path) == before
+    capsys.readouterr()
+    run(base + ["--use_temp=False", "--overwrite=True"])
+    assert "overwrite: deleted ckpt.pt, ckpt.pt.sha256, best.pt" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["use_temp"] is False
+    assert len(log(tmp_path)) == 2
+
+
+def test_resume_keeps_the_runs_settings(data, tmp_path, capsys):
+    run(["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", *TINY, "--eval_interval=2",
+         "--max_iters=2"])
+    # a resume takes the run's settings from its checkpoint: the command line needs none of them...
+    resume = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--init_from=resume"]
+    with pytest.raises(SystemExit, match=r"this command changes num_frames \(4 -> 2\), batch_size \(8 -> 16\), "
+                                         r"learning_rate \(0.001 -> 0.5\); drop them"):
+        run(resume + ["--batch_size=16", "--num_frames=2", "--learning_rate=0.5", "--max_iters=4"])
+    capsys.readouterr()
+    run(resume + ["--max_iters=6"])
+    assert "resume: max_iters=6 instead of the run's 2" in capsys.readouterr().out
+    # ...and keeps the run's eval_interval=2: checkpoints at 4 and 6, not only at the end
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 4
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (ckpt["iter_num"], ckpt["config"]["eval_interval"], ckpt["config"]["num_frames"]) == (6, 2, 4)
+    assert ckpt["config"]["init_from"] == "scratch"  # the run's origin, not the resume
+    # reporting settings may change, and the log says so
+    run(resume + ["--max_iters=8", "--eval_interval=1"])
+    assert "resume: eval_interval=1 instead of the run's 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 7
+    assert [r["iter"] for r in log(tmp_path)] == list(range(1, 9))
+
+
+def test_auto_resume_continues_the_same_command(data, tmp_path, monkeypatch, capsys):
+    # one process, SIGTERM to itself at the start of step 4 (the test hook): the step ends, a checkpoint is
+    # written and the run exits with the preemption status; the same command continues it, exactly
+    cmd = ["--data_dir=" + data, "--batch_size=8", "--seed=3", *TINY, "--max_iters=6", "--eval_interval=4"]
+    run(cmd + [f"--out_dir={tmp_path / 'straight'}"])
+    cut = cmd + [f"--out_dir={tmp_path / 'cut'}"]
+    monkeypatch.setenv("HMMC_TEST_SIGNAL", f"0:3:TERM:{tmp_path / 'marker'}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run(cut)
+    assert stopped.value.code == train.PREEMPTED == 75
+    out = capsys.readouterr().out
+    assert f"starting a new run in {tmp_path / 'cut'}/" in out
+    assert f"SIGTERM: saved {tmp_path / 'cut'}/ckpt.pt at iter 4 and stopped (exit status 75)" in out
+    run(cut)
+    assert f"resuming {tmp_path / 'cut'}/ckpt.pt at iter 4" in capsys.readouterr().out
+    assert [r["loss"] for r in log(tmp_path / "cut")] == [r["loss"] for r in log(tmp_path / "straight")]
+    # a finished run rerun: nothing is trained or rewritten
+    before = files(tmp_path / "cut")
+    run(cut)
+    assert "is finished (iter 6" in capsys.readouterr().out
+    assert files(tmp_path / "cut") == before
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
+    base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", *TINY, "--eval_interval=2",
+            "--max_iters=4"]
+    run(base)
+    losses = [r["loss"] for r in log(tmp_path)]
+    good = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    raw = bytearray((tmp_path / "ckpt.pt").read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 16] = bytes(255 - b for b in raw[len(raw) // 2: len(raw) // 2 + 16])
+    (tmp_path / "ckpt.pt").write_bytes(bytes(raw))
+    capsys.readouterr()
+    run(base + ["--init_from=resume"])
+    out = capsys.readouterr().out
+    assert f"refusing checkpoint {tmp_path}/ckpt.pt: its sha256 does not match ckpt.pt.sha256" in out
+    assert f"resuming {tmp_path}/ckpt.prev.pt at iter 2" in out
+    assert [r["loss"] for r in log(tmp_path)] == losses  # steps 3 and 4 again, the same
+    again = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, again["model"][k]) for k, v in good["model"].items())
+    # the refused file was replaced, the good previous one kept
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
+    assert train.checkpoint_problem(str(tmp_path / "ckpt.pt")) is None
+    # nothing usable at all: the run stops and names both
+    (tmp_path / "ckpt.pt").write_bytes(b"junk")
+    (tmp_path / "ckpt.prev.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match=r"no usable checkpoint in .*ckpt\.pt: its sha256.*ckpt\.prev\.pt: its sha256"):
+        run(base)
+
+
+def damaged_copy(data: str, root: Path) -> tuple[str, list]:
+    """The synthetic data with unreadable videos: garbage JPEGs, truncated JPEGs, a missing frame; and one video
+    not in the LMDB at all. Returns (data dir, the three damaged video ids)."""
+    out = root / "damaged"
+    shutil.copytree(data, out)
+    sampled = prepare.sample_frame_indices(8, 4, "uniform", None)  # the frames a 4-frame run reads
+    env = lmdb.open(str(out / "frames.lmdb"), subdir=True)
+    with env.begin(write=True) as txn:
+        for i in range(8):
+            txn.put(f"train00003_{i}".encode(), b"not a jpeg")
+            txn.put(f"train00007_{i}".encode(), bytes(txn.get(f"train00007_{i}".encode()))[:200])
+            txn.delete(f"train00015_{i}".encode())
+        txn.delete(f"train00011_{int(sampled[1])}".encode())
+    env.close()
+    return str(out), ["train00003", "train00007", "train00011"]
+
+
+def test_unreadable_videos_are_replaced(data, tmp_path, capsys):
+    damaged, bad = damaged_copy(data, tmp_path)
+    # 95 readable-at-start videos / 8 = 11 steps per epoch: 14 steps see every video at least once
+    base = ["--data_dir=" + damaged, "--batch_size=8", "--epochs=2", *TINY]
+    run(base + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=14"])
+    out = capsys.readouterr().out
+    assert "using 95 of 96 videos; 1 have no frames" in out  # the video missing from the LMDB
+    for video in bad:
+        assert len(re.findall(rf"unreadable video {video} \(", out)) == 1, video
+    assert "unreadable video train00011 (KeyError" in out and "unreadable video train00003 (UnidentifiedImageError" in out
+    assert json.load(open(tmp_path / "straight" / "results.json"))["iter"] == 14
+    split = [f"--out_dir={tmp_path / 'split'}"]
+    run(base + split + ["--max_iters=7"])
+    run(base + split + ["--max_iters=14", "--init_from=resume"])
+    assert [r["loss"] for r in log(tmp_path / "split")] == [r["loss"] for r in log(tmp_path / "straight")]
+    with pytest.raises(SystemExit, match=r"could not be read, more than max_bad_fraction=0.0; check the frames"):
+        run(base + [f"--out_dir={tmp_path / 'strict'}", "--max_bad_fraction=0"])
