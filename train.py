@@ -9,8 +9,11 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt.py
 $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py config/...
 $ python train.py --init_from=resume --out_dir=out-synthetic      # continue where a run stopped, exactly
 
-Writes out_dir/ckpt.pt (latest), best.pt (best val R@1), log.jsonl (one JSON line per log interval) and
-results.json (test metrics at the end). `python train.py --help` lists every setting with its default.
+Writes out_dir/ckpt.pt (latest, with its sha256 in ckpt.pt.sha256; the one before is ckpt.prev.pt), best.pt (best
+val R@1), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end). The same command
+run again continues its run from the last checkpoint (torchrun --max-restarts, requeued jobs) and refuses a folder
+that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75.
+`python train.py --help` lists every setting with its default.
 """
 
 import ast

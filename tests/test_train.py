@@ -326,3 +326,75 @@ def test_unreadable_videos_are_replaced(data, tmp_path, capsys):
     assert [r["loss"] for r in log(tmp_path / "split")] == [r["loss"] for r in log(tmp_path / "straight")]
     with pytest.raises(SystemExit, match=r"could not be read, more than max_bad_fraction=0.0; check the frames"):
         run(base + [f"--out_dir={tmp_path / 'strict'}", "--max_bad_fraction=0"])
+
+
+# 2 processes, 2 epochs of 12 steps at batch 8, a checkpoint every 3 steps, stopping at 8
+LONG = ["train.py", "--batch_size=8", "--epochs=2", "--seed=7", *TINY, "--eval_interval=3", "--max_iters=8"]
+
+
+def torchrun(args: list, env: dict, restarts: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           f"--max-restarts={restarts}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """The out_dir of an uninterrupted 2-process run of LONG."""
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    p = torchrun(LONG + ["--data_dir=" + data, f"--out_dir={out}"], {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return out
+
+
+def assert_same_run(a: str, b: str):
+    assert [r["iter"] for r in log(b)] == list(range(1, 9))
+    assert [r["loss"] for r in log(a)] == [r["loss"] for r in log(b)]
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
+    assert sa["iter_num"] == sb["iter_num"] == 8
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    ra, rb = (json.load(open(os.path.join(d, "results.json"))) for d in (a, b))
+    assert (ra["t2v"], ra["v2t"]) == (rb["t2v"], rb["v2t"])
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_sigkill_continues_exactly(data, tmp_path, uninterrupted):
+    # rank 1 is SIGKILLed at the start of step 5 (checkpoint at 3); torchrun reruns the same command, which resumes
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:KILL:{tmp_path / 'marker'}"}
+    p = torchrun(LONG + ["--data_dir=" + data, f"--out_dir={out}"], env, restarts=1)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert os.path.exists(tmp_path / "marker")
+    assert f"starting a new run in {out}/" in p.stdout and f"resuming {out}/ckpt.pt at iter 3" in p.stdout
+    assert_same_run(uninterrupted, out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_preemption_status(data, tmp_path, uninterrupted):
+    # the two ranks started by hand (as a cluster launcher does) to read each one's exit status; only rank 1 gets
+    # SIGTERM (at the start of step 5): both finish that step and stop together, rank 0 saves
+    out, port = str(tmp_path / "run"), free_port()
+    args = LONG + ["--data_dir=" + data, f"--out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:TERM:{tmp_path / 'marker'}",
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=open(tmp_path / f"out{r}", "w"), stderr=subprocess.STDOUT) for r in range(2)]
+    codes = [p.wait(timeout=600) for p in procs]
+    out0 = (tmp_path / "out0").read_text()
+    assert codes == [train.PREEMPTED, train.PREEMPTED], out0[-3000:] + (tmp_path / "out1").read_text()[-3000:]
+    assert f"SIGTERM: saved {out}/ckpt.pt at iter 5 and stopped (exit status 75)" in out0
+    assert train.checkpoint_problem(os.path.join(out, "ckpt.pt")) is None
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert (ckpt["iter_num"], ckpt["epoch"], ckpt["step_in_epoch"]) == (5, 0, 5)  # mid-epoch
+    assert torch.load(os.path.join(out, "ckpt.prev.pt"), weights_only=True)["iter_num"] == 3
+    p = torchrun(args, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert f"resuming {out}/ckpt.pt at iter 5" in p.stdout
+    assert_same_run(uninterrupted, out)
