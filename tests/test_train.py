@@ -218,6 +218,15 @@ def test_new_run_refuses_another_runs_folder(data, tmp_path, capsys):
     assert len(log(tmp_path)) == 2
 
 
+def test_default_out_dir_per_dataset_and_given_keys(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(["--data_dir=" + data, "--dataset=toy", "--batch_size=8", *TINY, "--max_iters=1"])
+    assert (tmp_path / "out-toy" / "ckpt.pt").exists() and not (tmp_path / "out-synthetic").exists()
+    # what a command sets itself: a resume compares only these with the run's settings
+    keys = train.given_keys([os.path.join(ROOT, "config", "synthetic.py"), "--batch_size=4", "--compile"])
+    assert {"out_dir", "use_temp", "num_workers", "batch_size", "compile"} <= keys and "seed" not in keys
+
+
 def test_resume_keeps_the_runs_settings(data, tmp_path, capsys):
     run(["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", *TINY, "--eval_interval=2",
          "--max_iters=2"])
