@@ -295,9 +295,10 @@ def start_or_resume(config: dict, given: set) -> tuple[dict, str | None]:
     - a new run: auto_resume continues a checkpoint of the same settings instead, and another run's checkpoint is
       refused unless overwrite=True (which deletes that run's files)."""
     folder, forced = config["out_dir"], config["init_from"] == "resume"
-    if config["eval_only"]:
+    if config["eval_only"] and not forced:  # writes nothing
         return config, None
-    if config["overwrite"] and not forced:
+    # overwrite holds for a command's first start only: torchrun's restarts of it continue the new run
+    if config["overwrite"] and not forced and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         removed = [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
         if removed and int(os.environ.get("RANK", 0)) == 0:
             for f in removed:
@@ -622,7 +623,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     ckpt = None  # free the memory
-    if resume and iter_num >= stop_iter and results_iter(out_dir) == iter_num:
+    if resume and not eval_only and iter_num >= stop_iter and results_iter(out_dir) == iter_num:
         print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {out_dir}/results.json); nothing to do")
         return
 
@@ -640,7 +641,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
 
     if eval_only:
         metrics = evaluate(raw_model, edir, test_split, tokenizer, ecaption, run_device)
-        print0(hmmc_eval.format_table(metrics, f"{test_split} split, initial weights ({init_from})"))
+        print0(hmmc_eval.format_table(metrics, f"{test_split} split, initial weights ({resume_path or init_from})"))
         return
     if master:
         os.makedirs(out_dir, exist_ok=True)

@@ -248,6 +248,10 @@ def test_resume_keeps_the_runs_settings(data, tmp_path, capsys):
     assert "resume: eval_interval=1 instead of the run's 2" in capsys.readouterr().out
     assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 7
     assert [r["iter"] for r in log(tmp_path)] == list(range(1, 9))
+    before = files(tmp_path)
+    run(resume + ["--eval_only=True"])  # evaluates the run's checkpoint, writes nothing
+    assert f"test split, initial weights ({tmp_path}/ckpt.pt)" in capsys.readouterr().out
+    assert files(tmp_path) == before
 
 
 def test_auto_resume_continues_the_same_command(data, tmp_path, monkeypatch, capsys):
