@@ -341,7 +341,7 @@ def test_unreadable_videos_are_replaced(data, tmp_path, capsys):
         run(base + [f"--out_dir={tmp_path / 'strict'}", "--max_bad_fraction=0"])
 
 
-# 2 processes, 2 epochs of 12 steps at batch 8, a checkpoint every 3 steps, stopping at 8
+# 2 processes, 2 epochs of 11 steps at batch 8 on the damaged data, a checkpoint every 3 steps, stopping at 8
 LONG = ["train.py", "--batch_size=8", "--epochs=2", "--seed=7", *TINY, "--eval_interval=3", "--max_iters=8"]
 
 
@@ -352,11 +352,19 @@ def torchrun(args: list, env: dict, restarts: int = 0) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
+def damaged(data, tmp_path_factory):
+    return damaged_copy(data, tmp_path_factory.mktemp("damaged"))[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(damaged, tmp_path_factory):
     """The out_dir of an uninterrupted 2-process run of LONG."""
     out = str(tmp_path_factory.mktemp("uninterrupted"))
-    p = torchrun(LONG + ["--data_dir=" + data, f"--out_dir={out}"], {**os.environ, "OMP_NUM_THREADS": "1"})
+    p = torchrun(LONG + ["--data_dir=" + damaged, f"--out_dir={out}"], {**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    # the first 8 batches of seed 7 hold two damaged videos, on either rank: rank 0 reports each, once
+    for video in ("train00007", "train00011"):
+        assert p.stdout.count(f"unreadable video {video} (") == 1, video
     return out
 
 
@@ -372,11 +380,11 @@ def assert_same_run(a: str, b: str):
 
 
 @pytest.mark.slow
-def test_torchrun_restart_after_sigkill_continues_exactly(data, tmp_path, uninterrupted):
+def test_torchrun_restart_after_sigkill_continues_exactly(damaged, tmp_path, uninterrupted):
     # rank 1 is SIGKILLed at the start of step 5 (checkpoint at 3); torchrun reruns the same command, which resumes
     out = str(tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:KILL:{tmp_path / 'marker'}"}
-    p = torchrun(LONG + ["--data_dir=" + data, f"--out_dir={out}"], env, restarts=1)
+    p = torchrun(LONG + ["--data_dir=" + damaged, f"--out_dir={out}"], env, restarts=1)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert os.path.exists(tmp_path / "marker")
     assert f"starting a new run in {out}/" in p.stdout and f"resuming {out}/ckpt.pt at iter 3" in p.stdout
@@ -390,11 +398,11 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_with_preemption_status(data, tmp_path, uninterrupted):
+def test_sigterm_saves_and_exits_with_preemption_status(damaged, tmp_path, uninterrupted):
     # the two ranks started by hand (as a cluster launcher does) to read each one's exit status; only rank 1 gets
     # SIGTERM (at the start of step 5): both finish that step and stop together, rank 0 saves
     out, port = str(tmp_path / "run"), free_port()
-    args = LONG + ["--data_dir=" + data, f"--out_dir={out}"]
+    args = LONG + ["--data_dir=" + damaged, f"--out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:TERM:{tmp_path / 'marker'}",
            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
