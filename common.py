@@ -20,7 +20,14 @@ def init_compute(device: str) -> tuple[bool, int, int, str]:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        store = None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one store across --max-restarts attempts: without a prefix per attempt, a restarted
+            # group can read the previous attempt's addresses (and fail to connect, or hang)
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False))
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", store=store, rank=rank,
+                                world_size=world_size)
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if device.startswith("cuda"):

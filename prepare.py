@@ -192,11 +192,13 @@ class VideoTextDataset(torch.utils.data.Dataset):
     mode="videos":   one item per video    {"video", "video_index"} (eval encodes each video once)
     Random choices (frames, augmentation) are a pure function of (seed, epoch, index): set `dataset.epoch` before
     each epoch's iterator and a run is reproducible and resumable with any number of workers.
+    replace_bad=True (training): a video whose frames cannot be read (missing key, undecodable JPEG) is replaced by
+    another sample drawn from (seed, epoch, index), and the item's "bad" string names it ("" when all was well).
     """
 
     def __init__(self, data_dir, split, tokenizer=None, *, mode="train", num_frames=12, context_length=32,
                  frame_sample="uniform", image_size=224, augment="none", seed=0, caption_field="captions",
-                 tag_context_length=25, lmdb_path=None, verbose=True):
+                 tag_context_length=25, lmdb_path=None, verbose=True, replace_bad=False):
         if mode not in ("train", "pretrain", "videos"):
             raise ValueError(f"mode must be 'train', 'pretrain' or 'videos', got {mode!r}")
         if frame_sample not in ("uniform", "random", "stratified"):
@@ -208,7 +210,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.data_dir, self.split, self.tokenizer, self.mode = data_dir, split, tokenizer, mode
         self.num_frames, self.context_length, self.tag_context_length = num_frames, context_length, tag_context_length
         self.frame_sample, self.image_size, self.augment, self.seed = frame_sample, image_size, augment, seed
-        self.caption_field = caption_field
+        self.caption_field, self.replace_bad = caption_field, replace_bad
         self.tag_field = "tags" + caption_field[len("captions"):] if caption_field.startswith("captions") else "tags"
         self.epoch = 0
         self.lmdb_path = lmdb_path or os.path.join(data_dir, "frames.lmdb")
@@ -298,10 +300,26 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return torch.from_numpy(out)  # (T, 3, S, S)
 
     def __getitem__(self, index: int) -> dict:
-        needs_rng = self.frame_sample != "uniform" or self.augment != "none"
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if needs_rng else None
-        caption, vi = self.captions[index] if self.mode == "train" else (None, index)
-        item = {"video": self._frames(self.video_ids[vi], rng), "video_index": vi}
+        faults = []
+        while True:
+            needs_rng = self.frame_sample != "uniform" or self.augment != "none"
+            rng = np.random.default_rng([self.seed, self.epoch, index]) if needs_rng else None
+            caption, vi = self.captions[index] if self.mode == "train" else (None, index)
+            try:
+                video = self._frames(self.video_ids[vi], rng)
+                break
+            except (KeyError, OSError, SyntaxError, ValueError) as e:  # a missing frame, a JPEG that does not decode
+                if not self.replace_bad:
+                    raise
+                faults.append(f"{self.video_ids[vi]} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+                if len(faults) == 8:
+                    raise ValueError(f"{self.lmdb_path}: 8 unreadable videos in a row, is it damaged? "
+                                     f"{'; '.join(faults)}") from None
+                # another sample, a function of (seed, epoch, index) alone: a resumed run draws the same one
+                index = int(np.random.default_rng([self.seed, self.epoch, index, len(faults)]).integers(len(self)))
+        item = {"video": video, "video_index": vi}
+        if self.replace_bad:
+            item["bad"] = "\n".join(faults)  # a worker process cannot report to rank 0: the training loop does
         if self.mode == "videos":
             return item
         caption = caption if caption is not None else self._video_captions[vi][0]  # pretrain: the first caption

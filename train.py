@@ -9,10 +9,15 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt.py
 $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py config/...
 $ python train.py --init_from=resume --out_dir=out-synthetic      # continue where a run stopped, exactly
 
-Writes out_dir/ckpt.pt (latest), best.pt (best val R@1), log.jsonl (one JSON line per log interval) and
-results.json (test metrics at the end). `python train.py --help` lists every setting with its default.
+Writes out_dir/ckpt.pt (latest, with its sha256 in ckpt.pt.sha256; the one before is ckpt.prev.pt), best.pt (best
+val R@1), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end). The same command
+run again continues its run from the last checkpoint (torchrun --max-restarts, requeued jobs) and refuses a folder
+that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75.
+`python train.py --help` lists every setting with its default.
 """
 
+import ast
+import hashlib
 import inspect
 import json
 import math
@@ -20,6 +25,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -39,8 +45,10 @@ from configurator import configure, describe
 # -----------------------------------------------------------------------------
 # defaults: the embedded synthetic run; every recipe in config/ overrides some of these
 # I/O
-out_dir = "out-synthetic"  # checkpoints, log.jsonl and results.json go here
-init_from = "scratch"  # "scratch" | "clip" (OpenAI CLIP + HF BERT) | "resume" (out_dir/ckpt.pt) | path to a checkpoint
+out_dir = None  # checkpoints, log.jsonl and results.json go here; default out-<dataset>
+init_from = "scratch"  # a new run's weights: "scratch" | "clip" (OpenAI CLIP + HF BERT) | a checkpoint; "resume": continue out_dir's run
+auto_resume = True  # where out_dir holds a checkpoint of this run (same settings), continue it instead of starting anew
+overwrite = False  # start a new run even where out_dir holds another run's checkpoint (that run's files are deleted)
 eval_interval = 300  # optimizer steps between val evaluations and checkpoints; 0 = only at the end
 log_interval = 25  # optimizer steps between log lines
 eval_only = False  # evaluate the initial weights on the test split and exit
@@ -62,6 +70,7 @@ frame_sample = "uniform"  # training frame sampling: "uniform" | "random" | "str
 augment = "none"  # "none" | "frame" (per-frame, as released) | "clip" (the same augmentation for every frame)
 num_workers = 0  # data loader processes per rank (0: load in the training process, best for the tiny CPU run)
 eval_batch_size = 64  # videos per encoding batch at eval
+max_bad_fraction = 0.5  # unreadable videos are replaced by other samples; stop when more than this share of a step's are
 # text
 text_encoder = "clip"  # "clip" (English, CLIP text tower) | "bert" (Chinese BERT)
 bert_vocab = None  # vocab.txt of the Chinese tokenizer; default <bert_path>/vocab.txt, else <data_dir>/vocab.txt
@@ -176,10 +185,180 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path: str, ckpt: dict):
-    """Write to path.tmp and rename: a run killed mid-write never destroys the previous checkpoint."""
+# -----------------------------------------------------------------------------
+# the run folder: checkpoints that can be verified, resume with the run's own settings, preemption
+
+PREEMPTED = 75  # exit status after SIGTERM and a checkpoint (EX_TEMPFAIL: rerun the same command to continue)
+# settings a resumed run may change: they decide reporting and resources, not the trajectory (max_iters only stops
+# early; the schedule comes from epochs)
+RESUME_OVERRIDABLE = ("max_iters", "eval_interval", "log_interval", "num_workers", "eval_batch_size", "device",
+                      "compile", "activation_checkpointing", "max_bad_fraction")
+# no part of a run: where it lives, how this command starts it, where a new run's CLIP/BERT files are
+NOT_THE_RUN = ("out_dir", "auto_resume", "overwrite", "eval_only", "clip_path", "bert_path", "bert_vocab")
+RUN_FILES = ("ckpt.pt", "ckpt.pt.sha256", "ckpt.prev.pt", "ckpt.prev.pt.sha256", "best.pt", "best.pt.sha256",
+             "log.jsonl", "results.json")
+_sigterm = False  # set by the handler only: the loop acts on it at the end of a step, on every rank at once
+
+
+def _on_sigterm(signum, frame):
+    global _sigterm
+    _sigterm = True  # nothing else here: a second SIGTERM during the save must not interrupt it
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
+    """Write path and path.sha256, moving the last one to ckpt.prev.pt. Everything goes to .tmp first and the
+    renames leave at any moment at least one complete checkpoint whose checksum matches."""
+    prev = path.replace("ckpt.pt", "ckpt.prev.pt")
     torch.save(ckpt, path + ".tmp")
+    with open(path + ".sha256.tmp", "w") as f:
+        f.write(sha256_file(path + ".tmp") + "\n")
+    if keep_previous and os.path.exists(path):
+        if os.path.exists(path + ".sha256"):
+            os.replace(path + ".sha256", prev + ".sha256")
+        os.replace(path, prev)
+    os.replace(path + ".sha256.tmp", path + ".sha256")
     os.replace(path + ".tmp", path)
+
+
+def copy_checkpoint(src: str, dst: str):
+    for suffix in ("", ".sha256"):
+        shutil.copyfile(src + suffix, dst + suffix + ".tmp")
+    os.replace(dst + ".sha256.tmp", dst + ".sha256")
+    os.replace(dst + ".tmp", dst)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at path cannot be resumed from, or None. The file is hashed and opened (memory-mapped, so
+    the tensors are not read); one without a .sha256 (an older train.py's) is trusted when it opens."""
+    if os.path.exists(path + ".sha256"):
+        with open(path + ".sha256") as f:
+            if f.read().strip() != sha256_file(path):
+                return f"its sha256 does not match {os.path.basename(path)}.sha256 (corrupt or partly written)"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return f"it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    if not isinstance(ckpt, dict) or not {"config", "iter_num", "model", "optimizer"} <= ckpt.keys():
+        return "it is not a train.py checkpoint (no config, iter_num, model or optimizer)"
+    return None
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The newest usable checkpoint in the folder (ckpt.pt, else ckpt.prev.pt), saying why one is passed over;
+    None when there is none. Checkpoints that are all unusable end the run: that needs a person."""
+    paths = [p for p in (os.path.join(folder, "ckpt.pt"), os.path.join(folder, "ckpt.prev.pt")) if os.path.exists(p)]
+    problems = []
+    for path in paths:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        problems.append(f"{path}: {problem}")
+        print0(f"refusing checkpoint {path}: {problem}")
+    if problems:
+        raise SystemExit(f"no usable checkpoint in {folder}/ ({'; '.join(problems)}); restore one, or start over "
+                         f"with --overwrite=True")
+    return None
+
+
+def given_keys(argv: list) -> set:
+    """The settings a command line sets itself: its --key=value and the names its config files assign."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--"):
+            keys.add(arg[2:].partition("=")[0])
+        elif os.path.isfile(arg):
+            with open(arg) as f:
+                tree = ast.parse(f.read())
+            keys |= {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                     for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)}
+    return keys
+
+
+def run_differences(saved: dict, config: dict, keys) -> list:
+    """The keys among `keys` whose value in config would change the run that saved `saved`."""
+    return [k for k in config if k in keys and k not in RESUME_OVERRIDABLE + NOT_THE_RUN
+            and config[k] != saved.get(k, _DEFAULTS[k])]
+
+
+def start_or_resume(config: dict, given: set) -> tuple[dict, str | None]:
+    """(the run's settings, the checkpoint to resume from or None for a new run), from out_dir's state:
+    - init_from="resume": the checkpoint's settings; a setting this command gives that would change the run is
+      refused, the RESUME_OVERRIDABLE ones are taken (and said);
+    - a new run: auto_resume continues a checkpoint of the same settings instead, and another run's checkpoint is
+      refused unless overwrite=True (which deletes that run's files)."""
+    folder, forced = config["out_dir"], config["init_from"] == "resume"
+    if config["eval_only"] and not forced:  # writes nothing
+        return config, None
+    # overwrite holds for a command's first start only: torchrun's restarts of it continue the new run
+    if config["overwrite"] and not forced and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        removed = [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
+        if removed and int(os.environ.get("RANK", 0)) == 0:
+            for f in removed:
+                os.remove(os.path.join(folder, f))
+            print0(f"overwrite: deleted {', '.join(removed)} of the run in {folder}/")
+        print0(f"starting a new run in {folder}/")
+        return config, None
+    path = latest_checkpoint(folder)
+    if path is None:
+        if forced:
+            raise SystemExit(f"init_from=resume: no checkpoint in {folder}/; check --out_dir")
+        print0(f"starting a new run in {folder}/")
+        return config, None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved, iter_num = ckpt["config"], ckpt["iter_num"]
+    changed = run_differences(saved, config, given - {"init_from"} if forced else config)
+    if changed and forced:
+        raise SystemExit(f"config error: resuming {path} keeps the run's settings, but this command changes "
+                         + ", ".join(f"{k} ({saved.get(k, _DEFAULTS[k])!r} -> {config[k]!r})" for k in changed)
+                         + f"; drop them, or start a new run with another --out_dir (a resumed run may change "
+                         f"only {', '.join(RESUME_OVERRIDABLE)})")
+    if changed:
+        raise SystemExit(f"{folder} holds the checkpoint of another run (differs in: {', '.join(changed)}); continue "
+                         f"it with --init_from=resume, choose another --out_dir, or pass --overwrite=True to "
+                         f"replace it")
+    if not forced and not config["auto_resume"]:
+        raise SystemExit(f"{folder} holds a checkpoint of this run (iter {iter_num}) and auto_resume=False; continue "
+                         f"it with --init_from=resume, choose another --out_dir, or pass --overwrite=True to "
+                         f"replace it")
+    run = {**_DEFAULTS, **{k: v for k, v in saved.items() if k in _DEFAULTS}, **{k: config[k] for k in NOT_THE_RUN}}
+    for k in RESUME_OVERRIDABLE:
+        if (k in given or k == "device") and config[k] != run[k]:  # the device is the machine's, not the run's
+            print0(f"resume: {k}={config[k]!r} instead of the run's {run[k]!r}")
+            run[k] = config[k]
+    print0(f"resuming {path} at iter {iter_num}")
+    return run, path
+
+
+def trim_log(path: str, iter_num: int):
+    """Drop the log lines after iter_num: the steps a killed run did after its last checkpoint are done again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def fault_injection(rank: int, iter_num: int):
+    """For tests/test_train.py only: HMMC_TEST_SIGNAL="rank:iter:SIGNAL:marker" makes that rank send itself the
+    signal (KILL, TERM) at the start of optimizer step `iter` when the marker file is absent, creating it first, so
+    that a restarted run goes through."""
+    spec = os.environ.get("HMMC_TEST_SIGNAL")
+    if not spec:
+        return
+    r, it, name, marker = spec.split(":", 3)
+    if int(r) == rank and int(it) == iter_num and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), getattr(signal, "SIG" + name))
 
 
 def check_data(data_dir: str, splits: list, dataset_name: str):
@@ -194,7 +373,8 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
 
 
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int, run_device: str):
-    """(micro-batch on the device, (epoch, step_in_epoch) after it) from a data position on, across epochs.
+    """(micro-batch on the device, (epoch, step_in_epoch) after it, the descriptions of the videos replaced in it
+    because they could not be read) from a data position on, across epochs.
     Frames travel as uint8 (4x less than floats; the model normalises them). On CUDA the next batch is copied on a
     side stream while the current step runs (~230 MB per 128 videos: several ms of PCIe per step)."""
     copy_stream = torch.cuda.Stream() if run_device.startswith("cuda") else None
@@ -216,7 +396,7 @@ def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_si
                     done.record()
             if ahead is not None:
                 yield ahead
-            ahead = (_wait_for_copy(moved, done), (epoch, step))
+            ahead = (_wait_for_copy(moved, done), (epoch, step), [b for b in batch.get("bad", []) if b])
         epoch, step = epoch + 1, 0
     if ahead is not None:
         yield ahead
@@ -266,7 +446,7 @@ def load_data(config: dict, master: bool, ddp: bool):
     train_set = prepare.VideoTextDataset(
         ddir, train_split, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
         context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,
-        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master)
+        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master, replace_bad=True)
     return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)
 
 
@@ -290,7 +470,7 @@ def final_test(model, tokenizer, edir: str, eval_split: str, ecaption: str, iter
         print0(f"wrote {out_dir}/results.json; training took {(time.time() - t0) / 60:.1f} min")
 
 
-def build_model(tokenizer, resume: bool):
+def build_model(tokenizer, resume_path: str | None):
     """(model on the CPU, the checkpoint dict when resuming). Every HMMCConfig setting is passed here, explicitly;
     a resumed run takes its checkpoint's own. Built on the CPU and moved later, so that a GPU run starts from the
     same weights as a CPU run."""
@@ -316,10 +496,42 @@ def build_model(tokenizer, resume: bool):
         weight_ftm=weight_ftm, weight_mlm=weight_mlm, mlm_prob=mlm_prob, freeze_clip_vision=freeze_clip_vision,
         freeze_clip_text=freeze_clip_text, **mlm_ids)
     model, info = hmmc_model.load_model(
-        os.path.join(out_dir, "ckpt.pt") if resume else init_from,
-        None if resume else hmmc_model.HMMCConfig(**model_args), clip_path=clip_path, bert_path=bert_path)
+        resume_path or init_from, None if resume_path else hmmc_model.HMMCConfig(**model_args),
+        clip_path=clip_path, bert_path=bert_path)
     print0(info["message"])
     return model, info["checkpoint"]
+
+
+def checkpoint_state(raw_model, optimizer, scaler, config: dict, iter_num: int, epoch: int, step_in_epoch: int,
+                     best_r1: float) -> dict:
+    """Everything a resumed run needs to continue exactly; plain types and tensors only (weights_only=True)."""
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": raw_model.cfg.to_dict(),
+            "config": config, "iter_num": iter_num, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "best_r1": best_r1, "rng": rng_state()}
+
+
+def results_iter(folder: str) -> int | None:
+    """The iteration whose weights folder/results.json reports, or None when it is missing."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("iter")
+
+
+def report_bad_videos(bad: list, seen: set, iter_num: int, ddp: bool, world_size: int):
+    """Print each unreadable video once, on rank 0. Called by every rank when the step's stats say some rank met
+    one, so the one gather it needs happens only then."""
+    if ddp:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, bad)
+        bad = [b for rank_bad in gathered for b in rank_bad]
+    for fault in (f for item in bad for f in item.split("\n")):
+        video = fault.split(" ", 1)[0]
+        if video not in seen:
+            seen.add(video)
+            print0(f"unreadable video {fault} at iter {iter_num}: replaced by another sample")
 
 
 def check_config(config: dict, world_size: int):
@@ -345,16 +557,22 @@ def main(argv=None):
                            descriptions=describe(__file__))
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
+    config["out_dir"] = config["out_dir"] or f"out-{config['dataset']}"
+    config, resume_path = start_or_resume(config, given_keys(sys.argv[1:] if argv is None else argv))
     globals().update(config)  # the settings are plain names from here on, nanoGPT style
     ddp, rank, world_size, run_device = init_compute(device)
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        train(config, ddp, rank, world_size, run_device)
+        train(config, ddp, rank, world_size, run_device, resume_path)
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         cleanup_compute()
 
 
-def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
+def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, resume_path: str | None):
     """Setup, the training loop, the final test."""
+    global _sigterm
+    _sigterm = False
     master = rank == 0
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     check_config(config, world_size)
@@ -373,12 +591,11 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
     total_iters = steps_per_epoch * epochs // gradient_accumulation_steps
     stop_iter = min(total_iters, max_iters) if max_iters > 0 else total_iters
 
-    resume = init_from == "resume"
-    model, ckpt = build_model(tokenizer, resume)
+    resume = resume_path is not None
+    model, ckpt = build_model(tokenizer, resume_path)
     iter_num, epoch, step_in_epoch, best_r1 = 0, 0, 0, -1.0
     if resume:
         iter_num, epoch, step_in_epoch, best_r1 = (ckpt[k] for k in ("iter_num", "epoch", "step_in_epoch", "best_r1"))
-        print0(f"resuming from {out_dir}/ckpt.pt at iter {iter_num} (epoch {epoch}, step {step_in_epoch})")
     model.to(run_device)
     if activation_checkpointing:
         for m in model.modules():
@@ -406,6 +623,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     ckpt = None  # free the memory
+    if resume and not eval_only and iter_num >= stop_iter and results_iter(out_dir) == iter_num:
+        print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {out_dir}/results.json); nothing to do")
+        return
 
     if ddp:
         # queues and BN statistics are kept identical by the model itself: rank 0 must not overwrite them at every
@@ -421,11 +641,13 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
 
     if eval_only:
         metrics = evaluate(raw_model, edir, test_split, tokenizer, ecaption, run_device)
-        print0(hmmc_eval.format_table(metrics, f"{test_split} split, initial weights ({init_from})"))
+        print0(hmmc_eval.format_table(metrics, f"{test_split} split, initial weights ({resume_path or init_from})"))
         return
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        if resume:
+            trim_log(os.path.join(out_dir, "log.jsonl"), iter_num)
+        elif os.path.exists(os.path.join(out_dir, "log.jsonl")):
             os.remove(os.path.join(out_dir, "log.jsonl"))  # a fresh run starts a fresh log
     peak = peak_flops(device_type)
 
@@ -434,15 +656,20 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
     start_iter = iter_num
     t0 = t_log = time.time()
     videos_since_log, losses_since_log, parts_since_log, steps_since_log = 0, 0.0, {}, 0
-    last_good = os.path.join(out_dir, "ckpt.pt") if resume else None
+    last_good = resume_path
+    # after falling back to ckpt.prev.pt, the next save replaces the refused ckpt.pt instead of keeping it
+    keep_previous = not (resume_path or "").endswith("ckpt.prev.pt")
+    bad_seen = set()  # videos reported unreadable (once each)
     model.train()
     while iter_num < stop_iter:
+        fault_injection(rank, iter_num)
         lr_factor = get_lr(iter_num, t_total, warmup_proportion)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_factor
-        step_stats = []
+        step_stats, bad = [], []
         for micro in range(gradient_accumulation_steps):
-            batch, (epoch, step_in_epoch) = next(stream)  # the position a checkpoint records
+            batch, (epoch, step_in_epoch), faults = next(stream)  # the position a checkpoint records
+            bad += faults
             # all-reduce gradients only on the last micro-step; the others accumulate locally
             sync = nullcontext() if not ddp or micro == gradient_accumulation_steps - 1 else model.no_sync()
             try:
@@ -465,17 +692,24 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
         raw_model.momentum_update()  # once per optimizer step (the original: every micro-step)
 
         # the step's only host sync, after all of its work is queued: the loss and its parts of every micro-step,
-        # averaged over ranks so that every rank sees the same value and stops together on NaN (pre-training losses
-        # are per-rank). A NaN step has already been applied, but nothing is saved after it.
-        stats = torch.stack(step_stats).mean(dim=0)
+        # this rank's share of replaced (unreadable) videos and its SIGTERM flag, averaged over ranks so that every
+        # rank sees the same values and all stop at the same step (on NaN, SIGTERM or too many bad videos;
+        # pre-training losses are per-rank). A NaN step has already been applied, but nothing is saved after it.
+        flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size), float(_sigterm)])
+        stats = torch.cat([torch.stack(step_stats).mean(dim=0), flags.to(run_device, non_blocking=True)])
         if ddp:
             dist.all_reduce(stats)
             stats /= world_size
-        step_loss, *part_values = stats.tolist()
+        step_loss, *part_values, bad_share, stop = stats.tolist()
         if not math.isfinite(step_loss):
             good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise SystemExit(f"loss is {step_loss} at iter {iter_num} (epoch {epoch}, step {step_in_epoch}); "
                              f"stopping, {good}. Try a lower learning_rate or dtype=bfloat16/float32")
+        if bad_share > 0:
+            report_bad_videos(bad, bad_seen, iter_num, ddp, world_size)
+            if bad_share > max_bad_fraction:
+                raise SystemExit(f"{100 * bad_share:.0f}% of the videos of iter {iter_num} could not be read, more "
+                                 f"than max_bad_fraction={max_bad_fraction}; check the frames in {train_set.lmdb_path}")
         iter_num += 1
 
         videos_since_log += batch_size * gradient_accumulation_steps
@@ -503,13 +737,11 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
                     f.write(json.dumps(record) + "\n")
             videos_since_log, losses_since_log, parts_since_log, steps_since_log, t_log = 0, 0.0, {}, 0, now
 
+        saved = False
         if (eval_interval > 0 and iter_num % eval_interval == 0) or iter_num == stop_iter:
             # the state is taken before eval (which runs no forward through the queues and restores the RNG), so a
             # run resumed from it continues exactly
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "model_args": raw_model.cfg.to_dict(), "config": config, "iter_num": iter_num, "epoch": epoch,
-                     "step_in_epoch": step_in_epoch, "rng": rng_state()}
+            state = checkpoint_state(raw_model, optimizer, scaler, config, iter_num, epoch, step_in_epoch, best_r1)
             metrics = evaluate(raw_model, edir, eval_split, tokenizer, ecaption, run_device)
             r1 = metrics["t2v"]["R1"]
             print0(f"iter {iter_num}: {eval_split} T2V R@1 {r1:.1f} R@5 {metrics['t2v']['R5']:.1f}, "
@@ -517,14 +749,21 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
             improved = r1 > best_r1
             best_r1 = state["best_r1"] = max(best_r1, r1)
             if master:
-                save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state)
-                last_good = os.path.join(out_dir, "ckpt.pt")
+                save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state, keep_previous)
                 if improved:
-                    shutil.copyfile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt.tmp"))
-                    os.replace(os.path.join(out_dir, "best.pt.tmp"), os.path.join(out_dir, "best.pt"))
+                    copy_checkpoint(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt"))
                 print0(f"saved checkpoint to {out_dir}/ckpt.pt (iter {iter_num}, {eval_split} R@1 {r1:.1f}"
                        f"{', new best' if improved else ''})")
+            last_good, keep_previous, saved = os.path.join(out_dir, "ckpt.pt"), True, True
             model.train()
+
+        if stop:  # SIGTERM (preemption): this step is done on every rank; save it and leave
+            if master and not saved:
+                save_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint_state(
+                    raw_model, optimizer, scaler, config, iter_num, epoch, step_in_epoch, best_r1), keep_previous)
+            print0(f"SIGTERM: saved {out_dir}/ckpt.pt at iter {iter_num} and stopped (exit status {PREEMPTED}); the "
+                   f"same command continues the run")
+            raise SystemExit(PREEMPTED)
 
     if ddp:
         dist.barrier()  # best.pt is complete before any rank reads it

@@ -2,12 +2,19 @@ import glob
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import lmdb
 import pytest
 import torch
 
+import prepare
 import train
 from synthetic import prepare_synthetic
 
@@ -167,13 +174,15 @@ def test_checkpoint_of_another_architecture(data, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ckpt["model_args"]["temporal_layers"] = 2  # the tensors hold one layer
     torch.save(ckpt, tmp_path / "ckpt.pt")
+    os.remove(tmp_path / "ckpt.pt.sha256")  # edited by hand: no checksum (trusted when it opens, as older ones)
     with pytest.raises(ValueError, match=r"ckpt\.pt holds another architecture.*missing \[video\.temporal\.resblocks\.1"):
         run(base + ["--max_iters=2", "--init_from=resume"])
     # fine-tuning from it with a deeper temporal module than it has: the missing keys are listed
     ckpt["model_args"]["temporal_layers"] = 1
     torch.save(ckpt, tmp_path / "pre.pt")
     with pytest.raises(ValueError, match=r"pre\.pt holds another architecture.*video\.temporal\.resblocks\.1"):
-        run(base + ["--max_iters=2", f"--init_from={tmp_path / 'pre.pt'}", "--temporal_layers=2"])
+        run(base + ["--max_iters=2", f"--init_from={tmp_path / 'pre.pt'}", "--temporal_layers=2",
+                    f"--out_dir={tmp_path / 'ft'}"])
 
 
 def test_nan_loss_stops_with_step(data, tmp_path):
@@ -181,3 +190,232 @@ def test_nan_loss_stops_with_step(data, tmp_path):
     cfg.write_text("sim_scale = float('nan')\n")
     with pytest.raises(SystemExit, match="loss is nan at iter 0"):
         run([str(cfg), "--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", *TINY])
+
+
+# ----------------------------------------------------------------------------- run folders and long runs
+
+def files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def test_new_run_refuses_another_runs_folder(data, tmp_path, capsys):
+    base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", "--max_iters=2", *TINY]
+    run(base)
+    before = files(tmp_path)
+    assert {"ckpt.pt", "ckpt.pt.sha256", "best.pt", "log.jsonl", "results.json"} <= set(before)
+    with pytest.raises(SystemExit, match=re.escape(
+            f"{tmp_path} holds the checkpoint of another run (differs in: use_temp, batch_size); continue it with "
+            f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")):
+        run(base + ["--use_temp=False", "--batch_size=4"])
+    assert files(tmp_path) == before  # not a byte touched
+    with pytest.raises(SystemExit, match="holds a checkpoint of this run .iter 2. and auto_resume=False"):
+        run(base + ["--auto_resume=False"])
+    assert files(tmp_path) == before
+    capsys.readouterr()
+    run(base + ["--use_temp=False", "--overwrite=True"])
+    assert "overwrite: deleted ckpt.pt, ckpt.pt.sha256, best.pt" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["use_temp"] is False
+    assert len(log(tmp_path)) == 2
+
+
+def test_default_out_dir_per_dataset_and_given_keys(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(["--data_dir=" + data, "--dataset=toy", "--batch_size=8", *TINY, "--max_iters=1"])
+    assert (tmp_path / "out-toy" / "ckpt.pt").exists() and not (tmp_path / "out-synthetic").exists()
+    # what a command sets itself: a resume compares only these with the run's settings
+    keys = train.given_keys([os.path.join(ROOT, "config", "synthetic.py"), "--batch_size=4", "--compile"])
+    assert {"out_dir", "use_temp", "num_workers", "batch_size", "compile"} <= keys and "seed" not in keys
+
+
+def test_resume_keeps_the_runs_settings(data, tmp_path, capsys):
+    run(["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", *TINY, "--eval_interval=2",
+         "--max_iters=2"])
+    # a resume takes the run's settings from its checkpoint: the command line needs none of them...
+    resume = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--init_from=resume"]
+    with pytest.raises(SystemExit, match=r"this command changes num_frames \(4 -> 2\), batch_size \(8 -> 16\), "
+                                         r"learning_rate \(0.001 -> 0.5\); drop them"):
+        run(resume + ["--batch_size=16", "--num_frames=2", "--learning_rate=0.5", "--max_iters=4"])
+    capsys.readouterr()
+    run(resume + ["--max_iters=6"])
+    assert "resume: max_iters=6 instead of the run's 2" in capsys.readouterr().out
+    # ...and keeps the run's eval_interval=2: checkpoints at 4 and 6, not only at the end
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 4
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (ckpt["iter_num"], ckpt["config"]["eval_interval"], ckpt["config"]["num_frames"]) == (6, 2, 4)
+    assert ckpt["config"]["init_from"] == "scratch"  # the run's origin, not the resume
+    # reporting settings may change, and the log says so
+    run(resume + ["--max_iters=8", "--eval_interval=1"])
+    assert "resume: eval_interval=1 instead of the run's 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 7
+    assert [r["iter"] for r in log(tmp_path)] == list(range(1, 9))
+    before = files(tmp_path)
+    run(resume + ["--eval_only=True"])  # evaluates the run's checkpoint, writes nothing
+    assert f"test split, initial weights ({tmp_path}/ckpt.pt)" in capsys.readouterr().out
+    assert files(tmp_path) == before
+
+
+def test_auto_resume_continues_the_same_command(data, tmp_path, monkeypatch, capsys):
+    # one process, SIGTERM to itself at the start of step 4 (the test hook): the step ends, a checkpoint is
+    # written and the run exits with the preemption status; the same command continues it, exactly
+    cmd = ["--data_dir=" + data, "--batch_size=8", "--seed=3", *TINY, "--max_iters=6", "--eval_interval=4"]
+    run(cmd + [f"--out_dir={tmp_path / 'straight'}"])
+    cut = cmd + [f"--out_dir={tmp_path / 'cut'}"]
+    monkeypatch.setenv("HMMC_TEST_SIGNAL", f"0:3:TERM:{tmp_path / 'marker'}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run(cut)
+    assert stopped.value.code == train.PREEMPTED == 75
+    out = capsys.readouterr().out
+    assert f"starting a new run in {tmp_path / 'cut'}/" in out
+    assert f"SIGTERM: saved {tmp_path / 'cut'}/ckpt.pt at iter 4 and stopped (exit status 75)" in out
+    run(cut)
+    assert f"resuming {tmp_path / 'cut'}/ckpt.pt at iter 4" in capsys.readouterr().out
+    assert [r["loss"] for r in log(tmp_path / "cut")] == [r["loss"] for r in log(tmp_path / "straight")]
+    # a finished run rerun: nothing is trained or rewritten
+    before = files(tmp_path / "cut")
+    run(cut)
+    assert "is finished (iter 6" in capsys.readouterr().out
+    assert files(tmp_path / "cut") == before
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
+    base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", *TINY, "--eval_interval=2",
+            "--max_iters=4"]
+    run(base)
+    losses = [r["loss"] for r in log(tmp_path)]
+    good = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    raw = bytearray((tmp_path / "ckpt.pt").read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 16] = bytes(255 - b for b in raw[len(raw) // 2: len(raw) // 2 + 16])
+    (tmp_path / "ckpt.pt").write_bytes(bytes(raw))
+    capsys.readouterr()
+    run(base + ["--init_from=resume"])
+    out = capsys.readouterr().out
+    assert f"refusing checkpoint {tmp_path}/ckpt.pt: its sha256 does not match ckpt.pt.sha256" in out
+    assert f"resuming {tmp_path}/ckpt.prev.pt at iter 2" in out
+    assert [r["loss"] for r in log(tmp_path)] == losses  # steps 3 and 4 again, the same
+    again = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, again["model"][k]) for k, v in good["model"].items())
+    # the refused file was replaced, the good previous one kept
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
+    assert train.checkpoint_problem(str(tmp_path / "ckpt.pt")) is None
+    # nothing usable at all: the run stops and names both
+    (tmp_path / "ckpt.pt").write_bytes(b"junk")
+    (tmp_path / "ckpt.prev.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match=r"no usable checkpoint in .*ckpt\.pt: its sha256.*ckpt\.prev\.pt: its sha256"):
+        run(base)
+
+
+def damaged_copy(data: str, root: Path) -> tuple[str, list]:
+    """The synthetic data with unreadable videos: garbage JPEGs, truncated JPEGs, a missing frame; and one video
+    not in the LMDB at all. Returns (data dir, the three damaged video ids)."""
+    out = root / "damaged"
+    shutil.copytree(data, out)
+    sampled = prepare.sample_frame_indices(8, 4, "uniform", None)  # the frames a 4-frame run reads
+    env = lmdb.open(str(out / "frames.lmdb"), subdir=True)
+    with env.begin(write=True) as txn:
+        for i in range(8):
+            txn.put(f"train00003_{i}".encode(), b"not a jpeg")
+            txn.put(f"train00007_{i}".encode(), bytes(txn.get(f"train00007_{i}".encode()))[:200])
+            txn.delete(f"train00015_{i}".encode())
+        txn.delete(f"train00011_{int(sampled[1])}".encode())
+    env.close()
+    return str(out), ["train00003", "train00007", "train00011"]
+
+
+def test_unreadable_videos_are_replaced(data, tmp_path, capsys):
+    damaged, bad = damaged_copy(data, tmp_path)
+    # 95 readable-at-start videos / 8 = 11 steps per epoch: 14 steps see every video at least once
+    base = ["--data_dir=" + damaged, "--batch_size=8", "--epochs=2", *TINY]
+    run(base + [f"--out_dir={tmp_path / 'straight'}", "--max_iters=14"])
+    out = capsys.readouterr().out
+    assert "using 95 of 96 videos; 1 have no frames" in out  # the video missing from the LMDB
+    for video in bad:
+        assert len(re.findall(rf"unreadable video {video} \(", out)) == 1, video
+    assert "unreadable video train00011 (KeyError" in out and "unreadable video train00003 (UnidentifiedImageError" in out
+    assert json.load(open(tmp_path / "straight" / "results.json"))["iter"] == 14
+    split = [f"--out_dir={tmp_path / 'split'}"]
+    run(base + split + ["--max_iters=7"])
+    run(base + split + ["--max_iters=14", "--init_from=resume"])
+    assert [r["loss"] for r in log(tmp_path / "split")] == [r["loss"] for r in log(tmp_path / "straight")]
+    with pytest.raises(SystemExit, match=r"could not be read, more than max_bad_fraction=0.0; check the frames"):
+        run(base + [f"--out_dir={tmp_path / 'strict'}", "--max_bad_fraction=0"])
+
+
+# 2 processes, 2 epochs of 11 steps at batch 8 on the damaged data, a checkpoint every 3 steps, stopping at 8
+LONG = ["train.py", "--batch_size=8", "--epochs=2", "--seed=7", *TINY, "--eval_interval=3", "--max_iters=8"]
+
+
+def torchrun(args: list, env: dict, restarts: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           f"--max-restarts={restarts}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def damaged(data, tmp_path_factory):
+    return damaged_copy(data, tmp_path_factory.mktemp("damaged"))[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(damaged, tmp_path_factory):
+    """The out_dir of an uninterrupted 2-process run of LONG."""
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    p = torchrun(LONG + ["--data_dir=" + damaged, f"--out_dir={out}"], {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    # the first 8 batches of seed 7 hold two damaged videos, on either rank: rank 0 reports each, once
+    for video in ("train00007", "train00011"):
+        assert p.stdout.count(f"unreadable video {video} (") == 1, video
+    return out
+
+
+def assert_same_run(a: str, b: str):
+    assert [r["iter"] for r in log(b)] == list(range(1, 9))
+    assert [r["loss"] for r in log(a)] == [r["loss"] for r in log(b)]
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
+    assert sa["iter_num"] == sb["iter_num"] == 8
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    ra, rb = (json.load(open(os.path.join(d, "results.json"))) for d in (a, b))
+    assert (ra["t2v"], ra["v2t"]) == (rb["t2v"], rb["v2t"])
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_sigkill_continues_exactly(damaged, tmp_path, uninterrupted):
+    # rank 1 is SIGKILLed at the start of step 5 (checkpoint at 3); torchrun reruns the same command, which resumes
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:KILL:{tmp_path / 'marker'}"}
+    p = torchrun(LONG + ["--data_dir=" + damaged, f"--out_dir={out}"], env, restarts=1)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert os.path.exists(tmp_path / "marker")
+    assert f"starting a new run in {out}/" in p.stdout and f"resuming {out}/ckpt.pt at iter 3" in p.stdout
+    assert_same_run(uninterrupted, out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_preemption_status(damaged, tmp_path, uninterrupted):
+    # the two ranks started by hand (as a cluster launcher does) to read each one's exit status; only rank 1 gets
+    # SIGTERM (at the start of step 5): both finish that step and stop together, rank 0 saves
+    out, port = str(tmp_path / "run"), free_port()
+    args = LONG + ["--data_dir=" + damaged, f"--out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:TERM:{tmp_path / 'marker'}",
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=open(tmp_path / f"out{r}", "w"), stderr=subprocess.STDOUT) for r in range(2)]
+    codes = [p.wait(timeout=600) for p in procs]
+    out0 = (tmp_path / "out0").read_text()
+    assert codes == [train.PREEMPTED, train.PREEMPTED], out0[-3000:] + (tmp_path / "out1").read_text()[-3000:]
+    assert f"SIGTERM: saved {out}/ckpt.pt at iter 5 and stopped (exit status 75)" in out0
+    assert train.checkpoint_problem(os.path.join(out, "ckpt.pt")) is None
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert (ckpt["iter_num"], ckpt["epoch"], ckpt["step_in_epoch"]) == (5, 0, 5)  # mid-epoch
+    assert torch.load(os.path.join(out, "ckpt.prev.pt"), weights_only=True)["iter_num"] == 3
+    p = torchrun(args, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert f"resuming {out}/ckpt.pt at iter 5" in p.stdout
+    assert_same_run(uninterrupted, out)
