@@ -1056,6 +1056,9 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
             print(f"  ... and {len(bad) - 10} more", flush=True)
     if counter["duplicate"]:
         print(f"chvtt: skipped {counter['duplicate']} repeated docids", flush=True)
+    if not recs:
+        raise ValueError(f"chvtt: no usable line in {annotations} (see above); expected JSON lines with docid, title, "
+                         f"tag, title_eng, tag_eng, duration")
     summary = _finish_conversion("chvtt", out, {split: recs}, frames, counter)
     summary["bad_lines"] = bad
     return summary

@@ -33,7 +33,7 @@ import eval as hmmc_eval  # `eval` would shadow the builtin
 import model as hmmc_model  # `model` is the usual name of the network object
 import prepare
 import synthetic
-from common import autocast, cleanup_compute, init_compute, peak_flops, print0, run_script
+from common import autocast, cleanup_compute, init_compute, peak_flops, print0, run_script, set_cpu_threads
 from configurator import configure, describe
 
 # -----------------------------------------------------------------------------
@@ -347,6 +347,7 @@ def main(argv=None):
         raise SystemExit(f"config error: {e}")
     globals().update(config)  # the settings are plain names from here on, nanoGPT style
     ddp, rank, world_size, run_device = init_compute(device)
+    set_cpu_threads(run_device)
     try:
         train(config, ddp, rank, world_size, run_device)
     finally:
@@ -374,6 +375,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str):
     stop_iter = min(total_iters, max_iters) if max_iters > 0 else total_iters
 
     resume = init_from == "resume"
+    if resume and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise FileNotFoundError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} to resume: --out_dir must be "
+                                f"the folder of an earlier run")
     model, ckpt = build_model(tokenizer, resume)
     iter_num, epoch, step_in_epoch, best_r1 = 0, 0, 0, -1.0
     if resume:
