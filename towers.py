@@ -327,6 +327,10 @@ class _ScriptObject:
         self.state = state
 
 
+# torch.jit._pickle's wrappers of lists of plain values, each of which returns its first argument unchanged
+_TYPED_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
+
+
 class _TensorUnpickler(pickle.Unpickler):
     """Unpickles a TorchScript archive's data.pkl allowing only what rebuilding tensors needs. The archive's code/
     folder is never read: module classes become inert _ScriptObjects, and any other global is refused."""
@@ -344,6 +348,8 @@ class _TensorUnpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if module == "__torch__" or module.startswith("__torch__."):
             return _ScriptObject
+        if module == "torch.jit._pickle" and name in _TYPED_CONTAINERS:
+            return lambda value, *type_tag: value
         raise _RefusedArchive(f"refusing to load {module}.{name} from the archive: only tensors and TorchScript "
                               f"modules holding them are read (this does not look like an OpenAI CLIP file)")
 

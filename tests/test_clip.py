@@ -160,6 +160,31 @@ def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path, monk
 
 
 
+class WithContainers(nn.Module):
+    """A scripted module whose pickle holds typed lists and dicts (torch.jit._pickle wrappers) next to tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+        self.register_buffer("steps", torch.tensor([1, 2, 3]))
+        self.sizes: list[int] = [1, 2]
+        self.scales: list[float] = [0.5]
+        self.names: dict[str, int] = {"a": 1}
+
+    def forward(self, x):
+        return self.proj(x) * self.sizes[0] * self.scales[0] + self.names["a"]
+
+
+def test_scripted_archive_with_typed_containers_reads_like_jit_load(tmp_path):
+    path = str(tmp_path / "scripted.pt")
+    torch.jit.script(WithContainers()).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: here it is the reference
+        want = torch.jit.load(path).state_dict()
+    got = towers._read_torchscript_tensors(path)
+    assert list(got) == list(want) == ["steps", "proj.weight", "proj.bias"]
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker
