@@ -486,7 +486,7 @@ def test_cli_error_is_one_line_naming_the_option(args, option):
 def test_cli_passes_options_to_extract_frames(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(prepare, "extract_frames", lambda *a, **kw: calls.append((a, kw)) or
-                        {"done": 1, "failed": {}, "skipped": 0})
+                        {"done": 1, "failed": {}, "failed_before": {}, "skipped": 0, "stored": 1})
     prepare.main(["frames", "--videos=v", f"--out={tmp_path}/f.lmdb", "--retry_failed", "--ids=2024",
                   "--quality=80", "--id_prefix=Video"])
     (args, kw), = calls
