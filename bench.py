@@ -6,12 +6,15 @@ writes JSON.
 
 $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
-$ python bench.py --size=tiny                       # CI size: a tiny model, a few steps, seconds on a CPU
+$ python bench.py --size=tiny                       # CI size: a tiny model, a few steps, seconds on a CPU (the
+                                                    # default without a GPU)
 
 MFU = flops_per_video * videos/s / peak, with the analytic count of HMMC.flops_per_video (model.py) and the GPU's
 dense bf16 tensor-core peak (989 TFLOP/s for H100/H200 SXM). On a CPU there is no meaningful peak, so instead every
 figure is also measured for a plain baseline in the same process (fp32, naive softmax attention instead of SDPA, no
-compile) and reported as a ratio: on a shared machine only ratios measured side by side mean anything.
+compile) and reported as a ratio: on a shared machine only ratios measured side by side mean anything. Each ratio is
+measured ratio_repeats times, alternating ours and the baseline; the row shows the median and the min-max, and is
+flagged noisy when they spread by more than noisy_spread of the median.
 """
 
 import io
@@ -32,33 +35,35 @@ import configurator
 import eval as hmmc_eval
 import model as hmmc_model
 import prepare
-from common import autocast, init_compute, peak_flops
+from common import autocast, init_compute, peak_flops, run_script
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
-size = "full"  # "full": ViT-B/32 + ViT-B/16 at 224 px, T=12, L=32 | "tiny": a small model for CI
+size = "auto"  # "auto": full on a GPU, else tiny | "full": ViT-B/32 + B/16, 224 px, T=12, L=32 | "tiny": for CI
 models = ("ViT-B/32", "ViT-B/16")  # which towers to time at size="full"
 batch_sizes = (128,)  # videos per training step (one GPU)
-num_frames = 12
-context_length = 32
+num_frames = 12  # frames per video (T)
+context_length = 32  # text tokens per caption (L)
 steps = 10  # timed steps per measurement (after warm-up)
-warmup = 3
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+warmup = 3  # untimed steps before each measurement
+device = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" | "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast dtype
 compile = False  # torch.compile the model for the step and eval-encoding measurements
 activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
-eval_batch_size = 256
+eval_batch_size = 256  # videos per eval-encoding batch
 loader_videos = 1024  # videos the loader rows read: enough batches to keep every worker busy
 eval_videos = 1000  # videos (one caption each) of the evaluate() row: MSR-VTT 1k-A's size
 loader_workers = (0, 4, 8, 14)  # data loader process counts to time (14: a 16-core host less the trainer)
 loader_batch_size = 32  # the recipes' per-GPU batch on 8 GPUs
 loader_frame_size = 224  # short side of the generated frames
 sim_videos = 1000  # the similarity row: sim_videos texts x sim_videos videos x num_frames frames
-tokenizer_captions = 20000
+tokenizer_captions = 20000  # captions the tokenizer row encodes
 baseline = None  # run the plain baseline too; default: on CPU only
-out = "out/bench.json"
-seed = 0
+ratio_repeats = 3  # alternations of ours and the baseline per ratio: the row shows their median and min-max
+noisy_spread = 0.25  # flag a ratio as noisy when its (max - min) / median exceeds this: the machine was busy
+out = "out/bench.json"  # the JSON of every row; "" writes none
+seed = 0  # model init, inputs and data order
 config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
 # -----------------------------------------------------------------------------
 
@@ -264,26 +269,26 @@ def run(cfg: dict) -> dict:
     peak = peak_flops(torch.device(dev).type)
     rows = []
 
-    def add(name, ours, base=None, flops=None):
+    def add(name, ours, base=None, ratios=None, flops=None):
         row, key = {"name": name, "ours": ours, "baseline": base}, _headline(ours)
         if flops and peak:
             row["mfu"] = flops * ours[key] / peak
-        if base:
-            row["ratio"] = ours[key] / base[key] if base.get(key) else None
+        if ratios:
+            row.update(ratio_summary(ratios, cfg["noisy_spread"]))
         rows.append(row)
         print(_format_row(row), flush=True)
 
     def both(fn, **kw):
         if not with_baseline:
-            return fn(dt=dt, **kw), None
-        # a shared machine's load drifts: alternate ours and the baseline twice and keep each side's best run
+            return fn(dt=dt, **kw), None, None
+        # a shared machine's load drifts: alternate ours and the baseline, one ratio per pair measured back to back
         ours, base = [], []
-        for _ in range(2):
+        for _ in range(max(1, cfg["ratio_repeats"])):
             ours.append(fn(dt=dt, **kw))
             with plain_attention():
                 base.append(fn(dt="float32", **{**kw, "compile_": False}))
         fastest = lambda runs: max(runs, key=lambda r: r["videos_per_s"])
-        return fastest(ours), fastest(base)
+        return fastest(ours), fastest(base), [o["videos_per_s"] / b["videos_per_s"] for o, b in zip(ours, base)]
 
     timing = dict(T=T, L=L, dev=dev, n_steps=cfg["steps"], n_warmup=cfg["warmup"], compile_=cfg["compile"])
     for tower in cfg["models"]:
@@ -291,14 +296,14 @@ def run(cfg: dict) -> dict:
             for pre in ((False, True) if cfg["pretrain"] else (False,)):
                 name = f"{'pretrain' if pre else 'finetune'} step {tower} B={B}"
                 try:
-                    ours, base = both(time_train_step, tower=tower, B=B, pretrain_=pre, tokenizer=tokenizer,
-                                      grad_ckpt=cfg["activation_checkpointing"], **timing)
+                    ours, base, ratios = both(time_train_step, tower=tower, B=B, pretrain_=pre, tokenizer=tokenizer,
+                                              grad_ckpt=cfg["activation_checkpointing"], **timing)
                 except torch.cuda.OutOfMemoryError:  # a batch that does not fit is a result too
                     rows.append({"name": name, "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None})
                     print(f"{name:<44s} out of memory", flush=True)
                     torch.cuda.empty_cache()
                     continue
-                add(name, ours, base, flops=ours["flops_per_video"])
+                add(name, ours, base, ratios, flops=ours["flops_per_video"])
                 if on_cuda:
                     torch.cuda.empty_cache()
         add(f"eval encode {tower} B={cfg['eval_batch_size']}",
@@ -334,6 +339,28 @@ def run(cfg: dict) -> dict:
     return {"rows": rows, "setup": setup}
 
 
+def ratio_summary(ratios: list, noisy_spread: float) -> dict:
+    """The median of the paired ratios, their min and max, and whether (max - min) / median exceeds noisy_spread."""
+    median = float(np.median(ratios))
+    lo, hi = min(ratios), max(ratios)
+    return {"ratio": median, "ratio_min": lo, "ratio_max": hi, "noisy": (hi - lo) > noisy_spread * median}
+
+
+def resolve_size(size: str, device: str) -> tuple:
+    """(size to run, a line to print about it or None): "auto" is full on a GPU and tiny without one, and full on a
+    CPU (tens of GB, hours) runs only when asked for, after a warning."""
+    if size not in ("auto", "full", "tiny"):
+        raise ValueError(f"size must be 'auto', 'full' or 'tiny', got {size!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if size == "auto":
+        return ("full", None) if on_gpu else ("tiny", "bench: no GPU, so the CPU size --size=tiny (--size=full runs "
+                                                      "the real models on the CPU: tens of GB and hours)")
+    if size == "full" and not on_gpu:
+        return size, ("warning: --size=full on a CPU: ViT-B/16 at batch 128 takes tens of GB and hours; "
+                      "--size=tiny is the CPU size")
+    return size, None
+
+
 def _headline(ours: dict) -> str:
     return next(k for k in UNITS if k in ours)
 
@@ -350,7 +377,8 @@ def _format_row(row: dict) -> str:
     if "metrics_ms" in ours:
         extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
     if row.get("baseline"):
-        extra.append(f"baseline {row['baseline'][key]:.1f} {UNITS[key]}, x{row['ratio']:.2f}")
+        extra.append(f"baseline {row['baseline'][key]:.1f} {UNITS[key]}, x{row['ratio']:.2f} "
+                     f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}){' NOISY' if row['noisy'] else ''}")
     return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(extra)}"
 
 
@@ -358,10 +386,12 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: globals()[k] for k in config_keys}
     cfg = configurator.configure(defaults, argv, prog="bench.py", descriptions=configurator.describe(__file__))
-    if cfg["size"] not in ("full", "tiny"):
-        raise ValueError(f"size must be 'full' or 'tiny', got {cfg['size']!r}")
-    if cfg["size"] == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
+    size_, note = resolve_size(cfg["size"], cfg["device"])
+    if note:
+        print(note, flush=True)
+    if size_ == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
         cfg = configurator.configure({**defaults, **TINY}, argv, prog="bench.py")
+    cfg["size"] = size_
     print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
           flush=True)
     result = run(cfg)
@@ -369,6 +399,10 @@ def main(argv=None) -> dict:
     for row in result["rows"]:
         print(_format_row(row))
     print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
+    noisy = [row["name"] for row in result["rows"] if row.get("noisy")]
+    if noisy:
+        print(f"warning: {len(noisy)} ratios marked NOISY (they spread by more than {100 * cfg['noisy_spread']:.0f}% "
+              f"over {cfg['ratio_repeats']} repeats): the machine was busy; rerun them on an idle one", flush=True)
     if cfg["out"]:
         os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
         with open(cfg["out"], "w") as f:
@@ -378,7 +412,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input or config: the message says what to fix
-        sys.exit(f"error: {e}")
+    run_script(main)

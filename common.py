@@ -36,6 +36,21 @@ def init_compute(device: str) -> tuple[bool, int, int, str]:
     return ddp, rank, world_size, device
 
 
+def set_cpu_threads(device: str) -> int:
+    """One intra-op thread on a CPU, unless OMP_NUM_THREADS or OMP_WAIT_POLICY=PASSIVE is set; returns the count.
+    torch's OpenMP threads spin at every barrier, so when another process holds one of the cores each op waits for a
+    descheduled thread: beside a CPU hog on 2 cores the tiny run made 89-105 videos/s with 2 threads, 175-195 with
+    one (README, Performance). A single thread never waits; OMP_WAIT_POLICY=PASSIVE (read when torch loads, so set
+    before python starts) makes waiting threads sleep, and then every core can be used safely."""
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ and not passive:
+        if torch.get_num_threads() > 1:
+            print0(f"cpu: 1 thread of {torch.get_num_threads()} (spinning OpenMP threads stall when the cores are "
+                   f"shared); OMP_WAIT_POLICY=PASSIVE python ... uses them all")
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def cleanup_compute():
     if dist.is_available() and dist.is_initialized():
         # tear down while every rank is still alive and in step; gloo can abort at interpreter exit otherwise

@@ -757,22 +757,28 @@ def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=
     `ids`: a list of file names without extension, or a file with one per line. Videos already in the LMDB are
     skipped; ones that failed before are retried only with retry_failed. A video's key is id_prefix + its file name
     without extension (CHVTT: <docid>.mp4 with id_prefix="Video" gives the original's keys Video<docid>_<i>).
-    Returns {"done", "skipped", "failed": {id: reason}, "seconds"}.
+    Returns {"done", "skipped", "failed": {id: reason}, "failed_before": {id: reason} (skipped failures of earlier
+    runs), "stored" (of these videos, how many the LMDB now holds), "seconds"}.
     """
     _check_ffmpeg()
     if isinstance(ids, str):
         ids = _read_id_list(ids)
     videos = {id_prefix + stem: path for stem, path in find_videos(videos_dir, ids).items()}
+    if not videos:  # before the LMDB is created: an empty folder or id list must not leave an empty dataset behind
+        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS[:4])}, ...) in {videos_dir}; nothing written"
+                         if ids is None else "the id list is empty; nothing written")
     db = FrameDB(out_path, readonly=False, num_frames=num_frames, frame_size=frame_size)
     old_failed = db.failed
-    jobs, skipped = [], 0
+    jobs, skipped, stored, failed_before = [], 0, 0, {}
     for vid, path in videos.items():
         # a failure is retried on request, or when its file has appeared since
         retry = retry_failed or (path is not None and old_failed.get(vid, "").startswith("missing"))
-        if db.has_video(vid) or (vid in old_failed and not retry):
-            skipped += 1
-            continue
-        jobs.append((vid, path, num_frames, frame_size, quality))
+        if db.has_video(vid):
+            skipped, stored = skipped + 1, stored + 1
+        elif vid in old_failed and not retry:
+            skipped, failed_before[vid] = skipped + 1, old_failed[vid]
+        else:
+            jobs.append((vid, path, num_frames, frame_size, quality))
     n_retry = sum(vid in old_failed for vid, *_ in jobs)
     print(f"frames: {len(videos)} videos in {videos_dir}, {skipped} already done or failed before"
           f"{f' ({n_retry} failed ones retried)' if n_retry else ''}, {len(jobs)} to extract -> {out_path} "
@@ -809,14 +815,17 @@ def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=
             pool.terminate()
         db.close()
     progress(final=True)
-    if failed:
-        print(f"frames: {len(failed)} videos failed (recorded under __meta__ 'failed' in {out_path}; "
+    for listed, what in ((failed, "failed"), (failed_before, "failed in an earlier run and were skipped")):
+        if not listed:
+            continue
+        print(f"frames: {len(listed)} videos {what} (recorded under __meta__ 'failed' in {out_path}; "
               f"rerun with --retry_failed to try them again):", flush=True)
-        for vid, err in list(failed.items())[:20]:
+        for vid, err in list(listed.items())[:20]:
             print(f"  {vid}: {err}", flush=True)
-        if len(failed) > 20:
-            print(f"  ... and {len(failed) - 20} more", flush=True)
-    return {"done": done, "skipped": skipped, "failed": failed, "seconds": time.time() - t0}
+        if len(listed) > 20:
+            print(f"  ... and {len(listed) - 20} more", flush=True)
+    return {"done": done, "skipped": skipped, "failed": failed, "failed_before": failed_before,
+            "stored": stored + done, "seconds": time.time() - t0}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1065,6 +1074,9 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
             print(f"  ... and {len(bad) - 10} more", flush=True)
     if counter["duplicate"]:
         print(f"chvtt: skipped {counter['duplicate']} repeated docids", flush=True)
+    if not recs:
+        raise ValueError(f"chvtt: no usable line in {annotations} (see above); expected JSON lines with docid, title, "
+                         f"tag, title_eng, tag_eng, duration")
     summary = _finish_conversion("chvtt", out, {split: recs}, frames, counter)
     summary["bad_lines"] = bad
     return summary
@@ -1080,8 +1092,10 @@ def _frames(videos, out, **kw):
     if not out.rstrip("/").endswith(".lmdb"):
         print(f"note: datasets read <data dir>/frames.lmdb; --out={out} does not end in .lmdb", flush=True)
     r = extract_frames(videos, out, **kw)
-    if r["done"] == 0 and r["failed"] and r["skipped"] == 0:
-        sys.exit(1)  # nothing at all could be decoded: let scripts notice
+    if r["stored"] == 0:  # nothing at all could be decoded: let scripts notice
+        n = len(r["failed"]) + len(r["failed_before"])
+        raise ValueError(f"none of the {n} videos in {videos} could be decoded; the reasons are listed above and "
+                         f"kept under __meta__ 'failed' in {out}")
 
 
 def _synthetic(out, **kw):

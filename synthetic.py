@@ -201,8 +201,14 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     tmp_dir = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
+    mp4_dir = videos
     if videos:
-        os.makedirs(videos, exist_ok=True)
+        # a videos folder inside out_dir would go when the finished folder replaces out_dir: write it inside the
+        # new folder instead, where it ends up at the path asked for
+        rel = os.path.relpath(os.path.realpath(videos), os.path.realpath(out_dir))
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            mp4_dir = os.path.normpath(os.path.join(tmp_dir, rel))
+        os.makedirs(mp4_dir, exist_ok=True)
     db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
     # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
     mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
@@ -218,7 +224,7 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
                     encoded.append(buf.getvalue())
                 db.put_video(vid, encoded)
                 if videos:
-                    mp4_jobs.append(mp4_pool.submit(_syn_write_mp4, os.path.join(videos, f"{vid}.mp4"), frames))
+                    mp4_jobs.append(mp4_pool.submit(_syn_write_mp4, os.path.join(mp4_dir, f"{vid}.mp4"), frames))
                 record = {"video_id": vid, "captions": [_syn_caption_en(events)],
                           "captions_zh": [_syn_caption_zh(events)],
                           # tags (for pre-training recipes): the words of the objects, in caption order

@@ -12,12 +12,13 @@ Weights stay fp32; callers run under autocast (which keeps layer_norm and softma
 >>> clip = load_clip("ViT-B-32.pt")          # OpenAI's archive or a plain state dict; architecture from the shapes
 >>> bert = load_bert("chinese-roberta-wwm-ext")
 """
+import io
 import json
 import math
 import os
+import pickle
 import struct
 import sys
-import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -277,13 +278,11 @@ def load_clip_state_dict(path: str) -> dict:
         raise FileNotFoundError(f"no CLIP checkpoint at {path}; download e.g. ViT-B-32.pt from OpenAI's CLIP release")
     try:
         if _clip_is_torchscript(path):
-            # this EXECUTES the TorchScript code inside the archive: only load files you trust (OpenAI's own).
-            # We do it once, take the tensors, and everything downstream is a plain state dict.
-            with warnings.catch_warnings():  # torch's deprecation notice for torch.jit is not actionable here
-                warnings.simplefilter("ignore", DeprecationWarning)
-                sd = torch.jit.load(path, map_location="cpu").state_dict()
+            sd = _read_torchscript_tensors(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except _RefusedArchive as e:
+        raise ValueError(f"{path}: {e}") from None
     except Exception as e:
         raise ValueError(f"could not read CLIP checkpoint {path} (truncated or corrupt file?): "
                          f"{type(e).__name__}: {e}") from e
@@ -308,6 +307,82 @@ def _clip_is_torchscript(path: str) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any(name.split("/")[1:2] == ["code"] or name.endswith("/constants.pkl") for name in z.namelist())
+
+
+class _RefusedArchive(Exception):
+    pass
+
+
+# the storage classes a data.pkl names, as the dtypes they hold (the classes themselves are deprecated)
+_STORAGE_DTYPES = {f"{name}Storage": getattr(torch, dtype) for name, dtype in (
+    ("Half", "float16"), ("BFloat16", "bfloat16"), ("Float", "float32"), ("Double", "float64"), ("Long", "int64"),
+    ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool"))}
+
+
+class _ScriptObject:
+    """Stands in for a TorchScript class (`__torch__.*`) while unpickling: keeps the attribute dict, runs nothing."""
+    state = {}
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# torch.jit._pickle's wrappers of lists of plain values, each of which returns its first argument unchanged
+_TYPED_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's data.pkl allowing only what rebuilding tensors needs. The archive's code/
+    folder is never read: module classes become inert _ScriptObjects, and any other global is refused."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch.jit._pickle" and name in _TYPED_CONTAINERS:
+            return lambda value, *type_tag: value
+        raise _RefusedArchive(f"refusing to load {module}.{name} from the archive: only tensors and TorchScript "
+                              f"modules holding them are read (this does not look like an OpenAI CLIP file)")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid  # ('storage', HalfStorage -> torch.float16, '0', 'cpu', numel)
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise _RefusedArchive(f"unknown persistent id {pid!r} in the archive")
+        data = self.archive.read(f"{self.prefix}/data/{key}")
+        untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+        if untyped.nbytes() != numel * dtype.itemsize:
+            raise _RefusedArchive(f"tensor data {key} holds {untyped.nbytes()} bytes, expected {numel} x {dtype}")
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _read_torchscript_tensors(path: str) -> dict:
+    """The named parameters and buffers of a TorchScript archive (torch.jit.save's zip), read without executing
+    anything in it (torch.jit.load would run its code): {dotted name: tensor}, as ScriptModule.state_dict() gives."""
+    with zipfile.ZipFile(path) as archive:
+        prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl"))[:-len("/data.pkl")]
+        root = _TensorUnpickler(archive, prefix).load()
+    sd = {}
+
+    def walk(obj, name):
+        for key, value in obj.state.items():
+            if torch.is_tensor(value):
+                sd[name + key] = value
+            elif isinstance(value, _ScriptObject):
+                walk(value, f"{name}{key}.")
+
+    if not isinstance(root, _ScriptObject):
+        raise _RefusedArchive(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    walk(root, "")
+    return sd
 
 
 def load_clip(path: str, device="cpu") -> CLIP:

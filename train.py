@@ -39,14 +39,14 @@ import eval as hmmc_eval  # `eval` would shadow the builtin
 import model as hmmc_model  # `model` is the usual name of the network object
 import prepare
 import synthetic
-from common import autocast, cleanup_compute, init_compute, peak_flops, print0, run_script
+from common import autocast, cleanup_compute, init_compute, peak_flops, print0, run_script, set_cpu_threads
 from configurator import configure, describe
 
 # -----------------------------------------------------------------------------
 # defaults: the embedded synthetic run; every recipe in config/ overrides some of these
 # I/O
 out_dir = None  # checkpoints, log.jsonl and results.json go here; default out-<dataset>
-init_from = "scratch"  # a new run's weights: "scratch" | "clip" (OpenAI CLIP + HF BERT) | a checkpoint; "resume": continue out_dir's run
+init_from = "scratch"  # a new run's weights: "scratch" | "clip" (OpenAI CLIP + HF BERT) | a checkpoint; or "resume"
 auto_resume = True  # where out_dir holds a checkpoint of this run (same settings), continue it instead of starting anew
 overwrite = False  # start a new run even where out_dir holds another run's checkpoint (that run's files are deleted)
 eval_interval = 300  # optimizer steps between val evaluations and checkpoints; 0 = only at the end
@@ -70,7 +70,7 @@ frame_sample = "uniform"  # training frame sampling: "uniform" | "random" | "str
 augment = "none"  # "none" | "frame" (per-frame, as released) | "clip" (the same augmentation for every frame)
 num_workers = 0  # data loader processes per rank (0: load in the training process, best for the tiny CPU run)
 eval_batch_size = 64  # videos per encoding batch at eval
-max_bad_fraction = 0.5  # unreadable videos are replaced by other samples; stop when more than this share of a step's are
+max_bad_fraction = 0.5  # unreadable videos are replaced by other samples; stop when more of a step's are bad
 # text
 text_encoder = "clip"  # "clip" (English, CLIP text tower) | "bert" (Chinese BERT)
 bert_vocab = None  # vocab.txt of the Chinese tokenizer; default <bert_path>/vocab.txt, else <data_dir>/vocab.txt
@@ -309,7 +309,8 @@ def start_or_resume(config: dict, given: set) -> tuple[dict, str | None]:
     path = latest_checkpoint(folder)
     if path is None:
         if forced:
-            raise SystemExit(f"init_from=resume: no checkpoint in {folder}/; check --out_dir")
+            raise FileNotFoundError(f"no checkpoint at {os.path.join(folder, 'ckpt.pt')} to resume: --out_dir must be "
+                                    f"the folder of an earlier run")
         print0(f"starting a new run in {folder}/")
         return config, None
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -561,6 +562,7 @@ def main(argv=None):
     config, resume_path = start_or_resume(config, given_keys(sys.argv[1:] if argv is None else argv))
     globals().update(config)  # the settings are plain names from here on, nanoGPT style
     ddp, rank, world_size, run_device = init_compute(device)
+    set_cpu_threads(run_device)
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         train(config, ddp, rank, world_size, run_device, resume_path)

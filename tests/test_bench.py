@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import configurator
 import towers
 
 
@@ -39,7 +40,8 @@ def test_bench_tiny_cpu(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = bench.main(["--size=tiny", "--device=cpu", "--dtype=float32", "--loader_workers=(0, 1)",
+        # no --size: without a GPU that is the CPU size, said in one line
+        result = bench.main(["--device=cpu", "--dtype=float32", "--loader_workers=(0, 1)", "--ratio_repeats=2",
                              f"--out={out}"])
     finally:
         torch.set_num_threads(threads)
@@ -56,18 +58,47 @@ def test_bench_tiny_cpu(tmp_path, capsys):
         assert value > 0
         if row["name"].startswith(("finetune", "pretrain", "eval encode")):
             assert row["baseline"] is not None and row["ratio"] > 0  # CPU: baseline measured side by side
+            assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and isinstance(row["noisy"], bool)
+            assert f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})" in text
         if row["name"].startswith(("finetune", "pretrain")):
             assert row["ours"]["peak_mem_gb"] > 0 and row["ours"]["flops_per_video"] > 0
             assert "mfu" not in row  # no meaningful CPU peak
     evaluated = next(r for r in saved["rows"] if r["name"].startswith("evaluate()"))
     assert "16x16 from LMDB" in evaluated["name"] and evaluated["ours"]["seconds"] > 0  # eval_videos=16 in tiny
     assert saved["setup"]["baseline"].startswith("fp32")
-    assert "machine: cpu" in text
+    assert "machine: cpu" in text and "bench: no GPU, so the CPU size --size=tiny" in text
+    assert saved["setup"]["config"]["size"] == "tiny"
 
 
 def test_bench_rejects_bad_size():
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(ValueError, match="size must be 'auto', 'full' or 'tiny', got 'huge'"):
         bench.main(["--size=huge", "--out="])
+
+
+def test_size_follows_the_device():
+    assert bench.resolve_size("auto", "cuda") == ("full", None)
+    size, note = bench.resolve_size("auto", "cpu")
+    assert size == "tiny" and note.startswith("bench: no GPU, so the CPU size --size=tiny")
+    size, note = bench.resolve_size("full", "cpu")  # asked for explicitly: runs, after a warning
+    assert size == "full" and note.startswith("warning: --size=full on a CPU")
+    assert bench.resolve_size("tiny", "cpu") == ("tiny", None) and bench.resolve_size("full", "cuda") == ("full", None)
+
+
+def test_ratio_summary_flags_a_wide_spread():
+    steady = bench.ratio_summary([1.0, 1.1, 0.9], noisy_spread=0.25)
+    assert steady == {"ratio": 1.0, "ratio_min": 0.9, "ratio_max": 1.1, "noisy": False}
+    busy = bench.ratio_summary([69.5, 1.0, 0.18], noisy_spread=0.25)  # what a loaded machine once reported
+    assert busy["ratio"] == 1.0 and busy["noisy"]
+    assert not bench.ratio_summary([1.2, 1.2], 0.25)["noisy"] and bench.ratio_summary([1.0, 1.3], 0.25)["noisy"]
+    row = {"name": "finetune step tiny B=4", "ours": {"videos_per_s": 50.0}, "baseline": {"videos_per_s": 50.0},
+           **busy}
+    assert bench._format_row(row).endswith("baseline 50.0 videos/s, x1.00 (0.18-69.50) NOISY")
+
+
+def test_every_setting_has_a_description():
+    # `python bench.py --help` prints the comment beside each setting
+    descriptions = configurator.describe(bench.__file__)
+    assert [k for k in bench.config_keys if not descriptions.get(k)] == []
 
 
 def test_baseline_reaches_the_model(monkeypatch):

@@ -1,6 +1,9 @@
 # CLIP towers and OpenAI checkpoint loading. Golden values: tests/golden/README.md ("CLIP and BERT").
 import math
 import os
+import pickle
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -130,7 +133,7 @@ class OpenAIStyleArchive(nn.Module):
         return self.visual(images)
 
 
-def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path):
+def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path, monkeypatch):
     # a TorchScript archive built like OpenAI's: a traced module with OpenAI-named tensors plus the three ints
     archive = OpenAIStyleArchive(model.load_clip(plain_path), resolution=32, context_length=16, vocab_size=256)
     archive.half()  # OpenAI's archives store fp16 weights
@@ -139,7 +142,15 @@ def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path):
     jit_path = str(tmp_path / "tiny_clip_jit.pt")
     traced.save(jit_path)
     assert towers._clip_is_torchscript(jit_path) and not towers._clip_is_torchscript(plain_path)
-    sd_jit, sd_plain = model.load_clip_state_dict(jit_path), model.load_clip_state_dict(plain_path)
+
+    def no_jit(*args, **kw):
+        raise AssertionError("torch.jit.load runs the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation notice, no TypedStorage warning
+        sd_jit = model.load_clip_state_dict(jit_path)
+    sd_plain = model.load_clip_state_dict(plain_path)
     assert set(sd_jit) == set(sd_plain) and "input_resolution" not in sd_jit and "attn_mask" not in sd_jit
     assert all(torch.equal(sd_jit[k], sd_plain[k]) for k in sd_plain)
     a, b = model.load_clip(jit_path), model.load_clip(plain_path)
@@ -147,6 +158,56 @@ def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path):
         assert torch.equal(a.encode_image(golden["images"]), b.encode_image(golden["images"]))
         assert torch.equal(a.encode_text(golden["ids"]), b.encode_text(golden["ids"]))
 
+
+
+class WithContainers(nn.Module):
+    """A scripted module whose pickle holds typed lists and dicts (torch.jit._pickle wrappers) next to tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+        self.register_buffer("steps", torch.tensor([1, 2, 3]))
+        self.sizes: list[int] = [1, 2]
+        self.scales: list[float] = [0.5]
+        self.names: dict[str, int] = {"a": 1}
+
+    def forward(self, x):
+        return self.proj(x) * self.sizes[0] * self.scales[0] + self.names["a"]
+
+
+def test_scripted_archive_with_typed_containers_reads_like_jit_load(tmp_path):
+    path = str(tmp_path / "scripted.pt")
+    torch.jit.script(WithContainers()).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: here it is the reference
+        want = torch.jit.load(path).state_dict()
+    got = towers._read_torchscript_tensors(path)
+    assert list(got) == list(want) == ["steps", "proj.weight", "proj.bias"]
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_torchscript_archive_with_code_in_its_pickle_is_refused(golden, plain_path, tmp_path):
+    # the same archive with a data.pkl that calls os.system: refused by name, the command never runs
+    traced = torch.jit.trace(nn.Linear(3, 2), torch.randn(1, 3))
+    good, bad, marker = tmp_path / "good.pt", tmp_path / "evil.pt", tmp_path / "ran"
+    traced.save(str(good))
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("/data.pkl"):
+                data = pickle.dumps(_Payload(marker), protocol=2)
+            dst.writestr(item, data)
+    assert towers._clip_is_torchscript(str(bad))
+    with pytest.raises(ValueError, match=r"evil\.pt: refusing to load posix\.system from the archive"):
+        model.load_clip_state_dict(str(bad))
+    assert not marker.exists()
 
 def test_text_tower_is_causal():
     torch.manual_seed(0)

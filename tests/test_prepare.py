@@ -324,6 +324,7 @@ def test_extract_frames_all_formats_failures_and_resume(video_dir, tmp_path, cap
     r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=2, progress_every=0)
     log = capsys.readouterr().out
     assert set(r["failed"]) == set(BAD), r["failed"]
+    reasons = r["failed"]
     for vid, why in BAD.items():
         assert why in r["failed"][vid], (vid, r["failed"][vid])
     assert r["done"] == len(GOOD) and "videos/s" in log and "3 videos failed" in log
@@ -345,6 +346,10 @@ def test_extract_frames_all_formats_failures_and_resume(video_dir, tmp_path, cap
     # rerun: nothing to do; failed ones are retried only when asked
     r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1)
     assert r["done"] == 0 and r["skipped"] == len(GOOD) + len(BAD) and not r["failed"]
+    assert r["failed_before"] == reasons and r["stored"] == len(GOOD)
+    log = capsys.readouterr().out  # listed again, with the way to retry them
+    assert f"{len(BAD)} videos failed in an earlier run and were skipped" in log and "--retry_failed" in log
+    assert all(f"  {vid}: " in log for vid in BAD)
     r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1, retry_failed=True)
     assert r["done"] == 0 and set(r["failed"]) == set(BAD)
     with pytest.raises(ValueError, match="frame_size=32"):
@@ -379,6 +384,67 @@ def test_frames_cli_with_id_list_and_missing_video(video_dir, tmp_path, capsys):
                                ids=["grey"], id_prefix="Video")
     assert r["done"] == 1 and prepare.FrameDB(str(tmp_path / "chvtt.lmdb")).has_video("Videogrey")
 
+
+def _one_error_line(p, *parts):
+    # exit status 1, one `error: ...` line naming what it should, nothing after it, no traceback
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and p.stderr.strip().splitlines()[-1] == errors[0], p.stderr
+    assert all(part in errors[0] for part in parts), (errors[0], parts)
+    return errors[0]
+
+
+@needs_ffmpeg
+def test_frames_cli_refuses_a_folder_without_videos(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "notes.txt").write_text("not a video")
+    out = tmp_path / "frames.lmdb"
+    p = _run_cli("frames", f"--videos={tmp_path / 'videos'}", f"--out={out}", "--workers=1")
+    _one_error_line(p, "no video files", str(tmp_path / "videos"), "nothing written")
+    assert not out.exists()
+
+
+@needs_ffmpeg
+def test_frames_cli_when_nothing_decodes_and_on_rerun(video_dir, tmp_path):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    for name in ("empty.mp4", "cut.mp4"):
+        shutil.copy(video_dir / name, vids / name)
+    out = tmp_path / "frames.lmdb"
+    argv = ["frames", f"--videos={vids}", f"--out={out}", "--num_frames=2", "--frame_size=16", "--workers=1"]
+    p = _run_cli(*argv)
+    _one_error_line(p, "none of the 2 videos", str(vids), "could be decoded", "listed above", str(out))
+    assert "empty: empty file" in p.stdout and "cut: " in p.stdout
+    # a rerun lists the earlier failures again and says how to retry; the hint works as printed
+    p = _run_cli(*argv)
+    _one_error_line(p, "none of the 2 videos")
+    assert "2 videos failed in an earlier run and were skipped" in p.stdout and "rerun with --retry_failed" in p.stdout
+    assert "empty: empty file" in p.stdout and "0 to extract" in p.stdout
+    p = _run_cli(*argv, "--retry_failed")
+    _one_error_line(p, "none of the 2 videos")
+    assert "(2 failed ones retried), 2 to extract" in p.stdout and "2 videos failed (" in p.stdout
+    # one good video: success, and the broken ones are still listed
+    shutil.copy(video_dir / "grey.mp4", vids / "grey.mp4")
+    p = _run_cli(*argv)
+    assert p.returncode == 0 and "error" not in p.stderr, p.stderr
+    assert "1 to extract" in p.stdout and "2 videos failed in an earlier run and were skipped" in p.stdout
+
+
+def test_synthetic_videos_folder_inside_out_survives(tmp_path):
+    # the dataset is built next to --out and then replaces it: a --videos folder inside --out must end up there
+    import synthetic
+    small = dict(seed=3, num_train=2, test_single=1, test_double=0, val_single=1, val_double=0, verbose=False,
+                 num_frames=4, frame_size=16)
+    out, inside, outside = tmp_path / "syn", tmp_path / "syn" / "mp4", tmp_path / "mp4"
+    for _ in range(2):  # the second run replaces a dataset that already holds the videos
+        synthetic.prepare_synthetic(str(out), videos=str(inside), **small)
+        assert sorted(p.name for p in inside.iterdir()) == sorted(f"{s}0000{i}.mp4" for s in ("test", "train", "val")
+                                                                  for i in (0, 1))
+        assert (out / "frames.lmdb").is_dir() and (out / "test.jsonl").is_file() and not (tmp_path / "syn.tmp").exists()
+    synthetic.prepare_synthetic(str(tmp_path / "other"), videos=str(outside), **small)
+    assert sorted(p.name for p in outside.iterdir()) == sorted(p.name for p in inside.iterdir())
+    if shutil.which("ffprobe"):
+        assert prepare.probe_video(str(inside / "val00001.mp4"))["nb_frames"] == 4
 
 def test_cli_refuses_unknown_options_and_commands(capsys):
     with pytest.raises(SystemExit, match="unknown config key 'frames'"):
@@ -420,7 +486,7 @@ def test_cli_error_is_one_line_naming_the_option(args, option):
 def test_cli_passes_options_to_extract_frames(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(prepare, "extract_frames", lambda *a, **kw: calls.append((a, kw)) or
-                        {"done": 1, "failed": {}, "skipped": 0})
+                        {"done": 1, "failed": {}, "failed_before": {}, "skipped": 0, "stored": 1})
     prepare.main(["frames", "--videos=v", f"--out={tmp_path}/f.lmdb", "--retry_failed", "--ids=2024",
                   "--quality=80", "--id_prefix=Video"])
     (args, kw), = calls
