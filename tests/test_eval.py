@@ -714,6 +714,7 @@ def test_search_ids_are_paths_relative_to_the_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- search: options and queries
 
+@pytest.mark.slow
 def test_search_top_must_be_positive(trained, tmp_path):
     path, data_dir, _ = trained
     base = [f"--init_from={path}", f"--search={data_dir}", "--query=a red screen", "--num_workers=0", "--device=cpu",
@@ -772,6 +773,7 @@ def test_every_setting_is_described():
 _CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") if __import__("shutil").which(c)), None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _CHROMIUM or not __import__("shutil").which("ffmpeg"), reason="needs chromium and ffmpeg")
 def test_html_report_of_wide_videos_fits_the_page(tmp_path):
     # 4:1 videos: T thumbnails of 384x96 px side by side are wider than a 1280 px window unless they shrink

@@ -394,6 +394,7 @@ def _one_error_line(p, *parts):
     return errors[0]
 
 
+@pytest.mark.slow
 @needs_ffmpeg
 def test_frames_cli_refuses_a_folder_without_videos(tmp_path):
     (tmp_path / "videos").mkdir()
@@ -404,6 +405,7 @@ def test_frames_cli_refuses_a_folder_without_videos(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @needs_ffmpeg
 def test_frames_cli_when_nothing_decodes_and_on_rerun(video_dir, tmp_path):
     vids = tmp_path / "videos"
@@ -464,6 +466,7 @@ def _run_cli(*args):
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_help_lists_commands_and_options():
     p = _run_cli()
     assert p.returncode == 0 and all(cmd in p.stdout for cmd in prepare.COMMANDS)
@@ -473,6 +476,7 @@ def test_cli_help_lists_commands_and_options():
     assert prepare.COMMANDS["frames"][2]["num_frames"][1] in line  # its description, on the same line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, option", [(["--videos=x", "--out=y", "--num_frame=8"], "num_frame"),
                                           (["--out=y"], "--videos")])
 def test_cli_error_is_one_line_naming_the_option(args, option):

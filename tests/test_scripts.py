@@ -12,6 +12,7 @@ import model
 import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # each test starts a Python with torch: seconds apiece
 
 
 def _run(script, *args):
