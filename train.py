@@ -66,6 +66,7 @@ num_frames = 8  # frames per video (T); also sizes the pre-training frame queues
 image_size = 32  # frames are centre-cropped to this
 context_length = 16  # text tokens per caption (the synthetic captions need at most 14)
 tag_context_length = 25  # text tokens per tag string (pre-training with tags)
+eval_context_length = 32  # text tokens per caption at every evaluation: the benchmarks' (MSR-VTT, VATEX) length
 frame_sample = "uniform"  # training frame sampling: "uniform" | "random" | "stratified" (eval is always uniform)
 augment = "none"  # "none" | "frame" (per-frame, as released) | "clip" (the same augmentation for every frame)
 num_workers = 0  # data loader processes per rank (0: load in the training process, best for the tiny CPU run)
@@ -417,7 +418,7 @@ def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str, ru
     evaluates continues exactly like one that does not."""
     state = rng_state()
     metrics = hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
-                                 image_size=image_size, context_length=context_length, top_k_frames=top_k_frames,
+                                 image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
                                  frame_match_weight=frame_match_weight, batch_size=eval_batch_size,
                                  num_workers=num_workers, device=run_device,
                                  dtype=None if dtype == "float32" else dtype, caption_field=caption_field,
@@ -477,7 +478,8 @@ def build_model(tokenizer, resume_path: str | None):
     same weights as a CPU run."""
     clip_args = hmmc_model.CLIPConfig(
         embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
-        vision_patch_size=vision_patch_size, context_length=max(context_length, tag_context_length),
+        vision_patch_size=vision_patch_size,
+        context_length=max(context_length, tag_context_length, eval_context_length),
         vocab_size=tokenizer.vocab_size, transformer_width=transformer_width, transformer_heads=transformer_heads,
         transformer_layers=transformer_layers, eot_id=getattr(tokenizer, "eot_id", None) or 49407)
     bert_args, mlm_ids = None, {}
@@ -485,7 +487,7 @@ def build_model(tokenizer, resume_path: str | None):
         bert_args = hmmc_model.BertConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=bert_hidden_size, num_hidden_layers=bert_layers,
             num_attention_heads=bert_heads, intermediate_size=4 * bert_hidden_size,
-            max_position_embeddings=max(64, context_length, tag_context_length), pad_token_id=tokenizer.pad_id)
+            max_position_embeddings=max(64, context_length, tag_context_length, eval_context_length), pad_token_id=tokenizer.pad_id)
         mlm_ids = dict(mlm_mask_id=tokenizer.mask_id, mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id,
                                                                       tokenizer.sep_id))
     model_args = dict(
@@ -643,7 +645,8 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
 
     if eval_only:
         metrics = evaluate(raw_model, edir, test_split, tokenizer, ecaption, run_device)
-        print0(hmmc_eval.format_table(metrics, f"{test_split} split, initial weights ({resume_path or init_from})"))
+        print0(hmmc_eval.format_table(metrics, f"{test_split} split, initial weights ({resume_path or init_from}), "
+                                               f"captions of {metrics['context_length']} tokens"))
         return
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -747,7 +750,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
             metrics = evaluate(raw_model, edir, eval_split, tokenizer, ecaption, run_device)
             r1 = metrics["t2v"]["R1"]
             print0(f"iter {iter_num}: {eval_split} T2V R@1 {r1:.1f} R@5 {metrics['t2v']['R5']:.1f}, "
-                   f"V2T R@1 {metrics['v2t']['R1']:.1f}")
+                   f"V2T R@1 {metrics['v2t']['R1']:.1f} (captions of {metrics['context_length']} tokens)")
             improved = r1 > best_r1
             best_r1 = state["best_r1"] = max(best_r1, r1)
             if master:

@@ -803,3 +803,13 @@ def test_html_report_of_wide_videos_fits_the_page(tmp_path):
     page_width, window_width, right_edge, images = map(float, fit.groups())
     assert images == 2 * T and window_width == 1280
     assert page_width <= window_width and right_edge <= window_width  # no horizontal scrollbar, every frame shown
+
+
+def test_checkpoint_eval_caption_length():
+    # a pre-training checkpoint (45-token CHVTT titles) is evaluated at its eval_context_length, not at 45;
+    # a checkpoint saved before that setting existed gets the benchmarks' 32; the command line beats both
+    cfg = {**{k: getattr(ev, k) for k in ev.config_keys}, "init_from": "ckpt.pt"}
+    model_args = {"text_encoder": "clip", "clip": {"context_length": 77}}
+    assert ev._settings(cfg, model_args, {"context_length": 45, "eval_context_length": 40})["context_length"] == 40
+    assert ev._settings(cfg, model_args, {"context_length": 45})["context_length"] == 32
+    assert ev._settings({**cfg, "context_length": 20}, model_args, {"context_length": 45})["context_length"] == 20

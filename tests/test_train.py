@@ -419,3 +419,18 @@ def test_sigterm_saves_and_exits_with_preemption_status(damaged, tmp_path, unint
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert f"resuming {out}/ckpt.pt at iter 5" in p.stdout
     assert_same_run(uninterrupted, out)
+
+
+def test_evaluation_uses_eval_context_length(data, tmp_path, capsys):
+    # a pre-training-style run trains on longer captions (CHVTT titles: 45) than the benchmarks are read at (32):
+    # the periodic, the final and the eval_only evaluation all read captions at eval_context_length
+    out = str(tmp_path / "run")
+    run(["--data_dir=" + data, "--batch_size=8", "--epochs=1", "--max_iters=2", *TINY, f"--out_dir={out}",
+         "--context_length=20", "--eval_context_length=12", "--eval_interval=1"])
+    printed = capsys.readouterr().out
+    assert re.search(r"iter 1: val T2V .*\(captions of 12 tokens\)", printed)
+    assert json.load(open(os.path.join(out, "results.json")))["context_length"] == 12
+    config = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    assert (config["context_length"], config["eval_context_length"]) == (20, 12)
+    run([f"--out_dir={out}", "--init_from=resume", "--eval_only=True", "--device=cpu"])
+    assert "captions of 12 tokens" in capsys.readouterr().out
