@@ -434,3 +434,20 @@ def test_evaluation_uses_eval_context_length(data, tmp_path, capsys):
     assert (config["context_length"], config["eval_context_length"]) == (20, 12)
     run([f"--out_dir={out}", "--init_from=resume", "--eval_only=True", "--device=cpu"])
     assert "captions of 12 tokens" in capsys.readouterr().out
+
+
+def test_results_without_val_split_report_final_and_best_on_test(data, tmp_path):
+    # no val split (MSR-VTT): the final weights' metrics, and the original's best-chosen-on-test row, each labelled
+    out = str(tmp_path / "run")
+    run(["--data_dir=" + data, "--batch_size=8", "--epochs=1", "--max_iters=3", *TINY, f"--out_dir={out}",
+         "--val_split=none", "--eval_interval=1"])
+    results = json.load(open(os.path.join(out, "results.json")))
+    best_iter = torch.load(os.path.join(out, "best.pt"), weights_only=True)["iter_num"]
+    assert results["weights"] == "final weights (iter 3)" and results["iter"] == 3
+    best = results["best_on_test"]
+    assert best["iter"] == best_iter and "original's protocol, optimistic" in best["weights"]
+    assert set(best["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"} and "v2t" in best
+    # a run with a val split reports the best-by-val weights only: there is no test-chosen row
+    out_val = str(tmp_path / "val")
+    run(["--data_dir=" + data, "--batch_size=8", "--epochs=1", "--max_iters=2", *TINY, f"--out_dir={out_val}"])
+    assert "best_on_test" not in json.load(open(os.path.join(out_val, "results.json")))
