@@ -40,6 +40,7 @@ import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
 from common import autocast, cleanup_compute, init_compute, run_script, unwrap
+from tokenizer import UnkWrapped
 
 _bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 # -----------------------------------------------------------------------------
@@ -59,6 +60,7 @@ image_size = None  # pixels per frame side the model sees (224 for ViT-B/32)
 context_length = None  # text tokens per caption; default the checkpoint's eval_context_length, else 32 (the paper's)
 top_k_frames = None  # hierarchical matching: mean of the k best-matching frames (2 MSR-VTT fine-tune, 3 otherwise)
 frame_match_weight = None  # weight of the frame term; 0 = video-level similarity only
+bert_unk_input = False  # Chinese captions as [UNK] ... [UNK] without [CLS]/[SEP], as the original's VATEX loader fed them
 dsl = False  # dual-softmax re-normalisation of the similarity matrix (inference trick; off = the paper's numbers)
 batch_size = 256 if torch.cuda.is_available() else 64  # videos per encoding batch
 num_workers = min(8, os.cpu_count() or 1)  # data loader processes: JPEG decoding is the bottleneck of eval
@@ -259,8 +261,8 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
              progress: bool = True) -> dict:
     """Retrieval metrics of `net` on a prepared split: each video and caption encoded once (sharded under DDP),
     similarity and metrics on rank 0, the same dict returned on every rank: {"t2v", "v2t", "dsl", "num_videos",
-    "num_texts", "context_length", "top_k_frames", "frame_match_weight", "encode_s", "videos_per_s"}. `net` may be wrapped in DDP or
-    torch.compile; it is put in eval mode and its training mode restored after."""
+    "num_texts", "context_length", "top_k_frames", "frame_match_weight", "encode_dtype", "encode_s", "videos_per_s"}.
+    `net` may be wrapped in DDP or torch.compile; it is put in eval mode and its training mode restored after."""
     raw = unwrap(net)
     was_training = raw.training
     raw.eval()
@@ -285,7 +287,7 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
         result = metrics_with_dsl(sim, video_of_text, dsl=dsl)
         result.update(dsl=bool(dsl), num_videos=len(video_emb), num_texts=len(text_emb),
                       context_length=int(context_length), top_k_frames=int(top_k_frames), frame_match_weight=float(frame_match_weight),
-                      encode_s=round(encode_s, 3), videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
+                      encode_dtype=str(dtype or "float32").replace("torch.", ""), encode_s=round(encode_s, 3), videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
     if world > 1:  # every rank returns the same dict, so callers need no rank checks
         box = [result]
         dist.broadcast_object_list(box, src=0)
@@ -752,6 +754,11 @@ def main(argv=None):
     info = None  # the checkpoint's tensors are in the model now
     s = _settings(cfg, model_args, ckpt_config)
     tokenizer = prepare.get_tokenizer(s["text_encoder"], s["bert_vocab"])
+    if cfg["bert_unk_input"]:
+        if s["text_encoder"] != "bert":
+            raise ValueError(f"bert_unk_input=True reproduces the original's Chinese VATEX input, but "
+                             f"{cfg['init_from']} has a {s['text_encoder']!r} text encoder; drop the setting")
+        tokenizer = UnkWrapped(tokenizer)
     if cfg["search"]:
         return _search(net, cfg, s, tokenizer, dev, dtype)
 
@@ -764,7 +771,9 @@ def main(argv=None):
         label = "zero-shot CLIP (mean pooling)" if is_clip else cfg["init_from"]
         title = (f"{label} on {s['dataset']} {cfg['split']}: {result['num_texts']} captions x "
                  f"{result['num_videos']} videos, top-{s['top_k_frames']} frames, frame_match_weight "
-                 f"{result['frame_match_weight']:g}, DSL {'on' if cfg['dsl'] else 'off'}")
+                 f"{result['frame_match_weight']:g}, DSL {'on' if cfg['dsl'] else 'off'}, features encoded in "
+                 f"{result['encode_dtype']}{', [UNK]-wrapped captions' if cfg['bert_unk_input'] else ''}, "
+                 f"similarity in float32")
         print(f"encoded {result['num_videos']} videos and {result['num_texts']} captions in {result['encode_s']:.1f}s "
               f"({result['videos_per_s']:.0f} videos/s)")
         print(format_table(result, title))

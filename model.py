@@ -177,6 +177,17 @@ def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, fra
     if chunk_size is None:
         chunk_size = max(1, (1 << 25) // max(1, V * T))
     out = torch.empty(text_emb.shape[0], V, device=text_emb.device)  # (Q, V)
+    # TF32 keeps 10 mantissa bits: near-ties among 1,000 videos decide R@1, so the ranking is computed in full fp32
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _similarity_chunks(text_emb, video_emb, frames, out, k, frame_match_weight, scale, chunk_size, V, T)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out
+
+
+def _similarity_chunks(text_emb, video_emb, frames, out, k, frame_match_weight, scale, chunk_size, V, T):
     with _no_autocast(text_emb):
         for i in range(0, text_emb.shape[0], chunk_size):
             t = text_emb[i:i + chunk_size]  # (c, E)
@@ -186,7 +197,6 @@ def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, fra
                 # a caption usually describes a few moments of a clip: keep the best-matching frames only
                 sim = sim + frame_match_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
             out[i:i + chunk_size] = scale * sim
-    return out
 
 
 def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

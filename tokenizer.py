@@ -424,3 +424,18 @@ def get_tokenizer(text_encoder: str, bert_vocab: str | None = None):
             raise ValueError(f"text_encoder='bert' needs bert_vocab, the path of a vocab.txt; got {bert_vocab!r}")
         return BertTokenizer(bert_vocab)
     raise ValueError(f"unknown text_encoder {text_encoder!r}; expected 'clip' or 'bert'")
+
+
+class UnkWrapped:
+    """A BertTokenizer whose rows are `[UNK] ... [UNK]` instead of `[CLS] ... [SEP]`: the original's VATEX loader
+    wrapped Chinese captions in CLIP's start/end strings, which the BERT vocabulary maps to [UNK], and its released
+    Chinese VATEX model was fine-tuned and evaluated on that input (its BERT pooler read the [UNK] position)."""
+
+    def __init__(self, bert: BertTokenizer):
+        self.bert = bert
+
+    def __call__(self, texts, context_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pack_rows(texts, context_length, self.bert.encode, self.bert.unk_id, self.bert.unk_id, "UnkWrapped")
+
+    def __getattr__(self, name):
+        return getattr(self.bert, name)

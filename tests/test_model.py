@@ -1,6 +1,7 @@
 # Tests of the HMMC part of model.py on tiny configs (CPU, a few seconds). Every loss is checked against a direct,
 # loop-based reference written here from the original's description, not against the batched code it tests.
 import math
+import os
 
 import pytest
 import torch
@@ -669,3 +670,43 @@ def test_from_original_temporal_layernorm_eps():
     with torch.no_grad():
         v, _ = m.encode_video(b["video"])
     torch.testing.assert_close(v, ref_video(b["video"], sd)[0], atol=2e-4, rtol=1e-4)
+
+
+def test_original_state_dict_takes_its_protocol_from_the_eval_config(tmp_path):
+    # an original state dict has no training config: top-k frames, caption length and the [UNK] input come from the
+    # eval config file (the released MSR-VTT model was scored with top-2 frames, not the default 3)
+    import configurator
+    import eval as ev
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "pytorch_model.bin.4"
+    torch.save(original_state_dict("clip", True), path)
+    net, info = M.load_model(str(path))
+    ckpt_config = (info["checkpoint"] or {}).get("config") or {}
+    defaults = {k: getattr(ev, k) for k in ev.config_keys}
+
+    def settings(*argv):
+        cfg = configurator.configure(defaults, [*argv, f"--init_from={path}"], prog="eval.py")
+        return cfg, ev._settings(cfg, net.cfg.to_dict(), ckpt_config)
+
+    cfg, s = settings(os.path.join(root, "config", "eval_original_msrvtt.py"))
+    assert (s["top_k_frames"], s["context_length"], s["num_frames"], s["image_size"]) == (2, 32, 12, 224)
+    assert settings()[1]["top_k_frames"] == 3  # no eval config: the original's default
+    cfg, s = settings(os.path.join(root, "config", "eval_original_vatex_zh.py"))
+    assert cfg["bert_unk_input"] is True and s["top_k_frames"] == 3 and s["caption_field"] == "captions_zh"
+    assert settings()[0]["bert_unk_input"] is False  # checkpoints trained here read [CLS] ... [SEP]
+
+
+def test_similarity_runs_without_tf32_and_restores_the_flag():
+    # the ranking is computed in full fp32 whatever the caller's TF32 setting, which is left as it was
+    g = torch.Generator().manual_seed(0)
+    t, v, f = torch.randn(5, E, generator=g), torch.randn(7, E, generator=g), torch.randn(7, 3, E, generator=g)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        sim = M.hierarchical_similarity(t, v, f, top_k=2, frame_match_weight=1.0)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    tn, vn, fn = (F.normalize(x.double(), dim=-1) for x in (t, v, f))
+    want = 100 * (tn @ vn.T + torch.einsum("qe,vte->qvt", tn, fn).topk(2, dim=-1).values.mean(-1))
+    assert torch.allclose(sim.double(), want, atol=1e-4)

@@ -160,3 +160,15 @@ def test_prepare_reexports_the_public_names():
     # prepare.tokenize, prepare.get_tokenizer, ... are what users and older scripts call
     for name in ("tokenize", "get_tokenizer", "ClipTokenizer", "BertTokenizer"):
         assert getattr(prepare, name) is getattr(tokenizer, name), name
+
+
+def test_unk_wrapped_is_the_original_vatex_input(bert_tok):
+    # the original's VATEX loader: [UNK] (CLIP's start string, unknown to BERT), the caption cut to L-2 tokens,
+    # [UNK] (the end string), zero padding; golden ids from the vocabulary by hand
+    vocab = [line.rstrip("\n") for line in open(os.path.join(GOLDEN, "tok_bert_vocab.txt"), encoding="utf-8")]
+    char_ids = [vocab.index(c) for c in "一个男人"]
+    ids, mask = tokenizer.UnkWrapped(bert_tok)(["一个男人", "一个男人" * 5], 8)
+    assert ids[0].tolist() == [100, *char_ids, 100, 0, 0]
+    assert ids[1].tolist() == [100, *(char_ids * 2)[:6], 100]
+    assert mask.tolist() == [[1] * 6 + [0] * 2, [1] * 8]
+    assert tokenizer.UnkWrapped(bert_tok).vocab_size == bert_tok.vocab_size  # otherwise the BERT tokenizer's own
