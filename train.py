@@ -10,7 +10,8 @@ $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOS
 $ python train.py --init_from=resume --out_dir=out-synthetic      # continue where a run stopped, exactly
 
 Writes out_dir/ckpt.pt (latest, with its sha256 in ckpt.pt.sha256; the one before is ckpt.prev.pt), best.pt (best
-val R@1), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end). The same command
+val R@1), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end); with
+keep_epoch_checkpoints also ckpt_epoch{N}.pt at the end of the N-th epoch. The same command
 run again continues its run from the last checkpoint (torchrun --max-restarts, requeued jobs) and refuses a folder
 that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75.
 `python train.py --help` lists every setting with its default.
@@ -52,6 +53,7 @@ overwrite = False  # start a new run even where out_dir holds another run's chec
 eval_interval = 300  # optimizer steps between val evaluations and checkpoints; 0 = only at the end
 log_interval = 25  # optimizer steps between log lines
 eval_only = False  # evaluate the initial weights on the test split and exit
+keep_epoch_checkpoints = False  # also keep out_dir/ckpt_epoch{N}.pt after the N-th epoch, as the original did
 seed = 1337  # seeds the model init, data order, frame sampling and augmentation
 # data (data_dir = data/<dataset> unless set)
 dataset = "synthetic"  # the prepared folder data/<dataset> (synthetic is made on first use)
@@ -193,7 +195,7 @@ PREEMPTED = 75  # exit status after SIGTERM and a checkpoint (EX_TEMPFAIL: rerun
 # settings a resumed run may change: they decide reporting and resources, not the trajectory (max_iters only stops
 # early; the schedule comes from epochs)
 RESUME_OVERRIDABLE = ("max_iters", "eval_interval", "log_interval", "num_workers", "eval_batch_size", "device",
-                      "compile", "activation_checkpointing", "max_bad_fraction")
+                      "compile", "activation_checkpointing", "max_bad_fraction", "keep_epoch_checkpoints")
 # no part of a run: where it lives, how this command starts it, where a new run's CLIP/BERT files are
 NOT_THE_RUN = ("out_dir", "auto_resume", "overwrite", "eval_only", "clip_path", "bert_path", "bert_vocab")
 RUN_FILES = ("ckpt.pt", "ckpt.pt.sha256", "ckpt.prev.pt", "ckpt.prev.pt.sha256", "best.pt", "best.pt.sha256",
@@ -300,7 +302,8 @@ def start_or_resume(config: dict, given: set) -> tuple[dict, str | None]:
         return config, None
     # overwrite holds for a command's first start only: torchrun's restarts of it continue the new run
     if config["overwrite"] and not forced and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        removed = [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
+        removed = [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))] + sorted(
+            f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.startswith("ckpt_epoch"))
         if removed and int(os.environ.get("RANK", 0)) == 0:
             for f in removed:
                 os.remove(os.path.join(folder, f))
@@ -679,6 +682,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     # after falling back to ckpt.prev.pt, the next save replaces the refused ckpt.pt instead of keeping it
     keep_previous = not (resume_path or "").endswith("ckpt.prev.pt")
     bad_seen = set()  # videos reported unreadable (once each)
+    epochs_done = epoch + (step_in_epoch == steps_per_epoch)  # ckpt_epoch{N}.pt is written when this grows
     model.train()
     while iter_num < stop_iter:
         fault_injection(rank, iter_num)
@@ -775,6 +779,13 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
                        f"{', new best' if improved else ''})")
             last_good, keep_previous, saved = os.path.join(out_dir, "ckpt.pt"), True, True
             model.train()
+
+        if keep_epoch_checkpoints and epoch + (step_in_epoch == steps_per_epoch) > epochs_done:
+            epochs_done = epoch + (step_in_epoch == steps_per_epoch)
+            if master:  # a complete, resumable checkpoint: fine-tuning may start from any epoch's
+                save_checkpoint(os.path.join(out_dir, f"ckpt_epoch{epochs_done}.pt"), checkpoint_state(
+                    raw_model, optimizer, scaler, config, iter_num, epoch, step_in_epoch, best_r1), keep_previous=False)
+                print0(f"saved {out_dir}/ckpt_epoch{epochs_done}.pt (end of epoch {epochs_done}, iter {iter_num})")
 
         if stop:  # SIGTERM (preemption): this step is done on every rank; save it and leave
             if master and not saved:

@@ -9,7 +9,7 @@
 # 180k captions / 256 = 703 steps per epoch, 5 epochs = 3,515 steps, 10% warm-up = 351.5 steps. About an hour on 8 GPUs.
 out_dir = "out-finetune-msrvtt"
 dataset = "msrvtt"
-init_from = "out-pretrain-chvtt-en/ckpt.pt"
+init_from = "out-pretrain-chvtt-en/ckpt_epoch3.pt"  # the original README's pytorch_model.bin.2: after epoch 3
 clip_path = "ViT-B-32.pt"
 text_encoder = "clip"
 caption_field = "captions"

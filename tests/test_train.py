@@ -462,3 +462,21 @@ def test_vatex_recipes_train_the_clip_towers(recipe, text):
     assert cfg["learning_rate"] * cfg["clip_lr_scale"] == pytest.approx(8e-5)
     assert cfg["text_lr"] == pytest.approx(text)
     assert not cfg["freeze_clip_vision"] and not cfg["freeze_clip_text"]
+
+
+def test_epoch_checkpoints(data, tmp_path):
+    # 96 captions / batch 8 = 12 micro-steps per epoch; with 5 micro-steps per optimizer step the epoch ends inside
+    # a step: ckpt_epoch{N}.pt is written after the step that finished the N-th epoch, complete and resumable
+    out = str(tmp_path / "run")
+    run(["--data_dir=" + data, "--batch_size=8", "--epochs=3", "--gradient_accumulation_steps=5", *TINY,
+         f"--out_dir={out}", "--keep_epoch_checkpoints=True"])
+    names = sorted(f for f in os.listdir(out) if f.startswith("ckpt_epoch"))
+    assert names == ["ckpt_epoch1.pt", "ckpt_epoch1.pt.sha256", "ckpt_epoch2.pt", "ckpt_epoch2.pt.sha256"]
+    for n, it in ((1, 3), (2, 5)):  # 36 micro-steps / 5 = 7 optimizer steps; epoch 3 ends in the dropped tail
+        path = os.path.join(out, f"ckpt_epoch{n}.pt")
+        assert train.checkpoint_problem(path) is None
+        assert torch.load(path, weights_only=True)["iter_num"] == it
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    plain = str(tmp_path / "plain")
+    run(["--data_dir=" + data, "--batch_size=8", "--epochs=1", *TINY, f"--out_dir={plain}"])
+    assert not [f for f in os.listdir(plain) if f.startswith("ckpt_epoch")]
