@@ -13,7 +13,7 @@ $ python prepare.py frames --help                                         # a co
 
 On disk: data/<name>/frames.lmdb with key f"{video_id}_{i}" -> JPEG bytes of frame i and a `__meta__` key holding
 JSON; data/<name>/<split>.jsonl with one video per line:
-  {"video_id": str, "captions": [str, ...], "tags": [str, ...] (opt), "duration": float (opt), ...}
+  {"video_id": str, "captions": [str, ...], "tags": str or [str, ...] (opt), "duration": float (opt), ...}
 Languages: `captions`/`tags` hold the dataset's own language (English for MSR-VTT and VATEX, Chinese for CHVTT);
 other languages sit next to them with a suffix: `captions_zh` (VATEX, synthetic), `captions_en`/`tags_en` (CHVTT).
 One LMDB serves every language; the dataset's `caption_field` picks the field (tags follow the suffix).
@@ -251,7 +251,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 self._video_captions.append(caps)
                 self.captions.extend((c, vi) for c in caps)
                 tags = obj.get(self.tag_field)
-                self.tags.append(" ".join(tags) if isinstance(tags, list) else (tags or None))
+                # a string as written (CHVTT: the raw tag string); None when the field is absent (VATEX)
+                self.tags.append(" ".join(tags) if isinstance(tags, list) else tags)
         finally:
             db.close()
         if verbose and (missing or no_caption):
@@ -326,8 +327,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
         ids, mask = self.tokenizer([caption], self.context_length)
         item["ids"], item["mask"] = ids[0], mask[0]
         if self.mode == "pretrain":
-            # a video without tags uses its caption as tag text, as the original's VATEX pre-training loader did
-            tags = self.tags[vi] if self.tags[vi] else caption
+            # data without a tag field uses the caption as tag text, as the original's VATEX pre-training loader did;
+            # a CHVTT video with no tags gets an empty tag ([CLS][SEP]), as the original's CHVTT loader did
+            tags = self.tags[vi] if self.tags[vi] is not None else caption
             tids, tmask = self.tokenizer([tags], self.tag_context_length)
             item["tag_ids"], item["tag_mask"] = tids[0], tmask[0]
         return item
@@ -1016,19 +1018,19 @@ def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=N
     return _finish_conversion("vatex", out, splits, frames, counter)
 
 
-_TAG_SEPARATORS = re.compile(r"[,，、;；|#/\t\n]+")
-
-
-def _split_tags(tag) -> list:
-    parts = [str(t) for t in tag] if isinstance(tag, list) else _TAG_SEPARATORS.split(str(tag or ""))
-    return [p.strip() for p in parts if p.strip()]
+def _raw_tags(tag) -> str:
+    """The tag string as the original tokenized it (separators and all); "" for none, which becomes an empty tag
+    ([CLS][SEP]) as there. A list (not in the CHVTT release) is joined with commas."""
+    if isinstance(tag, list):
+        return ",".join(str(t).strip() for t in tag if str(t).strip())
+    return str(tag or "").strip()
 
 
 def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train") -> dict:
     """CHVTT JSON lines (docid, title, tag, title_eng, tag_eng, duration) -> <split>.jsonl.
 
-    video_id = "Video" + docid (the original's LMDB keys); `captions` = [title], `tags` = tag split on common
-    separators; the English translations go to `captions_en` / `tags_en`.
+    video_id = "Video" + docid (the original's LMDB keys); `captions` = [title], `tags` = the raw tag string ("" when
+    the video has none); the English translations go to `captions_en` / `tags_en`.
     """
     if not annotations:
         raise ValueError("chvtt needs --annotations=FILE.json (JSON lines: docid, title, tag, title_eng, tag_eng, "
@@ -1057,11 +1059,11 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
                     counter["no_caption"] += 1
                     continue
                 seen.add(vid)
-                r = {"video_id": vid, "captions": title, "tags": _split_tags(d.get("tag"))}
+                r = {"video_id": vid, "captions": title, "tags": _raw_tags(d.get("tag"))}
                 title_en = _clean_captions([d.get("title_eng")], Counter())
                 if title_en:
                     r["captions_en"] = title_en
-                    r["tags_en"] = _split_tags(d.get("tag_eng"))
+                    r["tags_en"] = _raw_tags(d.get("tag_eng"))
                 duration = _float(d.get("duration"))
                 if duration is not None:
                     r["duration"] = duration

@@ -610,7 +610,33 @@ def test_chvtt_converter_reports_bad_lines(tmp_path, capsys):
     prepare.main(["chvtt", f"--annotations={src}", f"--out={tmp_path / 'chvtt'}"])
     log = capsys.readouterr().out
     recs = _read(tmp_path / "chvtt" / "train.jsonl")
-    assert recs[0] == {"video_id": "Video101", "captions": ["猫在跳舞"], "tags": ["猫", "宠物", "搞笑"],
-                       "captions_en": ["a cat dances"], "tags_en": ["cat", "pet"], "duration": 12.5}
-    assert recs[1] == {"video_id": "Video103", "captions": ["做饭"], "tags": ["美食", "厨房"], "duration": 7.0}
+    # the raw tag string, separators and all, as the original tokenized it
+    assert recs[0] == {"video_id": "Video101", "captions": ["猫在跳舞"], "tags": "猫,宠物，搞笑",
+                       "captions_en": ["a cat dances"], "tags_en": "cat,pet", "duration": 12.5}
+    assert recs[1] == {"video_id": "Video103", "captions": ["做饭"], "tags": "美食,厨房", "duration": 7.0}
     assert "chvtt.json:2: invalid JSON" in log and "1 videos without any caption" in log
+
+
+def test_chvtt_tags_reach_the_tokenizer_raw_and_empty_when_missing(tmp_path):
+    # the original tokenized the raw tag string and gave a video without tags an empty tag ([CLS][SEP]); data with no
+    # tag field at all (VATEX pre-training) uses the caption, as the original's VATEX loader
+    src = tmp_path / "chvtt.json"
+    src.write_text("\n".join(json.dumps(d) for d in (
+        {"docid": 1, "title": "t1", "tag": "x", "title_eng": "a cat dances", "tag_eng": "cat,pet"},
+        {"docid": 2, "title": "t2", "tag": "", "title_eng": "a dog runs"})) + "\n", encoding="utf-8")
+    root = tmp_path / "chvtt"
+    prepare.main(["chvtt", f"--annotations={src}", f"--out={root}"])
+    db = prepare.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=4, frame_size=32)
+    for vid in ("Video1", "Video2"):
+        db.put_video(vid, [_jpeg(np.full((32, 32, 3), 10 * i, np.uint8)) for i in range(4)])
+    db.close()
+    tok = prepare.get_tokenizer("clip")
+    pre = prepare.VideoTextDataset(str(root), "train", tok, mode="pretrain", num_frames=4, image_size=32,
+                                   context_length=8, tag_context_length=6, caption_field="captions_en")
+    want = {i: tok([t], 6)[0][0].tolist() for i, t in enumerate(("cat,pet", ""))}
+    assert pre[0]["tag_ids"].tolist() == want[0] != tok(["cat pet"], 6)[0][0].tolist()  # the comma is a token
+    assert pre[1]["tag_ids"].tolist() == want[1] == [tok.sot_id, tok.eot_id, 0, 0, 0, 0]
+    untagged = _make_dataset(tmp_path / "vatex", n_videos=2, tags=False)
+    item = prepare.VideoTextDataset(str(untagged), "train", tok, mode="pretrain", num_frames=4, image_size=32,
+                                    context_length=8, tag_context_length=8)[0]
+    assert torch.equal(item["tag_ids"], item["ids"])
