@@ -1,8 +1,9 @@
 # Pre-train HMMC on CHVTT (Chinese titles + tags) with momentum contrast: FAM + VTM + FTM + MLM.
 # $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt.py
 # Needs: data/chvtt (python prepare.py frames --videos=CHVTT_VIDEOS --out=data/chvtt/frames.lmdb --num_frames=48
-#        and python prepare.py chvtt ... --out=data/chvtt), data/vatex for the zero-shot eval, OpenAI's ViT-B-32.pt
-#        and the HF folder of hfl/chinese-roberta-wwm-ext.
+#        --frame_size=360, so that the 224-px crops are rarely upsampled (README, Data), and python prepare.py
+#        chvtt ... --out=data/chvtt), data/vatex for the zero-shot eval, OpenAI's ViT-B-32.pt and the HF folder of
+#        hfl/chinese-roberta-wwm-ext.
 # Batch: 128 videos per step = 16 per GPU x 8 GPUs x 1 accumulation step (the README's run); on 4 GPUs it is
 # 32 per GPU, or --gradient_accumulation_steps=2 at 16 per GPU. The queue (1024) must stay a multiple of 128.
 # About 76k videos / 128 = 596 steps per epoch, 11 epochs = 6,556 steps with 20% warm-up (the original's defaults).

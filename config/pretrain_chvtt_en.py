@@ -4,7 +4,8 @@
 # error: CLIP's text tower is causal), the whole CHVTT corpus (data/chvtt as prepared, no subset), and the
 # checkpoint after the third epoch, kept here as ckpt_epoch3.pt (the original numbered its files from 0).
 # $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt_en.py
-# The zero-shot check runs on MSR-VTT 1k-A. Epochs and schedule as the Chinese run's (the folder name gives none).
+# Frames: data/chvtt extracted at --frame_size=360 (README, Data). The zero-shot check runs on MSR-VTT 1k-A.
+# Epochs and schedule as the Chinese run's (the folder name gives none).
 # Batch: 128 videos per step = 16 per GPU x 8 GPUs x 1; queue 1024 = 8 global batches.
 out_dir = "out-pretrain-chvtt-en"
 dataset = "chvtt"
