@@ -813,3 +813,11 @@ def test_checkpoint_eval_caption_length():
     assert ev._settings(cfg, model_args, {"context_length": 45, "eval_context_length": 40})["context_length"] == 40
     assert ev._settings(cfg, model_args, {"context_length": 45})["context_length"] == 32
     assert ev._settings({**cfg, "context_length": 20}, model_args, {"context_length": 45})["context_length"] == 20
+
+
+def test_bert_unk_input_needs_the_bert_text_encoder(trained, tmp_path):
+    # the [UNK] ... [UNK] input reproduces the original's Chinese VATEX loader: refused for a CLIP-text checkpoint
+    path, _, _ = trained
+    with pytest.raises(ValueError, match="bert_unk_input=True"):
+        ev.main([f"--init_from={path}", "--num_workers=0", "--device=cpu", "--bert_unk_input=True",
+                 f"--out={tmp_path / 'r.json'}"])
