@@ -60,7 +60,7 @@ image_size = None  # pixels per frame side the model sees (224 for ViT-B/32)
 context_length = None  # text tokens per caption; default the checkpoint's eval_context_length, else 32 (the paper's)
 top_k_frames = None  # hierarchical matching: mean of the k best-matching frames (2 MSR-VTT fine-tune, 3 otherwise)
 frame_match_weight = None  # weight of the frame term; 0 = video-level similarity only
-bert_unk_input = False  # Chinese captions as [UNK] ... [UNK] without [CLS]/[SEP], as the original's VATEX loader fed them
+bert_unk_input = False  # Chinese captions as [UNK] ... [UNK], no [CLS]/[SEP]: the original's VATEX loader
 dsl = False  # dual-softmax re-normalisation of the similarity matrix (inference trick; off = the paper's numbers)
 batch_size = 256 if torch.cuda.is_available() else 64  # videos per encoding batch
 num_workers = min(8, os.cpu_count() or 1)  # data loader processes: JPEG decoding is the bottleneck of eval
@@ -286,8 +286,10 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
                                 frame_match_weight=frame_match_weight)
         result = metrics_with_dsl(sim, video_of_text, dsl=dsl)
         result.update(dsl=bool(dsl), num_videos=len(video_emb), num_texts=len(text_emb),
-                      context_length=int(context_length), top_k_frames=int(top_k_frames), frame_match_weight=float(frame_match_weight),
-                      encode_dtype=str(dtype or "float32").replace("torch.", ""), encode_s=round(encode_s, 3), videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
+                      context_length=int(context_length), top_k_frames=int(top_k_frames),
+                      frame_match_weight=float(frame_match_weight),
+                      encode_dtype=str(dtype or "float32").replace("torch.", ""), encode_s=round(encode_s, 3),
+                      videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
     if world > 1:  # every rank returns the same dict, so callers need no rank checks
         box = [result]
         dist.broadcast_object_list(box, src=0)

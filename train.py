@@ -334,6 +334,8 @@ def start_or_resume(config: dict, given: set) -> tuple[dict, str | None]:
                          f"it with --init_from=resume, choose another --out_dir, or pass --overwrite=True to "
                          f"replace it")
     run = {**_DEFAULTS, **{k: v for k, v in saved.items() if k in _DEFAULTS}, **{k: config[k] for k in NOT_THE_RUN}}
+    if "eval_context_length" not in saved:  # a run from before the setting: it evaluated at its training length
+        run["eval_context_length"] = run["context_length"]
     for k in RESUME_OVERRIDABLE:
         if (k in given or k == "device") and config[k] != run[k]:  # the device is the machine's, not the run's
             print0(f"resume: {k}={config[k]!r} instead of the run's {run[k]!r}")
@@ -504,7 +506,8 @@ def build_model(tokenizer, resume_path: str | None):
         bert_args = hmmc_model.BertConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=bert_hidden_size, num_hidden_layers=bert_layers,
             num_attention_heads=bert_heads, intermediate_size=4 * bert_hidden_size,
-            max_position_embeddings=max(64, context_length, tag_context_length, eval_context_length), pad_token_id=tokenizer.pad_id)
+            max_position_embeddings=max(64, context_length, tag_context_length, eval_context_length),
+            pad_token_id=tokenizer.pad_id)
         mlm_ids = dict(mlm_mask_id=tokenizer.mask_id, mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id,
                                                                       tokenizer.sep_id))
     model_args = dict(

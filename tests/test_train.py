@@ -480,3 +480,17 @@ def test_epoch_checkpoints(data, tmp_path):
     plain = str(tmp_path / "plain")
     run(["--data_dir=" + data, "--batch_size=8", "--epochs=1", *TINY, f"--out_dir={plain}"])
     assert not [f for f in os.listdir(plain) if f.startswith("ckpt_epoch")]
+
+
+def test_resuming_a_run_from_before_eval_context_length(data, tmp_path):
+    # a checkpoint saved before the setting existed evaluated at its training length, and its text tower may hold
+    # no more positions than that: the resumed run keeps evaluating at the training length
+    out = str(tmp_path / "run")
+    common = ["--data_dir=" + data, "--batch_size=8", "--epochs=1", *TINY, f"--out_dir={out}"]
+    run(common + ["--max_iters=2", "--eval_context_length=16"])
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["eval_context_length"]
+    train.save_checkpoint(path, ckpt, keep_previous=False)
+    run([f"--out_dir={out}", "--init_from=resume", "--max_iters=3"])
+    assert json.load(open(os.path.join(out, "results.json")))["context_length"] == 16
