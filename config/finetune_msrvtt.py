@@ -17,6 +17,7 @@ pretrain = False
 num_frames = 12
 image_size = 224
 context_length = 32
+eval_context_length = 32  # the benchmarks' caption length, whatever the training length
 frame_sample = "random"
 use_temp = True
 temporal_layers = 4

@@ -21,6 +21,7 @@ use_tags = True  # the paper; the released code silently ran title-only: use_tag
 num_frames = 12
 image_size = 224
 context_length = 45  # CHVTT titles
+eval_context_length = 32  # the benchmarks' caption length, whatever the training length
 tag_context_length = 25
 frame_sample = "random"
 augment = "frame"  # SimCLR-style augmentation per frame, as released

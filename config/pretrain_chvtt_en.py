@@ -20,6 +20,7 @@ use_tags = True
 num_frames = 12
 image_size = 224
 context_length = 45
+eval_context_length = 32  # the benchmarks' caption length, whatever the training length
 tag_context_length = 25
 frame_sample = "random"
 augment = "frame"

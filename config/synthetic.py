@@ -10,6 +10,7 @@ init_from = "scratch"
 num_frames = 8
 image_size = 32
 context_length = 16  # the longest synthetic caption is 14 tokens with SOT and EOT
+eval_context_length = 16
 # 64-wide towers, 2 layers each for vision, text and the temporal transformer. The ViT takes each 32-px frame as
 # ONE patch: its linear patch embedding sees exact object positions, which is what motion is made of; with 8-px
 # patches the tiny model learned colour and shape but, within the CPU budget, no motion at all (test R@1 8.8 either way)
