@@ -56,6 +56,10 @@ class HMMCConfig:
     clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
     bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
     text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
+    # "cls": BERT's tanh pooler on [CLS], as released; "mean": the mean of the token states. A small BERT trained
+    # from scratch starts with every caption's [CLS] state nearly equal (cos 0.99999: at BERT's init the layers
+    # barely move the [CLS] embedding), and its contrastive loss sits at chance for hundreds of steps
+    bert_pooling: str = "cls"
     # video encoder
     use_temp: bool = True  # temporal transformer over the frame embeddings
     temporal_layers: int = 4
@@ -267,16 +271,24 @@ class VideoEncoder(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-    """Chinese BERT + Linear(hidden -> E). Pooled: text_proj(tanh pooler); hidden: text_proj(last layer)."""
+    """Chinese BERT + Linear(hidden -> E). Pooled: the tanh pooler on [CLS] (as released, and what a pre-trained
+    BERT's pooler was trained for) or the mean of the token states (pooling="mean": a BERT trained from scratch
+    learns with it, see HMMCConfig.bert_pooling); hidden: text_proj(last layer)."""
 
-    def __init__(self, bert_cfg: BertConfig, embed_dim: int):
+    def __init__(self, bert_cfg: BertConfig, embed_dim: int, pooling: str = "cls"):
         super().__init__()
-        self.bert = BertModel(bert_cfg)
+        self.pooling = pooling
+        self.bert = BertModel(bert_cfg, pooler=pooling == "cls")
         self.text_proj = nn.Linear(bert_cfg.hidden_size, embed_dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
-        last, pooled = self.bert(ids, mask)  # (B, L, H), (B, H)
-        return self.text_proj(last if return_hidden else pooled)  # (B, L, E) or (B, E)
+        last, pooled = self.bert(ids, mask)  # (B, L, H), (B, H) or None
+        if return_hidden:
+            return self.text_proj(last)  # (B, L, E)
+        if self.pooling == "mean":
+            keep = mask.to(last.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled = (last * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.text_proj(pooled)  # (B, E)
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -314,6 +326,8 @@ class HMMC(nn.Module):
         if cfg.text_encoder == "bert" and cfg.bert is None:
             raise ValueError("text_encoder='bert' needs cfg.bert (a BertConfig, e.g. BertConfig.from_json of the "
                              "BERT folder's config.json)")
+        if cfg.bert_pooling not in ("cls", "mean"):
+            raise ValueError(f"bert_pooling must be 'cls' or 'mean', got {cfg.bert_pooling!r}")
         if cfg.temporal_init not in ("default", "clip"):
             raise ValueError(f"temporal_init must be 'default' or 'clip', got {cfg.temporal_init!r}")
         if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
@@ -324,7 +338,8 @@ class HMMC(nn.Module):
         self.cfg = cfg
         E = cfg.clip.embed_dim
         self.video = VideoEncoder(cfg)
-        self.text = TextTransformer(cfg.clip) if cfg.text_encoder == "clip" else BertTextEncoder(cfg.bert, E)
+        self.text = (TextTransformer(cfg.clip) if cfg.text_encoder == "clip"
+                     else BertTextEncoder(cfg.bert, E, cfg.bert_pooling))
         if cfg.learn_sim_scale and not cfg.pretrain:  # pre-training uses tau, never s: DDP would see it unused
             self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.sim_scale)))
         if cfg.freeze_clip_vision or cfg.freeze_clip_text:
@@ -669,7 +684,9 @@ class HMMC(nn.Module):
         else:
             if bert_sd is None:
                 raise ValueError("text_encoder='bert' needs bert_sd (model.load_bert_state_dict(path))")
-            bert_sd = {k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"}
+            # mean pooling has no use for the checkpoint's [CLS] pooler
+            bert_sd = {k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
+                       and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))}
             model.text.bert.load_state_dict(bert_sd)
         if cfg.temporal_init == "clip":
             model.init_temporal_from_clip(clip_sd)
@@ -802,7 +819,7 @@ def read_checkpoint(path) -> dict:
 
 
 # what the weights of a checkpoint fix; every other HMMCConfig field may come from the config that loads it
-_ARCH_FIELDS = ("clip", "bert", "text_encoder")
+_ARCH_FIELDS = ("clip", "bert", "text_encoder", "bert_pooling")
 
 
 def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str = "", bert_path: str | None = None,

@@ -182,6 +182,15 @@ def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
 
 
+# the built-in datasets, made by train.py on first use: data/<name> <- prepare_synthetic(**arguments)
+BUILT_IN = {
+    "synthetic": {},  # the default run's
+    # for the pre-training recipe: other videos (another seed), twice as many; its captions_zh/tags_zh play CHVTT's
+    # Chinese titles and tags
+    "synthetic_pretrain": dict(seed=1, num_train=12000),
+}
+
+
 def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: str | None = None,
                       num_frames: int = 8, frame_size: int = 32, num_train: int = 6000, p_two: float = 0.15,
                       test_single: int = 90, test_double: int = 3, val_single: int = 40, val_double: int = 1,

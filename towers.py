@@ -461,9 +461,10 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """HF-compatible BertModel: forward(ids, mask) -> (last_hidden (B, L, H), pooled (B, H))."""
+    """HF-compatible BertModel: forward(ids, mask) -> (last_hidden (B, L, H), pooled (B, H)); without the pooler
+    (HF's add_pooling_layer=False) pooled is None."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, pooler: bool = True):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
@@ -474,9 +475,15 @@ class BertModel(nn.Module):
             LayerNorm=nn.LayerNorm(H, eps=cfg.layer_norm_eps),
         ))
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])))
-        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H)))
+        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H))) if pooler else None
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.apply(self._init_weights)
+        # Only for a BERT trained from scratch (weights loaded later replace all of it): at 0.02 like the words, the
+        # one token type (the same vector at every position) and the positions (the same for captions of equal
+        # length) make up most of every token state, so captions start out alike (time-reversed twin captions: cos
+        # 0.995 under mean pooling). Zero types and CLIP's 0.01 positions leave the words to tell them apart (0.95).
+        nn.init.zeros_(self.embeddings.token_type_embeddings.weight)
+        nn.init.normal_(self.embeddings.position_embeddings.weight, std=0.01)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -502,8 +509,9 @@ class BertModel(nn.Module):
         keep = keep[:, None, None, :]                                        # (B, 1, 1, L) for all heads, queries
         for layer in self.encoder.layer:
             x = layer(x, keep)                                               # (B, L, H)
-        pooled = torch.tanh(self.pooler.dense(x[:, 0]))                      # (B, H) from the [CLS] position
-        return x, pooled
+        if self.pooler is None:
+            return x, None
+        return x, torch.tanh(self.pooler.dense(x[:, 0]))                     # (B, H) from the [CLS] position
 
 
 def _bert_weights_file(path: str) -> str:

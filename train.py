@@ -90,6 +90,8 @@ transformer_layers = 2  # CLIP text tower blocks
 bert_hidden_size = 64  # scratch BERT (text_encoder="bert", init_from="scratch")
 bert_layers = 2  # scratch BERT layers
 bert_heads = 2  # scratch BERT heads
+bert_dropout = 0.1  # scratch BERT's dropout (hidden and attention); a loaded BERT keeps its config.json's
+bert_pooling = "cls"  # caption embedding: "cls" (tanh pooler on [CLS], as released) | "mean" (of the token states)
 # HMMC (model.HMMCConfig; passed explicitly in model_args below)
 use_temp = True  # temporal transformer over frame embeddings
 temporal_layers = 2  # temporal transformer blocks
@@ -436,12 +438,13 @@ def load_data(config: dict, master: bool, ddp: bool):
     """(training set, tokenizer, (eval data dir, eval split, eval caption field)). The built-in synthetic dataset
     is made on demand, every other one by prepare.py."""
     ddir = data_dir or os.path.join("data", dataset)
-    if dataset == "synthetic" and not os.path.exists(os.path.join(ddir, "frames.lmdb")):
-        if master:
-            synthetic.prepare_synthetic(ddir, seed=0)
-        if ddp:
-            dist.barrier()
     edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
+    for name, folder in ((dataset, ddir), (eval_dataset, edir)):
+        if name in synthetic.BUILT_IN and not os.path.exists(os.path.join(folder, "frames.lmdb")):
+            if master:
+                synthetic.prepare_synthetic(folder, **synthetic.BUILT_IN[name])
+            if ddp:
+                dist.barrier()
     eval_split = val_split if val_split and os.path.exists(os.path.join(edir, f"{val_split}.jsonl")) else test_split
     check_data(ddir, [train_split], dataset)
     check_data(edir, [eval_split, test_split], eval_dataset or dataset)
@@ -454,7 +457,21 @@ def load_data(config: dict, master: bool, ddp: bool):
         ddir, train_split, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
         context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,
         caption_field=caption_field, tag_context_length=tag_context_length, verbose=master, replace_bad=True)
+    if master:
+        warn_cut_captions([c for c, _ in train_set.captions], tokenizer, context_length, train_split)
     return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)
+
+
+def warn_cut_captions(captions: list[str], tokenizer, length: int, split: str, sample: int = 10_000) -> None:
+    """Say when the captions do not fit context_length: the cut-off words never reach the model, and nothing
+    else would tell (a Chinese caption takes a token per character, about twice its English translation's count)."""
+    picked = captions if len(captions) <= sample else random.Random(0).sample(captions, sample)
+    sizes = [len(tokenizer.encode(c)) + 2 for c in picked]  # + start and end tokens
+    cut = sum(n > length for n in sizes)
+    if cut:
+        where = f"{cut} of {len(picked)}" + (" sampled" if len(picked) < len(captions) else "")
+        print(f"warning: {where} {split} captions are longer than context_length={length} tokens and are cut "
+              f"(the longest needs {max(sizes)}); pass --context_length={max(sizes)} to keep them whole", flush=True)
 
 
 def final_test(model, tokenizer, edir: str, eval_split: str, ecaption: str, iter_num: int, master: bool,
@@ -507,11 +524,12 @@ def build_model(tokenizer, resume_path: str | None):
             vocab_size=tokenizer.vocab_size, hidden_size=bert_hidden_size, num_hidden_layers=bert_layers,
             num_attention_heads=bert_heads, intermediate_size=4 * bert_hidden_size,
             max_position_embeddings=max(64, context_length, tag_context_length, eval_context_length),
-            pad_token_id=tokenizer.pad_id)
+            pad_token_id=tokenizer.pad_id, hidden_dropout_prob=bert_dropout, attention_probs_dropout_prob=bert_dropout)
         mlm_ids = dict(mlm_mask_id=tokenizer.mask_id, mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id,
                                                                       tokenizer.sep_id))
     model_args = dict(
-        clip=clip_args, bert=bert_args, text_encoder=text_encoder, use_temp=use_temp, temporal_layers=temporal_layers,
+        clip=clip_args, bert=bert_args, text_encoder=text_encoder, bert_pooling=bert_pooling, use_temp=use_temp,
+        temporal_layers=temporal_layers,
         temporal_heads=temporal_heads, max_frames=max_frames, temporal_init=temporal_init, use_frame_fea=use_frame_fea,
         weight_video=weight_video, weight_frame=weight_frame, sim_scale=sim_scale, learn_sim_scale=learn_sim_scale,
         pretrain=pretrain, use_tags=use_tags, num_frames=num_frames, queue_size=queue_size, momentum=momentum,

@@ -183,6 +183,59 @@ def test_bert_text_respects_mask():
     torch.testing.assert_close(m.encode_text(ids, b["mask"]), t)
 
 
+def test_bert_mean_pooling_is_the_masked_mean_and_trains_every_parameter():
+    m = make_model(text_encoder="bert", bert_pooling="mean").eval()
+    assert m.text.bert.pooler is None  # no unused parameters: DDP needs no find_unused_parameters
+    b = make_batch(3, "bert")
+    hidden, pooled = m.text.bert(b["ids"], b["mask"])
+    assert pooled is None
+    keep = b["mask"].float()
+    mean = torch.stack([hidden[i][keep[i] > 0].mean(0) for i in range(3)])  # each caption's real tokens only
+    torch.testing.assert_close(m.encode_text(b["ids"], b["mask"]), F.normalize(m.text.text_proj(mean), dim=-1))
+    ids = b["ids"].clone()
+    ids[b["mask"] == 0] = 7  # padding stays out of the mean
+    torch.testing.assert_close(m.encode_text(ids, b["mask"]), m.encode_text(b["ids"], b["mask"]))
+    loss, _ = m(b)
+    loss.backward()
+    assert all(p.grad is not None for p in m.text.parameters())
+    with pytest.raises(ValueError, match="bert_pooling"):
+        make_model(text_encoder="bert", bert_pooling="max")
+
+
+def test_scratch_bert_starts_with_captions_apart_under_mean_pooling():
+    # two captions that differ in one word, as a caption and its time-reversed twin ("...left" / "...right")
+    ids = torch.tensor([[CLS, 10, 11, 12, 13, 14, 15, 16, 17, 20, SEP], [CLS, 10, 11, 12, 13, 14, 15, 16, 17, 21, SEP]])
+    mask = torch.ones_like(ids)
+    cos = {}
+    for pooling in ("cls", "mean"):
+        m = make_model(text_encoder="bert", bert_pooling=pooling).eval()
+        with torch.no_grad():
+            emb = m.encode_text(ids, mask)
+        cos[pooling] = float(emb[0] @ emb[1])
+    assert cos["cls"] > 0.999  # the [CLS] state barely moves at BERT's init: every caption looks the same
+    assert cos["mean"] < 0.99
+    e = M.BertModel(M.BertConfig(**BERT_CFG)).embeddings
+    assert not e.token_type_embeddings.weight.any()  # one type at every position: would be common to all tokens
+    assert 0.008 < float(e.position_embeddings.weight.std()) < 0.012
+    assert 0.018 < float(e.word_embeddings.weight[1:].std()) < 0.022
+
+
+def test_bert_pooling_comes_with_the_weights(tmp_path):
+    mean = make_model(seed=2, text_encoder="bert", bert_pooling="mean").eval()
+    path = str(tmp_path / "mean.pt")
+    torch.save({"model": mean.state_dict(), "model_args": mean.cfg.to_dict()}, path)
+    loaded, _ = M.load_model(path, make_cfg(text_encoder="bert"))  # a config with the default "cls"
+    b = make_batch(2, "bert")
+    assert loaded.cfg.bert_pooling == "mean"
+    torch.testing.assert_close(loaded.eval().encode_text(b["ids"], b["mask"]), mean.encode_text(b["ids"], b["mask"]))
+    # a pre-trained BERT under mean pooling: its [CLS] pooler is left out, everything else loaded
+    torch.manual_seed(3)
+    bert_sd = M.BertModel(M.BertConfig(**BERT_CFG)).state_dict()
+    mz = M.HMMC.from_clip(make_cfg(text_encoder="bert", bert_pooling="mean"), tiny_clip_sd(), bert_sd)
+    assert mz.text.bert.pooler is None
+    assert torch.equal(mz.text.bert.embeddings.word_embeddings.weight, bert_sd["embeddings.word_embeddings.weight"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # hierarchical similarity
 

@@ -14,7 +14,9 @@ import lmdb
 import pytest
 import torch
 
+import eval as hmmc_eval
 import prepare
+import study
 import train
 from synthetic import prepare_synthetic
 
@@ -494,3 +496,42 @@ def test_resuming_a_run_from_before_eval_context_length(data, tmp_path):
     train.save_checkpoint(path, ckpt, keep_previous=False)
     run([f"--out_dir={out}", "--init_from=resume", "--max_iters=3"])
     assert json.load(open(os.path.join(out, "results.json")))["context_length"] == 16
+
+
+def test_captions_cut_by_context_length_are_reported(data, tmp_path, capsys):
+    vocab = os.path.join(data, "vocab.txt")
+    base = ["--data_dir=" + data, "--batch_size=8", "--max_iters=1", *TINY, "--caption_field=captions_zh",
+            "--text_encoder=bert", "--bert_vocab=" + vocab]
+    tokenizer = prepare.get_tokenizer("bert", vocab)
+    with open(os.path.join(data, "train.jsonl"), encoding="utf-8") as f:
+        sizes = [len(tokenizer.encode(c)) + 2 for line in f for c in json.loads(line)["captions_zh"]]
+    run(base + [f"--out_dir={tmp_path / 'short'}", "--context_length=12"])
+    cut = sum(n > 12 for n in sizes)
+    assert 0 < cut < len(sizes)
+    assert (f"warning: {cut} of {len(sizes)} train captions are longer than context_length=12 tokens and are cut "
+            f"(the longest needs {max(sizes)}); pass --context_length={max(sizes)}") in capsys.readouterr().out
+    run(base + [f"--out_dir={tmp_path / 'whole'}", f"--context_length={max(sizes)}"])
+    assert "are cut" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_chain(data, tmp_path, capsys):
+    # study.py's chain at a tiny budget: pre-training, the hand-over of its checkpoint, fine-tuning, evaluation
+    args = ["--data_dir=" + data, "--eval_dataset=None", "--bert_vocab=" + os.path.join(data, "vocab.txt"),
+            "--batch_size=4", "--queue_size=8", *TINY, "--context_length=24", "--max_iters=2"]
+    out = tmp_path / "study"
+    table = study.main([f"--out_dir={out}", "--rows=('scratch', 'full')", f"--train_args={tuple(args)!r}"])
+    assert table["scratch"]["pretrain"] is None and table["full"]["pretrain"]["t2v"]["R1"] >= 0
+    assert json.load(open(out / "study.json"))["rows"]["full"]["finetune"] == table["full"]["finetune"]
+    log_text = (out / "full-finetune" / "train.log").read_text()
+    handover = re.search(r"loaded \d+ tensors from .*full-pretrain/ckpt.pt; dropped \d+ this model has no use for "
+                         r"\((.*)\)", log_text)
+    assert handover, log_text
+    for part in ("mlm_head", "projector", "queue_video", "text_m", "video_m"):
+        assert part in handover.group(1).split(", ")
+    ckpt = str(out / "full-finetune" / "ckpt.pt")
+    assert torch.load(ckpt, weights_only=True)["model_args"]["bert_pooling"] == "mean"  # from the pre-training
+    metrics = hmmc_eval.main([f"--init_from={ckpt}", "--device=cpu", "--num_workers=0",
+                              f"--out={tmp_path / 'eval.json'}"])
+    assert metrics["t2v"] == table["full"]["finetune"]["t2v"]
+    assert "| full | all four losses |" in capsys.readouterr().out
