@@ -214,7 +214,7 @@ def test_scratch_bert_starts_with_captions_apart_under_mean_pooling():
         cos[pooling] = float(emb[0] @ emb[1])
     assert cos["cls"] > 0.999  # the [CLS] state barely moves at BERT's init: every caption looks the same
     assert cos["mean"] < 0.99
-    e = M.BertModel(M.BertConfig(**BERT_CFG)).embeddings
+    e = M.BertModel(M.BertConfig(**BERT_CFG)).embeddings.requires_grad_(False)
     assert not e.token_type_embeddings.weight.any()  # one type at every position: would be common to all tokens
     assert 0.008 < float(e.position_embeddings.weight.std()) < 0.012
     assert 0.018 < float(e.word_embeddings.weight[1:].std()) < 0.022
