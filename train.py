@@ -619,6 +619,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     check_config(config, world_size)
     print0("config: " + json.dumps(config))
+    if config["text_encoder"] == "bert" and config["init_from"] == "scratch" and config["bert_pooling"] == "cls":
+        print0("warning: a BERT trained from scratch with bert_pooling='cls' starts with every caption embedded alike "
+               "and learns slowly; bert_pooling='mean' learns (config/synthetic_zh.py)")
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
