@@ -41,7 +41,7 @@ import torch.distributed as dist
 import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
-from common import autocast, cleanup_compute, init_compute, run_script, unwrap
+from common import autocast, cleanup_compute, init_compute, run_script, set_cpu_threads, unwrap
 from tokenizer import UnkWrapped
 
 _bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -736,6 +736,8 @@ def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list
             if cfg[key]:
                 raise ValueError(f"--serve takes its queries in the page; drop --{key}")
         import serve  # here: only this mode needs the server
+        # a query is a few small matmuls: spinning OpenMP threads on a shared CPU made them 10x slower (README)
+        set_cpu_threads(device)
         serve.serve(net, cfg["search"], index_args=index_args, rank_args=rank_args, host=cfg["host"],
                     port=cfg["port"], top=cfg["top"], checkpoint=checkpoint)
         return []

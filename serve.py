@@ -165,7 +165,7 @@ class Search:
 
 # added to the report's CSS (eval._CSS, which outlines the top frames): the form, the warnings, the player
 _CSS = ("form{display:flex;gap:6px;margin:12px 0}#q{flex:1;font-size:16px;padding:4px}#top{width:4em}"
-        "#warnings{color:#b45309}.row{display:flex;gap:10px;align-items:flex-start}.row video{width:240px;"
+        "#warnings{color:#b45309}.row{display:flex;gap:10px;align-items:flex-start}.row video{width:200px;"
         "flex:none;background:#000}.row .strip{flex:1;min-width:0}figure img{cursor:pointer}")
 
 # Every piece of data goes into the page as text (textContent, append of strings), never as HTML.
