@@ -55,15 +55,16 @@ class Search:
         self.lock = threading.Lock()
         self.rescanning = False
         self.db = None  # the frame store's reader, opened on the first thumbnail and closed before a rescan
-        self.index, self.files = self._build()
+        self.index = self._build()
 
-    def _build(self) -> tuple[dict, dict]:
+    def _build(self) -> dict:
+        """build_index's answer plus the video files that may be served and what the requests look up."""
         index = hmmc_eval.build_index(self.net, self.source, **self.index_args)
         files = {}  # video id -> file; a prepared dataset folder holds frames only
         if not os.path.exists(os.path.join(self.source, "frames.lmdb")):
-            skip = os.path.realpath(self.index_args["cache_dir"])
-            files = hmmc_eval._list_videos(self.source, skip=skip)
-        return index, {vid: files[vid] for vid in index["video_ids"] if vid in files}
+            files = hmmc_eval._list_videos(self.source, skip=os.path.realpath(self.index_args["cache_dir"]))
+        return {**index, "files": {vid: files[vid] for vid in index["video_ids"] if vid in files},
+                "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]]}
 
     def _check_ready(self):
         if self.rescanning:
@@ -80,13 +81,13 @@ class Search:
         t0 = time.perf_counter()
         with self.lock:
             self._check_ready()
-            index, files = self.index, self.files
+            index = self.index
             try:
                 hits = hmmc_eval.search_index(self.net, index, [query], top=top, **self.rank_args)[0]
             except ValueError as e:  # a query that tokenizes to nothing
                 raise HTTPError(400, str(e)) from None
         seconds = time.perf_counter() - t0
-        positions = [int(p) for p in index["frame_indices"]]
+        positions = index["positions"]
         durations = dict(zip(index["video_ids"], index["durations"]))
         for hit in hits:
             vid, duration = hit["video_id"], durations.get(hit["video_id"])
@@ -96,7 +97,7 @@ class Search:
                              for i, (p, t, score) in enumerate(zip(positions, times, hit["frame_scores"]))]
             best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
             hit["start"] = times[best] or 0.0
-            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in files else None
+            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["files"] else None
         warnings = hmmc_eval.query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"])
         return {"query": query, "hits": hits, "warnings": warnings, "videos": len(index["video_ids"]),
                 "seconds": seconds}
@@ -104,9 +105,9 @@ class Search:
     def thumbnail(self, vid: str, position: int) -> bytes:
         with self.lock:
             self._check_ready()
-            if vid not in self.index["video_ids"]:
+            if vid not in self.index["known"]:
                 raise HTTPError(404, "no such video in the index")
-            if position not in [int(p) for p in self.index["frame_indices"]]:
+            if position not in self.index["positions"]:
                 raise HTTPError(404, f"frame {position} is not one the model saw")
             if self.db is None:
                 self.db = prepare.FrameDB(self.index["lmdb"])
@@ -116,7 +117,7 @@ class Search:
     def video_file(self, vid: str) -> str:
         """The file of an indexed video, if it still lies inside the folder once links are resolved."""
         with self.lock:
-            path = self.files.get(vid)
+            path = self.index["files"].get(vid)
         if path is None:
             raise HTTPError(404, "no video file with this id")
         root, real = os.path.realpath(self.source), os.path.realpath(path)
@@ -135,13 +136,13 @@ class Search:
                 self.db = None
         t0, index = time.perf_counter(), None
         try:
-            index, files = self._build()
+            index = self._build()
         except (ValueError, FileNotFoundError) as e:  # e.g. the folder was emptied: keep answering from the old one
             raise HTTPError(409, f"rescan failed, the previous index is kept: {e}") from None
         finally:
             with self.lock:
                 if index is not None:
-                    self.index, self.files = index, files
+                    self.index = index
                 self.rescanning = False
         return {"videos": len(index["video_ids"]), "extracted": index["extracted"], "encoded": index["encoded"],
                 "skipped": index["skipped"], "seconds": time.perf_counter() - t0}
@@ -171,6 +172,7 @@ _CSS = ("form{display:flex;gap:6px;margin:12px 0}#q{flex:1;font-size:16px;paddin
 # Every piece of data goes into the page as text (textContent, append of strings), never as HTML.
 _JS = r"""
 const $ = (id) => document.getElementById(id);
+const NO_ANSWER = "no answer from the server (is it still running?): ";
 function el(tag, props, ...children) {
   const e = Object.assign(document.createElement(tag), props || {});
   e.append(...children);
@@ -193,10 +195,15 @@ function hitView(hit) {
 }
 async function search(q) {
   $("status").textContent = "searching\u2026";
-  const params = new URLSearchParams({q: q, top: $("top").value});
-  const r = await fetch("/api/search?" + params);
-  const data = await r.json();
   $("warnings").replaceChildren();
+  let r, data;
+  try {
+    r = await fetch("/api/search?" + new URLSearchParams({q: q, top: $("top").value}));
+    data = await r.json();
+  } catch (e) {
+    $("status").textContent = NO_ANSWER + e;
+    return;
+  }
   if (!r.ok) { $("status").textContent = data.error; $("results").replaceChildren(); return; }
   history.replaceState(null, "", "?" + new URLSearchParams({q: q}));
   $("warnings").append(...data.warnings.map((w) => el("li", {textContent: w})));
@@ -208,10 +215,15 @@ $("search").onsubmit = (e) => { e.preventDefault(); search($("q").value); };
 $("rescan").onclick = async () => {
   $("rescan").disabled = true;
   $("status").textContent = "rescanning the folder: new and changed videos are extracted and encoded\u2026";
-  const r = await fetch("/api/rescan", {method: "POST", headers: {"X-Requested-By": "hmmc"}});
-  const data = await r.json();
-  const done = r.ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length + " extracted, " +
-                      data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error;
+  let done;
+  try {
+    const r = await fetch("/api/rescan", {method: "POST", headers: {"X-Requested-By": "hmmc"}});
+    const data = await r.json();
+    done = r.ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length + " extracted, " +
+                  data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error;
+  } catch (e) {
+    done = NO_ANSWER + e;
+  }
   sessionStorage.setItem("rescanned", done);
   location.reload();  // the counts and the skipped files come with the page; the query stays in the URL
 };

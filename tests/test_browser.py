@@ -97,3 +97,12 @@ def test_search_page_in_a_browser(browser, server, net):
     assert "empty query" in browser.find_element(By.ID, "status").text
     assert browser.find_elements(By.CSS_SELECTOR, "#results .hit") == []
 
+    # Rescan (nothing changed here): the page reloads with its query and says what the rescan did
+    _search(browser, "a green screen")
+    browser.find_element(By.ID, "rescan").click()
+    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith("rescanned:"))
+    assert browser.find_element(By.ID, "status").text.startswith("rescanned: 6 videos, 0 extracted, 0 encoded")
+    assert browser.find_element(By.ID, "q").get_attribute("value") == "a green screen"
+    hits = browser.find_elements(By.CSS_SELECTOR, "#results .hit")
+    assert hits and hits[0].get_attribute("data-video-id") == "clip_green"
+
