@@ -252,6 +252,12 @@ def _params(query: str, allowed: tuple) -> dict:
     return out
 
 
+def _number(text: str, name: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"\d{1,6}", text, flags=re.ASCII) or not low <= int(text) <= high:
+        raise HTTPError(400, f"{name}={text[:20]!r}: a whole number from {low} to {high}")
+    return int(text)
+
+
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(first, last) byte, inclusive, of a Range header: `bytes=A-B`, `bytes=A-` or `bytes=-N`; None without one."""
     if header is None:
@@ -279,6 +285,13 @@ class Handler(BaseHTTPRequestHandler):
         self._answer("GET")
 
     def do_POST(self):
+        # nothing here reads a body, but one left unread would be taken for the next request on this connection
+        length = self.headers.get("Content-Length", "0")
+        if not re.fullmatch(r"\d{1,5}", length, flags=re.ASCII):
+            self.close_connection = True
+            self._send_json(413 if length.isdigit() else 400, {"error": "no request body is expected here"})
+            return
+        self.rfile.read(int(length))
         self._answer("POST")
 
     def _answer(self, method: str):
@@ -291,15 +304,14 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, search.page().encode("utf-8"), "text/html; charset=utf-8")
             elif url.path == "/api/search" and method == "GET":
                 p = _params(url.query, ("q", "top"))
-                top = p.get("top", str(search.top))
-                if not top.isdigit() or not 1 <= int(top) <= MAX_TOP:
-                    raise HTTPError(400, f"top={top[:20]!r}: a number of hits from 1 to {MAX_TOP}")
-                self._send_json(200, search.rank(p.get("q", ""), int(top)))
+                top = _number(p.get("top", str(search.top)), "top", 1, MAX_TOP)
+                self._send_json(200, search.rank(p.get("q", ""), top))
             elif url.path == "/frame" and method == "GET":
                 p = _params(url.query, ("id", "p"))
-                if "id" not in p or not p.get("p", "").isdigit():
+                if "id" not in p or "p" not in p:
                     raise HTTPError(400, "a frame is /frame?id=VIDEO_ID&p=FRAME_POSITION")
-                self._send(200, search.thumbnail(p["id"], int(p["p"])), "image/jpeg", {"Cache-Control": "no-store"})
+                jpeg = search.thumbnail(p["id"], _number(p["p"], "p", 0, 99999))
+                self._send(200, jpeg, "image/jpeg", {"Cache-Control": "no-store"})
             elif url.path.startswith("/video/") and method == "GET":
                 _params(url.query, ())
                 self._send_video(search.video_file(urllib.parse.unquote(url.path[len("/video/"):], errors="strict")))
@@ -347,18 +359,22 @@ class Handler(BaseHTTPRequestHandler):
                    headers)
 
     def _send_video(self, path: str):
-        size = os.path.getsize(path)
-        span = _byte_range(self.headers.get("Range"), size)
-        first, last = span or (0, size - 1)
-        ctype = VIDEO_TYPES.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
-        self.send_response(206 if span else 200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(last - first + 1))
-        if span:
-            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-        self.end_headers()
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")  # opened before any header goes out: a file gone meanwhile is still a clean 404
+        except OSError:
+            raise HTTPError(404, "no video file with this id") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            span = _byte_range(self.headers.get("Range"), size)
+            first, last = span or (0, size - 1)
+            self.send_response(206 if span else 200)
+            self.send_header("Content-Type", VIDEO_TYPES.get(os.path.splitext(path)[1].lower(),
+                                                             "application/octet-stream"))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(last - first + 1))
+            if span:
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            self.end_headers()
             f.seek(first)
             left = last - first + 1
             while left > 0:
@@ -389,9 +405,7 @@ class Handler(BaseHTTPRequestHandler):
         print(f"serve: {format % args}", file=sys.stderr, flush=True)
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # Ctrl-C does not wait for a browser's idle keep-alive connections
-
+class Server(ThreadingHTTPServer):  # one thread per connection, daemon threads: Ctrl-C does not wait for them
     def __init__(self, address, loopback: bool):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6

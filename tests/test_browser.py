@@ -13,7 +13,7 @@ from test_serve import XSS, folder, net, query, server, trained  # noqa: F401 (f
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -100,7 +100,8 @@ def test_search_page_in_a_browser(browser, server, net):
     # Rescan (nothing changed here): the page reloads with its query and says what the rescan did
     _search(browser, "a green screen")
     browser.find_element(By.ID, "rescan").click()
-    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith("rescanned:"))
+    reloaded = WebDriverWait(browser, 120, ignored_exceptions=(StaleElementReferenceException,))  # the page reloads
+    reloaded.until(lambda d: d.find_element(By.ID, "status").text.startswith("rescanned:"))
     assert browser.find_element(By.ID, "status").text.startswith("rescanned: 6 videos, 0 extracted, 0 encoded")
     assert browser.find_element(By.ID, "q").get_attribute("value") == "a green screen"
     hits = browser.find_elements(By.CSS_SELECTOR, "#results .hit")

@@ -172,13 +172,16 @@ def test_bad_requests_get_a_clear_4xx(server):
         ("/api/search?" + urllib.parse.urlencode({"q": "red " * 250 + "x"}), 400, "1001 characters long; at most 1000"),
         ("/api/search?q=red&colour=blue", 400, "unknown parameter 'colour'; this address takes q, top"),
         ("/api/search?q=red&q=blue", 400, "parameter 'q' given twice"),
-        ("/api/search?q=red&top=0", 400, "top='0': a number of hits from 1 to 100"),
+        ("/api/search?q=red&top=0", 400, "top='0': a whole number from 1 to 100"),
         ("/api/search?q=red&top=many", 400, "top='many'"),
         ("/api/search?q=red&top=101", 400, "from 1 to 100"),
+        ("/api/search?q=red&top=%C2%B2", 400, "top='\u00b2'"),  # a digit to str.isdigit, not to int()
+        ("/api/search?q=red&top=" + "9" * 5000, 400, "a whole number from 1 to 100"),
         ("/api/search?q=%ff%fe", 400, "malformed query string"),
         ("/frame?id=clip_red", 400, "/frame?id=VIDEO_ID&p=FRAME_POSITION"),
         ("/frame?id=nope&p=0", 404, "no such video in the index"),
         ("/frame?id=clip_red&p=99", 404, "frame 99 is not one the model saw"),
+        ("/frame?id=clip_red&p=-1", 400, "p='-1': a whole number"),
         ("/video/no_such_video", 404, "no video file with this id"),
         ("/video/clip_red?download=1", 400, "unknown parameter 'download'"),
         ("/video/%ff", 400, "not valid UTF-8"),
@@ -208,6 +211,13 @@ def test_bad_requests_get_a_clear_4xx(server):
     size = os.path.getsize(server.search.index["files"]["clip_red"])
     status, headers, body = request(server, "/video/clip_red", headers={"Range": f"bytes={size}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    # a body sent with a POST is read and dropped: the next request on the same connection is answered as itself
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    conn.request("POST", "/api/search", body=b"GET /etc/passwd HTTP/1.1\r\n\r\n")
+    assert conn.getresponse().read() and query(server, "a red screen", conn=conn)[0] == 200
+    conn.close()
+    status, _, body = request(server, "/api/rescan", "POST", headers={"Content-Length": "99999999"})
+    assert status == 413 and "no request body" in json.loads(body)["error"]
     # and the server is still up, answering correctly
     assert query(server, "a red screen")[0] == 200
 
