@@ -20,8 +20,8 @@ try:
 except ImportError:
     webdriver = None
 _missing = webdriver is None or not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER))
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_missing and not os.environ.get("CI"),
-                                                   reason="needs selenium, /usr/bin/chromium and /usr/bin/chromedriver")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    _missing and not os.environ.get("CI"), reason="needs selenium, /usr/bin/chromium and /usr/bin/chromedriver")]
 
 
 @pytest.fixture
