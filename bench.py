@@ -1,8 +1,8 @@
 """
 Benchmark HMMC with random weights at real sizes: the fine-tuning and pre-training steps (videos/s, model FLOPs
 utilisation, peak memory), eval encoding, the hierarchical similarity of a 1k x 1k test set, the data loader on an
-LMDB of generated frames, a whole evaluate() of 1,000 videos from that LMDB, and the tokenizer. Prints one table and
-writes JSON.
+LMDB of generated frames, a whole evaluate() of 1,000 videos from that LMDB, one search query against 1,000 and
+10,000 indexed videos, and the tokenizer. Prints one table and writes JSON.
 
 $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
@@ -58,6 +58,8 @@ loader_workers = (0, 4, 8, 14)  # data loader process counts to time (14: a 16-c
 loader_batch_size = 32  # the recipes' per-GPU batch on 8 GPUs
 loader_frame_size = 224  # short side of the generated frames
 sim_videos = 1000  # the similarity row: sim_videos texts x sim_videos videos x num_frames frames
+search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
+search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
 tokenizer_captions = 20000  # captions the tokenizer row encodes
 baseline = None  # run the plain baseline too; default: on CPU only
 ratio_repeats = 3  # alternations of ours and the baseline per ratio: the row shows their median and min-max
@@ -76,13 +78,13 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
 # defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=2, warmup=1,
             eval_batch_size=8, loader_videos=16, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4,
-            loader_frame_size=32, tokenizer_captions=500, sim_videos=64)
+            loader_frame_size=32, tokenizer_captions=500, sim_videos=64, search_videos=(64,), search_model="tiny")
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
             "a child rides a red bicycle in the park", "a chef explains how to cook pasta"]
 # the units of a row's main figure, the one its baseline and ratio refer to
-UNITS = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms"}
+UNITS = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms", "query_ms": "ms"}
 
 
 def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -215,6 +217,26 @@ def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dic
     return {"similarity_ms": 1000 * best, "metrics_ms": 1000 * (time.perf_counter() - t0)}
 
 
+@torch.no_grad()
+def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int = 5) -> dict:
+    """One query against an index of num videos x T frames (random unit embeddings of the model's size), end to end
+    as the search page answers it, HTTP aside: eval.search_index tokenizes, encodes the text, scores every video and
+    returns the top 10 with their frame scores."""
+    g = torch.Generator().manual_seed(seed)
+    E = net.cfg.clip.embed_dim
+    index = {"video_ids": [f"v{i:05d}" for i in range(num)],
+             "video_emb": F.normalize(torch.randn(num, E, generator=g), dim=-1),
+             "frame_emb": F.normalize(torch.randn(num, T, E, generator=g), dim=-1)}
+    times = []
+    for i in range(repeats + 1):  # the first is the warm-up
+        t0 = time.perf_counter()
+        hmmc_eval.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
+                               context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return {"query_ms": 1000 * min(times[1:]), "median_ms": 1000 * float(np.median(times[1:]))}
+
+
 def make_lmdb(path: str, splits: dict, T: int, S: int, distinct: int = 384) -> None:
     """An LMDB of JPEG frames like `prepare.py frames` writes (short side S) and one {split}.jsonl per entry of
     splits = {split: number of videos}, all over the same videos. Videos cycle through `distinct` encoded frames:
@@ -311,6 +333,11 @@ def run(cfg: dict) -> dict:
 
     num = cfg["sim_videos"]
     add(f"similarity {num}x{num}x{T} + metrics", time_similarity(num, T, TOWERS[first]["embed_dim"], dev))
+    searcher = build(cfg["search_model"], pretrain_=False, T=T, L=L, batch=1, dev=dev).eval()
+    for num in cfg["search_videos"]:
+        add(f"search query {cfg['search_model']}, {num} videos x {T}",
+            time_search(searcher, num, T, L, tokenizer, dev))
+    del searcher
     S = cfg["loader_frame_size"]
     tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
     try:
@@ -376,6 +403,8 @@ def _format_row(row: dict) -> str:
         extra.append(f"{ours['seconds']:.1f} s in all")
     if "metrics_ms" in ours:
         extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
+    if "median_ms" in ours:
+        extra.append(f"median {ours['median_ms']:.1f} ms")
     if row.get("baseline"):
         extra.append(f"baseline {row['baseline'][key]:.1f} {UNITS[key]}, x{row['ratio']:.2f} "
                      f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}){' NOISY' if row['noisy'] else ''}")

@@ -12,7 +12,9 @@ Search (DIR is a folder of video files, frames are extracted on the way, or a pr
 is cached in DIR/.hmmc_index/, so a second query encodes nothing, and a new, changed or removed file is redone alone):
 $ python eval.py --init_from=out/ckpt.pt --search=my_videos/ --query="a dog catches a frisbee" --top=5 --html=hits.html
 prints one line per hit, best first: `rank video_id score`, the id being the file's path under DIR without its
-extension (`sub/bikes` for my_videos/sub/bikes.mp4).
+extension (`sub/bikes` for my_videos/sub/bikes.mp4). A search page over the same folder (serve.py), at
+http://127.0.0.1:8000 until Ctrl-C:
+$ python eval.py --init_from=out/ckpt.pt --search=my_videos/ --serve
 
 Scores are HMMC's hierarchical similarity: 100*cos(text, video) + frame_match_weight * mean of the top-k
 100*cos(text, frame). Dual-softmax re-normalisation ("DSL", --dsl=True) is off by default and every output says
@@ -39,7 +41,7 @@ import torch.distributed as dist
 import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
-from common import autocast, cleanup_compute, init_compute, run_script, unwrap
+from common import autocast, cleanup_compute, init_compute, run_script, set_cpu_threads, unwrap
 from tokenizer import UnkWrapped
 
 _bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -77,6 +79,9 @@ index_dir = ""  # where the index cache lives; default DIR/.hmmc_index
 frames_per_video = 30  # frames extracted per video file when DIR is a folder of videos
 extract_workers = 4  # ffmpeg processes when extracting
 retry_failed = False  # extract again the files that failed before even when unchanged (changed files always are)
+serve = False  # with --search: serve a search page over DIR (queries typed there) instead of answering --query
+host = "127.0.0.1"  # address of the search page; anything but loopback lets other machines see it and the videos
+port = 8000  # port of the search page (0: any free one)
 config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
 # -----------------------------------------------------------------------------
 
@@ -611,28 +616,41 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
     k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
     sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=k,
                             frame_match_weight=frame_match_weight)  # (Q, V)
-    frame_sim = 100.0 * torch.einsum("qe,vte->qvt", text_emb, frame_emb).cpu()  # (Q, V, T) for the report
     results = []
     for qi in range(len(queries)):
         order = np.argsort(-sim[qi], kind="stable")[:top]
-        results.append([{"rank": rank, "video_id": index["video_ids"][vi], "score": float(sim[qi, vi]),
-                         "frame_scores": [float(x) for x in frame_sim[qi, vi]],
-                         "top_frames": sorted(int(x) for x in frame_sim[qi, vi].topk(k).indices)}
-                        for rank, vi in enumerate(order, 1)])
+        # frame scores of the hits only: those of every video would cost as much again as the ranking (10k videos)
+        frame_sim = 100.0 * torch.einsum("e,hte->ht", text_emb[qi], frame_emb[torch.as_tensor(order)]).cpu()
+        results.append([{"rank": h + 1, "video_id": index["video_ids"][vi], "score": float(sim[qi, vi]),
+                         "frame_scores": [float(x) for x in frame_sim[h]],
+                         "top_frames": sorted(int(x) for x in frame_sim[h].topk(k).indices)}
+                        for h, vi in enumerate(order)])
     return results
 
 
-def _thumbnail_b64(jpeg: bytes, height: int = 96) -> str:
+def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
+    """A stored frame shrunk to `height` px (and at most 4x as wide), as JPEG: for the report and the search page."""
     from PIL import Image
     img = Image.open(io.BytesIO(jpeg)).convert("RGB")
     img.thumbnail((height * 4, height))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=80)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{seconds % 60:04.1f}"  # 1:05.3
+
+
+def frame_time(position: int, duration, stored) -> float | None:
+    """Seconds into the video of stored frame `position`; None when the duration is unknown. Extraction takes the
+    centre of each of `stored` equal segments of the video."""
+    return (position + 0.5) * duration / stored if duration and stored else None
+
+
+def frame_label(seconds, score: float) -> str:
+    """The caption under a frame: its time in the video (when known) and 100 x cosine of the query with it."""
+    return f"{_clock(seconds)} \u00b7 {score:.1f}" if seconds is not None else f"{score:.1f}"
 
 
 _CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
@@ -640,6 +658,23 @@ _CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10
         ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;font-size:11px;"
         "color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;border:3px solid transparent}"
         "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}")
+
+
+def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None, style: str = "") -> list[str]:
+    """The top of a results page, as a list of HTML lines with everything escaped: title, the checkpoint, and the
+    files skipped as unreadable with their reasons. `style` is CSS added after the report's."""
+    title = escape(title)
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
+             f"<style>{_CSS}{style}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    if checkpoint:
+        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
+    if skipped:
+        parts.append(f"<details class=\"skipped\" open><summary>{len(skipped)} file(s) skipped as "
+                     f"unreadable</summary><ul>")
+        parts += [f"<li><code>{escape(v)}</code>: {escape(r)}</li>" for v, r in skipped.items()]
+        parts.append("</ul></details>")
+    return parts
 
 
 def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
@@ -650,17 +685,7 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
     positions = [int(p) for p in index["frame_indices"]]
     stored = index.get("stored_frames")
     durations = dict(zip(index["video_ids"], index.get("durations") or []))
-    title = escape(title or "HMMC search")
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{_CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
-    if checkpoint:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
-    if index.get("skipped"):
-        parts.append(f"<details class=\"skipped\" open><summary>{len(index['skipped'])} file(s) skipped as "
-                     f"unreadable</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r)}</li>" for v, r in index["skipped"].items()]
-        parts.append("</ul></details>")
+    parts = page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
     with prepare.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
             parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
@@ -676,11 +701,10 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
                              f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
                 for t, (p, jpeg, score) in enumerate(zip(positions, jpegs, hit["frame_scores"])):
                     cls = " class=\"top\"" if t in hit["top_frames"] else ""
-                    # extraction takes the centre of each of `stored` equal segments of the video
-                    when = f"{_clock((p + 0.5) * duration / stored)} &middot; " if duration and stored else ""
+                    thumb = base64.b64encode(thumbnail_jpeg(jpeg)).decode("ascii")
                     parts.append(f"<figure{cls}><img alt=\"{escape(vid)} frame {p}\" "
-                                 f"src=\"data:image/jpeg;base64,{_thumbnail_b64(jpeg)}\">"
-                                 f"<figcaption>{when}{score:.1f}</figcaption></figure>")
+                                 f"src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
+                                 f"{escape(frame_label(frame_time(p, duration, stored), score))}</figcaption></figure>")
                 parts.append("</div></div>")
             parts.append("</section>")
     parts.append("</body></html>")
@@ -695,27 +719,41 @@ def _checkpoint_key(init_from: str, clip_path: str) -> str:
 
 
 def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list[dict]]:
-    """Search mode of main: index cfg["search"], print `rank video_id score` per hit, optionally write the report."""
+    """Search mode of main: index cfg["search"], print `rank video_id score` per hit, optionally write the report;
+    with cfg["serve"], serve the search page instead (returns when it is stopped)."""
     if cfg["top"] < 1:
         raise ValueError(f"--top={cfg['top']}: ask for at least one hit per query (e.g. --top=5)")
+    checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
+    index_args = dict(cache_dir=cfg["index_dir"] or os.path.join(cfg["search"], ".hmmc_index"),
+                      model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]), num_frames=s["num_frames"],
+                      image_size=s["image_size"], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+                      device=device, dtype=dtype, frames_per_video=cfg["frames_per_video"],
+                      extract_workers=cfg["extract_workers"], retry_failed=cfg["retry_failed"])
+    rank_args = dict(tokenizer=tokenizer, context_length=s["context_length"], top_k_frames=s["top_k_frames"],
+                     frame_match_weight=s["frame_match_weight"], device=device, dtype=dtype)
+    if cfg["serve"]:
+        for key in ("query", "queries_file", "html"):
+            if cfg[key]:
+                raise ValueError(f"--serve takes its queries in the page; drop --{key}")
+        import serve  # here: only this mode needs the server
+        # a query is a few small matmuls: spinning OpenMP threads on a shared CPU made them 10x slower (README)
+        set_cpu_threads(device)
+        serve.serve(net, cfg["search"], index_args=index_args, rank_args=rank_args, host=cfg["host"],
+                    port=cfg["port"], top=cfg["top"], checkpoint=checkpoint)
+        return []
     queries = [cfg["query"]] if cfg["query"] else []
     if cfg["queries_file"]:
         with open(cfg["queries_file"], encoding="utf-8") as f:
             queries += [line.strip() for line in f if line.strip()]
     if not queries:
-        raise ValueError("search mode needs --query=TEXT (or --queries_file=FILE, one query per line)")
+        raise ValueError("search mode needs --query=TEXT (or --queries_file=FILE, one query per line), or --serve "
+                         "for a search page")
     for q in queries:  # fail on a bad query before spending minutes on an index
         _check_query(q, tokenizer)
         for line in query_warnings(q, tokenizer, s["context_length"]):
             print(f"warning: {line}", flush=True)
-    index = build_index(net, cfg["search"], cache_dir=cfg["index_dir"] or os.path.join(cfg["search"], ".hmmc_index"),
-                        model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]), num_frames=s["num_frames"],
-                        image_size=s["image_size"], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
-                        device=device, dtype=dtype, frames_per_video=cfg["frames_per_video"],
-                        extract_workers=cfg["extract_workers"], retry_failed=cfg["retry_failed"])
-    results = search_index(net, index, queries, tokenizer=tokenizer, context_length=s["context_length"],
-                           top_k_frames=s["top_k_frames"], frame_match_weight=s["frame_match_weight"],
-                           top=cfg["top"], device=device, dtype=dtype)
+    index = build_index(net, cfg["search"], **index_args)
+    results = search_index(net, index, queries, top=cfg["top"], **rank_args)
     for q, hits in zip(queries, results):
         if len(queries) > 1:
             print(f"query: {q}")
@@ -723,7 +761,6 @@ def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list
             print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
     sys.stdout.flush()
     if cfg["html"]:
-        checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
         write_html(cfg["html"], index, queries, results, title=f"HMMC search over {cfg['search']}",
                    checkpoint=checkpoint)
         print(f"wrote {cfg['html']}", flush=True)

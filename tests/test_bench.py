@@ -48,13 +48,14 @@ def test_bench_tiny_cpu(tmp_path, capsys):
     text = capsys.readouterr().out
     saved = json.loads(out.read_text())
     names = [r["name"] for r in saved["rows"]]
-    for prefix in ("finetune step", "pretrain step", "eval encode", "similarity", "data loader", "evaluate()",
-                   "tokenizer"):
+    for prefix in ("finetune step", "pretrain step", "eval encode", "similarity", "search query", "data loader",
+                   "evaluate()", "tokenizer"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
         assert prefix in text
     assert sum(n.startswith("data loader") for n in names) == 2
+    assert "search query tiny, 64 videos x 4" in names  # search_videos=(64,) in tiny
     for row in result["rows"]:
-        value = next(v for k, v in row["ours"].items() if k in ("videos_per_s", "captions_per_s", "similarity_ms"))
+        value = next(v for k, v in row["ours"].items() if k in bench.UNITS)
         assert value > 0
         if row["name"].startswith(("finetune", "pretrain", "eval encode")):
             assert row["baseline"] is not None and row["ratio"] > 0  # CPU: baseline measured side by side

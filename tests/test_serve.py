@@ -1,0 +1,363 @@
+# The search page's server (serve.py) over real HTTP on 127.0.0.1: its ranking is eval.search_index's, it serves the
+# indexed videos and nothing else, escapes file names, refuses bad requests with a 4xx, rescans a changed folder and
+# stays up under a burst of concurrent queries.
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.parse
+
+import pytest
+
+import eval as ev
+import model as hmmc_model
+import serve
+from test_eval import S, T, _frames, _tok, _write_mp4, trained  # noqa: F401 (trained is a fixture)
+
+pytestmark = pytest.mark.skipif(not shutil.which("ffmpeg"), reason="needs ffmpeg")
+
+COLOURS = ("red", "green", "blue", "yellow")
+XSS = "<img src=x onerror=alert(1)>"  # a legal file name on Linux; it must reach the page as text
+BAD_NAME = "<svg onload=alert(2)>"  # a broken file (a name cannot hold "/"): listed among the skipped files
+
+
+def _args(videos):
+    """build_index's and search_index's settings, as test_eval's searches use them."""
+    index_args = dict(cache_dir=str(videos / ".hmmc_index"), model_key="tiny", num_frames=T, image_size=S,
+                      frames_per_video=6, extract_workers=2, num_workers=0)
+    return index_args, _rank_args()
+
+
+def _rank_args():
+    return dict(tokenizer=_tok(), context_length=16, top_k_frames=2, frame_match_weight=1.0)
+
+
+def _start(net, videos):
+    index_args, rank_args = _args(videos)
+    server = serve.make_server(net, str(videos), index_args=index_args, rank_args=rank_args, host="127.0.0.1",
+                               port=0, top=3, checkpoint="ckpt.pt")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+def request(server, path, method="GET", headers=None):
+    """(status, headers, body bytes) of one request on a fresh connection."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    try:
+        headers = headers or {}
+        conn.putrequest(method, path, skip_host="Host" in headers, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+def query(server, text, top=None, conn=None):
+    params = {"q": text, **({"top": top} if top else {})}
+    path = "/api/search?" + urllib.parse.urlencode(params)
+    if conn is None:
+        status, _, body = request(server, path)
+    else:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        status, body = r.status, r.read()
+    return status, json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def net(trained):
+    return hmmc_model.load_model(trained[0])[0].eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    videos = root / "my videos"
+    videos.mkdir()
+    for i, c in enumerate(COLOURS):
+        _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=50 + i))
+    _write_mp4(str(videos / f"{XSS}.mp4"), _frames("purple", n=12, size=48, seed=55))
+    (videos / f"{BAD_NAME}.mp4").write_bytes(b"not a video")
+    # a link inside the folder to a video outside it: indexed (its frames are readable) but never served
+    _write_mp4(str(root / "outside.mp4"), _frames("white", n=12, size=48, seed=56))
+    (videos / "outside.mp4").symlink_to(root / "outside.mp4")
+    return videos
+
+
+@pytest.fixture(scope="module")
+def server(net, folder):
+    s = _start(net, folder)
+    yield s
+    _stop(s)
+
+
+def _reference(net, server, text, top):
+    return ev.search_index(net, server.search.index, [text], top=top, **_rank_args())[0]
+
+
+def test_ranking_equals_search_index(net, server):
+    n = len(server.search.index["video_ids"])
+    assert n == 6  # four colours, the oddly named one and the linked one; the broken file is skipped
+    firsts = []
+    for c in COLOURS:
+        status, data = query(server, f"a {c} screen", top=n)
+        assert status == 200, data
+        want = _reference(net, server, f"a {c} screen", n)
+        assert [h["video_id"] for h in data["hits"]] == [h["video_id"] for h in want]
+        assert [h["score"] for h in data["hits"]] == [h["score"] for h in want]  # JSON floats round-trip exactly
+        assert [h["top_frames"] for h in data["hits"]] == [h["top_frames"] for h in want]
+        firsts.append(data["hits"][0]["video_id"])
+        for hit in data["hits"]:
+            assert len(hit["frames"]) == T and sum(f["top"] for f in hit["frames"]) == 2
+            assert [i for i, f in enumerate(hit["frames"]) if f["top"]] == hit["top_frames"]
+            best = max(range(T), key=hit["frame_scores"].__getitem__)
+            assert hit["start"] == hit["frames"][best]["time"] and 0 < hit["start"] < 1.5  # 12 frames at 8 fps
+        assert data["videos"] == n and data["warnings"] == []
+    assert sum(f == f"clip_{c}" for f, c in zip(firsts, COLOURS)) >= 3, firsts
+    # the page's default number of hits is the server's `top`
+    assert len(query(server, "a red screen")[1]["hits"]) == 3
+
+
+def test_page_names_language_and_escapes_file_names(server, folder):
+    status, headers, body = request(server, "/")
+    page = body.decode("utf-8")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "English (CLIP text encoder)" in page and "6 videos indexed" in page
+    assert "&lt;svg onload=alert(2)&gt;" in page  # the broken file, listed as skipped, as text
+    assert BAD_NAME not in page and XSS not in page
+    # the file named like an <img> tag is an ordinary hit: its id goes out as JSON data (the page sets it as text)
+    status, data = query(server, "a purple screen", top=6)
+    hit = next(h for h in data["hits"] if h["video_id"] == XSS)
+    assert hit["video_url"] == "/video/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E"
+    status, headers, body = request(server, hit["video_url"])
+    assert status == 200 and body == (folder / f"{XSS}.mp4").read_bytes()
+    status, headers, body = request(server, hit["frames"][0]["url"])
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+
+
+def test_only_indexed_videos_are_served(server, folder):
+    red = (folder / "clip_red.mp4").read_bytes()
+    status, headers, body = request(server, "/video/clip_red")
+    assert status == 200 and body == red and headers["Content-Type"] == "video/mp4"
+    assert headers["Accept-Ranges"] == "bytes"
+    absolute = "/video/" + urllib.parse.quote(str(folder / "clip_red.mp4"), safe="")
+    attempts = ["/video/../../../../etc/passwd", "/video/..%2F..%2F..%2Fetc%2Fpasswd",
+                "/video/%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/video/%252e%252e%252fetc%252fpasswd",
+                "/video/%2Fetc%2Fpasswd", "/video//etc/passwd", absolute,
+                "/video/clip_red.mp4", "/video/.hmmc_index", "/video/outside",  # a link leading out of the folder
+                "/../../etc/passwd", "/etc/passwd", "/my%20videos/clip_red.mp4", "/clip_red.mp4",
+                "/frame?id=..%2F..%2Fetc%2Fpasswd&p=0", f"/frame?id={urllib.parse.quote(str(folder))}&p=0"]
+    for path in attempts:
+        status, _, body = request(server, path)
+        assert status == 404, (path, status, body[:200])
+        assert b"root:" not in body and body[:4] != red[:4]
+    assert "outside" in server.search.index["video_ids"]  # searchable, only its file is not served
+
+
+def test_bad_requests_get_a_clear_4xx(server):
+    cases = [
+        ("/api/search?q=", 400, "empty query"),
+        ("/api/search?q=%20%20", 400, "empty query"),
+        ("/api/search", 400, "empty query"),
+        ("/api/search?" + urllib.parse.urlencode({"q": "red " * 250 + "x"}), 400, "1001 characters long; at most 1000"),
+        ("/api/search?q=red&colour=blue", 400, "unknown parameter 'colour'; this address takes q, top"),
+        ("/api/search?q=red&q=blue", 400, "parameter 'q' given twice"),
+        ("/api/search?q=red&top=0", 400, "top='0': a whole number from 1 to 100"),
+        ("/api/search?q=red&top=many", 400, "top='many'"),
+        ("/api/search?q=red&top=101", 400, "from 1 to 100"),
+        ("/api/search?q=red&top=%C2%B2", 400, "top='\u00b2'"),  # a digit to str.isdigit, not to int()
+        ("/api/search?q=red&top=" + "9" * 5000, 400, "a whole number from 1 to 100"),
+        ("/api/search?q=%ff%fe", 400, "malformed query string"),
+        ("/frame?id=clip_red", 400, "/frame?id=VIDEO_ID&p=FRAME_POSITION"),
+        ("/frame?id=nope&p=0", 404, "no such video in the index"),
+        ("/frame?id=clip_red&p=99", 404, "frame 99 is not one the model saw"),
+        ("/frame?id=clip_red&p=-1", 400, "p='-1': a whole number"),
+        ("/video/no_such_video", 404, "no video file with this id"),
+        ("/video/clip_red?download=1", 400, "unknown parameter 'download'"),
+        ("/video/%ff", 400, "not valid UTF-8"),
+        ("/?x=1", 400, "unknown parameter 'x'"),
+    ]
+    for path, code, message in cases:
+        status, headers, body = request(server, path)
+        assert status == code and headers["Content-Type"].startswith("application/json"), (path, status, body)
+        assert message in json.loads(body)["error"], (path, body)
+        assert b"Traceback" not in body
+    for path, method, code, message in [("/api/search?q=red", "POST", 405, "POST is not allowed here"),
+                                        ("/api/rescan", "GET", 405, "GET is not allowed here"),
+                                        ("/api/rescan", "POST", 403, "X-Requested-By: hmmc")]:
+        status, headers, body = request(server, path, method)
+        assert status == code and message in json.loads(body)["error"], (path, body)
+    assert request(server, "/api/rescan", "POST")[1].get("Allow") is None
+    assert request(server, "/api/rescan", "GET")[1]["Allow"] == "POST"
+    # another site's name pointed at 127.0.0.1 (DNS rebinding) gets nothing
+    status, _, body = request(server, "/api/search?q=red", headers={"Host": "evil.example:80"})
+    assert status == 403 and "Host" in json.loads(body)["error"]
+    # what http.server refuses itself: short text, no HTML page
+    status, headers, body = request(server, "/", method="DELETE")
+    assert status == 501 and headers["Content-Type"].startswith("text/plain") and b"<" not in body
+    for bad in ("bytes=abc", "bytes=5-2", "bytes=1-2,4-5", "items=0-1", "bytes=-"):
+        status, _, body = request(server, "/video/clip_red", headers={"Range": bad})
+        assert status == 400 and "malformed Range header" in json.loads(body)["error"], bad
+    size = os.path.getsize(server.search.index["files"]["clip_red"])
+    status, headers, body = request(server, "/video/clip_red", headers={"Range": f"bytes={size}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    # a body sent with a POST is read and dropped: the next request on the same connection is answered as itself
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    conn.request("POST", "/api/search", body=b"GET /etc/passwd HTTP/1.1\r\n\r\n")
+    assert conn.getresponse().read() and query(server, "a red screen", conn=conn)[0] == 200
+    conn.close()
+    status, _, body = request(server, "/api/rescan", "POST", headers={"Content-Length": "99999999"})
+    assert status == 413 and "no request body" in json.loads(body)["error"]
+    # and the server is still up, answering correctly
+    assert query(server, "a red screen")[0] == 200
+
+
+def test_range_requests(server):
+    data = open(server.search.index["files"]["clip_green"], "rb").read()
+    size = len(data)
+    for header, first, last in [("bytes=10-99", 10, 99), ("bytes=100-", 100, size - 1),
+                                ("bytes=-50", size - 50, size - 1), ("bytes=0-0", 0, 0),
+                                (f"bytes=5-{10 * size}", 5, size - 1), (f"bytes=-{2 * size}", 0, size - 1)]:
+        status, headers, body = request(server, "/video/clip_green", headers={"Range": header})
+        assert status == 206, header
+        assert body == data[first:last + 1] and headers["Content-Length"] == str(last - first + 1), header
+        assert headers["Content-Range"] == f"bytes {first}-{last}/{size}" and headers["Content-Type"] == "video/mp4"
+
+
+def test_burst_of_concurrent_queries(net, server):
+    texts = [f"a {c} screen" for c in COLOURS]
+    want = {t: [(h["video_id"], h["score"]) for h in _reference(net, server, t, 3)] for t in texts}
+    got, errors = [], []
+
+    def worker(k):
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)  # keep-alive, as a browser
+        try:
+            for i in range(50):
+                text = texts[(k + i) % len(texts)]
+                status, data = query(server, text, conn=conn)
+                got.append((status, text, [(h["video_id"], h["score"]) for h in data.get("hits", [])]))
+        except Exception as e:  # reported below: a thread's exception is otherwise lost
+            errors.append(repr(e))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(got) == 200
+    assert all(status == 200 and hits == want[text] for status, text, hits in got)
+
+
+def test_rescan_adds_a_new_video(net, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, c in enumerate(("red", "green")):
+        _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=60 + i))
+    _write_mp4(str(tmp_path / "clip_blue.mp4"), _frames("blue", n=12, size=48, seed=62))
+    server = _start(net, videos)
+    try:
+        hits = query(server, "a blue screen")[1]["hits"]
+        assert "clip_blue" not in [h["video_id"] for h in hits]
+        request(server, "/frame?id=clip_red&p=0")  # a thumbnail reader of the frame store is now open
+        shutil.copy(tmp_path / "clip_blue.mp4", videos / "clip_blue.mp4")
+        # while a rescan runs, queries and frames are turned away with 503 and a second rescan with 409
+        with server.search.lock:
+            server.search.rescanning = True
+        try:
+            for path in ("/api/search?q=red", "/frame?id=clip_red&p=0"):
+                status, headers, body = request(server, path)
+                assert status == 503 and "being rebuilt" in json.loads(body)["error"] and headers["Retry-After"]
+            status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
+            assert status == 409 and "already running" in json.loads(body)["error"]
+            assert request(server, "/video/clip_red")[0] == 200  # files are served from the old index meanwhile
+        finally:
+            with server.search.lock:
+                server.search.rescanning = False
+        status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
+        result = json.loads(body)
+        assert status == 200, result
+        assert result["extracted"] == ["clip_blue"] and result["encoded"] == ["clip_blue"] and result["videos"] == 3
+        hits = query(server, "a blue screen")[1]["hits"]
+        assert hits[0]["video_id"] == "clip_blue"
+        assert request(server, hits[0]["video_url"])[2] == (videos / "clip_blue.mp4").read_bytes()
+        assert request(server, hits[0]["frames"][0]["url"])[0] == 200  # the frame store reopened for reading
+
+        # a rescan racing with queries: each query is answered from a whole index, or told to come back
+        (videos / "clip_green.mp4").unlink()
+        _write_mp4(str(videos / "clip_yellow.mp4"), _frames("yellow", n=12, size=48, seed=63))
+        answers = []
+        rescan = threading.Thread(target=lambda: answers.append(
+            request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})))
+        rescan.start()
+        while rescan.is_alive():
+            status, data = query(server, "a yellow screen")
+            assert status in (200, 503), data
+            assert status == 200 or "being rebuilt" in data["error"]
+        rescan.join()
+        assert answers[0][0] == 200 and json.loads(answers[0][2])["encoded"] == ["clip_yellow"]
+        ids = [h["video_id"] for h in query(server, "a yellow screen")[1]["hits"]]
+        assert sorted(ids) == ["clip_blue", "clip_red", "clip_yellow"] and ids[0] == "clip_yellow"
+
+        # a rescan of a folder that lost every video fails and keeps the last index
+        for f in videos.glob("*.mp4"):
+            f.unlink()
+        status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
+        assert status == 409 and "the previous index is kept" in json.loads(body)["error"]
+        assert query(server, "a red screen")[0] == 200
+    finally:
+        _stop(server)
+
+
+def test_loopback_and_busy_port(net, server, folder):
+    assert serve.is_loopback("127.0.0.1") and serve.is_loopback("localhost") and serve.is_loopback("::1")
+    assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("192.168.1.20")
+    assert serve.url_of(server) == f"http://127.0.0.1:{server.server_address[1]}"
+    index_args, rank_args = _args(folder)
+    with pytest.raises(ValueError, match=rf"--port={server.server_address[1]}: cannot listen there"):
+        serve.make_server(net, str(folder), index_args=index_args, rank_args=rank_args, port=server.server_address[1])
+
+
+def test_serve_refuses_cli_queries(trained, folder):
+    with pytest.raises(ValueError, match="--serve takes its queries in the page; drop --query"):
+        ev.main([f"--init_from={trained[0]}", f"--search={folder}", "--serve", "--query=red", "--device=cpu"])
+
+
+@pytest.mark.slow
+def test_eval_serve_command(trained, folder):
+    # as a user runs it: the index, the address on stdout, a query over HTTP, then Ctrl-C
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "eval.py", f"--init_from={trained[0]}", f"--search={folder}", "--serve", "--port=0",
+           "--num_workers=0", "--device=cpu", "--frames_per_video=6", "--extract_workers=2"]
+    p = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("search page: "):
+                break
+        url = lines[-1].split()[2]
+        assert url.startswith("http://127.0.0.1:") and "indexed 6 videos" in "".join(lines), lines
+        host, port = urllib.parse.urlsplit(url).netloc.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        conn.request("GET", "/api/search?q=a+red+screen")
+        data = json.loads(conn.getresponse().read())
+        conn.close()
+        assert data["hits"][0]["video_id"] == "clip_red" and len(data["hits"]) == 5  # eval.py's --top default
+    finally:
+        p.send_signal(__import__("signal").SIGINT)
+        out = p.communicate(timeout=60)[0]
+    assert p.returncode == 0 and "stopped" in out and "Traceback" not in out, out
