@@ -251,12 +251,13 @@ def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int 
 
 @torch.no_grad()
 def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, *, top_k_frames: int,
-                      frame_match_weight: float, chunk_size: int | None = None) -> np.ndarray:
+                      frame_match_weight: float, chunk_size: int | None = None, normalized: bool = False) -> np.ndarray:
     """Hierarchical similarity [Q,V] as float32 numpy, computed on the embeddings' device; model.py's
     hierarchical_similarity takes the queries a chunk at a time so the (chunk, V, T) frame scores stay small."""
     top_k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
     sim = hmmc_model.hierarchical_similarity(text_emb, video_emb, frame_emb, top_k=top_k,
-                                             frame_match_weight=float(frame_match_weight), chunk_size=chunk_size)
+                                             frame_match_weight=float(frame_match_weight), chunk_size=chunk_size,
+                                             normalized=normalized)
     return sim.float().cpu().numpy()
 
 
@@ -614,8 +615,8 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
     video_emb = index["video_emb"].to(device)
     frame_emb = index["frame_emb"].to(device)
     k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
-    sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=k,
-                            frame_match_weight=frame_match_weight)  # (Q, V)
+    sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=k, frame_match_weight=frame_match_weight,
+                            normalized=True)  # (Q, V); encode_texts and the index give unit vectors
     results = []
     for qi in range(len(queries)):
         order = np.argsort(-sim[qi], kind="stable")[:top]

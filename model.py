@@ -168,15 +168,17 @@ def _no_autocast(x: torch.Tensor):
 
 
 def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, top_k: int,
-                            frame_match_weight: float, scale: float = 100.0,
-                            chunk_size: int | None = None) -> torch.Tensor:
+                            frame_match_weight: float, scale: float = 100.0, chunk_size: int | None = None,
+                            normalized: bool = False) -> torch.Tensor:
     """Eval score: scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame).
-    Inputs are normalised here too (cheap, idempotent). Chunked over queries so the (chunk, V, T) tensor stays around
-    2^25 elements (128 MB fp32): 15k texts x 1.5k videos x 12 frames never materialise at once."""
-    text_emb = F.normalize(text_emb.float(), dim=-1)  # (Q, E)
-    video_emb = F.normalize(video_emb.float(), dim=-1)  # (V, E)
+    Inputs are normalised here too, unless `normalized` says they already are (a search index: the pass over 10k
+    videos x 12 frames costs four times the similarity itself). Chunked over queries so the (chunk, V, T) tensor
+    stays around 2^25 elements (128 MB fp32): 15k texts x 1.5k videos x 12 frames never materialise at once."""
+    unit = (lambda x: x.float()) if normalized else (lambda x: F.normalize(x.float(), dim=-1))
+    text_emb = unit(text_emb)  # (Q, E)
+    video_emb = unit(video_emb)  # (V, E)
     V, T, E = frame_emb.shape
-    frames = F.normalize(frame_emb.float(), dim=-1).reshape(V * T, E)  # (V*T, E)
+    frames = unit(frame_emb).reshape(V * T, E)  # (V*T, E)
     k = min(top_k, T)
     if chunk_size is None:
         chunk_size = max(1, (1 << 25) // max(1, V * T))

@@ -259,6 +259,10 @@ def test_hierarchical_similarity_brute_force_and_chunks():
     torch.testing.assert_close(M.hierarchical_similarity(t, v, f, k, 0.0), 100 * F.normalize(t, dim=-1) @
                                F.normalize(v, dim=-1).T)
     assert M.hierarchical_similarity(t, v, f, 99, 1.0).shape == (Q, V)
+    # unit inputs (a search index) may skip the normalisation: the same scores; raw ones then score differently
+    units = [F.normalize(x, dim=-1) for x in (t, v, f)]
+    torch.testing.assert_close(M.hierarchical_similarity(*units, k, 0.7, normalized=True), sim)
+    assert not torch.allclose(M.hierarchical_similarity(t, v, f, k, 0.7, normalized=True), sim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
