@@ -23,7 +23,7 @@ from common import run_script
 
 # -----------------------------------------------------------------------------
 out_dir = "out-study"  # one train.py run folder per row and stage, and study.json with the table
-rows = ("scratch", "full", "no_fam", "no_vtm", "no_ftm", "no_mlm", "queue_32", "queue_256")  # which rows to run
+rows = ("scratch", "full", "no_fam", "no_vtm", "no_ftm", "no_mlm", "queue_256", "queue_1024")  # which rows to run
 finetune_epochs = 1  # the fine-tuning budget of every row (the synthetic set has 187 steps per epoch)
 pretrain_epochs = 2  # the pre-training budget of every pre-trained row (synthetic_pretrain: 375 steps per epoch)
 workers = 2  # rows run at the same time (each train.py uses one CPU thread)
@@ -41,8 +41,8 @@ ROWS = {
     "no_vtm": ["--weight_vtm=0"],
     "no_ftm": ["--weight_ftm=0"],
     "no_mlm": ["--weight_mlm=0"],
-    "queue_32": ["--queue_size=32"],  # one batch: no negatives beyond the batch itself
-    "queue_256": ["--queue_size=256"],
+    "queue_256": ["--queue_size=256"],  # the recipe's queue holds one batch (32)
+    "queue_1024": ["--queue_size=1024"],  # the full-size recipe's
 }
 
 
