@@ -5,7 +5,7 @@ checkpoint on the synthetic set with the same short budget, fine-tune from scrat
 one table of test metrics. Every run is a plain `python train.py ...` whose command is printed with its result, so
 any row can be rerun alone.
 
-$ python study.py                          # every row: about an hour on 2 CPU cores
+$ python study.py                          # every row: about half an hour on 2 CPU cores
 $ python study.py --rows="('scratch', 'full')"
 
 Writes out_dir/<row>-pretrain/, out_dir/<row>-finetune/ (each a train.py run folder) and out_dir/study.json.
