@@ -2,6 +2,7 @@
 # $ python train.py                      (the same as: python train.py config/synthetic.py)
 # $ python train.py --use_temp=False --out_dir=out-synthetic-notemp   (the frame-level baseline: cannot see
 #   direction or order; its own out_dir, as out-synthetic holds the run above)
+# $ python train.py config/synthetic_zh.py   (the same run in Chinese, with a BERT from scratch)
 # Two CPU cores, a few minutes: 6,000 training videos / 32 per step = 187 steps per epoch, 6 epochs = 1,122 steps.
 # The values repeat train.py's defaults so that this file documents the run and stays in step with it.
 out_dir = "out-synthetic"
