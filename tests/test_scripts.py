@@ -79,6 +79,15 @@ def test_truncated_checkpoint(script, truncated_checkpoint, tiny_data, tmp_path)
     _assert_one_error(p, str(truncated_checkpoint), "truncated or corrupt")
 
 
+def test_study_unknown_row_and_a_failing_run(tiny_data, tmp_path):
+    p = _run("study.py", "--rows=('full', 'no_tmp')", f"--out_dir={tmp_path}")
+    _assert_one_error(p, "no_tmp", "no_fam")  # the bad row and the ones there are
+    # a train.py run that fails: the error names its command and its log, which holds train.py's own error
+    p = _run("study.py", "--rows=('scratch',)", f"--out_dir={tmp_path}", "--train_args=('--context_length=many',)")
+    _assert_one_error(p, "train.py", os.path.join(str(tmp_path), "scratch-finetune", "train.log"))
+    assert "context_length expects int" in (tmp_path / "scratch-finetune" / "train.log").read_text()
+
+
 def test_prepare_annotations_without_a_usable_line(tmp_path):
     anno = tmp_path / "chvtt.json"
     anno.write_text('{"title": "no docid"}\n{"docid": 1, "title": \n')

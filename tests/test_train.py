@@ -508,10 +508,13 @@ def test_captions_cut_by_context_length_are_reported(data, tmp_path, capsys):
     run(base + [f"--out_dir={tmp_path / 'short'}", "--context_length=12"])
     cut = sum(n > 12 for n in sizes)
     assert 0 < cut < len(sizes)
+    out = capsys.readouterr().out
     assert (f"warning: {cut} of {len(sizes)} train captions are longer than context_length=12 tokens and are cut "
-            f"(the longest needs {max(sizes)}); pass --context_length={max(sizes)}") in capsys.readouterr().out
-    run(base + [f"--out_dir={tmp_path / 'whole'}", f"--context_length={max(sizes)}"])
-    assert "are cut" not in capsys.readouterr().out
+            f"(the longest needs {max(sizes)}); pass --context_length={max(sizes)}") in out
+    assert "warning: a BERT trained from scratch with bert_pooling='cls'" in out  # the default pooling
+    run(base + [f"--out_dir={tmp_path / 'whole'}", f"--context_length={max(sizes)}", "--bert_pooling=mean"])
+    out = capsys.readouterr().out
+    assert "are cut" not in out and "bert_pooling='cls'" not in out
 
 
 @pytest.mark.slow
