@@ -1,4 +1,4 @@
-# Evaluate on the built-in synthetic test split (208 videos of moving shapes, one unique caption each; `python
+# Evaluate on the built-in synthetic test split (204 videos of moving shapes, one unique caption each; `python
 # prepare.py synthetic` writes it). Chance R@1 is 0.5%; a frame-level model is held near 1/group-size because
 # direction and order are invisible in single frames.
 # $ python train.py && python eval.py config/eval_synthetic.py --init_from=out-synthetic/ckpt.pt
