@@ -393,7 +393,8 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
     """Bring cache_dir/frames_<T>x<size>.lmdb in line with the video files under `source`: extract new and changed
     files (size or mtime differ and so does the content hash), drop removed ones, retry failed ones that changed
     (all failed ones with retry_failed). The manifest next to the LMDB records each file's size, mtime, hash,
-    duration and error. Returns {"lmdb", "ids", "skipped", "stamps", "durations", "stored_frames", "extracted"}."""
+    duration and error. Returns {"lmdb", "ids", "skipped", "paths", "stamps", "durations", "stored_frames",
+    "extracted"}."""
     videos = _list_videos(source, skip=os.path.realpath(cache_dir))
     if not videos:
         raise ValueError(f"--search={source}: neither video files nor a frames.lmdb in this folder; nothing to index")
@@ -455,7 +456,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
             json.dump(files, f, ensure_ascii=False, indent=0)
         os.replace(tmp, manifest_path)  # written after the frames: a killed run redoes its videos, nothing worse
     skipped = {vid: e["error"] for vid, e in files.items() if e.get("error")}
-    return {"lmdb": lmdb_path, "ids": [v for v in files if v not in skipped], "skipped": skipped,
+    return {"lmdb": lmdb_path, "ids": [v for v in files if v not in skipped], "skipped": skipped, "paths": videos,
             "stamps": {v: e["sha1"] for v, e in files.items()},
             "durations": {v: e.get("duration") for v, e in files.items()}, "stored_frames": frames_per_video,
             "extracted": extracted, "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
@@ -479,7 +480,7 @@ def _read_prepared(source: str) -> dict:
         stored = db.num_frames
     data_file = os.path.join(lmdb_path, "data.mdb") if os.path.isdir(lmdb_path) else lmdb_path
     st = os.stat(data_file)
-    return {"lmdb": lmdb_path, "ids": [v for v in ids if v not in skipped], "skipped": skipped,
+    return {"lmdb": lmdb_path, "ids": [v for v in ids if v not in skipped], "skipped": skipped, "paths": {},
             "stamps": dict.fromkeys(ids, f"{st.st_size}|{st.st_mtime_ns}"), "durations": durations,
             "stored_frames": stored, "extracted": [], "retry_hint": ""}
 
@@ -491,7 +492,8 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
     folder), cached in `cache_dir` per model and settings. Only new and changed videos are extracted and encoded;
     removed ones are dropped. Returns {"video_ids", "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T]
     (which stored frames were encoded), "stored_frames", "durations" [V] (seconds or None), "lmdb" (where the frames
-    live), "skipped" {video: reason}, "key", "extracted" and "encoded" (the ids this call extracted / encoded)}."""
+    live), "skipped" {video: reason}, "key", "extracted" and "encoded" (the ids this call extracted / encoded),
+    "paths" {video: its file} (empty for a prepared dataset folder: frames only)}."""
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--search={source}: no such folder (expected a folder of video files or a prepared "
                                 f"dataset folder with frames.lmdb)")
@@ -551,7 +553,8 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
         print(f"indexed {len(ids)} videos -> {index_path}", flush=True)
     else:
         print(f"loaded the index of {len(ids)} videos from {index_path}", flush=True)
-    return {**index, "extracted": src["extracted"], "encoded": todo}
+    return {**index, "extracted": src["extracted"], "encoded": todo,
+            "paths": {v: src["paths"][v] for v in ids if v in src["paths"]}}
 
 
 # ----------------------------------------------------------------------------- search: queries, ranking, report

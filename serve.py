@@ -58,13 +58,9 @@ class Search:
         self.index = self._build()
 
     def _build(self) -> dict:
-        """build_index's answer plus the video files that may be served and what the requests look up."""
+        """build_index's answer plus what the requests look up (its "paths" are the files that may be served)."""
         index = hmmc_eval.build_index(self.net, self.source, **self.index_args)
-        files = {}  # video id -> file; a prepared dataset folder holds frames only
-        if not os.path.exists(os.path.join(self.source, "frames.lmdb")):
-            files = hmmc_eval._list_videos(self.source, skip=os.path.realpath(self.index_args["cache_dir"]))
-        return {**index, "files": {vid: files[vid] for vid in index["video_ids"] if vid in files},
-                "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]]}
+        return {**index, "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]]}
 
     def _check_ready(self):
         if self.rescanning:
@@ -97,7 +93,7 @@ class Search:
                              for i, (p, t, score) in enumerate(zip(positions, times, hit["frame_scores"]))]
             best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
             hit["start"] = times[best] or 0.0
-            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["files"] else None
+            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
         warnings = hmmc_eval.query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"])
         return {"query": query, "hits": hits, "warnings": warnings, "videos": len(index["video_ids"]),
                 "seconds": seconds}
@@ -117,7 +113,7 @@ class Search:
     def video_file(self, vid: str) -> str:
         """The file of an indexed video, if it still lies inside the folder once links are resolved."""
         with self.lock:
-            path = self.index["files"].get(vid)
+            path = self.index["paths"].get(vid)
         if path is None:
             raise HTTPError(404, "no video file with this id")
         root, real = os.path.realpath(self.source), os.path.realpath(path)

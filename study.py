@@ -99,8 +99,8 @@ def main(argv=None):
     for row, r in table.items():
         pre, fine = r["pretrain"], r["finetune"]
         what = "none" if ROWS[row] is None else " ".join(ROWS[row]) or "all four losses"
-        print(f"| {row} | {what} | "
-              f"{format(pre['t2v']['R1'], '.1f') if pre else '-'} | {fine['t2v']['R1']:.1f} | {fine['t2v']['R5']:.1f} | "
+        zero_shot = f"{pre['t2v']['R1']:.1f}" if pre else "-"
+        print(f"| {row} | {what} | {zero_shot} | {fine['t2v']['R1']:.1f} | {fine['t2v']['R5']:.1f} | "
               f"{fine['v2t']['R1']:.1f} |")
     return table
 

@@ -529,8 +529,8 @@ def build_model(tokenizer, resume_path: str | None):
                                                                       tokenizer.sep_id))
     model_args = dict(
         clip=clip_args, bert=bert_args, text_encoder=text_encoder, bert_pooling=bert_pooling, use_temp=use_temp,
-        temporal_layers=temporal_layers,
-        temporal_heads=temporal_heads, max_frames=max_frames, temporal_init=temporal_init, use_frame_fea=use_frame_fea,
+        temporal_layers=temporal_layers, temporal_heads=temporal_heads, max_frames=max_frames,
+        temporal_init=temporal_init, use_frame_fea=use_frame_fea,
         weight_video=weight_video, weight_frame=weight_frame, sim_scale=sim_scale, learn_sim_scale=learn_sim_scale,
         pretrain=pretrain, use_tags=use_tags, num_frames=num_frames, queue_size=queue_size, momentum=momentum,
         temperature=temperature, proj_hidden=proj_hidden, weight_fam=weight_fam, weight_vtm=weight_vtm,

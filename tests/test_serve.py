@@ -209,7 +209,7 @@ def test_bad_requests_get_a_clear_4xx(server):
     for bad in ("bytes=abc", "bytes=5-2", "bytes=1-2,4-5", "items=0-1", "bytes=-"):
         status, _, body = request(server, "/video/clip_red", headers={"Range": bad})
         assert status == 400 and "malformed Range header" in json.loads(body)["error"], bad
-    size = os.path.getsize(server.search.index["files"]["clip_red"])
+    size = os.path.getsize(server.search.index["paths"]["clip_red"])
     status, headers, body = request(server, "/video/clip_red", headers={"Range": f"bytes={size}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
     # a body sent with a POST is read and dropped: the next request on the same connection is answered as itself
@@ -224,7 +224,7 @@ def test_bad_requests_get_a_clear_4xx(server):
 
 
 def test_range_requests(server):
-    data = open(server.search.index["files"]["clip_green"], "rb").read()
+    data = open(server.search.index["paths"]["clip_green"], "rb").read()
     size = len(data)
     for header, first, last in [("bytes=10-99", 10, 99), ("bytes=100-", 100, size - 1),
                                 ("bytes=-50", size - 50, size - 1), ("bytes=0-0", 0, 0),
