@@ -56,7 +56,7 @@ eval_only = False  # evaluate the initial weights on the test split and exit
 keep_epoch_checkpoints = False  # also keep out_dir/ckpt_epoch{N}.pt after the N-th epoch, as the original did
 seed = 1337  # seeds the model init, data order, frame sampling and augmentation
 # data (data_dir = data/<dataset> unless set)
-dataset = "synthetic"  # the prepared folder data/<dataset> (synthetic is made on first use)
+dataset = "synthetic"  # the prepared folder data/<dataset> (a built-in set is made on first use, where nothing is)
 data_dir = None  # another folder than data/<dataset>
 train_split = "train"  # <split>.jsonl to train on
 val_split = "val"  # best checkpoint by val R@1; the test split is used when this one does not exist
@@ -371,14 +371,25 @@ def fault_injection(rank: int, iter_num: int):
 
 
 def check_data(data_dir: str, splits: list, dataset_name: str):
+    """Stop, naming what is missing and the command that makes it, where data_dir is not a prepared dataset."""
     missing = [p for p in ["frames.lmdb"] + [f"{s}.jsonl" for s in splits]
                if not os.path.exists(os.path.join(data_dir, p))]
-    if missing:
-        how = {"synthetic": "python prepare.py synthetic --out={d}"}.get(
-            dataset_name, "python prepare.py frames --videos=VIDEO_DIR --out={d}/frames.lmdb for the frames and "
-                          "python prepare.py " + dataset_name + " ... --out={d} for the annotations")
-        raise FileNotFoundError(f"dataset {dataset_name!r} is not prepared: {', '.join(missing)} missing in "
-                                f"{data_dir}; run {how.format(d=data_dir)}")
+    if not missing:
+        return
+    own = os.path.normpath(data_dir) == os.path.join("data", dataset_name)
+    generic = (f"python prepare.py frames --videos=VIDEO_DIR --out={data_dir}/frames.lmdb makes the frames and "
+               f"python prepare.py <msrvtt|vatex|chvtt> ... --out={data_dir} the splits")
+    if dataset_name not in synthetic.BUILT_IN:
+        how = generic.replace("<msrvtt|vatex|chvtt>", dataset_name)
+    elif own and "frames.lmdb" not in missing:  # a built-in set that lost a split: write it again
+        args = "".join(f" --{k}={v}" for k, v in synthetic.BUILT_IN[dataset_name].items())
+        how = f"python prepare.py synthetic --out={data_dir}{args} writes it anew"
+    elif own:
+        how = f"{data_dir} holds files of another dataset; move them away and train.py writes the built-in set there"
+    else:  # the user's own folder: train.py writes a built-in set only where nothing is
+        how = f"{generic}; or leave --data_dir out to train on the built-in set in data/{dataset_name}"
+    raise FileNotFoundError(f"dataset {dataset_name!r} is not prepared: {', '.join(missing)} missing in "
+                            f"{data_dir}; {how}")
 
 
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int, run_device: str):
@@ -435,12 +446,14 @@ def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str, ru
 
 
 def load_data(config: dict, master: bool, ddp: bool):
-    """(training set, tokenizer, (eval data dir, eval split, eval caption field)). The built-in synthetic dataset
-    is made on demand, every other one by prepare.py."""
+    """(training set, tokenizer, (eval data dir, eval split, eval caption field)). A built-in synthetic set is made
+    on demand, only into a folder that does not exist or is empty (never over anyone's files); every other dataset
+    by prepare.py."""
     ddir = data_dir or os.path.join("data", dataset)
     edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
     for name, folder in ((dataset, ddir), (eval_dataset, edir)):
-        if name in synthetic.BUILT_IN and not os.path.exists(os.path.join(folder, "frames.lmdb")):
+        if name in synthetic.BUILT_IN and not os.path.exists(os.path.join(folder, "frames.lmdb")) and \
+                not (os.path.isdir(folder) and os.listdir(folder)):  # never into a folder that holds anything
             if master:
                 synthetic.prepare_synthetic(folder, **synthetic.BUILT_IN[name])
             if ddp:

@@ -17,6 +17,7 @@ import torch
 import eval as hmmc_eval
 import prepare
 import study
+import synthetic
 import train
 from synthetic import prepare_synthetic
 
@@ -168,6 +169,46 @@ def test_bad_config_errors(data, tmp_path):
         run(base + ["--pretrain=True", "--weight_mlm=0.05"])
     with pytest.raises(FileNotFoundError, match="python prepare.py msrvtt"):
         run([f"--out_dir={tmp_path}", "--dataset=msrvtt", "--data_dir=" + str(tmp_path / "nothing"), *TINY])
+
+
+def tree(folder) -> dict:
+    """Every file and folder under `folder`: relative path -> bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(Path(folder).rglob("*"))}
+
+
+def test_a_users_data_folder_is_never_written(data, tmp_path, monkeypatch):
+    # the user's own folder without frames.lmdb (`dataset` is "synthetic" by default): refused with what is missing
+    # and how to make it, and not a byte of it changes
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    for split in ("train", "test"):
+        (mine / f"{split}.jsonl").write_text(Path(data, f"{split}.jsonl").read_text().splitlines()[0] + "\n")
+    (mine / "NOTES.txt").write_text("my notes\n")
+    before = tree(mine)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"dataset 'synthetic' is not prepared: frames.lmdb missing in {mine}; python prepare.py frames "
+            f"--videos=VIDEO_DIR --out={mine}/frames.lmdb makes the frames")):
+        run([f"--data_dir={mine}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1", *TINY])
+    assert tree(mine) == before and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=f"{mine} holds files but no frames.lmdb"):  # nor does prepare.py
+        prepare_synthetic(str(mine), num_train=4, test_single=1, test_double=0, val_single=1, val_double=0)
+    assert tree(mine) == before
+    # the built-in set is written where nothing is: its own data/synthetic, a new folder, an empty one
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(synthetic.BUILT_IN, "synthetic", dict(num_train=16, test_single=2, test_double=0,
+                                                              val_single=1, val_double=0))
+    (mine / "empty").mkdir()
+    for i, where in enumerate(([], ["--data_dir=new"], ["--data_dir=mydata/empty"])):
+        run(where + ["--batch_size=8", "--max_iters=1", f"--out_dir=out{i}", *TINY])
+    for folder in ("data/synthetic", "new", "mydata/empty"):
+        assert sorted(os.listdir(folder)) == ["frames.lmdb", "test.jsonl", "train.jsonl", "val.jsonl", "vocab.txt"]
+    # its own place, holding someone else's files: refused too
+    shutil.rmtree("data/synthetic")
+    os.makedirs("data/synthetic")
+    Path("data/synthetic/NOTES.txt").write_text("mine\n")
+    with pytest.raises(FileNotFoundError, match="holds files of another dataset; move them away"):
+        run(["--max_iters=1", "--out_dir=out-again", *TINY])
+    assert os.listdir("data/synthetic") == ["NOTES.txt"]
 
 
 def test_checkpoint_of_another_architecture(data, tmp_path):
