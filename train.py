@@ -13,7 +13,8 @@ Writes out_dir/ckpt.pt (latest, with its sha256 in ckpt.pt.sha256; the one befor
 val R@1), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end); with
 keep_epoch_checkpoints also ckpt_epoch{N}.pt at the end of the N-th epoch. The same command
 run again continues its run from the last checkpoint (torchrun --max-restarts, requeued jobs) and refuses a folder
-that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75.
+that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75, Ctrl-C
+does the same with status 130 (a second Ctrl-C stops at once).
 `python train.py --help` lists every setting with its default.
 """
 
@@ -194,6 +195,7 @@ def set_rng_state(state: dict):
 # the run folder: checkpoints that can be verified, resume with the run's own settings, preemption
 
 PREEMPTED = 75  # exit status after SIGTERM and a checkpoint (EX_TEMPFAIL: rerun the same command to continue)
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT, as a shell reports it), checkpoint saved or not
 # settings a resumed run may change: they decide reporting and resources, not the trajectory (max_iters only stops
 # early; the schedule comes from epochs)
 RESUME_OVERRIDABLE = ("max_iters", "eval_interval", "log_interval", "num_workers", "eval_batch_size", "device",
@@ -203,11 +205,26 @@ NOT_THE_RUN = ("out_dir", "auto_resume", "overwrite", "eval_only", "clip_path", 
 RUN_FILES = ("ckpt.pt", "ckpt.pt.sha256", "ckpt.prev.pt", "ckpt.prev.pt.sha256", "best.pt", "best.pt.sha256",
              "log.jsonl", "results.json")
 _sigterm = False  # set by the handler only: the loop acts on it at the end of a step, on every rank at once
+_sigint = False  # the same for Ctrl-C, during the training loop
+_loop_pid = None  # the training process: its data loader workers inherit the handler, and leave Ctrl-C to it
 
 
 def _on_sigterm(signum, frame):
     global _sigterm
     _sigterm = True  # nothing else here: a second SIGTERM during the save must not interrupt it
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: the first one asks for a checkpoint after the current step, a second one stops at once (a save it
+    interrupts leaves the previous checkpoint: files are written to .tmp and renamed)."""
+    global _sigint
+    if os.getpid() != _loop_pid:  # a data loader worker: a terminal sends Ctrl-C to every process of the job
+        return
+    if _sigint:
+        raise KeyboardInterrupt
+    _sigint = True
+    if int(os.environ.get("RANK", 0)) == 0:  # straight to stderr's fd: the signal may come in the middle of a print
+        os.write(2, b"\nCtrl-C: saving a checkpoint after this step; Ctrl-C again stops at once\n")
 
 
 def sha256_file(path: str) -> str:
@@ -359,15 +376,16 @@ def trim_log(path: str, iter_num: int):
 
 def fault_injection(rank: int, iter_num: int):
     """For tests/test_train.py only: HMMC_TEST_SIGNAL="rank:iter:SIGNAL:marker" makes that rank send itself the
-    signal (KILL, TERM) at the start of optimizer step `iter` when the marker file is absent, creating it first, so
-    that a restarted run goes through."""
-    spec = os.environ.get("HMMC_TEST_SIGNAL")
-    if not spec:
-        return
-    r, it, name, marker = spec.split(":", 3)
-    if int(r) == rank and int(it) == iter_num and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), getattr(signal, "SIG" + name))
+    signal (KILL, TERM, INT) at the start of optimizer step `iter` when the marker file is absent, creating it first,
+    so that a restarted run goes through. SIGNAL@group sends it to the process group, as a terminal sends Ctrl-C to
+    every process of its job (data loader workers too); several specs are separated by ";"."""
+    for spec in filter(None, os.environ.get("HMMC_TEST_SIGNAL", "").split(";")):
+        r, it, name, marker = spec.split(":", 3)
+        if int(r) == rank and int(it) == iter_num and not os.path.exists(marker):
+            open(marker, "w").close()
+            name, _, to = name.partition("@")
+            sig = getattr(signal, "SIG" + name)
+            os.killpg(os.getpgid(0), sig) if to == "group" else os.kill(os.getpid(), sig)
 
 
 def check_data(data_dir: str, splits: list, dataset_name: str):
@@ -616,18 +634,26 @@ def main(argv=None):
     globals().update(config)  # the settings are plain names from here on, nanoGPT style
     ddp, rank, world_size, run_device = init_compute(device)
     set_cpu_threads(run_device)
-    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         train(config, ddp, rank, world_size, run_device, resume_path)
+    except KeyboardInterrupt:  # a second Ctrl-C in the loop, or one outside it: one line instead of a traceback
+        last = os.path.join(out_dir, "ckpt.pt")
+        print0("Ctrl-C: stopped at once; " + (f"the same command continues from {last}, the last checkpoint"
+                                               if os.path.exists(last) else "no checkpoint was written"))
+        raise SystemExit(INTERRUPTED)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         cleanup_compute()
 
 
 def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, resume_path: str | None):
     """Setup, the training loop, the final test."""
-    global _sigterm
-    _sigterm = False
+    global _sigterm, _sigint, _loop_pid
+    _sigterm = _sigint = False
+    _loop_pid = os.getpid()
     master = rank == 0
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     check_config(config, world_size)
@@ -721,6 +747,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     bad_seen = set()  # videos reported unreadable (once each)
     epochs_done = epoch + (step_in_epoch == steps_per_epoch)  # ckpt_epoch{N}.pt is written when this grows
     model.train()
+    previous_sigint = signal.signal(signal.SIGINT, _on_sigint)  # in the loop only: elsewhere there is no step to save
     while iter_num < stop_iter:
         fault_injection(rank, iter_num)
         lr_factor = get_lr(iter_num, t_total, warmup_proportion)
@@ -752,15 +779,16 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
         raw_model.momentum_update()  # once per optimizer step (the original: every micro-step)
 
         # the step's only host sync, after all of its work is queued: the loss and its parts of every micro-step,
-        # this rank's share of replaced (unreadable) videos and its SIGTERM flag, averaged over ranks so that every
-        # rank sees the same values and all stop at the same step (on NaN, SIGTERM or too many bad videos;
+        # this rank's share of replaced (unreadable) videos and its SIGTERM and Ctrl-C flags, averaged over ranks so
+        # that every rank sees the same values and all stop at the same step (on NaN, a signal or too many bad videos;
         # pre-training losses are per-rank). A NaN step has already been applied, but nothing is saved after it.
-        flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size), float(_sigterm)])
+        flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size), float(_sigterm),
+                              float(_sigint)])
         stats = torch.cat([torch.stack(step_stats).mean(dim=0), flags.to(run_device, non_blocking=True)])
         if ddp:
             dist.all_reduce(stats)
             stats /= world_size
-        step_loss, *part_values, bad_share, stop = stats.tolist()
+        step_loss, *part_values, bad_share, term, interrupt = stats.tolist()
         if not math.isfinite(step_loss):
             good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise SystemExit(f"loss is {step_loss} at iter {iter_num} (epoch {epoch}, step {step_in_epoch}); "
@@ -824,13 +852,18 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
                     raw_model, optimizer, scaler, config, iter_num, epoch, step_in_epoch, best_r1), keep_previous=False)
                 print0(f"saved {out_dir}/ckpt_epoch{epochs_done}.pt (end of epoch {epochs_done}, iter {iter_num})")
 
-        if stop:  # SIGTERM (preemption): this step is done on every rank; save it and leave
+        if term or interrupt:  # SIGTERM (preemption) or Ctrl-C: this step is done on every rank; save it and leave
             if master and not saved:
                 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint_state(
                     raw_model, optimizer, scaler, config, iter_num, epoch, step_in_epoch, best_r1), keep_previous)
-            print0(f"SIGTERM: saved {out_dir}/ckpt.pt at iter {iter_num} and stopped (exit status {PREEMPTED}); the "
-                   f"same command continues the run")
-            raise SystemExit(PREEMPTED)
+            # the same command resumes unless it starts its run anew (overwrite) or refuses to resume
+            same = resume_path is not None or (config["auto_resume"] and not config["overwrite"])
+            how = "the same command continues the run" if same else \
+                f"python train.py --init_from=resume --out_dir={out_dir} continues the run"
+            code, name = (PREEMPTED, "SIGTERM") if term else (INTERRUPTED, "Ctrl-C")
+            print0(f"{name}: saved {out_dir}/ckpt.pt at iter {iter_num} and stopped (exit status {code}); {how}")
+            raise SystemExit(code)
+    signal.signal(signal.SIGINT, previous_sigint)
 
     if ddp:
         dist.barrier()  # best.pt is complete before any rank reads it

@@ -321,6 +321,49 @@ def test_auto_resume_continues_the_same_command(data, tmp_path, monkeypatch, cap
     assert files(tmp_path / "cut") == before
 
 
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_the_same_command_continues(data, tmp_path):
+    # a real process gets Ctrl-C at the start of step 6 (checkpoint at 4), sent to its process group as a terminal
+    # does, so its data loader worker gets it too: the step ends, ckpt.pt at 6 is written, exit status 130; the same
+    # command continues the run and ends as an uninterrupted one
+    cmd = ["--data_dir=" + data, "--batch_size=8", "--seed=3", *TINY, "--max_iters=8", "--eval_interval=4",
+           "--num_workers=1"]
+    run(cmd + [f"--out_dir={tmp_path / 'straight'}"])
+    cut = tmp_path / "cut"
+    same = dict(args=[sys.executable, "train.py", *cmd, f"--out_dir={cut}"], cwd=ROOT, capture_output=True,
+                text=True, timeout=300, start_new_session=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"0:5:INT@group:{tmp_path / 'marker'}"})
+    p = subprocess.run(**same)
+    assert p.returncode == train.INTERRUPTED == 130, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "Error" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.count("Ctrl-C: saving a checkpoint after this step; Ctrl-C again stops at once") == 1
+    assert (f"Ctrl-C: saved {cut}/ckpt.pt at iter 6 and stopped (exit status 130); the same command continues "
+            f"the run") in p.stdout
+    assert torch.load(cut / "ckpt.pt", weights_only=True)["iter_num"] == 6
+    assert torch.load(cut / "ckpt.prev.pt", weights_only=True)["iter_num"] == 4  # the last periodic one
+    p = subprocess.run(**same)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert f"resuming {cut}/ckpt.pt at iter 6" in p.stdout
+    assert [r["loss"] for r in log(cut)] == [r["loss"] for r in log(tmp_path / "straight")]
+    results = [json.load(open(d / "results.json")) for d in (cut, tmp_path / "straight")]
+    assert [(r["iter"], r["t2v"], r["v2t"]) for r in results] == [(8, results[1]["t2v"], results[1]["v2t"])] * 2
+
+
+def test_a_second_ctrl_c_stops_at_once(data, tmp_path, monkeypatch, capsys):
+    # two Ctrl-C at the start of step 4 (checkpoint at 2): the second stops the run at once, without a traceback and
+    # without saving; the checkpoint at 2 is left, and the handler of before is back
+    out = tmp_path / "run"
+    monkeypatch.setenv("HMMC_TEST_SIGNAL", f"0:3:INT:{tmp_path / 'once'};0:3:INT:{tmp_path / 'twice'}")
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        run(["--data_dir=" + data, "--batch_size=8", *TINY, "--max_iters=6", "--eval_interval=2", f"--out_dir={out}"])
+    assert stopped.value.code == train.INTERRUPTED
+    assert (f"Ctrl-C: stopped at once; the same command continues from {out}/ckpt.pt, the last checkpoint"
+            in capsys.readouterr().out)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2 and log(out)[-1]["iter"] == 3
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
     base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", *TINY, "--eval_interval=2",
             "--max_iters=4"]
