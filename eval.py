@@ -83,6 +83,7 @@ serve = False  # with --search: serve a search page over DIR (queries typed ther
 host = "127.0.0.1"  # address of the search page; anything but loopback lets other machines see it and the videos
 port = 8000  # port of the search page (0: any free one)
 config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
+SEARCH_ONLY = config_keys[config_keys.index("search") + 1:]  # the settings below `search`, which only it reads
 # -----------------------------------------------------------------------------
 
 
@@ -775,6 +776,11 @@ def main(argv=None):
     defaults = {k: globals()[k] for k in config_keys}
     cfg = configurator.configure(defaults, sys.argv[1:] if argv is None else argv, prog="eval.py",
                                  descriptions=configurator.describe(__file__))
+    misplaced = [f"--{k}" for k in SEARCH_ONLY if cfg[k] != defaults[k]]
+    if misplaced and not cfg["search"]:  # else the benchmark evaluation would run and the option be ignored
+        raise ValueError(f"{', '.join(misplaced)}: search mode only; add --search=DIR (a folder of videos or a "
+                         f"prepared dataset) to search it, or drop {'them' if len(misplaced) > 1 else 'it'} to "
+                         f"evaluate on a benchmark split")
 
     # under torchrun the encoding is sharded over the processes and the metrics computed on rank 0
     ddp, rank, _, dev = init_compute(cfg["device"]) if not cfg["search"] else (False, 0, 1, cfg["device"])

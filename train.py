@@ -344,14 +344,15 @@ def start_or_resume(config: dict, given: set) -> tuple[dict, str | None]:
                          + ", ".join(f"{k} ({saved.get(k, _DEFAULTS[k])!r} -> {config[k]!r})" for k in changed)
                          + f"; drop them, or start a new run with another --out_dir (a resumed run may change "
                          f"only {', '.join(RESUME_OVERRIDABLE)})")
+    # what a refused command can do instead: --init_from=resume with the changed settings would be refused too
+    instead = (f"start this run with another --out_dir, or with --overwrite=True (deletes that run's files); continue "
+               f"that run with python train.py --init_from=resume --out_dir={folder}")
     if changed:
-        raise SystemExit(f"{folder} holds the checkpoint of another run (differs in: {', '.join(changed)}); continue "
-                         f"it with --init_from=resume, choose another --out_dir, or pass --overwrite=True to "
-                         f"replace it")
+        raise SystemExit(f"{folder} holds the checkpoint of another run (differs in: "
+                         + ", ".join(f"{k} ({saved.get(k, _DEFAULTS[k])!r} -> {config[k]!r})" for k in changed)
+                         + f"); {instead}")
     if not forced and not config["auto_resume"]:
-        raise SystemExit(f"{folder} holds a checkpoint of this run (iter {iter_num}) and auto_resume=False; continue "
-                         f"it with --init_from=resume, choose another --out_dir, or pass --overwrite=True to "
-                         f"replace it")
+        raise SystemExit(f"{folder} holds a checkpoint of this run (iter {iter_num}) and auto_resume=False; {instead}")
     run = {**_DEFAULTS, **{k: v for k, v in saved.items() if k in _DEFAULTS}, **{k: config[k] for k in NOT_THE_RUN}}
     if "eval_context_length" not in saved:  # a run from before the setting: it evaluated at its training length
         run["eval_context_length"] = run["context_length"]
@@ -709,6 +710,11 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     ckpt = None  # free the memory
     if resume and not eval_only and iter_num >= stop_iter and results_iter(out_dir) == iter_num:
         print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {out_dir}/results.json); nothing to do")
+        with open(os.path.join(out_dir, "results.json")) as f:
+            results = json.load(f)
+        for r in (results, results.get("best_on_test")):
+            if r:
+                print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
         return
 
     if ddp:

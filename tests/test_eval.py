@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -821,3 +822,18 @@ def test_bert_unk_input_needs_the_bert_text_encoder(trained, tmp_path):
     with pytest.raises(ValueError, match="bert_unk_input=True"):
         ev.main([f"--init_from={path}", "--num_workers=0", "--device=cpu", "--bert_unk_input=True",
                  f"--out={tmp_path / 'r.json'}"])
+
+
+def test_search_options_without_search_are_refused(trained, tmp_path):
+    # --query without --search used to run the benchmark evaluation, ignore the query and exit 0
+    path, data_dir, _ = trained
+    base = [f"--init_from={path}", f"--data_dir={data_dir}", "--num_workers=0", "--device=cpu",
+            f"--out={tmp_path / 'eval.json'}"]
+    with pytest.raises(ValueError, match=re.escape("--query: search mode only; add --search=DIR (a folder of videos "
+                                                   "or a prepared dataset) to search it, or drop it")):
+        ev.main(base + ["--query=a red circle"])
+    with pytest.raises(ValueError, match=re.escape("--top, --html: search mode only; add --search=DIR")):
+        ev.main(base + ["--top=3", f"--html={tmp_path / 'hits.html'}"])
+    assert not os.listdir(tmp_path)  # nothing evaluated, nothing written
+    ev.main(base + ["--top=5"])  # the default is no request: the evaluation runs
+    assert os.path.exists(tmp_path / "eval.json")

@@ -246,12 +246,23 @@ def test_new_run_refuses_another_runs_folder(data, tmp_path, capsys):
     run(base)
     before = files(tmp_path)
     assert {"ckpt.pt", "ckpt.pt.sha256", "best.pt", "log.jsonl", "results.json"} <= set(before)
+    advice = (f"start this run with another --out_dir, or with --overwrite=True (deletes that run's files); "
+              f"continue that run with python train.py --init_from=resume --out_dir={tmp_path}")
     with pytest.raises(SystemExit, match=re.escape(
-            f"{tmp_path} holds the checkpoint of another run (differs in: use_temp, batch_size); continue it with "
-            f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")):
+            f"{tmp_path} holds the checkpoint of another run (differs in: use_temp (True -> False), batch_size "
+            f"(8 -> 4)); {advice}")):
         run(base + ["--use_temp=False", "--batch_size=4"])
     assert files(tmp_path) == before  # not a byte touched
-    with pytest.raises(SystemExit, match="holds a checkpoint of this run .iter 2. and auto_resume=False"):
+    # the advice works: the command it gives continues that run (finished: it shows its results)
+    capsys.readouterr()
+    run(advice.split("python train.py ")[1].split())
+    out = capsys.readouterr().out
+    assert f"the run in {tmp_path}/ is finished (iter 2" in out and "nothing to do" in out
+    results = json.load(open(tmp_path / "results.json"))
+    assert hmmc_eval.format_table(results, f"test split, {results['weights']}") in out
+    assert files(tmp_path) == before
+    with pytest.raises(SystemExit, match=re.escape(f"holds a checkpoint of this run (iter 2) and auto_resume=False; "
+                                                   f"{advice}")):
         run(base + ["--auto_resume=False"])
     assert files(tmp_path) == before
     capsys.readouterr()
