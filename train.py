@@ -10,7 +10,7 @@ $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOS
 $ python train.py --init_from=resume --out_dir=out-synthetic      # continue where a run stopped, exactly
 
 Writes out_dir/ckpt.pt (latest, with its sha256 in ckpt.pt.sha256; the one before is ckpt.prev.pt), best.pt (best
-val R@1), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end); with
+val R@1, the weights only), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end); with
 keep_epoch_checkpoints also ckpt_epoch{N}.pt at the end of the N-th epoch. The same command
 run again continues its run from the last checkpoint (torchrun --max-restarts, requeued jobs) and refuses a folder
 that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75, Ctrl-C
@@ -26,7 +26,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -250,13 +249,6 @@ def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
     os.replace(path + ".tmp", path)
 
 
-def copy_checkpoint(src: str, dst: str):
-    for suffix in ("", ".sha256"):
-        shutil.copyfile(src + suffix, dst + suffix + ".tmp")
-    os.replace(dst + ".sha256.tmp", dst + ".sha256")
-    os.replace(dst + ".tmp", dst)
-
-
 def checkpoint_problem(path: str) -> str | None:
     """Why the checkpoint at path cannot be resumed from, or None. The file is hashed and opened (memory-mapped, so
     the tensors are not read); one without a .sha256 (an older train.py's) is trusted when it opens."""
@@ -268,6 +260,8 @@ def checkpoint_problem(path: str) -> str | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         return f"it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    if isinstance(ckpt, dict) and "optimizer" not in ckpt and {"config", "iter_num", "model"} <= ckpt.keys():
+        return "it holds the weights only (as best.pt does: for evaluation and fine-tuning, not for resuming)"
     if not isinstance(ckpt, dict) or not {"config", "iter_num", "model", "optimizer"} <= ckpt.keys():
         return "it is not a train.py checkpoint (no config, iter_num, model or optimizer)"
     return None
@@ -578,10 +572,40 @@ def build_model(tokenizer, resume_path: str | None):
 def checkpoint_state(raw_model, optimizer, scaler, config: dict, iter_num: int, epoch: int, step_in_epoch: int,
                      best_r1: float) -> dict:
     """Everything a resumed run needs to continue exactly; plain types and tensors only (weights_only=True)."""
-    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+    return {"model": raw_model.state_dict(), "optimizer": pack_zero_rows(optimizer.state_dict()),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": raw_model.cfg.to_dict(),
             "config": config, "iter_num": iter_num, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "best_r1": best_r1, "rng": rng_state()}
+
+
+def pack_zero_rows(optimizer_state: dict) -> dict:
+    """The optimizer's state dict with every matrix that is zero in most of its rows stored as its other rows and
+    their indices. AdamW's moments of a token embedding stay exactly zero in the row of every token the data never
+    holds: 49,390 of CLIP's 49,408 on the synthetic captions, 25 of the 44 MB a checkpoint took. unpack_zero_rows
+    restores it bit for bit."""
+    state = {}
+    for i, tensors in optimizer_state["state"].items():
+        state[i] = dict(tensors)
+        for k, t in tensors.items():
+            if torch.is_tensor(t) and t.dim() >= 2 and t.numel():
+                # a row is kept when any of its bytes is nonzero (-0.0 too), so the round trip is exact
+                kept = t.contiguous().view(torch.uint8).reshape(len(t), -1).any(dim=1).nonzero().flatten()
+                if 2 * len(kept) <= len(t):
+                    state[i][k] = {"packed_rows": kept.cpu(), "values": t[kept], "shape": list(t.shape)}
+    return {**optimizer_state, "state": state}
+
+
+def unpack_zero_rows(optimizer_state: dict) -> dict:
+    """pack_zero_rows undone; a state dict with nothing packed (an older checkpoint's) is returned as it is."""
+    state = {}
+    for i, tensors in optimizer_state["state"].items():
+        state[i] = dict(tensors)
+        for k, t in tensors.items():
+            if isinstance(t, dict) and "packed_rows" in t:
+                full = torch.zeros(t["shape"], dtype=t["values"].dtype, device=t["values"].device)
+                full[t["packed_rows"].to(full.device)] = t["values"]
+                state[i][k] = full
+    return {**optimizer_state, "state": state}
 
 
 def results_iter(folder: str) -> int | None:
@@ -703,7 +727,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     base_lrs = [g["base_lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(unpack_zero_rows(ckpt["optimizer"]))
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -844,8 +868,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
             best_r1 = state["best_r1"] = max(best_r1, r1)
             if master:
                 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state, keep_previous)
-                if improved:
-                    copy_checkpoint(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt"))
+                if improved:  # the weights only: best.pt is for evaluation and fine-tuning, ckpt.pt for resuming
+                    save_checkpoint(os.path.join(out_dir, "best.pt"), {k: v for k, v in state.items() if k not in (
+                        "optimizer", "scaler", "rng")}, keep_previous=False)
                 print0(f"saved checkpoint to {out_dir}/ckpt.pt (iter {iter_num}, {eval_split} R@1 {r1:.1f}"
                        f"{', new best' if improved else ''})")
             last_good, keep_previous, saved = os.path.join(out_dir, "ckpt.pt"), True, True

@@ -375,6 +375,59 @@ def test_a_second_ctrl_c_stops_at_once(data, tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_optimizer_rows_that_stay_zero_are_packed_exactly():
+    # an embedding whose gradient reaches 3 of its 100 rows: AdamW's moments are zero elsewhere and are stored as the
+    # 3 rows; a -0.0 counts as a value (kept), and a dense matrix is stored as it is
+    table, dense = torch.nn.Parameter(torch.randn(100, 8)), torch.nn.Parameter(torch.randn(4, 8))
+    optimizer = torch.optim.AdamW([table, dense], weight_decay=0.2)
+    (table[[3, 50, 97]].sum() * 2 + dense.square().sum()).backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["state"][0]["exp_avg"][10, 2] = -0.0
+    packed = train.pack_zero_rows(state)
+    assert packed["state"][0]["exp_avg"]["packed_rows"].tolist() == [3, 10, 50, 97]
+    assert packed["state"][0]["exp_avg_sq"]["packed_rows"].tolist() == [3, 50, 97]
+    assert torch.is_tensor(packed["state"][1]["exp_avg"])  # dense: left as it is
+    restored = train.unpack_zero_rows(packed)
+    for i in (0, 1):
+        for k, t in state["state"][i].items():
+            bits = restored["state"][i][k].reshape(-1).view(torch.uint8)
+            assert torch.equal(t.reshape(-1).view(torch.uint8), bits), (i, k)  # bit for bit
+    assert train.unpack_zero_rows(state) == state  # an older checkpoint's state, nothing packed
+    optimizer.load_state_dict(restored)
+
+
+def test_best_pt_holds_the_weights_only(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data_dir=" + data, "--batch_size=8", *TINY]
+    run(base + [f"--out_dir={out}", "--max_iters=2", "--eval_interval=1"])
+    best, ckpt = (torch.load(out / name, weights_only=True) for name in ("best.pt", "ckpt.pt"))
+    assert set(ckpt) - set(best) == {"optimizer", "scaler", "rng"} and best["iter_num"] in (1, 2)
+    assert train.sha256_file(str(out / "best.pt")) == (out / "best.pt.sha256").read_text().strip()
+    model_bytes = sum(t.numel() * t.element_size() for t in ckpt["model"].values())
+    # ckpt.pt: the weights and AdamW's two moments, less the token rows that no caption holds (most of CLIP's 49,408):
+    # 1.6x the weights instead of 3x
+    tokenizer = prepare.get_tokenizer("clip", None)
+    with open(os.path.join(data, "train.jsonl")) as f:
+        words = {i for line in f for c in json.loads(line)["captions"] for i in tokenizer.encode(c)}
+    token_rows = [t for s in ckpt["optimizer"]["state"].values() for t in s.values()
+                  if isinstance(t, dict) and t["shape"][0] == 49408]
+    assert len(token_rows) == 2 and all(0 < len(t["packed_rows"]) for t in token_rows)
+    assert all(set(t["packed_rows"].tolist()) <= words | {49406, 49407} for t in token_rows)  # + start, end
+    assert os.path.getsize(out / "best.pt") < 1.05 * model_bytes
+    assert os.path.getsize(out / "ckpt.pt") < 1.2 * model_bytes
+    # what best.pt is for: eval.py, fine-tuning from it, and the final test (a run with a val split reads it)
+    metrics = hmmc_eval.main([f"--init_from={out / 'best.pt'}", "--device=cpu", "--num_workers=0",
+                              f"--out={tmp_path / 'eval.json'}"])
+    assert set(metrics["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
+    run(base + [f"--out_dir={tmp_path / 'ft'}", "--max_iters=1", f"--init_from={out / 'best.pt'}"])
+    assert json.load(open(tmp_path / "ft" / "results.json"))["iter"] == 1
+    # and not for resuming: as ckpt.pt it is refused with why
+    shutil.copy(out / "best.pt", out / "ckpt.pt")
+    os.remove(out / "ckpt.pt.sha256")
+    assert train.checkpoint_problem(str(out / "ckpt.pt")).startswith("it holds the weights only (as best.pt does")
+
+
 def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
     base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=8", *TINY, "--eval_interval=2",
             "--max_iters=4"]
