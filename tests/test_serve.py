@@ -1,21 +1,27 @@
-# The search page's server (serve.py) over real HTTP on 127.0.0.1: its ranking is eval.search_index's, it serves the
-# indexed videos and nothing else, escapes file names, refuses bad requests with a 4xx, rescans a changed folder and
-# stays up under a burst of concurrent queries.
+# The search page's server (serve.py, started by search.py) over real HTTP on 127.0.0.1: its ranking is
+# search.search_index's, it serves the indexed videos and nothing else, escapes file names, refuses bad requests with
+# a 4xx, sends its security headers on every answer, drops silent connections, logs one line per request, rescans a
+# changed folder in another process while queries keep answering, and stays up under a burst of concurrent queries.
 import http.client
+import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 
 import pytest
 
-import eval as ev
 import model as hmmc_model
+import prepare
+import search
 import serve
-from test_eval import S, T, _frames, _tok, _write_mp4, trained  # noqa: F401 (trained is a fixture)
+from test_eval import S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
+from test_search import _write_mp4
 
 pytestmark = pytest.mark.skipif(not shutil.which("ffmpeg"), reason="needs ffmpeg")
 
@@ -35,16 +41,17 @@ def _rank_args():
     return dict(tokenizer=_tok(), context_length=16, top_k_frames=2, frame_match_weight=1.0)
 
 
-def _start(net, videos):
+def _start(net, videos, **server_args):
     index_args, rank_args = _args(videos)
-    server = serve.make_server(net, str(videos), index_args=index_args, rank_args=rank_args, host="127.0.0.1",
-                               port=0, top=3, checkpoint="ckpt.pt")
+    server = search.make_server(net, str(videos), index_args=index_args, rank_args=rank_args, host="127.0.0.1",
+                                port=0, top=3, checkpoint="ckpt.pt", **{"log": io.StringIO(), **server_args})
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
 def _stop(server):
     server.shutdown()
+    server.search.close()
     server.server_close()
 
 
@@ -89,7 +96,7 @@ def folder(tmp_path_factory):
         _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=50 + i))
     _write_mp4(str(videos / f"{XSS}.mp4"), _frames("purple", n=12, size=48, seed=55))
     (videos / f"{BAD_NAME}.mp4").write_bytes(b"not a video")
-    # a link inside the folder to a video outside it: indexed (its frames are readable) but never served
+    # a link inside the folder to a video outside it: neither indexed nor served, listed among the skipped files
     _write_mp4(str(root / "outside.mp4"), _frames("white", n=12, size=48, seed=56))
     (videos / "outside.mp4").symlink_to(root / "outside.mp4")
     return videos
@@ -103,12 +110,12 @@ def server(net, folder):
 
 
 def _reference(net, server, text, top):
-    return ev.search_index(net, server.search.index, [text], top=top, **_rank_args())[0]
+    return search.search_index(net, server.search.index, [text], top=top, **_rank_args())[0]
 
 
 def test_ranking_equals_search_index(net, server):
     n = len(server.search.index["video_ids"])
-    assert n == 6  # four colours, the oddly named one and the linked one; the broken file is skipped
+    assert n == 5  # four colours and the oddly named one; the broken file and the link out are skipped
     firsts = []
     for c in COLOURS:
         status, data = query(server, f"a {c} screen", top=n)
@@ -133,7 +140,9 @@ def test_page_names_language_and_escapes_file_names(server, folder):
     status, headers, body = request(server, "/")
     page = body.decode("utf-8")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "English (CLIP text encoder)" in page and "6 videos indexed" in page
+    assert "English (CLIP text encoder)" in page and "5 videos indexed" in page
+    assert '<details class="skipped"><summary>2 file(s) skipped' in page  # folded away, not open
+    assert f"<code>outside</code>: {search.LINK_OUT}" in page and str(folder) not in page.split("</h1>", 1)[1]
     assert "&lt;svg onload=alert(2)&gt;" in page  # the broken file, listed as skipped, as text
     assert BAD_NAME not in page and XSS not in page
     # the file named like an <img> tag is an ordinary hit: its id goes out as JSON data (the page sets it as text)
@@ -162,7 +171,10 @@ def test_only_indexed_videos_are_served(server, folder):
         status, _, body = request(server, path)
         assert status == 404, (path, status, body[:200])
         assert b"root:" not in body and body[:4] != red[:4]
-    assert "outside" in server.search.index["video_ids"]  # searchable, only its file is not served
+    # one policy for the link out of the folder: no frames, no file, not searchable; listed as skipped
+    assert request(server, "/frame?id=outside&p=0")[0] == 404
+    assert "outside" not in server.search.index["video_ids"]
+    assert server.search.index["skipped"]["outside"] == search.LINK_OUT
 
 
 def test_bad_requests_get_a_clear_4xx(server):
@@ -261,7 +273,12 @@ def test_burst_of_concurrent_queries(net, server):
     assert all(status == 200 and hits == want[text] for status, text, hits in got)
 
 
-def test_rescan_adds_a_new_video(net, tmp_path):
+def _rescan(server, headers=None):
+    status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc", **(headers or {})})
+    return status, json.loads(body)
+
+
+def test_rescan_beside_queries(net, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     for i, c in enumerate(("red", "green")):
@@ -271,54 +288,74 @@ def test_rescan_adds_a_new_video(net, tmp_path):
     try:
         hits = query(server, "a blue screen")[1]["hits"]
         assert "clip_blue" not in [h["video_id"] for h in hits]
-        request(server, "/frame?id=clip_red&p=0")  # a thumbnail reader of the frame store is now open
+        assert request(server, "/frame?id=clip_red&p=0")[0] == 200  # the frame store's reader is now open
         shutil.copy(tmp_path / "clip_blue.mp4", videos / "clip_blue.mp4")
-        # while a rescan runs, queries and frames are turned away with 503 and a second rescan with 409
-        with server.search.lock:
-            server.search.rescanning = True
-        try:
-            for path in ("/api/search?q=red", "/frame?id=clip_red&p=0"):
-                status, headers, body = request(server, path)
-                assert status == 503 and "being rebuilt" in json.loads(body)["error"] and headers["Retry-After"]
-            status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
-            assert status == 409 and "already running" in json.loads(body)["error"]
-            assert request(server, "/video/clip_red")[0] == 200  # files are served from the old index meanwhile
-        finally:
-            with server.search.lock:
-                server.search.rescanning = False
-        status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
-        result = json.loads(body)
+        status, result = _rescan(server)
         assert status == 200, result
         assert result["extracted"] == ["clip_blue"] and result["encoded"] == ["clip_blue"] and result["videos"] == 3
         hits = query(server, "a blue screen")[1]["hits"]
         assert hits[0]["video_id"] == "clip_blue"
         assert request(server, hits[0]["video_url"])[2] == (videos / "clip_blue.mp4").read_bytes()
-        assert request(server, hits[0]["frames"][0]["url"])[0] == 200  # the frame store reopened for reading
+        assert request(server, hits[0]["frames"][0]["url"])[0] == 200  # the new index's frames
+        assert server.search.status()["rescan"] == {"running": False, "result": result}
 
-        # a rescan racing with queries: each query is answered from a whole index, or told to come back
-        (videos / "clip_green.mp4").unlink()
+        # a rescan racing with queries (it runs in another process): every query is answered, from the old index
+        # until the new one is swapped in, and the rescan ends with exactly the new file added
         _write_mp4(str(videos / "clip_yellow.mp4"), _frames("yellow", n=12, size=48, seed=63))
-        answers = []
-        rescan = threading.Thread(target=lambda: answers.append(
-            request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})))
+        old = {"clip_blue", "clip_green", "clip_red"}
+        answers, seen = [], []
+        rescan = threading.Thread(target=lambda: answers.append(_rescan(server)))
         rescan.start()
+        while not server.search.status()["rescan"]["running"]:
+            time.sleep(0.01)
+        status, data = _rescan(server)  # one rescan at a time
+        assert status == 409 and "already running" in data["error"] and rescan.is_alive()
         while rescan.is_alive():
-            status, data = query(server, "a yellow screen")
-            assert status in (200, 503), data
-            assert status == 200 or "being rebuilt" in data["error"]
+            status, data = query(server, "a yellow screen", top=10)
+            assert status == 200, data
+            seen.append({h["video_id"] for h in data["hits"]})
+            assert request(server, "/frame?id=clip_red&p=0")[0] == 200  # unchanged files keep their frames
         rescan.join()
-        assert answers[0][0] == 200 and json.loads(answers[0][2])["encoded"] == ["clip_yellow"]
-        ids = [h["video_id"] for h in query(server, "a yellow screen")[1]["hits"]]
-        assert sorted(ids) == ["clip_blue", "clip_red", "clip_yellow"] and ids[0] == "clip_yellow"
+        assert answers[0][0] == 200 and answers[0][1]["encoded"] == ["clip_yellow"], answers
+        assert seen and seen[0] == old and all(ids in (old, old | {"clip_yellow"}) for ids in seen)
+        ids = [h["video_id"] for h in query(server, "a yellow screen", top=10)[1]["hits"]]
+        assert set(ids) == old | {"clip_yellow"} and ids[0] == "clip_yellow"
 
-        # a rescan of a folder that lost every video fails and keeps the last index
+        # a rescan of a folder that lost every video fails and keeps the last index; the next one works
+        moved = tmp_path / "moved"
+        moved.mkdir()
         for f in videos.glob("*.mp4"):
-            f.unlink()
-        status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
-        assert status == 409 and "the previous index is kept" in json.loads(body)["error"]
-        assert query(server, "a red screen")[0] == 200
+            f.rename(moved / f.name)
+        status, data = _rescan(server)
+        assert status == 409 and "the previous index is kept" in data["error"] and "nothing to index" in data["error"]
+        assert server.search.status()["rescan"] == {"running": False, "error": data["error"]}
+        assert query(server, "a red screen")[0] == 200 and len(server.search.index["video_ids"]) == 4
+        for name in ("clip_red.mp4", "clip_green.mp4"):
+            (moved / name).rename(videos / name)
+        status, result = _rescan(server)
+        assert status == 200 and result["videos"] == 2 and result["extracted"] == [], result
+        assert sorted(server.search.index["video_ids"]) == ["clip_green", "clip_red"]
+        assert sorted(h["video_id"] for h in query(server, "a red screen")[1]["hits"]) == ["clip_green", "clip_red"]
     finally:
         _stop(server)
+
+
+def test_failed_encoding_closes_the_frame_store(net, tmp_path):
+    # build_index fails while encoding (settings the model cannot read: 48-px frames for a 32-px model); the frame
+    # store's reader is closed all the same, so the next build of the folder (which writes the store) works
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_mp4(str(videos / "clip_red.mp4"), _frames("red", n=12, size=48, seed=64))
+    index_args = {**_args(videos)[0], "image_size": 48, "frames_per_video": 6}
+    progress = []
+    with pytest.raises(ValueError, match="expected images of 32x32 pixels"):
+        search.build_index(net, str(videos), progress=progress.append, **index_args)
+    # what the page shows during a rescan
+    assert progress == ["extracting frames: 1 of 1 new or changed videos", "encoding 1 new or changed videos"]
+    assert not [p for p in prepare._SHARED_ENVS if p.startswith(str(videos))]
+    _write_mp4(str(videos / "clip_blue.mp4"), _frames("blue", n=12, size=48, seed=65))
+    index = search.build_index(net, str(videos), **_args(videos)[0])
+    assert index["video_ids"] == ["clip_blue", "clip_red"] and sorted(index["encoded"]) == ["clip_blue", "clip_red"]
 
 
 def test_loopback_and_busy_port(net, server, folder):
