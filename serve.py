@@ -356,12 +356,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise HTTPError(404, "not found")
         except HTTPError as e:
             self._send_json(e.status, {"error": e.message}, e.headers)
+        except UnicodeDecodeError:
+            self._send_json(400, {"error": "the address is not valid UTF-8"})
         except ValueError as e:  # the engine's refusals (search.QueryError) carry their status
             if not hasattr(e, "status"):
                 raise
             self._send_json(e.status, {"error": str(e)})
-        except UnicodeDecodeError:
-            self._send_json(400, {"error": "the address is not valid UTF-8"})
 
     def handle_one_request(self):
         try:
@@ -403,6 +403,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:  # tell the client not to send more on this connection
+            self.send_header("Connection", "close")
         self._headers(headers)
         self.wfile.write(body)
 

@@ -31,7 +31,7 @@ BAD_NAME = "<svg onload=alert(2)>"  # a broken file (a name cannot hold "/"): li
 
 
 def _args(videos):
-    """build_index's and search_index's settings, as test_eval's searches use them."""
+    """build_index's and search_index's settings, as test_search's searches use them."""
     index_args = dict(cache_dir=str(videos / ".hmmc_index"), model_key="tiny", num_frames=T, image_size=S,
                       frames_per_video=6, extract_workers=2, num_workers=0)
     return index_args, _rank_args()
@@ -212,9 +212,25 @@ def test_bad_requests_get_a_clear_4xx(server):
         assert status == code and message in json.loads(body)["error"], (path, body)
     assert request(server, "/api/rescan", "POST")[1].get("Allow") is None
     assert request(server, "/api/rescan", "GET")[1]["Allow"] == "POST"
-    # another site's name pointed at 127.0.0.1 (DNS rebinding) gets nothing
+    # another site's name pointed at 127.0.0.1 (DNS rebinding) gets nothing; an address or localhost is fine
     status, _, body = request(server, "/api/search?q=red", headers={"Host": "evil.example:80"})
     assert status == 403 and "Host" in json.loads(body)["error"]
+    for host in ("127.0.0.2:8000", "localhost", "[::1]:80"):
+        assert request(server, "/api/search?q=red", headers={"Host": host})[0] == 200, host
+    # a rescan asked for by another origin, even with the page's header
+    status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc",
+                                                                      "Origin": "http://evil.example"})
+    assert status == 403 and "another origin" in json.loads(body)["error"]
+    # a body on a GET would be read as the next request: refused, and the connection closed
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    conn.request("GET", "/api/search?q=red", body=b"GET /etc/passwd HTTP/1.1\r\n\r\n")
+    r = conn.getresponse()
+    assert r.status == 400 and "a GET takes no request body" in json.loads(r.read())["error"]
+    assert r.getheader("Connection") == "close"
+    conn.close()
+    # headers beyond any browser's: refused before anything is looked up
+    status, _, body = request(server, "/", headers={f"X-Filler-{i}": "x" * 400 for i in range(50)})
+    assert status == 431 and b"<" not in body
     # what http.server refuses itself: short text, no HTML page
     status, headers, body = request(server, "/", method="DELETE")
     assert status == 501 and headers["Content-Type"].startswith("text/plain") and b"<" not in body
@@ -224,6 +240,10 @@ def test_bad_requests_get_a_clear_4xx(server):
     size = os.path.getsize(server.search.index["paths"]["clip_red"])
     status, headers, body = request(server, "/video/clip_red", headers={"Range": f"bytes={size}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    for huge in ("bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=-" + "9" * 5000, "bytes=1" + "0" * 18
+                 + "-"):  # past the end of any file; int() refuses more than 4,300 digits
+        status, headers, body = request(server, "/video/clip_red", headers={"Range": huge})
+        assert status == 416 and headers["Content-Range"] == f"bytes */{size}", (huge[:30], status, body)
     # a body sent with a POST is read and dropped: the next request on the same connection is answered as itself
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
     conn.request("POST", "/api/search", body=b"GET /etc/passwd HTTP/1.1\r\n\r\n")
@@ -358,25 +378,122 @@ def test_failed_encoding_closes_the_frame_store(net, tmp_path):
     assert index["video_ids"] == ["clip_blue", "clip_red"] and sorted(index["encoded"]) == ["clip_blue", "clip_red"]
 
 
+def test_security_headers_on_every_answer(server):
+    status, _, body = request(server, "/")
+    script = body.decode("utf-8").split("<script>")[1].split("</script>")[0]
+    style = body.decode("utf-8").split("<style>")[1].split("</style>")[0]
+    digest = lambda text: "'sha256-" + __import__("base64").b64encode(
+        __import__("hashlib").sha256(text.encode()).digest()).decode() + "'"
+    red = query(server, "a red screen")[1]["hits"][0]
+    for path, method, code in [("/", "GET", 200), ("/api/search?q=red", "GET", 200),
+                               (red["frames"][0]["url"], "GET", 200), (red["video_url"], "GET", 200),
+                               ("/api/status", "GET", 200), ("/nope", "GET", 404),
+                               ("/api/search?q=", "GET", 400), ("/api/rescan", "POST", 403), ("/", "DELETE", 501)]:
+        status, headers, _ = request(server, path, method)
+        assert status == code, (path, status)
+        assert headers["Cross-Origin-Resource-Policy"] == "same-origin", path
+        assert headers["Referrer-Policy"] == "no-referrer" and headers["X-Content-Type-Options"] == "nosniff", path
+        csp = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
+        assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'none'", path
+        # the page's own script and style are the only ones allowed to run
+        assert csp["script-src"] == digest(script) and csp["style-src"] == digest(style), path
+
+
+def _silent(server, half_sent):
+    s = socket.create_connection(server.server_address[:2], timeout=60)
+    if half_sent:  # a request line and a header, never the blank line that ends the request
+        s.sendall(b"GET /api/search?q=red HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return s
+
+
+def test_silent_connections_neither_starve_queries_nor_stay(net, server, folder):
+    # beside the shared server's 64 slots, ten idle and ten half-sent connections leave a query its answer
+    silent = [_silent(server, half_sent=i % 2 == 1) for i in range(20)]
+    try:
+        status, data = query(server, "a red screen")
+        assert status == 200 and data["hits"][0]["video_id"] == "clip_red"
+    finally:
+        for s in silent:
+            s.close()
+    # a server with 4 slots and a 1 s time limit: 4 silent connections fill it, a fifth is told to come back at
+    # once, and the silent ones are dropped (the server closes them) so that the query after them is answered
+    small = _start(net, folder, conn_timeout=1, max_connections=4)
+    try:
+        silent = [_silent(small, half_sent=i % 2 == 1) for i in range(4)]
+        time.sleep(0.2)  # let the server take them up (a thread each)
+        status, headers, body = request(small, "/api/search?q=red")
+        assert status == 503 and "busy" in json.loads(body)["error"] and headers["Retry-After"] == "1"
+        assert headers["Cross-Origin-Resource-Policy"] == "same-origin"
+        for s in silent:
+            assert s.recv(100) == b""  # closed by the server (the client waits up to 60 s)
+            s.close()
+        for _ in range(20):  # the freed slots: a thread releases its slot just after closing the connection
+            status, data = query(small, "a red screen")
+            if status != 503:
+                break
+            time.sleep(0.1)
+        assert status == 200 and data["hits"][0]["video_id"] == "clip_red"
+    finally:
+        _stop(small)
+
+
+def test_log_lines(net, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_mp4(str(videos / "clip_red.mp4"), _frames("red", n=12, size=48, seed=66))
+    _write_mp4(str(videos / "clip_blue.mp4"), _frames("blue", n=12, size=48, seed=67))
+    # a frame that is no JPEG, written into the store before the server reads it: a bug-like failure (500)
+    lmdb_path = os.path.join(videos, ".hmmc_index", "frames_6x112.lmdb")
+    small = _start(net, videos)
+    log = small.log
+    try:
+        positions = small.search.index["positions"]
+        with prepare.FrameDB(lmdb_path, readonly=False) as db, db.env.begin(write=True) as txn:
+            txn.put(f"clip_blue_{positions[0]}".encode(), b"not a jpeg")
+        assert query(small, "a red screen")[0] == 200
+        # a request line with a terminal escape sequence in it: logged with the escape written out
+        with socket.create_connection(small.server_address[:2], timeout=60) as s:
+            s.sendall(b"GET /nope\x1b[2J HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 404")
+        status, _, body = request(small, f"/frame?id=clip_blue&p={positions[0]}")
+        assert status == 500 and b"Traceback" not in body and "internal error" in json.loads(body)["error"]
+        # a client that resets its connection in the middle of a video
+        s = socket.create_connection(small.server_address[:2], timeout=60)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.sendall(b"GET /video/clip_red HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        s.close()
+        assert query(small, "a blue screen")[0] == 200  # still up
+    finally:
+        _stop(small)
+    lines = log.getvalue().splitlines()
+    assert "\x1b" not in log.getvalue()
+    assert [line for line in lines if "GET /nope\\x1b[2J HTTP/1.1 404" in line]
+    ok = [line for line in lines if "GET /api/search?q=a+red+screen HTTP/1.1 200" in line]
+    assert len(ok) == 1 and ok[0].endswith(" ms") and ok[0].split()[1] == "127.0.0.1"  # time, client, request
+    failed = log.getvalue().split(f"GET /frame?id=clip_blue&p={positions[0]} HTTP/1.1 failed:")
+    assert len(failed) == 2 and failed[1].lstrip().startswith("Traceback") and "UnidentifiedImageError" in failed[1]
+    assert log.getvalue().count("Traceback") == 1  # the 500's; the reset made none
+
+
 def test_loopback_and_busy_port(net, server, folder):
     assert serve.is_loopback("127.0.0.1") and serve.is_loopback("localhost") and serve.is_loopback("::1")
     assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("192.168.1.20")
     assert serve.url_of(server) == f"http://127.0.0.1:{server.server_address[1]}"
     index_args, rank_args = _args(folder)
     with pytest.raises(ValueError, match=rf"--port={server.server_address[1]}: cannot listen there"):
-        serve.make_server(net, str(folder), index_args=index_args, rank_args=rank_args, port=server.server_address[1])
+        search.make_server(net, str(folder), index_args=index_args, rank_args=rank_args, port=server.server_address[1])
 
 
 def test_serve_refuses_cli_queries(trained, folder):
     with pytest.raises(ValueError, match="--serve takes its queries in the page; drop --query"):
-        ev.main([f"--init_from={trained[0]}", f"--search={folder}", "--serve", "--query=red", "--device=cpu"])
+        search.main([f"--init_from={trained[0]}", f"--videos={folder}", "--serve", "--query=red", "--device=cpu"])
 
 
 @pytest.mark.slow
-def test_eval_serve_command(trained, folder):
+def test_search_serve_command(trained, folder):
     # as a user runs it: the index, the address on stdout, a query over HTTP, then Ctrl-C
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "eval.py", f"--init_from={trained[0]}", f"--search={folder}", "--serve", "--port=0",
+    cmd = [sys.executable, "search.py", f"--init_from={trained[0]}", f"--videos={folder}", "--serve", "--port=0",
            "--num_workers=0", "--device=cpu", "--frames_per_video=6", "--extract_workers=2"]
     p = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -387,13 +504,13 @@ def test_eval_serve_command(trained, folder):
             if line.startswith("search page: "):
                 break
         url = lines[-1].split()[2]
-        assert url.startswith("http://127.0.0.1:") and "indexed 6 videos" in "".join(lines), lines
+        assert url.startswith("http://127.0.0.1:") and "indexed 5 videos" in "".join(lines), lines
         host, port = urllib.parse.urlsplit(url).netloc.split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=120)
         conn.request("GET", "/api/search?q=a+red+screen")
         data = json.loads(conn.getresponse().read())
         conn.close()
-        assert data["hits"][0]["video_id"] == "clip_red" and len(data["hits"]) == 5  # eval.py's --top default
+        assert data["hits"][0]["video_id"] == "clip_red" and len(data["hits"]) == 5  # search.py's --top default
     finally:
         p.send_signal(__import__("signal").SIGINT)
         out = p.communicate(timeout=60)[0]
