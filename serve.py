@@ -64,7 +64,7 @@ _CSS = (
     "img{display:block;width:100%;height:auto;aspect-ratio:auto;box-sizing:border-box;"
     "border:3px solid transparent}figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}"
     # a phone: the player on top at full width, the frames below it
-    "@media (max-width:640px){body{margin:8px}.row{flex-direction:column}.row video{width:100%}}")
+    "@media (max-width:640px){body{margin:8px}.row{flex-direction:column}.row video{width:100%;max-height:60vh}}")
 
 # Every piece of data goes into the page as text (textContent, append of strings), never as HTML.
 _JS = r"""
