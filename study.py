@@ -1,18 +1,25 @@
 """
-What pre-training is worth, measured on the built-in data: pre-train the tiny Chinese model with momentum contrast
-(config/pretrain_synthetic.py: FAM + VTM + FTM + MLM with tags and queues) and each ablation of it, fine-tune every
-checkpoint on the synthetic set with the same short budget, fine-tune from scratch with that budget too, and print
-one table of test metrics. Every run is a plain `python train.py ...` whose command is printed with its result, so
-any row can be rerun alone.
+Experiments over seeds: run every row of a table (a set of train.py settings) at several seeds, two runs at a time,
+and print the mean, standard deviation and range of each metric, and each row's difference to the baseline row,
+seed by seed. A researcher's way to tell a change from a seed.
 
-$ python study.py                          # every row: about half an hour on 2 CPU cores
-$ python study.py --rows="('scratch', 'full')"
+$ python study.py config/study_synthetic.py                    # the README's first table: 5 seeds x 4 rows
+$ python study.py --rows="{'base': '', 'lr': '--learning_rate=3e-4'}" --seeds="(1, 2, 3)" --plot=True
 
-Writes out_dir/<row>-pretrain/, out_dir/<row>-finetune/ (each a train.py run folder) and out_dir/study.json.
+A row is one train.py command line (config files and --key=value, as typed after `python train.py`), or a tuple of
+them: a chain whose every later stage starts from the previous stage's final checkpoint (pre-training, then
+fine-tuning). Every run is `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]` with one CPU thread:
+the command is printed and written beside its output, so any run can be repeated alone. A run whose results.json
+was written by the same command is reused; one that stopped half-way continues (train.py resumes it).
+
+Writes out_dir/study.json (settings, every run's results) and out_dir/study.md (the tables); with plot=True also
+out_dir/curves.png: training loss and val R@1 against steps, per row, mean over seeds with a band from min to max.
 """
 
 import json
+import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -22,87 +29,228 @@ import configurator
 from common import run_script
 
 # -----------------------------------------------------------------------------
-out_dir = "out-study"  # one train.py run folder per row and stage, and study.json with the table
-rows = ("scratch", "full", "no_fam", "no_vtm", "no_ftm", "no_mlm", "queue_256", "queue_1024")  # which rows to run
-finetune_epochs = 1  # the fine-tuning budget of every row (the synthetic set has 187 steps per epoch)
-pretrain_epochs = 2  # the pre-training budget of every pre-trained row (synthetic_pretrain: 375 steps per epoch)
-workers = 2  # rows run at the same time (each train.py uses one CPU thread)
-train_args = ()  # more train.py arguments for every run, e.g. "('--max_iters=2',)" for a quick check of the chain
+out_dir = "out-study"  # one folder per row and seed, and study.json, study.md, curves.png
+rows = {"default": ""}  # row name -> train.py arguments (a string), or a tuple of them for a chain of stages
+baseline = ""  # the row the others are compared with, seed by seed; "" = the first row
+seeds = (1, 2, 3)  # train.py --seed of every row's runs
+workers = 2  # runs at the same time, one CPU thread each
+train_args = ""  # appended to every run's arguments, e.g. "--max_iters=20" for a quick look
+plot = False  # draw curves.png (needs matplotlib)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, str, tuple))]
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, str, tuple, dict))]
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-# the pre-training settings of each row on top of config/pretrain_synthetic.py; "scratch" has no pre-training
-ROWS = {
-    "scratch": None,
-    "full": [],
-    "no_fam": ["--weight_fam=0"],
-    "no_vtm": ["--weight_vtm=0"],
-    "no_ftm": ["--weight_ftm=0"],
-    "no_mlm": ["--weight_mlm=0"],
-    "queue_256": ["--queue_size=256"],  # the recipe's queue holds one batch (32)
-    "queue_1024": ["--queue_size=1024"],  # the full-size recipe's
-}
+METRICS = (("t2v", "R1"), ("t2v", "R5"), ("v2t", "R1"))  # the table's columns
+# two-sided 95% Student t quantiles by degrees of freedom, for the interval of a mean over a few seeds
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13, 20: 2.09}
 
 
-def recipe(name: str) -> str:
-    return os.path.relpath(os.path.join(ROOT, "config", name))  # as a user would type it
+def stages(row) -> list[str]:
+    return [row] if isinstance(row, str) else list(row)
 
 
-def train(args: list[str], folder: str) -> dict:
-    """Run train.py with `args` into `folder` (its output goes to folder/train.log) -> its results.json."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={folder}", "--overwrite=True"]
-    print("$ python train.py " + " ".join(cmd[2:]), flush=True)
+def run_folder(cfg: dict, name: str, seed: int, stage: int, n_stages: int) -> str:
+    folder = os.path.join(cfg["out_dir"], name, f"seed{seed}")
+    return os.path.join(folder, f"stage{stage + 1}") if n_stages > 1 else folder
+
+
+def command(args: str, seed: int, folder: str, previous: str | None, extra: str) -> list[str]:
+    """The train.py command line of one run (the interpreter and script path left out)."""
+    cmd = shlex.split(args)
+    if previous:  # a later stage of a chain: its weights come from the stage before
+        cmd.append(f"--init_from={os.path.join(previous, 'ckpt.pt')}")
+    return [*cmd, *shlex.split(extra), f"--seed={seed}", f"--out_dir={folder}"]
+
+
+def run(cmd: list[str], folder: str) -> dict:
+    """One train.py run (reused when its results.json came from the same command) -> its results.json, with the
+    command and the minutes it took. A failure raises a one-line error naming the run and its log."""
     os.makedirs(folder, exist_ok=True)
+    line = "python train.py " + shlex.join(cmd)
+    cmd_path, results_path, log_path = (os.path.join(folder, f) for f in ("command.txt", "results.json", "train.log"))
+    same = os.path.exists(cmd_path) and open(cmd_path).read().strip() == line
+    if same and os.path.exists(results_path):
+        with open(results_path) as f:
+            return {**json.load(f), "command": line, "reused": True}
+    print("$ " + line, flush=True)
+    with open(cmd_path, "w") as f:
+        f.write(line + "\n")
+    # another command in the folder: its run is replaced; the same command continues a run that stopped half-way
+    full = [sys.executable, os.path.join(ROOT, "train.py"), *cmd] + ([] if same else ["--overwrite=True"])
     t0 = time.time()
-    with open(os.path.join(folder, "train.log"), "w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise ValueError(f"train.py {' '.join(cmd[2:])} failed (exit {done.returncode}); see {folder}/train.log")
-    with open(os.path.join(folder, "results.json")) as f:
-        results = json.load(f)
-    results["minutes"] = round((time.time() - t0) / 60, 1)
-    return results
+    with open(log_path, "a" if same else "w") as log:
+        done = subprocess.run(full, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode or not os.path.exists(results_path):
+        with open(log_path) as f:
+            last = ([s for s in f.read().splitlines() if s.strip()] or ["(no output)"])[-1]
+        raise RuntimeError(f"{line} failed (exit {done.returncode}): {last.strip()} (log: {log_path})")
+    with open(results_path) as f:
+        return {**json.load(f), "command": line, "minutes": round((time.time() - t0) / 60, 2), "reused": False}
 
 
-def run_row(row: str, cfg: dict) -> dict:
-    """Pre-train (unless the row is "scratch"), then fine-tune -> {"pretrain": results or None, "finetune": ...}."""
-    base = os.path.join(cfg["out_dir"], row)
-    init, pre = "scratch", None
-    if ROWS[row] is not None:
-        pre = train([recipe("pretrain_synthetic.py"), f"--epochs={cfg['pretrain_epochs']}", *ROWS[row],
-                     *cfg["train_args"]], base + "-pretrain")
-        init = os.path.join(base + "-pretrain", "ckpt.pt")
-    fine = train([recipe("synthetic_zh.py"), f"--init_from={init}", f"--epochs={cfg['finetune_epochs']}",
-                  *cfg["train_args"]], base + "-finetune")
-    zero_shot = f"{pre['t2v']['R1']:.1f}" if pre else "-"
-    print(f"{row}: after pre-training T2V R@1 {zero_shot}; after fine-tuning T2V R@1 {fine['t2v']['R1']:.1f} "
-          f"R@5 {fine['t2v']['R5']:.1f} V2T R@1 {fine['v2t']['R1']:.1f}", flush=True)
-    return {"pretrain": pre, "finetune": fine}
+def run_row_seed(cfg: dict, name: str, seed: int) -> list[dict]:
+    """Every stage of one row at one seed, in order -> their results."""
+    row_stages, previous, out = stages(cfg["rows"][name]), None, []
+    for i, args in enumerate(row_stages):
+        folder = run_folder(cfg, name, seed, i, len(row_stages))
+        out.append(run(command(args, seed, folder, previous, cfg["train_args"]), folder))
+        previous = folder
+    return out
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return m, sd
+
+
+def interval(values: list[float]) -> float:
+    """Half-width of the 95% t-interval of the mean of `values` (nan for fewer than 2)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    t = T95.get(n - 1) or T95[max(k for k in T95 if k <= n - 1)]
+    return t * mean_sd(values)[1] / math.sqrt(n)
+
+
+def metric(result: dict, key: tuple) -> float:
+    return result[key[0]][key[1]]
+
+
+def summarise(cfg: dict, results: dict) -> dict:
+    """results: row -> seed -> [stage results] (a failed run: an error string) -> per row, per metric: values by
+    seed, mean, sd, min, max, and the paired difference to the baseline row (mean, 95% t half-width, n)."""
+    base = cfg["baseline"] or next(iter(cfg["rows"]))
+    out = {}
+    for name, by_seed in results.items():
+        done = {s: r[-1] for s, r in by_seed.items() if isinstance(r, list)}  # the last stage's results
+        row = {"seeds": sorted(done), "failed": {s: r for s, r in by_seed.items() if isinstance(r, str)},
+               "stages": len(stages(cfg["rows"][name])), "metrics": {}}
+        if done:
+            last = [done[s] for s in row["seeds"]]
+            row["steps"] = [sum(st["iter"] for st in by_seed[s]) for s in row["seeds"]]
+            row["videos"] = [sum(st.get("videos_seen", 0) for st in by_seed[s]) for s in row["seeds"]]
+            row["minutes"] = mean_sd([sum(st["time_s"] for st in by_seed[s]) / 60 for s in row["seeds"]])[0]
+            if row["stages"] > 1:  # what the first stage alone gives, e.g. a pre-trained checkpoint before fine-tuning
+                row["first_stage_t2v_R1"] = mean_sd([by_seed[s][0]["t2v"]["R1"] for s in row["seeds"]])
+            for key in METRICS:
+                values = [metric(r, key) for r in last]
+                m, sd = mean_sd(values)
+                entry = {"values": values, "mean": m, "sd": sd, "min": min(values), "max": max(values)}
+                paired = [metric(done[s], key) - metric(results[base][s][-1], key) for s in row["seeds"]
+                          if isinstance(results[base].get(s), list)]
+                if name != base and paired:
+                    entry["diff"] = {"mean": mean_sd(paired)[0], "pm": interval(paired), "n": len(paired)}
+                row["metrics"]["_".join(key)] = entry
+        out[name] = row
+    return out
+
+
+def fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.1f}"  # nan -> "-"
+
+
+def markdown(cfg: dict, summary: dict) -> str:
+    base = cfg["baseline"] or next(iter(cfg["rows"]))
+    names = ["_".join(k) for k in METRICS]
+    heads = [f"{split.upper()} R@{r[1:]}" for split, r in METRICS]
+    lines = ["| row | seeds | " + " | ".join(f"{h} mean ± sd (min-max)" for h in heads)
+             + f" | T2V R@1 - {base} (95% CI) | steps | minutes |",
+             "|---|---|" + "---|" * len(names) + "---|---|---|"]
+    for name, row in summary.items():
+        if not row["metrics"]:
+            lines.append(f"| {name} | 0 | " + " | ".join("failed" for _ in names) + " | - | - | - |")
+            continue
+        cells = [f"{fmt(e['mean'])} ± {fmt(e['sd'])} ({fmt(e['min'])}-{fmt(e['max'])})"
+                 for e in (row["metrics"][n] for n in names)]
+        diff = row["metrics"]["t2v_R1"].get("diff")
+        d = f"{diff['mean']:+.1f} ± {fmt(diff['pm'])} (n={diff['n']})" if diff else "-"
+        steps = sorted(set(row["steps"]))
+        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) +
+                     f" | {d} | {'/'.join(map(str, steps))} | {row['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(cfg: dict, summary: dict, path: str):
+    """Training loss and val T2V R@1 against steps: per row the mean over seeds and a band from min to max."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install matplotlib); no curves.png", flush=True)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, row in summary.items():
+        n_stages = row["stages"]
+        curves = {"loss": {}, "r1": {}}  # kind -> iter -> values over seeds
+        for seed in row["seeds"]:
+            offset = 0
+            for i in range(n_stages):
+                log = os.path.join(run_folder(cfg, name, seed, i, n_stages), "log.jsonl")
+                last = 0
+                with open(log) as f:
+                    for rec in map(json.loads, f):
+                        kind = "r1" if "val" in rec else "loss"
+                        value = rec["val"]["t2v"]["R1"] if kind == "r1" else rec["loss"]
+                        curves[kind].setdefault(offset + rec["iter"], []).append(value)
+                        last = rec["iter"]
+                offset += last  # a chain's stages one after the other
+        for ax, kind in ((ax_loss, "loss"), (ax_r1, "r1")):
+            steps = sorted(curves[kind])
+            if not steps:
+                continue
+            mean = [sum(curves[kind][s]) / len(curves[kind][s]) for s in steps]
+            line, = ax.plot(steps, mean, label=f"{name} ({len(row['seeds'])} seeds)")
+            ax.fill_between(steps, [min(curves[kind][s]) for s in steps], [max(curves[kind][s]) for s in steps],
+                            color=line.get_color(), alpha=0.2)
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="training loss (mean, min-max band)")
+    ax_r1.set(xlabel="optimizer step", ylabel="val T2V R@1", title="val T2V R@1 (mean, min-max band)")
+    ax_r1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
 
 
 def main(argv=None):
     cfg = configurator.configure({k: globals()[k] for k in config_keys}, sys.argv[1:] if argv is None else argv,
                                  prog="study.py", descriptions=configurator.describe(__file__))
-    unknown = [r for r in cfg["rows"] if r not in ROWS]
-    if unknown:
-        raise ValueError(f"rows: unknown {unknown}; choose from {list(ROWS)}")
+    if not cfg["rows"] or not all(isinstance(r, str) or (isinstance(r, tuple) and r and
+                                                           all(isinstance(s, str) for s in r))
+                                  for r in cfg["rows"].values()):
+        raise ValueError("rows: expected {name: 'train.py arguments'} (or a tuple of argument strings for a chain), "
+                         f"got {cfg['rows']!r}")
+    if cfg["baseline"] and cfg["baseline"] not in cfg["rows"]:
+        raise ValueError(f"baseline: no row {cfg['baseline']!r}; the rows are {list(cfg['rows'])}")
+    if not cfg["seeds"]:
+        raise ValueError("seeds: give at least one seed")
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    with ThreadPoolExecutor(cfg["workers"]) as pool:  # threads only wait for their train.py processes
-        table = dict(zip(cfg["rows"], pool.map(lambda row: run_row(row, cfg), cfg["rows"])))
-    with open(os.path.join(cfg["out_dir"], "study.json"), "w") as f:
-        json.dump({"settings": cfg, "rows": table}, f, indent=1)
+    jobs = [(name, seed) for seed in cfg["seeds"] for name in cfg["rows"]]  # every row's first seed comes first
 
-    print("\n| row | pre-training | T2V R@1 after pre-training | T2V R@1 | T2V R@5 | V2T R@1 |")
-    print("|---|---|---|---|---|---|")
-    for row, r in table.items():
-        pre, fine = r["pretrain"], r["finetune"]
-        what = "none" if ROWS[row] is None else " ".join(ROWS[row]) or "all four losses"
-        zero_shot = f"{pre['t2v']['R1']:.1f}" if pre else "-"
-        print(f"| {row} | {what} | {zero_shot} | {fine['t2v']['R1']:.1f} | {fine['t2v']['R5']:.1f} | "
-              f"{fine['v2t']['R1']:.1f} |")
-    return table
+    def job(name_seed):
+        try:
+            return run_row_seed(cfg, *name_seed)
+        except RuntimeError as e:
+            print(f"error: row {name_seed[0]} seed {name_seed[1]}: {e}", flush=True)
+            return str(e)
+
+    with ThreadPoolExecutor(cfg["workers"]) as pool:  # threads only wait for their train.py processes
+        done = dict(zip(jobs, pool.map(job, jobs)))
+    results = {name: {seed: done[name, seed] for seed in cfg["seeds"]} for name in cfg["rows"]}
+    summary = summarise(cfg, results)
+    table = markdown(cfg, summary)
+    with open(os.path.join(cfg["out_dir"], "study.json"), "w") as f:
+        json.dump({"settings": cfg, "summary": summary, "runs": results}, f, indent=1)
+    with open(os.path.join(cfg["out_dir"], "study.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table, flush=True)
+    if cfg["plot"]:
+        plot_curves(cfg, summary, os.path.join(cfg["out_dir"], "curves.png"))
+    failed = [f"{name} seed {s}" for name, row in summary.items() for s in row["failed"]]
+    if failed:
+        raise ValueError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their errors are above")
+    return summary
 
 
 if __name__ == "__main__":

@@ -516,7 +516,8 @@ def final_test(model, tokenizer, edir: str, eval_split: str, ecaption: str, iter
     metrics = evaluate(model, edir, test_split, tokenizer, ecaption, run_device)
     chance = f"chance R@1 {100 / max(metrics.get('num_videos', 1), 1):.2f}%"
     print0(hmmc_eval.format_table(metrics, f"{test_split} split, {used}, {chance}"))
-    result = {**metrics, "split": test_split, "weights": used, "iter": iter_num, "time_s": time.time() - t0}
+    result = {**metrics, "split": test_split, "weights": used, "iter": iter_num,
+              "videos_seen": iter_num * batch_size * gradient_accumulation_steps, "time_s": time.time() - t0}
     if on_test and best is not None:
         best_used = f"best {test_split} weights (iter {best['iter_num']}), chosen on the {test_split} split itself: " \
                     f"the original's protocol, optimistic"
@@ -866,7 +867,10 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
                    f"V2T R@1 {metrics['v2t']['R1']:.1f} (captions of {metrics['context_length']} tokens)")
             improved = r1 > best_r1
             best_r1 = state["best_r1"] = max(best_r1, r1)
-            if master:
+            if master:  # the curve of val metrics, beside the losses
+                with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"iter": iter_num, "epoch": epoch, "val": {k: metrics[k] for k in
+                                                                                 ("t2v", "v2t")}}) + "\n")
                 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state, keep_previous)
                 if improved:  # the weights only: best.pt is for evaluation and fine-tuning, ckpt.pt for resuming
                     save_checkpoint(os.path.join(out_dir, "best.pt"), {k: v for k, v in state.items() if k not in (

@@ -79,13 +79,17 @@ def test_truncated_checkpoint(script, truncated_checkpoint, tiny_data, tmp_path)
     _assert_one_error(p, str(truncated_checkpoint), "truncated or corrupt")
 
 
-def test_study_unknown_row_and_a_failing_run(tiny_data, tmp_path):
-    p = _run("study.py", "--rows=('full', 'no_tmp')", f"--out_dir={tmp_path}")
-    _assert_one_error(p, "no_tmp", "no_fam")  # the bad row and the ones there are
-    # a train.py run that fails: the error names its command and its log, which holds train.py's own error
-    p = _run("study.py", "--rows=('scratch',)", f"--out_dir={tmp_path}", "--train_args=('--context_length=many',)")
-    _assert_one_error(p, "train.py", os.path.join(str(tmp_path), "scratch-finetune", "train.log"))
-    assert "context_length expects int" in (tmp_path / "scratch-finetune" / "train.log").read_text()
+def test_study_bad_baseline_and_a_failing_run(tiny_data, tmp_path):
+    p = _run("study.py", "--rows={'a': '', 'b': ''}", "--baseline=c", f"--out_dir={tmp_path}")
+    _assert_one_error(p, "baseline", "'c'", "['a', 'b']")  # the bad row and the ones there are
+    # a train.py run that fails: its row and seed are named with train.py's own error and its log; the study ends
+    # with one error line naming the failed runs
+    p = _run("study.py", "--rows={'bad': '--context_length=many'}", "--seeds=(4,)", f"--out_dir={tmp_path}")
+    _assert_one_error(p, "1 run(s) failed", "bad seed 4")
+    log = os.path.join(str(tmp_path), "bad", "seed4", "train.log")
+    assert f"error: row bad seed 4: python train.py --context_length=many --seed=4" in p.stdout
+    assert "context_length expects int" in p.stdout and log in p.stdout
+    assert "context_length expects int" in open(log).read()
 
 
 def test_prepare_annotations_without_a_usable_line(tmp_path):

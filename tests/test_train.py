@@ -43,9 +43,10 @@ def run(argv):
     train.main(argv)
 
 
-def log(out_dir):
+def log(out_dir, kind="train"):
+    """log.jsonl's training records (a loss per log interval), or with kind="val" its evaluation records."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if ("val" in r) == (kind == "val")]
 
 
 # ----------------------------------------------------------------------------- schedule and sampler
@@ -667,22 +668,32 @@ def test_captions_cut_by_context_length_are_reported(data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pretrain_then_finetune_chain(data, tmp_path, capsys):
-    # study.py's chain at a tiny budget: pre-training, the hand-over of its checkpoint, fine-tuning, evaluation
+    # the pre-training study's chain (config/study_pretrain.py) at a tiny budget: pre-training, the hand-over of
+    # its checkpoint, fine-tuning, evaluation
     args = ["--data_dir=" + data, "--eval_dataset=None", "--bert_vocab=" + os.path.join(data, "vocab.txt"),
             "--batch_size=4", "--queue_size=8", *TINY, "--context_length=24", "--max_iters=2"]
     out = tmp_path / "study"
-    table = study.main([f"--out_dir={out}", "--rows=('scratch', 'full')", f"--train_args={tuple(args)!r}"])
-    assert table["scratch"]["pretrain"] is None and table["full"]["pretrain"]["t2v"]["R1"] >= 0
-    assert json.load(open(out / "study.json"))["rows"]["full"]["finetune"] == table["full"]["finetune"]
-    log_text = (out / "full-finetune" / "train.log").read_text()
-    handover = re.search(r"loaded \d+ tensors from .*full-pretrain/ckpt.pt; dropped \d+ this model has no use for "
-                         r"\((.*)\)", log_text)
+    summary = study.main([os.path.join(ROOT, "config", "study_pretrain.py"), f"--out_dir={out}", "--seeds=(1,)",
+                          "--rows=" + repr({k: v for k, v in study_rows().items() if k in ("scratch", "full")}),
+                          "--train_args=" + " ".join(args)])
+    assert summary["scratch"]["stages"] == 1 and summary["full"]["stages"] == 2
+    fine = out / "full" / "seed1" / "stage2"
+    log_text = (fine / "train.log").read_text()
+    handover = re.search(r"loaded \d+ tensors from .*full/seed1/stage1/ckpt.pt; dropped \d+ this model has no use "
+                         r"for \((.*)\)", log_text)
     assert handover, log_text
     for part in ("mlm_head", "projector", "queue_video", "text_m", "video_m"):
         assert part in handover.group(1).split(", ")
-    ckpt = str(out / "full-finetune" / "ckpt.pt")
+    ckpt = str(fine / "ckpt.pt")
     assert torch.load(ckpt, weights_only=True)["model_args"]["bert_pooling"] == "mean"  # from the pre-training
     metrics = hmmc_eval.main([f"--init_from={ckpt}", "--device=cpu", "--num_workers=0",
                               f"--out={tmp_path / 'eval.json'}"])
-    assert metrics["t2v"] == table["full"]["finetune"]["t2v"]
-    assert "| full | all four losses |" in capsys.readouterr().out
+    assert metrics["t2v"] == json.load(open(fine / "results.json"))["t2v"]
+    assert summary["full"]["metrics"]["t2v_R1"]["values"] == [metrics["t2v"]["R1"]]
+    assert "| full | 1 |" in capsys.readouterr().out
+
+
+def study_rows() -> dict:
+    namespace = {}
+    exec(open(os.path.join(ROOT, "config", "study_pretrain.py")).read(), namespace)
+    return namespace["rows"]

@@ -1,0 +1,95 @@
+# study.py, the experiments-over-seeds command, at a tiny budget: its table against values computed by hand from
+# the runs' own results.json, finished runs reused, chains, and one-line errors.
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+import study
+from synthetic import prepare_synthetic
+
+pytestmark = pytest.mark.slow  # every run is a train.py subprocess: seconds apiece
+
+TINY = ("--embed_dim=32 --vision_width=32 --vision_layers=1 --vision_patch_size=8 --transformer_width=32 "
+        "--transformer_heads=1 --transformer_layers=1 --temporal_layers=1 --bert_hidden_size=32 --bert_layers=1 "
+        "--bert_heads=1 --proj_hidden=32 --image_size=32 --num_frames=4 --context_length=24 --eval_context_length=24 "
+        "--tag_context_length=8 --eval_batch_size=16 --num_workers=0 --device=cpu --dtype=float32 --log_interval=1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synthetic") / "synthetic")
+    prepare_synthetic(out, seed=0, num_train=64, test_single=4, test_double=1, val_single=2, val_double=0,
+                      verbose=False)
+    return out
+
+
+def results(folder) -> dict:
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+def test_table_equals_values_by_hand_and_runs_are_reused(data, tmp_path, capsys):
+    rows = {"base": "--learning_rate=1e-3", "slow": "--learning_rate=1e-4"}
+    args = [f"--out_dir={tmp_path}", f"--rows={rows!r}", "--seeds=(1, 2)", "--plot=True",
+            f"--train_args=--data_dir={data} --batch_size=8 --max_iters=4 --eval_interval=2 {TINY}"]
+    summary = study.main(args)
+    printed = capsys.readouterr().out
+    assert printed.count("$ python train.py") == 4  # 2 rows x 2 seeds
+    by_hand = {name: [results(tmp_path / name / f"seed{s}") for s in (1, 2)] for name in rows}
+    for name in rows:
+        assert summary[name]["seeds"] == [1, 2] and summary[name]["steps"] == [4, 4]
+        assert summary[name]["videos"] == [32, 32]
+        for split, r in study.METRICS:
+            values = [res[split][r] for res in by_hand[name]]
+            entry = summary[name]["metrics"][f"{split}_{r}"]
+            assert entry["values"] == values
+            assert entry["mean"] == pytest.approx(statistics.mean(values), abs=1e-12)
+            assert entry["sd"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+            assert (entry["min"], entry["max"]) == (min(values), max(values))
+    for split, r in study.METRICS:
+        paired = [s[split][r] - b[split][r] for s, b in zip(by_hand["slow"], by_hand["base"])]
+        diff = summary["slow"]["metrics"][f"{split}_{r}"]["diff"]
+        assert diff["n"] == 2 and diff["mean"] == pytest.approx(statistics.mean(paired), abs=1e-12)
+        # two seeds: one degree of freedom, t = 12.71
+        assert diff["pm"] == pytest.approx(12.71 * statistics.stdev(paired) / math.sqrt(2), abs=1e-12)
+        assert "diff" not in summary["base"]["metrics"][f"{split}_{r}"]  # the baseline row
+    # the markdown table: a header, a rule and one line per row, in the files and on stdout
+    table = (tmp_path / "study.md").read_text().strip().splitlines()
+    assert len(table) == 4 and table[0].startswith("| row | seeds | T2V R@1") and table[2].startswith("| base | 2 |")
+    assert table[3].startswith("| slow | 2 |") and "\n".join(table) in printed
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["summary"]["slow"]["metrics"]["t2v_R1"]["diff"]["mean"] == \
+        summary["slow"]["metrics"]["t2v_R1"]["diff"]["mean"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: requirements-dev.txt
+    # val metrics are in each run's log.jsonl, beside the losses
+    with open(tmp_path / "base" / "seed1" / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["iter"] for r in records if "val" in r] == [2, 4]
+    assert all(set(r["val"]["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"} for r in records if "val" in r)
+
+    # the same command again: every run is reused, nothing is trained, the table is the same
+    mtimes = {p: os.path.getmtime(p) for p in tmp_path.glob("*/seed*/results.json")}
+    again = study.main(args)
+    assert "$ python train.py" not in capsys.readouterr().out
+    assert {p: os.path.getmtime(p) for p in mtimes} == mtimes and again == summary
+    # another setting for one row reruns that row only (its folder's run is replaced)
+    rows["slow"] = "--learning_rate=3e-4"
+    study.main([f"--rows={rows!r}", *args[:1], *args[2:]])
+    assert capsys.readouterr().out.count("$ python train.py") == 2
+    assert all(os.path.getmtime(p) == mtimes[p] for p in mtimes if "/base/" in str(p))
+
+
+def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path):
+    rows = {"two_stages": ("--learning_rate=1e-3", "--learning_rate=1e-4")}
+    summary = study.main([f"--out_dir={tmp_path}", f"--rows={rows!r}", "--seeds=(3,)",
+                          f"--train_args=--data_dir={data} --batch_size=8 --max_iters=2 --eval_interval=0 {TINY}"])
+    first, second = (tmp_path / "two_stages" / "seed3" / f"stage{i}" for i in (1, 2))
+    assert f"--init_from={first / 'ckpt.pt'}" in (second / "command.txt").read_text()
+    log = (second / "train.log").read_text()
+    assert "loaded" in log and str(first / "ckpt.pt") in log
+    row = summary["two_stages"]
+    assert row["steps"] == [4] and row["first_stage_t2v_R1"][0] == results(first)["t2v"]["R1"]
+    assert row["metrics"]["t2v_R1"]["values"] == [results(second)["t2v"]["R1"]]
