@@ -7,10 +7,11 @@ $ python study.py config/study_synthetic.py                    # the README's fi
 $ python study.py --rows="{'base': '', 'lr': '--learning_rate=3e-4'}" --seeds="(1, 2, 3)" --plot=True
 
 A row is one train.py command line (config files and --key=value, as typed after `python train.py`), or a tuple of
-them: a chain whose every later stage starts from the previous stage's final checkpoint (pre-training, then
-fine-tuning). Every run is `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]` with one CPU thread:
-the command is printed and written beside its output, so any run can be repeated alone. A run whose results.json
-was written by the same command is reused; one that stopped half-way continues (train.py resumes it).
+them: a chain whose every later stage starts from the stage before's best.pt, the weights its results.json reports
+(pre-training, then fine-tuning). Every run is `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]`
+with one CPU thread: the command is printed and written beside its output, so any run can be repeated alone. A run
+whose results.json was written by the same command is reused; one that stopped half-way continues (train.py
+resumes it).
 
 Writes out_dir/study.json (settings, every run's results) and out_dir/study.md (the tables); with plot=True also
 out_dir/curves.png: training loss and val R@1 against steps, per row, mean over seeds with a band from min to max.
@@ -57,8 +58,8 @@ def run_folder(cfg: dict, name: str, seed: int, stage: int, n_stages: int) -> st
 def command(args: str, seed: int, folder: str, previous: str | None, extra: str) -> list[str]:
     """The train.py command line of one run (the interpreter and script path left out)."""
     cmd = shlex.split(args)
-    if previous:  # a later stage of a chain: its weights come from the stage before
-        cmd.append(f"--init_from={os.path.join(previous, 'ckpt.pt')}")
+    if previous:  # a later stage of a chain starts from the weights the stage before reported (results.json)
+        cmd.append(f"--init_from={os.path.join(previous, 'best.pt')}")
     return [*cmd, *shlex.split(extra), f"--seed={seed}", f"--out_dir={folder}"]
 
 

@@ -87,9 +87,9 @@ def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path):
     summary = study.main([f"--out_dir={tmp_path}", f"--rows={rows!r}", "--seeds=(3,)",
                           f"--train_args=--data_dir={data} --batch_size=8 --max_iters=2 --eval_interval=0 {TINY}"])
     first, second = (tmp_path / "two_stages" / "seed3" / f"stage{i}" for i in (1, 2))
-    assert f"--init_from={first / 'ckpt.pt'}" in (second / "command.txt").read_text()
+    assert f"--init_from={first / 'best.pt'}" in (second / "command.txt").read_text()
     log = (second / "train.log").read_text()
-    assert "loaded" in log and str(first / "ckpt.pt") in log
+    assert "loaded" in log and str(first / "best.pt") in log
     row = summary["two_stages"]
     assert row["steps"] == [4] and row["first_stage_t2v_R1"][0] == results(first)["t2v"]["R1"]
     assert row["metrics"]["t2v_R1"]["values"] == [results(second)["t2v"]["R1"]]

@@ -679,7 +679,7 @@ def test_pretrain_then_finetune_chain(data, tmp_path, capsys):
     assert summary["scratch"]["stages"] == 1 and summary["full"]["stages"] == 2
     fine = out / "full" / "seed1" / "stage2"
     log_text = (fine / "train.log").read_text()
-    handover = re.search(r"loaded \d+ tensors from .*full/seed1/stage1/ckpt.pt; dropped \d+ this model has no use "
+    handover = re.search(r"loaded \d+ tensors from .*full/seed1/stage1/best.pt; dropped \d+ this model has no use "
                          r"for \((.*)\)", log_text)
     assert handover, log_text
     for part in ("mlm_head", "projector", "queue_video", "text_m", "video_m"):
