@@ -1155,6 +1155,7 @@ COMMANDS = {
         "test_double": (3, "test confusion groups of two objects (8 videos each)"),
         "val_single": (40, "val confusion groups of one object"),
         "val_double": (1, "val confusion groups of two objects"),
+        "titles": (False, "pre-training text: titles and loose tags in place of captions (synthetic.py)"),
         "verbose": (True, "print progress"),
     }),
 }

@@ -15,6 +15,9 @@ any function of the *set* of frames (mean pooling, top-k frame matching) therefo
 left" and "moves right", for "left, then up" and "down, then right", and for "A then B" and "B then A". The test
 split is built from complete confusion groups (every caption next to its time-reversed twins), so a frame-level
 model is held near 1/group-size on them while a model that reads frame order can solve them all.
+
+With --titles=True (the built-in synthetic_pretrain set, for pre-training) each video gets a title and tags that say
+less than its caption, as CHVTT's titles and tags do (see "Pre-training text" below).
 """
 import io
 import json
@@ -182,23 +185,110 @@ def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
 
 
+# Pre-training text (titles=True), CHVTT's part: a video's title and tags say less than its caption, so that
+# pre-training on them is a question of transfer, not of more labels of the fine-tuning task. A title names the
+# objects and at most how the video starts: one object that turns gets its first direction and a "then" that says
+# more happens ("a red circle moves left, then"); one that moves straight gets its object alone (its one direction
+# would make the title the whole caption); two objects get their names in random order, neither direction nor
+# order. Tags are loose nouns: the colour and shape words, shuffled, each dropped with probability 1/4 (one at least
+# kept). No title or tag ever names a straight motion's direction, a turn's second direction, or which of two
+# objects comes first: those the fine-tuning captions alone teach. Titles phrase what they say as the captions do,
+# but never equal a caption (a title without its second direction ends in "then"; a title without direction has
+# no "moves"); the characters are the captions' own, so both sets share vocab.txt and the tokenizer's ids.
+_TITLE_AND = {"en": " and ", "zh": "，"}
+_TITLE_THEN = {"en": ", then", "zh": "，然后"}
+
+
+def _syn_title(events, order: list[int], lang: str) -> str:
+    if len(events) == 1 and len(events[0][2]) == 2:
+        c, s, motion = events[0]
+        first = [(c, s, motion[:1])]
+        return (_syn_caption_en(first) if lang == "en" else _syn_caption_zh(first)) + _TITLE_THEN[lang]
+    names = [f"a {c} {s}" if lang == "en" else _SYN_COLOURS[c][1] + _SYN_SHAPES[s] for c, s, _ in events]
+    return _TITLE_AND[lang].join(names[i] for i in order)
+
+
+def _syn_words(events, lang: str) -> list[str]:
+    """The colour and shape words of every object, in caption order."""
+    if lang == "en":
+        return [w for c, s, _ in events for w in (c, s)]
+    return [w for c, s, _ in events for w in (_SYN_COLOURS[c][1], _SYN_SHAPES[s])]
+
+
+def _syn_pretrain_text(events, rng: np.random.Generator) -> dict:
+    """The weak text of one video (both languages say the same): captions/captions_zh hold its title,
+    tags/tags_zh its loose tags."""
+    order = [int(i) for i in rng.permutation(len(events))]
+    words = len(events) * 2
+    keep = rng.random(words) >= 0.25
+    if not keep.any():
+        keep[rng.integers(words)] = True
+    shuffle = rng.permutation(words)
+    out = {}
+    for lang, suffix in (("en", ""), ("zh", "_zh")):
+        w = _syn_words(events, lang)
+        out["captions" + suffix] = [_syn_title(events, order, lang)]
+        out["tags" + suffix] = [w[i] for i in shuffle if keep[i]]
+    return out
+
+
+def captions_of_test_split(seed: int = 0, test_single: int = 90, test_double: int = 3,
+                           field: str = "captions_zh", **_) -> list[str]:
+    """The test split's captions of prepare_synthetic(seed=..., test_single=..., test_double=...) (other arguments
+    do not change them: the test groups are the generator's first draws), without writing any video."""
+    events = _syn_confusion_groups(np.random.default_rng(seed), test_single, test_double)
+    write = {"captions": _syn_caption_en, "captions_zh": _syn_caption_zh}[field]
+    return [write(e) for e in events]
+
+
+def overlap(titles, captions) -> int:
+    """How many of the distinct `captions` appear verbatim among `titles`."""
+    titles = set(titles)
+    return sum(c in titles for c in set(captions))
+
+
+def queue_copies(titles: list[str], queue_size: int) -> float:
+    """The mean number of copies of a training video's own title among `queue_size` negatives drawn at random
+    from the other videos: false negatives that the queue contrastive losses push away from the video."""
+    n = len(titles)
+    counts = {}
+    for t in titles:
+        counts[t] = counts.get(t, 0) + 1
+    return queue_size * sum(k * (k - 1) for k in counts.values()) / (n * (n - 1))
+
+
+def title_report(records: list[dict], queue_size: int = 1024) -> str:
+    """One line on pre-training records: their titles against the test captions of the built-in synthetic set."""
+    test = {lang: captions_of_test_split(**BUILT_IN["synthetic"], field="captions" + lang) for lang in ("", "_zh")}
+    titles = {lang: [r["captions" + lang][0] for r in records] for lang in ("", "_zh")}
+    full = [r["captions_full_zh"][0] for r in records]
+    return (f"titles: {overlap(titles['_zh'], test['_zh'])} (English {overlap(titles[''], test[''])}) of the "
+            f"{len(set(test['_zh']))} test captions of the built-in synthetic set appear verbatim among "
+            f"{len(records)} titles (among the full captions: {overlap(full, test['_zh'])}); "
+            f"{len(set(titles['_zh']))} distinct titles, {queue_copies(titles['_zh'], queue_size):.1f} copies of a "
+            f"video's own title among {queue_size} random others ({queue_copies(full, queue_size):.1f} of its "
+            f"full caption)")
+
+
 # the built-in datasets, made by train.py on first use: data/<name> <- prepare_synthetic(**arguments)
 BUILT_IN = {
     "synthetic": {},  # the default run's
-    # for the pre-training recipe: other videos (another seed), twice as many; its captions_zh/tags_zh play CHVTT's
-    # Chinese titles and tags
-    "synthetic_pretrain": dict(seed=1, num_train=12000),
+    # for the pre-training recipe: other videos (another seed), twice as many, with titles and tags in place of
+    # the captions (above)
+    "synthetic_pretrain": dict(seed=1, num_train=12000, titles=True),
 }
 
 
 def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: str | None = None,
                       num_frames: int = 8, frame_size: int = 32, num_train: int = 6000, p_two: float = 0.15,
                       test_single: int = 90, test_double: int = 3, val_single: int = 40, val_double: int = 1,
-                      verbose: bool = True) -> str:
+                      titles: bool = False, verbose: bool = True) -> str:
     """Write the synthetic dataset to `out_dir` (frames.lmdb, train/val/test.jsonl with `captions` (English) and
     `captions_zh`, vocab.txt for the Chinese side); with `videos` also one .mp4 per video there. Deterministic in
     `seed`. The test split has 2*test_single + 8*test_double videos (default 204), all captions unique;
-    val 2*val_single + 8*val_double (88)."""
+    val 2*val_single + 8*val_double (88). With `titles`, pre-training text instead (above): captions/captions_zh
+    hold titles, tags/tags_zh loose tags, and the full captions and tags move to captions_full/captions_full_zh and
+    tags_full/tags_full_zh; the videos are the same as without."""
     if num_frames % 2:
         raise ValueError(f"num_frames must be even (two-event videos split the clip in halves), got {num_frames}")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "frames.lmdb")):
@@ -206,6 +296,7 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
         raise ValueError(f"{out_dir} holds files but no frames.lmdb, so it is no dataset this command wrote; it is "
                          f"left as it is: choose another --out")
     rng = np.random.default_rng(seed)
+    text_rng = np.random.default_rng([seed, 1])  # the titles' own draws: the videos do not depend on `titles`
     splits = {
         "test": _syn_confusion_groups(rng, test_single, test_double),
         "val": _syn_confusion_groups(rng, val_single, val_double),
@@ -225,6 +316,7 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
     # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
     mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
+    made = {}  # split -> its records, with titles (for the report below)
     for split, event_lists in splits.items():
         with open(os.path.join(tmp_dir, f"{split}.jsonl"), "w") as f:
             for i, events in enumerate(event_lists):
@@ -245,6 +337,11 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
                           "tags_zh": [w for c, s, m in events for w in
                                       (_SYN_COLOURS[c][1], _SYN_SHAPES[s], *(_SYN_DIRECTIONS[d][1] for d in m))],
                           "duration": num_frames / 8.0}
+                if titles:  # the full text moves to *_full fields, the weak text takes its place
+                    full = {f"{k}_full{lang}": record[k + lang] for k in ("captions", "tags") for lang in ("", "_zh")}
+                    record = {"video_id": vid, **_syn_pretrain_text(events, text_rng), **full,
+                              "duration": record["duration"]}
+                    made[split] = made.get(split, []) + [record]
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     db.close()
     t0 = time.time()
@@ -264,4 +361,6 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
         counts = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
         print(f"wrote synthetic dataset to {out_dir}: {counts} videos, {num_frames} frames of {frame_size} px",
               flush=True)
+        if titles:
+            print(title_report(made["train"]), flush=True)
     return out_dir

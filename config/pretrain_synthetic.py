@@ -1,7 +1,8 @@
 # Pre-train the tiny Chinese model of config/synthetic_zh.py with momentum contrast, as config/pretrain_chvtt.py
 # does at full size: FAM + VTM + FTM + MLM, titles and tags, momentum encoders and queues. The data is the built-in
-# synthetic_pretrain set (12,000 other videos; train.py makes it on first use), whose Chinese captions and tags
-# play CHVTT's titles and tags; the check at every eval is the synthetic val split, and results.json holds the
+# synthetic_pretrain set (12,000 other videos; train.py makes it on first use), whose titles and tags play CHVTT's:
+# they name the objects and at most the first direction, never what the fine-tuning captions add (synthetic.py),
+# and none is a test caption. The check at every eval is the synthetic val split, and results.json holds the
 # synthetic test split's metrics before any fine-tuning.
 # $ python train.py config/pretrain_synthetic.py
 # $ python train.py config/synthetic_zh.py --init_from=out-pretrain-synthetic/ckpt.pt --epochs=1   # fine-tune
@@ -9,7 +10,7 @@
 out_dir = "out-pretrain-synthetic"
 dataset = "synthetic_pretrain"
 eval_dataset = "synthetic"
-caption_field = "captions_zh"  # tags follow: tags_zh
+caption_field = "captions_zh"  # the titles; tags follow: tags_zh (the full captions: captions_full_zh)
 text_encoder = "bert"
 context_length = 24
 eval_context_length = 24
@@ -18,9 +19,9 @@ bert_pooling = "mean"  # see config/synthetic_zh.py
 bert_dropout = 0.0
 pretrain = True
 use_tags = True
-# One batch of keys: on this data larger queues learn less in the same steps (study.py measures 256 and 1024,
-# the full-size recipe's): keys from up to 32 steps ago come from a momentum encoder that trained from scratch
-# moves fast, and 12,000 videos with 1,596 distinct captions put ~4 copies of each caption among 1,024 negatives
+# One batch of keys: on the full captions larger queues learned less in the same steps; config/study_queue.py
+# probes why: keys from up to 32 steps ago come from a momentum encoder that moves fast from scratch, and 12,000
+# videos with 285 distinct titles put ~11 copies of a video's own title among 1,024 negatives (~4 of its caption)
 queue_size = 32
 momentum = 0.99
 temperature = 0.07

@@ -1,13 +1,17 @@
 # Data part of prepare.py: frame LMDB, sampling, the dataset, ffmpeg extraction on real files, converters, CLI.
 # Videos are made by ffmpeg inside the tests (tiny: 64x48, a few frames, -threads 1) so the file runs in seconds.
 import csv
+import hashlib
 import inspect
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+
+from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -524,6 +528,140 @@ def test_synthetic_command_writes_the_dataset(tmp_path):
     assert len(a) == len(b) == 8
     assert all(a.get_frames(v, range(8)) == b.get_frames(v, range(8)) for v in a.video_ids())
     a.close(), b.close()
+
+
+def _synthetic_digest(out: str) -> str:
+    h = hashlib.sha256()
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "vocab.txt"):
+        h.update(open(os.path.join(out, name), "rb").read())
+    db = prepare.FrameDB(os.path.join(out, "frames.lmdb"))
+    for v in sorted(db.video_ids()):
+        h.update(v.encode())
+        for frame in db.get_frames(v, range(8)):
+            h.update(frame)
+    db.close()
+    return h.hexdigest()
+
+
+SMALL = dict(seed=3, num_train=8, p_two=0.5, test_single=2, test_double=1, val_single=1, val_double=0, verbose=False)
+
+
+def test_synthetic_is_the_same_as_before_titles(tmp_path):
+    # the default run's data: these bytes (jsonl files, vocab.txt and every stored frame) were written by the
+    # generator before pre-training titles existed, so the default run's numbers stand
+    from synthetic import prepare_synthetic
+    assert _synthetic_digest(prepare_synthetic(str(tmp_path / "s"), **SMALL)) == \
+        "0dd7fea655d02e5d9e45468cdcc38d261c2c2a47144eb15d39d8a31e1272ffe6"
+
+
+def _records(folder) -> dict:
+    return {split: [json.loads(line) for line in open(os.path.join(folder, f"{split}.jsonl"), encoding="utf-8")]
+            for split in ("train", "val", "test")}
+
+
+def _facts(caption: str) -> list[tuple]:
+    """(colour, shape, directions) of each object an English full caption names."""
+    return [(c, s, tuple(d.split(", then "))) for c, s, d in
+            re.findall(r"a (\w+) (\w+) moves ((?:left|right|up|down)(?:, then (?:left|right|up|down))?)(?!\w)",
+                       caption)]
+
+
+@pytest.fixture(scope="module")
+def titled(tmp_path_factory):
+    from synthetic import prepare_synthetic
+    root = tmp_path_factory.mktemp("titles")
+    kw = dict(seed=2, num_train=160, p_two=0.3, test_single=3, test_double=1, val_single=1, val_double=0,
+              verbose=False)
+    return {"with": prepare_synthetic(str(root / "with"), titles=True, **kw),
+            "again": prepare_synthetic(str(root / "again"), titles=True, **kw),
+            "without": prepare_synthetic(str(root / "without"), **kw),
+            "seed5": prepare_synthetic(str(root / "seed5"), titles=True, **{**kw, "seed": 5})}
+
+
+def test_pretrain_titles_say_less_than_captions(titled):
+    from synthetic import _SYN_COLOURS, _SYN_DIRECTIONS, _SYN_SHAPES
+    zh = {**{k: v[1] for k, v in _SYN_COLOURS.items()}, **_SYN_SHAPES, **{k: v[1] for k, v in _SYN_DIRECTIONS.items()}}
+    directions = set(_SYN_DIRECTIONS)
+    plain, titled_records = _records(titled["without"]), _records(titled["with"])
+    captions = {c for split in plain.values() for r in split for c in r["captions"] + r["captions_zh"]}
+    kinds = {"turn": 0, "straight": 0, "two": 0}
+    for split in ("train", "val", "test"):
+        assert len(titled_records[split]) == len(plain[split])
+        for r, p in zip(titled_records[split], plain[split]):
+            # the full text moves aside unchanged: the same videos, the same captions as without titles
+            assert (r["captions_full"], r["captions_full_zh"], r["tags_full"], r["tags_full_zh"]) == \
+                (p["captions"], p["captions_zh"], p["tags"], p["tags_zh"])
+            (title,), (title_zh,), (caption,) = r["captions"], r["captions_zh"], p["captions"]
+            assert title not in captions and title_zh not in captions  # never any caption of the set
+            facts = _facts(caption)
+            assert " then ".join(f"a {c} {s} moves {', then '.join(m)}" for c, s, m in facts) == \
+                caption.replace(", then a", " then a")  # the parse covers the whole caption
+            named = re.findall(r"\w+", title)
+            said = [w for w in named if w in directions]
+            if len(facts) == 1 and len(facts[0][2]) == 2:  # a turn: its first direction, never the second
+                (c, s, (first, second)), = facts
+                kinds["turn"] += 1
+                assert said == [first] and title == f"a {c} {s} moves {first}, then"
+                assert title_zh == f"{zh[c]}{zh[s]}{zh[first]}移动，然后" and zh[second] not in title_zh
+            elif len(facts) == 1:  # straight: the object alone
+                (c, s, _), = facts
+                kinds["straight"] += 1
+                assert said == [] and title == f"a {c} {s}" and title_zh == zh[c] + zh[s]
+            else:  # two objects: both, in either order, neither direction
+                kinds["two"] += 1
+                names = [f"a {c} {s}" for c, s, _ in facts]
+                assert said == [] and title in (" and ".join(names), " and ".join(names[::-1]))
+                names_zh = [zh[c] + zh[s] for c, s, _ in facts]
+                assert title_zh in ("，".join(names_zh), "，".join(names_zh[::-1]))
+                assert (title == " and ".join(names)) == (title_zh == "，".join(names_zh))
+            # fewer facts than the caption: colours, shapes and directions named
+            assert len([w for w in named if w in zh]) < sum(2 + len(m) for _, _, m in facts)
+            # tags: loose nouns, at least one, no direction; the Chinese ones translate the English ones
+            words = [w for c, s, _ in facts for w in (c, s)]
+            assert 1 <= len(r["tags"]) <= len(words) and not set(r["tags"]) & directions
+            assert all(r["tags"].count(w) <= words.count(w) for w in r["tags"])
+            assert r["tags_zh"] == [zh[w] for w in r["tags"]]
+    assert all(kinds.values()), kinds  # every rule was exercised
+    words = [[w for c, s, _ in _facts(r["captions_full"][0]) for w in (c, s)] for r in titled_records["train"]]
+    tags = [r["tags"] for r in titled_records["train"]]
+    assert any(len(t) < len(w) for t, w in zip(tags, words))  # some dropped
+    assert any(t != w and sorted(t) == sorted(w) for t, w in zip(tags, words))  # some whole but shuffled
+
+
+def test_pretrain_titles_are_deterministic_and_keep_the_videos(titled):
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "vocab.txt"):
+        assert (Path(titled["with"]) / name).read_bytes() == (Path(titled["again"]) / name).read_bytes()
+    assert (Path(titled["with"]) / "vocab.txt").read_bytes() == (Path(titled["without"]) / "vocab.txt").read_bytes()
+    assert _records(titled["with"])["train"] != _records(titled["seed5"])["train"]
+    a, b = (prepare.FrameDB(os.path.join(titled[k], "frames.lmdb")) for k in ("with", "without"))
+    assert sorted(a.video_ids()) == sorted(b.video_ids())
+    assert all(a.get_frames(v, range(8)) == b.get_frames(v, range(8)) for v in a.video_ids())
+    a.close(), b.close()
+
+
+def test_title_overlap_and_queue_copies_by_hand(titled, tmp_path):
+    import synthetic
+    assert synthetic.overlap(["a", "b", "b", "x"], ["b", "c", "b", "a"]) == 2  # a and b, each counted once
+    # 4 titles, a queue of 3 of the other three: "a" finds its twin with probability 1, the others never
+    assert synthetic.queue_copies(["a", "a", "b", "c"], 3) == pytest.approx(0.5)
+    # the test captions are re-made without videos exactly as prepare_synthetic writes them
+    plain = _records(titled["without"])
+    for field in ("captions", "captions_zh"):
+        assert synthetic.captions_of_test_split(seed=2, test_single=3, test_double=1, field=field) == \
+            [r[field][0] for r in plain["test"]]
+    # the pre-training set's titles against another seed's test split: none verbatim; its full captions: by hand
+    test = [r["captions_zh"][0] for r in _records(synthetic.prepare_synthetic(
+        str(tmp_path / "fine"), seed=4, num_train=2, test_single=20, test_double=1, val_single=1, val_double=0,
+        verbose=False))["test"]]
+    pre = _records(titled["with"])["train"]
+    assert synthetic.overlap([r["captions_zh"][0] for r in pre], test) == 0
+    by_hand = 0
+    for caption in sorted(set(test)):
+        for r in pre:
+            if r["captions_full_zh"][0] == caption:
+                by_hand += 1
+                break
+    assert by_hand > 0 and synthetic.overlap([r["captions_full_zh"][0] for r in pre], test) == by_hand
 
 
 # ---------------------------------------------------------------------------------------------------------------
