@@ -130,6 +130,7 @@ def summarise(cfg: dict, results: dict) -> dict:
         if done:
             last = [done[s] for s in row["seeds"]]
             row["steps"] = [sum(st["iter"] for st in by_seed[s]) for s in row["seeds"]]
+            row["stage_steps"] = [[st["iter"] for st in by_seed[s]] for s in row["seeds"]]
             row["videos"] = [sum(st.get("videos_seen", 0) for st in by_seed[s]) for s in row["seeds"]]
             row["minutes"] = mean_sd([sum(st["time_s"] for st in by_seed[s]) / 60 for s in row["seeds"]])[0]
             if row["stages"] > 1:  # what the first stage alone gives, e.g. a pre-trained checkpoint before fine-tuning
@@ -155,20 +156,28 @@ def markdown(cfg: dict, summary: dict) -> str:
     base = cfg["baseline"] or next(iter(cfg["rows"]))
     names = ["_".join(k) for k in METRICS]
     heads = [f"{split.upper()} R@{r[1:]}" for split, r in METRICS]
+    # chains: the first stage's own T2V R@1 (e.g. a pre-trained checkpoint before fine-tuning: the weights the next
+    # stage starts from), and steps stage by stage ("750+1122")
+    chains = any(row["stages"] > 1 for row in summary.values())
+    first = " | T2V R@1 after stage 1" if chains else ""
     lines = ["| row | seeds | " + " | ".join(f"{h} mean ± sd (min-max)" for h in heads)
-             + f" | T2V R@1 - {base} (95% CI) | steps | minutes |",
-             "|---|---|" + "---|" * len(names) + "---|---|---|"]
+             + f" | T2V R@1 - {base} (95% CI){first} | steps | videos | minutes |",
+             "|---|---|" + "---|" * (len(names) + chains) + "---|---|---|---|"]
     for name, row in summary.items():
         if not row["metrics"]:
-            lines.append(f"| {name} | 0 | " + " | ".join("failed" for _ in names) + " | - | - | - |")
+            lines.append(f"| {name} | 0 | " + " | ".join("failed" for _ in names) + " | -" * (4 + chains) + " |")
             continue
         cells = [f"{fmt(e['mean'])} ± {fmt(e['sd'])} ({fmt(e['min'])}-{fmt(e['max'])})"
                  for e in (row["metrics"][n] for n in names)]
         diff = row["metrics"]["t2v_R1"].get("diff")
         d = f"{diff['mean']:+.1f} ± {fmt(diff['pm'])} (n={diff['n']})" if diff else "-"
-        steps = sorted(set(row["steps"]))
+        if chains:
+            m_sd = row.get("first_stage_t2v_R1")
+            d += f" | {fmt(m_sd[0])} ± {fmt(m_sd[1])}" if m_sd else " | -"
+        steps = "/".join(sorted({"+".join(map(str, st)) for st in row["stage_steps"]}))
+        videos = "/".join(map(str, sorted(set(row["videos"]))))
         lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) +
-                     f" | {d} | {'/'.join(map(str, steps))} | {row['minutes']:.1f} |")
+                     f" | {d} | {steps} | {videos} | {row['minutes']:.1f} |")
     return "\n".join(lines)
 
 

@@ -279,6 +279,20 @@ BUILT_IN = {
 }
 
 
+def stale(name: str, folder: str) -> str | None:
+    """Why the built-in set `name` in `folder` is not what prepare_synthetic(**BUILT_IN[name]) writes now, or None:
+    a pre-training set written before titles existed holds full captions where the titles belong."""
+    path = os.path.join(folder, "train.jsonl")
+    if not BUILT_IN.get(name, {}).get("titles") or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        first = json.loads(f.readline() or "{}")
+    if "captions_full" in first:
+        return None
+    return (f"{folder} was written by an older version: its captions are full captions, not the titles of "
+            f"{name!r}; delete the folder and train.py writes it anew")
+
+
 def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: str | None = None,
                       num_frames: int = 8, frame_size: int = 32, num_train: int = 6000, p_two: float = 0.15,
                       test_single: int = 90, test_double: int = 3, val_single: int = 40, val_double: int = 1,

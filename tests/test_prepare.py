@@ -639,6 +639,16 @@ def test_pretrain_titles_are_deterministic_and_keep_the_videos(titled):
     a.close(), b.close()
 
 
+def test_a_pretrain_set_without_titles_is_named_stale(titled, tmp_path):
+    import synthetic
+    assert synthetic.stale("synthetic_pretrain", titled["with"]) is None
+    assert synthetic.stale("synthetic", titled["without"]) is None  # no titles expected
+    assert synthetic.stale("synthetic_pretrain", str(tmp_path / "nothing")) is None  # train.py writes it there
+    assert synthetic.stale("synthetic_pretrain", titled["without"]) == (
+        f"{titled['without']} was written by an older version: its captions are full captions, not the titles of "
+        f"'synthetic_pretrain'; delete the folder and train.py writes it anew")
+
+
 def test_title_overlap_and_queue_copies_by_hand(titled, tmp_path):
     import synthetic
     assert synthetic.overlap(["a", "b", "b", "x"], ["b", "c", "b", "a"]) == 2  # a and b, each counted once

@@ -93,3 +93,8 @@ def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path):
     row = summary["two_stages"]
     assert row["steps"] == [4] and row["first_stage_t2v_R1"][0] == results(first)["t2v"]["R1"]
     assert row["metrics"]["t2v_R1"]["values"] == [results(second)["t2v"]["R1"]]
+    # the table: each stage's steps, the videos seen in all, and the first stage's own R@1 (the weights handed on)
+    header, _, line = (tmp_path / "study.md").read_text().strip().splitlines()
+    assert header.endswith("| T2V R@1 after stage 1 | steps | videos | minutes |")
+    assert line.startswith("| two_stages | 1 |")
+    assert f"| {results(first)['t2v']['R1']:.1f} ± - | 2+2 | 16 |" in line

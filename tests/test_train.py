@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -210,6 +211,20 @@ def test_a_users_data_folder_is_never_written(data, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="holds files of another dataset; move them away"):
         run(["--max_iters=1", "--out_dir=out-again", *TINY])
     assert os.listdir("data/synthetic") == ["NOTES.txt"]
+
+
+def test_a_stale_built_in_pretrain_set_is_refused(tmp_path, monkeypatch):
+    # data/synthetic_pretrain from before titles: full captions where the titles belong; training on it would
+    # measure more labels, not transfer
+    monkeypatch.chdir(tmp_path)
+    prepare_synthetic("data/synthetic_pretrain", num_train=4, test_single=1, test_double=0, val_single=1,
+                      val_double=0, verbose=False)
+    before = sorted(os.listdir("data/synthetic_pretrain"))
+    with pytest.raises(ValueError, match="dataset 'synthetic_pretrain': data/synthetic_pretrain was written by an "
+                                         "older version: .* delete the folder and train.py writes it anew"):
+        run(["--dataset=synthetic_pretrain", "--pretrain=True", "--weight_mlm=0", "--batch_size=4", "--queue_size=8",
+             "--max_iters=1", "--out_dir=out", *TINY])
+    assert sorted(os.listdir("data/synthetic_pretrain")) == before and not os.path.exists("out/ckpt.pt")
 
 
 def test_checkpoint_of_another_architecture(data, tmp_path):
@@ -674,13 +689,14 @@ def test_pretrain_then_finetune_chain(data, tmp_path, capsys):
             "--batch_size=4", "--queue_size=8", *TINY, "--context_length=24", "--max_iters=2"]
     out = tmp_path / "study"
     summary = study.main([os.path.join(ROOT, "config", "study_pretrain.py"), f"--out_dir={out}", "--seeds=(1,)",
-                          "--rows=" + repr({k: v for k, v in study_rows().items() if k in ("scratch", "full")}),
+                          "--rows=" + repr({k: v for k, v in study_rows().items() if k in ("scratch_short",
+                                                                                           "pretrained_short")}),
                           "--train_args=" + " ".join(args)])
-    assert summary["scratch"]["stages"] == 1 and summary["full"]["stages"] == 2
-    fine = out / "full" / "seed1" / "stage2"
+    assert summary["scratch_short"]["stages"] == 1 and summary["pretrained_short"]["stages"] == 2
+    fine = out / "pretrained_short" / "seed1" / "stage2"
     log_text = (fine / "train.log").read_text()
-    handover = re.search(r"loaded \d+ tensors from .*full/seed1/stage1/best.pt; dropped \d+ this model has no use "
-                         r"for \((.*)\)", log_text)
+    handover = re.search(r"loaded \d+ tensors from .*pretrained_short/seed1/stage1/best.pt; dropped \d+ this model "
+                         r"has no use for \((.*)\)", log_text)
     assert handover, log_text
     for part in ("mlm_head", "projector", "queue_video", "text_m", "video_m"):
         assert part in handover.group(1).split(", ")
@@ -689,11 +705,41 @@ def test_pretrain_then_finetune_chain(data, tmp_path, capsys):
     metrics = hmmc_eval.main([f"--init_from={ckpt}", "--device=cpu", "--num_workers=0",
                               f"--out={tmp_path / 'eval.json'}"])
     assert metrics["t2v"] == json.load(open(fine / "results.json"))["t2v"]
-    assert summary["full"]["metrics"]["t2v_R1"]["values"] == [metrics["t2v"]["R1"]]
-    assert "| full | 1 |" in capsys.readouterr().out
+    assert summary["pretrained_short"]["metrics"]["t2v_R1"]["values"] == [metrics["t2v"]["R1"]]
+    assert "| pretrained_short | 1 |" in capsys.readouterr().out
 
 
-def study_rows() -> dict:
+def study_rows(name: str = "study_pretrain") -> dict:
     namespace = {}
-    exec(open(os.path.join(ROOT, "config", "study_pretrain.py")).read(), namespace)
+    exec(open(os.path.join(ROOT, "config", f"{name}.py")).read(), namespace)
     return namespace["rows"]
+
+
+def test_study_configs_rows_are_the_runs_they_say(monkeypatch):
+    # every stage of every row is a valid train.py command line, and the rows are the comparisons their files name
+    monkeypatch.chdir(ROOT)
+    settings = {name: {row: [train.configure(train._DEFAULTS, shlex.split(stage)) for stage in study.stages(args)]
+                       for row, args in study_rows(name).items()} for name in ("study_pretrain", "study_queue")}
+    pretrain = settings["study_pretrain"]
+    for row, stages in pretrain.items():
+        fine = stages[-1]
+        assert not fine["pretrain"] and fine["caption_field"] == "captions_zh" and fine["dataset"] == "synthetic"
+        assert fine["epochs"] == (6 if row.endswith("_full") else 1)  # the full schedule (1,122 steps) or one epoch
+        assert len(stages) == (1 if row.startswith("scratch") else 2)
+        if len(stages) == 2:
+            assert stages[0]["pretrain"] and stages[0]["dataset"] == "synthetic_pretrain" and stages[0]["epochs"] == 2
+    assert {r for r in pretrain if r.endswith("_full")} == {"scratch_full", "pretrained_full"}
+    weights = {r: tuple(st[0][f"weight_{k}"] for k in ("fam", "vtm", "ftm", "mlm")) for r, st in pretrain.items()
+               if len(st) == 2}
+    assert weights.pop("pretrained_full") == weights.pop("pretrained_short") == (0.05, 0.45, 0.45, 0.05)
+    assert sorted(w.count(0) for w in weights.values()) == [1, 1, 1, 1] and len(set(weights.values())) == 4
+    queue = {row: stages for row, stages in settings["study_queue"].items()}
+    for row, (cfg,) in queue.items():
+        assert cfg["pretrain"] and cfg["epochs"] == 1 and cfg["queue_size"] == int(row.split("_")[1])
+        assert cfg["queue_size"] % cfg["batch_size"] == 0
+        probe = row.split("_", 2)[2:]  # each probe is a pair of queue lengths with one setting changed
+        assert f"queue_{1024 if cfg['queue_size'] == 32 else 32}{'_' + probe[0] if probe else ''}" in queue
+        assert (cfg["momentum"] == 0.999) == (probe == ["m0999"])
+        assert (cfg["learning_rate"] == cfg["text_lr"] == 3e-4) == (probe == ["lr3e-4"])
+        assert cfg["caption_field"] == ("captions_full_zh" if probe == ["captions"] else "captions_zh")
+        assert (cfg["eval_caption_field"] or cfg["caption_field"]) == "captions_zh"
