@@ -5,8 +5,9 @@
 # and none is a test caption. The check at every eval is the synthetic val split, and results.json holds the
 # synthetic test split's metrics before any fine-tuning.
 # $ python train.py config/pretrain_synthetic.py
-# $ python train.py config/synthetic_zh.py --init_from=out-pretrain-synthetic/ckpt.pt --epochs=1   # fine-tune
-# study.py runs this with each loss switched off in turn and other queue sizes, and compares with scratch.
+# $ python train.py config/synthetic_zh.py --init_from=out-pretrain-synthetic/best.pt   # fine-tune
+# config/study_pretrain.py compares fine-tuning from it with fine-tuning from scratch, and switches each loss off in
+# turn; config/study_queue.py probes longer queues.
 out_dir = "out-pretrain-synthetic"
 dataset = "synthetic_pretrain"
 eval_dataset = "synthetic"
