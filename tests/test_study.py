@@ -97,4 +97,4 @@ def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path):
     header, _, line = (tmp_path / "study.md").read_text().strip().splitlines()
     assert header.endswith("| T2V R@1 after stage 1 | steps | videos | minutes |")
     assert line.startswith("| two_stages | 1 |")
-    assert f"| {results(first)['t2v']['R1']:.1f} ± - | 2+2 | 16 |" in line
+    assert f"| {results(first)['t2v']['R1']:.1f} ± - | 2+2 | 32 |" in line

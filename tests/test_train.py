@@ -689,6 +689,7 @@ def test_pretrain_then_finetune_chain(data, tmp_path, capsys):
             "--batch_size=4", "--queue_size=8", *TINY, "--context_length=24", "--max_iters=2"]
     out = tmp_path / "study"
     summary = study.main([os.path.join(ROOT, "config", "study_pretrain.py"), f"--out_dir={out}", "--seeds=(1,)",
+                          "--baseline=scratch_short",
                           "--rows=" + repr({k: v for k, v in study_rows().items() if k in ("scratch_short",
                                                                                            "pretrained_short")}),
                           "--train_args=" + " ".join(args)])
