@@ -131,9 +131,9 @@ def test_two_process_gloo_matches_one_process(data, tmp_path, compiled):
     assert rb["num_videos"] == ra["num_videos"]
 
 
-# training recipes: every file in config/ except eval.py's (eval_*.py)
+# training recipes: every file in config/ except eval.py's (eval_*.py) and study.py's (study_*.py)
 RECIPES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "config", "*.py"))
-                 if not os.path.basename(p).startswith("eval_"))
+                 if not os.path.basename(p).startswith(("eval_", "study_")))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
