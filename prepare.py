@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 
 import lmdb
@@ -127,6 +128,7 @@ def _draw_augmentation(rng, w: int, h: int) -> dict:
 
 _GRAY = np.array([0.299, 0.587, 0.114])  # Pillow's RGB -> L weights, used by its ImageEnhance
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = np.linalg.inv(_YIQ)
 
 
 def _jitter_affine(jitter: list) -> tuple:
@@ -150,7 +152,7 @@ def _jitter_affine(jitter: list) -> tuple:
         else:  # hue: rotate the chroma plane by f turns (negative angle: the direction HSV hue increases)
             t = -2 * np.pi * f
             R = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
-            M = np.linalg.inv(_YIQ) @ R @ _YIQ
+            M = _YIQ_INV @ R @ _YIQ
         A, B = M @ A, M @ B + C
     return A, B
 
@@ -161,13 +163,20 @@ def _jitter_matrix(jitter: list, channel_mean: np.ndarray) -> tuple:
     return tuple(float(v) for row in np.concatenate([A, (B @ channel_mean)[:, None]], axis=1) for v in row)
 
 
-def _crop_resize(img, p: dict, size: int):
-    return img.resize((size, size), Image.BILINEAR, box=p["crop"])
+def _crop_resize(img, p: dict, size: int) -> torch.Tensor:
+    """RandomResizedCrop's crop, resized to size x size with antialiased bilinear filtering -> uint8 (3, S, S).
+    torch's uint8 kernel matches Pillow's resize(BILINEAR, box=crop) within a level or two, in ~60% of its time."""
+    x0, y0, x1, y1 = p["crop"]
+    with warnings.catch_warnings():  # Pillow's pixels are read-only, and only read here
+        warnings.simplefilter("ignore", UserWarning)
+        frame = torch.from_numpy(np.asarray(img))[y0:y1, x0:x1].permute(2, 0, 1)[None]  # HWC seen as (1, 3, h, w)
+    return torch.nn.functional.interpolate(frame, size=(size, size), mode="bilinear", antialias=True)[0]
 
 
 def _apply_augmentation(img, p: dict, size: int):
-    """The whole augmentation in Pillow: the reference that augment_frames (on the training device) follows."""
-    img = _crop_resize(img, p, size)
+    """The whole augmentation in the loader (Pillow after the crop): the reference that augment_frames, on the
+    training device, follows."""
+    img = Image.fromarray(_crop_resize(img, p, size).permute(1, 2, 0).numpy())
     if "jitter" in p:
         mean = np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0)
         img = img.convert("RGB", _jitter_matrix(p["jitter"], mean))
@@ -307,6 +316,10 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{self.lmdb_path} stores {db.num_frames} frames per video but num_frames="
                                  f"{num_frames} was asked; lower num_frames or re-extract with "
                                  f"`python prepare.py frames --num_frames={num_frames} ...`")
+            if db.square and augment != "none":
+                raise ValueError(f"{self.lmdb_path} stores only the centre squares of the frames (prepare.py frames "
+                                 f"--square=True) but augment={augment!r} crops at random from whole frames; use "
+                                 f"augment='none' or an LMDB of whole frames")
             if db.frame_size is not None and db.frame_size < image_size:
                 raise ValueError(f"{self.lmdb_path} stores frames with a short side of {db.frame_size} px but "
                                  f"image_size={image_size} was asked (frames would be upscaled); lower image_size "
@@ -383,7 +396,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
             if params is None:
                 out[t] = _apply_augmentation(img, p, S).transpose(2, 0, 1)
             else:
-                out[t] = np.asarray(_crop_resize(img, p, S)).transpose(2, 0, 1)
+                out[t] = _crop_resize(img, p, S).numpy()
                 params[t] = augment_params(p)
         return params
 
@@ -511,7 +524,8 @@ class FrameDB:
     original HMMC's tools/frame2lmdb.py (no `__meta__`) are read too, their frame count found by probing keys.
     """
 
-    def __init__(self, path, readonly=True, map_size=1 << 30, num_frames=None, frame_size=None, commit_every=64):
+    def __init__(self, path, readonly=True, map_size=1 << 30, num_frames=None, frame_size=None, commit_every=64,
+                 square=False):
         self.path = path
         self.readonly = readonly
         self.commit_every = commit_every
@@ -538,11 +552,13 @@ class FrameDB:
                     raise ValueError(f"creating {path} needs num_frames and frame_size")
                 self.meta = {"version": FRAMEDB_VERSION, "num_frames": int(num_frames),
                              "frame_size": int(frame_size), "count": 0, "failed": {}}
+                if square:
+                    self.meta["square"] = True
                 self._write_batch({})
             else:
-                for k, v in (("num_frames", num_frames), ("frame_size", frame_size)):
-                    if v is not None and self.meta.get(k) is not None and self.meta[k] != v:
-                        raise ValueError(f"{path} was made with {k}={self.meta[k]} but {k}={v} was asked; "
+                for k, v in (("num_frames", num_frames), ("frame_size", frame_size), ("square", bool(square))):
+                    if v is not None and self.meta.get(k, False if k == "square" else None) not in (None, v):
+                        raise ValueError(f"{path} was made with {k}={self.meta.get(k, False)} but {k}={v} was asked; "
                                          f"use the same settings or another --out")
         elif self.meta is None:
             raise ValueError(f"{path} holds no frames (empty LMDB)")
@@ -579,6 +595,11 @@ class FrameDB:
     @property
     def frame_size(self):
         return self.meta.get("frame_size")
+
+    @property
+    def square(self) -> bool:
+        """Whether the frames are centre squares (prepare.py frames --square=True) rather than whole frames."""
+        return bool(self.meta.get("square"))
 
     @property
     def failed(self) -> dict:
@@ -781,7 +802,7 @@ def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _decode_frames(path, num_frames, frame_size, quality):
+def _decode_frames(path, num_frames, frame_size, quality, square=False):
     """One ffmpeg decode of the whole video -> num_frames JPEGs at the centres of equal time segments.
 
     ffmpeg's fps filter resamples the stream to a constant rate from the frames' timestamps (so variable frame
@@ -789,18 +810,23 @@ def _decode_frames(path, num_frames, frame_size, quality):
     (i + 0.5) * duration / num_frames, and `select` keeps only those before scaling, so only num_frames frames
     are scaled and piped. round=up makes output slot k show the last frame with pts <= k / rate, i.e. the frame on
     screen at that instant (the default rounding picks up to half a slot later). A video shorter than num_frames
-    frames repeats frames (fps duplicates them).
+    frames repeats frames (fps duplicates them). square=True keeps only the centre square of each frame.
     """
     info = probe_video(path)
     W, H = _output_size(info["width"], info["height"], frame_size)
+    # the centre square, placed where the dataset's centre crop takes it
+    crop = f",crop={frame_size}:{frame_size}:{int(round((W - frame_size) / 2))}:{int(round((H - frame_size) / 2))}" \
+        if square else ""
     duration = info["duration"] if info["duration"] and info["duration"] > 0 else None
     if duration is not None:
         rate = 2 * num_frames / duration
-        vf = f"fps={rate:.6f}:round=up,select='mod(n\\,2)',scale={W}:{H}:flags=bicubic"
+        vf = f"fps={rate:.6f}:round=up,select='mod(n\\,2)',scale={W}:{H}:flags=bicubic{crop}"
         limit = num_frames + 1
     else:  # duration unknown even after counting: spread the picks over the first frames (bounded memory)
-        vf = f"scale={W}:{H}:flags=bicubic"
+        vf = f"scale={W}:{H}:flags=bicubic{crop}"
         limit = 8 * num_frames
+    if square:
+        W = H = frame_size
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", path, "-map", "0:v:0", "-an", "-sn", "-dn",
            "-vf", vf, "-vsync", "0", "-frames:v", str(limit), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     # generous: single-threaded decoding of a long high-resolution video can run slower than real time
@@ -820,14 +846,15 @@ def _decode_frames(path, num_frames, frame_size, quality):
 
 
 def _extract_job(job):
-    """Worker: (video_id, path, num_frames, frame_size, quality) -> (video_id, frames or None, error or None)."""
-    video_id, path, num_frames, frame_size, quality = job
+    """Worker: (video_id, path, num_frames, frame_size, quality, square) -> (video_id, frames or None, error or
+    None)."""
+    video_id, path, num_frames, frame_size, quality, square = job
     try:
         if path is None:
             return video_id, None, "missing: no video file with this id"
         if os.path.getsize(path) == 0:
             return video_id, None, "empty file (0 bytes)"
-        return video_id, _decode_frames(path, num_frames, frame_size, quality), None
+        return video_id, _decode_frames(path, num_frames, frame_size, quality, square), None
     except subprocess.TimeoutExpired:
         return video_id, None, "timed out while decoding"
     except Exception as e:  # a bad video is recorded and skipped, never the end of the run
@@ -879,12 +906,14 @@ def find_videos(videos_dir: str, ids=None) -> dict:
 
 
 def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=8, ids=None, retry_failed=False,
-                   quality=90, id_prefix="", progress_every=5.0) -> dict:
+                   quality=90, id_prefix="", square=False, progress_every=5.0) -> dict:
     """Decode every video under videos_dir into the frame LMDB at out_path (resumable; never stops on a bad file).
 
     `ids`: a list of file names without extension, or a file with one per line. Videos already in the LMDB are
     skipped; ones that failed before are retried only with retry_failed. A video's key is id_prefix + its file name
     without extension (CHVTT: <docid>.mp4 with id_prefix="Video" gives the original's keys Video<docid>_<i>).
+    square=True stores only the centre square of side frame_size: all that datasets without augmentation read,
+    decoded in ~40% less time than a whole 16:9 frame (the LMDB's meta says so; augmentation refuses it).
     Returns {"done", "skipped", "failed": {id: reason}, "failed_before": {id: reason} (skipped failures of earlier
     runs), "stored" (of these videos, how many the LMDB now holds), "seconds"}.
     """
@@ -895,7 +924,7 @@ def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=
     if not videos:  # before the LMDB is created: an empty folder or id list must not leave an empty dataset behind
         raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS[:4])}, ...) in {videos_dir}; nothing written"
                          if ids is None else "the id list is empty; nothing written")
-    db = FrameDB(out_path, readonly=False, num_frames=num_frames, frame_size=frame_size)
+    db = FrameDB(out_path, readonly=False, num_frames=num_frames, frame_size=frame_size, square=square)
     old_failed = db.failed
     jobs, skipped, stored, failed_before = [], 0, 0, {}
     for vid, path in videos.items():
@@ -906,11 +935,12 @@ def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=
         elif vid in old_failed and not retry:
             skipped, failed_before[vid] = skipped + 1, old_failed[vid]
         else:
-            jobs.append((vid, path, num_frames, frame_size, quality))
+            jobs.append((vid, path, num_frames, frame_size, quality, square))
     n_retry = sum(vid in old_failed for vid, *_ in jobs)
     print(f"frames: {len(videos)} videos in {videos_dir}, {skipped} already done or failed before"
           f"{f' ({n_retry} failed ones retried)' if n_retry else ''}, {len(jobs)} to extract -> {out_path} "
-          f"({num_frames} frames, short side {frame_size} px, {workers} workers)", flush=True)
+          f"({num_frames} frames, {'centre squares of' if square else 'short side'} {frame_size} px, {workers} "
+          f"workers)", flush=True)
     failed, done, t0, last = {}, 0, time.time(), time.time()
 
     def progress(final=False):
@@ -1244,6 +1274,7 @@ COMMANDS = {
         "retry_failed": (False, "try again the videos that failed in an earlier run"),
         "quality": (90, "JPEG quality of the stored frames"),
         "id_prefix": ("", "put before each file name to make its key (CHVTT: Video, as in the original LMDBs)"),
+        "square": (False, "store only the centre square (side frame_size): less to decode where nothing augments"),
     }),
     "msrvtt": ("MSR-VTT annotations (CLIP4Clip's msrvtt_data) -> train_9k, train_7k, train, test", convert_msrvtt, {
         "anno": (None, "folder of the four files below (or give them one by one)"),
