@@ -82,7 +82,7 @@ def _center_crop_into(img, size: int, out: np.ndarray):
     w, h = img.size
     if min(w, h) == size:  # stored at the right size (the usual case): just cut the middle out
         x0, y0 = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-        out[...] = np.asarray(img.crop((x0, y0, x0 + size, y0 + size))).transpose(2, 0, 1)
+        out[...] = np.asarray(img)[y0:y0 + size, x0:x0 + size].transpose(2, 0, 1)  # one copy out of Pillow, not two
         return
     # resize only the centre region: same result as resize-then-crop, without resizing pixels thrown away
     scale = min(w, h) / size
@@ -846,9 +846,10 @@ def _decode_frames(path, num_frames, frame_size, quality, square=False):
 
 
 def _extract_job(job):
-    """Worker: (video_id, path, num_frames, frame_size, quality, square) -> (video_id, frames or None, error or
+    """Worker: (video_id, path, num_frames, frame_size, quality[, square]) -> (video_id, frames or None, error or
     None)."""
-    video_id, path, num_frames, frame_size, quality, square = job
+    video_id, path, num_frames, frame_size, quality, *square = job
+    square = bool(square and square[0])
     try:
         if path is None:
             return video_id, None, "missing: no video file with this id"
