@@ -455,8 +455,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
 def collate(items: list) -> dict:
     """torch's default_collate, except that the frames __getitems__ wrote into one batch tensor are that tensor."""
     base = items[0]["video"]._base
-    if base is None or len(base) != len(items) or any(
-            it["video"]._base is not base or it["video"].data_ptr() != base[k].data_ptr() for k, it in enumerate(items)):
+    if base is None or len(base) != len(items) or any(it["video"]._base is not base or
+                                                       it["video"].data_ptr() != base[k].data_ptr()
+                                                       for k, it in enumerate(items)):
         return torch.utils.data.default_collate(items)
     rest = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "video"} for it in items])
     return {k: base if k == "video" else rest[k] for k in items[0]}
