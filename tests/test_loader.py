@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -176,3 +177,22 @@ def test_centre_squares_decode_to_the_centre_crop(tmp_path, capsys):
     with pytest.raises(SystemExit):
         prepare.main(["frames", "--help"])
     assert "--square" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_with_device_augmentation_match_one(tmp_path):
+    # each rank augments its half of the batch on its device with the parameters drawn from (seed, epoch, index)
+    data = str(tmp_path / "synthetic")
+    prepare_synthetic(data, seed=0, num_train=48, test_single=4, test_double=1, val_single=2, val_double=0,
+                      verbose=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = ["train.py", "--data_dir=" + data, "--batch_size=8", "--epochs=2", "--max_iters=4", "--augment=frame",
+              "--frame_sample=random", "--context_length=16", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    runs = {}
+    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        p = subprocess.run([sys.executable, *launch, *common, f"--out_dir={tmp_path / name}"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        runs[name] = [json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")]
+    assert len(runs["one"]) == 4 and runs["two"] == pytest.approx(runs["one"], rel=1e-4, abs=1e-5)
