@@ -61,6 +61,9 @@ sim_videos = 1000  # the similarity row: sim_videos texts x sim_videos videos x 
 search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
 search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
 tokenizer_captions = 20000  # captions the tokenizer row encodes
+recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated clips, extracted by prepare.py frames
+recipe_workers = 2  # loader processes of those rows: one per core of this machine leaves none idle
+recipe_repeats = 3  # alternations of the decode floor and every recipe row: each row shows their median ratio
 baseline = None  # run the plain baseline too; default: on CPU only
 ratio_repeats = 3  # alternations of ours and the baseline per ratio: the row shows their median and min-max
 noisy_spread = 0.25  # flag a ratio as noisy when its (max - min) / median exceeds this: the machine was busy
@@ -78,13 +81,15 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
 # defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=2, warmup=1,
             eval_batch_size=8, loader_videos=16, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4,
-            loader_frame_size=32, tokenizer_captions=500, sim_videos=64, search_videos=(64,), search_model="tiny")
+            loader_frame_size=32, tokenizer_captions=500, sim_videos=64, search_videos=(64,), search_model="tiny",
+            recipe_videos=8, recipe_repeats=2)
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
             "a child rides a red bicycle in the park", "a chef explains how to cook pasta"]
 # the units of a row's main figure, the one its baseline and ratio refer to
-UNITS = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms", "query_ms": "ms"}
+UNITS = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms", "query_ms": "ms",
+         "videos_per_s_core": "videos/s/core"}
 
 
 def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -282,6 +287,121 @@ def time_tokenizer(n: int, L: int, tokenizer) -> dict:
     return {"captions_per_s": n / (time.perf_counter() - t0)}
 
 
+# -----------------------------------------------------------------------------
+# The recipes' loaders on real videos: ffmpeg clips -> prepare.py frames -> VideoTextDataset through a DataLoader
+
+GOAL = {"finetune": 1370, "pretrain": 1100}  # videos/s per GPU the loaders must feed (the step at full size)
+# path name -> (recipe kind, stored short side, centre squares, augment, frames T, batch per GPU, text tokens)
+RECIPE_PATHS = {
+    "finetune 224px": ("finetune", 224, False, "none", 12, 32, 32),
+    "finetune 224px squares": ("finetune", 224, True, "none", 12, 32, 32),
+    "pretrain 360px": ("pretrain", 360, False, "frame", 12, 16, 45),
+    "pretrain 224px": ("pretrain", 224, False, "frame", 12, 16, 45),
+    "pretrain 360px, all augmentation in the loader": ("pretrain", 360, False, "frame-cpu", 12, 16, 45),
+}
+
+
+def make_recipe_videos(folder: str, n: int) -> None:
+    """n real video files: three generated sources (16:9, 4:3 and 2.35:1 at a short side of 360 px, moving test
+    patterns with film grain, so that JPEG sizes are like footage) cut into n time windows, without re-encoding."""
+    import subprocess
+    sources = [("wide", "640x360"), ("tv", "480x360"), ("scope", "848x360")]
+    os.makedirs(folder, exist_ok=True)
+    for s, (name, size) in enumerate(sources):
+        count = len(range(s, n, len(sources)))  # the windows of this source
+        src = os.path.join(folder, f"{name}.src.mkv")
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                        f"testsrc2=size={size}:rate=25:duration={2 * count}", "-vf", "noise=alls=12:allf=t",
+                        "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", src], check=True)
+        for k in range(count):
+            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-ss", str(2 * k), "-t", "2", "-i", src,
+                            "-c", "copy", os.path.join(folder, f"{name}{k:03d}.mp4")], check=True)
+        os.remove(src)
+
+
+def _decode_floor(db, video_ids: list, T: int) -> tuple:
+    """(videos per CPU second, videos/s) of Pillow decoding T of each video's JPEG frames in this process, one
+    thread: what no loader can avoid."""
+    from PIL import Image
+    t0, c0 = time.perf_counter(), time.process_time()
+    for vid in video_ids:
+        for buf in db.get_frames(vid, np.linspace(0, db.num_frames, T, endpoint=False).astype(int)):
+            Image.open(io.BytesIO(buf)).load()
+    return len(video_ids) / (time.process_time() - c0), len(video_ids) / (time.perf_counter() - t0)
+
+
+def _loader_rate(ds, workers: int, batch: int) -> tuple:
+    """(videos per CPU second of the workers, videos/s per worker) through a DataLoader as train.py builds it, over
+    enough epochs of the set for 4 batches per worker after the first. The wall-clock rate starts at the first batch
+    (worker start-up excluded); CPU seconds are the workers' own (this process's where workers=0), which a busy
+    machine does not inflate as it does the wall clock."""
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < max(len(ds), (1 + 4 * max(workers, 1)) * batch):
+        order += torch.randperm(len(ds), generator=g).tolist()
+    batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    who = resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF
+    cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
+    c0 = cpu()
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=prepare.collate)
+    it = iter(loader)
+    first = len(next(it)["video"])
+    t0, n = time.perf_counter(), 0
+    for b in it:
+        n += len(b["video"])
+    wall = time.perf_counter() - t0
+    del it, loader  # the workers exit and are waited for: their CPU time is counted from here on
+    return (first + n) / (cpu() - c0), n / wall / max(workers, 1)
+
+
+def time_recipe_loaders(n_videos: int, workers: int, repeats: int, tokenizer) -> list:
+    """[(row name, ours, decode floor, ratios)] for every path of RECIPE_PATHS: the loader's videos/s per core
+    (over `workers` processes) beside the decode floor of the same frames on one core, alternated `repeats` times
+    (a shared machine's load drifts), and the cores per GPU that the goal then takes."""
+    tmp = tempfile.mkdtemp(prefix="hmmc_bench_recipes_")
+    try:
+        make_recipe_videos(os.path.join(tmp, "videos"), n_videos)
+        ids = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(tmp, "videos")))
+        sets, floors = {}, {}
+        for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
+            data = os.path.join(tmp, f"{size}{'sq' if square else ''}")
+            if not os.path.exists(data):
+                prepare.extract_frames(os.path.join(tmp, "videos"), os.path.join(data, "frames.lmdb"),
+                                       num_frames=48 if kind == "pretrain" else 30, frame_size=size,
+                                       workers=os.cpu_count() or 1,
+                                       square=square, progress_every=1e9)
+                with open(os.path.join(data, "train.jsonl"), "w") as f:  # the recipes' shapes: tags for CHVTT
+                    for i, vid in enumerate(ids):
+                        f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"],
+                                            "tags": "video,clip,test"}) + "\n")
+            sets[name] = prepare.VideoTextDataset(
+                data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
+                context_length=L, frame_sample="random", image_size=224, augment=augment.replace("-cpu", ""),
+                device_augment=not augment.endswith("-cpu"), seed=seed, verbose=False)
+        dbs = {data: prepare.FrameDB(os.path.join(tmp, data, "frames.lmdb")) for data in os.listdir(tmp)
+               if data != "videos"}
+        rows = {name: ([], [], [], []) for name in RECIPE_PATHS}
+        for _ in range(max(1, repeats)):
+            for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
+                for runs, value in zip(rows[name], (*_loader_rate(sets[name], workers, batch),
+                                                    *_decode_floor(dbs[f"{size}{'sq' if square else ''}"], ids, T))):
+                    runs.append(value)
+        for db in dbs.values():
+            db.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = []
+    for name, (ours, ours_wall, floor, floor_wall) in rows.items():
+        kind, median = RECIPE_PATHS[name][0], lambda runs: float(np.median(runs))
+        out.append((f"loader {name}, per core", {
+            "videos_per_s_core": median(ours), "cores_per_gpu": GOAL[kind] / median(ours), "goal": GOAL[kind],
+            "workers": workers, "runs": ours, "wall_per_worker": median(ours_wall), "wall_runs": ours_wall},
+            {"videos_per_s_core": median(floor), "runs": floor, "wall": median(floor_wall), "wall_runs": floor_wall,
+             "label": "decode floor"},
+            [o / f for o, f in zip(ours, floor)]))
+    return out
+
+
 def run(cfg: dict) -> dict:
     """All measurements for one configuration -> {"rows": [...], "setup": {...}}."""
     dev, dt = init_compute(cfg["device"])[3], cfg["dtype"]  # as train.py sets up: TF32 matmuls on CUDA
@@ -359,6 +479,9 @@ def run(cfg: dict) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     add("tokenizer (CLIP BPE)", time_tokenizer(cfg["tokenizer_captions"], L, tokenizer))
+    for name, ours, floor, ratios in time_recipe_loaders(cfg["recipe_videos"], cfg["recipe_workers"],
+                                                         cfg["recipe_repeats"], tokenizer):
+        add(name, ours, floor, ratios)
 
     setup = {"device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores, "
              f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "dtype": dt, "compile": cfg["compile"],
@@ -406,8 +529,12 @@ def _format_row(row: dict) -> str:
         extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
     if "median_ms" in ours:
         extra.append(f"median {ours['median_ms']:.1f} ms")
+    if "cores_per_gpu" in ours:
+        extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s, wall clock "
+                     f"{ours['wall_per_worker']:.1f} per worker (floor {row['baseline']['wall']:.1f})")
     if row.get("baseline"):
-        extra.append(f"baseline {row['baseline'][key]:.1f} {UNITS[key]}, x{row['ratio']:.2f} "
+        extra.append(f"{row['baseline'].get('label', 'baseline')} {row['baseline'][key]:.1f} {UNITS[key]}, "
+                     f"x{row['ratio']:.2f} "
                      f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}){' NOISY' if row['noisy'] else ''}")
     return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(extra)}"
 

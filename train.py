@@ -408,15 +408,17 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int, run_device: str):
     """(micro-batch on the device, (epoch, step_in_epoch) after it, the descriptions of the videos replaced in it
     because they could not be read) from a data position on, across epochs.
-    Frames travel as uint8 (4x less than floats; the model normalises them). On CUDA the next batch is copied on a
-    side stream while the current step runs (~230 MB per 128 videos: several ms of PCIe per step)."""
+    Frames travel as uint8 (4x less than floats; the model normalises them), written by the workers into one
+    shared-memory tensor per batch (prepare.collate). On CUDA the next batch is pinned and copied on a side stream
+    while the current step runs (~230 MB per 128 videos: several ms of PCIe per step). The augmentation after the
+    crop (colour jitter, grayscale, blur, flip) runs here on the device, with the parameters the loader drew."""
     copy_stream = torch.cuda.Stream() if run_device.startswith("cuda") else None
     ahead, epoch, step = None, start_epoch, start_step
     while epoch < epochs:
         dataset.epoch = epoch  # augmentation and frame sampling are functions of (seed, epoch, index)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=epoch_batches(len(dataset), batch_size, world_size, rank, seed, epoch)[step:],
-            num_workers=num_workers, pin_memory=copy_stream is not None,
+            num_workers=num_workers, pin_memory=copy_stream is not None, collate_fn=prepare.collate,
             # the loader's own generator: creating an iterator must not draw from the training RNG
             generator=torch.Generator().manual_seed(seed + 1000 * epoch + rank))
         for batch in loader:
@@ -441,6 +443,8 @@ def _wait_for_copy(moved: dict, done) -> dict:
         compute.wait_event(done)  # this batch's copy only, not the next one's that is under way
         for v in moved.values():
             v.record_stream(compute)  # memory allocated on the copy stream stays ours until the step is done
+    if "augment" in moved:
+        moved["video"] = prepare.augment_frames(moved["video"], moved.pop("augment"))
     return moved
 
 
@@ -486,7 +490,8 @@ def load_data(config: dict, master: bool, ddp: bool):
     train_set = prepare.VideoTextDataset(
         ddir, train_split, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
         context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,
-        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master, replace_bad=True)
+        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master, replace_bad=True,
+        device_augment=True)
     if master:
         warn_cut_captions([c for c, _ in train_set.captions], tokenizer, context_length, train_split)
     return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)

@@ -500,7 +500,7 @@ def test_cli_passes_options_to_extract_frames(monkeypatch, tmp_path):
     (args, kw), = calls
     assert args == ("v", f"{tmp_path}/f.lmdb")
     assert kw == dict(num_frames=30, frame_size=224, workers=8, ids="2024", retry_failed=True, quality=80,
-                      id_prefix="Video")  # a path stays the text typed, even when it reads as a number
+                      id_prefix="Video", square=False)  # a path stays the text typed, even when it reads as a number
 
 
 def test_cli_defaults_are_the_functions_defaults():
