@@ -126,7 +126,7 @@ epochs = 6  # length of training: sets the schedule
 max_iters = 0  # stop after this many optimizer steps (0 = train all epochs); never changes the schedule
 learning_rate = 1e-3  # new modules (temporal transformer, heads); scratch towers too
 clip_lr_scale = 1.0  # CLIP vision tower lr = learning_rate * clip_lr_scale
-text_lr = 1e-3  # text encoder
+text_lr = 1e-4  # text encoder (from scratch: 10x slower than the video towers, see config/synthetic.py)
 weight_decay = 0.2  # AdamW decay of matrices (biases, norms and other 1-D tensors are not decayed)
 warmup_proportion = 0.1  # of the configured training length
 betas = (0.9, 0.98)  # AdamW
