@@ -23,6 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,7 +73,7 @@ def run(cmd: list[str], folder: str) -> dict:
     same = os.path.exists(cmd_path) and open(cmd_path).read().strip() == line
     if same and os.path.exists(results_path):
         with open(results_path) as f:
-            return {**json.load(f), "command": line, "reused": True}
+            return {**json.load(f), "command": line, "folder": folder, "reused": True}
     print("$ " + line, flush=True)
     with open(cmd_path, "w") as f:
         f.write(line + "\n")
@@ -86,15 +87,20 @@ def run(cmd: list[str], folder: str) -> dict:
             last = ([s for s in f.read().splitlines() if s.strip()] or ["(no output)"])[-1]
         raise RuntimeError(f"{line} failed (exit {done.returncode}): {last.strip()} (log: {log_path})")
     with open(results_path) as f:
-        return {**json.load(f), "command": line, "minutes": round((time.time() - t0) / 60, 2), "reused": False}
+        return {**json.load(f), "command": line, "folder": folder, "minutes": round((time.time() - t0) / 60, 2),
+                "reused": False}
 
 
-def run_row_seed(cfg: dict, name: str, seed: int) -> list[dict]:
-    """Every stage of one row at one seed, in order -> their results."""
+def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.Lock) -> list[dict]:
+    """Every stage of one row at one seed, in order -> their results. Rows that begin with the same stages share
+    them (`shared`: (seed, stages so far) -> folder and its lock): one pre-training serves every fine-tuning row."""
     row_stages, previous, out = stages(cfg["rows"][name]), None, []
     for i, args in enumerate(row_stages):
-        folder = run_folder(cfg, name, seed, i, len(row_stages))
-        out.append(run(command(args, seed, folder, previous, cfg["train_args"]), folder))
+        with lock:
+            folder, busy = shared.setdefault((seed, tuple(row_stages[:i + 1])), (
+                run_folder(cfg, name, seed, i, len(row_stages)), threading.Lock()))
+        with busy:  # another row running the same stage: wait for it, then reuse its results
+            out.append(run(command(args, seed, folder, previous, cfg["train_args"]), folder))
         previous = folder
     return out
 
@@ -181,7 +187,7 @@ def markdown(cfg: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(cfg: dict, summary: dict, path: str):
+def plot_curves(results: dict, path: str):
     """Training loss and val T2V R@1 against steps: per row the mean over seeds and a band from min to max."""
     try:
         import matplotlib
@@ -191,15 +197,14 @@ def plot_curves(cfg: dict, summary: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, row in summary.items():
-        n_stages = row["stages"]
+    for name, by_seed in results.items():
+        done = [r for r in by_seed.values() if isinstance(r, list)]
         curves = {"loss": {}, "r1": {}}  # kind -> iter -> values over seeds
-        for seed in row["seeds"]:
+        for stage_results in done:
             offset = 0
-            for i in range(n_stages):
-                log = os.path.join(run_folder(cfg, name, seed, i, n_stages), "log.jsonl")
+            for stage in stage_results:
                 last = 0
-                with open(log) as f:
+                with open(os.path.join(stage["folder"], "log.jsonl")) as f:
                     for rec in map(json.loads, f):
                         kind = "r1" if "val" in rec else "loss"
                         value = rec["val"]["t2v"]["R1"] if kind == "r1" else rec["loss"]
@@ -211,7 +216,7 @@ def plot_curves(cfg: dict, summary: dict, path: str):
             if not steps:
                 continue
             mean = [sum(curves[kind][s]) / len(curves[kind][s]) for s in steps]
-            line, = ax.plot(steps, mean, label=f"{name} ({len(row['seeds'])} seeds)")
+            line, = ax.plot(steps, mean, label=f"{name} ({len(done)} seeds)")
             ax.fill_between(steps, [min(curves[kind][s]) for s in steps], [max(curves[kind][s]) for s in steps],
                             color=line.get_color(), alpha=0.2)
     ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="training loss (mean, min-max band)")
@@ -236,11 +241,14 @@ def main(argv=None):
     if not cfg["seeds"]:
         raise ValueError("seeds: give at least one seed")
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    jobs = [(name, seed) for seed in cfg["seeds"] for name in cfg["rows"]]  # every row's first seed comes first
+    # row by row: rows that share their first stages find them done, rather than waiting for them
+    jobs = [(name, seed) for name in cfg["rows"] for seed in cfg["seeds"]]
+
+    shared, lock = {}, threading.Lock()
 
     def job(name_seed):
         try:
-            return run_row_seed(cfg, *name_seed)
+            return run_row_seed(cfg, *name_seed, shared, lock)
         except RuntimeError as e:
             print(f"error: row {name_seed[0]} seed {name_seed[1]}: {e}", flush=True)
             return str(e)
@@ -256,7 +264,7 @@ def main(argv=None):
         f.write(table + "\n")
     print("\n" + table, flush=True)
     if cfg["plot"]:
-        plot_curves(cfg, summary, os.path.join(cfg["out_dir"], "curves.png"))
+        plot_curves(results, os.path.join(cfg["out_dir"], "curves.png"))
     failed = [f"{name} seed {s}" for name, row in summary.items() for s in row["failed"]]
     if failed:
         raise ValueError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their errors are above")

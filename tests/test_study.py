@@ -82,10 +82,17 @@ def test_table_equals_values_by_hand_and_runs_are_reused(data, tmp_path, capsys)
     assert all(os.path.getmtime(p) == mtimes[p] for p in mtimes if "/base/" in str(p))
 
 
-def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path):
-    rows = {"two_stages": ("--learning_rate=1e-3", "--learning_rate=1e-4")}
+def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path, capsys):
+    # two chains with the same first stage: it runs once and both fine-tune its weights
+    rows = {"two_stages": ("--learning_rate=1e-3", "--learning_rate=1e-4"),
+            "same_start": ("--learning_rate=1e-3", "--learning_rate=3e-4")}
     summary = study.main([f"--out_dir={tmp_path}", f"--rows={rows!r}", "--seeds=(3,)",
                           f"--train_args=--data_dir={data} --batch_size=8 --max_iters=2 --eval_interval=0 {TINY}"])
+    assert capsys.readouterr().out.count("$ python train.py") == 3
+    assert not (tmp_path / "same_start" / "seed3" / "stage1").exists()
+    assert f"--init_from={tmp_path / 'two_stages' / 'seed3' / 'stage1' / 'best.pt'}" in \
+        (tmp_path / "same_start" / "seed3" / "stage2" / "command.txt").read_text()
+    assert summary["same_start"]["first_stage_t2v_R1"][0] == summary["two_stages"]["first_stage_t2v_R1"][0]
     first, second = (tmp_path / "two_stages" / "seed3" / f"stage{i}" for i in (1, 2))
     assert f"--init_from={first / 'best.pt'}" in (second / "command.txt").read_text()
     log = (second / "train.log").read_text()
@@ -94,7 +101,7 @@ def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path):
     assert row["steps"] == [4] and row["first_stage_t2v_R1"][0] == results(first)["t2v"]["R1"]
     assert row["metrics"]["t2v_R1"]["values"] == [results(second)["t2v"]["R1"]]
     # the table: each stage's steps, the videos seen in all, and the first stage's own R@1 (the weights handed on)
-    header, _, line = (tmp_path / "study.md").read_text().strip().splitlines()
+    header, _, line, _ = (tmp_path / "study.md").read_text().strip().splitlines()
     assert header.endswith("| T2V R@1 after stage 1 | steps | videos | minutes |")
     assert line.startswith("| two_stages | 1 |")
     assert f"| {results(first)['t2v']['R1']:.1f} ± - | 2+2 | 32 |" in line
