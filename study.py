@@ -13,8 +13,9 @@ with one CPU thread: the command is printed and written beside its output, so an
 whose results.json was written by the same command is reused; one that stopped half-way continues (train.py
 resumes it).
 
-Writes out_dir/study.json (settings, every run's results) and out_dir/study.md (the tables); with plot=True also
-out_dir/curves.png: training loss and val R@1 against steps, per row, mean over seeds with a band from min to max.
+Writes out_dir/study.json (settings, every run's results) and out_dir/study.md (the table); with plot=True also
+out_dir/study_curves.png: training loss and val R@1 against steps, per row, mean over seeds with a band from min to
+max. Another `name` writes another table's files beside them, reusing the runs the tables share.
 """
 
 import json
@@ -31,7 +32,8 @@ import configurator
 from common import run_script
 
 # -----------------------------------------------------------------------------
-out_dir = "out-study"  # one folder per row and seed, and study.json, study.md, curves.png
+out_dir = "out-study"  # one folder per row and seed, and the table's files
+name = "study"  # the table's files: out_dir/<name>.md, <name>.json, <name>_curves.png (tables sharing out_dir share runs)
 rows = {"default": ""}  # row name -> train.py arguments (a string), or a tuple of them for a chain of stages
 baseline = ""  # the row the others are compared with, seed by seed; "" = the first row
 seeds = (1, 2, 3)  # train.py --seed of every row's runs
@@ -258,13 +260,13 @@ def main(argv=None):
     results = {name: {seed: done[name, seed] for seed in cfg["seeds"]} for name in cfg["rows"]}
     summary = summarise(cfg, results)
     table = markdown(cfg, summary)
-    with open(os.path.join(cfg["out_dir"], "study.json"), "w") as f:
+    with open(os.path.join(cfg["out_dir"], cfg["name"] + ".json"), "w") as f:
         json.dump({"settings": cfg, "summary": summary, "runs": results}, f, indent=1)
-    with open(os.path.join(cfg["out_dir"], "study.md"), "w") as f:
+    with open(os.path.join(cfg["out_dir"], cfg["name"] + ".md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table, flush=True)
     if cfg["plot"]:
-        plot_curves(results, os.path.join(cfg["out_dir"], "curves.png"))
+        plot_curves(results, os.path.join(cfg["out_dir"], cfg["name"] + "_curves.png"))
     failed = [f"{name} seed {s}" for name, row in summary.items() for s in row["failed"]]
     if failed:
         raise ValueError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their errors are above")

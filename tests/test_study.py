@@ -63,7 +63,7 @@ def test_table_equals_values_by_hand_and_runs_are_reused(data, tmp_path, capsys)
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["summary"]["slow"]["metrics"]["t2v_R1"]["diff"]["mean"] == \
         summary["slow"]["metrics"]["t2v_R1"]["diff"]["mean"]
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: requirements-dev.txt
+    assert (tmp_path / "study_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: requirements-dev.txt
     # val metrics are in each run's log.jsonl, beside the losses
     with open(tmp_path / "base" / "seed1" / "log.jsonl") as f:
         records = [json.loads(line) for line in f]
