@@ -33,7 +33,7 @@ from common import run_script
 
 # -----------------------------------------------------------------------------
 out_dir = "out-study"  # one folder per row and seed, and the table's files
-name = "study"  # the table's files: out_dir/<name>.md, <name>.json, <name>_curves.png (tables sharing out_dir share runs)
+name = "study"  # the table's files: out_dir/<name>.md, .json, _curves.png (tables in one out_dir share runs)
 rows = {"default": ""}  # row name -> train.py arguments (a string), or a tuple of them for a chain of stages
 baseline = ""  # the row the others are compared with, seed by seed; "" = the first row
 seeds = (1, 2, 3)  # train.py --seed of every row's runs
