@@ -128,6 +128,48 @@ def test_two_process_gloo_matches_one_process(data, tmp_path, compiled):
     assert rb["num_videos"] == ra["num_videos"]
 
 
+# what common.cleanup_compute leaves: a rank whose gloo threads outlive it can abort in interpreter shutdown
+# ("terminate called without an active exception") when a thread frees a collective's tensors there
+GLOO_EXIT = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from common import cleanup_compute, init_compute
+
+def gloo_threads():
+    names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    return sorted(n for n in names if "gloo" in n)
+
+def steps(fail):
+    init_compute("cpu")
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4), gradient_as_bucket_view=True)
+    model(torch.ones(2, 4)).sum().backward()
+    print(f"rank {os.environ['RANK']} before: {gloo_threads()}", flush=True)
+    if fail:
+        raise SystemExit(3)  # the DDP wrapper stays a local of this frame, in the traceback
+
+try:
+    steps(sys.argv[2] == "fail")
+finally:
+    cleanup_compute()
+    print(f"rank {os.environ['RANK']} after: {gloo_threads()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["return", "fail"])
+def test_cleanup_ends_the_gloo_threads(tmp_path, how):
+    script = tmp_path / "gloo_exit.py"
+    script.write_text(GLOO_EXIT)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), ROOT, how], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == (0 if how == "return" else 1), p.stdout[-2000:] + p.stderr[-3000:]
+    for rank in (0, 1):
+        assert "pt_gloo_runloop" in re.search(f"rank {rank} before: (.*)", p.stdout).group(1)
+        assert f"rank {rank} after: []" in p.stdout
+
+
 # training recipes: every file in config/ except eval.py's (eval_*.py)
 RECIPES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "config", "*.py"))
                  if not os.path.basename(p).startswith("eval_"))
