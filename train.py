@@ -19,7 +19,6 @@ that holds another run's; SIGTERM saves a checkpoint after the current step and 
 
 import ast
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -675,10 +674,8 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     if ddp:
         # queues and BN statistics are kept identical by the model itself: rank 0 must not overwrite them at every
         # forward; gradients live in the all-reduce buckets (one copy fewer)
-        no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else "broadcast_buffers"  # the name before torch 2.13
         model = DDP(model, device_ids=[int(run_device.split(":")[1])] if device_type == "cuda" else None,
-                    gradient_as_bucket_view=True, **{no_buffer_sync: False})
+                    gradient_as_bucket_view=True, forward_sync_buffers=False)
     if compile:
         # compiled around DDP, so that the graph is split at gradient buckets and all-reduces overlap the backward
         print0("compiling the model (takes a minute)")
