@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import eval as hmmc_eval
+import model as hmmc_model
 import prepare
 import study
 import train
@@ -212,6 +213,23 @@ def test_bad_config_errors(data, tmp_path):
         run([f"--out_dir={tmp_path}", "--dataset=msrvtt", "--data_dir=" + str(tmp_path / "nothing"), *TINY])
 
 
+def test_start_up_says_what_differs_from_the_defaults_in_two_lines(data, tmp_path, capsys):
+    run(["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", "--max_iters=1", "--seed=3"])
+    out = capsys.readouterr().out.splitlines()
+    head = out[:next(i for i, line in enumerate(out) if line.startswith("iter 1/"))]
+    assert f"settings: out_dir='{tmp_path}', seed=3, data_dir='{data}', batch_size=4, max_iters=1; the rest as in " \
+           "train.py --help" in head
+    opt = [line for line in head if line.startswith("optimizer: ")]
+    assert len(opt) == 1 and not any(line.startswith(("config: ", "param group")) for line in head)
+    sizes = re.findall(r"(vision|text|new) lr 0\.001 \((\d\.\d\d)M\)", opt[0])
+    assert [part for part, _ in sizes] == ["vision", "text", "new"]
+    total = re.search(r"model: (\d\.\d\d)M trainable", "\n".join(head)).group(1)
+    assert sum(float(n) for _, n in sizes) == pytest.approx(float(total), abs=0.015)
+    # a checkpoint's config (JSON-like lists) against the defaults, and a config that is all defaults
+    assert train.settings_line({**train._DEFAULTS, "out_dir": "out-synthetic", "betas": [0.9, 0.98]}) == \
+        "settings: all as in train.py --help"
+
+
 def test_checkpoint_of_another_architecture(data, tmp_path):
     base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", *TINY]
     run(base + ["--max_iters=1"])
@@ -320,6 +338,21 @@ def test_auto_resume_continues_the_same_command(data, tmp_path, monkeypatch, cap
     run(cut)
     assert "is finished (iter 6" in capsys.readouterr().out
     assert files(tmp_path / "cut") == before
+
+
+def test_truncated_checkpoint_is_one_short_reason(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"config": {}, "iter_num": 1, "model": {"w": torch.zeros(1000)}, "optimizer": {}}, path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    assert train.checkpoint_problem(path) == "it cannot be read (RuntimeError: PytorchStreamReader failed reading " \
+                                             "zip archive: failed finding central directory)"
+    with pytest.raises(ValueError) as e:
+        hmmc_model.read_checkpoint(path)
+    assert str(e.value) == f"could not read checkpoint {path} (truncated or corrupt file?): RuntimeError: " \
+                           "PytorchStreamReader failed reading zip archive: failed finding central directory"
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
