@@ -10,11 +10,13 @@ $ python bench.py --size=tiny                       # CI size: a tiny model, a f
                                                     # default without a GPU)
 
 MFU = flops_per_video * videos/s / peak, with the analytic count of HMMC.flops_per_video (model.py) and the GPU's
-dense bf16 tensor-core peak (989 TFLOP/s for H100/H200 SXM). On a CPU there is no meaningful peak, so instead every
-figure is also measured for a plain baseline in the same process (fp32, naive softmax attention instead of SDPA, no
-compile) and reported as a ratio: on a shared machine only ratios measured side by side mean anything. Each ratio is
-measured ratio_repeats times, alternating ours and the baseline; the row shows the median and the min-max, and is
-flagged noisy when they spread by more than noisy_spread of the median.
+dense bf16 tensor-core peak (989 TFLOP/s for H100/H200 SXM): a GPU figure. On a CPU there is no meaningful peak, and a
+shared machine's load moves absolute rates many-fold between runs, so the step and encoding rows are also measured
+for a plain baseline in the same process (fp32, naive softmax attention instead of SDPA, no compile) and reported as
+a ratio ours/baseline: the two step functions run in alternation, one step each (steps x ratio_repeats pairs), a
+pair's ratio is the baseline's step time over ours, and the row shows the median ratio with its 25th-75th
+percentiles, flagged NOISY when those spread by more than noisy_spread of the median. Like train.py, a CPU run uses
+one thread (common.set_cpu_threads).
 """
 
 import io
@@ -35,7 +37,7 @@ import configurator
 import eval as hmmc_eval
 import model as hmmc_model
 import prepare
-from common import autocast, init_compute, peak_flops, run_script
+from common import autocast, init_compute, peak_flops, run_script, set_cpu_threads
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
@@ -65,8 +67,8 @@ recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated
 recipe_workers = 2  # loader processes of those rows: one per core of this machine leaves none idle
 recipe_repeats = 3  # alternations of the decode floor and every recipe row: each row shows their median ratio
 baseline = None  # run the plain baseline too; default: on CPU only
-ratio_repeats = 3  # alternations of ours and the baseline per ratio: the row shows their median and min-max
-noisy_spread = 0.25  # flag a ratio as noisy when its (max - min) / median exceeds this: the machine was busy
+ratio_repeats = 3  # a ratio's pairs of steps (ours, baseline, in alternation): steps x ratio_repeats
+noisy_spread = 0.25  # flag a ratio as NOISY when its 25th-75th percentiles spread by more than this of the median
 out = "out/bench.json"  # the JSON of every row; "" writes none
 seed = 0  # model init, inputs and data order
 config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
@@ -79,7 +81,7 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
                  transformer_width=64, transformer_heads=2, transformer_layers=2),
 }
 # defaults of size="tiny"; --key=value still overrides them
-TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=2, warmup=1,
+TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=4, warmup=1,
             eval_batch_size=8, loader_videos=16, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4,
             loader_frame_size=32, tokenizer_captions=500, sim_videos=64, search_videos=(64,), search_model="tiny",
             recipe_videos=8, recipe_repeats=2)
@@ -155,8 +157,8 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, n_steps, n_warmup, tokenizer):
-    """videos/s of full optimizer steps (forward, backward, clip, AdamW, momentum update) on random weights."""
+def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, tokenizer):
+    """(one full optimizer step: forward, backward, clip, AdamW, momentum update, on random weights; its facts)."""
     net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B, dev=dev)
     if grad_ckpt:  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
         for m in net.modules():
@@ -171,8 +173,6 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
              "mask": mask.to(dev)}
     if pretrain_:  # tags: the captions again, only their cost matters
         batch["tag_ids"], batch["tag_mask"] = batch["ids"].clone(), batch["mask"].clone()
-    if torch.device(dev).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     def step():
         with autocast(dev, dt):
@@ -184,24 +184,69 @@ def time_train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, 
         if pretrain_:
             net.momentum_update()
 
-    dt_s = _seconds_per_call(step, dev, n_steps, n_warmup)
-    return {"videos_per_s": B / dt_s, "step_ms": 1000 * dt_s, "peak_mem_gb": _peak_memory_gb(dev),
-            "flops_per_video": net.flops_per_video(T, L)}
+    return step, {"flops_per_video": net.flops_per_video(T, L)}
 
 
-@torch.no_grad()
-def time_encode(tower, B, *, T, L, dev, dt, n_steps, n_warmup, compile_):
-    """Eval video encoding, model only: uint8 frames on the device -> (video_emb, frame_emb)."""
+def encode_step(tower, B, *, T, L, dev, dt, compile_, **_):
+    """(eval video encoding, model only: uint8 frames on the device -> (video_emb, frame_emb); no facts)."""
     net = build(tower, pretrain_=False, T=T, L=L, batch=B, dev=dev).eval()
     encode = _compiled(net.encode_video) if compile_ else net.encode_video
     S = TOWERS[tower]["image_resolution"]
     video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
 
+    @torch.no_grad()
     def step():
         with autocast(dev, dt):
             encode(video)
 
-    return {"videos_per_s": B / _seconds_per_call(step, dev, n_steps, n_warmup)}
+    return step, {}
+
+
+_clock = time.perf_counter  # the steps' clock (tests/test_bench.py drives a fake one)
+
+
+def _timed(fn, dev: str) -> float:
+    t0 = _clock()
+    fn()
+    _sync(dev)
+    return _clock() - t0
+
+
+def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repeats: int, baseline: bool,
+               **kw) -> tuple[dict, dict | None, list | None]:
+    """(our row, the baseline's row or None, the paired ratios or None) for the step function that make(...) builds.
+    With the baseline, its step (fp32, naive attention, eager) and ours run in alternation, one each, the order
+    swapped every pair, so that both see the same load; a pair's ratio is baseline time / our time."""
+    if torch.device(dev).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ours_step, facts = make(B=B, dev=dev, dt=dt, **kw)
+    for _ in range(n_warmup):
+        ours_step()
+    if not baseline:
+        _sync(dev)
+        per_step = _timed(lambda: [ours_step() for _ in range(n_steps)], dev) / n_steps
+        return {"videos_per_s": B / per_step, "step_ms": 1000 * per_step, **facts,
+                "peak_mem_gb": _peak_memory_gb(dev)}, None, None
+    with plain_attention():
+        base_step, _ = make(B=B, dev=dev, dt="float32", **{**kw, "compile_": False})
+        for _ in range(n_warmup):
+            base_step()
+
+    def plain():
+        with plain_attention():
+            base_step()
+
+    ours, base = [], []
+    for i in range(n_steps * repeats):
+        if i % 2:
+            base.append(_timed(plain, dev))
+            ours.append(_timed(ours_step, dev))
+        else:
+            ours.append(_timed(ours_step, dev))
+            base.append(_timed(plain, dev))
+    row = lambda times: {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
+    return ({**row(ours), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, row(base),
+            [b / o for o, b in zip(ours, base)])
 
 
 @torch.no_grad()
@@ -216,10 +261,11 @@ def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dic
         return hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
 
     sim = similarity()  # also the warm-up
-    best = min(_seconds_per_call(similarity, dev, 1, 0) for _ in range(repeats))
+    times = [_seconds_per_call(similarity, dev, 1, 0) for _ in range(repeats)]
     t0 = time.perf_counter()
     hmmc_eval.retrieval_metrics(sim.cpu().numpy())
-    return {"similarity_ms": 1000 * best, "metrics_ms": 1000 * (time.perf_counter() - t0)}
+    return {"similarity_ms": 1000 * float(np.median(times)), "fastest_ms": 1000 * min(times), "of": repeats,
+            "metrics_ms": 1000 * (time.perf_counter() - t0)}
 
 
 @torch.no_grad()
@@ -240,7 +286,7 @@ def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int
                             context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"query_ms": 1000 * min(times[1:]), "median_ms": 1000 * float(np.median(times[1:]))}
+    return {"query_ms": 1000 * float(np.median(times[1:])), "fastest_ms": 1000 * min(times[1:]), "of": repeats}
 
 
 def make_lmdb(path: str, splits: dict, T: int, S: int, distinct: int = 384) -> None:
@@ -405,12 +451,14 @@ def time_recipe_loaders(n_videos: int, workers: int, repeats: int, tokenizer) ->
 def run(cfg: dict) -> dict:
     """All measurements for one configuration -> {"rows": [...], "setup": {...}}."""
     dev, dt = init_compute(cfg["device"])[3], cfg["dtype"]  # as train.py sets up: TF32 matmuls on CUDA
+    set_cpu_threads(dev)  # and one thread on a CPU, as train.py
     on_cuda = torch.device(dev).type == "cuda"
     with_baseline = (not on_cuda) if cfg["baseline"] is None else bool(cfg["baseline"])
     T, L, first = cfg["num_frames"], cfg["context_length"], cfg["models"][0]
     tokenizer = prepare.get_tokenizer("clip")
     peak = peak_flops(torch.device(dev).type)
     rows = []
+    print(_legend(with_baseline, cfg), flush=True)
 
     def add(name, ours, base=None, ratios=None, flops=None):
         row, key = {"name": name, "ours": ours, "baseline": base}, _headline(ours)
@@ -421,26 +469,15 @@ def run(cfg: dict) -> dict:
         rows.append(row)
         print(_format_row(row), flush=True)
 
-    def both(fn, **kw):
-        if not with_baseline:
-            return fn(dt=dt, **kw), None, None
-        # a shared machine's load drifts: alternate ours and the baseline, one ratio per pair measured back to back
-        ours, base = [], []
-        for _ in range(max(1, cfg["ratio_repeats"])):
-            ours.append(fn(dt=dt, **kw))
-            with plain_attention():
-                base.append(fn(dt="float32", **{**kw, "compile_": False}))
-        fastest = lambda runs: max(runs, key=lambda r: r["videos_per_s"])
-        return fastest(ours), fastest(base), [o["videos_per_s"] / b["videos_per_s"] for o, b in zip(ours, base)]
-
-    timing = dict(T=T, L=L, dev=dev, n_steps=cfg["steps"], n_warmup=cfg["warmup"], compile_=cfg["compile"])
+    timing = dict(T=T, L=L, dev=dev, dt=dt, n_steps=cfg["steps"], n_warmup=cfg["warmup"], compile_=cfg["compile"],
+                  repeats=max(1, cfg["ratio_repeats"]), baseline=with_baseline)
     for tower in cfg["models"]:
         for B in cfg["batch_sizes"]:
             for pre in ((False, True) if cfg["pretrain"] else (False,)):
                 name = f"{'pretrain' if pre else 'finetune'} step {tower} B={B}"
                 try:
-                    ours, base, ratios = both(time_train_step, tower=tower, B=B, pretrain_=pre, tokenizer=tokenizer,
-                                              grad_ckpt=cfg["activation_checkpointing"], **timing)
+                    ours, base, ratios = time_steps(train_step, B, tower=tower, pretrain_=pre, tokenizer=tokenizer,
+                                                    grad_ckpt=cfg["activation_checkpointing"], **timing)
                 except torch.cuda.OutOfMemoryError:  # a batch that does not fit is a result too
                     rows.append({"name": name, "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None})
                     print(f"{name:<44s} out of memory", flush=True)
@@ -450,7 +487,7 @@ def run(cfg: dict) -> dict:
                 if on_cuda:
                     torch.cuda.empty_cache()
         add(f"eval encode {tower} B={cfg['eval_batch_size']}",
-            *both(time_encode, tower=tower, B=cfg["eval_batch_size"], **timing))
+            *time_steps(encode_step, cfg["eval_batch_size"], tower=tower, **timing))
 
     num = cfg["sim_videos"]
     add(f"similarity {num}x{num}x{T} + metrics", time_similarity(num, T, TOWERS[first]["embed_dim"], dev))
@@ -484,17 +521,18 @@ def run(cfg: dict) -> dict:
         add(name, ours, floor, ratios)
 
     setup = {"device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores, "
-             f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "dtype": dt, "compile": cfg["compile"],
-             "peak_flops": peak, "baseline": "fp32, naive attention, eager" if with_baseline else None,
-             "config": cfg}
+             f"{torch.get_num_threads()} thread(s))", "torch": torch.__version__, "dtype": dt,
+             "compile": cfg["compile"], "peak_flops": peak,
+             "baseline": "fp32, naive attention, eager" if with_baseline else None, "config": cfg}
     return {"rows": rows, "setup": setup}
 
 
 def ratio_summary(ratios: list, noisy_spread: float) -> dict:
-    """The median of the paired ratios, their min and max, and whether (max - min) / median exceeds noisy_spread."""
-    median = float(np.median(ratios))
-    lo, hi = min(ratios), max(ratios)
-    return {"ratio": median, "ratio_min": lo, "ratio_max": hi, "noisy": (hi - lo) > noisy_spread * median}
+    """The median of the paired ratios, their 25th and 75th percentiles, and whether those spread by more than
+    noisy_spread of the median (the machine's load changed within the row)."""
+    median, lo, hi = (float(np.percentile(ratios, q)) for q in (50, 25, 75))
+    return {"ratio": median, "ratio_p25": lo, "ratio_p75": hi, "pairs": len(ratios),
+            "noisy": (hi - lo) > noisy_spread * median}
 
 
 def resolve_size(size: str, device: str) -> tuple:
@@ -516,6 +554,21 @@ def _headline(ours: dict) -> str:
     return next(k for k in UNITS if k in ours)
 
 
+def _legend(with_baseline: bool, cfg: dict) -> str:
+    """What the columns say, printed once above the rows."""
+    lines = [f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details",
+             "  value: steps and encoding, the median step; similarity and search, the median call (fastest: the",
+             "  best call); loader, evaluate() and tokenizer, one pass"]
+    if with_baseline:
+        pairs = cfg["steps"] * max(1, cfg["ratio_repeats"])
+        lines += [f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in {pairs} pairs of "
+                  f"steps run in",
+                  f"  alternation: the median pair [25th-75th percentile]; NOISY: those spread by more than "
+                  f"{100 * cfg['noisy_spread']:.0f}% of the median.",
+                  "  On a shared CPU only these ratios compare across runs: the absolute rates follow the load"]
+    return "\n".join(lines)
+
+
 def _format_row(row: dict) -> str:
     ours, key = row["ours"], _headline(row["ours"])
     extra = []
@@ -525,17 +578,17 @@ def _format_row(row: dict) -> str:
         extra.append(f"peak mem {ours['peak_mem_gb']:.2f} GB")
     if "seconds" in ours:
         extra.append(f"{ours['seconds']:.1f} s in all")
+    if "fastest_ms" in ours:
+        extra.append(f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}")
     if "metrics_ms" in ours:
         extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
-    if "median_ms" in ours:
-        extra.append(f"median {ours['median_ms']:.1f} ms")
     if "cores_per_gpu" in ours:
         extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s, wall clock "
                      f"{ours['wall_per_worker']:.1f} per worker (floor {row['baseline']['wall']:.1f})")
     if row.get("baseline"):
         extra.append(f"{row['baseline'].get('label', 'baseline')} {row['baseline'][key]:.1f} {UNITS[key]}, "
-                     f"x{row['ratio']:.2f} "
-                     f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}){' NOISY' if row['noisy'] else ''}")
+                     f"ours/baseline {row['ratio']:.2f} "
+                     f"[{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}]{' NOISY' if row['noisy'] else ''}")
     return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(extra)}"
 
 
@@ -552,14 +605,11 @@ def main(argv=None) -> dict:
     print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
           flush=True)
     result = run(cfg)
-    print(f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details")
-    for row in result["rows"]:
-        print(_format_row(row))
     print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
     noisy = [row["name"] for row in result["rows"] if row.get("noisy")]
     if noisy:
-        print(f"warning: {len(noisy)} ratios marked NOISY (they spread by more than {100 * cfg['noisy_spread']:.0f}% "
-              f"over {cfg['ratio_repeats']} repeats): the machine was busy; rerun them on an idle one", flush=True)
+        print(f"warning: {len(noisy)} ratios marked NOISY (the machine's load changed while they were measured): "
+              f"rerun them on an idle machine", flush=True)
     if cfg["out"]:
         os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
         with open(cfg["out"], "w") as f:

@@ -2,12 +2,19 @@
 Where a script runs, shared by train.py, eval.py and bench.py: the device and torchrun's process group, autocast,
 rank-0 printing, and the raw model under the DDP and torch.compile wrappers.
 """
+import gc
 import os
 import sys
+import traceback
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+# torch.distributed.nn binds the default process group into its functions' default arguments when it is imported, and
+# DDP imports it (through torch._dynamo): imported after init_process_group, it would keep the group alive past
+# destroy_process_group, with gloo's threads still running while the interpreter shuts down, where a rank could abort
+# on exit ("terminate called without an active exception", SIGABRT). Imported first, it binds None.
+import torch.distributed.nn  # noqa: F401
 
 
 def init_compute(device: str) -> tuple[bool, int, int, str]:
@@ -52,8 +59,15 @@ def set_cpu_threads(device: str) -> int:
 
 
 def cleanup_compute():
+    """End the process group while every rank is alive and in step, so that its gloo threads are joined here and not
+    during interpreter shutdown: a thread still releasing a collective's tensors then needs the GIL of a finalising
+    interpreter, and the rank aborts on exit ("terminate called without an active exception", SIGABRT). The group
+    ends only when nothing holds it: on an exception's way out, the DDP wrapper is still a local of the frames it
+    left, so their locals are cleared first."""
     if dist.is_available() and dist.is_initialized():
-        # tear down while every rank is still alive and in step; gloo can abort at interpreter exit otherwise
+        if sys.exc_info()[2] is not None:
+            traceback.clear_frames(sys.exc_info()[2])
+        gc.collect()  # the DDP wrapper can sit in reference cycles
         try:
             dist.barrier()
         except Exception:

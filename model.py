@@ -804,6 +804,12 @@ def strip_prefixes(sd: dict) -> dict:
     return out
 
 
+def load_error(e: Exception) -> str:
+    """torch.load's error in a few words: its first sentence (torch goes on for ~300 characters of advice)."""
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
+
+
 def read_checkpoint(path) -> dict:
     """torch.load(weights_only=True) of a checkpoint file, with errors that name the file."""
     path = os.fspath(path)
@@ -812,9 +818,7 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): "
-                         f"{type(e).__name__}: {first}") from None
+        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {load_error(e)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict (a train.py checkpoint or a state dict), got {type(ckpt).__name__}")
     return ckpt

@@ -252,6 +252,11 @@ def augment_frames(video: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 # -----------------------------------------------------------------------------------------------------------------
 # The dataset: <split>.jsonl + frames.lmdb -> uint8 frames and token ids
 
+def json_error(e: json.JSONDecodeError) -> str:
+    """The parser's reason with its column: e.msg alone can stop mid-phrase ("Unterminated string starting at")."""
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+
+
 def _read_jsonl(path):
     """Yield the objects of a jsonl file; a broken line is an error naming file and line."""
     with open(path, encoding="utf-8") as f:
@@ -261,7 +266,7 @@ def _read_jsonl(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({json_error(e)})") from None
             if not isinstance(obj, dict) or "video_id" not in obj:
                 raise ValueError(f"{path}:{lineno}: expected an object with a 'video_id'")
             yield obj
@@ -1043,7 +1048,7 @@ def _load_json(path: str):
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({json_error(e)})") from None
 
 
 def _read_csv_ids(path: str) -> list:

@@ -20,7 +20,6 @@ does the same with status 130 (a second Ctrl-C stops at once).
 
 import ast
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -259,7 +258,7 @@ def checkpoint_problem(path: str) -> str | None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        return f"it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+        return f"it cannot be read ({hmmc_model.load_error(e)})"
     if isinstance(ckpt, dict) and "optimizer" not in ckpt and {"config", "iter_num", "model"} <= ckpt.keys():
         return "it holds the weights only (as best.pt does: for evaluation and fine-tuning, not for resuming)"
     if not isinstance(ckpt, dict) or not {"config", "iter_num", "model", "optimizer"} <= ckpt.keys():
@@ -656,6 +655,26 @@ def check_config(config: dict, world_size: int):
         raise SystemExit(f"config error: dtype must be float32, bfloat16 or float16, got {config['dtype']!r}")
 
 
+def settings_line(config: dict) -> str:
+    """The settings that differ from the defaults block, on one line (`python train.py --help` lists them all)."""
+    defaults = {**_DEFAULTS, "out_dir": f"out-{config['dataset']}"}
+    same = lambda a, b: (tuple(a) if isinstance(a, list) else a) == b  # a checkpoint's config holds lists
+    changed = [f"{k}={v!r}" for k, v in config.items() if k in defaults and not same(v, defaults[k])]
+    return "settings: " + (", ".join(changed) + "; the rest" if changed else "all") + " as in train.py --help"
+
+
+def optimizer_line(groups: list) -> str:
+    """One line for the param groups: the lr and size of each part of the model, and what is decayed."""
+    parts = {}
+    for g in groups:
+        part = g["name"].split("_")[0]  # vision, text or new (model.configure_optimizers)
+        lr, n = parts.get(part, (g["base_lr"], 0))
+        parts[part] = (lr, n + sum(p.numel() for p in g["params"]))
+    decay = max(g["weight_decay"] for g in groups)
+    return ("optimizer: AdamW, " + ", ".join(f"{part} lr {lr:.3g} ({n / 1e6:.2f}M)" for part, (lr, n) in parts.items())
+            + f"; weight decay {decay:g} on matrices, none on 1-D tensors")
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -692,7 +711,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     master = rank == 0
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     check_config(config, world_size)
-    print0("config: " + json.dumps(config))
+    print0(settings_line(config))
     if config["text_encoder"] == "bert" and config["init_from"] == "scratch" and config["bert_pooling"] == "cls":
         print0("warning: a BERT trained from scratch with bert_pooling='cls' starts with every caption embedded alike "
                "and learns slowly; bert_pooling='mean' learns (config/synthetic_zh.py)")
@@ -731,9 +750,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
 
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, clip_lr_scale, text_lr, betas, eps,
                                                device_type)
-    for group in optimizer.param_groups:
-        print0(f"param group {group['name']}: {len(group['params'])} tensors, "
-               f"{sum(p.numel() for p in group['params']):,} parameters, lr {group['base_lr']:.3g}")
+    print0(optimizer_line(optimizer.param_groups))
     base_lrs = [g["base_lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if resume:
@@ -754,10 +771,8 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     if ddp:
         # queues and BN statistics are kept identical by the model itself: rank 0 must not overwrite them at every
         # forward; gradients live in the all-reduce buckets (one copy fewer)
-        no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else "broadcast_buffers"  # the name before torch 2.13
         model = DDP(model, device_ids=[int(run_device.split(":")[1])] if device_type == "cuda" else None,
-                    gradient_as_bucket_view=True, **{no_buffer_sync: False})
+                    gradient_as_bucket_view=True, forward_sync_buffers=False)
     if compile:
         # compiled around DDP, so that the graph is split at gradient buckets and all-reduces overlap the backward
         print0("compiling the model (takes a minute)")

@@ -35,10 +35,12 @@ def test_plain_attention_swaps_and_restores():
 
 
 @pytest.mark.slow
-def test_bench_tiny_cpu(tmp_path, capsys):
+def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     try:
         # no --size: without a GPU that is the CPU size, said in one line
         result = bench.main(["--device=cpu", "--dtype=float32", "--loader_workers=(0, 1)", "--ratio_repeats=2",
@@ -59,8 +61,8 @@ def test_bench_tiny_cpu(tmp_path, capsys):
         assert value > 0
         if row["name"].startswith(("finetune", "pretrain", "eval encode")):
             assert row["baseline"] is not None and row["ratio"] > 0  # CPU: baseline measured side by side
-            assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and isinstance(row["noisy"], bool)
-            assert f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})" in text
+            assert row["pairs"] == 4 * 2 and isinstance(row["noisy"], bool)  # steps=4 in tiny, ratio_repeats=2
+            assert f"ours/baseline {row['ratio']:.2f} [{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}]" in text
         if row["name"].startswith(("finetune", "pretrain")):
             assert row["ours"]["peak_mem_gb"] > 0 and row["ours"]["flops_per_video"] > 0
             assert "mfu" not in row  # no meaningful CPU peak
@@ -68,6 +70,9 @@ def test_bench_tiny_cpu(tmp_path, capsys):
     assert "16x16 from LMDB" in evaluated["name"] and evaluated["ours"]["seconds"] > 0  # eval_videos=16 in tiny
     assert saved["setup"]["baseline"].startswith("fp32")
     assert "machine: cpu" in text and "bench: no GPU, so the CPU size --size=tiny" in text
+    assert "1 thread(s)" in saved["setup"]["device"]  # one thread, as train.py, not the two it was given
+    assert all(text.count(name) == 1 for name in names)  # the table is printed once
+    assert text.count("ours/baseline: our speed over the baseline's") == 1
     assert saved["setup"]["config"]["size"] == "tiny"
 
 
@@ -87,13 +92,46 @@ def test_size_follows_the_device():
 
 def test_ratio_summary_flags_a_wide_spread():
     steady = bench.ratio_summary([1.0, 1.1, 0.9], noisy_spread=0.25)
-    assert steady == {"ratio": 1.0, "ratio_min": 0.9, "ratio_max": 1.1, "noisy": False}
+    assert steady == {"ratio": 1.0, "ratio_p25": 0.95, "ratio_p75": pytest.approx(1.05), "pairs": 3, "noisy": False}
     busy = bench.ratio_summary([69.5, 1.0, 0.18], noisy_spread=0.25)  # what a loaded machine once reported
     assert busy["ratio"] == 1.0 and busy["noisy"]
-    assert not bench.ratio_summary([1.2, 1.2], 0.25)["noisy"] and bench.ratio_summary([1.0, 1.3], 0.25)["noisy"]
+    assert not bench.ratio_summary([1.2, 1.2], 0.25)["noisy"] and bench.ratio_summary([1.0, 2.0], 0.25)["noisy"]
     row = {"name": "finetune step tiny B=4", "ours": {"videos_per_s": 50.0}, "baseline": {"videos_per_s": 50.0},
            **busy}
-    assert bench._format_row(row).endswith("baseline 50.0 videos/s, x1.00 (0.18-69.50) NOISY")
+    assert bench._format_row(row).endswith("baseline 50.0 videos/s, ours/baseline 1.00 [0.59-35.25] NOISY")
+
+
+def fake_steps(monkeypatch, load):
+    """A step factory whose steps advance a fake clock: ours by 1 unit, the baseline's by 3, times load(call)."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(bench, "_clock", lambda: clock[0])
+
+    def make(B, dev, dt, compile_):
+        def step():
+            base = F.scaled_dot_product_attention is bench.naive_attention
+            calls.append("base" if base else "ours")
+            clock[0] += (3.0 if base else 1.0) * load(len(calls))
+        return step, {"flops_per_video": 7.0}
+    return make, calls
+
+
+def test_ratios_come_from_alternating_pairs_of_steps(monkeypatch):
+    make, calls = fake_steps(monkeypatch, load=lambda n: 1.0 + (n - 1) // 2)  # grows pair by pair
+    ours, base, ratios = bench.time_steps(make, 4, dev="cpu", dt="bfloat16", n_steps=3, n_warmup=1, repeats=2,
+                                          baseline=True, compile_=False)
+    assert calls == ["ours", "base"] + ["ours", "base", "base", "ours"] * 3  # warm-ups, then alternating pairs
+    assert ratios == pytest.approx([3.0] * 6)  # each pair sees one load, so the ratio is the true one
+    assert bench.ratio_summary(ratios, 0.25) == {"ratio": pytest.approx(3.0), "ratio_p25": pytest.approx(3.0),
+                                                 "ratio_p75": pytest.approx(3.0), "pairs": 6, "noisy": False}
+    assert ours["flops_per_video"] == 7.0 and ours["videos_per_s"] > base["videos_per_s"]
+
+
+def test_load_changing_within_pairs_is_flagged(monkeypatch):
+    make, _ = fake_steps(monkeypatch, load=lambda n: 4.0 if n % 3 == 0 else 1.0)
+    ratios = bench.time_steps(make, 4, dev="cpu", dt="bfloat16", n_steps=4, n_warmup=1, repeats=2, baseline=True,
+                              compile_=False)[2]
+    summary = bench.ratio_summary(ratios, 0.25)
+    assert summary["noisy"] and summary["ratio_p25"] < 3.0 < summary["ratio_p75"]
 
 
 def test_every_setting_has_a_description():

@@ -149,6 +149,18 @@ def test_stratified_and_random_sampling_cover_the_clip():
 # ---------------------------------------------------------------------------------------------------------------
 # VideoTextDataset
 
+@pytest.mark.parametrize("line, reason", [
+    ('{"video_id": "v1", "captions": ["a red', "Unterminated string starting at column 33"),
+    ('{"video_id": "v1" "captions": []}', "Expecting ',' delimiter at column 19"),
+])
+def test_a_broken_jsonl_line_is_named_with_its_whole_reason(tmp_path, line, reason):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"video_id": "v0", "captions": ["a"]}\n' + line)  # the last line, cut off
+    with pytest.raises(ValueError) as e:
+        list(prepare._read_jsonl(str(path)))
+    assert str(e.value) == f"{path}:2: invalid JSON ({reason})"
+
+
 def test_dataset_modes_shapes_and_caption_tokens(tmp_path):
     root = _make_dataset(tmp_path, n_videos=4, n_frames=8, size=(48, 36))
     tok = WordTokenizer()

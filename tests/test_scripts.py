@@ -1,6 +1,7 @@
 # What a user meets first, run as they run it: bad input to each script ends with exit status 1 and one
 # `error: ...` line that names the file (no traceback), and the CPU thread default.
 import os
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,7 @@ def test_train_malformed_json_line_in_a_split(tiny_data, tmp_path):
     (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
     p = _run("train.py", f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}", "--batch_size=2")
     _assert_one_error(p, f"{bad / 'train.jsonl'}:2", "invalid JSON")
+    assert re.search(r"invalid JSON \(.+ at column \d+\)$", p.stderr.strip())  # the parser's whole reason
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
@@ -77,6 +79,8 @@ def test_truncated_checkpoint(script, truncated_checkpoint, tiny_data, tmp_path)
     out = [f"--out_dir={tmp_path / 'out'}", "--batch_size=2"] if script == "train.py" else []
     p = _run(script, f"--init_from={truncated_checkpoint}", f"--data_dir={tiny_data / 'syn'}", *out)
     _assert_one_error(p, str(truncated_checkpoint), "truncated or corrupt")
+    assert p.stderr.strip().endswith(": PytorchStreamReader failed reading zip archive: failed finding central "
+                                     "directory")  # torch's reason, without its paragraph of advice
 
 
 def test_study_bad_baseline_and_a_failing_run(tiny_data, tmp_path):

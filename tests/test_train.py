@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import eval as hmmc_eval
+import model as hmmc_model
 import prepare
 import study
 import synthetic
@@ -131,6 +132,48 @@ def test_two_process_gloo_matches_one_process(data, tmp_path, compiled):
     assert rb["num_videos"] == ra["num_videos"]
 
 
+# what common.cleanup_compute leaves: a rank whose gloo threads outlive it can abort in interpreter shutdown
+# ("terminate called without an active exception") when a thread frees a collective's tensors there
+GLOO_EXIT = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from common import cleanup_compute, init_compute
+
+def gloo_threads():
+    names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    return sorted(n for n in names if "gloo" in n)
+
+def steps(fail):
+    init_compute("cpu")
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4), gradient_as_bucket_view=True)
+    model(torch.ones(2, 4)).sum().backward()
+    print(f"rank {os.environ['RANK']} before: {gloo_threads()}", flush=True)
+    if fail:
+        raise SystemExit(3)  # the DDP wrapper stays a local of this frame, in the traceback
+
+try:
+    steps(sys.argv[2] == "fail")
+finally:
+    cleanup_compute()
+    print(f"rank {os.environ['RANK']} after: {gloo_threads()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["return", "fail"])
+def test_cleanup_ends_the_gloo_threads(tmp_path, how):
+    script = tmp_path / "gloo_exit.py"
+    script.write_text(GLOO_EXIT)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), ROOT, how], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == (0 if how == "return" else 1), p.stdout[-2000:] + p.stderr[-3000:]
+    for rank in (0, 1):
+        assert "pt_gloo_runloop" in re.search(f"rank {rank} before: (.*)", p.stdout).group(1)
+        assert f"rank {rank} after: []" in p.stdout
+
+
 # training recipes: every file in config/ except eval.py's (eval_*.py) and study.py's (study_*.py)
 RECIPES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "config", "*.py"))
                  if not os.path.basename(p).startswith(("eval_", "study_")))
@@ -225,6 +268,23 @@ def test_a_stale_built_in_pretrain_set_is_refused(tmp_path, monkeypatch):
         run(["--dataset=synthetic_pretrain", "--pretrain=True", "--weight_mlm=0", "--batch_size=4", "--queue_size=8",
              "--max_iters=1", "--out_dir=out", *TINY])
     assert sorted(os.listdir("data/synthetic_pretrain")) == before and not os.path.exists("out/ckpt.pt")
+
+
+def test_start_up_says_what_differs_from_the_defaults_in_two_lines(data, tmp_path, capsys):
+    run(["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", "--max_iters=1", "--seed=3"])
+    out = capsys.readouterr().out.splitlines()
+    head = out[:next(i for i, line in enumerate(out) if line.startswith("iter 1/"))]
+    assert f"settings: out_dir='{tmp_path}', seed=3, data_dir='{data}', batch_size=4, max_iters=1; the rest as in " \
+           "train.py --help" in head
+    opt = [line for line in head if line.startswith("optimizer: ")]
+    assert len(opt) == 1 and not any(line.startswith(("config: ", "param group")) for line in head)
+    sizes = re.findall(r"(vision|text|new) lr 0\.001 \((\d\.\d\d)M\)", opt[0])
+    assert [part for part, _ in sizes] == ["vision", "text", "new"]
+    total = re.search(r"model: (\d\.\d\d)M trainable", "\n".join(head)).group(1)
+    assert sum(float(n) for _, n in sizes) == pytest.approx(float(total), abs=0.015)
+    # a checkpoint's config (JSON-like lists) against the defaults, and a config that is all defaults
+    assert train.settings_line({**train._DEFAULTS, "out_dir": "out-synthetic", "betas": [0.9, 0.98]}) == \
+        "settings: all as in train.py --help"
 
 
 def test_checkpoint_of_another_architecture(data, tmp_path):
@@ -442,6 +502,21 @@ def test_best_pt_holds_the_weights_only(data, tmp_path, capsys):
     shutil.copy(out / "best.pt", out / "ckpt.pt")
     os.remove(out / "ckpt.pt.sha256")
     assert train.checkpoint_problem(str(out / "ckpt.pt")).startswith("it holds the weights only (as best.pt does")
+
+
+def test_truncated_checkpoint_is_one_short_reason(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"config": {}, "iter_num": 1, "model": {"w": torch.zeros(1000)}, "optimizer": {}}, path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    assert train.checkpoint_problem(path) == "it cannot be read (RuntimeError: PytorchStreamReader failed reading " \
+                                             "zip archive: failed finding central directory)"
+    with pytest.raises(ValueError) as e:
+        hmmc_model.read_checkpoint(path)
+    assert str(e.value) == f"could not read checkpoint {path} (truncated or corrupt file?): RuntimeError: " \
+                           "PytorchStreamReader failed reading zip archive: failed finding central directory"
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
