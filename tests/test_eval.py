@@ -493,7 +493,7 @@ def _write_mp4(path, frames, fps=8):
     h, w, _ = frames[0].shape
     cmd = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r",
            str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
-    subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), check=True, capture_output=True)
+    subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), check=True, capture_output=True, timeout=120)
 
 
 class _ReportParser:
@@ -547,7 +547,7 @@ class _ReportParser:
 FOLDER_COLOURS = ("red", "green", "blue", "yellow")
 
 
-@pytest.mark.skipif(not __import__("shutil").which("ffmpeg"), reason="needs ffmpeg")
+@pytest.mark.needs("ffmpeg", "ffprobe")
 def test_search_video_folder_with_broken_files_and_html(trained, tmp_path, capsys):
     path, _, _ = trained
     videos = tmp_path / "my videos"
@@ -617,10 +617,10 @@ def test_search_bad_input(trained, tmp_path, capsys):
                         top_k_frames=2, frame_match_weight=1.0)
 
 
-def _rank_main(rank, world, port, path, data_dir, queue):
+def _rank_main(rank, world, init_file, path, data_dir, queue):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         net = hmmc_model.load_model(path)[0].eval()
         queue.put((rank, _evaluate(net, data_dir, batch_size=2)))
@@ -632,18 +632,16 @@ def test_two_ranks_equal_one(trained, tmp_path, capfd):
     """Two gloo ranks shard uneven video and caption lists, gather, and every rank returns exactly the
     single-process metrics; a hang fails the test through the timeout. (Forked, so no second torch import.)"""
     import multiprocessing as mp
-    import socket
     path, _, _ = trained
     data_dir = make_dataset(str(tmp_path / "seven"), captions_per_video=2, colours=tuple(COLOURS)[:7])
     with open(os.path.join(data_dir, "test.jsonl"), "a") as f:  # a video without frames: noticed once, not per rank
         f.write(json.dumps({"video_id": "vid_gone", "captions": ["a gone screen"]}) + "\n")
     capfd.readouterr()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, path, data_dir, queue)) for r in range(2)]
+    # the ranks meet through a file: no port to pick and lose to another process before they bind it
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "init"), path, data_dir, queue))
+             for r in range(2)]
     for p in procs:
         p.start()
     try:
@@ -653,6 +651,7 @@ def test_two_ranks_equal_one(trained, tmp_path, capfd):
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+                p.join()
     assert capfd.readouterr().out.count("1 have no frames in") == 1
     net = hmmc_model.load_model(path)[0].eval()
     single = _evaluate(net, data_dir)
@@ -692,7 +691,7 @@ def _rows(index):
     return {v: (index["video_emb"][i], index["frame_emb"][i]) for i, v in enumerate(index["video_ids"])}
 
 
-@pytest.mark.skipif(not __import__("shutil").which("ffmpeg"), reason="needs ffmpeg")
+@pytest.mark.needs("ffmpeg", "ffprobe")
 def test_search_index_follows_changed_files(trained, tmp_path, capsys):
     path, _, _ = trained
     net = hmmc_model.load_model(path)[0].eval()
@@ -780,7 +779,7 @@ def test_search_top_must_be_positive(trained, tmp_path):
     # the script: one `error:` line and exit status 1, no traceback
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([os.sys.executable, os.path.join(root, "eval.py"), *base, "--top=-1"], capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == ["error: --top=-1: ask for at least one hit per "
                                                                    "query (e.g. --top=5)"], p.stderr
 
@@ -828,7 +827,7 @@ _CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") i
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _CHROMIUM or not __import__("shutil").which("ffmpeg"), reason="needs chromium and ffmpeg")
+@pytest.mark.needs(_CHROMIUM or "chromium", "ffmpeg", "ffprobe")
 def test_html_report_of_wide_videos_fits_the_page(tmp_path):
     # 4:1 videos: T thumbnails of 384x96 px side by side are wider than a 1280 px window unless they shrink
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -393,23 +392,34 @@ def test_torchrun_restart_after_sigkill_continues_exactly(damaged, tmp_path, uni
     assert_same_run(uninterrupted, out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def meeting_store():
+    """The TCP store two hand-started ranks meet at (as torchrun's agent store): the test holds it, on a port the
+    system picked, so no other process can take the port between its choice and the ranks' start."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_preemption_status(damaged, tmp_path, uninterrupted):
     # the two ranks started by hand (as a cluster launcher does) to read each one's exit status; only rank 1 gets
     # SIGTERM (at the start of step 5): both finish that step and stop together, rank 0 saves
-    out, port = str(tmp_path / "run"), free_port()
+    out, store = str(tmp_path / "run"), meeting_store()
     args = LONG + ["--data_dir=" + damaged, f"--out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:TERM:{tmp_path / 'marker'}",
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=open(tmp_path / f"out{r}", "w"), stderr=subprocess.STDOUT) for r in range(2)]
-    codes = [p.wait(timeout=600) for p in procs]
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    procs = []
+    try:
+        for r in range(2):
+            with open(tmp_path / f"out{r}", "w") as log_file:
+                procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log_file,
+                                              stderr=subprocess.STDOUT,
+                                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+        codes = [p.wait(timeout=540) for p in procs]
+    finally:
+        for p in procs:  # a rank left behind by a failure would keep a core busy
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     out0 = (tmp_path / "out0").read_text()
     assert codes == [train.PREEMPTED, train.PREEMPTED], out0[-3000:] + (tmp_path / "out1").read_text()[-3000:]
     assert f"SIGTERM: saved {out}/ckpt.pt at iter 5 and stopped (exit status 75)" in out0
