@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import sys
@@ -27,3 +28,54 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs"):
         require(*mark.args)
+
+
+# ----------------------------------------------------------------------------- train.py runs
+
+# a model small enough that a train.py step takes well under a second on one core
+TINY = ["--embed_dim=32", "--vision_width=32", "--vision_layers=1", "--vision_patch_size=8", "--transformer_width=32",
+        "--transformer_heads=1", "--transformer_layers=1", "--temporal_layers=1", "--bert_hidden_size=32",
+        "--bert_layers=1", "--bert_heads=1", "--proj_hidden=32", "--image_size=32", "--num_frames=4",
+        "--context_length=16", "--tag_context_length=8", "--eval_batch_size=16", "--num_workers=0", "--device=cpu",
+        "--dtype=float32", "--compile=False", "--log_interval=1", "--eval_interval=0"]
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """A small built-in synthetic dataset (48 training videos, English and Chinese captions and tags)."""
+    from synthetic import prepare_synthetic
+    out = str(tmp_path_factory.mktemp("synthetic") / "synthetic")
+    prepare_synthetic(out, seed=0, num_train=48, test_single=4, test_double=1, val_single=2, val_double=0,
+                      verbose=False)
+    return out
+
+
+def log(out_dir):
+    """The records of a run's log.jsonl."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+class StateLog(list):
+    params: set = set()
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Watches train.py's optimizer: a list that gets a copy of the model's state dict at the start, then right after
+    each optimizer.step() (before anything else of that iteration runs). Its `params` names the model's
+    parameters (the rest of the state dict is buffers: queues, BN statistics)."""
+    import model as hmmc_model
+    seen = StateLog()
+    configure = hmmc_model.HMMC.configure_optimizers
+
+    def watched(self, *args, **kwargs):
+        optimizer = configure(self, *args, **kwargs)
+        seen.params = {n for n, _ in self.named_parameters()}
+        seen.append({k: v.clone() for k, v in self.state_dict().items()})
+        optimizer.register_step_post_hook(
+            lambda *_: seen.append({k: v.clone() for k, v in self.state_dict().items()}))
+        return optimizer
+
+    monkeypatch.setattr(hmmc_model.HMMC, "configure_optimizers", watched)
+    return seen

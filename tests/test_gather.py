@@ -40,7 +40,8 @@ def rank_main(rank, init_file, queue):
         for g in grads:  # what DDP does with parameter gradients
             dist.all_reduce(g)
             g /= WORLD
-        queue.put((rank, emb.detach(), loss.detach(), grads))
+        # plain lists: a tensor would travel as a shared-memory handle that dies with this process
+        queue.put((rank, emb.tolist(), loss.item(), [g.tolist() for g in grads]))
     finally:
         dist.destroy_process_group()
 
@@ -65,9 +66,9 @@ def test_gather_gives_the_one_process_gradient(tmp_path):
     loss.backward()
     for rank in range(WORLD):
         got_emb, got_loss, grads = results[rank]
-        torch.testing.assert_close(got_emb, emb.detach())  # every rank's rows, in rank order
-        torch.testing.assert_close(got_loss, loss.detach())
-        for g, p in zip(grads, encoder.parameters()):
+        torch.testing.assert_close(torch.tensor(got_emb), emb.detach())  # every rank's rows, in rank order
+        torch.testing.assert_close(torch.tensor(got_loss), loss.detach())
+        for g, p in zip(map(torch.tensor, grads), encoder.parameters()):
             # observed: up to 2.4e-7 apart on gradients up to 3.2 (summation order); one scaled by 1/2 is ~1 off
             torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-6)
     assert all(p.exitcode == 0 for p in procs)

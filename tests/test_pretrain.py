@@ -1,69 +1,23 @@
 # Pre-training bookkeeping through real train.py runs: the momentum encoders' EMA after each optimizer step, and an
 # exact resume of a Chinese pre-training run (MLM masks, dropout, tags, random frames and augmentation all draw
 # from the RNGs a checkpoint must carry).
-import json
 import os
 
-import pytest
 import torch
 
-import model as hmmc_model
 import train
-from synthetic import prepare_synthetic
+from conftest import TINY, log
 
-# a model small enough that a step takes well under a second on one core
-TINY = ["--embed_dim=32", "--vision_width=32", "--vision_layers=1", "--vision_patch_size=8", "--transformer_width=32",
-        "--transformer_heads=1", "--transformer_layers=1", "--temporal_layers=1", "--bert_hidden_size=32",
-        "--bert_layers=1", "--bert_heads=1", "--proj_hidden=32", "--image_size=32", "--num_frames=4",
-        "--context_length=16", "--tag_context_length=8", "--eval_batch_size=16", "--num_workers=0", "--device=cpu",
-        "--dtype=float32", "--compile=False", "--log_interval=1", "--eval_interval=0"]
 ONLINE_TO_MOMENTUM = {"video": "video_m", "text": "text_m", "projector": "projector_m"}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synthetic") / "synthetic")
-    prepare_synthetic(out, seed=0, num_train=48, test_single=4, test_double=1, val_single=2, val_double=0,
-                      verbose=False)
-    return out
-
-
-def log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture
-def steps(monkeypatch):
-    """Watches train.py's optimizer: a list that gets a copy of the model's state dict at the start, then right after
-    each optimizer.step() (before anything else of that iteration runs). Its `params` names the model's
-    parameters (the rest of the state dict is buffers: queues, BN statistics)."""
-    seen = StateLog()
-    configure = hmmc_model.HMMC.configure_optimizers
-
-    def watched(self, *args, **kwargs):
-        optimizer = configure(self, *args, **kwargs)
-        seen.params = {n for n, _ in self.named_parameters()}
-        seen.append({k: v.clone() for k, v in self.state_dict().items()})
-        optimizer.register_step_post_hook(
-            lambda *_: seen.append({k: v.clone() for k, v in self.state_dict().items()}))
-        return optimizer
-
-    monkeypatch.setattr(hmmc_model.HMMC, "configure_optimizers", watched)
-    return seen
-
-
-class StateLog(list):
-    params: set = set()
-
-
-def test_momentum_encoders_are_the_ema_of_the_weights_after_each_step(data, tmp_path, steps):
+def test_momentum_encoders_are_the_ema_of_the_weights_after_each_step(synthetic_data, tmp_path, steps):
     # theta_m <- m theta_m + (1 - m) theta, once per optimizer step and with the weights that step produced: with
     # two micro-steps per step, m = 0.5 and no warm-up, a missing, early or per-micro-step update is far off
     out = tmp_path / "run"
-    train.main(["--data_dir=" + data, f"--out_dir={out}", "--pretrain=True", "--weight_mlm=0", "--batch_size=4",
-                "--queue_size=8", "--gradient_accumulation_steps=2", "--momentum=0.5", "--warmup_proportion=0",
-                "--max_iters=4", *TINY])
+    train.main(["--data_dir=" + synthetic_data, f"--out_dir={out}", "--pretrain=True", "--weight_mlm=0",
+                "--batch_size=4", "--queue_size=8", "--gradient_accumulation_steps=2", "--momentum=0.5",
+                "--warmup_proportion=0", "--max_iters=4", *TINY])
     assert len(steps) == 1 + 4
     final = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     # the EMA covers parameters; BN running statistics of the momentum projector come from its own forwards
@@ -84,12 +38,12 @@ def test_momentum_encoders_are_the_ema_of_the_weights_after_each_step(data, tmp_
         torch.testing.assert_close(final[momentum_of[k]], ema[k], rtol=0, atol=1e-7, msg=k)
 
 
-def test_pretraining_resumes_exactly(data, tmp_path, steps):
+def test_pretraining_resumes_exactly(synthetic_data, tmp_path, steps):
     # Chinese pre-training with every random draw on: MLM masking, BERT dropout, tags, random frame sampling and
     # per-frame augmentation. Stopped after step 2 and resumed, it makes the same losses and the same weights, queues
     # and momentum encoders as the uninterrupted run, step for step.
-    common = ["--data_dir=" + data, "--pretrain=True", "--text_encoder=bert", "--caption_field=captions_zh",
-              "--bert_vocab=" + os.path.join(data, "vocab.txt"), "--bert_pooling=mean", "--bert_dropout=0.1",
+    common = ["--data_dir=" + synthetic_data, "--pretrain=True", "--text_encoder=bert", "--caption_field=captions_zh",
+              "--bert_vocab=" + os.path.join(synthetic_data, "vocab.txt"), "--bert_pooling=mean", "--bert_dropout=0.1",
               "--weight_mlm=0.5", "--use_tags=True", "--frame_sample=random", "--augment=frame", "--batch_size=4",
               "--queue_size=8", "--seed=11", *TINY]
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -1,0 +1,112 @@
+# How real runs start: train.py --init_from=clip on OpenAI-layout CLIP weights and a HF BERT folder (the tiny golden
+# ones of tests/golden), and activation checkpointing, which must not change a step.
+import os
+
+import pytest
+import torch
+
+import model as hmmc_model
+import prepare
+import towers
+import train
+from conftest import TINY, log
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+CLIP_TINY, BERT_TINY = os.path.join(GOLDEN, "clip_tiny.pt"), os.path.join(GOLDEN, "bert_tiny")
+# the golden CLIP's own sizes (the towers' architecture is read off the weights); TINY sets the rest
+FROM_CLIP = [*TINY, "--init_from=clip", "--image_size=32", "--temporal_layers=1", "--batch_size=8", "--max_iters=3",
+             "--warmup_proportion=0"]
+
+
+def golden_clip_sd():
+    return {k: v.float() for k, v in torch.load(CLIP_TINY, weights_only=True)["state_dict"].items()}
+
+
+def test_chinese_run_from_golden_clip_and_bert(synthetic_data, tmp_path, steps, capsys):
+    out = tmp_path / "run"
+    train.main(["--data_dir=" + synthetic_data, f"--out_dir={out}", *FROM_CLIP, f"--clip_path={CLIP_TINY}",
+                "--text_encoder=bert", f"--bert_path={BERT_TINY}", "--caption_field=captions_zh",
+                "--bert_vocab=" + os.path.join(synthetic_data, "vocab.txt")])
+    assert f"loaded CLIP from {CLIP_TINY} and BERT from {BERT_TINY}" in capsys.readouterr().out
+    # the model the optimizer starts from holds the golden weights: the vision tower and the whole BERT
+    start, clip_sd = steps[0], golden_clip_sd()
+    for k, v in clip_sd.items():
+        if k.startswith("visual."):
+            assert torch.equal(start["video." + k], v), k
+    bert_sd = hmmc_model.load_bert_state_dict(BERT_TINY)
+    assert {k for k in bert_sd if k != "embeddings.position_ids"} <= {k[len("text.bert."):] for k in start
+                                                                    if k.startswith("text.bert.")}
+    for k, v in bert_sd.items():
+        if k != "embeddings.position_ids":
+            assert torch.equal(start["text.bert." + k], v), k
+    # the architecture came from the files, not from the scratch sizes in TINY
+    args = torch.load(out / "ckpt.pt", weights_only=True)["model_args"]
+    assert (args["clip"]["vision_width"], args["clip"]["embed_dim"]) == (128, 32)
+    assert (args["bert"]["hidden_size"], args["bert"]["num_hidden_layers"], args["bert"]["vocab_size"]) == (32, 2, 100)
+    records = log(out)
+    assert [r["iter"] for r in records] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in records)
+    assert not torch.equal(steps[-1]["video.visual.conv1.weight"], start["video.visual.conv1.weight"])  # it trains
+
+
+def test_english_run_from_golden_clip(synthetic_data, tmp_path, steps):
+    # the golden CLIP's 256-token vocabulary grown to the tokenizer's 49,408 ids (OpenAI's layout: the last two are
+    # the start and end tokens); every other tensor as made by the reference
+    sd = golden_clip_sd()
+    vocab = prepare.get_tokenizer("clip").vocab_size
+    grown = torch.randn(vocab, sd["token_embedding.weight"].shape[1], generator=torch.Generator().manual_seed(0))
+    grown[:256] = sd["token_embedding.weight"]
+    clip_path = tmp_path / "clip_full_vocab.pt"
+    torch.save({**sd, "token_embedding.weight": grown}, clip_path)
+    out = tmp_path / "run"
+    train.main(["--data_dir=" + synthetic_data, f"--out_dir={out}", *FROM_CLIP, f"--clip_path={clip_path}"])
+    text_keys = {k.removeprefix("text.") for k in steps[0] if k.startswith("text.")}
+    assert {"token_embedding.weight", "ln_final.weight", "text_projection"} <= text_keys
+    for k in text_keys - {"token_embedding.weight"}:
+        if k in sd:
+            assert torch.equal(steps[0]["text." + k], sd[k]), k
+    assert torch.equal(steps[0]["text.token_embedding.weight"][:256], sd["token_embedding.weight"])
+    assert torch.equal(steps[0]["video.visual.proj"], sd["visual.proj"])
+    assert [r["iter"] for r in log(out)] == [1, 2, 3]
+    # the golden file itself: too few token embeddings for the tokenizer, said before any step
+    with pytest.raises(SystemExit, match=f"the clip text encoder of {CLIP_TINY} has 256 token embeddings, fewer "
+                                         f"than the {vocab} ids of the clip tokenizer"):
+        train.main(["--data_dir=" + synthetic_data, f"--out_dir={tmp_path / 'small'}", *FROM_CLIP,
+                    f"--clip_path={CLIP_TINY}"])
+
+
+def block_forwards(argv) -> int:
+    """Run train.py; how many times a transformer block started a forward (a recomputation in backward counts too:
+    it may stop before the block's end once it has the tensors it needs)."""
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, *_: calls.append(1) if isinstance(module, towers.ResidualAttentionBlock) else None)
+    try:
+        train.main(argv)
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("pretrain", [False, True])
+def test_activation_checkpointing_changes_no_step(synthetic_data, tmp_path, pretrain):
+    # the transformer blocks run again in backward, and the losses are the same, step for step
+    common = ["--data_dir=" + synthetic_data, "--batch_size=4", "--queue_size=8", "--max_iters=3",
+              f"--pretrain={pretrain}", "--weight_mlm=0", *TINY]
+    plain = block_forwards(common + [f"--out_dir={tmp_path / 'plain'}"])
+    recomputed = block_forwards(common + [f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
+    assert recomputed > plain
+    a, b = log(tmp_path / "plain"), log(tmp_path / "ckpt")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == ra["loss"], ra["iter"]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_compiled(synthetic_data, tmp_path):
+    common = ["--data_dir=" + synthetic_data, "--batch_size=4", "--max_iters=2", *TINY, "--compile=True"]
+    train.main(common + [f"--out_dir={tmp_path / 'plain'}"])
+    train.main(common + [f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
+    a, b = log(tmp_path / "plain"), log(tmp_path / "ckpt")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=0), ra["iter"]
