@@ -544,12 +544,16 @@ def test_flops_formula():
     vit = 2 * (n - 1) * 3 * 64 * d + (24 * n * d * d + 4 * n * n * d) + 2 * d * E
     tt = 24 * T * E * E + 4 * T * T * E
     w, L = c.transformer_width, 10
-    text = 24 * L * w * w + 4 * L * L * w + 2 * w * E
+    text_of = lambda n: 24 * n * w * w + 4 * n * n * w + 2 * w * E
+    text = text_of(L)
     assert m.flops_per_video(T, L) == 3 * (T * vit + tt + text)
     assert m.estimate_mfu(10.0, 1e12, num_frames=T, context_length=L) == pytest.approx(
         m.flops_per_video(T, L) * 10 / 1e12)
+    # pre-training: the online towers on the caption and the tags (6 tokens), the projector and predictor on every
+    # frame, trained (3x forward); the momentum towers and projector forward only (1x)
     mp = make_model(pretrain=True)
-    assert mp.flops_per_video(T, L) > 1.5 * m.flops_per_video(T, L)  # momentum encoders and tags add work
+    video, texts, mlp = T * vit + tt, text + text_of(6), 2 * 2 * E * 48  # proj_hidden 48: E -> 48 -> E
+    assert mp.flops_per_video(T, L, 6) == 3 * (video + texts + 2 * T * mlp) + (video + texts + T * mlp)
 
 
 # ---------------------------------------------------------------------------------------------------------------
