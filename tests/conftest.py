@@ -1,6 +1,8 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -28,6 +30,23 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs"):
         require(*mark.args)
+
+
+def run_group(cmd: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) in a process group of its own, killed as a whole when
+    the command times out or the test is stopped (pytest-timeout, Ctrl-C): torchrun's ranks would outlive torchrun
+    alone and wait for each other for half an hour."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         **kwargs)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        try:  # the whole group, even after the launcher exited: a rank may be left behind
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 # ----------------------------------------------------------------------------- train.py runs

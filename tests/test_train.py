@@ -17,6 +17,7 @@ import eval as hmmc_eval
 import prepare
 import study
 import train
+from conftest import run_group
 from synthetic import prepare_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,12 +111,10 @@ def test_two_process_gloo_matches_one_process(data, tmp_path, compiled):
     common = ["train.py", "--data_dir=" + data, "--batch_size=8", "--epochs=2", "--max_iters=4", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    p1 = subprocess.run([sys.executable, *common, f"--out_dir={one}"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+    p1 = run_group([sys.executable, *common, f"--out_dir={one}"], timeout=240, cwd=ROOT, env=env)
     assert p1.returncode == 0, p1.stderr[-3000:]
-    p2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         *common, f"--out_dir={two}", f"--compile={compiled}"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+    p2 = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                    f"--out_dir={two}", f"--compile={compiled}"], timeout=240, cwd=ROOT, env=env)
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-3000:]
     assert ("compiling the model" in p2.stdout) == compiled
     a, b = log(one), log(two)
@@ -347,9 +346,8 @@ LONG = ["train.py", "--batch_size=8", "--epochs=2", "--seed=7", *TINY, "--eval_i
 
 
 def torchrun(args: list, env: dict, restarts: int = 0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           f"--max-restarts={restarts}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      f"--max-restarts={restarts}", *args], timeout=240, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +412,7 @@ def test_sigterm_saves_and_exits_with_preemption_status(damaged, tmp_path, unint
                 procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log_file,
                                               stderr=subprocess.STDOUT,
                                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
-        codes = [p.wait(timeout=540) for p in procs]
+        codes = [p.wait(timeout=240) for p in procs]
     finally:
         for p in procs:  # a rank left behind by a failure would keep a core busy
             if p.poll() is None:
