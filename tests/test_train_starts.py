@@ -1,5 +1,6 @@
 # How real runs start: train.py --init_from=clip on OpenAI-layout CLIP weights and a HF BERT folder (the tiny golden
 # ones of tests/golden), and activation checkpointing, which must not change a step.
+import math
 import os
 
 import pytest
@@ -13,9 +14,8 @@ from conftest import TINY, log
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 CLIP_TINY, BERT_TINY = os.path.join(GOLDEN, "clip_tiny.pt"), os.path.join(GOLDEN, "bert_tiny")
-# the golden CLIP's own sizes (the towers' architecture is read off the weights); TINY sets the rest
-FROM_CLIP = [*TINY, "--init_from=clip", "--image_size=32", "--temporal_layers=1", "--batch_size=8", "--max_iters=3",
-             "--warmup_proportion=0"]
+# the towers' sizes in TINY do not matter: init_from=clip reads them off the weights (32-px frames, as TINY's)
+FROM_CLIP = [*TINY, "--init_from=clip", "--batch_size=8", "--max_iters=3", "--warmup_proportion=0"]
 
 
 def golden_clip_sd():
@@ -44,7 +44,7 @@ def test_chinese_run_from_golden_clip_and_bert(synthetic_data, tmp_path, steps, 
     assert (args["clip"]["vision_width"], args["clip"]["embed_dim"]) == (128, 32)
     assert (args["bert"]["hidden_size"], args["bert"]["num_hidden_layers"], args["bert"]["vocab_size"]) == (32, 2, 100)
     records = log(out)
-    assert [r["iter"] for r in records] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in records)
+    assert [r["iter"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
     assert not torch.equal(steps[-1]["video.visual.conv1.weight"], start["video.visual.conv1.weight"])  # it trains
 
 
@@ -61,9 +61,9 @@ def test_english_run_from_golden_clip(synthetic_data, tmp_path, steps):
     train.main(["--data_dir=" + synthetic_data, f"--out_dir={out}", *FROM_CLIP, f"--clip_path={clip_path}"])
     text_keys = {k.removeprefix("text.") for k in steps[0] if k.startswith("text.")}
     assert {"token_embedding.weight", "ln_final.weight", "text_projection"} <= text_keys
+    assert text_keys <= sd.keys()
     for k in text_keys - {"token_embedding.weight"}:
-        if k in sd:
-            assert torch.equal(steps[0]["text." + k], sd[k]), k
+        assert torch.equal(steps[0]["text." + k], sd[k]), k
     assert torch.equal(steps[0]["text.token_embedding.weight"][:256], sd["token_embedding.weight"])
     assert torch.equal(steps[0]["video.visual.proj"], sd["visual.proj"])
     assert [r["iter"] for r in log(out)] == [1, 2, 3]
@@ -103,10 +103,12 @@ def test_activation_checkpointing_changes_no_step(synthetic_data, tmp_path, pret
 
 @pytest.mark.slow
 def test_activation_checkpointing_compiled(synthetic_data, tmp_path):
-    common = ["--data_dir=" + synthetic_data, "--batch_size=4", "--max_iters=2", *TINY, "--compile=True"]
-    train.main(common + [f"--out_dir={tmp_path / 'plain'}"])
-    train.main(common + [f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
-    a, b = log(tmp_path / "plain"), log(tmp_path / "ckpt")
-    assert len(a) == len(b) == 2
+    # torch.compile through the checkpointed blocks: the losses of the eager run without recomputation (one compile
+    # only: the compiled run without checkpointing is the gloo test's)
+    common = ["--data_dir=" + synthetic_data, "--batch_size=4", "--max_iters=3", *TINY]
+    train.main(common + [f"--out_dir={tmp_path / 'eager'}"])
+    train.main(common + [f"--out_dir={tmp_path / 'compiled'}", "--compile=True", "--activation_checkpointing=True"])
+    a, b = log(tmp_path / "eager"), log(tmp_path / "compiled")
+    assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=0), ra["iter"]
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=0), ra["iter"]
