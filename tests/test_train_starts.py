@@ -15,7 +15,7 @@ from conftest import TINY, log
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 CLIP_TINY, BERT_TINY = os.path.join(GOLDEN, "clip_tiny.pt"), os.path.join(GOLDEN, "bert_tiny")
 # the towers' sizes in TINY do not matter: init_from=clip reads them off the weights (32-px frames, as TINY's)
-FROM_CLIP = [*TINY, "--init_from=clip", "--batch_size=8", "--max_iters=3", "--warmup_proportion=0"]
+FROM_CLIP = [*TINY, "--init_from=clip", "--batch_size=4", "--max_iters=2", "--warmup_proportion=0"]
 
 
 def golden_clip_sd():
@@ -44,7 +44,7 @@ def test_chinese_run_from_golden_clip_and_bert(synthetic_data, tmp_path, steps, 
     assert (args["clip"]["vision_width"], args["clip"]["embed_dim"]) == (128, 32)
     assert (args["bert"]["hidden_size"], args["bert"]["num_hidden_layers"], args["bert"]["vocab_size"]) == (32, 2, 100)
     records = log(out)
-    assert [r["iter"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    assert [r["iter"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     assert not torch.equal(steps[-1]["video.visual.conv1.weight"], start["video.visual.conv1.weight"])  # it trains
 
 
@@ -66,7 +66,7 @@ def test_english_run_from_golden_clip(synthetic_data, tmp_path, steps):
         assert torch.equal(steps[0]["text." + k], sd[k]), k
     assert torch.equal(steps[0]["text.token_embedding.weight"][:256], sd["token_embedding.weight"])
     assert torch.equal(steps[0]["video.visual.proj"], sd["visual.proj"])
-    assert [r["iter"] for r in log(out)] == [1, 2, 3]
+    assert [r["iter"] for r in log(out)] == [1, 2]
     # the golden file itself: too few token embeddings for the tokenizer, said before any step
     with pytest.raises(SystemExit, match=f"the clip text encoder of {CLIP_TINY} has 256 token embeddings, fewer "
                                          f"than the {vocab} ids of the clip tokenizer"):
@@ -87,11 +87,11 @@ def block_forwards(argv) -> int:
     return len(calls)
 
 
-@pytest.mark.parametrize("pretrain", [False, True])
-def test_activation_checkpointing_changes_no_step(synthetic_data, tmp_path, pretrain):
-    # the transformer blocks run again in backward, and the losses are the same, step for step
-    common = ["--data_dir=" + synthetic_data, "--batch_size=4", "--queue_size=8", "--max_iters=3",
-              f"--pretrain={pretrain}", "--weight_mlm=0", *TINY]
+def test_activation_checkpointing_changes_no_step(synthetic_data, tmp_path):
+    # pre-training (every tower, online and momentum): the blocks run again in backward, and the losses are the
+    # same, step for step
+    common = ["--data_dir=" + synthetic_data, "--batch_size=4", "--queue_size=8", "--max_iters=3", "--pretrain=True",
+              "--weight_mlm=0", *TINY]
     plain = block_forwards(common + [f"--out_dir={tmp_path / 'plain'}"])
     recomputed = block_forwards(common + [f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
     assert recomputed > plain
