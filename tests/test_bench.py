@@ -59,7 +59,10 @@ def test_bench_tiny_cpu(tmp_path, capsys):
         assert value > 0
         if row["name"].startswith(("finetune", "pretrain", "eval encode")):
             assert row["baseline"] is not None and row["ratio"] > 0  # CPU: baseline measured side by side
-            assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and isinstance(row["noisy"], bool)
+            # two repeats: the median is the mean of the two ratios, and NOISY says they spread by over 25%
+            lo, hi = row["ratio_min"], row["ratio_max"]
+            assert 0 < lo <= hi and row["ratio"] == pytest.approx((lo + hi) / 2)
+            assert row["noisy"] is ((hi - lo) > 0.25 * row["ratio"])
             assert f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})" in text
         if row["name"].startswith(("finetune", "pretrain")):
             assert row["ours"]["peak_mem_gb"] > 0 and row["ours"]["flops_per_video"] > 0
