@@ -40,8 +40,9 @@ def test_momentum_encoders_are_the_ema_of_the_weights_after_each_step(synthetic_
 
 def test_pretraining_resumes_exactly(synthetic_data, tmp_path, steps):
     # Chinese pre-training with every random draw on: MLM masking, BERT dropout, tags, random frame sampling and
-    # per-frame augmentation. Stopped after step 2 and resumed, it makes the same losses and the same weights, queues
-    # and momentum encoders as the uninterrupted run, step for step.
+    # per-frame augmentation. Evaluated after every step, stopped after step 2 and resumed, it makes the same
+    # losses and the same weights, queues and momentum encoders as an uninterrupted run that never evaluates, step
+    # for step: a checkpoint carries every RNG, and an evaluation leaves them as they were.
     common = ["--data_dir=" + synthetic_data, "--pretrain=True", "--text_encoder=bert", "--caption_field=captions_zh",
               "--bert_vocab=" + os.path.join(synthetic_data, "vocab.txt"), "--bert_pooling=mean", "--bert_dropout=0.1",
               "--weight_mlm=0.5", "--use_tags=True", "--frame_sample=random", "--augment=frame", "--batch_size=4",
@@ -50,18 +51,19 @@ def test_pretraining_resumes_exactly(synthetic_data, tmp_path, steps):
     train.main(common + [f"--out_dir={straight}", "--max_iters=4"])
     straight_steps = steps[1:]
     steps.clear()
-    train.main(common + [f"--out_dir={split}", "--max_iters=2"])
+    train.main(common + [f"--out_dir={split}", "--max_iters=2", "--eval_interval=1"])
+    split_steps = steps[1:]
     steps.clear()
     train.main(common + [f"--out_dir={split}", "--max_iters=4", "--init_from=resume"])
-    resumed_steps = steps[1:]
+    split_steps += steps[1:]
     a, b = log(straight), log(split)
     assert [r["iter"] for r in b] == [1, 2, 3, 4]
     assert all(r["loss_mlm"] > 0 for r in a)
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if k.startswith("loss")} == \
                {k: v for k, v in rb.items() if k.startswith("loss")}, ra["iter"]
-    assert len(straight_steps) == 4 and len(resumed_steps) == 2
-    for i, (want, got) in enumerate(zip(straight_steps[2:], resumed_steps), start=3):
+    assert len(straight_steps) == len(split_steps) == 4
+    for i, (want, got) in enumerate(zip(straight_steps, split_steps), start=1):
         for k, v in want.items():
             assert torch.equal(v, got[k]), f"step {i}: {k}"
     sa = torch.load(straight / "ckpt.pt", weights_only=True)["model"]
