@@ -76,14 +76,17 @@ def log(out_dir):
 
 
 class StateLog(list):
-    params: set = set()
+    def __init__(self):
+        super().__init__()
+        self.params, self.grads = set(), []  # parameter names; the gradients each step applied
 
 
 @pytest.fixture
 def steps(monkeypatch):
     """Watches train.py's optimizer: a list that gets a copy of the model's state dict at the start, then right after
     each optimizer.step() (before anything else of that iteration runs). Its `params` names the model's
-    parameters (the rest of the state dict is buffers: queues, BN statistics)."""
+    parameters (the rest of the state dict is buffers: queues, BN statistics), its `grads` holds the gradients each
+    step applied."""
     import model as hmmc_model
     seen = StateLog()
     configure = hmmc_model.HMMC.configure_optimizers
@@ -92,8 +95,12 @@ def steps(monkeypatch):
         optimizer = configure(self, *args, **kwargs)
         seen.params = {n for n, _ in self.named_parameters()}
         seen.append({k: v.clone() for k, v in self.state_dict().items()})
-        optimizer.register_step_post_hook(
-            lambda *_: seen.append({k: v.clone() for k, v in self.state_dict().items()}))
+
+        def after_step(*_):
+            seen.append({k: v.clone() for k, v in self.state_dict().items()})
+            seen.grads.append({n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None})
+
+        optimizer.register_step_post_hook(after_step)
         return optimizer
 
     monkeypatch.setattr(hmmc_model.HMMC, "configure_optimizers", watched)

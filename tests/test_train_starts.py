@@ -1,5 +1,6 @@
-# How real runs start: train.py --init_from=clip on OpenAI-layout CLIP weights and a HF BERT folder (the tiny golden
-# ones of tests/golden), and activation checkpointing, which must not change a step.
+# How real runs start and step: train.py --init_from=clip on OpenAI-layout CLIP weights and a HF BERT folder (the
+# tiny golden ones of tests/golden), activation checkpointing, which must not change a step, and the gradient a step
+# applies under accumulation.
 import math
 import os
 
@@ -112,3 +113,24 @@ def test_activation_checkpointing_compiled(synthetic_data, tmp_path):
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=0), ra["iter"]
+
+
+def test_accumulated_gradient_is_the_mean_of_the_micro_steps(synthetic_data, tmp_path, steps):
+    # two micro-steps of 4 videos per optimizer step: the step applies the mean of their gradients, as the same two
+    # batches through the starting weights by hand give (no clipping, which would hide a scale)
+    train.main(["--data_dir=" + synthetic_data, f"--out_dir={tmp_path}", "--batch_size=4",
+                "--gradient_accumulation_steps=2", "--grad_clip=0", "--max_iters=1", "--seed=4", *TINY])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    net = hmmc_model.HMMC(hmmc_model.HMMCConfig.from_dict(ckpt["model_args"]))
+    net.load_state_dict(steps[0])
+    data = prepare.VideoTextDataset(synthetic_data, "train", prepare.get_tokenizer("clip"), mode="train",
+                                    num_frames=4, context_length=16, image_size=32, seed=4, verbose=False)
+    for indices in train.epoch_batches(len(data), 4, 1, 0, seed=4, epoch=0)[:2]:
+        loss, _ = net(torch.utils.data.default_collate([data[i] for i in indices]))
+        (loss / 2).backward()
+    applied = steps.grads[0]
+    assert applied.keys() == {n for n, p in net.named_parameters() if p.grad is not None}
+    for n, p in net.named_parameters():
+        # observed: bit-identical (gradients up to 103); 1e-5 relative leaves room for another summation order;
+        # a sum instead of the mean is 2x
+        torch.testing.assert_close(applied[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
