@@ -220,8 +220,9 @@ def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dic
 @torch.no_grad()
 def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int = 5) -> dict:
     """One query against an index of num videos x T frames (random unit embeddings of the model's size), end to end
-    as the search page answers it, HTTP aside: eval.search_index tokenizes, encodes the text, scores every video and
-    returns the top 10 with their frame scores."""
+    as the search page answers it, HTTP aside: search.search_index tokenizes, encodes the text, scores every video
+    and returns the top 10 with their frame scores."""
+    import search  # only this row needs it
     g = torch.Generator().manual_seed(seed)
     E = net.cfg.clip.embed_dim
     index = {"video_ids": [f"v{i:05d}" for i in range(num)],
@@ -230,8 +231,8 @@ def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int
     times = []
     for i in range(repeats + 1):  # the first is the warm-up
         t0 = time.perf_counter()
-        hmmc_eval.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
-                               context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
+        search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
+                            context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return {"query_ms": 1000 * min(times[1:]), "median_ms": 1000 * float(np.median(times[1:]))}

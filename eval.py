@@ -1,38 +1,24 @@
 """
-Evaluate an HMMC checkpoint on a retrieval benchmark, or search your own videos with free text.
+Evaluate an HMMC checkpoint on a retrieval benchmark: text-to-video and video-to-text R@1/5/10, median and mean rank
+(a table and a JSON file).
 
-Benchmark (text-to-video and video-to-text R@1/5/10, median and mean rank; table + JSON):
 $ python eval.py config/eval_synthetic.py --init_from=out/ckpt.pt
 $ python eval.py config/eval_msrvtt.py --init_from=out-finetune-msrvtt/ckpt.pt --dtype=bfloat16 --device=cuda
 $ torchrun --standalone --nproc_per_node=8 eval.py config/eval_msrvtt.py --init_from=out/ckpt.pt
 Zero-shot baseline straight from OpenAI's CLIP weights (mean pooling over frames, no temporal transformer):
 $ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt
 
-Search (DIR is a folder of video files, frames are extracted on the way, or a prepared dataset folder; the index
-is cached in DIR/.hmmc_index/, so a second query encodes nothing, and a new, changed or removed file is redone alone):
-$ python eval.py --init_from=out/ckpt.pt --search=my_videos/ --query="a dog catches a frisbee" --top=5 --html=hits.html
-prints one line per hit, best first: `rank video_id score`, the id being the file's path under DIR without its
-extension (`sub/bikes` for my_videos/sub/bikes.mp4). A search page over the same folder (serve.py), at
-http://127.0.0.1:8000 until Ctrl-C:
-$ python eval.py --init_from=out/ckpt.pt --search=my_videos/ --serve
-
 Scores are HMMC's hierarchical similarity: 100*cos(text, video) + frame_match_weight * mean of the top-k
 100*cos(text, frame). Dual-softmax re-normalisation ("DSL", --dsl=True) is off by default and every output says
 whether it was on, because published numbers often mix it in without saying so.
+Searching your own videos with free text is search.py's job.
 """
 
-import base64
-import hashlib
-import io
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
-import unicodedata
-from collections import Counter
-from html import escape
 
 import numpy as np
 import torch
@@ -41,7 +27,7 @@ import torch.distributed as dist
 import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
-from common import autocast, cleanup_compute, init_compute, run_script, set_cpu_threads, unwrap
+from common import autocast, cleanup_compute, init_compute, run_script, unwrap
 from tokenizer import UnkWrapped
 
 _bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -69,19 +55,6 @@ num_workers = min(8, os.cpu_count() or 1)  # data loader processes: JPEG decodin
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
 dtype = "bfloat16" if _bf16 else "float32"  # autocast on the GPU: "float32", "bfloat16" or "float16"
 out = None  # results JSON; default: next to the checkpoint (eval_<dataset>_<split>.json) or out/ for "clip"
-# search mode
-search = ""  # a folder of videos or a prepared dataset folder; turns on search mode
-query = ""  # free text (English or Chinese, as the checkpoint's text encoder reads)
-queries_file = ""  # more queries, one per line
-top = 5  # hits printed per query
-html = ""  # write a self-contained HTML page of the hits here
-index_dir = ""  # where the index cache lives; default DIR/.hmmc_index
-frames_per_video = 30  # frames extracted per video file when DIR is a folder of videos
-extract_workers = 4  # ffmpeg processes when extracting
-retry_failed = False  # extract again the files that failed before even when unchanged (changed files always are)
-serve = False  # with --search: serve a search page over DIR (queries typed there) instead of answering --query
-host = "127.0.0.1"  # address of the search page; anything but loopback lets other machines see it and the videos
-port = 8000  # port of the search page (0: any free one)
 config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
 # -----------------------------------------------------------------------------
 
@@ -338,472 +311,58 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
     return s
 
 
-# ----------------------------------------------------------------------------- search: the index cache
 
-INDEX_VERSION = 2  # bump when the layout of index_<key>.pt changes: older files are then ignored, not misread
-
-
-def _list_videos(source: str, skip: str = "") -> dict:
-    """{video id: path} of the video files under `source` (recursive; hidden names, *.lmdb folders and `skip`
-    left out). The id is the path relative to `source` without its extension, so `bikes.MP4` and `sub/bikes.mp4`
-    are `bikes` and `sub/bikes`; files that share a stem in one folder keep their extension (`a.mp4`, `a.mkv`)."""
-    files = []
-    for root, dirs, names in os.walk(source):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".lmdb")
-                         and os.path.realpath(os.path.join(root, d)) != skip)
-        files += [os.path.relpath(os.path.join(root, n), source).replace(os.sep, "/") for n in sorted(names)
-                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in prepare.VIDEO_EXTENSIONS]
-    stems = Counter(os.path.splitext(f)[0] for f in files)
-    return {(os.path.splitext(f)[0] if stems[os.path.splitext(f)[0]] == 1 else f): os.path.join(source, f)
-            for f in files}
+# the settings of search, which eval.py had before search.py: named, they get a pointer instead of "unknown key"
+SEARCH_OPTIONS = ("search", "query", "queries_file", "serve", "html", "top", "host", "port", "index_dir",
+                  "frames_per_video", "extract_workers", "retry_failed")
 
 
-def _file_sha1(path: str, chunk: int = 1 << 20) -> str:
-    """sha1 of a file's size, first and last MiB: a few reads whatever the size, and it tells a replaced video
-    from a copy of the same file (a touch or a copy-back does not force a re-extraction)."""
-    h = hashlib.sha1(str(os.path.getsize(path)).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        f.seek(max(0, os.path.getsize(path) - chunk))
-        h.update(f.read(chunk))
-    return h.hexdigest()
-
-
-def _extract_video(job):
-    """Pool worker: (id, path, frames, size) -> (id, JPEG frames or None, error or None, duration in s or None)."""
-    vid, path, num_frames, frame_size = job
-    try:  # the duration turns stored frame positions into times in the report
-        duration = prepare.probe_video(path)["duration"]
-    except Exception:
-        duration = None
-    _, frames, err = prepare._extract_job((vid, path, num_frames, frame_size, 90))
-    return vid, frames, err, duration
-
-
-def _delete_frames(db, ids) -> None:
-    # FrameDB has no delete: the frames of removed or now-broken files go straight through its LMDB environment
-    with db.env.begin(write=True) as txn:
-        for vid in ids:
-            for i in range(db.num_frames):
-                txn.delete(f"{vid}_{i}".encode())
-
-
-def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int, workers: int,
-                       retry_failed: bool) -> dict:
-    """Bring cache_dir/frames_<T>x<size>.lmdb in line with the video files under `source`: extract new and changed
-    files (size or mtime differ and so does the content hash), drop removed ones, retry failed ones that changed
-    (all failed ones with retry_failed). The manifest next to the LMDB records each file's size, mtime, hash,
-    duration and error. Returns {"lmdb", "ids", "skipped", "paths", "stamps", "durations", "stored_frames",
-    "extracted"}."""
-    videos = _list_videos(source, skip=os.path.realpath(cache_dir))
-    if not videos:
-        raise ValueError(f"--search={source}: neither video files nor a frames.lmdb in this folder; nothing to index")
-    os.makedirs(cache_dir, exist_ok=True)
-    lmdb_path = os.path.join(cache_dir, f"frames_{frames_per_video}x{frame_size}.lmdb")  # one store per setting
-    manifest_path = lmdb_path[:-len(".lmdb")] + ".json"
-    old = {}
-    if os.path.exists(manifest_path) and os.path.exists(lmdb_path):  # without the LMDB every file is new
-        with open(manifest_path, encoding="utf-8") as f:
-            old = json.load(f)
-    files, todo = {}, []
-    for vid, path in videos.items():
-        st = os.stat(path)
-        prev = old.get(vid)
-        if prev and prev["size"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
-            entry = dict(prev)
-        else:
-            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _file_sha1(path)}
-            if prev and prev["sha1"] == entry["sha1"]:  # touched, same bytes: keep the frames and the outcome
-                entry = {**prev, **entry}
-        entry["path"] = os.path.relpath(path, source)
-        files[vid] = entry
-        if "error" not in entry or (entry["error"] and retry_failed):
-            todo.append(vid)
-    removed = [vid for vid in old if vid not in files]
-
-    extracted = []
-    if todo or removed:
-        with prepare.FrameDB(lmdb_path, readonly=False, num_frames=frames_per_video, frame_size=frame_size) as db:
-            _delete_frames(db, removed)
-            if todo:
-                try:
-                    prepare._check_ffmpeg()
-                except RuntimeError as e:  # a missing tool is bad input too: one line, not a traceback
-                    raise FileNotFoundError(str(e)) from None
-                print(f"extracting {frames_per_video} frames from each of {len(todo)} new or changed videos "
-                      f"(of {len(videos)}) into {lmdb_path}", flush=True)
-            jobs = [(vid, videos[vid], frames_per_video, frame_size) for vid in todo]
-            pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(jobs) > 1 else None
-            try:
-                results = pool.imap_unordered(_extract_video, jobs) if pool else map(_extract_video, jobs)
-                t0 = last = time.time()
-                for n, (vid, frames, err, duration) in enumerate(results, 1):  # this process is the only writer
-                    files[vid].update(error=err, duration=duration)
-                    if err is None:
-                        db.put_video(vid, frames)
-                        extracted.append(vid)
-                    else:
-                        _delete_frames(db, [vid])  # a file that broke must not keep serving its old frames
-                    if time.time() - last >= 10:
-                        last = time.time()
-                        print(f"extracting: {n}/{len(jobs)} videos, {n / (last - t0):.2g}/s", flush=True)
-            finally:
-                if pool is not None:
-                    pool.terminate()
-    if files != old:  # also when files were only touched: their new mtimes spare the hashing next time
-        tmp = manifest_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(files, f, ensure_ascii=False, indent=0)
-        os.replace(tmp, manifest_path)  # written after the frames: a killed run redoes its videos, nothing worse
-    skipped = {vid: e["error"] for vid, e in files.items() if e.get("error")}
-    return {"lmdb": lmdb_path, "ids": [v for v in files if v not in skipped], "skipped": skipped, "paths": videos,
-            "stamps": {v: e["sha1"] for v, e in files.items()},
-            "durations": {v: e.get("duration") for v, e in files.items()}, "stored_frames": frames_per_video,
-            "extracted": extracted, "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
-
-
-def _read_prepared(source: str) -> dict:
-    """A prepared dataset folder, read in place: the videos of all its splits (a video in several is indexed once),
-    in the same dict as _sync_video_folder. Its videos are re-encoded together when frames.lmdb changes."""
-    lmdb_path = os.path.join(source, "frames.lmdb")
-    ids, durations = [], {}
-    for name in sorted(os.listdir(source)):
-        if name.endswith(".jsonl"):
-            with open(os.path.join(source, name), encoding="utf-8") as f:
-                for obj in map(json.loads, filter(str.strip, f)):
-                    ids.append(str(obj["video_id"]))
-                    durations[ids[-1]] = obj.get("duration")
-    with prepare.FrameDB(lmdb_path) as db:
-        ids = list(dict.fromkeys(ids or db.video_ids()))  # frames without annotations: whatever the LMDB holds
-        skipped = {v: r for v, r in db.failed.items() if v in set(ids)}
-        skipped.update({v: "no frames in the LMDB" for v in ids if v not in skipped and not db.has_video(v)})
-        stored = db.num_frames
-    data_file = os.path.join(lmdb_path, "data.mdb") if os.path.isdir(lmdb_path) else lmdb_path
-    st = os.stat(data_file)
-    return {"lmdb": lmdb_path, "ids": [v for v in ids if v not in skipped], "skipped": skipped, "paths": {},
-            "stamps": dict.fromkeys(ids, f"{st.st_size}|{st.st_mtime_ns}"), "durations": durations,
-            "stored_frames": stored, "extracted": [], "retry_hint": ""}
-
-
-def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames: int, image_size: int,
-                batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
-                frames_per_video: int = 30, extract_workers: int = 4, retry_failed: bool = False) -> dict:
-    """Video and frame embeddings of every video under `source` (a folder of video files, or a prepared dataset
-    folder), cached in `cache_dir` per model and settings. Only new and changed videos are extracted and encoded;
-    removed ones are dropped. Returns {"video_ids", "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T]
-    (which stored frames were encoded), "stored_frames", "durations" [V] (seconds or None), "lmdb" (where the frames
-    live), "skipped" {video: reason}, "key", "extracted" and "encoded" (the ids this call extracted / encoded),
-    "paths" {video: its file} (empty for a prepared dataset folder: frames only)}."""
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"--search={source}: no such folder (expected a folder of video files or a prepared "
-                                f"dataset folder with frames.lmdb)")
-    if os.path.exists(os.path.join(source, "frames.lmdb")):
-        src = _read_prepared(source)
-    else:
-        if num_frames > frames_per_video:
-            raise ValueError(f"the model reads {num_frames} frames per video but frames_per_video="
-                             f"{frames_per_video}; pass --frames_per_video={max(30, num_frames)}")
-        # frames for thumbnails are worth a few more pixels than a tiny model needs
-        src = _sync_video_folder(source, cache_dir, frame_size=max(image_size, 112), frames_per_video=frames_per_video,
-                                 workers=extract_workers, retry_failed=retry_failed)
-    ids, skipped = src["ids"], src["skipped"]
-    if skipped:
-        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items())
-              + src["retry_hint"], flush=True)
-    if not ids:
-        raise ValueError(f"--search={source}: no usable videos to index ({len(skipped)} skipped)")
-    key = hashlib.sha1(json.dumps([INDEX_VERSION, model_key, num_frames, image_size, str(dtype),
-                                   os.path.realpath(src["lmdb"])]).encode()).hexdigest()[:16]
-    index_path = os.path.join(cache_dir, f"index_{key}.pt")
-    old = torch.load(index_path, map_location="cpu", weights_only=True) if os.path.exists(index_path) else None
-    # reuse the embeddings of every video whose file (or LMDB) is as it was; freshly extracted frames are encoded
-    row = {v: i for i, v in enumerate(old["video_ids"] if old else [])
-           if src["stamps"].get(v) == old["stamps"][i] and v not in src["extracted"]}
-    todo = [v for v in ids if v not in row]
-    video_emb, frame_emb = (old["video_emb"], old["frame_emb"]) if old else (None, None)
-    if todo:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(os.path.join(cache_dir, "encode.jsonl"), "w", encoding="utf-8") as f:
-            for v in todo:  # the id as a stand-in caption: never scored, but some loaders want one per video
-                f.write(json.dumps({"video_id": v, "captions": [v]}, ensure_ascii=False) + "\n")
-        dataset = prepare.VideoTextDataset(cache_dir, "encode", None, mode="videos", num_frames=num_frames,
-                                           image_size=image_size, lmdb_path=src["lmdb"])
-        assert dataset.video_ids == todo, "the dataset must list the videos in the order given"
-        print(f"encoding {len(todo)} videos" + (f" ({len(row)} unchanged ones reused)" if row else ""), flush=True)
-        new_video, new_frame = encode_videos(net, dataset, batch_size=batch_size, num_workers=num_workers,
-                                             device=device, dtype=dtype)
-        if getattr(dataset, "_db", None) is not None:  # free this process's reader: the next sync may write
-            dataset._db.close()
-        base = len(old["video_ids"]) if old else 0
-        row.update({v: base + i for i, v in enumerate(todo)})
-        video_emb = torch.cat([video_emb, new_video.cpu()]) if old else new_video.cpu()
-        frame_emb = torch.cat([frame_emb, new_frame.cpu()]) if old else new_frame.cpu()
-    rows = torch.tensor([row[v] for v in ids], dtype=torch.long)
-    index = {"video_ids": ids, "video_emb": video_emb[rows], "frame_emb": frame_emb[rows],
-             "stamps": [src["stamps"][v] for v in ids],
-             "frame_indices": torch.as_tensor(prepare.sample_frame_indices(src["stored_frames"], num_frames,
-                                                                           "uniform"), dtype=torch.long),
-             "stored_frames": src["stored_frames"], "durations": [src["durations"].get(v) for v in ids],
-             "lmdb": os.path.realpath(src["lmdb"]), "skipped": {str(k): str(v) for k, v in skipped.items()},
-             "key": key}
-    if old is None or todo or old["video_ids"] != ids or old["skipped"] != index["skipped"]:
-        tmp = index_path + ".tmp"
-        torch.save(index, tmp)
-        os.replace(tmp, index_path)  # a killed run never leaves half an index behind
-        print(f"indexed {len(ids)} videos -> {index_path}", flush=True)
-    else:
-        print(f"loaded the index of {len(ids)} videos from {index_path}", flush=True)
-    return {**index, "extracted": src["extracted"], "encoded": todo,
-            "paths": {v: src["paths"][v] for v in ids if v in src["paths"]}}
-
-
-# ----------------------------------------------------------------------------- search: queries, ranking, report
-
-def _check_query(text: str, tokenizer) -> None:
-    ids = tokenizer.encode(text)
-    unk = getattr(tokenizer, "unk_id", None)
-    if not text.strip() or not ids or (unk is not None and all(i == unk for i in ids)):
-        raise ValueError(f"query {text!r} tokenizes to nothing the text encoder knows; write some words")
-
-
-def _script(ch: str) -> str | None:
-    """The writing system of a letter or symbol: "latin", "cjk", "emoji", "cyrillic", "hangul"...; None otherwise."""
-    cat = unicodedata.category(ch)
-    if cat == "So":
-        return "emoji"  # pictographs and other symbols
-    if not cat.startswith("L"):
-        return None  # digits, punctuation, spaces: every script has them
-    name = unicodedata.name(ch, "")
-    if name.startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH")):
-        return "cjk"
-    return name.split(" ")[0].lower() or "unknown"
-
-
-def _quote(text: str, n: int = 60) -> str:
-    return repr(text if len(text) <= n else text[:n - 3] + "...")
-
-
-def query_warnings(text: str, tokenizer, context_length: int) -> list[str]:
-    """What to know before trusting the scores of `text`, one line each: it was cut to the model's caption length,
-    or it is written in a script the text encoder was not trained on (the scores still look confident)."""
-    out = []
-    n, kept = len(tokenizer.encode(text)), context_length - 2  # each row also holds a start and an end token
-    if n > kept:
-        out.append(f"query {_quote(text)} is {n} tokens long; the model reads {context_length} per caption, so only "
-                   f"the first {kept} were kept")
-    scripts = {s for s in map(_script, text) if s}
-    if isinstance(tokenizer, prepare.BertTokenizer):
-        if "latin" in scripts and "cjk" not in scripts:
-            out.append(f"query {_quote(text)} is in Latin script but the text encoder (Chinese BERT) was trained on "
-                       f"Chinese captions; its scores will look confident and mean little. Write it in Chinese")
-    elif scripts - {"latin"}:
-        out.append(f"query {_quote(text)} contains {', '.join(sorted(scripts - {'latin'}))} text, which the CLIP "
-                   f"text encoder (trained on English) barely knows; its scores will look confident and mean little")
-    return out
-
-
-@torch.no_grad()
-def search_index(net, index: dict, queries: list[str], *, tokenizer, context_length: int, top_k_frames: int,
-                 frame_match_weight: float, top: int = 5, device: str = "cpu", dtype=None) -> list[list[dict]]:
-    """Rank the indexed videos for each query -> per query a list of hits, best first:
-    {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame), "top_frames" [k positions]}."""
-    if not index["video_ids"]:
-        raise ValueError("the index is empty: no videos to search")
-    if int(top) < 1:
-        raise ValueError(f"top={top}: ask for at least one hit per query")
-    for q in queries:
-        _check_query(q, tokenizer)
-    ids, mask = tokenizer(queries, context_length)
-    text_emb = encode_texts(net, ids, mask, device=device, dtype=dtype)
-    video_emb = index["video_emb"].to(device)
-    frame_emb = index["frame_emb"].to(device)
-    k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
-    sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=k, frame_match_weight=frame_match_weight,
-                            normalized=True)  # (Q, V); encode_texts and the index give unit vectors
-    results = []
-    for qi in range(len(queries)):
-        order = np.argsort(-sim[qi], kind="stable")[:top]
-        # frame scores of the hits only: those of every video would cost as much again as the ranking (10k videos)
-        frame_sim = 100.0 * torch.einsum("e,hte->ht", text_emb[qi], frame_emb[torch.as_tensor(order)]).cpu()
-        results.append([{"rank": h + 1, "video_id": index["video_ids"][vi], "score": float(sim[qi, vi]),
-                         "frame_scores": [float(x) for x in frame_sim[h]],
-                         "top_frames": sorted(int(x) for x in frame_sim[h].topk(k).indices)}
-                        for h, vi in enumerate(order)])
-    return results
-
-
-def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
-    """A stored frame shrunk to `height` px (and at most 4x as wide), as JPEG: for the report and the search page."""
-    from PIL import Image
-    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    img.thumbnail((height * 4, height))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"  # 1:05.3
-
-
-def frame_time(position: int, duration, stored) -> float | None:
-    """Seconds into the video of stored frame `position`; None when the duration is unknown. Extraction takes the
-    centre of each of `stored` equal segments of the video."""
-    return (position + 0.5) * duration / stored if duration and stored else None
-
-
-def frame_label(seconds, score: float) -> str:
-    """The caption under a frame: its time in the video (when known) and 100 x cosine of the query with it."""
-    return f"{_clock(seconds)} \u00b7 {score:.1f}" if seconds is not None else f"{score:.1f}"
-
-
-_CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
-        # frames shrink to share the page width (min-width:0 lets a flex item go below its image's width)
-        ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;font-size:11px;"
-        "color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;border:3px solid transparent}"
-        "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}")
-
-
-def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None, style: str = "") -> list[str]:
-    """The top of a results page, as a list of HTML lines with everything escaped: title, the checkpoint, and the
-    files skipped as unreadable with their reasons. `style` is CSS added after the report's."""
-    title = escape(title)
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{_CSS}{style}</style>", "</head><body>", f"<h1>{title}</h1>"]
-    if checkpoint:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
-    if skipped:
-        parts.append(f"<details class=\"skipped\" open><summary>{len(skipped)} file(s) skipped as "
-                     f"unreadable</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r)}</li>" for v, r in skipped.items()]
-        parts.append("</ul></details>")
-    return parts
-
-
-def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
-               checkpoint: str = "") -> None:
-    """One self-contained page: the checkpoint and the skipped files first, then for each query its top videos,
-    each as a strip of the encoded frames (JPEG thumbnails inlined as base64, shrunk to fit the page width) with the
-    top-k matched frames outlined and each frame's time in the video and score under it."""
-    positions = [int(p) for p in index["frame_indices"]]
-    stored = index.get("stored_frames")
-    durations = dict(zip(index["video_ids"], index.get("durations") or []))
-    parts = page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
-    with prepare.FrameDB(index["lmdb"]) as db:
-        for text, hits in zip(queries, results):
-            parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
-                         f"<p class=\"meta\">outlined: the top-{len(hits[0]['top_frames']) if hits else 0} frames "
-                         f"that entered the score; under each frame: its time in the video and 100 x cosine of the "
-                         f"query with it</p>")
-            for hit in hits:
-                vid = hit["video_id"]
-                duration = durations.get(vid)
-                jpegs = db.get_frames(vid, positions)
-                parts.append(f"<div class=\"hit\" data-video-id=\"{escape(vid)}\"><div><b>{hit['rank']}.</b> "
-                             f"{escape(vid)} &mdash; score {hit['score']:.2f}"
-                             f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
-                for t, (p, jpeg, score) in enumerate(zip(positions, jpegs, hit["frame_scores"])):
-                    cls = " class=\"top\"" if t in hit["top_frames"] else ""
-                    thumb = base64.b64encode(thumbnail_jpeg(jpeg)).decode("ascii")
-                    parts.append(f"<figure{cls}><img alt=\"{escape(vid)} frame {p}\" "
-                                 f"src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
-                                 f"{escape(frame_label(frame_time(p, duration, stored), score))}</figcaption></figure>")
-                parts.append("</div></div>")
-            parts.append("</section>")
-    parts.append("</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-
-
-def _checkpoint_key(init_from: str, clip_path: str) -> str:
-    path = clip_path if init_from == "clip" else init_from
-    st = os.stat(path)
-    return f"{init_from}|{os.path.realpath(path)}|{st.st_size}|{int(st.st_mtime)}"
-
-
-def _search(net, cfg: dict, s: dict, tokenizer, device: str, dtype) -> list[list[dict]]:
-    """Search mode of main: index cfg["search"], print `rank video_id score` per hit, optionally write the report;
-    with cfg["serve"], serve the search page instead (returns when it is stopped)."""
-    if cfg["top"] < 1:
-        raise ValueError(f"--top={cfg['top']}: ask for at least one hit per query (e.g. --top=5)")
-    checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
-    index_args = dict(cache_dir=cfg["index_dir"] or os.path.join(cfg["search"], ".hmmc_index"),
-                      model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]), num_frames=s["num_frames"],
-                      image_size=s["image_size"], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
-                      device=device, dtype=dtype, frames_per_video=cfg["frames_per_video"],
-                      extract_workers=cfg["extract_workers"], retry_failed=cfg["retry_failed"])
-    rank_args = dict(tokenizer=tokenizer, context_length=s["context_length"], top_k_frames=s["top_k_frames"],
-                     frame_match_weight=s["frame_match_weight"], device=device, dtype=dtype)
-    if cfg["serve"]:
-        for key in ("query", "queries_file", "html"):
-            if cfg[key]:
-                raise ValueError(f"--serve takes its queries in the page; drop --{key}")
-        import serve  # here: only this mode needs the server
-        # a query is a few small matmuls: spinning OpenMP threads on a shared CPU made them 10x slower (README)
-        set_cpu_threads(device)
-        serve.serve(net, cfg["search"], index_args=index_args, rank_args=rank_args, host=cfg["host"],
-                    port=cfg["port"], top=cfg["top"], checkpoint=checkpoint)
-        return []
-    queries = [cfg["query"]] if cfg["query"] else []
-    if cfg["queries_file"]:
-        with open(cfg["queries_file"], encoding="utf-8") as f:
-            queries += [line.strip() for line in f if line.strip()]
-    if not queries:
-        raise ValueError("search mode needs --query=TEXT (or --queries_file=FILE, one query per line), or --serve "
-                         "for a search page")
-    for q in queries:  # fail on a bad query before spending minutes on an index
-        _check_query(q, tokenizer)
-        for line in query_warnings(q, tokenizer, s["context_length"]):
-            print(f"warning: {line}", flush=True)
-    index = build_index(net, cfg["search"], **index_args)
-    results = search_index(net, index, queries, top=cfg["top"], **rank_args)
-    for q, hits in zip(queries, results):
-        if len(queries) > 1:
-            print(f"query: {q}")
-        for hit in hits:
-            print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
-    sys.stdout.flush()
-    if cfg["html"]:
-        write_html(cfg["html"], index, queries, results, title=f"HMMC search over {cfg['search']}",
-                   checkpoint=checkpoint)
-        print(f"wrote {cfg['html']}", flush=True)
-    return results
-
-
-def main(argv=None):
-    defaults = {k: globals()[k] for k in config_keys}
-    cfg = configurator.configure(defaults, sys.argv[1:] if argv is None else argv, prog="eval.py",
-                                 descriptions=configurator.describe(__file__))
-
-    # under torchrun the encoding is sharded over the processes and the metrics computed on rank 0
-    ddp, rank, _, dev = init_compute(cfg["device"]) if not cfg["search"] else (False, 0, 1, cfg["device"])
-    # autocast on the GPU only: CPU bf16 matmuls are slower than fp32 on most CPUs
-    dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
-
-    is_clip = cfg["init_from"] == "clip"
-    if is_clip:  # the zero-shot baseline: mean pooling of CLIP frame embeddings
+def load_net(cfg: dict, device: str) -> tuple:
+    """The model of cfg["init_from"] in eval mode, its settings (command line, then the checkpoint's training config,
+    then defaults; see _settings), its tokenizer and the training config -> (net, settings, tokenizer, config).
+    eval.py and search.py share it."""
+    if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
         zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
         net, info = hmmc_model.load_model("clip", zero_shot, clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
-                                          device=dev)
+                                          device=device)
     elif cfg["init_from"]:
-        net, info = hmmc_model.load_model(cfg["init_from"], device=dev)
+        net, info = hmmc_model.load_model(cfg["init_from"], device=device)
     else:
-        raise ValueError("nothing to evaluate: pass --init_from=<ckpt.pt> (train.py's checkpoint), an original HMMC "
-                         "state dict, or --init_from=clip --clip_path=ViT-B-32.pt")
+        raise ValueError("no model: pass --init_from=<ckpt.pt> (train.py's checkpoint), an original HMMC state dict, "
+                         "or --init_from=clip --clip_path=ViT-B-32.pt")
     net.eval()
-    model_args = net.cfg.to_dict()
     ckpt_config = (info["checkpoint"] or {}).get("config") or {}
     info = None  # the checkpoint's tensors are in the model now
-    s = _settings(cfg, model_args, ckpt_config)
+    s = _settings(cfg, net.cfg.to_dict(), ckpt_config)
     tokenizer = prepare.get_tokenizer(s["text_encoder"], s["bert_vocab"])
-    if cfg["bert_unk_input"]:
+    if cfg.get("bert_unk_input"):
         if s["text_encoder"] != "bert":
             raise ValueError(f"bert_unk_input=True reproduces the original's Chinese VATEX input, but "
                              f"{cfg['init_from']} has a {s['text_encoder']!r} text encoder; drop the setting")
         tokenizer = UnkWrapped(tokenizer)
-    if cfg["search"]:
-        return _search(net, cfg, s, tokenizer, dev, dtype)
+    return net, s, tokenizer, ckpt_config
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key in SEARCH_OPTIONS:
+            raise ValueError(f"--{key}: searching your own videos moved to search.py, e.g. python search.py "
+                             f"--init_from=CKPT --videos=DIR --query=TEXT (or --serve for the page)")
+    defaults = {k: globals()[k] for k in config_keys}
+    cfg = configurator.configure(defaults, argv, prog="eval.py", descriptions=configurator.describe(__file__))
+
+    # under torchrun the encoding is sharded over the processes and the metrics computed on rank 0
+    ddp, rank, _, dev = init_compute(cfg["device"])
+    # autocast on the GPU only: CPU bf16 matmuls are slower than fp32 on most CPUs
+    dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
+    is_clip = cfg["init_from"] == "clip"
+    if not cfg["init_from"]:
+        raise ValueError("nothing to evaluate: pass --init_from=<ckpt.pt> (train.py's checkpoint), an original HMMC "
+                         "state dict, or --init_from=clip --clip_path=ViT-B-32.pt")
+    net, s, tokenizer, _ = load_net(cfg, dev)
+    model_args = net.cfg.to_dict()
 
     result = evaluate(net, s["data_dir"], cfg["split"], tokenizer=tokenizer, num_frames=s["num_frames"],
                       image_size=s["image_size"], context_length=s["context_length"], top_k_frames=s["top_k_frames"],

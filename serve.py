@@ -1,17 +1,20 @@
 """
-A search page over a folder of your own videos, served by the project itself: type a query, get the best videos
-first, each with its strip of frames (the top-k matched frames outlined, each with its time and score) and the video,
-playable from its best-matching frame.
+The search page's web server: type a query, get the best videos first, each with its strip of frames (the top-k
+matched frames outlined, each with its time and score) and the video, playable from any of its frames.
 
-$ python eval.py --init_from=out-synthetic/ckpt.pt --search=my_videos/ --serve     # then open http://127.0.0.1:8000
+$ python search.py --init_from=out-synthetic/ckpt.pt --videos=my_videos/ --serve    # then open http://127.0.0.1:8000
 
-The index is built once at start (cached in DIR/.hmmc_index/, as the command-line search does) and kept in memory
-with the model, so a query is one text encoding and one similarity. "Rescan" runs build_index again, which extracts
-and encodes only new and changed files; while it runs, queries and frames answer 503 (the frame store is being
-written). Only the indexed videos are served, looked up by their id, never by a path taken from the URL.
-Standard library only: http.server and one page of plain JavaScript.
+search.py starts it and hands it the engine (search.Searcher), which this module knows only through its methods:
+rank(query, top), thumbnail(id, position), video_file(id), rescan(), status() and info(). Only indexed videos are
+served, looked up by their id, never by a path taken from the URL. Standard library only: http.server and one page
+of plain JavaScript. What a hostile client or web page meets: a time limit on every connection and a cap on how
+many are served at once, bounded headers and numbers, no request body where none is expected, a Host allow-list
+(against DNS rebinding), an Origin check on the one POST, and headers that keep other sites from embedding the page
+or probing its files.
 """
 
+import base64
+import hashlib
 import ipaddress
 import json
 import os
@@ -20,16 +23,15 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import eval as hmmc_eval
-import prepare
-
 MAX_QUERY = 1000  # characters: the model reads a few dozen tokens, a longer query is a mistake or an attack
 MAX_TOP = 100  # hits per query the page may ask for
-LANGUAGES = {"clip": "English (CLIP text encoder)", "bert": "Chinese (Chinese BERT text encoder)"}
+MAX_HEADER_BYTES = 16384  # all request headers together; a browser sends well under 2 KiB
+MAX_DIGITS = 18  # in a number of a Range header: larger ones address no file (and int() refuses 4,300 digits)
 VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
                ".mkv": "video/x-matroska", ".ogv": "video/ogg", ".ogg": "video/ogg", ".avi": "video/x-msvideo",
                ".mpg": "video/mpeg", ".mpeg": "video/mpeg", ".3gp": "video/3gpp", ".ts": "video/mp2t",
@@ -44,126 +46,25 @@ class HTTPError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-class Search:
-    """The model, one folder's index and its video files, shared by the request threads. One lock serialises the
-    model calls and guards the index; `rescanning` turns queries away while build_index rewrites the frame store."""
+# ----------------------------------------------------------------------------- the page
 
-    def __init__(self, net, source: str, *, index_args: dict, rank_args: dict, top: int = 5, checkpoint: str = ""):
-        self.net, self.source, self.index_args, self.rank_args = net, source, index_args, rank_args
-        self.top, self.checkpoint = top, checkpoint
-        self.language = LANGUAGES.get(net.cfg.text_encoder, net.cfg.text_encoder)
-        self.lock = threading.Lock()
-        self.rescanning = False
-        self.db = None  # the frame store's reader, opened on the first thumbnail and closed before a rescan
-        self.index = self._build()
-
-    def _build(self) -> dict:
-        """build_index's answer plus what the requests look up (its "paths" are the files that may be served)."""
-        index = hmmc_eval.build_index(self.net, self.source, **self.index_args)
-        return {**index, "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]]}
-
-    def _check_ready(self):
-        if self.rescanning:
-            raise HTTPError(503, "the index is being rebuilt (Rescan); try again in a moment",
-                            {"Retry-After": "5"})
-
-    def rank(self, query: str, top: int) -> dict:
-        """The page's answer to a query: the hits of eval.search_index with their frames' URLs, times and labels,
-        the URL of each video file with the time of its best-matching frame, and the query's warnings."""
-        if not query.strip():
-            raise HTTPError(400, "empty query: type a few words")
-        if len(query) > MAX_QUERY:
-            raise HTTPError(400, f"the query is {len(query)} characters long; at most {MAX_QUERY} are read")
-        t0 = time.perf_counter()
-        with self.lock:
-            self._check_ready()
-            index = self.index
-            try:
-                hits = hmmc_eval.search_index(self.net, index, [query], top=top, **self.rank_args)[0]
-            except ValueError as e:  # a query that tokenizes to nothing
-                raise HTTPError(400, str(e)) from None
-        seconds = time.perf_counter() - t0
-        positions = index["positions"]
-        durations = dict(zip(index["video_ids"], index["durations"]))
-        for hit in hits:
-            vid, duration = hit["video_id"], durations.get(hit["video_id"])
-            times = [hmmc_eval.frame_time(p, duration, index["stored_frames"]) for p in positions]
-            hit["frames"] = [{"position": p, "url": "/frame?" + urllib.parse.urlencode({"id": vid, "p": p}),
-                              "time": t, "label": hmmc_eval.frame_label(t, score), "top": i in hit["top_frames"]}
-                             for i, (p, t, score) in enumerate(zip(positions, times, hit["frame_scores"]))]
-            best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
-            hit["start"] = times[best] or 0.0
-            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
-        warnings = hmmc_eval.query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"])
-        return {"query": query, "hits": hits, "warnings": warnings, "videos": len(index["video_ids"]),
-                "seconds": seconds}
-
-    def thumbnail(self, vid: str, position: int) -> bytes:
-        with self.lock:
-            self._check_ready()
-            if vid not in self.index["known"]:
-                raise HTTPError(404, "no such video in the index")
-            if position not in self.index["positions"]:
-                raise HTTPError(404, f"frame {position} is not one the model saw")
-            if self.db is None:
-                self.db = prepare.FrameDB(self.index["lmdb"])
-            jpeg = self.db.get_frames(vid, [position])[0]
-        return hmmc_eval.thumbnail_jpeg(jpeg)
-
-    def video_file(self, vid: str) -> str:
-        """The file of an indexed video, if it still lies inside the folder once links are resolved."""
-        with self.lock:
-            path = self.index["paths"].get(vid)
-        if path is None:
-            raise HTTPError(404, "no video file with this id")
-        root, real = os.path.realpath(self.source), os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root or not os.path.isfile(real):
-            raise HTTPError(404, "no video file with this id")
-        return real
-
-    def rescan(self) -> dict:
-        """build_index again: new and changed files are extracted and encoded, removed ones dropped."""
-        with self.lock:
-            if self.rescanning:
-                raise HTTPError(409, "a rescan is already running")
-            self.rescanning = True
-            if self.db is not None:  # FrameDB refuses to write while this process holds a reader
-                self.db.close()
-                self.db = None
-        t0, index = time.perf_counter(), None
-        try:
-            index = self._build()
-        except (ValueError, FileNotFoundError) as e:  # e.g. the folder was emptied: keep answering from the old one
-            raise HTTPError(409, f"rescan failed, the previous index is kept: {e}") from None
-        finally:
-            with self.lock:
-                if index is not None:
-                    self.index = index
-                self.rescanning = False
-        return {"videos": len(index["video_ids"]), "extracted": index["extracted"], "encoded": index["encoded"],
-                "skipped": index["skipped"], "seconds": time.perf_counter() - t0}
-
-    def page(self) -> str:
-        with self.lock:
-            index = self.index
-        parts = hmmc_eval.page_head(f"HMMC search over {self.source}", checkpoint=self.checkpoint,
-                                    skipped=index["skipped"], style=_CSS)
-        parts.append(f"<p class=\"meta\">{len(index['video_ids'])} videos indexed. Queries in "
-                     f"<b id=\"language\">{escape(self.language)}</b>: that is the language this model was "
-                     f"trained on.</p>")
-        parts.append(f"<form id=\"search\"><input id=\"q\" name=\"q\" maxlength=\"{MAX_QUERY}\" autofocus "
-                     f"placeholder=\"describe a scene\" aria-label=\"query\"><input id=\"top\" type=\"number\" "
-                     f"min=\"1\" max=\"{MAX_TOP}\" value=\"{int(self.top)}\" aria-label=\"hits\">"
-                     f"<button>Search</button><button type=\"button\" id=\"rescan\">Rescan</button></form>")
-        parts += ["<p id=\"status\" class=\"meta\"></p><ul id=\"warnings\"></ul><div id=\"results\"></div>",
-                  f"<script>{_JS}</script></body></html>"]
-        return "\n".join(parts)
-
-
-# added to the report's CSS (eval._CSS, which outlines the top frames): the form, the warnings, the player
-_CSS = ("form{display:flex;gap:6px;margin:12px 0}#q{flex:1;font-size:16px;padding:4px}#top{width:4em}"
-        "#warnings{color:#b45309}.row{display:flex;gap:10px;align-items:flex-start}.row video{width:200px;"
-        "flex:none;background:#000}.row .strip{flex:1;min-width:0}figure img{cursor:pointer}")
+_CSS = (
+    "body{font-family:sans-serif;margin:16px;max-width:1400px}h1{font-size:1.4em;overflow-wrap:anywhere}"
+    ".meta{color:#555}code{overflow-wrap:anywhere}.skipped li{margin:2px 0}"
+    "form{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin:12px 0}"
+    "#q{flex:1 1 14em;min-width:0;font-size:16px;padding:4px}#top{width:4em;font-size:16px}"
+    "button{font-size:16px}#status.busy{color:#555}#status.busy::before{content:'\\23F3 '}"
+    "#status.error{color:#b00020;font-weight:bold}#status.error::before{content:'\\26A0 '}"
+    "#warnings{color:#b45309}.hit{margin:14px 0}.explain{color:#555;font-size:12px;margin:2px 0 4px}"
+    ".row{display:flex;gap:10px;align-items:flex-start}.row video{width:240px;flex:none;background:#000}"
+    ".strip{display:flex;flex-wrap:wrap;gap:4px;flex:1;min-width:0}"
+    "figure{margin:0;flex:1 1 40px;min-width:40px;max-width:128px;text-align:center;font-size:11px;color:#555}"
+    "figure button{display:block;width:100%;padding:0;border:0;background:none;cursor:pointer}"
+    "figure button:disabled{cursor:default}figure button:focus-visible{outline:3px solid #1a73e8}"
+    "img{display:block;width:100%;height:auto;aspect-ratio:auto;box-sizing:border-box;"
+    "border:3px solid transparent}figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}"
+    # a phone: the player on top at full width, the frames below it
+    "@media (max-width:640px){body{margin:8px}.row{flex-direction:column}.row video{width:100%;max-height:60vh}}")
 
 # Every piece of data goes into the page as text (textContent, append of strings), never as HTML.
 _JS = r"""
@@ -174,62 +75,141 @@ function el(tag, props, ...children) {
   e.append(...children);
   return e;
 }
+function say(text, kind) {  // kind: "", "busy" or "error"
+  const s = $("status");
+  s.textContent = text;
+  s.className = kind || "";
+  s.setAttribute("role", kind === "error" ? "alert" : "status");
+}
 function hitView(hit) {
   const video = hit.video_url && el("video", {controls: true, preload: "metadata",
                                               src: hit.video_url + "#t=" + hit.start});
   const figures = hit.frames.map((f) => {
-    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, title: "frame " + f.position});
-    if (video && f.time !== null) img.onclick = () => { video.currentTime = f.time; video.play(); };
-    return el("figure", {className: f.top ? "top" : ""}, img, el("figcaption", {textContent: f.label}));
+    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, loading: "lazy"});
+    const play = video && f.time !== null;
+    const button = el("button", {type: "button", disabled: !play,
+                                 title: play ? "play from " + f.label : "frame " + f.position}, img);
+    button.setAttribute("aria-label", (play ? "play " + hit.video_id + " from " : "frame ") + f.label);
+    if (play) button.onclick = () => { video.currentTime = f.time; video.play(); };
+    return el("figure", {className: f.top ? "top" : ""}, button, el("figcaption", {textContent: f.label}));
   });
   const title = el("div", {}, el("b", {textContent: hit.rank + ". "}), hit.video_id,
-                   " \u2014 score " + hit.score.toFixed(2));
+                   " \u2014 score " + hit.score.toFixed(2) + (hit.length ? " \u00b7 " + hit.length + " long" : ""));
   const row = el("div", {className: "row"}, ...(video ? [video] : []), el("div", {className: "strip"}, ...figures));
-  const div = el("div", {className: "hit"}, title, row);
+  const div = el("div", {className: "hit"}, title, el("div", {className: "explain", textContent: hit.explain}), row);
   div.dataset.videoId = hit.video_id;
   return div;
 }
-async function search(q) {
-  $("status").textContent = "searching\u2026";
+async function search(q, push) {
+  if (push) history.pushState({q: q}, "", "?" + new URLSearchParams({q: q}));
+  say("searching\u2026", "busy");
+  $("results").setAttribute("aria-busy", "true");
+  $("go").disabled = true;
   $("warnings").replaceChildren();
   let r, data;
   try {
     r = await fetch("/api/search?" + new URLSearchParams({q: q, top: $("top").value}));
     data = await r.json();
   } catch (e) {
-    $("status").textContent = NO_ANSWER + e;
+    say(NO_ANSWER + e, "error");
     return;
+  } finally {
+    $("results").setAttribute("aria-busy", "false");
+    $("go").disabled = false;
   }
-  if (!r.ok) { $("status").textContent = data.error; $("results").replaceChildren(); return; }
-  history.replaceState(null, "", "?" + new URLSearchParams({q: q}));
+  if (!r.ok) { say(data.error, "error"); $("results").replaceChildren(); return; }
   $("warnings").append(...data.warnings.map((w) => el("li", {textContent: w})));
-  $("status").textContent = data.hits.length + " of " + data.videos + " videos, best first (" +
-                            (1000 * data.seconds).toFixed(0) + " ms)";
+  say(data.hits.length + " of " + data.videos + " videos, best first (" + (1000 * data.seconds).toFixed(0) +
+      " ms)");
   $("results").replaceChildren(...data.hits.map(hitView));
 }
-$("search").onsubmit = (e) => { e.preventDefault(); search($("q").value); };
+function fromAddress() {
+  const q = new URLSearchParams(location.search).get("q");
+  $("q").value = q || "";
+  return q;
+}
+$("search").onsubmit = (e) => {
+  e.preventDefault();
+  const q = $("q").value;
+  search(q, q !== new URLSearchParams(location.search).get("q"));  // each new query is a step Back returns from
+};
+window.onpopstate = () => {
+  const q = fromAddress();
+  if (q) search(q, false);
+  else { $("results").replaceChildren(); $("warnings").replaceChildren(); say(""); }
+};
 $("rescan").onclick = async () => {
   $("rescan").disabled = true;
-  $("status").textContent = "rescanning the folder: new and changed videos are extracted and encoded\u2026";
-  let done;
+  say("rescanning the folder: new and changed videos are extracted and encoded\u2026", "busy");
+  const poll = setInterval(async () => {
+    try {
+      const s = await (await fetch("/api/status")).json();
+      if (s.rescan.running) say("rescanning: " + s.rescan.progress + "\u2026", "busy");
+    } catch (e) { /* the rescan's own answer says what happened */ }
+  }, 1000);
+  let done, ok = false;
   try {
     const r = await fetch("/api/rescan", {method: "POST", headers: {"X-Requested-By": "hmmc"}});
     const data = await r.json();
-    done = r.ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length + " extracted, " +
-                  data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error;
+    ok = r.ok;
+    done = ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length + " extracted, " +
+                data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error;
   } catch (e) {
     done = NO_ANSWER + e;
   }
-  sessionStorage.setItem("rescanned", done);
-  location.reload();  // the counts and the skipped files come with the page; the query stays in the URL
+  clearInterval(poll);
+  sessionStorage.setItem("rescanned", JSON.stringify({text: done, ok: ok}));
+  location.reload();  // the counts and the skipped files come with the page; the query stays in the address
 };
-const first = new URLSearchParams(location.search).get("q");
-const rescanned = sessionStorage.getItem("rescanned");
+const first = fromAddress();
+const rescanned = JSON.parse(sessionStorage.getItem("rescanned") || "null");
 sessionStorage.removeItem("rescanned");
-if (first) { $("q").value = first; search(first).then(() => { if (rescanned) $("status").textContent = rescanned; }); }
-else if (rescanned) $("status").textContent = rescanned;
+const tell = () => { if (rescanned) say(rescanned.text, rescanned.ok ? "" : "error"); };
+if (first) search(first, false).then(tell); else tell();
 """
 
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+# the page runs its own script and style and nothing else, loads images, videos and JSON from this server only, and
+# may not be framed by another site
+CSP = (f"default-src 'none'; script-src {_sha256(_JS)}; style-src {_sha256(_CSS)}; img-src 'self'; "
+       f"media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
+                    "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+
+
+def page(info: dict) -> str:
+    """The search page: the folder, the checkpoint, the skipped files (folded away), the count of videos and the
+    language of the queries, the search form; everything from `info` escaped."""
+    title = escape(info["title"])
+    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
+             f"<style>{_CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    if info["checkpoint"]:
+        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>")
+    if info["skipped"]:
+        parts.append(f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
+                     f"</summary><ul>")
+        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items()]
+        parts.append("</ul></details>")
+    parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
+                 f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
+                 f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
+                 f"mean over its top-{info['top_k_frames']} frames; higher is closer, comparable between the videos "
+                 f"of one query.</p>")
+    parts.append(f"<form id=\"search\" role=\"search\"><input id=\"q\" name=\"q\" maxlength=\"{MAX_QUERY}\" "
+                 f"autofocus placeholder=\"describe a scene\" aria-label=\"query\"><label for=\"top\">hits</label>"
+                 f"<input id=\"top\" type=\"number\" min=\"1\" max=\"{MAX_TOP}\" value=\"{int(info['top'])}\">"
+                 f"<button id=\"go\">Search</button><button type=\"button\" id=\"rescan\">Rescan</button></form>")
+    parts += ["<p id=\"status\" class=\"meta\" role=\"status\"></p><ul id=\"warnings\"></ul>"
+              "<div id=\"results\" aria-live=\"polite\"></div>", f"<script>{_JS}</script></body></html>"]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- requests
 
 def _params(query: str, allowed: tuple) -> dict:
     """The query string as {name: value}: unknown, repeated or too many parameters are refused."""
@@ -259,6 +239,10 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     if header is None:
         return None
     m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip(), flags=re.ASCII)
+    unsatisfiable = HTTPError(416, f"the range lies past the end of the file ({size} bytes)",
+                              {"Content-Range": f"bytes */{size}"})
+    if m and max(len(m[1]), len(m[2])) > MAX_DIGITS:
+        raise unsatisfiable  # a position of 19 digits or more is past the end of any file
     if not m or not (m[1] or m[2]) or (m[1] and m[2] and int(m[2]) < int(m[1])):
         raise HTTPError(400, f"malformed Range header {header[:80]!r}; one range of the form bytes=START-END")
     if m[1]:
@@ -268,9 +252,30 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         if int(m[2]) == 0:
             first = size  # nothing to send
     if first >= size:
-        raise HTTPError(416, f"the range starts past the end of the file ({size} bytes)",
-                        {"Content-Range": f"bytes */{size}"})
+        raise unsatisfiable
     return first, last
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """`text` for a log line: control characters (a terminal's escape sequences) written as \\x.. escapes."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _host_name(header: str) -> str:
+    """The name or address of a Host header, without its port and brackets, lower-cased."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [::1]:8000
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -280,13 +285,31 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "hmmc-search"
 
+    def setup(self):
+        self.timeout = self.server.conn_timeout  # a silent connection (idle or half-sent) is dropped after this
+        super().setup()
+
+    def parse_request(self):
+        self.started = time.perf_counter()
+        if not super().parse_request():
+            return False
+        if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+            self.send_error(431, "Request Header Fields Too Large")
+            return False
+        return True
+
     def do_GET(self):
+        # a body on a GET would be read as the next request on this connection
+        if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            self._send_json(400, {"error": "a GET takes no request body"})
+            return
         self._answer("GET")
 
     def do_POST(self):
         # nothing here reads a body, but one left unread would be taken for the next request on this connection
         length = self.headers.get("Content-Length", "0")
-        if not re.fullmatch(r"\d{1,5}", length, flags=re.ASCII):
+        if "Transfer-Encoding" in self.headers or not re.fullmatch(r"\d{1,5}", length, flags=re.ASCII):
             self.close_connection = True
             self._send_json(413 if length.isdigit() else 400, {"error": "no request body is expected here"})
             return
@@ -300,11 +323,16 @@ class Handler(BaseHTTPRequestHandler):
             search = self.server.search
             if url.path == "/" and method == "GET":
                 _params(url.query, ("q",))  # ?q=TEXT: the page runs that query when it opens
-                self._send(200, search.page().encode("utf-8"), "text/html; charset=utf-8")
+                self._send(200, page(search.info()).encode("utf-8"), "text/html; charset=utf-8")
             elif url.path == "/api/search" and method == "GET":
                 p = _params(url.query, ("q", "top"))
                 top = _number(p.get("top", str(search.top)), "top", 1, MAX_TOP)
-                self._send_json(200, search.rank(p.get("q", ""), top))
+                q = p.get("q", "")
+                if not q.strip():
+                    raise HTTPError(400, "empty query: type a few words")
+                if len(q) > MAX_QUERY:
+                    raise HTTPError(400, f"the query is {len(q)} characters long; at most {MAX_QUERY} are read")
+                self._send_json(200, search.rank(q, top))
             elif url.path == "/frame" and method == "GET":
                 p = _params(url.query, ("id", "p"))
                 if "id" not in p or "p" not in p:
@@ -314,12 +342,14 @@ class Handler(BaseHTTPRequestHandler):
             elif url.path.startswith("/video/") and method == "GET":
                 _params(url.query, ())
                 self._send_video(search.video_file(urllib.parse.unquote(url.path[len("/video/"):], errors="strict")))
+            elif url.path == "/api/status" and method == "GET":
+                _params(url.query, ())
+                self._send_json(200, search.status())
             elif url.path == "/api/rescan" and method == "POST":
-                # a header a plain HTML form or a cross-site request cannot send: another web page cannot trigger it
-                if self.headers.get("X-Requested-By") != "hmmc":
-                    raise HTTPError(403, "a rescan needs the header X-Requested-By: hmmc (the page's button sends it)")
+                self._check_rescan_caller()
                 self._send_json(200, search.rescan())
-            elif url.path in ("/", "/api/search", "/frame", "/api/rescan") or url.path.startswith("/video/"):
+            elif url.path in ("/", "/api/search", "/frame", "/api/status", "/api/rescan") \
+                    or url.path.startswith("/video/"):
                 raise HTTPError(405, f"{method} is not allowed here", {"Allow": "POST" if "rescan" in url.path
                                                                        else "GET"})
             else:
@@ -328,29 +358,54 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(e.status, {"error": e.message}, e.headers)
         except UnicodeDecodeError:
             self._send_json(400, {"error": "the address is not valid UTF-8"})
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the browser stopped reading (a video seek does that): nothing to say
-        except Exception as e:  # a bug: one line on the console, a short 500 to the client, the server stays up
-            print(f"serve: {self.command} {self.path[:200]!r} failed: {type(e).__name__}: {e}", file=sys.stderr,
-                  flush=True)
-            self._send_json(500, {"error": f"internal error ({type(e).__name__}); see the server's console"})
+        except ValueError as e:  # the engine's refusals (search.QueryError) carry their status
+            if not hasattr(e, "status"):
+                raise
+            self._send_json(e.status, {"error": str(e)})
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True  # the client went away (a video seek does that): nothing to say
+        except Exception:  # a bug: a traceback on the console, a short 500 to the client, the server stays up
+            print(f"{time.strftime('%H:%M:%S')} {self.client_address[0]} {_printable(self.requestline)} failed:\n"
+                  f"{traceback.format_exc().rstrip()}", file=self.server.log, flush=True)
+            self.close_connection = True
+            try:
+                self._send_json(500, {"error": "internal error; see the server's console"})
+            except OSError:
+                pass
 
     def _check_host(self):
-        # on loopback, a page on another site that re-points its own name at 127.0.0.1 (DNS rebinding) sends its
-        # own name in Host: answer only to the names of this machine
-        if self.server.loopback:
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                raise HTTPError(403, "unexpected Host header; open the page as http://127.0.0.1:PORT")
+        # a page on another site that points its own name at this machine (DNS rebinding) sends its own name in
+        # Host: answer only to an IP address, localhost, this machine's name, and the names given in allowed_hosts
+        host = _host_name(self.headers.get("Host") or "")
+        if not (is_ip(host) or host in self.server.allowed_hosts):
+            raise HTTPError(403, "unexpected Host header; open the page by this machine's address or name "
+                                 "(or add the name to --allowed_hosts)")
+
+    def _check_rescan_caller(self):
+        # a header a plain HTML form or a cross-site request cannot send, and the page's own origin when the browser
+        # names one: another web page cannot start a rescan
+        if self.headers.get("X-Requested-By") != "hmmc":
+            raise HTTPError(403, "a rescan needs the header X-Requested-By: hmmc (the page's button sends it)")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{(self.headers.get('Host') or '').strip()}":
+            raise HTTPError(403, f"a rescan from another origin ({_printable(origin, 80)}) is refused")
+
+    def _headers(self, headers: dict):
+        for k, v in {**SECURITY_HEADERS, **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
 
     def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
+        if self.close_connection:  # tell the client not to send more on this connection
+            self.send_header("Connection", "close")
+        self._headers(headers)
         self.wfile.write(body)
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None):
@@ -373,7 +428,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(last - first + 1))
             if span:
                 self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-            self.end_headers()
+            self._headers({})
             f.seek(first)
             left = last - first + 1
             while left > 0:
@@ -385,32 +440,74 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(chunk)
 
     def send_error(self, code, message=None, explain=None):
-        # what http.server itself refuses (a garbled request line, an unknown method): short text, no HTML page
+        # what http.server itself refuses (a garbled request line, an unknown method, a timeout): short text
         self.close_connection = True
         body = f"{code} {message or self.responses.get(code, ('',))[0]}\n".encode("utf-8", "replace")
         self.send_response(code, message)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
-        self.end_headers()
+        self._headers({})
         if self.command != "HEAD" and code >= 200 and code not in (204, 304):
             self.wfile.write(body)
 
     def log_request(self, code="-", size="-"):
-        if isinstance(code, int) and code >= 400:  # successes stay off the console
-            self.log_message("%s -> %d", self.requestline[:120], code)
+        # one line per answer: who, what, the status and how long it took
+        ms = 1000 * (time.perf_counter() - getattr(self, "started", time.perf_counter()))
+        self.log_message("%s %s %.1f ms", self.requestline, code, ms)
 
     def log_message(self, format, *args):
-        print(f"serve: {format % args}", file=sys.stderr, flush=True)
+        # the request line comes from the client: its escape bytes must not reach a terminal as they are
+        print(f"{time.strftime('%H:%M:%S')} {self.client_address[0]} {_printable(format % args, 1000)}",
+              file=self.server.log, flush=True)
 
 
-class Server(ThreadingHTTPServer):  # one thread per connection, daemon threads: Ctrl-C does not wait for them
-    def __init__(self, address, loopback: bool):
+class Server(ThreadingHTTPServer):
+    """One daemon thread per connection (Ctrl-C does not wait for them), at most max_connections at once: a
+    connection beyond that gets a 503 at once; each is dropped after conn_timeout seconds of silence."""
+    request_queue_size = 128  # the standard library's 5 turned bursts of connections away into client retries
+    daemon_threads = True
+
+    def __init__(self, address, *, allowed_hosts=(), conn_timeout: float = 60.0, max_connections: int = 64,
+                 log=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        self.loopback = loopback
+        self.conn_timeout = float(conn_timeout)
+        self.slots = threading.BoundedSemaphore(int(max_connections))
+        self.allowed_hosts = {"localhost", socket.gethostname().lower(), *(h.lower() for h in allowed_hosts)}
+        self.log = log or sys.stderr
         self.search = None
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self._turn_away(request)
+            return
+        threading.Thread(target=self._serve_then_free, args=(request, client_address), daemon=True).start()
+
+    def _serve_then_free(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _turn_away(self, request):
+        body = b'{"error": "the server is busy with other connections; try again in a moment"}'
+        head = "".join(f"{k}: {v}\r\n" for k, v in {**SECURITY_HEADERS, "Retry-After": "1"}.items())
+        try:
+            request.settimeout(1)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            + f"Content-Length: {len(body)}\r\nConnection: close\r\n{head}\r\n".encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return  # a client that went away or fell silent: its business
+        print(f"{time.strftime('%H:%M:%S')} {client_address[0]} connection failed:\n{traceback.format_exc()}",
+              file=self.log, flush=True)
 
 
 def is_loopback(host: str) -> bool:
@@ -420,23 +517,14 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: str = "127.0.0.1", port: int = 8000,
-                top: int = 5, checkpoint: str = "") -> Server:
-    """A search server over `source`, listening on host:port (port 0: any free one; see server.server_address) but
-    not yet serving: call serve_forever(), in a thread for tests. The port is taken first, then the index built,
-    so a busy port fails before minutes of indexing."""
+def listen(host: str = "127.0.0.1", port: int = 8000, **server_args) -> Server:
+    """A Server bound to host:port (port 0: any free one), with no engine yet: set server.search, then
+    serve_forever()."""
     try:
-        server = Server((host, int(port)), loopback=is_loopback(host))
+        return Server((host, int(port)), **server_args)
     except OSError as e:
         raise ValueError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e}); "
                          f"pick another --port") from None
-    try:
-        server.search = Search(net, source, index_args=index_args, rank_args=rank_args, top=top,
-                               checkpoint=checkpoint)
-    except BaseException:
-        server.server_close()
-        raise
-    return server
 
 
 def url_of(server: Server) -> str:
@@ -444,16 +532,16 @@ def url_of(server: Server) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(net, source: str, *, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
-    """eval.py --serve: build the index, print the address, answer until Ctrl-C."""
-    server = make_server(net, source, host=host, port=port, **kw)
-    if not server.loopback:
-        print(f"warning: --host={host} is not a loopback address: other machines that can reach this one can open "
-              f"the search page and play every video in {source}", flush=True)
+def run(server: Server, source: str) -> None:
+    """search.py --serve: print the address, answer until Ctrl-C."""
+    if not is_loopback(server.server_address[0]):
+        print(f"warning: --host={server.server_address[0]} is not a loopback address: other machines that can reach "
+              f"this one can open the search page and play every video in {source}", flush=True)
     print(f"search page: {url_of(server)} (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", flush=True)
     finally:
+        server.search.close()
         server.server_close()

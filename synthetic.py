@@ -202,6 +202,10 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     val 2*val_single + 8*val_double (88)."""
     if num_frames % 2:
         raise ValueError(f"num_frames must be even (two-event videos split the clip in halves), got {num_frames}")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "frames.lmdb")):
+        # the folder is replaced at the end: only an earlier dataset may be, never a folder of someone's files
+        raise ValueError(f"{out_dir} holds files but no frames.lmdb, so it is no dataset this command wrote; it is "
+                         f"left as it is: choose another --out")
     rng = np.random.default_rng(seed)
     splits = {
         "test": _syn_confusion_groups(rng, test_single, test_double),

@@ -270,12 +270,18 @@ class CLIP(TextTransformer):
         return logits_per_image, logits_per_image.T
 
 
+# where OpenAI's `clip` package downloads ViT-B/32 from (the hex part is the file's SHA-256)
+VIT_B_32_URL = ("https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+
+
 def load_clip_state_dict(path: str) -> dict:
     """Read an OpenAI CLIP checkpoint into a plain fp32 state dict: the TorchScript archive as OpenAI distributes it
     (ViT-B-32.pt), a file written by torch.save(state_dict), or a dict holding one under "state_dict"."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no CLIP checkpoint at {path}; download e.g. ViT-B-32.pt from OpenAI's CLIP release")
+        raise FileNotFoundError(f"no CLIP checkpoint at {path}; download OpenAI's ViT-B/32 weights from "
+                                f"{VIT_B_32_URL}")
     try:
         if _clip_is_torchscript(path):
             sd = _read_torchscript_tensors(path)

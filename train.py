@@ -10,10 +10,11 @@ $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOS
 $ python train.py --init_from=resume --out_dir=out-synthetic      # continue where a run stopped, exactly
 
 Writes out_dir/ckpt.pt (latest, with its sha256 in ckpt.pt.sha256; the one before is ckpt.prev.pt), best.pt (best
-val R@1), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end); with
+val R@1, the weights only), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end); with
 keep_epoch_checkpoints also ckpt_epoch{N}.pt at the end of the N-th epoch. The same command
 run again continues its run from the last checkpoint (torchrun --max-restarts, requeued jobs) and refuses a folder
-that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75.
+that holds another run's; SIGTERM saves a checkpoint after the current step and exits with status 75, Ctrl-C
+does the same with status 130 (a second Ctrl-C stops at once).
 `python train.py --help` lists every setting with its default.
 """
 
@@ -25,7 +26,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -56,7 +56,7 @@ eval_only = False  # evaluate the initial weights on the test split and exit
 keep_epoch_checkpoints = False  # also keep out_dir/ckpt_epoch{N}.pt after the N-th epoch, as the original did
 seed = 1337  # seeds the model init, data order, frame sampling and augmentation
 # data (data_dir = data/<dataset> unless set)
-dataset = "synthetic"  # the prepared folder data/<dataset> (synthetic is made on first use)
+dataset = "synthetic"  # the prepared folder data/<dataset> (a built-in set is made on first use, where nothing is)
 data_dir = None  # another folder than data/<dataset>
 train_split = "train"  # <split>.jsonl to train on
 val_split = "val"  # best checkpoint by val R@1; the test split is used when this one does not exist
@@ -194,6 +194,7 @@ def set_rng_state(state: dict):
 # the run folder: checkpoints that can be verified, resume with the run's own settings, preemption
 
 PREEMPTED = 75  # exit status after SIGTERM and a checkpoint (EX_TEMPFAIL: rerun the same command to continue)
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT, as a shell reports it), checkpoint saved or not
 # settings a resumed run may change: they decide reporting and resources, not the trajectory (max_iters only stops
 # early; the schedule comes from epochs)
 RESUME_OVERRIDABLE = ("max_iters", "eval_interval", "log_interval", "num_workers", "eval_batch_size", "device",
@@ -203,11 +204,26 @@ NOT_THE_RUN = ("out_dir", "auto_resume", "overwrite", "eval_only", "clip_path", 
 RUN_FILES = ("ckpt.pt", "ckpt.pt.sha256", "ckpt.prev.pt", "ckpt.prev.pt.sha256", "best.pt", "best.pt.sha256",
              "log.jsonl", "results.json")
 _sigterm = False  # set by the handler only: the loop acts on it at the end of a step, on every rank at once
+_sigint = False  # the same for Ctrl-C, during the training loop
+_loop_pid = None  # the training process: its data loader workers inherit the handler, and leave Ctrl-C to it
 
 
 def _on_sigterm(signum, frame):
     global _sigterm
     _sigterm = True  # nothing else here: a second SIGTERM during the save must not interrupt it
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: the first one asks for a checkpoint after the current step, a second one stops at once (a save it
+    interrupts leaves the previous checkpoint: files are written to .tmp and renamed)."""
+    global _sigint
+    if os.getpid() != _loop_pid:  # a data loader worker: a terminal sends Ctrl-C to every process of the job
+        return
+    if _sigint:
+        raise KeyboardInterrupt
+    _sigint = True
+    if int(os.environ.get("RANK", 0)) == 0:  # straight to stderr's fd: the signal may come in the middle of a print
+        os.write(2, b"\nCtrl-C: saving a checkpoint after this step; Ctrl-C again stops at once\n")
 
 
 def sha256_file(path: str) -> str:
@@ -233,13 +249,6 @@ def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
     os.replace(path + ".tmp", path)
 
 
-def copy_checkpoint(src: str, dst: str):
-    for suffix in ("", ".sha256"):
-        shutil.copyfile(src + suffix, dst + suffix + ".tmp")
-    os.replace(dst + ".sha256.tmp", dst + ".sha256")
-    os.replace(dst + ".tmp", dst)
-
-
 def checkpoint_problem(path: str) -> str | None:
     """Why the checkpoint at path cannot be resumed from, or None. The file is hashed and opened (memory-mapped, so
     the tensors are not read); one without a .sha256 (an older train.py's) is trusted when it opens."""
@@ -251,6 +260,8 @@ def checkpoint_problem(path: str) -> str | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         return f"it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    if isinstance(ckpt, dict) and "optimizer" not in ckpt and {"config", "iter_num", "model"} <= ckpt.keys():
+        return "it holds the weights only (as best.pt does: for evaluation and fine-tuning, not for resuming)"
     if not isinstance(ckpt, dict) or not {"config", "iter_num", "model", "optimizer"} <= ckpt.keys():
         return "it is not a train.py checkpoint (no config, iter_num, model or optimizer)"
     return None
@@ -327,14 +338,15 @@ def start_or_resume(config: dict, given: set) -> tuple[dict, str | None]:
                          + ", ".join(f"{k} ({saved.get(k, _DEFAULTS[k])!r} -> {config[k]!r})" for k in changed)
                          + f"; drop them, or start a new run with another --out_dir (a resumed run may change "
                          f"only {', '.join(RESUME_OVERRIDABLE)})")
+    # what a refused command can do instead: --init_from=resume with the changed settings would be refused too
+    instead = (f"start this run with another --out_dir, or with --overwrite=True (deletes that run's files); continue "
+               f"that run with python train.py --init_from=resume --out_dir={folder}")
     if changed:
-        raise SystemExit(f"{folder} holds the checkpoint of another run (differs in: {', '.join(changed)}); continue "
-                         f"it with --init_from=resume, choose another --out_dir, or pass --overwrite=True to "
-                         f"replace it")
+        raise SystemExit(f"{folder} holds the checkpoint of another run (differs in: "
+                         + ", ".join(f"{k} ({saved.get(k, _DEFAULTS[k])!r} -> {config[k]!r})" for k in changed)
+                         + f"); {instead}")
     if not forced and not config["auto_resume"]:
-        raise SystemExit(f"{folder} holds a checkpoint of this run (iter {iter_num}) and auto_resume=False; continue "
-                         f"it with --init_from=resume, choose another --out_dir, or pass --overwrite=True to "
-                         f"replace it")
+        raise SystemExit(f"{folder} holds a checkpoint of this run (iter {iter_num}) and auto_resume=False; {instead}")
     run = {**_DEFAULTS, **{k: v for k, v in saved.items() if k in _DEFAULTS}, **{k: config[k] for k in NOT_THE_RUN}}
     if "eval_context_length" not in saved:  # a run from before the setting: it evaluated at its training length
         run["eval_context_length"] = run["context_length"]
@@ -359,26 +371,38 @@ def trim_log(path: str, iter_num: int):
 
 def fault_injection(rank: int, iter_num: int):
     """For tests/test_train.py only: HMMC_TEST_SIGNAL="rank:iter:SIGNAL:marker" makes that rank send itself the
-    signal (KILL, TERM) at the start of optimizer step `iter` when the marker file is absent, creating it first, so
-    that a restarted run goes through."""
-    spec = os.environ.get("HMMC_TEST_SIGNAL")
-    if not spec:
-        return
-    r, it, name, marker = spec.split(":", 3)
-    if int(r) == rank and int(it) == iter_num and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), getattr(signal, "SIG" + name))
+    signal (KILL, TERM, INT) at the start of optimizer step `iter` when the marker file is absent, creating it first,
+    so that a restarted run goes through. SIGNAL@group sends it to the process group, as a terminal sends Ctrl-C to
+    every process of its job (data loader workers too); several specs are separated by ";"."""
+    for spec in filter(None, os.environ.get("HMMC_TEST_SIGNAL", "").split(";")):
+        r, it, name, marker = spec.split(":", 3)
+        if int(r) == rank and int(it) == iter_num and not os.path.exists(marker):
+            open(marker, "w").close()
+            name, _, to = name.partition("@")
+            sig = getattr(signal, "SIG" + name)
+            os.killpg(os.getpgid(0), sig) if to == "group" else os.kill(os.getpid(), sig)
 
 
 def check_data(data_dir: str, splits: list, dataset_name: str):
+    """Stop, naming what is missing and the command that makes it, where data_dir is not a prepared dataset."""
     missing = [p for p in ["frames.lmdb"] + [f"{s}.jsonl" for s in splits]
                if not os.path.exists(os.path.join(data_dir, p))]
-    if missing:
-        how = {"synthetic": "python prepare.py synthetic --out={d}"}.get(
-            dataset_name, "python prepare.py frames --videos=VIDEO_DIR --out={d}/frames.lmdb for the frames and "
-                          "python prepare.py " + dataset_name + " ... --out={d} for the annotations")
-        raise FileNotFoundError(f"dataset {dataset_name!r} is not prepared: {', '.join(missing)} missing in "
-                                f"{data_dir}; run {how.format(d=data_dir)}")
+    if not missing:
+        return
+    own = os.path.normpath(data_dir) == os.path.join("data", dataset_name)
+    generic = (f"python prepare.py frames --videos=VIDEO_DIR --out={data_dir}/frames.lmdb makes the frames and "
+               f"python prepare.py <msrvtt|vatex|chvtt> ... --out={data_dir} the splits")
+    if dataset_name not in synthetic.BUILT_IN:
+        how = generic.replace("<msrvtt|vatex|chvtt>", dataset_name)
+    elif own and "frames.lmdb" not in missing:  # a built-in set that lost a split: write it again
+        args = "".join(f" --{k}={v}" for k, v in synthetic.BUILT_IN[dataset_name].items())
+        how = f"python prepare.py synthetic --out={data_dir}{args} writes it anew"
+    elif own:
+        how = f"{data_dir} holds files of another dataset; move them away and train.py writes the built-in set there"
+    else:  # the user's own folder: train.py writes a built-in set only where nothing is
+        how = f"{generic}; or leave --data_dir out to train on the built-in set in data/{dataset_name}"
+    raise FileNotFoundError(f"dataset {dataset_name!r} is not prepared: {', '.join(missing)} missing in "
+                            f"{data_dir}; {how}")
 
 
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int, run_device: str):
@@ -435,12 +459,14 @@ def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str, ru
 
 
 def load_data(config: dict, master: bool, ddp: bool):
-    """(training set, tokenizer, (eval data dir, eval split, eval caption field)). The built-in synthetic dataset
-    is made on demand, every other one by prepare.py."""
+    """(training set, tokenizer, (eval data dir, eval split, eval caption field)). A built-in synthetic set is made
+    on demand, only into a folder that does not exist or is empty (never over anyone's files); every other dataset
+    by prepare.py."""
     ddir = data_dir or os.path.join("data", dataset)
     edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
     for name, folder in ((dataset, ddir), (eval_dataset, edir)):
-        if name in synthetic.BUILT_IN and not os.path.exists(os.path.join(folder, "frames.lmdb")):
+        if name in synthetic.BUILT_IN and not os.path.exists(os.path.join(folder, "frames.lmdb")) and \
+                not (os.path.isdir(folder) and os.listdir(folder)):  # never into a folder that holds anything
             if master:
                 synthetic.prepare_synthetic(folder, **synthetic.BUILT_IN[name])
             if ddp:
@@ -555,10 +581,40 @@ def build_model(tokenizer, resume_path: str | None):
 def checkpoint_state(raw_model, optimizer, scaler, config: dict, iter_num: int, epoch: int, step_in_epoch: int,
                      best_r1: float) -> dict:
     """Everything a resumed run needs to continue exactly; plain types and tensors only (weights_only=True)."""
-    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+    return {"model": raw_model.state_dict(), "optimizer": pack_zero_rows(optimizer.state_dict()),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": raw_model.cfg.to_dict(),
             "config": config, "iter_num": iter_num, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "best_r1": best_r1, "rng": rng_state()}
+
+
+def pack_zero_rows(optimizer_state: dict) -> dict:
+    """The optimizer's state dict with every matrix that is zero in most of its rows stored as its other rows and
+    their indices. AdamW's moments of a token embedding stay exactly zero in the row of every token the data never
+    holds: 49,390 of CLIP's 49,408 on the synthetic captions, 25 of the 44 MB a checkpoint took. unpack_zero_rows
+    restores it bit for bit."""
+    state = {}
+    for i, tensors in optimizer_state["state"].items():
+        state[i] = dict(tensors)
+        for k, t in tensors.items():
+            if torch.is_tensor(t) and t.dim() >= 2 and t.numel():
+                # a row is kept when any of its bytes is nonzero (-0.0 too), so the round trip is exact
+                kept = t.contiguous().view(torch.uint8).reshape(len(t), -1).any(dim=1).nonzero().flatten()
+                if 2 * len(kept) <= len(t):
+                    state[i][k] = {"packed_rows": kept.cpu(), "values": t[kept], "shape": list(t.shape)}
+    return {**optimizer_state, "state": state}
+
+
+def unpack_zero_rows(optimizer_state: dict) -> dict:
+    """pack_zero_rows undone; a state dict with nothing packed (an older checkpoint's) is returned as it is."""
+    state = {}
+    for i, tensors in optimizer_state["state"].items():
+        state[i] = dict(tensors)
+        for k, t in tensors.items():
+            if isinstance(t, dict) and "packed_rows" in t:
+                full = torch.zeros(t["shape"], dtype=t["values"].dtype, device=t["values"].device)
+                full[t["packed_rows"].to(full.device)] = t["values"]
+                state[i][k] = full
+    return {**optimizer_state, "state": state}
 
 
 def results_iter(folder: str) -> int | None:
@@ -612,18 +668,26 @@ def main(argv=None):
     globals().update(config)  # the settings are plain names from here on, nanoGPT style
     ddp, rank, world_size, run_device = init_compute(device)
     set_cpu_threads(run_device)
-    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         train(config, ddp, rank, world_size, run_device, resume_path)
+    except KeyboardInterrupt:  # a second Ctrl-C in the loop, or one outside it: one line instead of a traceback
+        last = os.path.join(out_dir, "ckpt.pt")
+        print0("Ctrl-C: stopped at once; " + (f"the same command continues from {last}, the last checkpoint"
+                                               if os.path.exists(last) else "no checkpoint was written"))
+        raise SystemExit(INTERRUPTED)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         cleanup_compute()
 
 
 def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, resume_path: str | None):
     """Setup, the training loop, the final test."""
-    global _sigterm
-    _sigterm = False
+    global _sigterm, _sigint, _loop_pid
+    _sigterm = _sigint = False
+    _loop_pid = os.getpid()
     master = rank == 0
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     check_config(config, world_size)
@@ -672,13 +736,18 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     base_lrs = [g["base_lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(unpack_zero_rows(ckpt["optimizer"]))
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     ckpt = None  # free the memory
     if resume and not eval_only and iter_num >= stop_iter and results_iter(out_dir) == iter_num:
         print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {out_dir}/results.json); nothing to do")
+        with open(os.path.join(out_dir, "results.json")) as f:
+            results = json.load(f)
+        for r in (results, results.get("best_on_test")):
+            if r:
+                print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
         return
 
     if ddp:
@@ -717,6 +786,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
     bad_seen = set()  # videos reported unreadable (once each)
     epochs_done = epoch + (step_in_epoch == steps_per_epoch)  # ckpt_epoch{N}.pt is written when this grows
     model.train()
+    previous_sigint = signal.signal(signal.SIGINT, _on_sigint)  # in the loop only: elsewhere there is no step to save
     while iter_num < stop_iter:
         fault_injection(rank, iter_num)
         lr_factor = get_lr(iter_num, t_total, warmup_proportion)
@@ -748,15 +818,16 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
         raw_model.momentum_update()  # once per optimizer step (the original: every micro-step)
 
         # the step's only host sync, after all of its work is queued: the loss and its parts of every micro-step,
-        # this rank's share of replaced (unreadable) videos and its SIGTERM flag, averaged over ranks so that every
-        # rank sees the same values and all stop at the same step (on NaN, SIGTERM or too many bad videos;
+        # this rank's share of replaced (unreadable) videos and its SIGTERM and Ctrl-C flags, averaged over ranks so
+        # that every rank sees the same values and all stop at the same step (on NaN, a signal or too many bad videos;
         # pre-training losses are per-rank). A NaN step has already been applied, but nothing is saved after it.
-        flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size), float(_sigterm)])
+        flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size), float(_sigterm),
+                              float(_sigint)])
         stats = torch.cat([torch.stack(step_stats).mean(dim=0), flags.to(run_device, non_blocking=True)])
         if ddp:
             dist.all_reduce(stats)
             stats /= world_size
-        step_loss, *part_values, bad_share, stop = stats.tolist()
+        step_loss, *part_values, bad_share, term, interrupt = stats.tolist()
         if not math.isfinite(step_loss):
             good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise SystemExit(f"loss is {step_loss} at iter {iter_num} (epoch {epoch}, step {step_in_epoch}); "
@@ -806,8 +877,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
             best_r1 = state["best_r1"] = max(best_r1, r1)
             if master:
                 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state, keep_previous)
-                if improved:
-                    copy_checkpoint(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt"))
+                if improved:  # the weights only: best.pt is for evaluation and fine-tuning, ckpt.pt for resuming
+                    save_checkpoint(os.path.join(out_dir, "best.pt"), {k: v for k, v in state.items() if k not in (
+                        "optimizer", "scaler", "rng")}, keep_previous=False)
                 print0(f"saved checkpoint to {out_dir}/ckpt.pt (iter {iter_num}, {eval_split} R@1 {r1:.1f}"
                        f"{', new best' if improved else ''})")
             last_good, keep_previous, saved = os.path.join(out_dir, "ckpt.pt"), True, True
@@ -820,13 +892,18 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, run_device: str, 
                     raw_model, optimizer, scaler, config, iter_num, epoch, step_in_epoch, best_r1), keep_previous=False)
                 print0(f"saved {out_dir}/ckpt_epoch{epochs_done}.pt (end of epoch {epochs_done}, iter {iter_num})")
 
-        if stop:  # SIGTERM (preemption): this step is done on every rank; save it and leave
+        if term or interrupt:  # SIGTERM (preemption) or Ctrl-C: this step is done on every rank; save it and leave
             if master and not saved:
                 save_checkpoint(os.path.join(out_dir, "ckpt.pt"), checkpoint_state(
                     raw_model, optimizer, scaler, config, iter_num, epoch, step_in_epoch, best_r1), keep_previous)
-            print0(f"SIGTERM: saved {out_dir}/ckpt.pt at iter {iter_num} and stopped (exit status {PREEMPTED}); the "
-                   f"same command continues the run")
-            raise SystemExit(PREEMPTED)
+            # the same command resumes unless it starts its run anew (overwrite) or refuses to resume
+            same = resume_path is not None or (config["auto_resume"] and not config["overwrite"])
+            how = "the same command continues the run" if same else \
+                f"python train.py --init_from=resume --out_dir={out_dir} continues the run"
+            code, name = (PREEMPTED, "SIGTERM") if term else (INTERRUPTED, "Ctrl-C")
+            print0(f"{name}: saved {out_dir}/ckpt.pt at iter {iter_num} and stopped (exit status {code}); {how}")
+            raise SystemExit(code)
+    signal.signal(signal.SIGINT, previous_sigint)
 
     if ddp:
         dist.barrier()  # best.pt is complete before any rank reads it

@@ -4,7 +4,6 @@ import io
 import json
 import math
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -454,170 +453,6 @@ def test_cli_mismatched_checkpoint(trained, tmp_path):
         hmmc_model.load_model(str(tmp_path / "nope.pt"))
 
 
-# ----------------------------------------------------------------------------- search and the HTML report
-
-def _hits(text):
-    """The `rank video_id score` lines of search output (other lines may come first)."""
-    out = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0].isdigit():
-            try:
-                out.append((int(parts[0]), parts[1], float(parts[2])))
-            except ValueError:
-                pass
-    return out
-
-
-def test_search_prepared_dataset_finds_own_video(trained, tmp_path, capsys):
-    path, data_dir, _ = trained
-    index_dir = str(tmp_path / "index")
-    queries = tmp_path / "queries.txt"
-    queries.write_text("\n".join(f"a {c} screen" for c in COLOURS) + "\n")
-    base = [f"--init_from={path}", f"--search={data_dir}", f"--index_dir={index_dir}", "--num_workers=0",
-            "--device=cpu"]
-    results, text = _run_main(base + [f"--queries_file={queries}", "--top=3"], capsys)
-    assert "indexed 8 videos" in text
-    firsts = [hits[0]["video_id"] for hits in results]
-    correct = sum(f == f"vid_{c}" for f, c in zip(firsts, COLOURS))
-    assert correct >= 6, firsts  # most captions find their own video first
-    assert len(_hits(text)) == 3 * len(COLOURS)
-    # one query: exactly `top` hit lines, best first; the second search reuses the cached index
-    _, text = _run_main(base + ["--query=a red screen", "--top=5"], capsys)
-    hits = _hits(text)
-    assert [h[0] for h in hits] == [1, 2, 3, 4, 5]
-    assert [h[2] for h in hits] == sorted((h[2] for h in hits), reverse=True)
-    assert "loaded the index" in text and "encoding" not in text
-
-
-def _write_mp4(path, frames, fps=8):
-    h, w, _ = frames[0].shape
-    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r",
-           str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
-    subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), check=True, capture_output=True, timeout=120)
-
-
-class _ReportParser:
-    """Collects, per query section, the video ids of the hits, their images, the highlighted frames and the frame
-    captions; the text of the skipped-files list items; the checkpoint line."""
-
-    def __init__(self, text):
-        from html.parser import HTMLParser
-        self.sections, self.errors, self.skipped, self.checkpoint = [], [], [], None
-        parser = HTMLParser()
-        stack = []
-        void = {"img", "meta", "br", "hr", "link", "input"}
-
-        def data(text):
-            if "figcaption" in stack:
-                self.sections[-1][-1]["captions"].append(text)
-            elif "li" in stack:
-                self.skipped[-1] += text
-            elif stack[-1:] == ["code"] and "p" in stack and self.checkpoint is None:
-                self.checkpoint = text
-
-        def start(tag, attrs):
-            a = dict(attrs)
-            if tag not in void:
-                stack.append(tag)
-            if tag == "section":
-                self.sections.append([])
-            elif tag == "div" and "data-video-id" in a:
-                self.sections[-1].append({"video_id": a["data-video-id"], "images": 0, "top": 0, "captions": []})
-            elif tag == "li":
-                self.skipped.append("")
-            elif tag == "figure" and a.get("class") == "top":
-                self.sections[-1][-1]["top"] += 1
-            elif tag == "img":
-                assert a["src"].startswith("data:image/jpeg;base64,")  # self-contained: no external files
-                self.sections[-1][-1]["images"] += 1
-
-        def end(tag):
-            if not stack or stack[-1] != tag:
-                self.errors.append(f"unbalanced </{tag}> (open: {stack[-3:]})")
-            else:
-                stack.pop()
-
-        parser.handle_starttag, parser.handle_endtag, parser.handle_data = start, end, data
-        parser.feed(text)
-        parser.close()
-        if stack:
-            self.errors.append(f"unclosed tags {stack}")
-
-
-FOLDER_COLOURS = ("red", "green", "blue", "yellow")
-
-
-@pytest.mark.needs("ffmpeg", "ffprobe")
-def test_search_video_folder_with_broken_files_and_html(trained, tmp_path, capsys):
-    path, _, _ = trained
-    videos = tmp_path / "my videos"
-    videos.mkdir()
-    for i, c in enumerate(FOLDER_COLOURS):  # a few real mp4s: ffmpeg is slow on a shared CI machine
-        _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=10 + i))
-    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
-    good = (videos / "clip_red.mp4").read_bytes()
-    (videos / "truncated.mp4").write_bytes(good[:len(good) // 3])
-    (videos / "notes.txt").write_text("not a video")
-    report = str(tmp_path / "report.html")
-    base = [f"--init_from={path}", f"--search={videos}", "--num_workers=0", "--device=cpu", "--frames_per_video=6",
-            "--extract_workers=2"]
-    results, text = _run_main(base + ["--query=a blue screen", "--top=3", f"--html={report}"], capsys)
-    assert "skipped" in text and "broken" in text  # broken files are listed, not fatal
-    hits = _hits(text)
-    assert len(hits) == 3 and hits[0][1] == "clip_blue"
-    assert all(h[1] not in ("broken", "notes") for h in hits)
-    assert os.path.isdir(videos / ".hmmc_index")  # the cache lives with the videos
-
-    page = _ReportParser(open(report, encoding="utf-8").read())
-    assert not page.errors, page.errors
-    assert len(page.sections) == 1
-    assert [h["video_id"] for h in page.sections[0]] == [h[1] for h in hits]
-    for h in page.sections[0]:
-        assert h["images"] == T and h["top"] == 2  # the strip of encoded frames, top-2 (checkpoint) highlighted
-        # each frame's time: stored frame p of 6 is the centre of segment p of the 1.5 s video (12 frames at 8 fps)
-        times = [60 * int(c.split(":")[0]) + float(c.split(":")[1].split()[0]) for c in h["captions"]]
-        want = [(p + 0.5) * 1.5 / 6 for p in prepare.sample_frame_indices(6, T)]
-        assert times == pytest.approx(want, abs=0.051), h["captions"]
-    assert page.checkpoint == path
-    skipped = dict(item.split(": ", 1) for item in page.skipped)  # the broken files and why
-    assert "broken" in skipped and "Invalid data" in skipped["broken"] and "notes" not in skipped
-
-    # a second query does not extract or encode again
-    _, text = _run_main(base + ["--query=a green screen", "--top=2"], capsys)
-    assert "loaded the index" in text and "extracting" not in text
-    assert _hits(text)[0][1] == "clip_green"
-
-
-def test_search_bad_input(trained, tmp_path, capsys):
-    path, data_dir, _ = trained
-    base = [f"--init_from={path}", "--num_workers=0", "--device=cpu"]
-    with pytest.raises(FileNotFoundError, match="no such folder"):
-        ev.main(base + [f"--search={tmp_path / 'missing'}", "--query=red"])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ValueError, match="nothing to index"):
-        ev.main(base + [f"--search={empty}", "--query=red"])
-    with pytest.raises(ValueError, match="tokenizes to nothing"):
-        ev.main(base + [f"--search={data_dir}", "--query=   ", f"--index_dir={tmp_path / 'i'}"])
-    assert not os.path.exists(tmp_path / "i")  # refused before any work
-    for bad in ("", " \n "):
-        with pytest.raises(ValueError, match="tokenizes to nothing"):
-            ev._check_query(bad, _tok())
-    # Chinese (WordPiece): a query made only of characters the vocabulary lacks is all [UNK], i.e. nothing
-    vocab = os.path.join(os.path.dirname(__file__), "golden", "tok_bert_vocab.txt")
-    if os.path.exists(vocab):
-        bert = prepare.BertTokenizer(vocab)
-        with pytest.raises(ValueError, match="tokenizes to nothing"):
-            ev._check_query("☃☃ ☃", bert)
-        ev._check_query("红色", bert)  # partly known is fine
-    net = hmmc_model.load_model(path)[0].eval()
-    index = {"video_ids": [], "video_emb": torch.zeros(0, 32), "frame_emb": torch.zeros(0, T, 32)}
-    with pytest.raises(ValueError, match="empty"):
-        ev.search_index(net, index, ["a red screen"], tokenizer=_tok(), context_length=16,
-                        top_k_frames=2, frame_match_weight=1.0)
-
-
 def _rank_main(rank, world, init_file, path, data_dir, queue):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -681,182 +516,10 @@ def test_zero_shot_clip_baseline(tmp_path, capsys):
     torch.testing.assert_close(net.video.visual.conv1.weight, clip.visual.conv1.weight)
 
 
-# ----------------------------------------------------------------------------- search: a changing folder of videos
-
-def _index(net, videos, **kw):
-    return ev.build_index(net, str(videos), cache_dir=str(videos / ".hmmc_index"), model_key="tiny", num_frames=T,
-                          image_size=S, frames_per_video=6, extract_workers=2, **kw)
-
-
-def _rows(index):
-    return {v: (index["video_emb"][i], index["frame_emb"][i]) for i, v in enumerate(index["video_ids"])}
-
-
-@pytest.mark.needs("ffmpeg", "ffprobe")
-def test_search_index_follows_changed_files(trained, tmp_path, capsys):
-    path, _, _ = trained
-    net = hmmc_model.load_model(path)[0].eval()
-    videos = tmp_path / "videos"
-    (videos / "sub").mkdir(parents=True)
-    for i, c in enumerate(("red", "green", "blue")):
-        _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=20 + i))
-    _write_mp4(str(videos / "sub" / "clip_green.MP4"), _frames("purple", n=12, size=48, seed=23))  # same stem
-    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
-    (videos / "broken2.mp4").write_bytes(b"not a video either")
-    first = _index(net, videos)
-    ids = ["clip_blue", "clip_green", "clip_red", "sub/clip_green"]  # a subfolder's file keeps its own id
-    assert first["video_ids"] == ids and sorted(first["encoded"]) == ids and sorted(first["extracted"]) == ids
-    assert set(first["skipped"]) == {"broken", "broken2"}
-    blue = ev.search_index(net, first, ["a blue screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
-                           frame_match_weight=1.0, top=4)[0]
-    assert blue[0]["video_id"] == "clip_blue"
-    with prepare.FrameDB(first["lmdb"]) as db:
-        red_frames = db.get_frames("clip_red", range(6))
-
-    # clip_red becomes a blue video (same name), broken.mp4 a good one, clip_green is touched (same bytes)
-    new = str(tmp_path / "new.mp4")
-    _write_mp4(new, _frames("blue", n=12, size=48, seed=30))
-    os.replace(new, videos / "clip_red.mp4")
-    _write_mp4(str(videos / "broken.mp4"), _frames("yellow", n=12, size=48, seed=31))
-    os.utime(videos / "clip_green.mp4", ns=(1, 1))
-    capsys.readouterr()
-    second = _index(net, videos)
-    assert sorted(second["extracted"]) == ["broken", "clip_red"]  # not the touched file, not the unchanged failure
-    assert sorted(second["encoded"]) == ["broken", "clip_red"]
-    assert second["video_ids"] == ["broken"] + ids and set(second["skipped"]) == {"broken2"}
-    before, after = _rows(first), _rows(second)
-    for v in ("clip_blue", "clip_green", "sub/clip_green"):  # reused, bit for bit
-        assert torch.equal(after[v][0], before[v][0]) and torch.equal(after[v][1], before[v][1])
-    assert not torch.allclose(after["clip_red"][0], before["clip_red"][0])
-    with prepare.FrameDB(second["lmdb"]) as db:
-        assert db.get_frames("clip_red", range(6)) != red_frames
-        assert db.has_video("broken")
-    hits = ev.search_index(net, second, ["a blue screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
-                           frame_match_weight=1.0, top=5)[0]
-    score = {h["video_id"]: h["score"] for h in hits}
-    old_score = {h["video_id"]: h["score"] for h in blue}
-    assert score["clip_red"] > old_score["clip_red"] + 1.0  # now blue: it scores like a blue video
-    assert {hits[0]["video_id"], hits[1]["video_id"]} == {"clip_blue", "clip_red"}
-    text = capsys.readouterr().out
-    assert "extracting 6 frames from each of 2 new or changed videos (of 6)" in text
-    assert "encoding 2 videos (3 unchanged ones reused)" in text
-
-    # a removed file leaves the index and the frame store; nothing else is redone
-    os.remove(videos / "sub" / "clip_green.MP4")
-    third = _index(net, videos)
-    assert third["video_ids"] == ["broken", "clip_blue", "clip_green", "clip_red"]
-    assert third["extracted"] == [] and third["encoded"] == []
-    with prepare.FrameDB(third["lmdb"]) as db:
-        assert not db.has_video("sub/clip_green")
-    # unchanged: nothing to do at all; retry_failed tries the unchanged failure again (and it fails again)
-    assert _index(net, videos)["encoded"] == []
-    assert "loaded the index of 4 videos" in capsys.readouterr().out
-    fourth = _index(net, videos, retry_failed=True)
-    assert fourth["extracted"] == [] and set(fourth["skipped"]) == {"broken2"}
-    assert "extracting 6 frames from each of 1 new or changed videos" in capsys.readouterr().out
-
-
-def test_search_ids_are_paths_relative_to_the_folder(tmp_path):
-    for name in ("bikes.MP4", "sub/bikes.mp4", "x/a.mp4", "x/a.mkv", "notes.txt", ".hidden.mp4",
-                 ".hmmc_index/c.mp4", "frames.lmdb/d.mp4"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    found = ev._list_videos(str(tmp_path))
-    assert found == {"bikes": str(tmp_path / "bikes.MP4"), "sub/bikes": str(tmp_path / "sub" / "bikes.mp4"),
-                     "x/a.mkv": str(tmp_path / "x" / "a.mkv"), "x/a.mp4": str(tmp_path / "x" / "a.mp4")}
-
-
-# ----------------------------------------------------------------------------- search: options and queries
-
-@pytest.mark.slow
-def test_search_top_must_be_positive(trained, tmp_path):
-    path, data_dir, _ = trained
-    base = [f"--init_from={path}", f"--search={data_dir}", "--query=a red screen", "--num_workers=0", "--device=cpu",
-            f"--index_dir={tmp_path / 'i'}"]
-    for top in (0, -1):
-        with pytest.raises(ValueError, match=f"^--top={top}: ask for at least one hit per query"):
-            ev.main(base + [f"--top={top}"])
-    assert not os.path.exists(tmp_path / "i")  # refused before any work
-    # the script: one `error:` line and exit status 1, no traceback
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([os.sys.executable, os.path.join(root, "eval.py"), *base, "--top=-1"], capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert p.returncode == 1 and p.stderr.strip().splitlines() == ["error: --top=-1: ask for at least one hit per "
-                                                                   "query (e.g. --top=5)"], p.stderr
-
-
-def test_query_warnings():
-    tok = _tok()
-    assert ev.query_warnings("a dog catches a frisbee", tok, 16) == []
-    long = "a small brown dog runs across the green park and catches a red frisbee in the air near the lake"
-    n = len(tok.encode(long))
-    assert n > 14
-    want = (f"query {long[:57] + '...'!r} is {n} tokens long; the model reads 16 per caption, so only the first 14 "
-            f"were kept")
-    assert ev.query_warnings(long, tok, 16) == [want]
-    ids, mask = tok([long], 16)  # what "kept 14" means: start, the first 14 tokens, end
-    assert ids[0].tolist() == [tok.sot_id] + tok.encode(long)[:14] + [tok.eot_id]
-    (zh,) = ev.query_warnings("红色的屏幕", tok, 16)
-    assert "contains cjk text" in zh and "CLIP" in zh
-    (emoji,) = ev.query_warnings("dog 🐶", tok, 16)
-    assert "contains emoji text" in emoji
-    vocab = os.path.join(os.path.dirname(__file__), "golden", "tok_bert_vocab.txt")
-    if os.path.exists(vocab):
-        bert = prepare.BertTokenizer(vocab)
-        assert ev.query_warnings("红色", bert, 32) == []
-        (latin,) = ev.query_warnings("a red screen", bert, 32)
-        assert "Latin script" in latin and "Chinese" in latin
-
-
-def test_search_cli_prints_query_warnings(trained, tmp_path, capsys):
-    path, data_dir, _ = trained
-    long = "a red screen " * 8
-    _, text = _run_main([f"--init_from={path}", f"--search={data_dir}", f"--query={long}", "--num_workers=0",
-                         "--device=cpu", f"--index_dir={tmp_path / 'i'}", "--top=1"], capsys)
-    warnings = [line for line in text.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "24 tokens long; the model reads 16 per caption, so only the first 14" in warnings[0]
-    assert len(_hits(text)) == 1
-
-
 def test_every_setting_is_described():
     import configurator
     described = configurator.describe(ev.__file__)
     assert [k for k in ev.config_keys if not described.get(k)] == []
-
-
-_CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") if __import__("shutil").which(c)), None)
-
-
-@pytest.mark.slow
-@pytest.mark.needs(_CHROMIUM or "chromium", "ffmpeg", "ffprobe")
-def test_html_report_of_wide_videos_fits_the_page(tmp_path):
-    # 4:1 videos: T thumbnails of 384x96 px side by side are wider than a 1280 px window unless they shrink
-    torch.manual_seed(0)
-    net = hmmc_model.HMMC(tiny_config()).eval()
-    videos = tmp_path / "wide"
-    videos.mkdir()
-    for i, c in enumerate(("red", "green")):
-        _write_mp4(str(videos / f"wide_{c}.mp4"), [np.concatenate([f] * 4, axis=1)
-                                                    for f in _frames(c, n=12, size=48, seed=40 + i)])
-    index = _index(net, videos)
-    results = ev.search_index(net, index, ["a red screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
-                              frame_match_weight=1.0, top=2)
-    report = tmp_path / "report.html"
-    ev.write_html(str(report), index, ["a red screen"], results, checkpoint="ckpt.pt")
-    # the page measures itself once loaded: document width, window width, right edge of the rightmost image
-    probe = ('<script>addEventListener("load", () => { document.body.dataset.fit = [document.documentElement'
-             '.scrollWidth, innerWidth, Math.max(...[...document.images].map(i => i.getBoundingClientRect().right)),'
-             ' document.images.length].join(","); });</script></body>')
-    report.write_text(report.read_text(encoding="utf-8").replace("</body>", probe), encoding="utf-8")
-    p = subprocess.run([_CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
-                        "--virtual-time-budget=3000", "--dump-dom", report.as_uri()], capture_output=True, text=True,
-                       timeout=120)
-    import re
-    fit = re.search(r'data-fit="(\d+),(\d+),([\d.]+),(\d+)"', p.stdout)
-    assert fit, p.stderr[-2000:]
-    page_width, window_width, right_edge, images = map(float, fit.groups())
-    assert images == 2 * T and window_width == 1280
-    assert page_width <= window_width and right_edge <= window_width  # no horizontal scrollbar, every frame shown
 
 
 def test_checkpoint_eval_caption_length():
@@ -875,3 +538,12 @@ def test_bert_unk_input_needs_the_bert_text_encoder(trained, tmp_path):
     with pytest.raises(ValueError, match="bert_unk_input=True"):
         ev.main([f"--init_from={path}", "--num_workers=0", "--device=cpu", "--bert_unk_input=True",
                  f"--out={tmp_path / 'r.json'}"])
+
+
+def test_search_options_point_to_search_py():
+    # search moved to search.py: its old options get a pointer there, before any model is loaded
+    for option in ("--search=my_videos/", "--query=a red screen", "--serve", "--serve=True", "--top=3"):
+        name = option[2:].split("=")[0]
+        with pytest.raises(ValueError, match=rf"^--{name}: searching your own videos moved to search.py, e.g. "
+                                             rf"python search.py --init_from=CKPT --videos=DIR --query=TEXT"):
+            ev.main(["--init_from=missing.pt", option])

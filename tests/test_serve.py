@@ -1,21 +1,27 @@
-# The search page's server (serve.py) over real HTTP on 127.0.0.1: its ranking is eval.search_index's, it serves the
-# indexed videos and nothing else, escapes file names, refuses bad requests with a 4xx, rescans a changed folder and
-# stays up under a burst of concurrent queries.
+# The search page's server (serve.py, started by search.py) over real HTTP on 127.0.0.1: its ranking is
+# search.search_index's, it serves the indexed videos and nothing else, escapes file names, refuses bad requests with
+# a 4xx, sends its security headers on every answer, drops silent connections, logs one line per request, rescans a
+# changed folder in another process while queries keep answering, and stays up under a burst of concurrent queries.
 import http.client
+import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 
 import pytest
 
-import eval as ev
 import model as hmmc_model
+import prepare
+import search
 import serve
-from test_eval import S, T, _frames, _tok, _write_mp4, trained  # noqa: F401 (trained is a fixture)
+from test_eval import S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
+from test_search import _write_mp4
 
 pytestmark = pytest.mark.skipif(not shutil.which("ffmpeg"), reason="needs ffmpeg")
 
@@ -25,7 +31,7 @@ BAD_NAME = "<svg onload=alert(2)>"  # a broken file (a name cannot hold "/"): li
 
 
 def _args(videos):
-    """build_index's and search_index's settings, as test_eval's searches use them."""
+    """build_index's and search_index's settings, as test_search's searches use them."""
     index_args = dict(cache_dir=str(videos / ".hmmc_index"), model_key="tiny", num_frames=T, image_size=S,
                       frames_per_video=6, extract_workers=2, num_workers=0)
     return index_args, _rank_args()
@@ -35,16 +41,17 @@ def _rank_args():
     return dict(tokenizer=_tok(), context_length=16, top_k_frames=2, frame_match_weight=1.0)
 
 
-def _start(net, videos):
+def _start(net, videos, **server_args):
     index_args, rank_args = _args(videos)
-    server = serve.make_server(net, str(videos), index_args=index_args, rank_args=rank_args, host="127.0.0.1",
-                               port=0, top=3, checkpoint="ckpt.pt")
+    server = search.make_server(net, str(videos), index_args=index_args, rank_args=rank_args, host="127.0.0.1",
+                                port=0, top=3, checkpoint="ckpt.pt", **{"log": io.StringIO(), **server_args})
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
 def _stop(server):
     server.shutdown()
+    server.search.close()
     server.server_close()
 
 
@@ -89,7 +96,7 @@ def folder(tmp_path_factory):
         _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=50 + i))
     _write_mp4(str(videos / f"{XSS}.mp4"), _frames("purple", n=12, size=48, seed=55))
     (videos / f"{BAD_NAME}.mp4").write_bytes(b"not a video")
-    # a link inside the folder to a video outside it: indexed (its frames are readable) but never served
+    # a link inside the folder to a video outside it: neither indexed nor served, listed among the skipped files
     _write_mp4(str(root / "outside.mp4"), _frames("white", n=12, size=48, seed=56))
     (videos / "outside.mp4").symlink_to(root / "outside.mp4")
     return videos
@@ -103,12 +110,12 @@ def server(net, folder):
 
 
 def _reference(net, server, text, top):
-    return ev.search_index(net, server.search.index, [text], top=top, **_rank_args())[0]
+    return search.search_index(net, server.search.index, [text], top=top, **_rank_args())[0]
 
 
 def test_ranking_equals_search_index(net, server):
     n = len(server.search.index["video_ids"])
-    assert n == 6  # four colours, the oddly named one and the linked one; the broken file is skipped
+    assert n == 5  # four colours and the oddly named one; the broken file and the link out are skipped
     firsts = []
     for c in COLOURS:
         status, data = query(server, f"a {c} screen", top=n)
@@ -133,7 +140,9 @@ def test_page_names_language_and_escapes_file_names(server, folder):
     status, headers, body = request(server, "/")
     page = body.decode("utf-8")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "English (CLIP text encoder)" in page and "6 videos indexed" in page
+    assert "English (CLIP text encoder)" in page and "5 videos indexed" in page
+    assert '<details class="skipped"><summary>2 file(s) skipped' in page  # folded away, not open
+    assert f"<code>outside</code>: {search.LINK_OUT}" in page and str(folder) not in page.split("</h1>", 1)[1]
     assert "&lt;svg onload=alert(2)&gt;" in page  # the broken file, listed as skipped, as text
     assert BAD_NAME not in page and XSS not in page
     # the file named like an <img> tag is an ordinary hit: its id goes out as JSON data (the page sets it as text)
@@ -162,7 +171,10 @@ def test_only_indexed_videos_are_served(server, folder):
         status, _, body = request(server, path)
         assert status == 404, (path, status, body[:200])
         assert b"root:" not in body and body[:4] != red[:4]
-    assert "outside" in server.search.index["video_ids"]  # searchable, only its file is not served
+    # one policy for the link out of the folder: no frames, no file, not searchable; listed as skipped
+    assert request(server, "/frame?id=outside&p=0")[0] == 404
+    assert "outside" not in server.search.index["video_ids"]
+    assert server.search.index["skipped"]["outside"] == search.LINK_OUT
 
 
 def test_bad_requests_get_a_clear_4xx(server):
@@ -200,9 +212,25 @@ def test_bad_requests_get_a_clear_4xx(server):
         assert status == code and message in json.loads(body)["error"], (path, body)
     assert request(server, "/api/rescan", "POST")[1].get("Allow") is None
     assert request(server, "/api/rescan", "GET")[1]["Allow"] == "POST"
-    # another site's name pointed at 127.0.0.1 (DNS rebinding) gets nothing
+    # another site's name pointed at 127.0.0.1 (DNS rebinding) gets nothing; an address or localhost is fine
     status, _, body = request(server, "/api/search?q=red", headers={"Host": "evil.example:80"})
     assert status == 403 and "Host" in json.loads(body)["error"]
+    for host in ("127.0.0.2:8000", "localhost", "[::1]:80"):
+        assert request(server, "/api/search?q=red", headers={"Host": host})[0] == 200, host
+    # a rescan asked for by another origin, even with the page's header
+    status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc",
+                                                                      "Origin": "http://evil.example"})
+    assert status == 403 and "another origin" in json.loads(body)["error"]
+    # a body on a GET would be read as the next request: refused, and the connection closed
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    conn.request("GET", "/api/search?q=red", body=b"GET /etc/passwd HTTP/1.1\r\n\r\n")
+    r = conn.getresponse()
+    assert r.status == 400 and "a GET takes no request body" in json.loads(r.read())["error"]
+    assert r.getheader("Connection") == "close"
+    conn.close()
+    # headers beyond any browser's: refused before anything is looked up
+    status, _, body = request(server, "/", headers={f"X-Filler-{i}": "x" * 400 for i in range(50)})
+    assert status == 431 and b"<" not in body
     # what http.server refuses itself: short text, no HTML page
     status, headers, body = request(server, "/", method="DELETE")
     assert status == 501 and headers["Content-Type"].startswith("text/plain") and b"<" not in body
@@ -212,6 +240,10 @@ def test_bad_requests_get_a_clear_4xx(server):
     size = os.path.getsize(server.search.index["paths"]["clip_red"])
     status, headers, body = request(server, "/video/clip_red", headers={"Range": f"bytes={size}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    for huge in ("bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=-" + "9" * 5000, "bytes=1" + "0" * 18
+                 + "-"):  # past the end of any file; int() refuses more than 4,300 digits
+        status, headers, body = request(server, "/video/clip_red", headers={"Range": huge})
+        assert status == 416 and headers["Content-Range"] == f"bytes */{size}", (huge[:30], status, body)
     # a body sent with a POST is read and dropped: the next request on the same connection is answered as itself
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
     conn.request("POST", "/api/search", body=b"GET /etc/passwd HTTP/1.1\r\n\r\n")
@@ -261,7 +293,12 @@ def test_burst_of_concurrent_queries(net, server):
     assert all(status == 200 and hits == want[text] for status, text, hits in got)
 
 
-def test_rescan_adds_a_new_video(net, tmp_path):
+def _rescan(server, headers=None):
+    status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc", **(headers or {})})
+    return status, json.loads(body)
+
+
+def test_rescan_beside_queries(net, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     for i, c in enumerate(("red", "green")):
@@ -271,54 +308,171 @@ def test_rescan_adds_a_new_video(net, tmp_path):
     try:
         hits = query(server, "a blue screen")[1]["hits"]
         assert "clip_blue" not in [h["video_id"] for h in hits]
-        request(server, "/frame?id=clip_red&p=0")  # a thumbnail reader of the frame store is now open
+        assert request(server, "/frame?id=clip_red&p=0")[0] == 200  # the frame store's reader is now open
         shutil.copy(tmp_path / "clip_blue.mp4", videos / "clip_blue.mp4")
-        # while a rescan runs, queries and frames are turned away with 503 and a second rescan with 409
-        with server.search.lock:
-            server.search.rescanning = True
-        try:
-            for path in ("/api/search?q=red", "/frame?id=clip_red&p=0"):
-                status, headers, body = request(server, path)
-                assert status == 503 and "being rebuilt" in json.loads(body)["error"] and headers["Retry-After"]
-            status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
-            assert status == 409 and "already running" in json.loads(body)["error"]
-            assert request(server, "/video/clip_red")[0] == 200  # files are served from the old index meanwhile
-        finally:
-            with server.search.lock:
-                server.search.rescanning = False
-        status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
-        result = json.loads(body)
+        status, result = _rescan(server)
         assert status == 200, result
         assert result["extracted"] == ["clip_blue"] and result["encoded"] == ["clip_blue"] and result["videos"] == 3
         hits = query(server, "a blue screen")[1]["hits"]
         assert hits[0]["video_id"] == "clip_blue"
         assert request(server, hits[0]["video_url"])[2] == (videos / "clip_blue.mp4").read_bytes()
-        assert request(server, hits[0]["frames"][0]["url"])[0] == 200  # the frame store reopened for reading
+        assert request(server, hits[0]["frames"][0]["url"])[0] == 200  # the new index's frames
+        assert server.search.status()["rescan"] == {"running": False, "result": result}
 
-        # a rescan racing with queries: each query is answered from a whole index, or told to come back
-        (videos / "clip_green.mp4").unlink()
+        # a rescan racing with queries (it runs in another process): every query is answered, from the old index
+        # until the new one is swapped in, and the rescan ends with exactly the new file added
         _write_mp4(str(videos / "clip_yellow.mp4"), _frames("yellow", n=12, size=48, seed=63))
-        answers = []
-        rescan = threading.Thread(target=lambda: answers.append(
-            request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})))
+        old = {"clip_blue", "clip_green", "clip_red"}
+        answers, seen = [], []
+        rescan = threading.Thread(target=lambda: answers.append(_rescan(server)))
         rescan.start()
+        while not server.search.status()["rescan"]["running"]:
+            time.sleep(0.01)
+        status, data = _rescan(server)  # one rescan at a time
+        assert status == 409 and "already running" in data["error"] and rescan.is_alive()
         while rescan.is_alive():
-            status, data = query(server, "a yellow screen")
-            assert status in (200, 503), data
-            assert status == 200 or "being rebuilt" in data["error"]
+            status, data = query(server, "a yellow screen", top=10)
+            assert status == 200, data
+            seen.append({h["video_id"] for h in data["hits"]})
+            assert request(server, "/frame?id=clip_red&p=0")[0] == 200  # unchanged files keep their frames
         rescan.join()
-        assert answers[0][0] == 200 and json.loads(answers[0][2])["encoded"] == ["clip_yellow"]
-        ids = [h["video_id"] for h in query(server, "a yellow screen")[1]["hits"]]
-        assert sorted(ids) == ["clip_blue", "clip_red", "clip_yellow"] and ids[0] == "clip_yellow"
+        assert answers[0][0] == 200 and answers[0][1]["encoded"] == ["clip_yellow"], answers
+        assert seen and seen[0] == old and all(ids in (old, old | {"clip_yellow"}) for ids in seen)
+        ids = [h["video_id"] for h in query(server, "a yellow screen", top=10)[1]["hits"]]
+        assert set(ids) == old | {"clip_yellow"} and ids[0] == "clip_yellow"
 
-        # a rescan of a folder that lost every video fails and keeps the last index
+        # a rescan of a folder that lost every video fails and keeps the last index; the next one works
+        moved = tmp_path / "moved"
+        moved.mkdir()
         for f in videos.glob("*.mp4"):
-            f.unlink()
-        status, _, body = request(server, "/api/rescan", "POST", headers={"X-Requested-By": "hmmc"})
-        assert status == 409 and "the previous index is kept" in json.loads(body)["error"]
-        assert query(server, "a red screen")[0] == 200
+            f.rename(moved / f.name)
+        status, data = _rescan(server)
+        assert status == 409 and "the previous index is kept" in data["error"] and "nothing to index" in data["error"]
+        assert server.search.status()["rescan"] == {"running": False, "error": data["error"]}
+        assert query(server, "a red screen")[0] == 200 and len(server.search.index["video_ids"]) == 4
+        for name in ("clip_red.mp4", "clip_green.mp4"):
+            (moved / name).rename(videos / name)
+        status, result = _rescan(server)
+        assert status == 200 and result["videos"] == 2 and result["extracted"] == [], result
+        assert sorted(server.search.index["video_ids"]) == ["clip_green", "clip_red"]
+        assert sorted(h["video_id"] for h in query(server, "a red screen")[1]["hits"]) == ["clip_green", "clip_red"]
     finally:
         _stop(server)
+
+
+def test_failed_encoding_closes_the_frame_store(net, tmp_path):
+    # build_index fails while encoding (settings the model cannot read: 48-px frames for a 32-px model); the frame
+    # store's reader is closed all the same, so the next build of the folder (which writes the store) works
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_mp4(str(videos / "clip_red.mp4"), _frames("red", n=12, size=48, seed=64))
+    index_args = {**_args(videos)[0], "image_size": 48, "frames_per_video": 6}
+    progress = []
+    with pytest.raises(ValueError, match="expected images of 32x32 pixels"):
+        search.build_index(net, str(videos), progress=progress.append, **index_args)
+    # what the page shows during a rescan
+    assert progress == ["extracting frames: 1 of 1 new or changed videos", "encoding 1 new or changed videos"]
+    assert not [p for p in prepare._SHARED_ENVS if p.startswith(str(videos))]
+    _write_mp4(str(videos / "clip_blue.mp4"), _frames("blue", n=12, size=48, seed=65))
+    index = search.build_index(net, str(videos), **_args(videos)[0])
+    assert index["video_ids"] == ["clip_blue", "clip_red"] and sorted(index["encoded"]) == ["clip_blue", "clip_red"]
+
+
+def test_security_headers_on_every_answer(server):
+    status, _, body = request(server, "/")
+    script = body.decode("utf-8").split("<script>")[1].split("</script>")[0]
+    style = body.decode("utf-8").split("<style>")[1].split("</style>")[0]
+    digest = lambda text: "'sha256-" + __import__("base64").b64encode(
+        __import__("hashlib").sha256(text.encode()).digest()).decode() + "'"
+    red = query(server, "a red screen")[1]["hits"][0]
+    for path, method, code in [("/", "GET", 200), ("/api/search?q=red", "GET", 200),
+                               (red["frames"][0]["url"], "GET", 200), (red["video_url"], "GET", 200),
+                               ("/api/status", "GET", 200), ("/nope", "GET", 404),
+                               ("/api/search?q=", "GET", 400), ("/api/rescan", "POST", 403), ("/", "DELETE", 501)]:
+        status, headers, _ = request(server, path, method)
+        assert status == code, (path, status)
+        assert headers["Cross-Origin-Resource-Policy"] == "same-origin", path
+        assert headers["Referrer-Policy"] == "no-referrer" and headers["X-Content-Type-Options"] == "nosniff", path
+        csp = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
+        assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'none'", path
+        # the page's own script and style are the only ones allowed to run
+        assert csp["script-src"] == digest(script) and csp["style-src"] == digest(style), path
+
+
+def _silent(server, half_sent):
+    s = socket.create_connection(server.server_address[:2], timeout=60)
+    if half_sent:  # a request line and a header, never the blank line that ends the request
+        s.sendall(b"GET /api/search?q=red HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return s
+
+
+def test_silent_connections_neither_starve_queries_nor_stay(net, server, folder):
+    # beside the shared server's 64 slots, ten idle and ten half-sent connections leave a query its answer
+    silent = [_silent(server, half_sent=i % 2 == 1) for i in range(20)]
+    try:
+        status, data = query(server, "a red screen")
+        assert status == 200 and data["hits"][0]["video_id"] == "clip_red"
+    finally:
+        for s in silent:
+            s.close()
+    # a server with 4 slots and a 1 s time limit: 4 silent connections fill it, a fifth is told to come back at
+    # once, and the silent ones are dropped (the server closes them) so that the query after them is answered
+    small = _start(net, folder, conn_timeout=1, max_connections=4)
+    try:
+        silent = [_silent(small, half_sent=i % 2 == 1) for i in range(4)]
+        time.sleep(0.2)  # let the server take them up (a thread each)
+        status, headers, body = request(small, "/api/search?q=red")
+        assert status == 503 and "busy" in json.loads(body)["error"] and headers["Retry-After"] == "1"
+        assert headers["Cross-Origin-Resource-Policy"] == "same-origin"
+        for s in silent:
+            assert s.recv(100) == b""  # closed by the server (the client waits up to 60 s)
+            s.close()
+        for _ in range(20):  # the freed slots: a thread releases its slot just after closing the connection
+            status, data = query(small, "a red screen")
+            if status != 503:
+                break
+            time.sleep(0.1)
+        assert status == 200 and data["hits"][0]["video_id"] == "clip_red"
+    finally:
+        _stop(small)
+
+
+def test_log_lines(net, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_mp4(str(videos / "clip_red.mp4"), _frames("red", n=12, size=48, seed=66))
+    _write_mp4(str(videos / "clip_blue.mp4"), _frames("blue", n=12, size=48, seed=67))
+    # a frame that is no JPEG, written into the store before the server reads it: a bug-like failure (500)
+    lmdb_path = os.path.join(videos, ".hmmc_index", "frames_6x112.lmdb")
+    small = _start(net, videos)
+    log = small.log
+    try:
+        positions = small.search.index["positions"]
+        with prepare.FrameDB(lmdb_path, readonly=False) as db, db.env.begin(write=True) as txn:
+            txn.put(f"clip_blue_{positions[0]}".encode(), b"not a jpeg")
+        assert query(small, "a red screen")[0] == 200
+        # a request line with a terminal escape sequence in it: logged with the escape written out
+        with socket.create_connection(small.server_address[:2], timeout=60) as s:
+            s.sendall(b"GET /nope\x1b[2J HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 404")
+        status, _, body = request(small, f"/frame?id=clip_blue&p={positions[0]}")
+        assert status == 500 and b"Traceback" not in body and "internal error" in json.loads(body)["error"]
+        # a client that resets its connection in the middle of a video
+        s = socket.create_connection(small.server_address[:2], timeout=60)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.sendall(b"GET /video/clip_red HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        s.close()
+        assert query(small, "a blue screen")[0] == 200  # still up
+    finally:
+        _stop(small)
+    lines = log.getvalue().splitlines()
+    assert "\x1b" not in log.getvalue()
+    assert [line for line in lines if "GET /nope\\x1b[2J HTTP/1.1 404" in line]
+    ok = [line for line in lines if "GET /api/search?q=a+red+screen HTTP/1.1 200" in line]
+    assert len(ok) == 1 and ok[0].endswith(" ms") and ok[0].split()[1] == "127.0.0.1"  # time, client, request
+    failed = log.getvalue().split(f"GET /frame?id=clip_blue&p={positions[0]} HTTP/1.1 failed:")
+    assert len(failed) == 2 and failed[1].lstrip().startswith("Traceback") and "UnidentifiedImageError" in failed[1]
+    assert log.getvalue().count("Traceback") == 1  # the 500's; the reset made none
 
 
 def test_loopback_and_busy_port(net, server, folder):
@@ -327,19 +481,19 @@ def test_loopback_and_busy_port(net, server, folder):
     assert serve.url_of(server) == f"http://127.0.0.1:{server.server_address[1]}"
     index_args, rank_args = _args(folder)
     with pytest.raises(ValueError, match=rf"--port={server.server_address[1]}: cannot listen there"):
-        serve.make_server(net, str(folder), index_args=index_args, rank_args=rank_args, port=server.server_address[1])
+        search.make_server(net, str(folder), index_args=index_args, rank_args=rank_args, port=server.server_address[1])
 
 
 def test_serve_refuses_cli_queries(trained, folder):
     with pytest.raises(ValueError, match="--serve takes its queries in the page; drop --query"):
-        ev.main([f"--init_from={trained[0]}", f"--search={folder}", "--serve", "--query=red", "--device=cpu"])
+        search.main([f"--init_from={trained[0]}", f"--videos={folder}", "--serve", "--query=red", "--device=cpu"])
 
 
 @pytest.mark.slow
-def test_eval_serve_command(trained, folder):
+def test_search_serve_command(trained, folder):
     # as a user runs it: the index, the address on stdout, a query over HTTP, then Ctrl-C
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "eval.py", f"--init_from={trained[0]}", f"--search={folder}", "--serve", "--port=0",
+    cmd = [sys.executable, "search.py", f"--init_from={trained[0]}", f"--videos={folder}", "--serve", "--port=0",
            "--num_workers=0", "--device=cpu", "--frames_per_video=6", "--extract_workers=2"]
     p = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -350,13 +504,13 @@ def test_eval_serve_command(trained, folder):
             if line.startswith("search page: "):
                 break
         url = lines[-1].split()[2]
-        assert url.startswith("http://127.0.0.1:") and "indexed 6 videos" in "".join(lines), lines
+        assert url.startswith("http://127.0.0.1:") and "indexed 5 videos" in "".join(lines), lines
         host, port = urllib.parse.urlsplit(url).netloc.split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=120)
         conn.request("GET", "/api/search?q=a+red+screen")
         data = json.loads(conn.getresponse().read())
         conn.close()
-        assert data["hits"][0]["video_id"] == "clip_red" and len(data["hits"]) == 5  # eval.py's --top default
+        assert data["hits"][0]["video_id"] == "clip_red" and len(data["hits"]) == 5  # search.py's --top default
     finally:
         p.send_signal(__import__("signal").SIGINT)
         out = p.communicate(timeout=60)[0]

@@ -16,6 +16,7 @@ import torch
 import eval as hmmc_eval
 import prepare
 import study
+import synthetic
 import train
 from conftest import run_group
 from synthetic import prepare_synthetic
@@ -168,6 +169,46 @@ def test_bad_config_errors(data, tmp_path):
         run([f"--out_dir={tmp_path}", "--dataset=msrvtt", "--data_dir=" + str(tmp_path / "nothing"), *TINY])
 
 
+def tree(folder) -> dict:
+    """Every file and folder under `folder`: relative path -> bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(Path(folder).rglob("*"))}
+
+
+def test_a_users_data_folder_is_never_written(data, tmp_path, monkeypatch):
+    # the user's own folder without frames.lmdb (`dataset` is "synthetic" by default): refused with what is missing
+    # and how to make it, and not a byte of it changes
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    for split in ("train", "test"):
+        (mine / f"{split}.jsonl").write_text(Path(data, f"{split}.jsonl").read_text().splitlines()[0] + "\n")
+    (mine / "NOTES.txt").write_text("my notes\n")
+    before = tree(mine)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"dataset 'synthetic' is not prepared: frames.lmdb missing in {mine}; python prepare.py frames "
+            f"--videos=VIDEO_DIR --out={mine}/frames.lmdb makes the frames")):
+        run([f"--data_dir={mine}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1", *TINY])
+    assert tree(mine) == before and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=f"{mine} holds files but no frames.lmdb"):  # nor does prepare.py
+        prepare_synthetic(str(mine), num_train=4, test_single=1, test_double=0, val_single=1, val_double=0)
+    assert tree(mine) == before
+    # the built-in set is written where nothing is: its own data/synthetic, a new folder, an empty one
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(synthetic.BUILT_IN, "synthetic", dict(num_train=16, test_single=2, test_double=0,
+                                                              val_single=1, val_double=0))
+    (mine / "empty").mkdir()
+    for i, where in enumerate(([], ["--data_dir=new"], ["--data_dir=mydata/empty"])):
+        run(where + ["--batch_size=8", "--max_iters=1", f"--out_dir=out{i}", *TINY])
+    for folder in ("data/synthetic", "new", "mydata/empty"):
+        assert sorted(os.listdir(folder)) == ["frames.lmdb", "test.jsonl", "train.jsonl", "val.jsonl", "vocab.txt"]
+    # its own place, holding someone else's files: refused too
+    shutil.rmtree("data/synthetic")
+    os.makedirs("data/synthetic")
+    Path("data/synthetic/NOTES.txt").write_text("mine\n")
+    with pytest.raises(FileNotFoundError, match="holds files of another dataset; move them away"):
+        run(["--max_iters=1", "--out_dir=out-again", *TINY])
+    assert os.listdir("data/synthetic") == ["NOTES.txt"]
+
+
 def test_checkpoint_of_another_architecture(data, tmp_path):
     base = ["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", *TINY]
     run(base + ["--max_iters=1"])
@@ -203,12 +244,23 @@ def test_new_run_refuses_another_runs_folder(data, tmp_path, capsys):
     run(base)
     before = files(tmp_path)
     assert {"ckpt.pt", "ckpt.pt.sha256", "best.pt", "log.jsonl", "results.json"} <= set(before)
+    advice = (f"start this run with another --out_dir, or with --overwrite=True (deletes that run's files); "
+              f"continue that run with python train.py --init_from=resume --out_dir={tmp_path}")
     with pytest.raises(SystemExit, match=re.escape(
-            f"{tmp_path} holds the checkpoint of another run (differs in: use_temp, batch_size); continue it with "
-            f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")):
+            f"{tmp_path} holds the checkpoint of another run (differs in: use_temp (True -> False), batch_size "
+            f"(8 -> 4)); {advice}")):
         run(base + ["--use_temp=False", "--batch_size=4"])
     assert files(tmp_path) == before  # not a byte touched
-    with pytest.raises(SystemExit, match="holds a checkpoint of this run .iter 2. and auto_resume=False"):
+    # the advice works: the command it gives continues that run (finished: it shows its results)
+    capsys.readouterr()
+    run(advice.split("python train.py ")[1].split())
+    out = capsys.readouterr().out
+    assert f"the run in {tmp_path}/ is finished (iter 2" in out and "nothing to do" in out
+    results = json.load(open(tmp_path / "results.json"))
+    assert hmmc_eval.format_table(results, f"test split, {results['weights']}") in out
+    assert files(tmp_path) == before
+    with pytest.raises(SystemExit, match=re.escape(f"holds a checkpoint of this run (iter 2) and auto_resume=False; "
+                                                   f"{advice}")):
         run(base + ["--auto_resume=False"])
     assert files(tmp_path) == before
     capsys.readouterr()
@@ -276,6 +328,102 @@ def test_auto_resume_continues_the_same_command(data, tmp_path, monkeypatch, cap
     run(cut)
     assert "is finished (iter 6" in capsys.readouterr().out
     assert files(tmp_path / "cut") == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_the_same_command_continues(data, tmp_path):
+    # a real process gets Ctrl-C at the start of step 6 (checkpoint at 4), sent to its process group as a terminal
+    # does, so its data loader worker gets it too: the step ends, ckpt.pt at 6 is written, exit status 130; the same
+    # command continues the run and ends as an uninterrupted one
+    cmd = ["--data_dir=" + data, "--batch_size=8", "--seed=3", *TINY, "--max_iters=8", "--eval_interval=4",
+           "--num_workers=1"]
+    run(cmd + [f"--out_dir={tmp_path / 'straight'}"])
+    cut = tmp_path / "cut"
+    same = dict(args=[sys.executable, "train.py", *cmd, f"--out_dir={cut}"], cwd=ROOT, capture_output=True,
+                text=True, timeout=300, start_new_session=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"0:5:INT@group:{tmp_path / 'marker'}"})
+    p = subprocess.run(**same)
+    assert p.returncode == train.INTERRUPTED == 130, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "Error" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.count("Ctrl-C: saving a checkpoint after this step; Ctrl-C again stops at once") == 1
+    assert (f"Ctrl-C: saved {cut}/ckpt.pt at iter 6 and stopped (exit status 130); the same command continues "
+            f"the run") in p.stdout
+    assert torch.load(cut / "ckpt.pt", weights_only=True)["iter_num"] == 6
+    assert torch.load(cut / "ckpt.prev.pt", weights_only=True)["iter_num"] == 4  # the last periodic one
+    p = subprocess.run(**same)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert f"resuming {cut}/ckpt.pt at iter 6" in p.stdout
+    assert [r["loss"] for r in log(cut)] == [r["loss"] for r in log(tmp_path / "straight")]
+    results = [json.load(open(d / "results.json")) for d in (cut, tmp_path / "straight")]
+    assert [(r["iter"], r["t2v"], r["v2t"]) for r in results] == [(8, results[1]["t2v"], results[1]["v2t"])] * 2
+
+
+def test_a_second_ctrl_c_stops_at_once(data, tmp_path, monkeypatch, capsys):
+    # two Ctrl-C at the start of step 4 (checkpoint at 2): the second stops the run at once, without a traceback and
+    # without saving; the checkpoint at 2 is left, and the handler of before is back
+    out = tmp_path / "run"
+    monkeypatch.setenv("HMMC_TEST_SIGNAL", f"0:3:INT:{tmp_path / 'once'};0:3:INT:{tmp_path / 'twice'}")
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        run(["--data_dir=" + data, "--batch_size=8", *TINY, "--max_iters=6", "--eval_interval=2", f"--out_dir={out}"])
+    assert stopped.value.code == train.INTERRUPTED
+    assert (f"Ctrl-C: stopped at once; the same command continues from {out}/ckpt.pt, the last checkpoint"
+            in capsys.readouterr().out)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2 and log(out)[-1]["iter"] == 3
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_optimizer_rows_that_stay_zero_are_packed_exactly():
+    # an embedding whose gradient reaches 3 of its 100 rows: AdamW's moments are zero elsewhere and are stored as the
+    # 3 rows; a -0.0 counts as a value (kept), and a dense matrix is stored as it is
+    table, dense = torch.nn.Parameter(torch.randn(100, 8)), torch.nn.Parameter(torch.randn(4, 8))
+    optimizer = torch.optim.AdamW([table, dense], weight_decay=0.2)
+    (table[[3, 50, 97]].sum() * 2 + dense.square().sum()).backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["state"][0]["exp_avg"][10, 2] = -0.0
+    packed = train.pack_zero_rows(state)
+    assert packed["state"][0]["exp_avg"]["packed_rows"].tolist() == [3, 10, 50, 97]
+    assert packed["state"][0]["exp_avg_sq"]["packed_rows"].tolist() == [3, 50, 97]
+    assert torch.is_tensor(packed["state"][1]["exp_avg"])  # dense: left as it is
+    restored = train.unpack_zero_rows(packed)
+    for i in (0, 1):
+        for k, t in state["state"][i].items():
+            bits = restored["state"][i][k].reshape(-1).view(torch.uint8)
+            assert torch.equal(t.reshape(-1).view(torch.uint8), bits), (i, k)  # bit for bit
+    assert train.unpack_zero_rows(state) == state  # an older checkpoint's state, nothing packed
+    optimizer.load_state_dict(restored)
+
+
+def test_best_pt_holds_the_weights_only(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data_dir=" + data, "--batch_size=8", *TINY]
+    run(base + [f"--out_dir={out}", "--max_iters=2", "--eval_interval=1"])
+    best, ckpt = (torch.load(out / name, weights_only=True) for name in ("best.pt", "ckpt.pt"))
+    assert set(ckpt) - set(best) == {"optimizer", "scaler", "rng"} and best["iter_num"] in (1, 2)
+    assert train.sha256_file(str(out / "best.pt")) == (out / "best.pt.sha256").read_text().strip()
+    model_bytes = sum(t.numel() * t.element_size() for t in ckpt["model"].values())
+    # ckpt.pt: the weights and AdamW's two moments, less the token rows that no caption holds (most of CLIP's 49,408):
+    # 1.6x the weights instead of 3x
+    tokenizer = prepare.get_tokenizer("clip", None)
+    with open(os.path.join(data, "train.jsonl")) as f:
+        words = {i for line in f for c in json.loads(line)["captions"] for i in tokenizer.encode(c)}
+    token_rows = [t for s in ckpt["optimizer"]["state"].values() for t in s.values()
+                  if isinstance(t, dict) and t["shape"][0] == 49408]
+    assert len(token_rows) == 2 and all(0 < len(t["packed_rows"]) for t in token_rows)
+    assert all(set(t["packed_rows"].tolist()) <= words | {49406, 49407} for t in token_rows)  # + start, end
+    assert os.path.getsize(out / "best.pt") < 1.05 * model_bytes
+    assert os.path.getsize(out / "ckpt.pt") < 1.2 * model_bytes
+    # what best.pt is for: eval.py, fine-tuning from it, and the final test (a run with a val split reads it)
+    metrics = hmmc_eval.main([f"--init_from={out / 'best.pt'}", "--device=cpu", "--num_workers=0",
+                              f"--out={tmp_path / 'eval.json'}"])
+    assert set(metrics["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
+    run(base + [f"--out_dir={tmp_path / 'ft'}", "--max_iters=1", f"--init_from={out / 'best.pt'}"])
+    assert json.load(open(tmp_path / "ft" / "results.json"))["iter"] == 1
+    # and not for resuming: as ckpt.pt it is refused with why
+    shutil.copy(out / "best.pt", out / "ckpt.pt")
+    os.remove(out / "ckpt.pt.sha256")
+    assert train.checkpoint_problem(str(out / "ckpt.pt")).startswith("it holds the weights only (as best.pt does")
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):

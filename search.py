@@ -1,0 +1,853 @@
+"""
+Search your own videos with free text: an index of a folder (frames extracted by ffmpeg, embeddings cached, a new,
+changed or removed file redone alone), ranking by HMMC's hierarchical similarity, an HTML report, and a search page.
+
+$ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --query="a dog catches a frisbee" --html=hits.html
+prints one line per hit, best first: `rank video_id score`, the id being the file's path under DIR without its
+extension (`sub/bikes` for my_videos/sub/bikes.mp4). The page over the same folder, at http://127.0.0.1:8000 until
+Ctrl-C (serve.py is its web server):
+$ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --serve
+Real videos want a real model: OpenAI's CLIP, zero-shot (frames mean-pooled, no temporal transformer):
+$ python search.py --init_from=clip --clip_path=ViT-B-32.pt --videos=my_videos/ --serve
+
+DIR is a folder of video files or a prepared dataset folder (frames.lmdb + <split>.jsonl). The index lives in
+DIR/.hmmc_index/ unless --index_dir says where (a folder you cannot write to needs it). Scores are
+100*cos(query, video) + frame_match_weight * mean of the top-k 100*cos(query, frame): higher is closer, comparable
+between the videos of one query, not a probability.
+"""
+
+import base64
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+import unicodedata
+import urllib.parse
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from html import escape
+
+import numpy as np
+import torch
+
+import configurator
+import eval as hmmc_eval
+import prepare
+from common import run_script, set_cpu_threads
+
+# -----------------------------------------------------------------------------
+_keys_before = set(globals())
+# defaults for `python search.py`; None means "take it from the checkpoint's training config"
+init_from = ""  # a checkpoint written by train.py, an original HMMC state dict, or "clip" (OpenAI CLIP, zero-shot)
+clip_path = "ViT-B-32.pt"  # OpenAI CLIP weights, for init_from="clip"
+bert_path = None  # HF Chinese BERT folder, for init_from="clip" with text_encoder="bert"
+text_encoder = None  # "clip" | "bert"; fixed by the checkpoint, only init_from="clip" may choose
+bert_vocab = None  # vocab.txt of the Chinese tokenizer
+videos = ""  # the folder to search: video files (searched recursively) or a prepared dataset folder
+query = ""  # free text (English or Chinese, as the checkpoint's text encoder reads)
+queries_file = ""  # more queries, one per line
+top = 5  # hits per query
+html = ""  # write a self-contained HTML page of the hits here
+index_dir = ""  # where the index lives; default DIR/.hmmc_index (give one for a folder you cannot write to)
+frames_per_video = 30  # frames extracted per video file
+extract_workers = 4  # ffmpeg processes when extracting
+retry_failed = False  # extract again the files that failed before even when unchanged (changed files always are)
+serve = False  # serve a search page over DIR (queries typed there) instead of answering --query
+host = "127.0.0.1"  # address of the search page; anything but loopback lets other machines see it and the videos
+port = 8000  # port of the search page (0: any free one)
+allowed_hosts = ""  # more names the page answers to in the Host header (comma-separated): loopback names, IP
+#                     addresses and this machine's name always work; any other name is refused (DNS rebinding)
+conn_timeout = 60.0  # seconds a connection of the page may stay silent (idle or half-sent) before it is dropped
+max_connections = 64  # connections of the page served at once; more are told to retry
+num_frames = None  # frames per video the model reads (the checkpoint's)
+image_size = None  # pixels per frame side the model sees
+context_length = None  # text tokens per query
+top_k_frames = None  # hierarchical matching: mean of the k best-matching frames
+frame_match_weight = None  # weight of the frame term; 0 = video-level similarity only
+batch_size = 256 if torch.cuda.is_available() else 64  # videos per encoding batch
+num_workers = min(8, os.cpu_count() or 1)  # data loader processes for encoding
+device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # GPU autocast
+config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
+# -----------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------- the index cache
+
+INDEX_VERSION = 2  # bump when the layout of index_<key>.pt changes: older files are then ignored, not misread
+
+
+def _list_videos(source: str, skip: str = "") -> dict:
+    """{video id: path} of the video files under `source` (recursive; hidden names, *.lmdb folders and `skip`
+    left out). The id is the path relative to `source` without its extension, so `bikes.MP4` and `sub/bikes.mp4`
+    are `bikes` and `sub/bikes`; files that share a stem in one folder keep their extension (`a.mp4`, `a.mkv`)."""
+    files = []
+    for root, dirs, names in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".lmdb")
+                         and os.path.realpath(os.path.join(root, d)) != skip)
+        files += [os.path.relpath(os.path.join(root, n), source).replace(os.sep, "/") for n in sorted(names)
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in prepare.VIDEO_EXTENSIONS]
+    stems = Counter(os.path.splitext(f)[0] for f in files)
+    return {(os.path.splitext(f)[0] if stems[os.path.splitext(f)[0]] == 1 else f): os.path.join(source, f)
+            for f in files}
+
+
+def _file_sha1(path: str, chunk: int = 1 << 20) -> str:
+    """sha1 of a file's size, first and last MiB: a few reads whatever the size, and it tells a replaced video
+    from a copy of the same file (a touch or a copy-back does not force a re-extraction)."""
+    h = hashlib.sha1(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        f.seek(max(0, os.path.getsize(path) - chunk))
+        h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def _inside(root: str, path: str) -> bool:
+    """Whether `path`, once links are resolved, lies inside the folder `root` (resolved already)."""
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def _extract_video(job):
+    """Worker: (id, path, frames, size, folder) -> (id, JPEG frames or None, error or None, duration in s or None).
+    An error names the file by its path under the folder: ffmpeg's text carries the absolute one."""
+    vid, path, num_frames, frame_size, source = job
+    try:  # the duration turns stored frame positions into times in the report
+        duration = prepare.probe_video(path)["duration"]
+    except Exception:
+        duration = None
+    _, frames, err = prepare._extract_job((vid, path, num_frames, frame_size, 90))
+    if err:
+        err = err.replace(os.path.abspath(path), os.path.relpath(path, source)).replace(path, os.path.relpath(
+            path, source))
+    return vid, frames, err, duration
+
+
+def _delete_frames(db, ids) -> None:
+    # FrameDB has no delete: the frames of removed or now-broken files go straight through its LMDB environment
+    with db.env.begin(write=True) as txn:
+        for vid in ids:
+            for i in range(db.num_frames):
+                txn.delete(f"{vid}_{i}".encode())
+
+
+# a link inside the folder to a file outside it is neither indexed nor served: whoever may open the page sees only
+# what lies in the folder, and a link elsewhere is reported among the skipped files instead of half-working
+LINK_OUT = "a link to a file outside the folder: not indexed (copy or move the file into the folder)"
+
+
+def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int, workers: int,
+                       retry_failed: bool, progress=None) -> dict:
+    """Bring cache_dir/frames_<T>x<size>.lmdb in line with the video files under `source`: extract new and changed
+    files (size or mtime differ and so does the content hash), drop removed ones, retry failed ones that changed
+    (all failed ones with retry_failed). The manifest next to the LMDB records each file's size, mtime, hash,
+    duration and error. Files are decoded `workers` at a time, each by its own ffmpeg process (threads here: no
+    fork). progress(text), when given, hears of each video done. Returns {"lmdb", "ids", "skipped", "paths",
+    "stamps", "durations", "stored_frames", "extracted"}."""
+    videos = _list_videos(source, skip=os.path.realpath(cache_dir))
+    if not videos:
+        raise ValueError(f"--videos={source}: neither video files nor a frames.lmdb in this folder; nothing to index")
+    root = os.path.realpath(source)
+    outside = {vid: LINK_OUT for vid, path in videos.items() if not _inside(root, path)}
+    videos = {vid: path for vid, path in videos.items() if vid not in outside}
+    os.makedirs(cache_dir, exist_ok=True)
+    lmdb_path = os.path.join(cache_dir, f"frames_{frames_per_video}x{frame_size}.lmdb")  # one store per setting
+    manifest_path = lmdb_path[:-len(".lmdb")] + ".json"
+    old = {}
+    if os.path.exists(manifest_path) and os.path.exists(lmdb_path):  # without the LMDB every file is new
+        with open(manifest_path, encoding="utf-8") as f:
+            old = json.load(f)
+    files, todo = {}, []
+    for vid, path in videos.items():
+        st = os.stat(path)
+        prev = old.get(vid)
+        if prev and prev["size"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
+            entry = dict(prev)
+        else:
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _file_sha1(path)}
+            if prev and prev["sha1"] == entry["sha1"]:  # touched, same bytes: keep the frames and the outcome
+                entry = {**prev, **entry}
+        entry["path"] = os.path.relpath(path, source)
+        files[vid] = entry
+        if "error" not in entry or (entry["error"] and retry_failed):
+            todo.append(vid)
+    removed = [vid for vid in old if vid not in files]
+
+    extracted = []
+    if todo or removed:
+        with prepare.FrameDB(lmdb_path, readonly=False, num_frames=frames_per_video, frame_size=frame_size) as db:
+            _delete_frames(db, removed)
+            if todo:
+                try:
+                    prepare._check_ffmpeg()
+                except RuntimeError as e:  # a missing tool is bad input too: one line, not a traceback
+                    raise FileNotFoundError(str(e)) from None
+                print(f"extracting {frames_per_video} frames from each of {len(todo)} new or changed videos "
+                      f"(of {len(videos)}) into {lmdb_path}", flush=True)
+            jobs = [(vid, videos[vid], frames_per_video, frame_size, source) for vid in todo]
+            pool = ThreadPoolExecutor(max(1, workers))
+            try:
+                results = pool.map(_extract_video, jobs)
+                t0 = last = time.time()
+                for n, (vid, frames, err, duration) in enumerate(results, 1):  # this thread is the only writer
+                    files[vid].update(error=err, duration=duration)
+                    if err is None:
+                        db.put_video(vid, frames)
+                        extracted.append(vid)
+                    else:
+                        _delete_frames(db, [vid])  # a file that broke must not keep serving its old frames
+                    if progress:
+                        progress(f"extracting frames: {n} of {len(jobs)} new or changed videos")
+                    if time.time() - last >= 10:
+                        last = time.time()
+                        print(f"extracting: {n}/{len(jobs)} videos, {n / (last - t0):.2g}/s", flush=True)
+            finally:
+                pool.shutdown(cancel_futures=True)
+    if files != old:  # also when files were only touched: their new mtimes spare the hashing next time
+        tmp = manifest_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(files, f, ensure_ascii=False, indent=0)
+        os.replace(tmp, manifest_path)  # written after the frames: a killed run redoes its videos, nothing worse
+    skipped = {vid: e["error"] for vid, e in files.items() if e.get("error")}
+    ids = [v for v in files if v not in skipped]
+    skipped.update(outside)
+    return {"lmdb": lmdb_path, "ids": ids, "skipped": skipped, "paths": videos,
+            "stamps": {v: e["sha1"] for v, e in files.items()},
+            "durations": {v: e.get("duration") for v, e in files.items()}, "stored_frames": frames_per_video,
+            "extracted": extracted, "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
+
+
+def _read_prepared(source: str) -> dict:
+    """A prepared dataset folder, read in place: the videos of all its splits (a video in several is indexed once),
+    in the same dict as _sync_video_folder. Its videos are re-encoded together when frames.lmdb changes."""
+    lmdb_path = os.path.join(source, "frames.lmdb")
+    ids, durations = [], {}
+    for name in sorted(os.listdir(source)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(source, name), encoding="utf-8") as f:
+                for obj in map(json.loads, filter(str.strip, f)):
+                    ids.append(str(obj["video_id"]))
+                    durations[ids[-1]] = obj.get("duration")
+    with prepare.FrameDB(lmdb_path) as db:
+        ids = list(dict.fromkeys(ids or db.video_ids()))  # frames without annotations: whatever the LMDB holds
+        skipped = {v: r for v, r in db.failed.items() if v in set(ids)}
+        skipped.update({v: "no frames in the LMDB" for v in ids if v not in skipped and not db.has_video(v)})
+        stored = db.num_frames
+    data_file = os.path.join(lmdb_path, "data.mdb") if os.path.isdir(lmdb_path) else lmdb_path
+    st = os.stat(data_file)
+    return {"lmdb": lmdb_path, "ids": [v for v in ids if v not in skipped], "skipped": skipped, "paths": {},
+            "stamps": dict.fromkeys(ids, f"{st.st_size}|{st.st_mtime_ns}"), "durations": durations,
+            "stored_frames": stored, "extracted": [], "retry_hint": ""}
+
+
+def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames: int, image_size: int,
+                batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
+                frames_per_video: int = 30, extract_workers: int = 4, retry_failed: bool = False,
+                progress=None) -> dict:
+    """Video and frame embeddings of every video under `source` (a folder of video files, or a prepared dataset
+    folder), cached in `cache_dir` per model and settings. Only new and changed videos are extracted and encoded;
+    removed ones are dropped. Returns {"video_ids", "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T]
+    (which stored frames were encoded), "stored_frames", "durations" [V] (seconds or None), "lmdb" (where the frames
+    live), "skipped" {video: reason}, "key", "extracted" and "encoded" (the ids this call extracted / encoded),
+    "paths" {video: its file} (empty for a prepared dataset folder: frames only), "path" (the index file)}.
+    progress(text), when given, hears how far it got (the page shows it during a rescan)."""
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
+                                f"dataset folder with frames.lmdb)")
+    if os.path.exists(os.path.join(source, "frames.lmdb")):
+        src = _read_prepared(source)
+    else:
+        if num_frames > frames_per_video:
+            raise ValueError(f"the model reads {num_frames} frames per video but frames_per_video="
+                             f"{frames_per_video}; pass --frames_per_video={max(30, num_frames)}")
+        # frames for thumbnails are worth a few more pixels than a tiny model needs
+        src = _sync_video_folder(source, cache_dir, frame_size=max(image_size, 112), frames_per_video=frames_per_video,
+                                 workers=extract_workers, retry_failed=retry_failed, progress=progress)
+    ids, skipped = src["ids"], src["skipped"]
+    if skipped:
+        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items())
+              + src["retry_hint"], flush=True)
+    if not ids:
+        raise ValueError(f"--videos={source}: no usable videos to index ({len(skipped)} skipped)")
+    key = hashlib.sha1(json.dumps([INDEX_VERSION, model_key, num_frames, image_size, str(dtype),
+                                   os.path.realpath(src["lmdb"])]).encode()).hexdigest()[:16]
+    index_path = os.path.join(cache_dir, f"index_{key}.pt")
+    old = torch.load(index_path, map_location="cpu", weights_only=True) if os.path.exists(index_path) else None
+    # reuse the embeddings of every video whose file (or LMDB) is as it was; freshly extracted frames are encoded
+    row = {v: i for i, v in enumerate(old["video_ids"] if old else [])
+           if src["stamps"].get(v) == old["stamps"][i] and v not in src["extracted"]}
+    todo = [v for v in ids if v not in row]
+    video_emb, frame_emb = (old["video_emb"], old["frame_emb"]) if old else (None, None)
+    if todo:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(os.path.join(cache_dir, "encode.jsonl"), "w", encoding="utf-8") as f:
+            for v in todo:  # the id as a stand-in caption: never scored, but some loaders want one per video
+                f.write(json.dumps({"video_id": v, "captions": [v]}, ensure_ascii=False) + "\n")
+        dataset = prepare.VideoTextDataset(cache_dir, "encode", None, mode="videos", num_frames=num_frames,
+                                           image_size=image_size, lmdb_path=src["lmdb"])
+        assert dataset.video_ids == todo, "the dataset must list the videos in the order given"
+        print(f"encoding {len(todo)} videos" + (f" ({len(row)} unchanged ones reused)" if row else ""), flush=True)
+        if progress:
+            progress(f"encoding {len(todo)} new or changed videos")
+        try:
+            new_video, new_frame = hmmc_eval.encode_videos(net, dataset, batch_size=batch_size,
+                                                           num_workers=num_workers, device=device, dtype=dtype)
+        finally:  # free this process's reader whatever happened: the next sync of this folder may write
+            if getattr(dataset, "_db", None) is not None:
+                dataset._db.close()
+        base = len(old["video_ids"]) if old else 0
+        row.update({v: base + i for i, v in enumerate(todo)})
+        video_emb = torch.cat([video_emb, new_video.cpu()]) if old else new_video.cpu()
+        frame_emb = torch.cat([frame_emb, new_frame.cpu()]) if old else new_frame.cpu()
+    rows = torch.tensor([row[v] for v in ids], dtype=torch.long)
+    index = {"video_ids": ids, "video_emb": video_emb[rows], "frame_emb": frame_emb[rows],
+             "stamps": [src["stamps"][v] for v in ids],
+             "frame_indices": torch.as_tensor(prepare.sample_frame_indices(src["stored_frames"], num_frames,
+                                                                           "uniform"), dtype=torch.long),
+             "stored_frames": src["stored_frames"], "durations": [src["durations"].get(v) for v in ids],
+             "lmdb": os.path.realpath(src["lmdb"]), "skipped": {str(k): str(v) for k, v in skipped.items()},
+             "key": key}
+    if old is None or todo or old["video_ids"] != ids or old["skipped"] != index["skipped"]:
+        tmp = index_path + ".tmp"
+        torch.save(index, tmp)
+        os.replace(tmp, index_path)  # a killed run never leaves half an index behind
+        print(f"indexed {len(ids)} videos -> {index_path}", flush=True)
+    else:
+        print(f"loaded the index of {len(ids)} videos from {index_path}", flush=True)
+    return {**index, "extracted": src["extracted"], "encoded": todo, "path": index_path,
+            "paths": {v: src["paths"][v] for v in ids if v in src["paths"]}}
+
+
+# ----------------------------------------------------------------------------- search: queries, ranking, report
+
+def _check_query(text: str, tokenizer) -> None:
+    ids = tokenizer.encode(text)
+    unk = getattr(tokenizer, "unk_id", None)
+    if not text.strip() or not ids or (unk is not None and all(i == unk for i in ids)):
+        raise ValueError(f"query {text!r} tokenizes to nothing the text encoder knows; write some words")
+
+
+def _script(ch: str) -> str | None:
+    """The writing system of a letter or symbol: "latin", "cjk", "emoji", "cyrillic", "hangul"...; None otherwise."""
+    cat = unicodedata.category(ch)
+    if cat == "So":
+        return "emoji"  # pictographs and other symbols
+    if not cat.startswith("L"):
+        return None  # digits, punctuation, spaces: every script has them
+    name = unicodedata.name(ch, "")
+    if name.startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH")):
+        return "cjk"
+    return name.split(" ")[0].lower() or "unknown"
+
+
+def _quote(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
+
+
+def words(text: str) -> list[str]:
+    """The words of a caption or query, lower-cased: runs of letters, and each Chinese character on its own (Chinese
+    has no spaces; the Chinese BERT reads one character per token)."""
+    out = []
+    for run in re.findall(r"[^\W\d_]+", text.lower()):
+        out += [run] if not any(_script(c) == "cjk" for c in run) else re.findall(r"[^\W\d_]", run)
+    return out
+
+
+def caption_vocabulary(path: str, field: str = "captions") -> set:
+    """Every word of the captions in a dataset's <split>.jsonl (`field` holds a list of captions or one)."""
+    vocab = set()
+    with open(path, encoding="utf-8") as f:
+        for line in filter(str.strip, f):
+            captions = json.loads(line).get(field) or []
+            for caption in [captions] if isinstance(captions, str) else captions:
+                vocab.update(words(str(caption)))
+    return vocab
+
+
+def training_captions(ckpt_config: dict) -> tuple[str, str] | None:
+    """(jsonl path, caption field) of the captions a train.py checkpoint learned from, as its config names them;
+    None when the config names no dataset (OpenAI's CLIP, an original HMMC state dict)."""
+    if not ckpt_config or not (ckpt_config.get("data_dir") or ckpt_config.get("dataset")):
+        return None
+    data_dir = ckpt_config.get("data_dir") or os.path.join("data", ckpt_config["dataset"])
+    return (os.path.join(data_dir, f"{ckpt_config.get('train_split') or 'train'}.jsonl"),
+            ckpt_config.get("caption_field") or "captions")
+
+
+def query_warnings(text: str, tokenizer, context_length: int, vocabulary: set | None = None) -> list[str]:
+    """What to know before trusting the scores of `text`, one line each: it was cut to the model's caption length,
+    it is written in a script the text encoder was not trained on, or most of its words never occur in the captions
+    the model was trained on (`vocabulary`, see caption_vocabulary). The scores look just as confident then."""
+    out = []
+    n, kept = len(tokenizer.encode(text)), context_length - 2  # each row also holds a start and an end token
+    if n > kept:
+        out.append(f"query {_quote(text)} is {n} tokens long; the model reads {context_length} per caption, so only "
+                   f"the first {kept} were kept")
+    scripts = {s for s in map(_script, text) if s}
+    if isinstance(tokenizer, prepare.BertTokenizer):
+        if "latin" in scripts and "cjk" not in scripts:
+            out.append(f"query {_quote(text)} is in Latin script but the text encoder (Chinese BERT) was trained on "
+                       f"Chinese captions; its scores will look confident and mean little. Write it in Chinese")
+    elif scripts - {"latin"}:
+        out.append(f"query {_quote(text)} contains {', '.join(sorted(scripts - {'latin'}))} text, which the CLIP "
+                   f"text encoder (trained on English) barely knows; its scores will look confident and mean little")
+    if vocabulary:
+        known = list(dict.fromkeys(words(text)))
+        unknown = [w for w in known if w not in vocabulary]
+        if 2 * len(unknown) > len(known):
+            out.append(f"{len(unknown)} of the {len(known)} words of query {_quote(text)} never occur in the "
+                       f"{len(vocabulary)}-word vocabulary of the captions this model was trained on "
+                       f"({', '.join(unknown[:6])}{', ...' if len(unknown) > 6 else ''}); its scores will look "
+                       f"confident and mean little. Use words it knows, or a model trained on richer captions "
+                       f"(e.g. --init_from=clip)")
+    return out
+
+
+@torch.no_grad()
+def search_index(net, index: dict, queries: list[str], *, tokenizer, context_length: int, top_k_frames: int,
+                 frame_match_weight: float, top: int = 5, device: str = "cpu", dtype=None) -> list[list[dict]]:
+    """Rank the indexed videos for each query -> per query a list of hits, best first:
+    {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame), "top_frames" [k positions]}."""
+    if not index["video_ids"]:
+        raise ValueError("the index is empty: no videos to search")
+    if int(top) < 1:
+        raise ValueError(f"top={top}: ask for at least one hit per query")
+    for q in queries:
+        _check_query(q, tokenizer)
+    ids, mask = tokenizer(queries, context_length)
+    text_emb = hmmc_eval.encode_texts(net, ids, mask, device=device, dtype=dtype)
+    video_emb = index["video_emb"].to(device)
+    frame_emb = index["frame_emb"].to(device)
+    k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
+    sim = hmmc_eval.similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=k,
+                                      frame_match_weight=frame_match_weight, normalized=True)  # unit vectors: (Q, V)
+    results = []
+    for qi in range(len(queries)):
+        order = np.argsort(-sim[qi], kind="stable")[:top]
+        # frame scores of the hits only: those of every video would cost as much again as the ranking (10k videos)
+        frame_sim = 100.0 * torch.einsum("e,hte->ht", text_emb[qi], frame_emb[torch.as_tensor(order)]).cpu()
+        results.append([{"rank": h + 1, "video_id": index["video_ids"][vi], "score": float(sim[qi, vi]),
+                         "frame_scores": [float(x) for x in frame_sim[h]],
+                         "top_frames": sorted(int(x) for x in frame_sim[h].topk(k).indices)}
+                        for h, vi in enumerate(order)])
+    return results
+
+
+def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
+    """A stored frame shrunk to `height` px (and at most 4x as wide), as JPEG: for the report and the search page."""
+    from PIL import Image
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    img.thumbnail((height * 4, height))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def explain_score(hit: dict, frame_match_weight: float) -> str:
+    """One line on what a hit's score is made of, from its frame scores: the video term and the frame term."""
+    k = len(hit["top_frames"])
+    frames = sum(hit["frame_scores"][t] for t in hit["top_frames"]) / max(k, 1)
+    video = hit["score"] - frame_match_weight * frames
+    return (f"score {hit['score']:.2f} = video {video:.2f} + {frame_match_weight:g} \u00d7 mean of the top-{k} "
+            f"frames {frames:.2f}, each 100 \u00d7 cosine with the query (at most 100); higher is closer, comparable "
+            f"between the videos of one query, not a probability")
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"  # 1:05.3
+
+
+def frame_time(position: int, duration, stored) -> float | None:
+    """Seconds into the video of stored frame `position`; None when the duration is unknown. Extraction takes the
+    centre of each of `stored` equal segments of the video."""
+    return (position + 0.5) * duration / stored if duration and stored else None
+
+
+def frame_label(seconds, score: float) -> str:
+    """The caption under a frame: its time in the video (when known) and 100 x cosine of the query with it."""
+    return f"{_clock(seconds)} \u00b7 {score:.1f}" if seconds is not None else f"{score:.1f}"
+
+
+_CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
+        # frames shrink to share the page width (min-width:0 lets a flex item go below its image's width)
+        ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;font-size:11px;"
+        "color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;border:3px solid transparent}"
+        "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}")
+
+
+def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None, style: str = "") -> list[str]:
+    """The top of a results page, as a list of HTML lines with everything escaped: title, the checkpoint, and the
+    files skipped as unreadable with their reasons. `style` is CSS added after the report's."""
+    title = escape(title)
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
+             f"<style>{_CSS}{style}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    if checkpoint:
+        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
+    if skipped:
+        parts.append(f"<details class=\"skipped\"><summary>{len(skipped)} file(s) skipped as "
+                     f"unreadable</summary><ul>")
+        parts += [f"<li><code>{escape(v)}</code>: {escape(r)}</li>" for v, r in skipped.items()]
+        parts.append("</ul></details>")
+    return parts
+
+
+def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
+               checkpoint: str = "") -> None:
+    """One self-contained page: the checkpoint and the skipped files first, then for each query its top videos,
+    each as a strip of the encoded frames (JPEG thumbnails inlined as base64, shrunk to fit the page width) with the
+    top-k matched frames outlined and each frame's time in the video and score under it."""
+    positions = [int(p) for p in index["frame_indices"]]
+    stored = index.get("stored_frames")
+    durations = dict(zip(index["video_ids"], index.get("durations") or []))
+    parts = page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
+    with prepare.FrameDB(index["lmdb"]) as db:
+        for text, hits in zip(queries, results):
+            parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
+                         f"<p class=\"meta\">outlined: the top-{len(hits[0]['top_frames']) if hits else 0} frames "
+                         f"that entered the score; under each frame: its time in the video and 100 x cosine of the "
+                         f"query with it</p>")
+            for hit in hits:
+                vid = hit["video_id"]
+                duration = durations.get(vid)
+                jpegs = db.get_frames(vid, positions)
+                parts.append(f"<div class=\"hit\" data-video-id=\"{escape(vid)}\"><div><b>{hit['rank']}.</b> "
+                             f"{escape(vid)} &mdash; score {hit['score']:.2f}"
+                             f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
+                for t, (p, jpeg, score) in enumerate(zip(positions, jpegs, hit["frame_scores"])):
+                    cls = " class=\"top\"" if t in hit["top_frames"] else ""
+                    thumb = base64.b64encode(thumbnail_jpeg(jpeg)).decode("ascii")
+                    parts.append(f"<figure{cls}><img alt=\"{escape(vid)} frame {p}\" "
+                                 f"src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
+                                 f"{escape(frame_label(frame_time(p, duration, stored), score))}</figcaption></figure>")
+                parts.append("</div></div>")
+            parts.append("</section>")
+    parts.append("</body></html>")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+
+
+
+def _checkpoint_key(init_from: str, clip_path: str) -> str:
+    path = clip_path if init_from == "clip" else init_from
+    st = os.stat(path)
+    return f"{init_from}|{os.path.realpath(path)}|{st.st_size}|{int(st.st_mtime)}"
+
+
+# ----------------------------------------------------------------------------- the engine behind the search page
+
+LANGUAGES = {"clip": "English (CLIP text encoder)", "bert": "Chinese (Chinese BERT text encoder)"}
+
+
+class QueryError(ValueError):
+    """A request the engine refuses: the HTTP status to answer with and what to tell the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Searcher:
+    """The model, one folder's index and its files, shared by the page's request threads (serve.py asks it through
+    rank, thumbnail, video_file, rescan, status and info). `lock` serialises the model calls and guards the index;
+    a rescan builds the next index in a spawned process while queries keep answering from this one, then swaps it
+    in under the lock. Frames are read through an LMDB reader with a lock table, so the rescan's writer in the
+    other process never changes a page under it."""
+
+    def __init__(self, net, source: str, *, index_args: dict, rank_args: dict, top: int = 5, checkpoint: str = "",
+                 vocabulary: set | None = None):
+        self.net, self.source, self.index_args, self.rank_args = net, source, index_args, rank_args
+        self.top, self.checkpoint, self.vocabulary = top, checkpoint, vocabulary
+        self.language = LANGUAGES.get(net.cfg.text_encoder, net.cfg.text_encoder)
+        self.lock = threading.Lock()  # the model and self.index
+        self.frames_lock = threading.Lock()  # the frame store's reader
+        self.rescan_lock = threading.Lock()  # one rescan at a time
+        self.env = None
+        self.rescan_state = {"running": False}
+        self.child = None
+        # a spawned rescan gets the weights through shared memory instead of a pickled copy; moved there once,
+        # now, before any request thread can be using them
+        net.share_memory()
+        self.index = self._prepare(build_index(net, source, **index_args))
+
+    @staticmethod
+    def _prepare(index: dict) -> dict:
+        """build_index's answer plus what the requests look up (its "paths" are the files that may be served)."""
+        return {**index, "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]],
+                "durations_of": dict(zip(index["video_ids"], index["durations"]))}
+
+    def rank(self, query: str, top: int) -> dict:
+        """The page's answer to a query: the hits of search_index with their frames' URLs, times and labels, each
+        score explained, the URL of each video file with the time of its best-matching frame, and the warnings."""
+        t0 = time.perf_counter()
+        with self.lock:
+            index = self.index
+            try:
+                hits = search_index(self.net, index, [query], top=top, **self.rank_args)[0]
+            except ValueError as e:  # a query that tokenizes to nothing
+                raise QueryError(400, str(e)) from None
+        seconds = time.perf_counter() - t0
+        positions, weight = index["positions"], float(self.rank_args["frame_match_weight"])
+        for hit in hits:
+            vid = hit["video_id"]
+            duration = index["durations_of"].get(vid)
+            times = [frame_time(p, duration, index["stored_frames"]) for p in positions]
+            hit["frames"] = [{"position": p, "url": "/frame?" + urllib.parse.urlencode({"id": vid, "p": p}),
+                              "time": t, "label": frame_label(t, score), "top": i in hit["top_frames"]}
+                             for i, (p, t, score) in enumerate(zip(positions, times, hit["frame_scores"]))]
+            best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
+            hit["start"] = times[best] or 0.0
+            hit["duration"] = duration
+            hit["length"] = _clock(duration) if duration else None
+            hit["explain"] = explain_score(hit, weight)
+            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
+        warnings = query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"],
+                                  self.vocabulary)
+        return {"query": query, "hits": hits, "warnings": warnings, "videos": len(index["video_ids"]),
+                "seconds": seconds}
+
+    def thumbnail(self, vid: str, position: int) -> bytes:
+        with self.lock:
+            index = self.index
+        if vid not in index["known"]:
+            raise QueryError(404, "no such video in the index")
+        if position not in index["positions"]:
+            raise QueryError(404, f"frame {position} is not one the model saw")
+        import lmdb
+        with self.frames_lock:
+            for attempt in (1, 2):  # a rescan's writer may have grown the map: reopen once
+                try:
+                    if self.env is None:
+                        self.env = self._open_frames(index["lmdb"])
+                    with self.env.begin() as txn:
+                        jpeg = txn.get(f"{vid}_{position}".encode())
+                    break
+                except lmdb.Error:
+                    self._close_frames()
+                    if attempt == 2:
+                        raise
+        if jpeg is None:  # its file changed or left during a rescan, which has not finished yet
+            raise QueryError(404, "this frame is being replaced by a rescan; search again when it is done")
+        return thumbnail_jpeg(jpeg)
+
+    @staticmethod
+    def _open_frames(path: str):
+        import lmdb
+        subdir = os.path.isdir(path)
+        try:  # with the lock table, LMDB keeps every page this reader sees until it is done, whatever writes
+            return lmdb.open(path, readonly=True, lock=True, readahead=False, subdir=subdir, max_readers=256)
+        except lmdb.Error:  # a prepared dataset on read-only storage: no lock file, and no rescan writes there
+            return lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=subdir)
+
+    def _close_frames(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def video_file(self, vid: str) -> str:
+        """The file of an indexed video, if it still lies inside the folder once links are resolved (the same rule
+        the index follows: a link out of the folder is neither indexed nor served)."""
+        with self.lock:
+            path = self.index["paths"].get(vid)
+        if path is None or not _inside(os.path.realpath(self.source), path) or not os.path.isfile(path):
+            raise QueryError(404, "no video file with this id")
+        return os.path.realpath(path)
+
+    def rescan(self) -> dict:
+        """Build the index again in a spawned process (new and changed files extracted and encoded, removed ones
+        dropped) and swap it in; queries keep answering from the current index meanwhile. A failure keeps it."""
+        if not self.rescan_lock.acquire(blocking=False):
+            raise QueryError(409, "a rescan is already running")
+        t0 = time.perf_counter()
+        try:
+            self.rescan_state = {"running": True, "progress": "starting"}
+            try:
+                new = self._prepare(self._build_elsewhere())
+            except QueryError as e:
+                self.rescan_state = {"running": False, "error": str(e)}
+                raise
+            with self.lock:
+                self.index = new
+            with self.frames_lock:
+                self._close_frames()  # the next thumbnail opens the store of the new index
+            result = {"videos": len(new["video_ids"]), "extracted": new["extracted"], "encoded": new["encoded"],
+                      "skipped": new["skipped"], "seconds": time.perf_counter() - t0}
+            self.rescan_state = {"running": False, "result": result}
+            return result
+        finally:
+            self.rescan_lock.release()
+
+    def _build_elsewhere(self) -> dict:
+        """build_index in a spawned process: nothing of this server (its sockets, its threads) is inherited, and
+        the child's readers and writers all end with it, whatever happens there."""
+        ctx = mp.get_context("spawn")
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_rescan_child, args=(sender, self.net, self.source, self.index_args),
+                            name="hmmc-rescan")
+        child.start()
+        sender.close()
+        self.child = child
+        answer = None
+        try:
+            while answer is None:
+                try:
+                    kind, payload = receiver.recv()
+                except EOFError:  # the child ended without a word (killed, out of memory)
+                    break
+                if kind == "progress":
+                    self.rescan_state = {"running": True, "progress": payload}
+                else:
+                    answer = kind, payload
+        finally:
+            receiver.close()
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+                child.join()
+            self.child = None
+        if answer is None:
+            raise QueryError(409, f"rescan failed, the previous index is kept: the rescan process ended with exit "
+                                  f"code {child.exitcode} before finishing")
+        kind, payload = answer
+        if kind == "error":
+            raise QueryError(409, f"rescan failed, the previous index is kept: {payload}")
+        index = torch.load(payload["path"], map_location="cpu", weights_only=True)
+        return {**index, **payload}
+
+    def status(self) -> dict:
+        with self.lock:
+            videos = len(self.index["video_ids"])
+        return {"videos": videos, "rescan": dict(self.rescan_state)}
+
+    def info(self) -> dict:
+        """What the page shows above the search box."""
+        with self.lock:
+            index = self.index
+        return {"title": f"HMMC search over {self.source}", "checkpoint": self.checkpoint, "language": self.language,
+                "videos": len(index["video_ids"]), "skipped": index["skipped"], "top": self.top,
+                "top_k_frames": int(self.rank_args["top_k_frames"]),
+                "frame_match_weight": float(self.rank_args["frame_match_weight"])}
+
+    def close(self):
+        """Stop a rescan in progress (its process) and let go of the frame store."""
+        child = self.child
+        if child is not None and child.is_alive():
+            child.kill()
+        with self.frames_lock:
+            self._close_frames()
+
+
+def _rescan_child(conn, net, source: str, index_args: dict):
+    """Runs in the spawned rescan process: build_index, telling the parent how far it got, then where the index is
+    (the embeddings travel through the index file, not the pipe)."""
+    torch.set_num_threads(1)  # beside the server, which keeps answering queries meanwhile
+    try:
+        index = build_index(net, source, progress=lambda text: conn.send(("progress", text)), **index_args)
+        conn.send(("done", {k: index[k] for k in ("path", "extracted", "encoded", "paths")}))
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        traceback.print_exc()
+        conn.send(("error", str(e) or type(e).__name__))
+    finally:
+        conn.close()
+
+
+def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: str = "127.0.0.1", port: int = 8000,
+                top: int = 5, checkpoint: str = "", vocabulary: set | None = None, **server_args):
+    """A search page over `source` listening on host:port (port 0: any free one; see server.server_address) but not
+    yet serving: call serve_forever(), in a thread for tests. The port is taken first, then the index built, so a
+    busy port fails before minutes of indexing. server_args go to serve.Server (allowed_hosts, conn_timeout,
+    max_connections)."""
+    import serve
+    server = serve.listen(host, port, **server_args)
+    try:
+        server.search = Searcher(net, source, index_args=index_args, rank_args=rank_args, top=top,
+                                 checkpoint=checkpoint, vocabulary=vocabulary)
+    except BaseException:
+        server.server_close()
+        raise
+    return server
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def main(argv=None):
+    defaults = {k: globals()[k] for k in config_keys}
+    cfg = configurator.configure(defaults, sys.argv[1:] if argv is None else argv, prog="search.py",
+                                 descriptions=configurator.describe(__file__))
+    source = cfg["videos"]
+    if not source:
+        raise ValueError("--videos=DIR: name the folder of video files (or the prepared dataset folder) to search")
+    if cfg["top"] < 1:
+        raise ValueError(f"--top={cfg['top']}: ask for at least one hit per query (e.g. --top=5)")
+    if cfg["serve"]:
+        for key in ("query", "queries_file", "html"):
+            if cfg[key]:
+                raise ValueError(f"--serve takes its queries in the page; drop --{key}")
+    elif not cfg["query"] and not cfg["queries_file"]:
+        raise ValueError("search.py needs --query=TEXT (or --queries_file=FILE, one query per line), or --serve "
+                         "for a search page")
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
+                                f"dataset folder with frames.lmdb)")
+    cache_dir = cfg["index_dir"] or os.path.join(source, ".hmmc_index")
+    if not cfg["index_dir"] and not os.access(source, os.W_OK):
+        raise ValueError(f"--videos={source}: this folder is not writable, so the index cannot live in it; pass "
+                         f"--index_dir=A_WRITABLE_FOLDER")
+    dev = cfg["device"]
+    dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
+    net, s, tokenizer, ckpt_config = hmmc_eval.load_net({**cfg, "dataset": None, "data_dir": None,
+                                                         "caption_field": None}, dev)
+    checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
+    vocabulary, captions = None, training_captions(ckpt_config)
+    if captions and os.path.isfile(captions[0]):
+        vocabulary = caption_vocabulary(*captions)
+    elif captions:
+        print(f"note: the captions this model was trained on ({captions[0]}) are not here, so queries are not "
+              f"checked against its vocabulary", flush=True)
+    index_args = dict(cache_dir=cache_dir, model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]),
+                      num_frames=s["num_frames"], image_size=s["image_size"], batch_size=cfg["batch_size"],
+                      num_workers=cfg["num_workers"], device=dev, dtype=dtype,
+                      frames_per_video=cfg["frames_per_video"], extract_workers=cfg["extract_workers"],
+                      retry_failed=cfg["retry_failed"])
+    rank_args = dict(tokenizer=tokenizer, context_length=s["context_length"], top_k_frames=s["top_k_frames"],
+                     frame_match_weight=s["frame_match_weight"], device=dev, dtype=dtype)
+    if cfg["serve"]:
+        import serve  # here: only this mode needs the server
+        # a query is a few small matmuls: spinning OpenMP threads on a shared CPU made them 10x slower (README)
+        set_cpu_threads(dev)
+        hosts = [h.strip() for h in cfg["allowed_hosts"].split(",") if h.strip()]
+        server = make_server(net, source, index_args=index_args, rank_args=rank_args, host=cfg["host"],
+                             port=cfg["port"], top=cfg["top"], checkpoint=checkpoint, vocabulary=vocabulary,
+                             allowed_hosts=hosts, conn_timeout=cfg["conn_timeout"],
+                             max_connections=cfg["max_connections"])
+        serve.run(server, source)
+        return []
+    queries = [cfg["query"]] if cfg["query"] else []
+    if cfg["queries_file"]:
+        with open(cfg["queries_file"], encoding="utf-8") as f:
+            queries += [line.strip() for line in f if line.strip()]
+    for q in queries:  # fail on a bad query before spending minutes on an index
+        _check_query(q, tokenizer)
+        for line in query_warnings(q, tokenizer, s["context_length"], vocabulary):
+            print(f"warning: {line}", flush=True)
+    index = build_index(net, source, **index_args)
+    results = search_index(net, index, queries, top=cfg["top"], **rank_args)
+    for q, hits in zip(queries, results):
+        if len(queries) > 1:
+            print(f"query: {q}")
+        for hit in hits:
+            print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
+    sys.stdout.flush()
+    if cfg["html"]:
+        write_html(cfg["html"], index, queries, results, title=f"HMMC search over {source}", checkpoint=checkpoint)
+        print(f"wrote {cfg['html']}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    run_script(main)
