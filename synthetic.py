@@ -180,7 +180,8 @@ def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
     h, w, _ = frames[0].shape
     cmd = ["ffmpeg", "-y", "-loglevel", "error", "-threads", "1", "-f", "rawvideo", "-pix_fmt", "rgb24",
            "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
-    proc = subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), capture_output=True)
+    # a few dozen tiny frames take well under a second: a minute means ffmpeg hangs
+    proc = subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), capture_output=True, timeout=60)
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
 

@@ -575,6 +575,15 @@ def build_model(tokenizer, resume_path: str | None):
         resume_path or init_from, None if resume_path else hmmc_model.HMMCConfig(**model_args),
         clip_path=clip_path, bert_path=bert_path)
     print0(info["message"])
+    # a token id past the embedding table would stop the first step with a bare IndexError deep in the text tower
+    table = (model.cfg.clip if text_encoder == "clip" else model.cfg.bert).vocab_size
+    if table < tokenizer.vocab_size:
+        source = resume_path or init_from
+        if source == "clip":
+            source = clip_path if text_encoder == "clip" else bert_path
+        raise SystemExit(f"config error: the {text_encoder} text encoder of {source} has {table} token embeddings, "
+                         f"fewer than the {tokenizer.vocab_size} ids of the {text_encoder} tokenizer; use weights made "
+                         f"for that tokenizer")
     return model, info["checkpoint"]
 
 

@@ -170,4 +170,5 @@ def test_bf16_autocast_keeps_mask():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h16, p16 = bert(ids, (ids != 0).long())
     assert torch.isfinite(h16.float()).all() and torch.isfinite(p16.float()).all()
-    torch.testing.assert_close(h16[0, :4].float(), h[0, :4], atol=0.1, rtol=0.05)
+    # observed: 1.9e-4 apart (values up to 2.9); attending to the two padding tokens moves them by 1.4e-2
+    torch.testing.assert_close(h16[0, :4].float(), h[0, :4], atol=1e-3, rtol=0)

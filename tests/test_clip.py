@@ -384,4 +384,5 @@ def test_bf16_autocast():
             low = (m.encode_image(images), m.encode_text(ids), t(x, mask))
     assert low[0].dtype == low[1].dtype == torch.bfloat16  # the projections ran in bf16
     for a, b in zip(ref, low):
-        torch.testing.assert_close(b.float(), a, atol=0.1, rtol=0.05)
+        # observed: up to 0.019 apart on values up to 3.6 (bf16 keeps 8 bits: 0.01 relative per rounding)
+        torch.testing.assert_close(b.float(), a, atol=0.04, rtol=0)

@@ -147,9 +147,10 @@ def test_ties_are_pessimistic():
 
 
 def test_constant_matrix_is_chance_level_in_expectation():
-    # a random order of all-equal scores would give 1/n R@1; ties resolved pessimistically give 0, never more
+    # a random order of all-equal scores would give 1/n R@1; ties resolved pessimistically put every true match last
     m = ev.retrieval_metrics(np.ones((10, 10)) * 3.0)
-    assert m["t2v"]["R1"] <= 10.0 and m["v2t"]["R1"] <= 10.0
+    last = {"R1": 0.0, "R5": 0.0, "R10": 100.0, "MdR": 10.0, "MnR": 10.0}
+    assert m["t2v"] == last and m["v2t"] == last
 
 
 def test_nan_counts_as_worst_and_input_untouched():
@@ -362,6 +363,60 @@ def test_evaluate_matches_manual_pipeline(trained, tmp_path):
             assert m[d][k] == pytest.approx(want[d][k])
 
 
+def _by_hand(net, data_dir, frame_match_weight, dsl):
+    """Metrics of `net` on data_dir's test split: every step written out, DSL applied to the matrix by hand."""
+    ds = prepare.VideoTextDataset(data_dir, "test", _tok(), mode="videos", num_frames=T, context_length=16,
+                                  image_size=S)
+    ids, mask, vot = ds.caption_tokens()
+    with torch.no_grad():
+        v, f = net.encode_video(torch.stack([ds[i]["video"] for i in range(len(ds))]))
+        sim = hmmc_model.hierarchical_similarity(net.encode_text(ids, mask), v, f, top_k=2,
+                                                 frame_match_weight=frame_match_weight).numpy()
+    if not dsl:
+        return ev.retrieval_metrics(sim, vot.numpy())
+    return {"t2v": ev.retrieval_metrics(ev.dual_softmax(sim, axis=0), vot.numpy())["t2v"],
+            "v2t": ev.retrieval_metrics(ev.dual_softmax(sim, axis=1), vot.numpy())["v2t"]}
+
+
+def _same_metrics(got, want):
+    for d in ("t2v", "v2t"):
+        assert got[d] == pytest.approx(want[d]), d
+
+
+@pytest.fixture(scope="module")
+def untrained_data(tmp_path_factory):
+    # an untrained model ranks 3 captions x 8 videos almost at random: DSL and the frame term reorder them
+    return make_dataset(str(tmp_path_factory.mktemp("multi") / "data"), captions_per_video=3)
+
+
+def test_evaluate_applies_dsl(untrained_data):
+    torch.manual_seed(3)
+    net = hmmc_model.HMMC(tiny_config()).eval()
+    plain, dsl = _evaluate(net, untrained_data), _evaluate(net, untrained_data, dsl=True)
+    assert (plain["dsl"], dsl["dsl"]) == (False, True)
+    want_plain, want_dsl = _by_hand(net, untrained_data, 1.0, False), _by_hand(net, untrained_data, 1.0, True)
+    assert (want_plain["t2v"], want_plain["v2t"]) != (want_dsl["t2v"], want_dsl["v2t"])  # DSL does change them
+    _same_metrics(plain, want_plain)
+    _same_metrics(dsl, want_dsl)
+
+
+def test_evaluate_scores_without_frames_when_trained_without(untrained_data):
+    # a model trained with use_frame_fea=False scores by video similarity alone, whatever frame_match_weight says
+    cfg = tiny_config()
+    torch.manual_seed(3)
+    with_frames = hmmc_model.HMMC(cfg).eval()
+    torch.manual_seed(3)
+    without = hmmc_model.HMMC(hmmc_model.HMMCConfig.from_dict({**cfg.to_dict(), "use_frame_fea": False})).eval()
+    video_only, frames_too = (_by_hand(without, untrained_data, w, False) for w in (0.0, 1.0))
+    assert (video_only["t2v"], video_only["v2t"]) != (frames_too["t2v"], frames_too["v2t"])  # the term matters
+    got = _evaluate(without, untrained_data, frame_match_weight=1.0)
+    assert got["frame_match_weight"] == 0.0
+    _same_metrics(got, video_only)
+    # the same weights trained with frame features: the frame term counts
+    _same_metrics(_evaluate(with_frames, untrained_data, frame_match_weight=1.0),
+                  _by_hand(with_frames, untrained_data, 1.0, False))
+
+
 def _run_main(argv, capsys):
     result = ev.main(argv)
     return result, capsys.readouterr().out
@@ -398,10 +453,10 @@ def test_cli_mismatched_checkpoint(trained, tmp_path):
         hmmc_model.load_model(str(tmp_path / "nope.pt"))
 
 
-def _rank_main(rank, world, port, path, data_dir, queue):
+def _rank_main(rank, world, init_file, path, data_dir, queue):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         net = hmmc_model.load_model(path)[0].eval()
         queue.put((rank, _evaluate(net, data_dir, batch_size=2)))
@@ -413,18 +468,16 @@ def test_two_ranks_equal_one(trained, tmp_path, capfd):
     """Two gloo ranks shard uneven video and caption lists, gather, and every rank returns exactly the
     single-process metrics; a hang fails the test through the timeout. (Forked, so no second torch import.)"""
     import multiprocessing as mp
-    import socket
     path, _, _ = trained
     data_dir = make_dataset(str(tmp_path / "seven"), captions_per_video=2, colours=tuple(COLOURS)[:7])
     with open(os.path.join(data_dir, "test.jsonl"), "a") as f:  # a video without frames: noticed once, not per rank
         f.write(json.dumps({"video_id": "vid_gone", "captions": ["a gone screen"]}) + "\n")
     capfd.readouterr()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, path, data_dir, queue)) for r in range(2)]
+    # the ranks meet through a file: no port to pick and lose to another process before they bind it
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "init"), path, data_dir, queue))
+             for r in range(2)]
     for p in procs:
         p.start()
     try:
@@ -434,6 +487,7 @@ def test_two_ranks_equal_one(trained, tmp_path, capfd):
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+                p.join()
     assert capfd.readouterr().out.count("1 have no frames in") == 1
     net = hmmc_model.load_model(path)[0].eval()
     single = _evaluate(net, data_dir)

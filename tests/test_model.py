@@ -154,6 +154,22 @@ def test_finetune_bert_and_learned_scale():
     assert m.logit_scale.grad is not None and m.text.text_proj.weight.grad is not None
 
 
+def test_learned_scale_stops_at_100():
+    # CLIP4Clip's clamp: a learned log-scale past log(100) scores and trains exactly as s = 100, with no gradient
+    # pushing it further
+    m = make_model(learn_sim_scale=True, sim_scale=50.0)
+    with torch.no_grad():
+        m.logit_scale.fill_(math.log(400.0))
+    b = make_batch(4)
+    loss, _ = m(b)
+    with torch.no_grad():
+        t = m.encode_text(b["ids"], b["mask"])
+        v, f = m.encode_video(b["video"])
+    torch.testing.assert_close(loss, finetune_loss_reference(t, v, f, scale=100.0)[0])
+    loss.backward()
+    assert m.logit_scale.grad == 0
+
+
 def test_losses_stay_fp32_under_autocast():
     for kw in ({}, {"pretrain": True}):
         m = make_model(**kw)
@@ -388,6 +404,34 @@ def test_queue_wrap_around_and_divisibility():
         m(make_batch(2, frames=T + 1))
 
 
+def test_queues_hold_the_last_batches_row_for_row():
+    # three real forwards of 4 videos into queues of 8 (pointer 0 -> 4 -> 0 -> 4): every row of every queue holds
+    # the normalised momentum key of the video (and frame position) last written there, frames t = 0..T-1 of video j
+    # at row j*T + t. The momentum encoders do not move between forwards (no momentum_update), so the keys can be
+    # recomputed afterwards.
+    m = make_model(pretrain=True)  # K = 8, T = 4 frames
+    batches = [make_batch(4, seed=s) for s in (21, 22, 23)]
+    for i, b in enumerate(batches):
+        m(b)
+        assert int(m.queue_ptr) == 4 * (i + 1) % 8
+    with torch.no_grad():
+        keys = []
+        for b in batches:
+            v_m, frames_m = m.video_m(b["video"])
+            keys.append({"video": v_m, "title": m.text_m(b["ids"]), "tag": m.text_m(b["tag_ids"]),
+                         "frame": frames_m,
+                         "frame_proj": m.projector_m(frames_m.flatten(0, 1)).view(4, T, E)})
+    for name in ("video", "title", "tag", "frame", "frame_proj"):
+        queue = getattr(m, f"queue_{name}")
+        per_video = T if name.startswith("frame") else 1
+        assert queue.shape == (8 * per_video, E), name
+        # rows of videos 0-3: the third batch (it overwrote the first); videos 4-7: the second
+        want = torch.cat([F.normalize(keys[2][name], dim=-1).reshape(4 * per_video, E),
+                          F.normalize(keys[1][name], dim=-1).reshape(4 * per_video, E)])
+        # observed: bit-identical (the same modules on the same inputs); 1e-6 leaves room for other CPUs
+        torch.testing.assert_close(queue, want, atol=1e-6, rtol=0, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pretrain", [False, True])
 def test_training_forward_is_one_graph(pretrain):
@@ -440,6 +484,35 @@ def test_mlm_loss_matches_reference():
     assert parts["mlm"] > 0
 
 
+def mlm_reference(m, ids, mask):
+    """The MLM loss written out: BERT masking with the global RNG, the head by hand, CE row by row over the
+    chosen tokens."""
+    masked, labels = M.mask_tokens(ids, VOCAB_BERT, MASK, (PAD, CLS, SEP), 0.15, attention_mask=mask)
+    hidden = m.text.text_proj(m.text.bert(masked, mask)[0])
+    logits = m.mlm_head.decoder(F.layer_norm(F.gelu(m.mlm_head.dense(hidden)), (E,), m.mlm_head.ln.weight,
+                                             m.mlm_head.ln.bias, 1e-12))
+    terms = [ce(logits[i, j], labels[i, j]) for i in range(ids.shape[0]) for j in range(ids.shape[1])
+             if labels[i, j] != -100]
+    assert terms
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("use_tags", [True, False])
+def test_pretraining_mlm_part_is_title_and_tag_mlm(use_tags):
+    # in eval mode (no dropout, queues untouched) the forward's only random draws are the two maskings: the title's,
+    # then the tags'. The mlm part is their mean with tags, the title's alone without.
+    m = make_model(pretrain=True, text_encoder="bert", use_tags=use_tags).eval()
+    b = make_batch(4, "bert")
+    torch.manual_seed(12)
+    loss, parts = m(b)
+    torch.manual_seed(12)
+    with torch.no_grad():
+        title = mlm_reference(m, b["ids"], b["mask"])
+        want = 0.5 * (title + mlm_reference(m, b["tag_ids"], b["tag_mask"])) if use_tags else title
+    torch.testing.assert_close(parts["mlm"], want)
+    torch.testing.assert_close(loss, 0.05 * parts["fam"] + 0.45 * parts["vtm"] + 0.45 * parts["ftm"] + 0.05 * want)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # optimizer, FLOPs
 
@@ -471,12 +544,16 @@ def test_flops_formula():
     vit = 2 * (n - 1) * 3 * 64 * d + (24 * n * d * d + 4 * n * n * d) + 2 * d * E
     tt = 24 * T * E * E + 4 * T * T * E
     w, L = c.transformer_width, 10
-    text = 24 * L * w * w + 4 * L * L * w + 2 * w * E
+    text_of = lambda n: 24 * n * w * w + 4 * n * n * w + 2 * w * E
+    text = text_of(L)
     assert m.flops_per_video(T, L) == 3 * (T * vit + tt + text)
     assert m.estimate_mfu(10.0, 1e12, num_frames=T, context_length=L) == pytest.approx(
         m.flops_per_video(T, L) * 10 / 1e12)
+    # pre-training: the online towers on the caption and the tags (6 tokens), the projector and predictor on every
+    # frame, trained (3x forward); the momentum towers and projector forward only (1x)
     mp = make_model(pretrain=True)
-    assert mp.flops_per_video(T, L) > 1.5 * m.flops_per_video(T, L)  # momentum encoders and tags add work
+    video, texts, mlp = T * vit + tt, text + text_of(6), 2 * 2 * E * 48  # proj_hidden 48: E -> 48 -> E
+    assert mp.flops_per_video(T, L, 6) == 3 * (video + texts + 2 * T * mlp) + (video + texts + T * mlp)
 
 
 # ---------------------------------------------------------------------------------------------------------------

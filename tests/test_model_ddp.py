@@ -100,11 +100,15 @@ def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     ctx = mp.spawn(worker, args=(WORLD, str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False)
     deadline = time.time() + 240
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("DDP workers did not finish within 240 s")
+    try:
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                pytest.fail("DDP workers did not finish within 240 s")
+    finally:  # also when the test is stopped from outside (pytest-timeout, Ctrl-C)
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 import prepare
+from conftest import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
-                                  reason="ffmpeg/ffprobe not installed")
+needs_ffmpeg = pytest.mark.needs("ffmpeg", "ffprobe")  # skipped without them, failed in CI
 
 
 class WordTokenizer:
@@ -276,7 +276,7 @@ def test_colour_jitter_matrix_matches_pillow_enhance():
 
 def _ff(*args, stdin=None):
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], input=stdin, check=True,
-                   stdout=subprocess.DEVNULL if stdin is None else None)
+                   stdout=subprocess.DEVNULL if stdin is None else None, timeout=120)
 
 
 def _grey_raw(n, w=64, h=48):
@@ -285,8 +285,7 @@ def _grey_raw(n, w=64, h=48):
 
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory):
-    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
-        pytest.skip("ffmpeg/ffprobe not installed")
+    require("ffmpeg", "ffprobe")
     d = tmp_path_factory.mktemp("videos")
     raw = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "64x48", "-r", "10", "-i", "pipe:0", "-threads", "1"]
     lossless = ["-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p"]
@@ -326,7 +325,8 @@ BAD = {"audio": "no video stream", "empty": "empty file", "cut": "unreadable"}
 
 def _frame_pts(path):
     out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts_time",
-                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout
+                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
     return [float(x.split(",")[0]) for x in out.split()]
 
 
@@ -448,6 +448,7 @@ def test_frames_cli_when_nothing_decodes_and_on_rerun(video_dir, tmp_path):
     assert "1 to extract" in p.stdout and "2 videos failed in an earlier run and were skipped" in p.stdout
 
 
+@needs_ffmpeg
 def test_synthetic_videos_folder_inside_out_survives(tmp_path):
     # the dataset is built next to --out and then replaces it: a --videos folder inside --out must end up there
     import synthetic
@@ -461,8 +462,7 @@ def test_synthetic_videos_folder_inside_out_survives(tmp_path):
         assert (out / "frames.lmdb").is_dir() and (out / "test.jsonl").is_file() and not (tmp_path / "syn.tmp").exists()
     synthetic.prepare_synthetic(str(tmp_path / "other"), videos=str(outside), **small)
     assert sorted(p.name for p in outside.iterdir()) == sorted(p.name for p in inside.iterdir())
-    if shutil.which("ffprobe"):
-        assert prepare.probe_video(str(inside / "val00001.mp4"))["nb_frames"] == 4
+    assert prepare.probe_video(str(inside / "val00001.mp4"))["nb_frames"] == 4
 
 def test_cli_refuses_unknown_options_and_commands(capsys):
     with pytest.raises(SystemExit, match="unknown config key 'frames'"):

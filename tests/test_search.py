@@ -57,7 +57,7 @@ def _write_mp4(path, frames, fps=8):
     h, w, _ = frames[0].shape
     cmd = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r",
            str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", path]
-    subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), check=True, capture_output=True)
+    subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), check=True, capture_output=True, timeout=120)
 
 
 class _ReportParser:
@@ -111,7 +111,7 @@ class _ReportParser:
 FOLDER_COLOURS = ("red", "green", "blue", "yellow")
 
 
-@pytest.mark.skipif(not __import__("shutil").which("ffmpeg"), reason="needs ffmpeg")
+@pytest.mark.needs("ffmpeg", "ffprobe")
 def test_search_video_folder_with_broken_files_and_html(trained, tmp_path, capsys):
     path, _, _ = trained
     videos = tmp_path / "my videos"
@@ -192,7 +192,7 @@ def _rows(index):
     return {v: (index["video_emb"][i], index["frame_emb"][i]) for i, v in enumerate(index["video_ids"])}
 
 
-@pytest.mark.skipif(not __import__("shutil").which("ffmpeg"), reason="needs ffmpeg")
+@pytest.mark.needs("ffmpeg", "ffprobe")
 def test_search_index_follows_changed_files(trained, tmp_path, capsys):
     path, _, _ = trained
     net = hmmc_model.load_model(path)[0].eval()
@@ -280,7 +280,7 @@ def test_search_top_must_be_positive(trained, tmp_path):
     # the script: one `error:` line and exit status 1, no traceback
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([os.sys.executable, os.path.join(root, "search.py"), *base, "--top=-1"], capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == ["error: --top=-1: ask for at least one hit per "
                                                                    "query (e.g. --top=5)"], p.stderr
 
@@ -328,7 +328,7 @@ _CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") i
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _CHROMIUM or not __import__("shutil").which("ffmpeg"), reason="needs chromium and ffmpeg")
+@pytest.mark.needs(_CHROMIUM or "chromium", "ffmpeg", "ffprobe")
 def test_html_report_of_wide_videos_fits_the_page(tmp_path):
     # 4:1 videos: T thumbnails of 384x96 px side by side are wider than a 1280 px window unless they shrink
     torch.manual_seed(0)

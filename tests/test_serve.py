@@ -23,7 +23,7 @@ import serve
 from test_eval import S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
 from test_search import _write_mp4
 
-pytestmark = pytest.mark.skipif(not shutil.which("ffmpeg"), reason="needs ffmpeg")
+pytestmark = pytest.mark.needs("ffmpeg", "ffprobe")  # fails where CI is set and they are missing
 
 COLOURS = ("red", "green", "blue", "yellow")
 XSS = "<img src=x onerror=alert(1)>"  # a legal file name on Linux; it must reach the page as text

@@ -6,7 +6,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import prepare
 import study
 import synthetic
 import train
+from conftest import run_group
 from synthetic import prepare_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,19 +108,19 @@ def test_exact_resume(data, tmp_path, stop, total):
     assert set(results["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"} and "v2t" in results
 
 
-# compiled: torch.compile around DDP, through the gradient-summing all-gather of the loss
+# compiled: torch.compile around DDP, through the gradient-summing all-gather of the loss and the checkpointed
+# (recomputed) transformer blocks
 @pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_two_process_gloo_matches_one_process(data, tmp_path, compiled):
     common = ["train.py", "--data_dir=" + data, "--batch_size=8", "--epochs=2", "--max_iters=4", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    p1 = subprocess.run([sys.executable, *common, f"--out_dir={one}"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+    p1 = run_group([sys.executable, *common, f"--out_dir={one}"], timeout=240, cwd=ROOT, env=env)
     assert p1.returncode == 0, p1.stderr[-3000:]
-    p2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         *common, f"--out_dir={two}", f"--compile={compiled}"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+    p2 = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                    f"--out_dir={two}", f"--compile={compiled}", f"--activation_checkpointing={compiled}"],
+                   timeout=240, cwd=ROOT, env=env)
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-3000:]
     assert ("compiling the model" in p2.stdout) == compiled
     a, b = log(one), log(two)
@@ -587,9 +587,8 @@ LONG = ["train.py", "--batch_size=8", "--epochs=2", "--seed=7", *TINY, "--eval_i
 
 
 def torchrun(args: list, env: dict, restarts: int = 0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           f"--max-restarts={restarts}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      f"--max-restarts={restarts}", *args], timeout=240, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -632,23 +631,34 @@ def test_torchrun_restart_after_sigkill_continues_exactly(damaged, tmp_path, uni
     assert_same_run(uninterrupted, out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def meeting_store():
+    """The TCP store two hand-started ranks meet at (as torchrun's agent store): the test holds it, on a port the
+    system picked, so no other process can take the port between its choice and the ranks' start."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_preemption_status(damaged, tmp_path, uninterrupted):
     # the two ranks started by hand (as a cluster launcher does) to read each one's exit status; only rank 1 gets
     # SIGTERM (at the start of step 5): both finish that step and stop together, rank 0 saves
-    out, port = str(tmp_path / "run"), free_port()
+    out, store = str(tmp_path / "run"), meeting_store()
     args = LONG + ["--data_dir=" + damaged, f"--out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"1:4:TERM:{tmp_path / 'marker'}",
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=open(tmp_path / f"out{r}", "w"), stderr=subprocess.STDOUT) for r in range(2)]
-    codes = [p.wait(timeout=600) for p in procs]
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    procs = []
+    try:
+        for r in range(2):
+            with open(tmp_path / f"out{r}", "w") as log_file:
+                procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log_file,
+                                              stderr=subprocess.STDOUT,
+                                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:  # a rank left behind by a failure would keep a core busy
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     out0 = (tmp_path / "out0").read_text()
     assert codes == [train.PREEMPTED, train.PREEMPTED], out0[-3000:] + (tmp_path / "out1").read_text()[-3000:]
     assert f"SIGTERM: saved {out}/ckpt.pt at iter 5 and stopped (exit status 75)" in out0
@@ -778,9 +788,11 @@ def test_pretrain_then_finetune_chain(data, tmp_path, capsys):
         assert part in handover.group(1).split(", ")
     ckpt = str(fine / "ckpt.pt")
     assert torch.load(ckpt, weights_only=True)["model_args"]["bert_pooling"] == "mean"  # from the pre-training
-    metrics = hmmc_eval.main([f"--init_from={ckpt}", "--device=cpu", "--num_workers=0",
-                              f"--out={tmp_path / 'eval.json'}"])
-    assert metrics["t2v"] == json.load(open(fine / "results.json"))["t2v"]
+    for weights in (fine.parent / "stage1" / "best.pt", ckpt):  # each stage's reported metrics are eval.py's
+        metrics = hmmc_eval.main([f"--init_from={weights}", "--device=cpu", "--num_workers=0",
+                                  f"--out={tmp_path / 'eval.json'}"])
+        reported = json.load(open(os.path.join(os.path.dirname(weights), "results.json")))
+        assert (metrics["t2v"], metrics["v2t"]) == (reported["t2v"], reported["v2t"]), weights
     assert summary["pretrained_short"]["metrics"]["t2v_R1"]["values"] == [metrics["t2v"]["R1"]]
     assert "| pretrained_short | 1 |" in capsys.readouterr().out
 
