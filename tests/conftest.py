@@ -69,10 +69,10 @@ def synthetic_data(tmp_path_factory):
     return out
 
 
-def log(out_dir):
-    """The records of a run's log.jsonl."""
+def log(out_dir, kind="train"):
+    """A run's log.jsonl: its training records (a loss per log interval), or with kind="val" its evaluations."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if ("val" in r) == (kind == "val")]
 
 
 class StateLog(list):

@@ -14,6 +14,7 @@ from PIL import Image
 
 import prepare
 import train
+from conftest import log
 from synthetic import prepare_synthetic
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -131,7 +132,7 @@ def test_pretraining_with_device_augmentation_resumes_exactly(tmp_path):
     train.main(common + [f"--out_dir={straight}", "--max_iters=9"])
     train.main(common + [f"--out_dir={split}", "--max_iters=4"])
     train.main(common + [f"--out_dir={split}", "--max_iters=9", "--init_from=resume"])
-    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (straight, split)]
+    logs = [log(d) for d in (straight, split)]
     assert [r["iter"] for r in logs[1]] == list(range(1, 10))
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["model"] for d in (straight, split))
@@ -139,7 +140,7 @@ def test_pretraining_with_device_augmentation_resumes_exactly(tmp_path):
         assert torch.equal(v, b[k]), k
     # the augmentation ran: without it the same run takes other steps
     train.main([*common, f"--out_dir={tmp_path / 'plain'}", "--max_iters=2", "--augment=none"])
-    plain = [json.loads(line) for line in open(tmp_path / "plain" / "log.jsonl")]
+    plain = log(tmp_path / "plain")
     assert plain[1]["loss"] != logs[0][1]["loss"]
 
 
@@ -194,5 +195,5 @@ def test_two_processes_with_device_augmentation_match_one(tmp_path):
         p = subprocess.run([sys.executable, *launch, *common, f"--out_dir={tmp_path / name}"], cwd=root, env=env,
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        runs[name] = [json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")]
+        runs[name] = [r["loss"] for r in log(tmp_path / name)]
     assert len(runs["one"]) == 4 and runs["two"] == pytest.approx(runs["one"], rel=1e-4, abs=1e-5)

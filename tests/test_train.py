@@ -20,7 +20,7 @@ import prepare
 import study
 import synthetic
 import train
-from conftest import run_group
+from conftest import log, run_group
 from synthetic import prepare_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,12 +43,6 @@ def data(tmp_path_factory):
 
 def run(argv):
     train.main(argv)
-
-
-def log(out_dir, kind="train"):
-    """log.jsonl's training records (a loss per log interval), or with kind="val" its evaluation records."""
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if ("val" in r) == (kind == "val")]
 
 
 # ----------------------------------------------------------------------------- schedule and sampler
@@ -278,7 +272,8 @@ def test_start_up_says_what_differs_from_the_defaults_in_two_lines(data, tmp_pat
            "train.py --help" in head
     opt = [line for line in head if line.startswith("optimizer: ")]
     assert len(opt) == 1 and not any(line.startswith(("config: ", "param group")) for line in head)
-    sizes = re.findall(r"(vision|text|new) lr 0\.001 \((\d\.\d\d)M\)", opt[0])
+    assert "vision lr 0.001 (" in opt[0] and "text lr 0.0001 (" in opt[0] and "new lr 0.001 (" in opt[0]
+    sizes = re.findall(r"(vision|text|new) lr [0-9.]+ \((\d\.\d\d)M\)", opt[0])
     assert [part for part, _ in sizes] == ["vision", "text", "new"]
     total = re.search(r"model: (\d\.\d\d)M trainable", "\n".join(head)).group(1)
     assert sum(float(n) for _, n in sizes) == pytest.approx(float(total), abs=0.015)
