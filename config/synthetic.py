@@ -33,10 +33,10 @@ gradient_accumulation_steps = 1
 epochs = 6
 learning_rate = 1e-3  # the video towers, from scratch
 clip_lr_scale = 1.0
-# The CLIP text tower from scratch learns 10x slower than the video towers. At the same rate it adapts to what the
-# video tower can see so far (colour) and embeds captions that differ in shape or direction alike; the video tower
-# then gets no signal for them, and the run ends near the frame-level floor at most seeds. Moving slowly, the text
-# tower keeps the words apart until the video tower has learned to tell them apart too.
+# The CLIP text tower from scratch learns 10x slower than the video towers. At the same rate it folds together the
+# words for what the video tower cannot see yet (a caption and its time-reversed twin end at cosine 0.9-1.0), the
+# video tower is left with nothing to learn motion from, and the run ends near the frame-level floor at most seeds.
+# Moving slowly, the text tower keeps the words apart until the video tower can tell them (README, first table).
 text_lr = 1e-4
 weight_decay = 0.2
 warmup_proportion = 0.1
