@@ -31,4 +31,5 @@ weight_fam = 0.05
 weight_vtm = 0.45
 weight_ftm = 0.45
 weight_mlm = 0.05
+text_lr = 1e-3  # the BERT with mean pooling learns at the video towers' rate, as in config/synthetic_zh.py
 epochs = 2  # 12,000 videos / 32 = 375 steps per epoch
