@@ -8,22 +8,9 @@ import statistics
 import pytest
 
 import study
-from synthetic import prepare_synthetic
+from conftest import TINY
 
 pytestmark = pytest.mark.slow  # every run is a train.py subprocess: seconds apiece
-
-TINY = ("--embed_dim=32 --vision_width=32 --vision_layers=1 --vision_patch_size=8 --transformer_width=32 "
-        "--transformer_heads=1 --transformer_layers=1 --temporal_layers=1 --bert_hidden_size=32 --bert_layers=1 "
-        "--bert_heads=1 --proj_hidden=32 --image_size=32 --num_frames=4 --context_length=24 --eval_context_length=24 "
-        "--tag_context_length=8 --eval_batch_size=16 --num_workers=0 --device=cpu --dtype=float32 --log_interval=1")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synthetic") / "synthetic")
-    prepare_synthetic(out, seed=0, num_train=64, test_single=4, test_double=1, val_single=2, val_double=0,
-                      verbose=False)
-    return out
 
 
 def results(folder) -> dict:
@@ -31,10 +18,16 @@ def results(folder) -> dict:
         return json.load(f)
 
 
-def test_table_equals_values_by_hand_and_runs_are_reused(data, tmp_path, capsys):
+def tiny(data: str, steps: int, eval_interval: int) -> str:
+    """train_args of a few steps of the tiny model on `data` (later arguments win, so TINY comes first)."""
+    return f"{' '.join(TINY)} --data_dir={data} --batch_size=8 --max_iters={steps} --eval_interval={eval_interval}"
+
+
+def test_table_equals_values_by_hand_and_runs_are_reused(synthetic_data, tmp_path, capsys):
+    data = synthetic_data
     rows = {"base": "--learning_rate=1e-3", "slow": "--learning_rate=1e-4"}
     args = [f"--out_dir={tmp_path}", f"--rows={rows!r}", "--seeds=(1, 2)", "--plot=True",
-            f"--train_args=--data_dir={data} --batch_size=8 --max_iters=4 --eval_interval=2 {TINY}"]
+            f"--train_args={tiny(data, 4, 2)}"]
     summary = study.main(args)
     printed = capsys.readouterr().out
     assert printed.count("$ python train.py") == 4  # 2 rows x 2 seeds
@@ -82,12 +75,12 @@ def test_table_equals_values_by_hand_and_runs_are_reused(data, tmp_path, capsys)
     assert all(os.path.getmtime(p) == mtimes[p] for p in mtimes if "/base/" in str(p))
 
 
-def test_a_chain_starts_each_stage_from_the_one_before(data, tmp_path, capsys):
+def test_a_chain_starts_each_stage_from_the_one_before(synthetic_data, tmp_path, capsys):
     # two chains with the same first stage: it runs once and both fine-tune its weights
     rows = {"two_stages": ("--learning_rate=1e-3", "--learning_rate=1e-4"),
             "same_start": ("--learning_rate=1e-3", "--learning_rate=3e-4")}
     summary = study.main([f"--out_dir={tmp_path}", f"--rows={rows!r}", "--seeds=(3,)",
-                          f"--train_args=--data_dir={data} --batch_size=8 --max_iters=2 --eval_interval=0 {TINY}"])
+                          f"--train_args={tiny(synthetic_data, 2, 0)}"])
     assert capsys.readouterr().out.count("$ python train.py") == 3
     assert not (tmp_path / "same_start" / "seed3" / "stage1").exists()
     assert f"--init_from={tmp_path / 'two_stages' / 'seed3' / 'stage1' / 'best.pt'}" in \

@@ -20,18 +20,10 @@ import prepare
 import study
 import synthetic
 import train
-from conftest import log, run_group
+from conftest import TINY, log, run_group
 from synthetic import prepare_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# a model small enough that a few steps take well under a second on one core
-TINY = ["--embed_dim=32", "--vision_width=32", "--vision_layers=1", "--vision_patch_size=8", "--transformer_width=32",
-        "--transformer_heads=1", "--transformer_layers=1", "--temporal_layers=1", "--bert_hidden_size=32",
-        "--bert_layers=1", "--bert_heads=1", "--proj_hidden=32", "--image_size=32", "--num_frames=4",
-        "--context_length=16", "--tag_context_length=8", "--eval_batch_size=16", "--num_workers=0", "--device=cpu",
-        "--dtype=float32", "--compile=False", "--log_interval=1", "--eval_interval=0"]
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
