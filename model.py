@@ -810,13 +810,14 @@ def load_error(e: Exception) -> str:
     return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
 
 
-def read_checkpoint(path) -> dict:
-    """torch.load(weights_only=True) of a checkpoint file, with errors that name the file."""
+def read_checkpoint(path, mmap: bool = False) -> dict:
+    """torch.load(weights_only=True) of a checkpoint file, with errors that name the file. mmap=True maps the
+    tensors instead of reading them (to look at a checkpoint's settings only)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {load_error(e)}") from None
     if not isinstance(ckpt, dict):
