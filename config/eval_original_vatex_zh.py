@@ -15,5 +15,6 @@ frame_match_weight = 1.0
 # [UNK]: the released model was fine-tuned and tested on `[UNK] ... [UNK]` (no [CLS]/[SEP]) and its pooler reads
 # [UNK]. On for the released weights only; off (eval.py's default) for checkpoints trained here.
 bert_unk_input = True
-# Precision: features are encoded under autocast in `dtype` (the original: CLIP in fp16; --dtype=float16 is the
-# closest) and the JSON records it as encode_dtype; the similarity and the ranking run in fp32 without TF32.
+# Precision: the original encoded with CLIP's weights in fp16; the closest here is fp16 autocast (the JSON records it
+# as encode_dtype; a CPU encodes in fp32). The similarity and the ranking run in fp32 without TF32.
+dtype = "float16"
