@@ -47,7 +47,7 @@ def set_cpu_threads(device: str) -> int:
     """One intra-op thread on a CPU, unless OMP_NUM_THREADS or OMP_WAIT_POLICY=PASSIVE is set; returns the count.
     torch's OpenMP threads spin at every barrier, so when another process holds one of the cores each op waits for a
     descheduled thread: beside a CPU hog on 2 cores the tiny run made 89-105 videos/s with 2 threads, 175-195 with
-    one (README, Performance). A single thread never waits; OMP_WAIT_POLICY=PASSIVE (read when torch loads, so set
+    one (docs/performance.md). A single thread never waits; OMP_WAIT_POLICY=PASSIVE (read when torch loads, so set
     before python starts) makes waiting threads sleep, and then every core can be used safely."""
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ and not passive:

@@ -818,7 +818,7 @@ def main(argv=None):
                      frame_match_weight=s["frame_match_weight"], device=dev, dtype=dtype)
     if cfg["serve"]:
         import serve  # here: only this mode needs the server
-        # a query is a few small matmuls: spinning OpenMP threads on a shared CPU made them 10x slower (README)
+        # a query is a few small matmuls, which spinning OpenMP threads slow on a shared CPU (docs/performance.md)
         set_cpu_threads(dev)
         hosts = [h.strip() for h in cfg["allowed_hosts"].split(",") if h.strip()]
         server = make_server(net, source, index_args=index_args, rank_args=rank_args, host=cfg["host"],

@@ -36,7 +36,7 @@ clip_lr_scale = 1.0
 # The CLIP text tower from scratch learns 10x slower than the video towers. At the same rate it folds together the
 # words for what the video tower cannot see yet (a caption and its time-reversed twin end at cosine 0.9-1.0), the
 # video tower is left with nothing to learn motion from, and the run ends near the frame-level floor at most seeds.
-# Moving slowly, the text tower keeps the words apart until the video tower can tell them (README, first table).
+# Moving slowly, the text tower keeps the words apart until the video tower can tell them (docs/results.md).
 text_lr = 1e-4
 weight_decay = 0.2
 warmup_proportion = 0.1

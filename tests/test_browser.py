@@ -2,7 +2,7 @@
 # first with its top-k frames outlined, the video loads from its best-matching frame, a file named like an HTML tag
 # shows as text, the query's warnings and errors appear, Back returns to the previous query, the frames work from
 # the keyboard, and the page fits a 420-px phone screen as well as a desktop one. Screenshots of both go to
-# $SCREENSHOTS_DIR when it is set (docs/ holds the ones of the README). Skipped only on a machine without Chromium
+# $SCREENSHOTS_DIR when it is set (docs/search.md shows the ones in docs/). Skipped only on a machine without Chromium
 # and chromedriver; in CI (CI set, .ci/run installs them) a missing browser fails.
 import os
 
