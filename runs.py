@@ -8,6 +8,7 @@ INTERRUPTED).
 """
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -15,7 +16,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+import eval as hmmc_eval
 import model as hmmc_model
 from common import print0
 
@@ -212,6 +215,45 @@ def trim_log(path: str, iter_num: int):
         with open(path + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(path + ".tmp", path)
+
+
+def show_results(out_dir: str, iter_num: int) -> bool:
+    """Where results.json reports iter_num (a finished run started again): print it and return True."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        results = json.load(f)
+    if results.get("iter") != iter_num:
+        return False
+    print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {path}); nothing to do")
+    for r in (results, results.get("best_on_test")):
+        if r:
+            print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
+    return True
+
+
+def check_step(loss: float, bad_share: float, max_bad_fraction: float, bad: list, bad_seen: set, iter_num: int,
+               ddp: bool, last_good: str | None, lmdb_path: str):
+    """Stop on a NaN loss or on too many unreadable videos (every rank sees the same averages, and all stop at the
+    same step); report each unreadable video once."""
+    if not math.isfinite(loss):
+        good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+        raise SystemExit(f"loss is {loss} at iter {iter_num}; stopping, {good}. Try a lower learning_rate or "
+                         f"dtype=bfloat16/float32")
+    if bad_share > 0:
+        if ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, bad)
+            bad = [b for rank_bad in gathered for b in rank_bad]
+        for fault in (f for item in bad for f in item.split("\n")):
+            video = fault.split(" ", 1)[0]
+            if video not in bad_seen:
+                bad_seen.add(video)
+                print0(f"unreadable video {fault} at iter {iter_num}: replaced by another sample")
+        if bad_share > max_bad_fraction:
+            raise SystemExit(f"{100 * bad_share:.0f}% of the videos of iter {iter_num} could not be read, more than "
+                             f"max_bad_fraction={max_bad_fraction}; check the frames in {lmdb_path}")
 
 
 stop = {signal.SIGTERM: False, signal.SIGINT: False}  # set by the handler; the loop acts on them after a step

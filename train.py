@@ -1,22 +1,18 @@
 """
 Train HMMC: fine-tune from CLIP or a pre-trained checkpoint on text-video pairs, or pre-train with momentum
-contrast on CHVTT. With no arguments it prepares the built-in synthetic dataset and trains a tiny model on CPU in a
-few minutes, then prints retrieval metrics.
+contrast on CHVTT. With no arguments it prepares the built-in synthetic dataset, trains a tiny model on CPU in a
+few minutes and prints retrieval metrics. `python train.py --help` lists every setting with its default.
 
 $ python train.py                                                  # the embedded default (config/synthetic.py)
 $ python train.py config/finetune_msrvtt.py --batch_size=64 --gradient_accumulation_steps=4
 $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt.py
-$ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py config/...
 $ python train.py --init_from=resume --out_dir=out-synthetic      # continue where a run stopped, exactly
 
-Writes out_dir/ckpt.pt (latest, with its sha256 in ckpt.pt.sha256; the one before is ckpt.prev.pt), best.pt (best
-val R@1, the weights only), log.jsonl (one JSON line per log interval) and results.json (test metrics at the end); with
-keep_epoch_checkpoints also ckpt_epoch{N}.pt at the end of the N-th epoch. The same command run again continues its
-run and refuses a folder that holds another run's; SIGTERM saves a checkpoint after the current step and exits with
-status 75, Ctrl-C does the same with status 130 (a second Ctrl-C stops at once): runs.py.
-`python train.py --help` lists every setting with its default.
+Writes out_dir/ckpt.pt (to resume), best.pt (best val R@1, the weights only), log.jsonl (a JSON line per log
+interval) and results.json (test metrics at the end). The same command continues its run: runs.py.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -165,12 +161,9 @@ def epoch_batches(num_items: int, batch_size: int, world_size: int, rank: int, s
 
 
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int):
-    """(micro-batch on the device, (epoch, step_in_epoch) after it, the descriptions of the videos replaced in it
-    because they could not be read) from a data position on, across epochs.
-    Frames travel as uint8 (4x less than floats; the model normalises them), written by the workers into one
-    shared-memory tensor per batch (prepare.collate). On CUDA the next batch is pinned and copied on a side stream
-    while the current step runs (~230 MB per 128 videos: several ms of PCIe per step). The augmentation after the
-    crop (colour jitter, grayscale, blur, flip) runs here on the device, with the parameters the loader drew."""
+    """(micro-batch on the device, (epoch, step_in_epoch) after it, the videos replaced in it as unreadable) from a
+    data position on. Frames travel as uint8 (the model normalises them); on CUDA the next batch is copied on a side
+    stream while the current step runs, and the augmentation the loader drew is applied on the device."""
     copy_stream = torch.cuda.Stream() if device.startswith("cuda") else None
     ahead, epoch, step = None, start_epoch, start_step
     while epoch < epochs:
@@ -289,9 +282,8 @@ def warn_cut_captions(captions: list[str], tokenizer, sample: int = 10_000):
 
 
 def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
-    """(model on the device, the checkpoint dict when resuming). Every HMMCConfig setting is passed here, explicitly;
-    a resumed run takes its checkpoint's own. Built on the CPU and then moved, so that a GPU run starts from the
-    same weights as a CPU run."""
+    """(model on the device, the checkpoint dict when resuming); a resumed run takes its checkpoint's settings. Built
+    on the CPU and then moved, so that a GPU run starts from the same weights as a CPU run."""
     clip_args = hmmc_model.CLIPConfig(
         embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
         vision_patch_size=vision_patch_size,
@@ -307,15 +299,9 @@ def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
             pad_token_id=tokenizer.pad_id, hidden_dropout_prob=bert_dropout, attention_probs_dropout_prob=bert_dropout)
         mlm_ids = dict(mlm_mask_id=tokenizer.mask_id, mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id,
                                                                       tokenizer.sep_id))
-    model_args = dict(
-        clip=clip_args, bert=bert_args, text_encoder=text_encoder, bert_pooling=bert_pooling, use_temp=use_temp,
-        temporal_layers=temporal_layers, temporal_heads=temporal_heads, max_frames=max_frames,
-        temporal_init=temporal_init, use_frame_fea=use_frame_fea,
-        weight_video=weight_video, weight_frame=weight_frame, sim_scale=sim_scale, learn_sim_scale=learn_sim_scale,
-        pretrain=pretrain, use_tags=use_tags, num_frames=num_frames, queue_size=queue_size, momentum=momentum,
-        temperature=temperature, proj_hidden=proj_hidden, weight_fam=weight_fam, weight_vtm=weight_vtm,
-        weight_ftm=weight_ftm, weight_mlm=weight_mlm, mlm_prob=mlm_prob, freeze_clip_vision=freeze_clip_vision,
-        freeze_clip_text=freeze_clip_text, **mlm_ids)
+    # every other HMMCConfig field is the setting of its name
+    model_args = {f.name: globals()[f.name] for f in dataclasses.fields(hmmc_model.HMMCConfig) if f.name in DEFAULTS}
+    model_args.update(clip=clip_args, bert=bert_args, **mlm_ids)
     model, info = hmmc_model.load_model(
         resume_path or init_from, None if resume_path else hmmc_model.HMMCConfig(**model_args),
         clip_path=clip_path, bert_path=bert_path)
@@ -370,45 +356,6 @@ def optimizer_line(groups: list) -> str:
         parts[part] = (lr, n + sum(p.numel() for p in g["params"]))
     return ("optimizer: AdamW, " + ", ".join(f"{part} lr {lr:.3g} ({n / 1e6:.2f}M)" for part, (lr, n) in parts.items())
             + f"; weight decay {weight_decay:g} on matrices, none on 1-D tensors")
-
-
-def show_results(iter_num: int) -> bool:
-    """Where results.json reports iter_num (a finished run started again): print it and return True."""
-    path = os.path.join(out_dir, "results.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        results = json.load(f)
-    if results.get("iter") != iter_num:
-        return False
-    print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {path}); nothing to do")
-    for r in (results, results.get("best_on_test")):
-        if r:
-            print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
-    return True
-
-
-def check_step(loss: float, bad_share: float, bad: list, bad_seen: set, iter_num: int, ddp: bool, world_size: int,
-               last_good: str | None, lmdb_path: str):
-    """Stop on a NaN loss or on too many unreadable videos (every rank sees the same averages, and all stop at the
-    same step); report each unreadable video once."""
-    if not math.isfinite(loss):
-        good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-        raise SystemExit(f"loss is {loss} at iter {iter_num}; stopping, {good}. Try a lower learning_rate or "
-                         f"dtype=bfloat16/float32")
-    if bad_share > 0:
-        if ddp:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, bad)
-            bad = [b for rank_bad in gathered for b in rank_bad]
-        for fault in (f for item in bad for f in item.split("\n")):
-            video = fault.split(" ", 1)[0]
-            if video not in bad_seen:
-                bad_seen.add(video)
-                print0(f"unreadable video {fault} at iter {iter_num}: replaced by another sample")
-        if bad_share > max_bad_fraction:
-            raise SystemExit(f"{100 * bad_share:.0f}% of the videos of iter {iter_num} could not be read, more than "
-                             f"max_bad_fraction={max_bad_fraction}; check the frames in {lmdb_path}")
 
 
 def log_step(logged: list, names: list, iter_num: int, stop_iter: int, epoch: int, lr: float, t0: float,
@@ -555,7 +502,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, epoch, step_in_epoch, best_r1 = runs.restore(ckpt, optimizer, scaler) if resume_path else (0, 0, 0, -1.0)
     ckpt = None  # free the memory
-    if resume_path and not eval_only and iter_num >= stop_iter and show_results(iter_num):
+    if resume_path and not eval_only and iter_num >= stop_iter and runs.show_results(out_dir, iter_num):
         return
 
     if ddp:
@@ -637,7 +584,8 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
                 dist.all_reduce(stats)
                 stats /= world_size
             *losses, bad_share, term, interrupt = stats.tolist()
-            check_step(losses[0], bad_share, bad, bad_seen, iter_num, ddp, world_size, last_good, train_set.lmdb_path)
+            runs.check_step(losses[0], bad_share, max_bad_fraction, bad, bad_seen, iter_num, ddp, last_good,
+                            train_set.lmdb_path)
             iter_num += 1
 
             logged.append(losses)
