@@ -14,6 +14,7 @@ with its default and the comment beside it in the defaults block.
 
 import ast
 import difflib
+import dis
 import os
 import re
 import sys
@@ -90,10 +91,12 @@ def help_text(defaults: dict, prog: str, descriptions: dict | None = None) -> st
             + "\n  ".join(lines))
 
 
-def configure(defaults: dict, argv: list[str], prog: str = "train.py", descriptions: dict | None = None) -> dict:
+def configure(defaults: dict, argv: list[str], prog: str = "train.py", descriptions: dict | None = None,
+              given: set | None = None) -> dict:
     """Merge config files and --key=value overrides from `argv` into a copy of `defaults`; raise ValueError on a bad
-    key, type or file. -h/--help prints the keys with their defaults and descriptions to stdout and exits 0."""
-    config = dict(defaults)
+    key, type or file. `given`, where passed, receives the keys the arguments set (train.py compares only those
+    with the run it resumes). -h/--help prints the keys with their defaults and descriptions to stdout and exits 0."""
+    config, given = dict(defaults), set() if given is None else given
     for arg in argv:
         if arg in ("-h", "--help"):
             print(help_text(defaults, prog, descriptions))
@@ -107,6 +110,7 @@ def configure(defaults: dict, argv: list[str], prog: str = "train.py", descripti
                     raise ValueError(f"command line: {arg!r} has no value; write --{key}=value")
                 text = "True"  # a bare --flag switches a bool on
             config[key] = _check_type(key, _parse_value(text, defaults[key]), defaults[key], "command line")
+            given.add(key)
         elif arg.startswith("-"):
             raise ValueError(f"command line: {arg!r} is neither a config file nor --key=value")
         else:
@@ -114,20 +118,17 @@ def configure(defaults: dict, argv: list[str], prog: str = "train.py", descripti
                 raise ValueError(f"no config file {arg!r} (a bare argument is a config file; "
                                  f"overrides are written --key=value){_close_file(arg)}")
             with open(arg) as f:
-                source = f.read()
-            # the file sees the values so far, so it can derive one from another (warmup = 0.1 * epochs);
-            # anything it assigns that is not a config key is a typo unless it is private, a module or a function
+                code = compile(f.read(), arg, "exec")
+            # the file sees the values so far, so it can derive one from another (warmup = 0.1 * epochs); a name it
+            # assigns at the top level that is not a config key is a typo unless it is private, a module or a function
             namespace = dict(config)
-            before = dict(namespace)
-            exec(compile(source, arg, "exec"), namespace)
-            for key, value in namespace.items():
-                if key.startswith("_") or key in ("__builtins__",):
+            exec(code, namespace)
+            for key in {i.argval for i in dis.get_instructions(code) if i.opname == "STORE_NAME"}:
+                value = namespace.get(key)
+                if key.startswith("_") or type(value).__name__ in ("module", "function", "type"):
                     continue
                 if key not in config:
-                    if type(value).__name__ in ("module", "function", "type", "builtin_function_or_method"):
-                        continue
                     raise ValueError(f"{arg}: unknown config key {key!r}{_close(key, config)}")
-                if value is before[key]:
-                    continue
                 config[key] = _check_type(key, value, defaults[key], arg)
+                given.add(key)
     return config

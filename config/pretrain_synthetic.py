@@ -19,17 +19,10 @@ tag_context_length = 16  # up to 14 tag characters with [CLS] and [SEP]
 bert_pooling = "mean"  # see config/synthetic_zh.py
 bert_dropout = 0.0
 pretrain = True
-use_tags = True
 # One batch of keys: on the full captions larger queues learned less in the same steps; config/study_queue.py
 # probes why: keys from up to 32 steps ago come from a momentum encoder that moves fast from scratch, and 12,000
 # videos with 285 distinct titles put ~11 copies of a video's own title among 1,024 negatives (~4 of its caption)
 queue_size = 32
-momentum = 0.99
-temperature = 0.07
 proj_hidden = 256  # FAM projector width: 4096 at full size, over-sized for 64-wide towers
-weight_fam = 0.05
-weight_vtm = 0.45
-weight_ftm = 0.45
-weight_mlm = 0.05
 text_lr = 1e-3  # the BERT with mean pooling learns at the video towers' rate, as in config/synthetic_zh.py
 epochs = 2  # 12,000 videos / 32 = 375 steps per epoch

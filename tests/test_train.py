@@ -17,6 +17,7 @@ import torch
 import eval as hmmc_eval
 import model as hmmc_model
 import prepare
+import runs
 import study
 import synthetic
 import train
@@ -172,7 +173,7 @@ def test_recipe_smoke(recipe, data, tmp_path):
             "--eval_dataset=None", "--eval_caption_field=None", f"--out_dir={tmp_path}", "--max_iters=2",
             "--batch_size=4", "--queue_size=8", "--bert_path=None", "--bert_vocab=" + os.path.join(data, "vocab.txt"),
             "--gradient_accumulation_steps=1", *TINY]
-    config = train.configure(train._DEFAULTS, argv)
+    config = train.configure(train.DEFAULTS, argv)
     argv.append("--caption_field=" + ("captions_zh" if config["text_encoder"] == "bert" else "captions"))
     run(argv)
     assert len(log(str(tmp_path))) == 2
@@ -269,9 +270,8 @@ def test_start_up_says_what_differs_from_the_defaults_in_two_lines(data, tmp_pat
     assert [part for part, _ in sizes] == ["vision", "text", "new"]
     total = re.search(r"model: (\d\.\d\d)M trainable", "\n".join(head)).group(1)
     assert sum(float(n) for _, n in sizes) == pytest.approx(float(total), abs=0.015)
-    # a checkpoint's config (JSON-like lists) against the defaults, and a config that is all defaults
-    assert train.settings_line({**train._DEFAULTS, "out_dir": "out-synthetic", "betas": [0.9, 0.98]}) == \
-        "settings: all as in train.py --help"
+    # a config that is all defaults
+    assert train.settings_line({**train.DEFAULTS, "out_dir": "out-synthetic"}) == "settings: all as in train.py --help"
 
 
 def test_checkpoint_of_another_architecture(data, tmp_path):
@@ -339,9 +339,13 @@ def test_default_out_dir_per_dataset_and_given_keys(data, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     run(["--data_dir=" + data, "--dataset=toy", "--batch_size=8", *TINY, "--max_iters=1"])
     assert (tmp_path / "out-toy" / "ckpt.pt").exists() and not (tmp_path / "out-synthetic").exists()
-    # what a command sets itself: a resume compares only these with the run's settings
-    keys = train.given_keys([os.path.join(ROOT, "config", "synthetic.py"), "--batch_size=4", "--compile"])
-    assert {"out_dir", "use_temp", "num_workers", "batch_size", "compile"} <= keys and "seed" not in keys
+    # what a command sets itself: a resume compares only these with the run's settings; a config file's assignments
+    # count even where they repeat the default
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("out_dir = 'out-x'\nuse_temp = True\nnum_workers = 0\n")
+    given = set()
+    train.configure(train.DEFAULTS, [str(recipe), "--batch_size=4", "--compile"], given=given)
+    assert given == {"out_dir", "use_temp", "num_workers", "batch_size", "compile"}
 
 
 def test_resume_keeps_the_runs_settings(data, tmp_path, capsys):
@@ -381,7 +385,7 @@ def test_auto_resume_continues_the_same_command(data, tmp_path, monkeypatch, cap
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
         run(cut)
-    assert stopped.value.code == train.PREEMPTED == 75
+    assert stopped.value.code == runs.PREEMPTED == 75
     out = capsys.readouterr().out
     assert f"starting a new run in {tmp_path / 'cut'}/" in out
     assert f"SIGTERM: saved {tmp_path / 'cut'}/ckpt.pt at iter 4 and stopped (exit status 75)" in out
@@ -408,7 +412,7 @@ def test_ctrl_c_saves_the_step_and_the_same_command_continues(data, tmp_path):
                 text=True, timeout=300, start_new_session=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1", "HMMC_TEST_SIGNAL": f"0:5:INT@group:{tmp_path / 'marker'}"})
     p = subprocess.run(**same)
-    assert p.returncode == train.INTERRUPTED == 130, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.returncode == runs.INTERRUPTED == 130, p.stdout[-2000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "Error" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.count("Ctrl-C: saving a checkpoint after this step; Ctrl-C again stops at once") == 1
     assert (f"Ctrl-C: saved {cut}/ckpt.pt at iter 6 and stopped (exit status 130); the same command continues "
@@ -431,7 +435,7 @@ def test_a_second_ctrl_c_stops_at_once(data, tmp_path, monkeypatch, capsys):
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stopped:
         run(["--data_dir=" + data, "--batch_size=8", *TINY, "--max_iters=6", "--eval_interval=2", f"--out_dir={out}"])
-    assert stopped.value.code == train.INTERRUPTED
+    assert stopped.value.code == runs.INTERRUPTED
     assert (f"Ctrl-C: stopped at once; the same command continues from {out}/ckpt.pt, the last checkpoint"
             in capsys.readouterr().out)
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2 and log(out)[-1]["iter"] == 3
@@ -447,16 +451,16 @@ def test_optimizer_rows_that_stay_zero_are_packed_exactly():
     optimizer.step()
     state = optimizer.state_dict()
     state["state"][0]["exp_avg"][10, 2] = -0.0
-    packed = train.pack_zero_rows(state)
+    packed = runs.pack_zero_rows(state)
     assert packed["state"][0]["exp_avg"]["packed_rows"].tolist() == [3, 10, 50, 97]
     assert packed["state"][0]["exp_avg_sq"]["packed_rows"].tolist() == [3, 50, 97]
     assert torch.is_tensor(packed["state"][1]["exp_avg"])  # dense: left as it is
-    restored = train.unpack_zero_rows(packed)
+    restored = runs.unpack_zero_rows(packed)
     for i in (0, 1):
         for k, t in state["state"][i].items():
             bits = restored["state"][i][k].reshape(-1).view(torch.uint8)
             assert torch.equal(t.reshape(-1).view(torch.uint8), bits), (i, k)  # bit for bit
-    assert train.unpack_zero_rows(state) == state  # an older checkpoint's state, nothing packed
+    assert runs.unpack_zero_rows(state) == state  # an older checkpoint's state, nothing packed
     optimizer.load_state_dict(restored)
 
 
@@ -466,7 +470,7 @@ def test_best_pt_holds_the_weights_only(data, tmp_path, capsys):
     run(base + [f"--out_dir={out}", "--max_iters=2", "--eval_interval=1"])
     best, ckpt = (torch.load(out / name, weights_only=True) for name in ("best.pt", "ckpt.pt"))
     assert set(ckpt) - set(best) == {"optimizer", "scaler", "rng"} and best["iter_num"] in (1, 2)
-    assert train.sha256_file(str(out / "best.pt")) == (out / "best.pt.sha256").read_text().strip()
+    assert runs.sha256_file(str(out / "best.pt")) == (out / "best.pt.sha256").read_text().strip()
     model_bytes = sum(t.numel() * t.element_size() for t in ckpt["model"].values())
     # ckpt.pt: the weights and AdamW's two moments, less the token rows that no caption holds (most of CLIP's 49,408):
     # 1.6x the weights instead of 3x
@@ -488,7 +492,7 @@ def test_best_pt_holds_the_weights_only(data, tmp_path, capsys):
     # and not for resuming: as ckpt.pt it is refused with why
     shutil.copy(out / "best.pt", out / "ckpt.pt")
     os.remove(out / "ckpt.pt.sha256")
-    assert train.checkpoint_problem(str(out / "ckpt.pt")).startswith("it holds the weights only (as best.pt does")
+    assert runs.checkpoint_problem(str(out / "ckpt.pt")).startswith("it holds the weights only (as best.pt does")
 
 
 def test_truncated_checkpoint_is_one_short_reason(tmp_path):
@@ -498,8 +502,9 @@ def test_truncated_checkpoint_is_one_short_reason(tmp_path):
         blob = f.read()
     with open(path, "wb") as f:
         f.write(blob[:len(blob) // 2])
-    assert train.checkpoint_problem(path) == "it cannot be read (RuntimeError: PytorchStreamReader failed reading " \
-                                             "zip archive: failed finding central directory)"
+    assert runs.checkpoint_problem(path) == f"could not read checkpoint {path} (truncated or corrupt file?): " \
+                                            "RuntimeError: PytorchStreamReader failed reading zip archive: failed " \
+                                            "finding central directory"
     with pytest.raises(ValueError) as e:
         hmmc_model.read_checkpoint(path)
     assert str(e.value) == f"could not read checkpoint {path} (truncated or corrupt file?): RuntimeError: " \
@@ -525,7 +530,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(data, tmp_path, capsys):
     assert all(torch.equal(v, again["model"][k]) for k, v in good["model"].items())
     # the refused file was replaced, the good previous one kept
     assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
-    assert train.checkpoint_problem(str(tmp_path / "ckpt.pt")) is None
+    assert runs.checkpoint_problem(str(tmp_path / "ckpt.pt")) is None
     # nothing usable at all: the run stops and names both
     (tmp_path / "ckpt.pt").write_bytes(b"junk")
     (tmp_path / "ckpt.prev.pt").write_bytes(b"junk")
@@ -647,9 +652,9 @@ def test_sigterm_saves_and_exits_with_preemption_status(damaged, tmp_path, unint
                 p.kill()
                 p.wait()
     out0 = (tmp_path / "out0").read_text()
-    assert codes == [train.PREEMPTED, train.PREEMPTED], out0[-3000:] + (tmp_path / "out1").read_text()[-3000:]
+    assert codes == [runs.PREEMPTED, runs.PREEMPTED], out0[-3000:] + (tmp_path / "out1").read_text()[-3000:]
     assert f"SIGTERM: saved {out}/ckpt.pt at iter 5 and stopped (exit status 75)" in out0
-    assert train.checkpoint_problem(os.path.join(out, "ckpt.pt")) is None
+    assert runs.checkpoint_problem(os.path.join(out, "ckpt.pt")) is None
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert (ckpt["iter_num"], ckpt["epoch"], ckpt["step_in_epoch"]) == (5, 0, 5)  # mid-epoch
     assert torch.load(os.path.join(out, "ckpt.prev.pt"), weights_only=True)["iter_num"] == 3
@@ -696,7 +701,7 @@ def test_vatex_recipes_train_the_clip_towers(recipe, text):
     # the original README's VATEX command carries --text_lr 3e-5 --coef_lr 8e-1: CLIP vision at 1e-4 x 0.8, not
     # MSR-VTT's effectively frozen 1e-7; the Chinese BERT keeps its own 1e-5
     from configurator import configure
-    cfg = configure(train._DEFAULTS, [os.path.join(ROOT, "config", recipe)])
+    cfg = configure(train.DEFAULTS, [os.path.join(ROOT, "config", recipe)])
     assert cfg["learning_rate"] * cfg["clip_lr_scale"] == pytest.approx(8e-5)
     assert cfg["text_lr"] == pytest.approx(text)
     assert not cfg["freeze_clip_vision"] and not cfg["freeze_clip_text"]
@@ -712,26 +717,12 @@ def test_epoch_checkpoints(data, tmp_path):
     assert names == ["ckpt_epoch1.pt", "ckpt_epoch1.pt.sha256", "ckpt_epoch2.pt", "ckpt_epoch2.pt.sha256"]
     for n, it in ((1, 3), (2, 5)):  # 36 micro-steps / 5 = 7 optimizer steps; epoch 3 ends in the dropped tail
         path = os.path.join(out, f"ckpt_epoch{n}.pt")
-        assert train.checkpoint_problem(path) is None
+        assert runs.checkpoint_problem(path) is None
         assert torch.load(path, weights_only=True)["iter_num"] == it
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     plain = str(tmp_path / "plain")
     run(["--data_dir=" + data, "--batch_size=8", "--epochs=1", *TINY, f"--out_dir={plain}"])
     assert not [f for f in os.listdir(plain) if f.startswith("ckpt_epoch")]
-
-
-def test_resuming_a_run_from_before_eval_context_length(data, tmp_path):
-    # a checkpoint saved before the setting existed evaluated at its training length, and its text tower may hold
-    # no more positions than that: the resumed run keeps evaluating at the training length
-    out = str(tmp_path / "run")
-    common = ["--data_dir=" + data, "--batch_size=8", "--epochs=1", *TINY, f"--out_dir={out}"]
-    run(common + ["--max_iters=2", "--eval_context_length=16"])
-    path = os.path.join(out, "ckpt.pt")
-    ckpt = torch.load(path, weights_only=True)
-    del ckpt["config"]["eval_context_length"]
-    train.save_checkpoint(path, ckpt, keep_previous=False)
-    run([f"--out_dir={out}", "--init_from=resume", "--max_iters=3"])
-    assert json.load(open(os.path.join(out, "results.json")))["context_length"] == 16
 
 
 def test_captions_cut_by_context_length_are_reported(data, tmp_path, capsys):
@@ -793,7 +784,7 @@ def study_rows(name: str = "study_pretrain") -> dict:
 def test_study_configs_rows_are_the_runs_they_say(monkeypatch):
     # every stage of every row is a valid train.py command line, and the rows are the comparisons their files name
     monkeypatch.chdir(ROOT)
-    settings = {name: {row: [train.configure(train._DEFAULTS, shlex.split(stage)) for stage in study.stages(args)]
+    settings = {name: {row: [train.configure(train.DEFAULTS, shlex.split(stage)) for stage in study.stages(args)]
                        for row, args in study_rows(name).items()} for name in ("study_pretrain", "study_queue")}
     pretrain = settings["study_pretrain"]
     for row, stages in pretrain.items():

@@ -1,0 +1,300 @@
+"""
+A run lives in its out_dir, and the command that started it continues it (torchrun --max-restarts, requeued jobs).
+train.py calls: start_or_resume (a new run, or the checkpoint and settings of the run there; another run's folder is
+refused with the settings that differ), checkpoint and restore (everything an exact resume needs), save_checkpoint
+(ckpt.pt and its sha256, the one before kept as ckpt.prev.pt, the fallback when ckpt.pt fails its checksum) and
+catch_signals (SIGTERM or Ctrl-C set stop[...]; the loop then saves after the current step and exits with PREEMPTED or
+INTERRUPTED).
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import eval as hmmc_eval
+import model as hmmc_model
+from common import print0
+
+PREEMPTED = 75  # exit status after SIGTERM and a checkpoint (EX_TEMPFAIL: rerun the same command to continue)
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT, as a shell reports it), checkpoint saved or not
+# settings a resumed run may change: they decide reporting and resources, not the trajectory (max_iters only stops
+# early; the schedule comes from epochs)
+RESUME_OVERRIDABLE = ("max_iters", "eval_interval", "log_interval", "num_workers", "eval_batch_size", "device",
+                      "compile", "activation_checkpointing", "max_bad_fraction", "keep_epoch_checkpoints")
+# no part of a run: where it lives, how this command starts it, where a new run's CLIP/BERT files are
+NOT_THE_RUN = ("out_dir", "auto_resume", "overwrite", "eval_only", "clip_path", "bert_path", "bert_vocab")
+RUN_FILES = ("ckpt.pt", "ckpt.pt.sha256", "ckpt.prev.pt", "ckpt.prev.pt.sha256", "best.pt", "best.pt.sha256",
+             "log.jsonl", "results.json")
+
+
+def start_or_resume(config: dict, given: set, defaults: dict) -> tuple[dict, str | None]:
+    """(the run's settings, the checkpoint to resume from or None for a new run), from out_dir's state:
+    - init_from="resume": the checkpoint's settings; a setting given here that would change the run is refused, the
+      RESUME_OVERRIDABLE ones are taken (and said);
+    - a new run: auto_resume continues a checkpoint of the same settings instead, and another run's checkpoint is
+      refused unless overwrite=True (which deletes that run's files)."""
+    folder, forced = config["out_dir"], config["init_from"] == "resume"
+    if config["eval_only"] and not forced:  # writes nothing
+        return config, None
+    # overwrite holds for a command's first start only: torchrun's restarts of it continue the new run
+    if config["overwrite"] and not forced and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        removed = [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))] + sorted(
+            f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.startswith("ckpt_epoch"))
+        if removed and int(os.environ.get("RANK", 0)) == 0:
+            for f in removed:
+                os.remove(os.path.join(folder, f))
+            print0(f"overwrite: deleted {', '.join(removed)} of the run in {folder}/")
+        path = None
+    else:
+        path = latest_checkpoint(folder)
+    if path is None:
+        if forced:
+            raise FileNotFoundError(f"no checkpoint at {os.path.join(folder, 'ckpt.pt')} to resume: --out_dir must be "
+                                    f"the folder of an earlier run")
+        print0(f"starting a new run in {folder}/")
+        return config, None
+    ckpt = hmmc_model.read_checkpoint(path, mmap=True)
+    saved, iter_num = {**defaults, **ckpt["config"]}, ckpt["iter_num"]
+    changed = [f"{k} ({saved[k]!r} -> {config[k]!r})" for k in config if k in (given - {"init_from"} if forced else
+               config) and k not in RESUME_OVERRIDABLE + NOT_THE_RUN and config[k] != saved[k]]
+    if changed and forced:
+        raise SystemExit(f"config error: resuming {path} keeps the run's settings, but this command changes "
+                         f"{', '.join(changed)}; drop them, or start a new run with another --out_dir (a resumed run "
+                         f"may change only {', '.join(RESUME_OVERRIDABLE)})")
+    # what a refused command can do instead: --init_from=resume with the changed settings would be refused too
+    instead = (f"start this run with another --out_dir, or with --overwrite=True (deletes that run's files); continue "
+               f"that run with python train.py --init_from=resume --out_dir={folder}")
+    if changed:
+        raise SystemExit(f"{folder} holds the checkpoint of another run (differs in: {', '.join(changed)}); {instead}")
+    if not forced and not config["auto_resume"]:
+        raise SystemExit(f"{folder} holds a checkpoint of this run (iter {iter_num}) and auto_resume=False; {instead}")
+    run = {**{k: saved[k] for k in defaults}, **{k: config[k] for k in NOT_THE_RUN}}
+    for k in RESUME_OVERRIDABLE:
+        if (k in given or k == "device") and config[k] != run[k]:  # the device is the machine's, not the run's
+            print0(f"resume: {k}={config[k]!r} instead of the run's {run[k]!r}")
+            run[k] = config[k]
+    print0(f"resuming {path} at iter {iter_num}")
+    return run, path
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The newest usable checkpoint in the folder (ckpt.pt, else ckpt.prev.pt), saying why one is passed over;
+    None when there is none. Checkpoints that are all unusable end the run: that needs a person."""
+    problems = []
+    for path in (os.path.join(folder, "ckpt.pt"), os.path.join(folder, "ckpt.prev.pt")):
+        if not os.path.exists(path):
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        problems.append(f"{path}: {problem}")
+        print0(f"refusing checkpoint {path}: {problem}")
+    if problems:
+        raise SystemExit(f"no usable checkpoint in {folder}/ ({'; '.join(problems)}); restore one, or start over "
+                         f"with --overwrite=True")
+    return None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at path cannot be resumed from, or None. The file is hashed and opened (memory-mapped, so
+    the tensors are not read); one without a .sha256 (written by hand) is trusted when it opens."""
+    if os.path.exists(path + ".sha256"):
+        with open(path + ".sha256") as f:
+            if f.read().strip() != sha256_file(path):
+                return f"its sha256 does not match {os.path.basename(path)}.sha256 (corrupt or partly written)"
+    try:
+        ckpt = hmmc_model.read_checkpoint(path, mmap=True)
+    except ValueError as e:
+        return str(e)
+    if "optimizer" not in ckpt and {"config", "iter_num", "model"} <= ckpt.keys():
+        return "it holds the weights only (as best.pt does: for evaluation and fine-tuning, not for resuming)"
+    if not {"config", "iter_num", "model", "optimizer"} <= ckpt.keys():
+        return "it is not a train.py checkpoint (no config, iter_num, model or optimizer)"
+    return None
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
+    """Write path and path.sha256, moving the last ones to ckpt.prev.pt(.sha256). Everything goes to .tmp first, and
+    the renames leave at any moment at least one complete checkpoint whose checksum matches."""
+    prev = path.replace("ckpt.pt", "ckpt.prev.pt")
+    torch.save(ckpt, path + ".tmp")
+    with open(path + ".sha256.tmp", "w") as f:
+        f.write(sha256_file(path + ".tmp") + "\n")
+    if keep_previous and os.path.exists(path):
+        if os.path.exists(path + ".sha256"):
+            os.replace(path + ".sha256", prev + ".sha256")
+        os.replace(path, prev)
+    os.replace(path + ".sha256.tmp", path + ".sha256")
+    os.replace(path + ".tmp", path)
+
+
+def checkpoint(model, optimizer, scaler, config: dict, **position) -> dict:
+    """Everything a resumed run needs to continue exactly (position: iter_num, epoch, step_in_epoch, best_r1); plain
+    types and tensors only, so that torch.load(weights_only=True) reads it."""
+    return {"model": model.state_dict(), "optimizer": pack_zero_rows(optimizer.state_dict()),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": model.cfg.to_dict(),
+            "config": config, **position, "rng": rng_state()}
+
+
+def restore(ckpt: dict, optimizer, scaler) -> tuple[int, int, int, float]:
+    """checkpoint() undone into the optimizer, the scaler and the RNGs -> (iter_num, epoch, step_in_epoch, best_r1)."""
+    optimizer.load_state_dict(unpack_zero_rows(ckpt["optimizer"]))
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["iter_num"], ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_r1"]
+
+
+def pack_zero_rows(optimizer_state: dict) -> dict:
+    """The optimizer's state dict with every matrix that is zero in most of its rows stored as its other rows and
+    their indices. AdamW's moments of a token embedding stay exactly zero in the row of every token the data never
+    holds: 49,390 of CLIP's 49,408 on the synthetic captions, 25 of the 44 MB a checkpoint took."""
+    state = {}
+    for i, tensors in optimizer_state["state"].items():
+        state[i] = dict(tensors)
+        for k, t in tensors.items():
+            if torch.is_tensor(t) and t.dim() >= 2 and t.numel():
+                # a row is kept when any of its bytes is nonzero (-0.0 too), so the round trip is exact
+                kept = t.contiguous().view(torch.uint8).reshape(len(t), -1).any(dim=1).nonzero().flatten()
+                if 2 * len(kept) <= len(t):
+                    state[i][k] = {"packed_rows": kept.cpu(), "values": t[kept], "shape": list(t.shape)}
+    return {**optimizer_state, "state": state}
+
+
+def unpack_zero_rows(optimizer_state: dict) -> dict:
+    """pack_zero_rows undone, bit for bit."""
+    state = {}
+    for i, tensors in optimizer_state["state"].items():
+        state[i] = dict(tensors)
+        for k, t in tensors.items():
+            if isinstance(t, dict) and "packed_rows" in t:
+                state[i][k] = torch.zeros(t["shape"], dtype=t["values"].dtype, device=t["values"].device)
+                state[i][k][t["packed_rows"].to(t["values"].device)] = t["values"]
+    return {**optimizer_state, "state": state}
+
+
+def rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and lists only."""
+    py, np_state = random.getstate(), np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]], "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *map(int, np_state[2:4]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    py, np_state = state["python"], state["numpy"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def trim_log(path: str, iter_num: int):
+    """Drop the log lines after iter_num: the steps a killed run did after its last checkpoint are done again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["iter"] <= iter_num]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
+def show_results(out_dir: str, iter_num: int) -> bool:
+    """Where results.json reports iter_num (a finished run started again): print it and return True."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        results = json.load(f)
+    if results.get("iter") != iter_num:
+        return False
+    print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {path}); nothing to do")
+    for r in (results, results.get("best_on_test")):
+        if r:
+            print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
+    return True
+
+
+def check_step(loss: float, bad_share: float, max_bad_fraction: float, bad: list, bad_seen: set, iter_num: int,
+               ddp: bool, last_good: str | None, lmdb_path: str):
+    """Stop on a NaN loss or on too many unreadable videos (every rank sees the same averages, and all stop at the
+    same step); report each unreadable video once."""
+    if not math.isfinite(loss):
+        good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+        raise SystemExit(f"loss is {loss} at iter {iter_num}; stopping, {good}. Try a lower learning_rate or "
+                         f"dtype=bfloat16/float32")
+    if bad_share > 0:
+        if ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, bad)
+            bad = [b for rank_bad in gathered for b in rank_bad]
+        for fault in (f for item in bad for f in item.split("\n")):
+            video = fault.split(" ", 1)[0]
+            if video not in bad_seen:
+                bad_seen.add(video)
+                print0(f"unreadable video {fault} at iter {iter_num}: replaced by another sample")
+        if bad_share > max_bad_fraction:
+            raise SystemExit(f"{100 * bad_share:.0f}% of the videos of iter {iter_num} could not be read, more than "
+                             f"max_bad_fraction={max_bad_fraction}; check the frames in {lmdb_path}")
+
+
+stop = {signal.SIGTERM: False, signal.SIGINT: False}  # set by the handler; the loop acts on them after a step
+_owner = None  # the training process: its data loader workers inherit the handler, and leave Ctrl-C to it
+
+
+def _on_signal(signum, frame):
+    """SIGTERM and the first Ctrl-C ask for a checkpoint after the current step; a second Ctrl-C stops at once (a
+    save it interrupts leaves the previous checkpoint: files are written to .tmp and renamed)."""
+    if os.getpid() != _owner:  # a data loader worker: a terminal sends Ctrl-C to every process of the job
+        return
+    if signum == signal.SIGINT and stop[signum]:
+        raise KeyboardInterrupt
+    if signum == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:  # to stderr's fd: it may interrupt a print
+        os.write(2, b"\nCtrl-C: saving a checkpoint after this step; Ctrl-C again stops at once\n")
+    stop[signum] = True
+
+
+@contextmanager
+def catch_signals(*signums):
+    """Handle the signals with stop[...] while the block runs; the handlers of before are back after it."""
+    global _owner
+    _owner = os.getpid()
+    before = {s: signal.signal(s, _on_signal) for s in signums}
+    stop.update(dict.fromkeys(signums, False))
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def fault_injection(rank: int, iter_num: int):
+    """For the tests: HMMC_TEST_SIGNAL="rank:iter:SIGNAL:marker" makes that rank send itself the signal (KILL, TERM,
+    INT) at the start of optimizer step `iter` when the marker file is absent, creating it first, so that a restarted
+    run goes through. SIGNAL@group sends it to the process group, as a terminal sends Ctrl-C to every process of its
+    job (data loader workers too); several specs are separated by ";"."""
+    for spec in filter(None, os.environ.get("HMMC_TEST_SIGNAL", "").split(";")):
+        r, it, name, marker = spec.split(":", 3)
+        if int(r) == rank and int(it) == iter_num and not os.path.exists(marker):
+            open(marker, "w").close()
+            name, _, to = name.partition("@")
+            sig = getattr(signal, "SIG" + name)
+            os.killpg(os.getpgid(0), sig) if to == "group" else os.kill(os.getpid(), sig)
