@@ -20,26 +20,21 @@ One LMDB serves every language; the dataset's `caption_field` picks the field (t
 """
 import contextlib
 import csv
-import errno
 import io
 import json
-import multiprocessing as mp
 import os
-import re
-import shutil
-import subprocess
 import sys
-import time
 import warnings
 from collections import Counter
 
-import lmdb
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+import synthetic
 from configurator import configure
-from tokenizer import BertTokenizer, ClipTokenizer, get_tokenizer, tokenize  # prepare.<name> keeps working
+from framestore import FrameDB, extract_frames, finite_float, read_id_list
+from tokenizer import tokenize  # noqa: F401  prepare.tokenize(texts) is what users call
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -298,7 +293,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         if augment not in ("none", "frame", "clip"):
             raise ValueError(f"augment must be 'none', 'frame' or 'clip', got {augment!r}")
         if mode != "videos" and tokenizer is None:
-            raise ValueError(f"mode={mode!r} needs a tokenizer (prepare.get_tokenizer('clip') or ('bert', vocab))")
+            raise ValueError(f"mode={mode!r} needs a tokenizer (tokenizer.get_tokenizer('clip') or ('bert', vocab))")
         self.data_dir, self.split, self.tokenizer, self.mode = data_dir, split, tokenizer, mode
         self.num_frames, self.context_length, self.tag_context_length = num_frames, context_length, tag_context_length
         self.frame_sample, self.image_size, self.augment, self.seed = frame_sample, image_size, augment, seed
@@ -481,519 +476,6 @@ def _keep_freed_memory():
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The frame store: the JPEG frames of every video in one LMDB
-
-FRAMEDB_VERSION = 1
-_META_KEY = b"__meta__"
-
-# py-lmdb refuses to open one environment twice in a process, yet a train set and an eval set (or two datasets of
-# one LMDB) may both read it: readers share one environment per path and process, reference-counted.
-_SHARED_ENVS = {}  # realpath -> [env, refcount, pid]
-
-
-def _open_shared_env(path):
-    key = os.path.realpath(path)
-    entry = _SHARED_ENVS.get(key)
-    if entry is not None and entry[2] != os.getpid():
-        # inherited through fork (a DataLoader worker): LMDB forbids using it here and py-lmdb would refuse to open
-        # the path again while it is open. Without a lock file nothing is shared, so closing our copy is safe.
-        try:
-            entry[0].close()
-        except lmdb.Error:
-            pass
-        entry = None
-    if entry is None:
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False,
-                        subdir=os.path.isdir(path), max_readers=2048, max_spare_txns=1)
-        entry = _SHARED_ENVS[key] = [env, 0, os.getpid()]
-    entry[1] += 1
-    return entry[0]
-
-
-def _release_shared_env(path):
-    key = os.path.realpath(path)
-    entry = _SHARED_ENVS.get(key)
-    if entry is not None and entry[2] == os.getpid():
-        entry[1] -= 1
-        if entry[1] <= 0:
-            entry[0].close()
-            del _SHARED_ENVS[key]
-
-
-class FrameDB:
-    """JPEG frames of videos in an LMDB: key f"{video_id}_{i}" -> JPEG bytes, plus a `__meta__` JSON entry.
-
-    Reader: FrameDB(path) (readonly, no lock file, no readahead: safe and cheap in many DataLoader workers).
-    Writer: FrameDB(path, readonly=False, num_frames=30, frame_size=224). Writes are committed in batches (every
-    `commit_every` videos and on close()), one transaction each, so a crash or a full disk never leaves half a video
-    behind. The memory map starts at `map_size` and doubles whenever LMDB reports it full. LMDBs made by the
-    original HMMC's tools/frame2lmdb.py (no `__meta__`) are read too, their frame count found by probing keys.
-    """
-
-    def __init__(self, path, readonly=True, map_size=1 << 30, num_frames=None, frame_size=None, commit_every=64,
-                 square=False):
-        self.path = path
-        self.readonly = readonly
-        self.commit_every = commit_every
-        self._pending = {}      # video_id -> list of JPEG bytes, not yet committed
-        self._pending_failed = {}  # video_id -> reason, not yet committed
-        if readonly:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no frame LMDB at {path}; make it with "
-                                        f"`python prepare.py frames --videos=DIR --out={path}`")
-            self.env = _open_shared_env(path)
-        else:
-            os.makedirs(path, exist_ok=True)
-            # an existing map may be larger than asked: never shrink it
-            data_file = os.path.join(path, "data.mdb")
-            existing = os.path.getsize(data_file) if os.path.exists(data_file) else 0
-            if os.path.realpath(path) in _SHARED_ENVS:
-                raise RuntimeError(f"{path} is open for reading in this process; close its readers before writing")
-            self.env = lmdb.open(path, map_size=max(map_size, 2 * existing, 1 << 20), subdir=True,
-                                 readahead=False, meminit=False, max_dbs=0)
-        self.meta = self._read_meta()
-        if not readonly:
-            if self.meta is None:  # a fresh store
-                if num_frames is None or frame_size is None:
-                    raise ValueError(f"creating {path} needs num_frames and frame_size")
-                self.meta = {"version": FRAMEDB_VERSION, "num_frames": int(num_frames),
-                             "frame_size": int(frame_size), "count": 0, "failed": {}}
-                if square:
-                    self.meta["square"] = True
-                self._write_batch({})
-            else:
-                for k, v in (("num_frames", num_frames), ("frame_size", frame_size), ("square", bool(square))):
-                    if v is not None and self.meta.get(k, False if k == "square" else None) not in (None, v):
-                        raise ValueError(f"{path} was made with {k}={self.meta.get(k, False)} but {k}={v} was asked; "
-                                         f"use the same settings or another --out")
-        elif self.meta is None:
-            raise ValueError(f"{path} holds no frames (empty LMDB)")
-
-    def _read_meta(self):
-        with self.env.begin() as txn:
-            raw = txn.get(_META_KEY)
-            if raw is not None:
-                meta = json.loads(bytes(raw).decode("utf-8"))
-                meta.setdefault("failed", {})
-                return meta
-            # no __meta__: an LMDB from the original tools/frame2lmdb.py, or a fresh one
-            cur = txn.cursor()
-            if not cur.first():
-                return None
-            key = bytes(cur.key()).decode("utf-8", "replace")
-            vid, _, idx = key.rpartition("_")
-            if not vid or not idx.isdigit():
-                raise ValueError(f"{self.path}: key {key!r} is not of the form <video_id>_<frame index> and "
-                                 f"there is no __meta__ entry; is this a frame LMDB?")
-            n = 0
-            while txn.get(f"{vid}_{n}".encode()) is not None:  # probe how many frames this video has
-                n += 1
-            if n == 0:
-                raise ValueError(f"{self.path}: cannot infer the frame count (no key {vid}_0)")
-            entries = txn.stat()["entries"]
-            return {"version": 0, "num_frames": n, "frame_size": None, "count": entries // n, "failed": {},
-                    "inferred": True}
-
-    @property
-    def num_frames(self) -> int:
-        return self.meta["num_frames"]
-
-    @property
-    def frame_size(self):
-        return self.meta.get("frame_size")
-
-    @property
-    def square(self) -> bool:
-        """Whether the frames are centre squares (prepare.py frames --square=True) rather than whole frames."""
-        return bool(self.meta.get("square"))
-
-    @property
-    def failed(self) -> dict:
-        return {**self.meta["failed"], **self._pending_failed}
-
-    def __len__(self):
-        return self.meta["count"]
-
-    def has_video(self, video_id: str) -> bool:
-        """True when all frames of the video are stored (writes are per video, so the last key suffices)."""
-        if video_id in self._pending:
-            return True
-        with self.env.begin() as txn:
-            return txn.get(f"{video_id}_{self.num_frames - 1}".encode()) is not None
-
-    def get_frame(self, video_id: str, i: int) -> bytes:
-        return self.get_frames(video_id, [i])[0]
-
-    def get_frames(self, video_id: str, indices) -> list:
-        """JPEG bytes of several frames of one video, read in one transaction."""
-        out = []
-        with self.env.begin() as txn:
-            for i in indices:
-                raw = txn.get(f"{video_id}_{int(i)}".encode())
-                if raw is None:
-                    raise KeyError(f"frame {video_id}_{int(i)} is not in {self.path} "
-                                   f"({self.num_frames} frames per video stored)")
-                out.append(raw)
-        return out
-
-    def video_ids(self) -> list:
-        """All stored video ids (a full key scan: for tools and tests, not for the training loop)."""
-        ids = []
-        with self.env.begin() as txn:
-            for key in txn.cursor().iternext(keys=True, values=False):
-                k = bytes(key).decode("utf-8", "replace")
-                if k.endswith("_0") and key != _META_KEY:
-                    ids.append(k[:-2])
-        return ids
-
-    def put_video(self, video_id: str, frames: list):
-        assert not self.readonly, "FrameDB opened readonly"
-        if len(frames) != self.num_frames:
-            raise ValueError(f"video {video_id}: {len(frames)} frames given, the store holds {self.num_frames}")
-        self._pending[video_id] = [bytes(f) for f in frames]
-        self._pending_failed.pop(video_id, None)
-        if len(self._pending) >= self.commit_every:
-            self.commit()
-
-    def mark_failed(self, video_id: str, reason: str):
-        assert not self.readonly, "FrameDB opened readonly"
-        self._pending_failed[video_id] = str(reason)
-
-    def commit(self):
-        """Write everything buffered in one transaction (a batch is all-or-nothing)."""
-        if self.readonly or (not self._pending and not self._pending_failed):
-            return
-        self._write_batch(self._pending)
-        self._pending, self._pending_failed = {}, {}
-
-    def _write_batch(self, videos):
-        # a video written now is no longer a failure, whatever an earlier run recorded
-        meta = {**self.meta, "failed": {vid: why for vid, why in self.failed.items() if vid not in videos}}
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for vid, frames in videos.items():
-                        for i, jpg in enumerate(frames):
-                            txn.put(f"{vid}_{i}".encode(), jpg)
-                    entries = txn.stat()["entries"] - (txn.get(_META_KEY) is not None)
-                    meta["count"] = entries // meta["num_frames"]
-                    txn.put(_META_KEY, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-                break
-            except lmdb.MapFullError:
-                # the transaction was aborted, nothing is lost: grow the map and write the batch again
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            except lmdb.Error as e:
-                # a failed commit leaves the previous state on disk intact (LMDB is copy-on-write)
-                nbytes = sum(len(f) for frames in videos.values() for f in frames)
-                free = shutil.disk_usage(self.path).free
-                full = "No space" in str(e) or free < max(2 * nbytes, 16 << 20)
-                raise OSError(errno.ENOSPC if full else errno.EIO,
-                              f"{'disk full' if full else 'write error'} while writing {self.path} ({e}; "
-                              f"{free >> 20} MiB free): the {len(videos)} videos of this batch were not written, the "
-                              f"{self.meta['count']} committed before are safe. "
-                              f"{'Free some space and r' if full else 'R'}erun the same command to resume") from e
-        self.meta = meta
-
-    def close(self):
-        if self.env is None:
-            return
-        if self.readonly:
-            _release_shared_env(self.path)
-            self.env = None
-            return
-        try:
-            self.commit()
-        finally:
-            self.env.close()
-            self.env = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Frame extraction: videos -> frames.lmdb with the system ffprobe/ffmpeg, one decode per video
-
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".wmv",
-                    ".ts", ".mts", ".m2ts", ".ogv", ".ogg", ".gif", ".vob", ".f4v", ".asf", ".divx", ".rm", ".rmvb",
-                    ".h264", ".264", ".h265", ".hevc", ".y4m", ".mxf", ".nut", ".ivf", ".mjpeg", ".dv")
-
-
-def _fmt_seconds(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _check_ffmpeg():
-    for tool in ("ffmpeg", "ffprobe"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not found on PATH; install FFmpeg (e.g. `apt-get install ffmpeg`, "
-                               f"`brew install ffmpeg`, `conda install -c conda-forge ffmpeg`)")
-
-
-def _last_line(text: str) -> str:
-    lines = [l.strip() for l in text.decode("utf-8", "replace").splitlines() if l.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _float(x):
-    try:
-        v = float(x)
-        return v if np.isfinite(v) else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _rate(x):
-    """ffprobe's "30000/1001" -> 29.97 (None for 0/0 or junk)."""
-    try:
-        num, _, den = str(x).partition("/")
-        v = float(num) / float(den or 1)
-        return v if v > 0 and np.isfinite(v) else None
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-
-
-def probe_video(path: str) -> dict:
-    """Display width/height (rotation and pixel aspect applied), duration in seconds, frame rate, frame count.
-    Raises ValueError with a short reason when the file has no decodable video stream."""
-    cmd = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-           "stream=width,height,duration,nb_frames,avg_frame_rate,r_frame_rate,sample_aspect_ratio:"
-           "stream_tags=rotate:stream_side_data=rotation:format=duration", "-of", "json", path]
-    p = subprocess.run(cmd, capture_output=True, timeout=120)
-    if p.returncode != 0:
-        raise ValueError(f"unreadable ({_last_line(p.stderr) or 'ffprobe failed'})")
-    info = json.loads(p.stdout.decode("utf-8", "replace") or "{}")
-    streams = info.get("streams") or []
-    if not streams:
-        raise ValueError("no video stream (audio-only or not a video)")
-    s = streams[0]
-    w, h = int(s.get("width") or 0), int(s.get("height") or 0)
-    if w <= 0 or h <= 0:
-        raise ValueError("video stream without a frame size")
-    sar = _rate(str(s.get("sample_aspect_ratio", "1/1")).replace(":", "/")) or 1.0
-    w = max(1, int(round(w * sar)))  # non-square pixels: store what a player shows
-    rotation = _float((s.get("tags") or {}).get("rotate")) or 0.0
-    for sd in s.get("side_data_list") or []:
-        if "rotation" in sd:
-            rotation = _float(sd["rotation"]) or 0.0
-    if int(round(rotation / 90)) % 2 == 1:  # ffmpeg auto-rotates while decoding: a 90/270 degree video is portrait
-        w, h = h, w
-    fps = _rate(s.get("avg_frame_rate")) or _rate(s.get("r_frame_rate"))
-    nb = int(s["nb_frames"]) if str(s.get("nb_frames", "")).isdigit() else None
-    duration = _float(s.get("duration")) or _float((info.get("format") or {}).get("duration"))
-    if (duration is None or duration <= 0) and fps:
-        if not nb:  # no duration and no frame count in the header (raw streams): count packets, a demux-only pass
-            p = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries",
-                                "stream=nb_read_packets", "-of", "csv=p=0", path], capture_output=True, timeout=300)
-            text = p.stdout.decode("ascii", "replace").strip().strip(",")
-            nb = int(text) if text.isdigit() and int(text) > 0 else None
-        duration = nb / fps if nb else None
-    return {"width": w, "height": h, "duration": duration, "fps": fps, "nb_frames": nb, "rotation": rotation}
-
-
-def _output_size(w: int, h: int, short: int):
-    """(width, height) with the short side equal to `short`, aspect kept."""
-    if w <= h:
-        return short, max(1, int(round(h * short / w)))
-    return max(1, int(round(w * short / h))), short
-
-
-def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _decode_frames(path, num_frames, frame_size, quality, square=False):
-    """One ffmpeg decode of the whole video -> num_frames JPEGs at the centres of equal time segments.
-
-    ffmpeg's fps filter resamples the stream to a constant rate from the frames' timestamps (so variable frame
-    rate is handled), at 2*num_frames/duration: the odd output slots are then exactly the segment centres
-    (i + 0.5) * duration / num_frames, and `select` keeps only those before scaling, so only num_frames frames
-    are scaled and piped. round=up makes output slot k show the last frame with pts <= k / rate, i.e. the frame on
-    screen at that instant (the default rounding picks up to half a slot later). A video shorter than num_frames
-    frames repeats frames (fps duplicates them). square=True keeps only the centre square of each frame.
-    """
-    info = probe_video(path)
-    W, H = _output_size(info["width"], info["height"], frame_size)
-    # the centre square, placed where the dataset's centre crop takes it
-    crop = f",crop={frame_size}:{frame_size}:{int(round((W - frame_size) / 2))}:{int(round((H - frame_size) / 2))}" \
-        if square else ""
-    duration = info["duration"] if info["duration"] and info["duration"] > 0 else None
-    if duration is not None:
-        rate = 2 * num_frames / duration
-        vf = f"fps={rate:.6f}:round=up,select='mod(n\\,2)',scale={W}:{H}:flags=bicubic{crop}"
-        limit = num_frames + 1
-    else:  # duration unknown even after counting: spread the picks over the first frames (bounded memory)
-        vf = f"scale={W}:{H}:flags=bicubic{crop}"
-        limit = 8 * num_frames
-    if square:
-        W = H = frame_size
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", path, "-map", "0:v:0", "-an", "-sn", "-dn",
-           "-vf", vf, "-vsync", "0", "-frames:v", str(limit), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
-    # generous: single-threaded decoding of a long high-resolution video can run slower than real time
-    p = subprocess.run(cmd, capture_output=True, timeout=300 + 5 * (duration or 600))
-    frame_bytes = W * H * 3
-    m = len(p.stdout) // frame_bytes
-    if m == 0:
-        raise ValueError(f"no frame could be decoded ({_last_line(p.stderr) or f'ffmpeg exit code {p.returncode}'})")
-    frames = np.frombuffer(p.stdout, dtype=np.uint8, count=m * frame_bytes).reshape(m, H, W, 3)
-    if duration is not None and m >= num_frames - 1:
-        picks = [min(i, m - 1) for i in range(num_frames)]  # the normal case (the last slot may round away)
-    else:
-        # fewer frames than the header promised (a truncated file, a wrong duration): spread over what decoded
-        picks = [min(int((i + 0.5) * m / num_frames), m - 1) for i in range(num_frames)]
-    encoded = {k: _encode_jpeg(frames[k], quality) for k in set(picks)}  # a repeated frame is encoded once
-    return [encoded[k] for k in picks]
-
-
-def _extract_job(job):
-    """Worker: (video_id, path, num_frames, frame_size, quality[, square]) -> (video_id, frames or None, error or
-    None)."""
-    video_id, path, num_frames, frame_size, quality, *square = job
-    square = bool(square and square[0])
-    try:
-        if path is None:
-            return video_id, None, "missing: no video file with this id"
-        if os.path.getsize(path) == 0:
-            return video_id, None, "empty file (0 bytes)"
-        return video_id, _decode_frames(path, num_frames, frame_size, quality, square), None
-    except subprocess.TimeoutExpired:
-        return video_id, None, "timed out while decoding"
-    except Exception as e:  # a bad video is recorded and skipped, never the end of the run
-        return video_id, None, str(e) or type(e).__name__
-
-
-def _read_id_list(path) -> list:
-    """Video ids, one per line; jsonl lines ({"video_id": ...}, like the original's msrvtt.json) work too."""
-    ids = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("{"):
-                try:
-                    line = str(json.loads(line)["video_id"])
-                except (json.JSONDecodeError, KeyError):
-                    raise ValueError(f"{path}:{lineno}: expected a video id or a JSON object with 'video_id'")
-            ids.append(line)
-    return ids
-
-
-def find_videos(videos_dir: str, ids=None) -> dict:
-    """video_id (file name without extension) -> path, for the video files under videos_dir (recursively).
-    With `ids`, only those ids (any extension); an id without a file maps to None."""
-    if not os.path.isdir(videos_dir):
-        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
-    wanted = set(ids) if ids is not None else None
-    found = {}  # video id -> (not a known video extension, path): known extensions win a tie of names
-    for root, dirs, files in os.walk(videos_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".lmdb"))
-        for name in sorted(files):
-            stem, ext = os.path.splitext(name)
-            known = ext.lower() in VIDEO_EXTENSIONS
-            if name.startswith(".") or (stem not in wanted if wanted is not None else not known):
-                continue
-            cand = (not known, os.path.join(root, name))
-            if stem in found:
-                keep = min(found[stem], cand)
-                print(f"warning: two files for video id {stem!r}: {found[stem][1]} and {cand[1]}; using {keep[1]}",
-                      flush=True)
-                cand = keep
-            found[stem] = cand
-    found = {vid: path for vid, (_, path) in found.items()}
-    if ids is not None:
-        return {vid: found.get(vid) for vid in dict.fromkeys(ids)}
-    return found
-
-
-def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=8, ids=None, retry_failed=False,
-                   quality=90, id_prefix="", square=False, progress_every=5.0) -> dict:
-    """Decode every video under videos_dir into the frame LMDB at out_path (resumable; never stops on a bad file).
-
-    `ids`: a list of file names without extension, or a file with one per line. Videos already in the LMDB are
-    skipped; ones that failed before are retried only with retry_failed. A video's key is id_prefix + its file name
-    without extension (CHVTT: <docid>.mp4 with id_prefix="Video" gives the original's keys Video<docid>_<i>).
-    square=True stores only the centre square of side frame_size: all that datasets without augmentation read,
-    decoded in ~40% less time than a whole 16:9 frame (the LMDB's meta says so; augmentation refuses it).
-    Returns {"done", "skipped", "failed": {id: reason}, "failed_before": {id: reason} (skipped failures of earlier
-    runs), "stored" (of these videos, how many the LMDB now holds), "seconds"}.
-    """
-    _check_ffmpeg()
-    if isinstance(ids, str):
-        ids = _read_id_list(ids)
-    videos = {id_prefix + stem: path for stem, path in find_videos(videos_dir, ids).items()}
-    if not videos:  # before the LMDB is created: an empty folder or id list must not leave an empty dataset behind
-        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS[:4])}, ...) in {videos_dir}; nothing written"
-                         if ids is None else "the id list is empty; nothing written")
-    db = FrameDB(out_path, readonly=False, num_frames=num_frames, frame_size=frame_size, square=square)
-    old_failed = db.failed
-    jobs, skipped, stored, failed_before = [], 0, 0, {}
-    for vid, path in videos.items():
-        # a failure is retried on request, or when its file has appeared since
-        retry = retry_failed or (path is not None and old_failed.get(vid, "").startswith("missing"))
-        if db.has_video(vid):
-            skipped, stored = skipped + 1, stored + 1
-        elif vid in old_failed and not retry:
-            skipped, failed_before[vid] = skipped + 1, old_failed[vid]
-        else:
-            jobs.append((vid, path, num_frames, frame_size, quality, square))
-    n_retry = sum(vid in old_failed for vid, *_ in jobs)
-    print(f"frames: {len(videos)} videos in {videos_dir}, {skipped} already done or failed before"
-          f"{f' ({n_retry} failed ones retried)' if n_retry else ''}, {len(jobs)} to extract -> {out_path} "
-          f"({num_frames} frames, {'centre squares of' if square else 'short side'} {frame_size} px, {workers} "
-          f"workers)", flush=True)
-    failed, done, t0, last = {}, 0, time.time(), time.time()
-
-    def progress(final=False):
-        el = time.time() - t0
-        rate = (done + len(failed)) / el if el > 0 else 0.0
-        left = len(jobs) - done - len(failed)
-        eta = _fmt_seconds(left / rate) if rate > 0 else "?"
-        print(f"frames: {done + len(failed)}/{len(jobs)} videos, {rate:.3g} videos/s, "
-              f"{'took ' + _fmt_seconds(el) if final else 'eta ' + eta}, {len(failed)} failed", flush=True)
-
-    pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) if workers > 1 else None
-    try:
-        results = pool.imap_unordered(_extract_job, jobs, chunksize=1) if pool else map(_extract_job, jobs)
-        for vid, frames, err in results:  # this (main) process is the only LMDB writer
-            if err is None:
-                db.put_video(vid, frames)
-                done += 1
-            else:
-                db.mark_failed(vid, err)
-                failed[vid] = err
-            if time.time() - last >= progress_every:
-                db.commit()  # a kill loses at most a few seconds of work
-                progress()
-                last = time.time()
-    except KeyboardInterrupt:
-        print(f"frames: interrupted; {done} videos written, rerun the same command to resume", flush=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-        db.close()
-    progress(final=True)
-    for listed, what in ((failed, "failed"), (failed_before, "failed in an earlier run and were skipped")):
-        if not listed:
-            continue
-        print(f"frames: {len(listed)} videos {what} (recorded under __meta__ 'failed' in {out_path}; "
-              f"rerun with --retry_failed to try them again):", flush=True)
-        for vid, err in list(listed.items())[:20]:
-            print(f"  {vid}: {err}", flush=True)
-        if len(listed) > 20:
-            print(f"  ... and {len(listed) - 20} more", flush=True)
-    return {"done": done, "skipped": skipped, "failed": failed, "failed_before": failed_before,
-            "stored": stored + done, "seconds": time.time() - t0}
-
-
-# -----------------------------------------------------------------------------------------------------------------
 # Annotation converters: annotation files -> data/<name>/<split>.jsonl (the schema at the top)
 
 def _clean_captions(caps, counter: Counter) -> list:
@@ -1087,7 +569,7 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
     for s in data.get("sentences", []):
         caps.setdefault(str(s.get("video_id")), []).extend(_clean_captions([s.get("caption")], counter))
     for v in data.get("videos", []):
-        st, en = _float(v.get("start time")), _float(v.get("end time"))
+        st, en = finite_float(v.get("start time")), finite_float(v.get("end time"))
         if st is not None and en is not None and en > st:
             duration[str(v.get("video_id"))] = round(en - st, 3)
 
@@ -1170,7 +652,7 @@ def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=N
                              f"test_list.txt, or --{split}_list=FILE")
         if not os.path.exists(path):
             raise FileNotFoundError(f"vatex: split list {path} does not exist")
-        ids = _read_id_list(path)
+        ids = read_id_list(path)
         unknown = [vid for vid in ids if vid not in ann]
         if unknown:
             counter["no_caption"] += len(unknown)
@@ -1227,7 +709,7 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
                 if title_en:
                     r["captions_en"] = title_en
                     r["tags_en"] = _raw_tags(d.get("tag_eng"))
-                duration = _float(d.get("duration"))
+                duration = finite_float(d.get("duration"))
                 if duration is not None:
                     r["duration"] = duration
                 recs.append(r)
@@ -1264,7 +746,6 @@ def _frames(videos, out, **kw):
 
 
 def _synthetic(out, **kw):
-    import synthetic  # here, not at the top: synthetic.py imports FrameDB from this file
     synthetic.prepare_synthetic(out, **kw)
 
 

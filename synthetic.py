@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from prepare import FrameDB  # prepare.py imports this file only inside its `synthetic` command
+from framestore import FrameDB
 
 
 _SYN_COLOURS = {  # name: (RGB, Chinese)

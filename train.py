@@ -41,6 +41,7 @@ import prepare
 import synthetic
 from common import autocast, cleanup_compute, init_compute, peak_flops, print0, run_script, set_cpu_threads
 from configurator import configure, describe
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults: the embedded synthetic run; every recipe in config/ overrides some of these
@@ -484,7 +485,7 @@ def load_data(config: dict, master: bool, ddp: bool):
     vocab = bert_vocab
     if text_encoder == "bert" and not vocab:
         vocab = os.path.join(bert_path, "vocab.txt") if bert_path else os.path.join(ddir, "vocab.txt")
-    tokenizer = prepare.get_tokenizer(text_encoder, vocab)
+    tokenizer = get_tokenizer(text_encoder, vocab)
     config["bert_vocab"] = vocab  # saved with the checkpoint, so eval.py finds the same tokenizer
     train_set = prepare.VideoTextDataset(
         ddir, train_split, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
