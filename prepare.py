@@ -1,8 +1,8 @@
 """
-Everything between files on disk and model inputs, at prepare time and at run time: videos -> sampled JPEG frames
-in an LMDB (system ffmpeg/ffprobe), annotation files -> one jsonl schema per split, and `VideoTextDataset`, which
-turns both into uint8 frames and token ids for train.py and eval.py. The tokenizers live in tokenizer.py, the
-synthetic dataset in synthetic.py. Safe to rerun: finished videos are skipped.
+From files on disk to model inputs. First what a reader edits: which frames are sampled, how they are decoded,
+cropped and augmented, and `VideoTextDataset` + `collate`, which give train.py and eval.py uint8 frames and token ids.
+Then the tooling: annotation converters and the `python prepare.py <command>` line. The frame store and ffmpeg
+extraction live in framestore.py, the synthetic dataset in synthetic.py, the tokenizers in tokenizer.py.
 
 $ python prepare.py synthetic                                             # data/synthetic, train.py's default data
 $ python prepare.py frames --videos=MSRVTT/videos/all --out=data/msrvtt/frames.lmdb --num_frames=30 --workers=8
@@ -11,12 +11,10 @@ $ python prepare.py vatex --annotations=vatex_data.json --splits_dir=vatex_txt -
 $ python prepare.py chvtt --annotations=chvtt.json --out=data/chvtt
 $ python prepare.py frames --help                                         # a command's options and defaults
 
-On disk: data/<name>/frames.lmdb with key f"{video_id}_{i}" -> JPEG bytes of frame i and a `__meta__` key holding
-JSON; data/<name>/<split>.jsonl with one video per line:
+A dataset is data/<name>/frames.lmdb (framestore.py) and data/<name>/<split>.jsonl, one video per line:
   {"video_id": str, "captions": [str, ...], "tags": str or [str, ...] (opt), "duration": float (opt), ...}
-Languages: `captions`/`tags` hold the dataset's own language (English for MSR-VTT and VATEX, Chinese for CHVTT);
-other languages sit next to them with a suffix: `captions_zh` (VATEX, synthetic), `captions_en`/`tags_en` (CHVTT).
-One LMDB serves every language; the dataset's `caption_field` picks the field (tags follow the suffix).
+`captions`/`tags` hold the dataset's own language; others sit next to them with a suffix: `captions_zh` (VATEX,
+synthetic), `captions_en`/`tags_en` (CHVTT). The dataset's `caption_field` picks one (tags follow the suffix).
 """
 import contextlib
 import csv
