@@ -498,15 +498,19 @@ def extract_into(db: FrameDB, videos: dict, *, workers: int, quality: int = 90, 
     return results
 
 
+def print_listed(header: str, lines: list, limit: int = 20):
+    """The header, then the first `limit` lines indented and how many more there are."""
+    print(header, flush=True)
+    for line in lines[:limit]:
+        print(f"  {line}", flush=True)
+    if len(lines) > limit:
+        print(f"  ... and {len(lines) - limit} more", flush=True)
+
+
 def _list_failures(listed: dict, what: str, out_path: str):
-    if not listed:
-        return
-    print(f"frames: {len(listed)} videos {what} (recorded under __meta__ 'failed' in {out_path}; "
-          f"rerun with --retry_failed to try them again):", flush=True)
-    for vid, err in list(listed.items())[:20]:
-        print(f"  {vid}: {err}", flush=True)
-    if len(listed) > 20:
-        print(f"  ... and {len(listed) - 20} more", flush=True)
+    if listed:
+        print_listed(f"frames: {len(listed)} videos {what} (recorded under __meta__ 'failed' in {out_path}; "
+                     f"rerun with --retry_failed to try them again):", [f"{vid}: {err}" for vid, err in listed.items()])
 
 
 def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=8, ids=None, retry_failed=False,

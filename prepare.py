@@ -1,8 +1,7 @@
 """
-From files on disk to model inputs. First what a reader edits: which frames are sampled, how they are decoded,
-cropped and augmented, and `VideoTextDataset` + `collate`, which give train.py and eval.py uint8 frames and token ids.
-Then the tooling: annotation converters and the `python prepare.py <command>` line. The frame store and ffmpeg
-extraction live in framestore.py, the synthetic dataset in synthetic.py, the tokenizers in tokenizer.py.
+From files on disk to model inputs: frame sampling, decoding, cropping and augmentation, then `VideoTextDataset` and
+`collate` (uint8 frames and token ids for train.py and eval.py); after them the annotation converters and the
+`python prepare.py <command>` line. Frame store and ffmpeg: framestore.py; synthetic data: synthetic.py.
 
 $ python prepare.py synthetic                                             # data/synthetic, train.py's default data
 $ python prepare.py frames --videos=MSRVTT/videos/all --out=data/msrvtt/frames.lmdb --num_frames=30 --workers=8
@@ -11,10 +10,9 @@ $ python prepare.py vatex --annotations=vatex_data.json --splits_dir=vatex_txt -
 $ python prepare.py chvtt --annotations=chvtt.json --out=data/chvtt
 $ python prepare.py frames --help                                         # a command's options and defaults
 
-A dataset is data/<name>/frames.lmdb (framestore.py) and data/<name>/<split>.jsonl, one video per line:
+A dataset is data/<name>/frames.lmdb and data/<name>/<split>.jsonl, one video per line:
   {"video_id": str, "captions": [str, ...], "tags": str or [str, ...] (opt), "duration": float (opt), ...}
-`captions`/`tags` hold the dataset's own language; others sit next to them with a suffix: `captions_zh` (VATEX,
-synthetic), `captions_en`/`tags_en` (CHVTT). The dataset's `caption_field` picks one (tags follow the suffix).
+Other languages get a suffix (`captions_zh`, `captions_en`/`tags_en`); `caption_field` picks one, tags follow it.
 """
 import contextlib
 import csv
@@ -31,7 +29,7 @@ from PIL import Image, ImageFilter
 
 import synthetic
 from configurator import configure
-from framestore import FrameDB, extract_frames, finite_float, read_id_list
+from framestore import FrameDB, extract_frames, finite_float, print_listed, read_id_list
 from tokenizer import tokenize  # noqa: F401  prepare.tokenize(texts) is what users call
 
 
@@ -39,13 +37,8 @@ from tokenizer import tokenize  # noqa: F401  prepare.tokenize(texts) is what us
 # Frames -> model input: which frames to read, JPEG decode and centre crop, the pre-training augmentation
 
 def sample_frame_indices(n: int, t: int, mode: str = "uniform", rng=None) -> np.ndarray:
-    """Which t of the n stored frames to use.
-
-    uniform:    linspace(0, n, t) without the endpoint, as ints (the original's eval sampling).
-    random:     t distinct frames, sorted.
-    stratified: one random frame from each of t equal bins over the whole range [0, n). This replaces the
-                original's `uniform_random`, whose bins of width n // t never reach the tail of the clip.
-    """
+    """Which t of the n stored frames to use. uniform: the original's eval sampling; random: t distinct, sorted;
+    stratified: one from each of t equal bins over [0, n) (the original's bins of n // t never reached the tail)."""
     if mode == "uniform":
         return np.linspace(0, n, t, endpoint=False).astype(np.int64)
     if t > n:
@@ -59,7 +52,7 @@ def sample_frame_indices(n: int, t: int, mode: str = "uniform", rng=None) -> np.
 
 
 def _open_jpeg(buf, min_short: int):
-    """Decode a JPEG; when it is at least twice as large as needed, let libjpeg decode it downscaled (draft)."""
+    """Decode a JPEG, downscaled by libjpeg (draft) when it is at least twice as large as needed."""
     img = Image.open(io.BytesIO(buf))
     w, h = img.size
     short = min(w, h)
@@ -85,8 +78,7 @@ def _center_crop_into(img, size: int, out: np.ndarray):
     out[...] = np.asarray(img.resize((size, size), Image.BICUBIC, box=box)).transpose(2, 0, 1)
 
 
-# The original's SimCLR-style pre-training augmentation, in Pillow + numpy.
-# Parameters are drawn first (so one draw can serve a whole clip) and applied second.
+# The original's SimCLR-style pre-training augmentation, drawn first (one draw may serve a whole clip), applied second.
 
 def _draw_augmentation(rng, w: int, h: int) -> dict:
     p = {}
@@ -125,14 +117,8 @@ _YIQ_INV = np.linalg.inv(_YIQ)
 
 
 def _jitter_affine(jitter: list) -> tuple:
-    """Brightness, contrast, saturation and hue in the drawn order, composed into one affine colour map
-    x -> A x + B m, where m is the frame's channel mean (contrast blends with the grey mean at its step, which is
-    linear in m). Returns (A, B), two 3x3 arrays.
-
-    One pass instead of four (the HSV round trip for hue alone costs more than everything else). Two
-    approximations, immaterial for augmentation: no clipping between steps, and hue rotated in YIQ space rather
-    than shifted in HSV.
-    """
+    """The four jitters in drawn order as one affine map x -> A x + B m (m: the frame's channel mean), returned as
+    (A, B): one pass instead of four, without clipping between steps and with hue rotated in YIQ, not HSV."""
     A, B = np.eye(3), np.zeros((3, 3))
     for kind, f in jitter:
         C = np.zeros((3, 3))
@@ -157,8 +143,8 @@ def _jitter_matrix(jitter: list, channel_mean: np.ndarray) -> tuple:
 
 
 def _crop_resize(img, p: dict, size: int) -> torch.Tensor:
-    """RandomResizedCrop's crop, resized to size x size with antialiased bilinear filtering -> uint8 (3, S, S).
-    torch's uint8 kernel matches Pillow's resize(BILINEAR, box=crop) within a level or two, in ~60% of its time."""
+    """The drawn crop resized to uint8 (3, size, size): torch's antialiased bilinear is within a level or two of
+    Pillow's and faster."""
     x0, y0, x1, y1 = p["crop"]
     with warnings.catch_warnings():  # Pillow's pixels are read-only, and only read here
         warnings.simplefilter("ignore", UserWarning)
@@ -167,8 +153,7 @@ def _crop_resize(img, p: dict, size: int) -> torch.Tensor:
 
 
 def _apply_augmentation(img, p: dict, size: int):
-    """The whole augmentation in the loader (Pillow after the crop): the reference that augment_frames, on the
-    training device, follows."""
+    """The whole augmentation in Pillow: the reference augment_frames follows on the training device."""
     img = Image.fromarray(_crop_resize(img, p, size).permute(1, 2, 0).numpy())
     if "jitter" in p:
         mean = np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0)
@@ -182,22 +167,20 @@ def _apply_augmentation(img, p: dict, size: int):
     return np.asarray(img)
 
 
-# The augmentation after the crop, on the training device: the loader draws the parameters (so they stay a function
-# of (seed, epoch, index)) and sends them with the cropped uint8 frames as AUGMENT_PARAMS floats per frame.
+# On the training device: the loader draws the parameters (a function of (seed, epoch, index)) and sends them with
+# the cropped frames as AUGMENT_PARAMS floats per frame.
 AUGMENT_PARAMS = 21  # colour map A (9) and B (9), grayscale flag, blur sigma (0: none), flip flag
 
 
 def augment_params(p: dict) -> np.ndarray:
-    """The parameters of one frame drawn by _draw_augmentation, minus the crop (done in the loader), as floats."""
+    """One frame's drawn parameters except the crop, as floats."""
     A, B = _jitter_affine(p["jitter"]) if "jitter" in p else (np.eye(3), np.zeros((3, 3)))
     return np.concatenate([A.ravel(), B.ravel(), [float(p["gray"]), p["blur"] or 0.0, float(p["flip"])]])
 
 
 def _box_blur_weights(sigma: torch.Tensor) -> torch.Tensor:
-    """Pillow's GaussianBlur(sigma) is three passes of an extended box filter (integer radius l, plus a fractional
-    weight at both ends) in each direction, with the variance of the Gaussian, in 24-bit fixed point. The 5 integer
-    taps of that box per sigma (N,) -> (N, 5), computed in float32 as Pillow does; sigma <= 2 keeps l <= 1, and
-    sigma 0 gives the identity."""
+    """The 5 taps (N, 5) of Pillow's GaussianBlur(sigma (N,)): three passes of an extended box filter of the
+    Gaussian's variance, in 24-bit fixed point, computed in float32 as Pillow does (sigma 0: the identity)."""
     var = sigma.float() ** 2 / 3
     l = torch.floor((torch.sqrt(12 * var + 1) - 1) / 2)
     radius = l + (2 * l + 1) * (l * (l + 1) - 3 * var) / (6 * (var - (l + 1) ** 2))
@@ -210,8 +193,7 @@ def _box_blur_weights(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _box_blur(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
-    """One pass of per-frame 5-tap filters w (N, 5) along `dim` (-1 or -2) of x (N, 3, H, W), float64 integers,
-    the edge pixel repeated beyond the border and the sum rounded to 8 bits as Pillow does."""
+    """One pass of per-frame taps w (N, 5) along `dim` of x (N, 3, H, W), edges repeated, rounded as Pillow does."""
     n = x.shape[dim]
     padded = torch.cat([x.narrow(dim, 0, 1)] * 2 + [x] + [x.narrow(dim, n - 1, 1)] * 2, dim=dim)
     acc = sum(w[:, j, None, None, None] * padded.narrow(dim, j, n) for j in range(5))
@@ -219,10 +201,8 @@ def _box_blur(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def augment_frames(video: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Colour jitter, grayscale, Gaussian blur and flip of cropped uint8 frames video (..., 3, H, W), with the
-    per-frame params (..., AUGMENT_PARAMS) of augment_params, on the tensors' device (the training GPU). Follows
-    _apply_augmentation (Pillow) step by step, rounding where Pillow stores 8-bit values (grayscale, blur and flip
-    exactly; the colour map to within one level); no host synchronisation."""
+    """_apply_augmentation after the crop on uint8 frames (..., 3, H, W) with params (..., AUGMENT_PARAMS), on their
+    device without host synchronisation: exact but for the colour map (within one level)."""
     shape = video.shape
     x = video.reshape(-1, *shape[-3:]).float()
     p = params.reshape(-1, AUGMENT_PARAMS).float()
@@ -250,8 +230,9 @@ def json_error(e: json.JSONDecodeError) -> str:
     return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
 
 
-def _read_jsonl(path):
-    """Yield the objects of a jsonl file; a broken line is an error naming file and line."""
+def _read_jsonl(path, key: str = "video_id", bad: list | None = None):
+    """Yield the objects with `key` of a jsonl file. A broken line is an error naming file and line, or, given a
+    list `bad`, its message goes there and the line is skipped."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -259,26 +240,26 @@ def _read_jsonl(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({json_error(e)})") from None
-            if not isinstance(obj, dict) or "video_id" not in obj:
-                raise ValueError(f"{path}:{lineno}: expected an object with a 'video_id'")
-            yield obj
+                problem = f"{path}:{lineno}: invalid JSON ({json_error(e)})"
+            else:
+                if isinstance(obj, dict) and key in obj:
+                    yield obj
+                    continue
+                problem = f"{path}:{lineno}: no {key!r} (expected a JSON object with one)"
+            if bad is None:
+                raise ValueError(problem)
+            bad.append(problem)
 
 
 class VideoTextDataset(torch.utils.data.Dataset):
-    """A prepared split: data_dir/<split>.jsonl + data_dir/frames.lmdb -> uint8 frames, token ids, mask, index.
+    """A prepared split: data_dir/<split>.jsonl + data_dir/frames.lmdb -> items of uint8 frames and token ids.
 
     mode="train":    one item per caption  {"video": uint8 [T,3,S,S], "ids", "mask", "video_index"}
     mode="pretrain": one item per video    same keys plus "tag_ids", "tag_mask" (the caption is the first one)
     mode="videos":   one item per video    {"video", "video_index"} (eval encodes each video once)
-    Random choices (frames, augmentation) are a pure function of (seed, epoch, index): set `dataset.epoch` before
-    each epoch's iterator and a run is reproducible and resumable with any number of workers.
-    device_augment=True (training): the loader only crops; the item's "augment" holds the rest of each frame's drawn
-    augmentation (float [T, AUGMENT_PARAMS]) for augment_frames to apply on the training device.
-    Batches: a DataLoader with collate_fn=prepare.collate gets each batch's frames written straight into one
-    (shared-memory) batch tensor by __getitems__, instead of per-item arrays stacked by the default collate.
-    replace_bad=True (training): a video whose frames cannot be read (missing key, undecodable JPEG) is replaced by
-    another sample drawn from (seed, epoch, index), and the item's "bad" string names it ("" when all was well).
+    Randomness is a function of (seed, epoch, index): set `dataset.epoch` per epoch and any number of workers
+    reproduce a run. device_augment: items carry "augment" [T, AUGMENT_PARAMS] for augment_frames after the crop.
+    replace_bad: an unreadable video is replaced by another drawn sample and named in the item's "bad" string.
     """
 
     def __init__(self, data_dir, split, tokenizer=None, *, mode="train", num_frames=12, context_length=32,
@@ -307,7 +288,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 data_dir) else []
             raise FileNotFoundError(f"no split file {jsonl} (splits there: {have or 'none'}); make it with "
                                     f"`python prepare.py <msrvtt|vatex|chvtt|synthetic> --out={data_dir}`")
-        db = FrameDB(self.lmdb_path)  # opened here only to check; workers open their own (LMDB + fork don't mix)
+        db = FrameDB(self.lmdb_path)  # only to check: each worker opens its own (LMDB and fork do not mix)
         try:
             self.lmdb_frames = db.num_frames
             if num_frames > db.num_frames:
@@ -373,8 +354,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return ids, mask, torch.tensor([vi for _, vi in self.captions], dtype=torch.long)
 
     def _frames(self, video_id: str, rng, out: np.ndarray) -> np.ndarray | None:
-        """Decode, crop (and augment, or draw the device's augmentation) the sampled frames into out [T, 3, S, S];
-        returns the device augmentation's parameters, or None."""
+        """The sampled frames, cropped and augmented, into out [T, 3, S, S]; returns device_augment's params or None."""
         if self._db is None or self._pid != os.getpid():  # first use in this (worker) process
             self._db, self._pid = FrameDB(self.lmdb_path), os.getpid()
             if torch.utils.data.get_worker_info() is not None:
@@ -438,9 +418,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return item
 
     def __getitems__(self, indices: list) -> list:
-        """The items of one batch (the DataLoader calls this), their frames written into one batch tensor, in
-        shared memory inside a worker process so that it reaches the training process without a copy; `collate`
-        hands that tensor on."""
+        """A batch's items, their frames written into one batch tensor (shared memory in a worker, so it reaches the
+        training process without a copy) that `collate` hands on."""
         shape = (len(indices), self.num_frames, 3, self.image_size, self.image_size)
         if torch.utils.data.get_worker_info() is not None:
             storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # as default_collate does in a worker
@@ -462,8 +441,8 @@ def collate(items: list) -> dict:
 
 
 def _keep_freed_memory():
-    """In a loader worker: let glibc keep freed blocks instead of unmapping them (decoded frames are ~0.7 MB, above
-    its default threshold for mmap), so each frame does not page-fault fresh memory in."""
+    """Let glibc keep freed blocks (a decoded frame, ~0.7 MB, is above its mmap threshold) instead of page-faulting
+    fresh memory in for every frame."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -484,13 +463,27 @@ def _clean_captions(caps, counter: Counter) -> list:
     return kept
 
 
-def _write_jsonl(path: str, records: list):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # never leave a half-written split behind
+def _load_json(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({json_error(e)})") from None
+
+
+def _listed(name: str, split: str, path: str, read_ids, records: dict, counter: Counter) -> list:
+    """The records of the ids the split file lists, in its order; listed ids without captions are counted and named."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: split file {path} does not exist")
+    ids = read_ids(path)
+    lost = [vid for vid in ids if vid not in records]
+    if lost:
+        counter["no_caption"] += len(lost)
+        print(f"{name}: {split}: {len(lost)} ids of {path} have no captions in the annotations "
+              f"(e.g. {', '.join(lost[:5])})", flush=True)
+    return [records[vid] for vid in ids if vid in records]
 
 
 def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Counter) -> dict:
@@ -500,6 +493,7 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Count
     if not have_frames:
         print(f"{name}: no frame LMDB at {frames}, so videos are not checked for frames now (the dataset "
               f"leaves out missing ones when it loads); pass --frames=PATH to check", flush=True)
+    os.makedirs(out, exist_ok=True)
     summary = {}
     with (FrameDB(frames) if have_frames else contextlib.nullcontext()) as db:
         for split, records in splits.items():
@@ -510,7 +504,9 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Count
                 print(f"{name}: {split}: {len(missing)} videos have no frames in {frames}, left out "
                       f"(e.g. {', '.join(missing[:5])})", flush=True)
             path = os.path.join(out, f"{split}.jsonl")
-            _write_jsonl(path, records)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            os.replace(path + ".tmp", path)  # never leave a half-written split behind
             n_caps = sum(len(r.get("captions", [])) for r in records)
             print(f"{name}: wrote {path}: {len(records)} videos, {n_caps} captions", flush=True)
             summary[split] = {"videos": len(records), "captions": n_caps, "missing_frames": missing}
@@ -519,16 +515,6 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Count
     if counter["no_caption"]:
         print(f"{name}: dropped {counter['no_caption']} videos without any caption", flush=True)
     return summary
-
-
-def _load_json(path: str):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"annotation file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({json_error(e)})") from None
 
 
 def _read_csv_ids(path: str) -> list:
@@ -546,11 +532,8 @@ def _read_csv_ids(path: str) -> list:
 
 def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test_csv=None, out="data/msrvtt",
                    frames=None) -> dict:
-    """MSR-VTT (CLIP4Clip's msrvtt_data files) -> train_9k / train_7k / train (= 9k) / test (1k-A) jsonl.
-
-    Train videos get all their captions from MSRVTT_data.json in file order; the 1k-A test set has one caption
-    per video, the `sentence` column of MSRVTT_JSFUSION_test.csv.
-    """
+    """MSR-VTT (CLIP4Clip's msrvtt_data) -> train_9k / train_7k / train (= 9k) / test (1k-A) jsonl: training videos
+    get all their captions from MSRVTT_data.json, test videos the `sentence` of MSRVTT_JSFUSION_test.csv."""
     if anno is not None and not os.path.isdir(anno):
         raise FileNotFoundError(f"msrvtt: annotation folder {anno} does not exist")
     optional_7k = train_7k is None  # --anno's folder may lack the 7k list
@@ -563,33 +546,20 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
         raise ValueError("msrvtt needs --anno=DIR (with MSRVTT_data.json, MSRVTT_train.9k.csv, "
                          "MSRVTT_JSFUSION_test.csv) or the files one by one (--data_json= --train_9k= --test_csv=)")
     data = _load_json(data_json)
-    counter, caps, duration = Counter(), {}, {}
+    counter, caps, extra = Counter(), {}, {}
     for s in data.get("sentences", []):
         caps.setdefault(str(s.get("video_id")), []).extend(_clean_captions([s.get("caption")], counter))
     for v in data.get("videos", []):
         st, en = finite_float(v.get("start time")), finite_float(v.get("end time"))
         if st is not None and en is not None and en > st:
-            duration[str(v.get("video_id"))] = round(en - st, 3)
+            extra[str(v.get("video_id"))] = {"duration": round(en - st, 3)}
 
     def record(vid, captions):
-        r = {"video_id": vid, "captions": captions}
-        if vid in duration:
-            r["duration"] = duration[vid]
-        return r
-
-    splits = {}
-    for split, path in (("train_9k", train_9k), ("train_7k", train_7k)):
-        if path is None or not os.path.exists(path):
-            if split == "train_7k" and optional_7k:
-                continue
-            raise FileNotFoundError(f"msrvtt: split file {path} does not exist")
-        ids = _read_csv_ids(path)
-        no_caps = [vid for vid in ids if not caps.get(vid)]
-        if no_caps:
-            counter["no_caption"] += len(no_caps)
-            print(f"msrvtt: {split}: {len(no_caps)} videos of {path} have no caption in {data_json} "
-                  f"(e.g. {', '.join(no_caps[:5])})", flush=True)
-        splits[split] = [record(vid, caps[vid]) for vid in ids if caps.get(vid)]
+        return {"video_id": vid, "captions": captions, **extra.get(vid, {})}
+    records = {vid: record(vid, c) for vid, c in caps.items() if c}
+    splits = {"train_9k": _listed("msrvtt", "train_9k", train_9k, _read_csv_ids, records, counter)}
+    if os.path.exists(train_7k or "") or not optional_7k:
+        splits["train_7k"] = _listed("msrvtt", "train_7k", train_7k, _read_csv_ids, records, counter)
     splits["train"] = splits["train_9k"]
     if not os.path.exists(test_csv):
         raise FileNotFoundError(f"msrvtt: test file {test_csv} does not exist")
@@ -607,11 +577,16 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
     return _finish_conversion("msrvtt", out, splits, frames, counter)
 
 
-def _read_vatex_annotations(paths: list, counter: Counter) -> dict:
-    """video_id -> {"en": [...], "zh": [...]} from vatex_data.json-style dicts and/or official VATEX json lists;
-    only videos with a caption in either language."""
-    ann = {}
-    for path in paths:
+def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=None, test_list=None,
+                  out="data/vatex", frames=None) -> dict:
+    """VATEX -> train / val / test jsonl with English `captions` and Chinese `captions_zh`. `annotations`:
+    vatex_data.json ({id: {enCap, chCap}}) and/or the official json lists, comma-separated; the split lists hold
+    25,991 / 1,500 / 1,500 ids (val and test both from the official validation set)."""
+    if not annotations:
+        raise ValueError("vatex needs --annotations=vatex_data.json (or the official "
+                         "vatex_training_v1.0.json,vatex_validation_v1.0.json, comma-separated)")
+    counter, records = Counter(), {}
+    for path in [p for p in str(annotations).split(",") if p]:
         data = _load_json(path)
         if isinstance(data, dict):  # {video_id: {"enCap": [...], "chCap": [...]}}
             items = list(data.items())
@@ -620,61 +595,31 @@ def _read_vatex_annotations(paths: list, counter: Counter) -> dict:
         else:
             raise ValueError(f"{path}: expected a dict of video ids or a list of {{videoID, enCap, chCap}}")
         for vid, d in items:
-            if not vid or not isinstance(d, dict):
-                continue
-            a = ann.setdefault(str(vid), {"en": [], "zh": []})
-            a["en"].extend(_clean_captions(d.get("enCap"), counter))
-            a["zh"].extend(_clean_captions(d.get("chCap"), counter))
-    return {vid: a for vid, a in ann.items() if a["en"] or a["zh"]}
-
-
-def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=None, test_list=None,
-                  out="data/vatex", frames=None) -> dict:
-    """VATEX -> train / val / test jsonl with English `captions` and Chinese `captions_zh`.
-
-    `annotations`: comma-separated json files, either vatex_data.json ({id: {enCap, chCap}}) or the official
-    vatex_training_v1.0.json / vatex_validation_v1.0.json. Splits: the 25,991 / 1,500 / 1,500 id lists
-    (train_list.txt, val_list.txt, test_list.txt; val and test both come from the official validation set).
-    """
-    if not annotations:
-        raise ValueError("vatex needs --annotations=vatex_data.json (or the official "
-                         "vatex_training_v1.0.json,vatex_validation_v1.0.json, comma-separated)")
-    paths = [p for p in str(annotations).split(",") if p]
-    counter = Counter()
-    ann = _read_vatex_annotations(paths, counter)
+            if vid and isinstance(d, dict):
+                r = records.setdefault(str(vid), {"video_id": str(vid), "captions": [], "captions_zh": []})
+                r["captions"].extend(_clean_captions(d.get("enCap"), counter))
+                r["captions_zh"].extend(_clean_captions(d.get("chCap"), counter))
+    records = {vid: r for vid, r in records.items() if r["captions"] or r["captions_zh"]}
     splits = {}
     for split, path in (("train", train_list), ("val", val_list), ("test", test_list)):
         path = path or (os.path.join(splits_dir, f"{split}_list.txt") if splits_dir else None)
         if path is None:
             raise ValueError(f"vatex needs the split lists: --splits_dir=DIR with train_list.txt, val_list.txt, "
                              f"test_list.txt, or --{split}_list=FILE")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"vatex: split list {path} does not exist")
-        ids = read_id_list(path)
-        unknown = [vid for vid in ids if vid not in ann]
-        if unknown:
-            counter["no_caption"] += len(unknown)
-            print(f"vatex: {split}: {len(unknown)} ids of {path} have no captions in the annotations "
-                  f"(e.g. {', '.join(unknown[:5])})", flush=True)
-        splits[split] = [{"video_id": vid, "captions": ann[vid]["en"], "captions_zh": ann[vid]["zh"]}
-                         for vid in ids if vid in ann]
+        splits[split] = _listed("vatex", split, path, read_id_list, records, counter)
     return _finish_conversion("vatex", out, splits, frames, counter)
 
 
 def _raw_tags(tag) -> str:
-    """The tag string as the original tokenized it (separators and all); "" for none, which becomes an empty tag
-    ([CLS][SEP]) as there. A list (not in the CHVTT release) is joined with commas."""
+    """The raw tag string the original tokenized ("" for none: an empty tag, [CLS][SEP]); a list is comma-joined."""
     if isinstance(tag, list):
         return ",".join(str(t).strip() for t in tag if str(t).strip())
     return str(tag or "").strip()
 
 
 def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train") -> dict:
-    """CHVTT JSON lines (docid, title, tag, title_eng, tag_eng, duration) -> <split>.jsonl.
-
-    video_id = "Video" + docid (the original's LMDB keys); `captions` = [title], `tags` = the raw tag string ("" when
-    the video has none); the English translations go to `captions_en` / `tags_en`.
-    """
+    """CHVTT JSON lines (docid, title, tag, title_eng, tag_eng, duration) -> <split>.jsonl: video_id Video<docid>
+    (the original's LMDB keys), `captions` [title], `tags` the raw tag string, English in `captions_en`/`tags_en`."""
     if not annotations:
         raise ValueError("chvtt needs --annotations=FILE.json (JSON lines: docid, title, tag, title_eng, tag_eng, "
                          "duration); several files comma-separated")
@@ -682,49 +627,33 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
     for path in str(annotations).split(","):
         if not os.path.exists(path):
             raise FileNotFoundError(f"chvtt: annotation file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    docid = d["docid"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    bad.append(f"{path}:{lineno}: " + ("invalid JSON" if isinstance(e, json.JSONDecodeError)
-                                                      else "no 'docid'"))
-                    continue
-                vid = f"Video{docid}"
-                if vid in seen:
-                    counter["duplicate"] += 1
-                    continue
-                title = _clean_captions([d.get("title")], counter)
-                if not title:
-                    counter["no_caption"] += 1
-                    continue
-                seen.add(vid)
-                r = {"video_id": vid, "captions": title, "tags": _raw_tags(d.get("tag"))}
-                title_en = _clean_captions([d.get("title_eng")], Counter())
-                if title_en:
-                    r["captions_en"] = title_en
-                    r["tags_en"] = _raw_tags(d.get("tag_eng"))
-                duration = finite_float(d.get("duration"))
-                if duration is not None:
-                    r["duration"] = duration
-                recs.append(r)
+        for d in _read_jsonl(path, "docid", bad):
+            vid = f"Video{d['docid']}"
+            if vid in seen:
+                counter["duplicate"] += 1
+                continue
+            title = _clean_captions([d.get("title")], counter)
+            if not title:
+                counter["no_caption"] += 1
+                continue
+            seen.add(vid)
+            r = {"video_id": vid, "captions": title, "tags": _raw_tags(d.get("tag"))}
+            title_en = _clean_captions([d.get("title_eng")], Counter())
+            if title_en:
+                r["captions_en"] = title_en
+                r["tags_en"] = _raw_tags(d.get("tag_eng"))
+            duration = finite_float(d.get("duration"))
+            if duration is not None:
+                r["duration"] = duration
+            recs.append(r)
     if bad:
-        print(f"chvtt: skipped {len(bad)} bad lines:", flush=True)
-        for b in bad[:10]:
-            print(f"  {b}", flush=True)
-        if len(bad) > 10:
-            print(f"  ... and {len(bad) - 10} more", flush=True)
+        print_listed(f"chvtt: skipped {len(bad)} bad lines:", bad)
     if counter["duplicate"]:
         print(f"chvtt: skipped {counter['duplicate']} repeated docids", flush=True)
     if not recs:
         raise ValueError(f"chvtt: no usable line in {annotations} (see above); expected JSON lines with docid, title, "
                          f"tag, title_eng, tag_eng, duration")
-    summary = _finish_conversion("chvtt", out, {split: recs}, frames, counter)
-    summary["bad_lines"] = bad
-    return summary
+    return _finish_conversion("chvtt", out, {split: recs}, frames, counter)
 
 
 # -----------------------------------------------------------------------------------------------------------------
