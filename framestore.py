@@ -1,10 +1,9 @@
 """
-The frame store and how frames get into it: `FrameDB`, the JPEG frames of every video in one LMDB, and the
-resumable ffmpeg extraction that fills it, shared by `prepare.py frames` (datasets) and search.py (your folders).
+`FrameDB`, the JPEG frames of videos in one LMDB, and the resumable ffmpeg extraction that fills it, shared by
+`prepare.py frames` (datasets) and search.py (folders of videos).
 
-LMDB layout: key f"{video_id}_{i}" -> JPEG bytes of frame i, and `__meta__` -> JSON {"version", "num_frames",
-"frame_size", "count", "failed": {video_id: reason}[, "square": true]}. Frame i of T sits at the centre of the
-i-th of T equal time segments of the video, its short side frame_size pixels.
+LMDB layout: key f"{video_id}_{i}" -> JPEG of frame i, at the centre of the i-th of T equal time segments, short side
+frame_size; `__meta__` -> JSON {"version", "num_frames", "frame_size", "count", "failed": {id: reason}[, "square"]}.
 """
 import errno
 import io
@@ -22,8 +21,7 @@ from PIL import Image
 FRAMEDB_VERSION = 1
 _META_KEY = b"__meta__"
 
-# py-lmdb refuses to open one environment twice in a process, yet a train set and an eval set (or two datasets of
-# one LMDB) may both read it: readers share one environment per path and process, reference-counted.
+# py-lmdb opens a path once per process, yet a train and an eval set may both read it: readers share a counted one.
 _SHARED_ENVS = {}  # realpath -> [env, refcount, pid]
 
 
@@ -31,8 +29,7 @@ def _open_shared_env(path):
     key = os.path.realpath(path)
     entry = _SHARED_ENVS.get(key)
     if entry is not None and entry[2] != os.getpid():
-        # inherited through fork (a DataLoader worker): LMDB forbids using it here and py-lmdb would refuse to open
-        # the path again while it is open. Without a lock file nothing is shared, so closing our copy is safe.
+        # inherited through fork (a DataLoader worker): unusable here, and safe to close without a lock file
         try:
             entry[0].close()
         except lmdb.Error:
@@ -57,14 +54,9 @@ def _release_shared_env(path):
 
 
 class FrameDB:
-    """JPEG frames of videos in an LMDB (the layout at the top).
-
-    Reader: FrameDB(path): readonly, no lock file, no readahead, so safe and cheap in many DataLoader workers.
-    Writer: FrameDB(path, readonly=False, num_frames=30, frame_size=224). Writes are committed in batches of
-    `commit_every` videos (and on close), one transaction each, so a crash or a full disk never leaves half a video
-    behind; the memory map doubles whenever LMDB reports it full. LMDBs of the original HMMC's tools/frame2lmdb.py
-    (no `__meta__`) are read too, their frame count found by probing keys.
-    """
+    """JPEG frames of videos in an LMDB. FrameDB(path) reads (no lock file, no readahead: cheap in many workers);
+    FrameDB(path, readonly=False, num_frames=, frame_size=) writes `commit_every` videos per transaction, so a crash
+    never leaves half a video. The original HMMC's LMDBs (no `__meta__`) are read too."""
 
     def __init__(self, path, readonly=True, map_size=1 << 30, num_frames=None, frame_size=None, commit_every=64,
                  square=False):
@@ -133,8 +125,7 @@ class FrameDB:
         return self.meta.get("frame_size")
 
     @property
-    def square(self) -> bool:
-        """Whether the frames are centre squares (prepare.py frames --square=True) rather than whole frames."""
+    def square(self) -> bool:  # centre squares (prepare.py frames --square=True), not whole frames
         return bool(self.meta.get("square"))
 
     @property
@@ -145,7 +136,7 @@ class FrameDB:
         return self.meta["count"]
 
     def has_video(self, video_id: str) -> bool:
-        """True when all frames of the video are stored (writes are per video, so the last key suffices)."""
+        """Whether the video is stored (writes are per video: its last key suffices)."""
         if video_id in self._pending:
             return True
         with self.env.begin() as txn:
@@ -185,18 +176,15 @@ class FrameDB:
             self.commit()
 
     def mark_failed(self, video_id: str, reason: str):
-        """Record why a video has no frames; frames stored for it before go (a file that broke must not keep
-        serving its old frames)."""
+        """Record why a video has no frames; any stored before go (a broken file must not serve its old ones)."""
         assert not self.readonly, "FrameDB opened readonly"
         self._pending.pop(video_id, None)
         self._pending_failed[video_id] = str(reason)
 
     def delete(self, video_ids):
-        """Remove the frames and any failure record of these videos now."""
         self._write_batch({}, drop=set(video_ids))
 
     def commit(self):
-        """Write everything buffered in one transaction (a batch is all-or-nothing)."""
         if self.readonly or (not self._pending and not self._pending_failed):
             return
         self._write_batch(self._pending)
@@ -265,8 +253,8 @@ def is_video(name: str) -> bool:
 
 
 def walk_files(folder: str, skip: str = "") -> list:
-    """Paths relative to `folder` ('/'-separated, sorted) of the files under it; hidden names, *.lmdb folders (frame
-    stores) and the folder `skip` (a real path: an index inside the folder) are left out."""
+    """The files under `folder`, '/'-separated and sorted, without hidden names, *.lmdb folders and the real path
+    `skip` (an index kept inside the folder)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"videos folder {folder} does not exist")
     out = []
@@ -279,8 +267,8 @@ def walk_files(folder: str, skip: str = "") -> list:
 
 
 def find_videos(videos_dir: str, ids=None) -> dict:
-    """video_id (file name without extension, whatever the subfolder) -> path, for the video files under
-    videos_dir. With `ids`, only those ids (any extension); an id without a file maps to None."""
+    """{file name without extension: path} of the videos under videos_dir; with `ids`, those ids (any extension,
+    None for no file)."""
     wanted = set(ids) if ids is not None else None
     found = {}  # video id -> (not a known video extension, path): known extensions win a tie of names
     for rel in walk_files(videos_dir):
@@ -348,8 +336,8 @@ def _rate(x):
 
 
 def probe_video(path: str) -> dict:
-    """Display width/height (rotation and pixel aspect applied), duration in seconds, frame rate, frame count.
-    Raises ValueError with a short reason when the file has no decodable video stream."""
+    """Display width and height (rotation and pixel aspect applied), duration in seconds, fps, frame count; a
+    ValueError with a short reason when there is no decodable video stream."""
     cmd = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
            "stream=width,height,duration,nb_frames,avg_frame_rate,r_frame_rate,sample_aspect_ratio:"
            "stream_tags=rotate:stream_side_data=rotation:format=duration", "-of", "json", path]
@@ -384,21 +372,16 @@ def probe_video(path: str) -> dict:
     return {"width": w, "height": h, "duration": duration, "fps": fps, "nb_frames": nb, "rotation": rotation}
 
 
-def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
 def decode_video(path, num_frames, frame_size, quality=90, square=False) -> tuple:
-    """One ffmpeg decode of the whole video -> (num_frames JPEGs at the centres of equal time segments, duration in
-    seconds or None). square=True keeps only the centre square of each frame.
-
-    ffmpeg's fps filter resamples the stream to a constant rate from the frames' timestamps (so variable frame rate
-    is handled), at 2*num_frames/duration: the odd output slots are then exactly the segment centres, and `select`
-    keeps only those before scaling. round=up makes slot k show the frame on screen at k / rate (the default
-    rounding picks up to half a slot later). A video shorter than num_frames frames repeats frames.
-    """
+    """One ffmpeg pass -> (num_frames JPEGs at the centres of equal time segments, duration in seconds or None).
+    The fps filter resamples by timestamp (variable frame rates too) to 2*num_frames/duration, so the odd slots are
+    the centres; round=up shows the frame on screen at each slot's time."""
     info = probe_video(path)
     w, h = info["width"], info["height"]
     W, H = (frame_size, max(1, round(h * frame_size / w))) if w <= h else (max(1, round(w * frame_size / h)),
@@ -427,13 +410,12 @@ def decode_video(path, num_frames, frame_size, quality=90, square=False) -> tupl
         picks = [min(i, m - 1) for i in range(num_frames)]  # the normal case (the last slot may round away)
     else:  # fewer frames than the header promised (a truncated file, a wrong duration): spread over what decoded
         picks = [min(int((i + 0.5) * m / num_frames), m - 1) for i in range(num_frames)]
-    encoded = {k: _encode_jpeg(frames[k], quality) for k in set(picks)}  # a repeated frame is encoded once
+    encoded = {k: encode_jpeg(frames[k], quality) for k in set(picks)}  # a repeated frame is encoded once
     return [encoded[k] for k in picks], duration
 
 
 def _decode_job(job):
-    """(video_id, path, num_frames, frame_size, quality, square) -> (video_id, frames, duration, error): a bad
-    video is a reason, never the end of the run."""
+    """-> (video_id, frames, duration, error): a bad video is a reason, never the end of the run."""
     vid, path, *settings = job
     try:
         if path is None:
@@ -457,11 +439,9 @@ def _clock(s):
 
 def extract_into(db: FrameDB, videos: dict, *, workers: int, quality: int = 90, square: bool = False,
                  progress_every: float = 5.0, on_video=None) -> dict:
-    """Decode the videos {video_id: path or None} into `db`, `workers` ffmpeg processes at a time (threads wait on
-    them: no fork, so a server or a CUDA process may call this). Successes are stored, failures recorded with
-    db.mark_failed; every `progress_every` seconds the batch is committed (a kill loses at most that much work) and
-    a progress line printed. on_video(n, total) hears of each video done. Returns {video_id: (error or None,
-    duration in seconds or None)}."""
+    """Decode {video_id: path or None} into `db`, `workers` ffmpeg processes at a time (threads, no fork: a server
+    or CUDA process may call this), committing and printing progress every `progress_every` seconds.
+    Returns {video_id: (error or None, duration or None)}."""
     jobs = [(vid, path, db.num_frames, db.frame_size, quality, square) for vid, path in videos.items()]
     results, failed, t0, last = {}, 0, time.time(), time.time()
 
@@ -515,15 +495,9 @@ def _list_failures(listed: dict, what: str, out_path: str):
 
 def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=8, ids=None, retry_failed=False,
                    quality=90, id_prefix="", square=False, progress_every=5.0) -> dict:
-    """`prepare.py frames`: every video under videos_dir into the frame LMDB at out_path, resumable.
-
-    `ids`: file names without extension, as a list or a file of one per line. Videos already stored are skipped;
-    ones that failed before are retried with retry_failed (or when their missing file has appeared). A key is
-    id_prefix + the file name without extension (CHVTT: <docid>.mp4 with id_prefix="Video" gives the original's
-    Video<docid>_<i>). square=True stores only the centre squares: all a dataset without augmentation reads, ~40%
-    faster to decode from a 16:9 video. Returns {"done", "skipped", "failed": {id: reason}, "failed_before" (the
-    skipped failures of earlier runs), "stored" (of these videos, how many the LMDB now holds), "seconds"}.
-    """
+    """`prepare.py frames`: the videos under videos_dir (or the `ids`, a list or a file) into the LMDB out_path,
+    keyed id_prefix + file stem, skipping stored ones and earlier failures (retry_failed retries them). Returns
+    {"done", "skipped", "failed", "failed_before", "stored" (of these videos, in the LMDB now), "seconds"}."""
     check_ffmpeg()
     if isinstance(ids, str):
         ids = read_id_list(ids)
