@@ -38,6 +38,7 @@ _SYN_DIRECTIONS = {  # name: (unit step in image coordinates (x right, y down), 
     "down": ((0, 1), "向下"),
 }
 _SYN_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+_ZH = {**{k: zh for k, (_, zh) in {**_SYN_COLOURS, **_SYN_DIRECTIONS}.items()}, **_SYN_SHAPES}  # every word's Chinese
 _SYN_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # motions of one object: straight, or a turn half-way (never straight on or straight back)
 _SYN_MOTIONS = [(d,) for d in _SYN_DIRECTIONS] + [(a, b) for a in _SYN_DIRECTIONS for b in _SYN_DIRECTIONS
@@ -57,8 +58,7 @@ def _syn_caption_en(events) -> str:  # events: [(colour, shape, motion)], motion
 
 
 def _syn_caption_zh(events) -> str:
-    return "，然后".join(_SYN_COLOURS[c][1] + _SYN_SHAPES[s] + "，然后".join(f"{_SYN_DIRECTIONS[d][1]}移动" for d in m)
-                       for c, s, m in events)
+    return "，然后".join(_ZH[c] + _ZH[s] + "，然后".join(_ZH[d] + "移动" for d in m) for c, s, m in events)
 
 
 def _syn_coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -151,8 +151,7 @@ def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double:
 
 
 def _syn_vocab() -> list[str]:
-    words = [zh for _, zh in (*_SYN_COLOURS.values(), *_SYN_DIRECTIONS.values())] + list(_SYN_SHAPES.values())
-    return _SYN_SPECIALS + sorted(set("，然后移动" + "".join(words)))
+    return _SYN_SPECIALS + sorted(set("，然后移动" + "".join(_ZH.values())))
 
 
 def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
@@ -179,30 +178,20 @@ def _syn_title(events, order: list[int], lang: str) -> str:
         c, s, motion = events[0]
         first = [(c, s, motion[:1])]
         return (_syn_caption_en(first) if lang == "en" else _syn_caption_zh(first)) + _TITLE_THEN[lang]
-    names = [f"a {c} {s}" if lang == "en" else _SYN_COLOURS[c][1] + _SYN_SHAPES[s] for c, s, _ in events]
+    names = [f"a {c} {s}" if lang == "en" else _ZH[c] + _ZH[s] for c, s, _ in events]
     return _TITLE_AND[lang].join(names[i] for i in order)
-
-
-def _syn_words(events, lang: str) -> list[str]:
-    if lang == "en":
-        return [w for c, s, _ in events for w in (c, s)]
-    return [w for c, s, _ in events for w in (_SYN_COLOURS[c][1], _SYN_SHAPES[s])]
 
 
 def _syn_pretrain_text(events, rng: np.random.Generator) -> dict:
     """One video's title (captions, captions_zh) and loose tags (tags, tags_zh)."""
     order = [int(i) for i in rng.permutation(len(events))]
-    words = len(events) * 2
-    keep = rng.random(words) >= 0.25
+    words = [w for c, s, _ in events for w in (c, s)]
+    keep = rng.random(len(words)) >= 0.25
     if not keep.any():
-        keep[rng.integers(words)] = True
-    shuffle = rng.permutation(words)
-    out = {}
-    for lang, suffix in (("en", ""), ("zh", "_zh")):
-        w = _syn_words(events, lang)
-        out["captions" + suffix] = [_syn_title(events, order, lang)]
-        out["tags" + suffix] = [w[i] for i in shuffle if keep[i]]
-    return out
+        keep[rng.integers(len(words))] = True
+    tags = [words[i] for i in rng.permutation(len(words)) if keep[i]]
+    return {"captions": [_syn_title(events, order, "en")], "tags": tags,
+            "captions_zh": [_syn_title(events, order, "zh")], "tags_zh": [_ZH[w] for w in tags]}
 
 
 def captions_of_test_split(seed: int = 0, test_single: int = 90, test_double: int = 3,
@@ -292,7 +281,7 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
     # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
     mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
-    made = {}  # split -> its records, with titles (for the report below)
+    titled = []  # the training records with titles, for the report below
     for split, event_lists in splits.items():
         with open(os.path.join(tmp_dir, f"{split}.jsonl"), "w") as f:
             for i, events in enumerate(event_lists):
@@ -301,18 +290,16 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
                 db.put_video(vid, [encode_jpeg(frame, 95) for frame in frames])
                 if videos:
                     mp4_jobs.append(mp4_pool.submit(_syn_write_mp4, os.path.join(mp4_dir, f"{vid}.mp4"), frames))
+                tags = [w for c, s, m in events for w in (c, s, *m)]  # the objects' words, in caption order
                 record = {"video_id": vid, "captions": [_syn_caption_en(events)],
-                          "captions_zh": [_syn_caption_zh(events)],
-                          # tags (for pre-training recipes): the words of the objects, in caption order
-                          "tags": [w for c, s, m in events for w in (c, s, *m)],
-                          "tags_zh": [w for c, s, m in events for w in
-                                      (_SYN_COLOURS[c][1], _SYN_SHAPES[s], *(_SYN_DIRECTIONS[d][1] for d in m))],
+                          "captions_zh": [_syn_caption_zh(events)], "tags": tags, "tags_zh": [_ZH[w] for w in tags],
                           "duration": num_frames / 8.0}
                 if titles:  # the full text moves to *_full fields, the weak text takes its place
                     full = {f"{k}_full{lang}": record[k + lang] for k in ("captions", "tags") for lang in ("", "_zh")}
                     record = {"video_id": vid, **_syn_pretrain_text(events, text_rng), **full,
                               "duration": record["duration"]}
-                    made[split] = made.get(split, []) + [record]
+                    if split == "train":
+                        titled.append(record)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     db.close()
     t0 = time.time()
@@ -333,5 +320,5 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
         print(f"wrote synthetic dataset to {out_dir}: {counts} videos, {num_frames} frames of {frame_size} px",
               flush=True)
         if titles:
-            print(title_report(made["train"]), flush=True)
+            print(title_report(titled), flush=True)
     return out_dir
