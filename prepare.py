@@ -577,14 +577,16 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
     return _finish_conversion("msrvtt", out, splits, frames, counter)
 
 
-def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=None, test_list=None,
-                  out="data/vatex", frames=None) -> dict:
+def convert_vatex(annotations=None, splits_dir=None, out="data/vatex", frames=None) -> dict:
     """VATEX -> train / val / test jsonl with English `captions` and Chinese `captions_zh`. `annotations`:
-    vatex_data.json ({id: {enCap, chCap}}) and/or the official json lists, comma-separated; the split lists hold
-    25,991 / 1,500 / 1,500 ids (val and test both from the official validation set)."""
+    vatex_data.json ({id: {enCap, chCap}}) and/or the official json lists, comma-separated; splits_dir's
+    <split>_list.txt hold 25,991 / 1,500 / 1,500 ids (val and test both from the official validation set)."""
     if not annotations:
         raise ValueError("vatex needs --annotations=vatex_data.json (or the official "
                          "vatex_training_v1.0.json,vatex_validation_v1.0.json, comma-separated)")
+    if not splits_dir:
+        raise ValueError("vatex needs the split lists: --splits_dir=DIR with train_list.txt, val_list.txt, "
+                         "test_list.txt")
     counter, records = Counter(), {}
     for path in [p for p in str(annotations).split(",") if p]:
         data = _load_json(path)
@@ -600,13 +602,8 @@ def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=N
                 r["captions"].extend(_clean_captions(d.get("enCap"), counter))
                 r["captions_zh"].extend(_clean_captions(d.get("chCap"), counter))
     records = {vid: r for vid, r in records.items() if r["captions"] or r["captions_zh"]}
-    splits = {}
-    for split, path in (("train", train_list), ("val", val_list), ("test", test_list)):
-        path = path or (os.path.join(splits_dir, f"{split}_list.txt") if splits_dir else None)
-        if path is None:
-            raise ValueError(f"vatex needs the split lists: --splits_dir=DIR with train_list.txt, val_list.txt, "
-                             f"test_list.txt, or --{split}_list=FILE")
-        splits[split] = _listed("vatex", split, path, read_id_list, records, counter)
+    splits = {split: _listed("vatex", split, os.path.join(splits_dir, f"{split}_list.txt"), read_id_list, records,
+                             counter) for split in ("train", "val", "test")}
     return _finish_conversion("vatex", out, splits, frames, counter)
 
 
@@ -703,9 +700,6 @@ COMMANDS = {
     "vatex": ("VATEX annotations -> train, val, test with English and Chinese captions", convert_vatex, {
         "annotations": (None, "vatex_data.json, or the official training and validation json, comma-separated"),
         "splits_dir": (None, "folder with train_list.txt, val_list.txt, test_list.txt"),
-        "train_list": (None, "train id list (default: in --splits_dir)"),
-        "val_list": (None, "val id list (default: in --splits_dir)"),
-        "test_list": (None, "test id list (default: in --splits_dir)"),
         "out": ("data/vatex", "folder for the .jsonl files"),
         "frames": (None, "frame LMDB to check for missing videos (default: <out>/frames.lmdb when it exists)"),
     }),

@@ -84,9 +84,8 @@ INDEX_VERSION = 2  # bump when the layout of index_<key>.pt changes: older files
 
 
 def _list_videos(source: str, skip: str = "") -> dict:
-    """{video id: path} of the video files under `source` (framestore.walk_files). The id is the path under
-    `source` without its extension (`bikes.MP4` and `sub/bikes.mp4` are `bikes` and `sub/bikes`); files that share
-    a stem keep their extension (`a.mp4`, `a.mkv`)."""
+    """{video id: path} of the videos under `source`, the id the path without its extension (`sub/bikes`), or with
+    it where files share a stem (`a.mp4`, `a.mkv`)."""
     files = [f for f in framestore.walk_files(source, skip) if framestore.is_video(f)]
     stems = Counter(os.path.splitext(f)[0] for f in files)
     return {(os.path.splitext(f)[0] if stems[os.path.splitext(f)[0]] == 1 else f): os.path.join(source, f)
@@ -94,8 +93,7 @@ def _list_videos(source: str, skip: str = "") -> dict:
 
 
 def _file_sha1(path: str, chunk: int = 1 << 20) -> str:
-    """sha1 of a file's size, first and last MiB: a few reads whatever the size, and it tells a replaced video
-    from a copy of the same file (a touch or a copy-back does not force a re-extraction)."""
+    """sha1 of a file's size, first and last MiB: cheap at any size, and a touched or copied-back file keeps it."""
     h = hashlib.sha1(str(os.path.getsize(path)).encode())
     with open(path, "rb") as f:
         h.update(f.read(chunk))
@@ -109,17 +107,15 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
-# a link inside the folder to a file outside it is neither indexed nor served: whoever may open the page sees only
-# what lies in the folder, and a link elsewhere is reported among the skipped files instead of half-working
+# whoever may open the page sees only what lies in the folder: a link out of it is skipped, not half-working
 LINK_OUT = "a link to a file outside the folder: not indexed (copy or move the file into the folder)"
 
 
 def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int, workers: int,
                        retry_failed: bool, progress=None) -> dict:
-    """Bring cache_dir/frames_<T>x<size>.lmdb in line with the video files under `source`: extract new and changed
-    files (size or mtime differ and so does the content hash), drop removed ones, retry failed ones that changed
-    (all with retry_failed). A manifest next to the LMDB records each file's size, mtime, hash, duration and error.
-    Returns the dict of _read_prepared."""
+    """Bring cache_dir/frames_<T>x<size>.lmdb in line with the videos under `source` (new files, changed content,
+    removed ones, failures with retry_failed), keeping each file's size, mtime, hash, duration and error in a
+    manifest beside it. Returns what _read_prepared does."""
     videos = _list_videos(source, skip=os.path.realpath(cache_dir))
     if not videos:
         raise ValueError(f"--videos={source}: neither video files nor a frames.lmdb in this folder; nothing to index")
@@ -181,9 +177,8 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
 
 
 def _read_prepared(source: str) -> dict:
-    """A prepared dataset folder, read in place: the videos of all its splits (a video in several is indexed once),
-    re-encoded together when frames.lmdb changes. Returns {"lmdb", "ids", "skipped", "paths", "stamps",
-    "durations", "stored_frames", "extracted", "retry_hint"}."""
+    """A prepared dataset folder read in place: the videos of all its splits once each, all re-encoded when
+    frames.lmdb changes."""
     lmdb_path = os.path.join(source, "frames.lmdb")
     ids, durations = [], {}
     for name in sorted(os.listdir(source)):
@@ -208,13 +203,10 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                 batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
                 frames_per_video: int = 30, extract_workers: int = 4, retry_failed: bool = False,
                 progress=None) -> dict:
-    """Video and frame embeddings of every video under `source` (a folder of video files, or a prepared dataset
-    folder), cached in `cache_dir` per model and settings. Only new and changed videos are extracted and encoded;
-    removed ones are dropped. Returns {"video_ids", "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T]
-    (which stored frames were encoded), "stored_frames", "durations" [V] (seconds or None), "lmdb" (where the frames
-    live), "skipped" {video: reason}, "key", "extracted" and "encoded" (the ids this call extracted / encoded),
-    "paths" {video: its file} (empty for a prepared dataset folder: frames only), "path" (the index file)}.
-    progress(text), when given, hears how far it got (the page shows it during a rescan)."""
+    """Video [V,E] and frame [V,T,E] embeddings of the videos under `source` (video files or a prepared dataset),
+    cached in `cache_dir` per model and settings: only new and changed videos are extracted and encoded. Also
+    returns "frame_indices", "durations", "lmdb", "skipped", "extracted", "encoded", "paths" (files; none for a
+    prepared dataset) and "path" (the index file); progress(text) hears how far it got."""
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
                                 f"dataset folder with frames.lmdb)")
