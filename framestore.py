@@ -76,11 +76,9 @@ class FrameDB:
             self.env = lmdb.open(path, map_size=max(map_size, 2 * existing, 1 << 20), subdir=True,
                                  readahead=False, meminit=False, max_dbs=0)
         self.meta = self._read_meta()
-        if readonly and self.meta is None:
-            raise ValueError(f"{path} holds no frames (empty LMDB)")
-        if readonly:
-            return
         if self.meta is None:  # a fresh store
+            if readonly:
+                raise ValueError(f"{path} holds no frames (empty LMDB)")
             if num_frames is None or frame_size is None:
                 raise ValueError(f"creating {path} needs num_frames and frame_size")
             self.meta = {"version": FRAMEDB_VERSION, "num_frames": int(num_frames), "frame_size": int(frame_size),
@@ -88,11 +86,14 @@ class FrameDB:
             if square:
                 self.meta["square"] = True
             self._write_batch({})
-            return
-        for k, v in (("num_frames", num_frames), ("frame_size", frame_size), ("square", bool(square))):
-            if v is not None and self.meta.get(k, False if k == "square" else None) not in (None, v):
-                raise ValueError(f"{path} was made with {k}={self.meta.get(k, False)} but {k}={v} was asked; "
-                                 f"use the same settings or another --out")
+        elif not readonly:
+            for k, v in (("num_frames", num_frames), ("frame_size", frame_size), ("square", bool(square))):
+                if v is not None and self.meta.get(k, False if k == "square" else None) not in (None, v):
+                    raise ValueError(f"{path} was made with {k}={self.meta.get(k, False)} but {k}={v} was asked; "
+                                     f"use the same settings or another --out")
+        # fixed once the store exists; square: centre squares (prepare.py frames --square=True), not whole frames
+        self.num_frames, self.frame_size = self.meta["num_frames"], self.meta.get("frame_size")
+        self.square = bool(self.meta.get("square"))
 
     def _read_meta(self):
         with self.env.begin() as txn:
@@ -115,18 +116,6 @@ class FrameDB:
                 raise ValueError(f"{self.path}: cannot infer the frame count (no key {vid}_0)")
             return {"version": 0, "num_frames": n, "frame_size": None, "count": txn.stat()["entries"] // n,
                     "failed": {}}
-
-    @property
-    def num_frames(self) -> int:
-        return self.meta["num_frames"]
-
-    @property
-    def frame_size(self):
-        return self.meta.get("frame_size")
-
-    @property
-    def square(self) -> bool:  # centre squares (prepare.py frames --square=True), not whole frames
-        return bool(self.meta.get("square"))
 
     @property
     def failed(self) -> dict:
@@ -159,12 +148,9 @@ class FrameDB:
 
     def video_ids(self) -> list:
         """All stored video ids (a full key scan: for tools and tests, not for the training loop)."""
-        ids = []
         with self.env.begin() as txn:
-            for key in txn.cursor().iternext(keys=True, values=False):
-                if key.endswith(b"_0"):
-                    ids.append(bytes(key[:-2]).decode("utf-8", "replace"))
-        return ids
+            keys = txn.cursor().iternext(keys=True, values=False)
+            return [bytes(key[:-2]).decode("utf-8", "replace") for key in keys if key.endswith(b"_0")]
 
     def put_video(self, video_id: str, frames: list):
         assert not self.readonly, "FrameDB opened readonly"
