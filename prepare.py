@@ -733,8 +733,7 @@ def _usage() -> str:
 
 
 def _quote_paths(args: list, defaults: dict) -> list:
-    # configure reads values with ast.literal_eval; quoting a path option's value (default None) keeps it the text
-    # that was typed, so --ids=2024 names the file 2024 and not the int
+    # configure reads values as Python literals: quoted, a path (default None) stays as typed (--ids=2024 a file)
     out = []
     for a in args:
         key, eq, text = a[2:].partition("=")

@@ -183,10 +183,9 @@ def _read_prepared(source: str) -> dict:
     ids, durations = [], {}
     for name in sorted(os.listdir(source)):
         if name.endswith(".jsonl"):
-            with open(os.path.join(source, name), encoding="utf-8") as f:
-                for obj in map(json.loads, filter(str.strip, f)):
-                    ids.append(str(obj["video_id"]))
-                    durations[ids[-1]] = obj.get("duration")
+            for obj in prepare._read_jsonl(os.path.join(source, name)):
+                ids.append(str(obj["video_id"]))
+                durations[ids[-1]] = obj.get("duration")
     with framestore.FrameDB(lmdb_path) as db:
         ids = list(dict.fromkeys(ids or db.video_ids()))  # frames without annotations: whatever the LMDB holds
         skipped = {v: r for v, r in db.failed.items() if v in set(ids)}

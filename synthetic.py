@@ -38,15 +38,12 @@ _SYN_DIRECTIONS = {  # name: (unit step in image coordinates (x right, y down), 
     "down": ((0, 1), "向下"),
 }
 _SYN_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+_SYN_OBJECTS = [(c, s) for c in _SYN_COLOURS for s in _SYN_SHAPES]
 _ZH = {**{k: zh for k, (_, zh) in {**_SYN_COLOURS, **_SYN_DIRECTIONS}.items()}, **_SYN_SHAPES}  # every word's Chinese
 _SYN_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # motions of one object: straight, or a turn half-way (never straight on or straight back)
 _SYN_MOTIONS = [(d,) for d in _SYN_DIRECTIONS] + [(a, b) for a in _SYN_DIRECTIONS for b in _SYN_DIRECTIONS
                                                    if a != b and b != _SYN_OPPOSITE[a]]
-
-
-def _syn_objects():
-    return [(c, s) for c in _SYN_COLOURS for s in _SYN_SHAPES]
 
 
 def _syn_reverse(motion: tuple) -> tuple:  # the same path walked backwards
@@ -110,26 +107,24 @@ def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) ->
 
 
 def _syn_random_events(rng: np.random.Generator, p_two: float):
-    objects = _syn_objects()
     straight = [m for m in _SYN_MOTIONS if len(m) == 1]
     if rng.random() < p_two:  # two objects one after the other, each moving straight
-        i, j = rng.choice(len(objects), size=2, replace=False)
-        return [(*objects[i], straight[rng.integers(4)]), (*objects[j], straight[rng.integers(4)])]
-    c, s = objects[rng.integers(len(objects))]
+        i, j = rng.choice(len(_SYN_OBJECTS), size=2, replace=False)
+        return [(*_SYN_OBJECTS[i], straight[rng.integers(4)]), (*_SYN_OBJECTS[j], straight[rng.integers(4)])]
+    c, s = _SYN_OBJECTS[rng.integers(len(_SYN_OBJECTS))]
     return [(c, s, _SYN_MOTIONS[rng.integers(len(_SYN_MOTIONS))])]
 
 
 def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double: int):
     """Event lists of whole confusion groups: `num_single` of one object's motion and its reverse (2 videos),
     `num_double` of two objects in both orders and both directions of their axes (8 videos)."""
-    objects = _syn_objects()
     pairs, seen = [], set()
     for m in _SYN_MOTIONS:
         key = min(m, _syn_reverse(m))
         if key not in seen:
             seen.add(key)
             pairs.append((key, _syn_reverse(key)))
-    singles = [(o, p) for o in objects for p in pairs]
+    singles = [(o, p) for o in _SYN_OBJECTS for p in pairs]
     order = rng.permutation(len(singles))[:num_single]
     out = []
     for i in order:
@@ -137,8 +132,8 @@ def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double:
         out += [[(c, s, m)], [(c, s, m_rev)]]
     seen = set()
     while len(seen) < num_double:
-        i, j = rng.choice(len(objects), size=2, replace=False)
-        a, b = objects[min(i, j)], objects[max(i, j)]
+        i, j = rng.choice(len(_SYN_OBJECTS), size=2, replace=False)
+        a, b = _SYN_OBJECTS[min(i, j)], _SYN_OBJECTS[max(i, j)]
         axes = (("left", "up")[rng.integers(2)], ("left", "up")[rng.integers(2)])
         if (a, b, axes) in seen:
             continue
@@ -148,10 +143,6 @@ def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double:
                 out.append([(*a, (da,)), (*b, (db,))])
                 out.append([(*b, (db,)), (*a, (da,))])
     return out
-
-
-def _syn_vocab() -> list[str]:
-    return _SYN_SPECIALS + sorted(set("，然后移动" + "".join(_ZH.values())))
 
 
 def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
@@ -311,7 +302,7 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     if mp4_pool:
         mp4_pool.shutdown()
     with open(os.path.join(tmp_dir, "vocab.txt"), "w") as f:
-        f.write("\n".join(_syn_vocab()) + "\n")
+        f.write("\n".join(_SYN_SPECIALS + sorted(set("，然后移动" + "".join(_ZH.values())))) + "\n")
     # swap in the finished folder at the end, so an interrupted run never leaves a dataset that looks complete
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
