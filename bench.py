@@ -35,9 +35,11 @@ import torch.nn.functional as F
 
 import configurator
 import eval as hmmc_eval
+import framestore
 import model as hmmc_model
 import prepare
 from common import autocast, init_compute, peak_flops, run_script, set_cpu_threads
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
@@ -305,7 +307,7 @@ def make_lmdb(path: str, splits: dict, T: int, S: int, distinct: int = 384) -> N
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
         pool.append(buf.getvalue())
     num_videos = max(splits.values())
-    with prepare.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=T, frame_size=S) as db:
+    with framestore.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=T, frame_size=S) as db:
         for v in range(num_videos):
             db.put_video(f"v{v:05d}", [pool[(v * T + t) % distinct] for t in range(T)])
     for split, n in splits.items():
@@ -412,10 +414,10 @@ def time_recipe_loaders(n_videos: int, workers: int, repeats: int, tokenizer) ->
         for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
             data = os.path.join(tmp, f"{size}{'sq' if square else ''}")
             if not os.path.exists(data):
-                prepare.extract_frames(os.path.join(tmp, "videos"), os.path.join(data, "frames.lmdb"),
-                                       num_frames=48 if kind == "pretrain" else 30, frame_size=size,
-                                       workers=os.cpu_count() or 1,
-                                       square=square, progress_every=1e9)
+                framestore.extract_frames(os.path.join(tmp, "videos"), os.path.join(data, "frames.lmdb"),
+                                          num_frames=48 if kind == "pretrain" else 30, frame_size=size,
+                                          workers=os.cpu_count() or 1,
+                                          square=square, progress_every=1e9)
                 with open(os.path.join(data, "train.jsonl"), "w") as f:  # the recipes' shapes: tags for CHVTT
                     for i, vid in enumerate(ids):
                         f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"],
@@ -424,7 +426,7 @@ def time_recipe_loaders(n_videos: int, workers: int, repeats: int, tokenizer) ->
                 data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
                 context_length=L, frame_sample="random", image_size=224, augment=augment.replace("-cpu", ""),
                 device_augment=not augment.endswith("-cpu"), seed=seed, verbose=False)
-        dbs = {data: prepare.FrameDB(os.path.join(tmp, data, "frames.lmdb")) for data in os.listdir(tmp)
+        dbs = {data: framestore.FrameDB(os.path.join(tmp, data, "frames.lmdb")) for data in os.listdir(tmp)
                if data != "videos"}
         rows = {name: ([], [], [], []) for name in RECIPE_PATHS}
         for _ in range(max(1, repeats)):
@@ -455,7 +457,7 @@ def run(cfg: dict) -> dict:
     on_cuda = torch.device(dev).type == "cuda"
     with_baseline = (not on_cuda) if cfg["baseline"] is None else bool(cfg["baseline"])
     T, L, first = cfg["num_frames"], cfg["context_length"], cfg["models"][0]
-    tokenizer = prepare.get_tokenizer("clip")
+    tokenizer = get_tokenizer("clip")
     peak = peak_flops(torch.device(dev).type)
     rows = []
     print(_legend(with_baseline, cfg), flush=True)

@@ -28,7 +28,7 @@ import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
 from common import autocast, cleanup_compute, init_compute, run_script, unwrap
-from tokenizer import UnkWrapped
+from tokenizer import UnkWrapped, get_tokenizer
 
 _bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 # -----------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def load_net(cfg: dict, device: str) -> tuple:
     ckpt_config = (info["checkpoint"] or {}).get("config") or {}
     info = None  # the checkpoint's tensors are in the model now
     s = _settings(cfg, net.cfg.to_dict(), ckpt_config)
-    tokenizer = prepare.get_tokenizer(s["text_encoder"], s["bert_vocab"])
+    tokenizer = get_tokenizer(s["text_encoder"], s["bert_vocab"])
     if cfg.get("bert_unk_input"):
         if s["text_encoder"] != "bert":
             raise ValueError(f"bert_unk_input=True reproduces the original's Chinese VATEX input, but "

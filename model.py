@@ -8,7 +8,7 @@ checkpoint of train.py, a state dict of the original code) to a model. The CLIP 
 >>> net, info = load_model("out-synthetic/ckpt.pt")      # info["message"]: what was loaded, what was dropped
 >>> net = HMMC.from_original("pytorch_model.bin.4")      # a released HMMC fine-tuning checkpoint
 >>> video_emb, frame_emb = net.encode_video(video)      # video: uint8 RGB frames (B, T, 3, 224, 224)
->>> text_emb = net.encode_text(ids, mask)              # ids, mask from prepare.get_tokenizer(...)(texts, 32)
+>>> text_emb = net.encode_text(ids, mask)              # ids, mask from tokenizer.get_tokenizer(...)(texts, 32)
 """
 import copy
 import math

@@ -1,8 +1,7 @@
 """
-Everything between files on disk and model inputs, at prepare time and at run time: videos -> sampled JPEG frames
-in an LMDB (system ffmpeg/ffprobe), annotation files -> one jsonl schema per split, and `VideoTextDataset`, which
-turns both into uint8 frames and token ids for train.py and eval.py. The tokenizers live in tokenizer.py, the
-synthetic dataset in synthetic.py. Safe to rerun: finished videos are skipped.
+From files on disk to model inputs: frame sampling, decoding, cropping and augmentation, then `VideoTextDataset` and
+`collate` (uint8 frames and token ids for train.py and eval.py); after them the annotation converters and the
+`python prepare.py <command>` line. Frame store and ffmpeg: framestore.py; synthetic data: synthetic.py.
 
 $ python prepare.py synthetic                                             # data/synthetic, train.py's default data
 $ python prepare.py frames --videos=MSRVTT/videos/all --out=data/msrvtt/frames.lmdb --num_frames=30 --workers=8
@@ -11,48 +10,35 @@ $ python prepare.py vatex --annotations=vatex_data.json --splits_dir=vatex_txt -
 $ python prepare.py chvtt --annotations=chvtt.json --out=data/chvtt
 $ python prepare.py frames --help                                         # a command's options and defaults
 
-On disk: data/<name>/frames.lmdb with key f"{video_id}_{i}" -> JPEG bytes of frame i and a `__meta__` key holding
-JSON; data/<name>/<split>.jsonl with one video per line:
+A dataset is data/<name>/frames.lmdb and data/<name>/<split>.jsonl, one video per line:
   {"video_id": str, "captions": [str, ...], "tags": str or [str, ...] (opt), "duration": float (opt), ...}
-Languages: `captions`/`tags` hold the dataset's own language (English for MSR-VTT and VATEX, Chinese for CHVTT);
-other languages sit next to them with a suffix: `captions_zh` (VATEX, synthetic), `captions_en`/`tags_en` (CHVTT).
-One LMDB serves every language; the dataset's `caption_field` picks the field (tags follow the suffix).
+Other languages get a suffix (`captions_zh`, `captions_en`/`tags_en`); `caption_field` picks one, tags follow it.
 """
 import contextlib
 import csv
-import errno
 import io
 import json
-import multiprocessing as mp
 import os
-import re
-import shutil
-import subprocess
 import sys
-import time
 import warnings
 from collections import Counter
 
-import lmdb
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+import synthetic
 from configurator import configure
-from tokenizer import BertTokenizer, ClipTokenizer, get_tokenizer, tokenize  # prepare.<name> keeps working
+from framestore import FrameDB, extract_frames, finite_float, print_listed, read_id_list
+from tokenizer import tokenize  # noqa: F401  prepare.tokenize(texts) is what users call
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Frames -> model input: which frames to read, JPEG decode and centre crop, the pre-training augmentation
 
 def sample_frame_indices(n: int, t: int, mode: str = "uniform", rng=None) -> np.ndarray:
-    """Which t of the n stored frames to use.
-
-    uniform:    linspace(0, n, t) without the endpoint, as ints (the original's eval sampling).
-    random:     t distinct frames, sorted.
-    stratified: one random frame from each of t equal bins over the whole range [0, n). This replaces the
-                original's `uniform_random`, whose bins of width n // t never reach the tail of the clip.
-    """
+    """Which t of the n stored frames to use. uniform: the original's eval sampling; random: t distinct, sorted;
+    stratified: one from each of t equal bins over [0, n) (the original's bins of n // t never reached the tail)."""
     if mode == "uniform":
         return np.linspace(0, n, t, endpoint=False).astype(np.int64)
     if t > n:
@@ -66,7 +52,7 @@ def sample_frame_indices(n: int, t: int, mode: str = "uniform", rng=None) -> np.
 
 
 def _open_jpeg(buf, min_short: int):
-    """Decode a JPEG; when it is at least twice as large as needed, let libjpeg decode it downscaled (draft)."""
+    """Decode a JPEG, downscaled by libjpeg (draft) when it is at least twice as large as needed."""
     img = Image.open(io.BytesIO(buf))
     w, h = img.size
     short = min(w, h)
@@ -92,8 +78,7 @@ def _center_crop_into(img, size: int, out: np.ndarray):
     out[...] = np.asarray(img.resize((size, size), Image.BICUBIC, box=box)).transpose(2, 0, 1)
 
 
-# The original's SimCLR-style pre-training augmentation, in Pillow + numpy.
-# Parameters are drawn first (so one draw can serve a whole clip) and applied second.
+# The original's SimCLR-style pre-training augmentation, drawn first (one draw may serve a whole clip), applied second.
 
 def _draw_augmentation(rng, w: int, h: int) -> dict:
     p = {}
@@ -132,14 +117,8 @@ _YIQ_INV = np.linalg.inv(_YIQ)
 
 
 def _jitter_affine(jitter: list) -> tuple:
-    """Brightness, contrast, saturation and hue in the drawn order, composed into one affine colour map
-    x -> A x + B m, where m is the frame's channel mean (contrast blends with the grey mean at its step, which is
-    linear in m). Returns (A, B), two 3x3 arrays.
-
-    One pass instead of four (the HSV round trip for hue alone costs more than everything else). Two
-    approximations, immaterial for augmentation: no clipping between steps, and hue rotated in YIQ space rather
-    than shifted in HSV.
-    """
+    """The four jitters in drawn order as one affine map x -> A x + B m (m: the frame's channel mean), returned as
+    (A, B): one pass instead of four, without clipping between steps and with hue rotated in YIQ, not HSV."""
     A, B = np.eye(3), np.zeros((3, 3))
     for kind, f in jitter:
         C = np.zeros((3, 3))
@@ -164,8 +143,8 @@ def _jitter_matrix(jitter: list, channel_mean: np.ndarray) -> tuple:
 
 
 def _crop_resize(img, p: dict, size: int) -> torch.Tensor:
-    """RandomResizedCrop's crop, resized to size x size with antialiased bilinear filtering -> uint8 (3, S, S).
-    torch's uint8 kernel matches Pillow's resize(BILINEAR, box=crop) within a level or two, in ~60% of its time."""
+    """The drawn crop resized to uint8 (3, size, size): torch's antialiased bilinear is within a level or two of
+    Pillow's and faster."""
     x0, y0, x1, y1 = p["crop"]
     with warnings.catch_warnings():  # Pillow's pixels are read-only, and only read here
         warnings.simplefilter("ignore", UserWarning)
@@ -174,8 +153,7 @@ def _crop_resize(img, p: dict, size: int) -> torch.Tensor:
 
 
 def _apply_augmentation(img, p: dict, size: int):
-    """The whole augmentation in the loader (Pillow after the crop): the reference that augment_frames, on the
-    training device, follows."""
+    """The whole augmentation in Pillow: the reference augment_frames follows on the training device."""
     img = Image.fromarray(_crop_resize(img, p, size).permute(1, 2, 0).numpy())
     if "jitter" in p:
         mean = np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0)
@@ -189,22 +167,20 @@ def _apply_augmentation(img, p: dict, size: int):
     return np.asarray(img)
 
 
-# The augmentation after the crop, on the training device: the loader draws the parameters (so they stay a function
-# of (seed, epoch, index)) and sends them with the cropped uint8 frames as AUGMENT_PARAMS floats per frame.
+# On the training device: the loader draws the parameters (a function of (seed, epoch, index)) and sends them with
+# the cropped frames as AUGMENT_PARAMS floats per frame.
 AUGMENT_PARAMS = 21  # colour map A (9) and B (9), grayscale flag, blur sigma (0: none), flip flag
 
 
 def augment_params(p: dict) -> np.ndarray:
-    """The parameters of one frame drawn by _draw_augmentation, minus the crop (done in the loader), as floats."""
+    """One frame's drawn parameters except the crop, as floats."""
     A, B = _jitter_affine(p["jitter"]) if "jitter" in p else (np.eye(3), np.zeros((3, 3)))
     return np.concatenate([A.ravel(), B.ravel(), [float(p["gray"]), p["blur"] or 0.0, float(p["flip"])]])
 
 
 def _box_blur_weights(sigma: torch.Tensor) -> torch.Tensor:
-    """Pillow's GaussianBlur(sigma) is three passes of an extended box filter (integer radius l, plus a fractional
-    weight at both ends) in each direction, with the variance of the Gaussian, in 24-bit fixed point. The 5 integer
-    taps of that box per sigma (N,) -> (N, 5), computed in float32 as Pillow does; sigma <= 2 keeps l <= 1, and
-    sigma 0 gives the identity."""
+    """The 5 taps (N, 5) of Pillow's GaussianBlur(sigma (N,)): three passes of an extended box filter of the
+    Gaussian's variance, in 24-bit fixed point, computed in float32 as Pillow does (sigma 0: the identity)."""
     var = sigma.float() ** 2 / 3
     l = torch.floor((torch.sqrt(12 * var + 1) - 1) / 2)
     radius = l + (2 * l + 1) * (l * (l + 1) - 3 * var) / (6 * (var - (l + 1) ** 2))
@@ -217,8 +193,7 @@ def _box_blur_weights(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _box_blur(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
-    """One pass of per-frame 5-tap filters w (N, 5) along `dim` (-1 or -2) of x (N, 3, H, W), float64 integers,
-    the edge pixel repeated beyond the border and the sum rounded to 8 bits as Pillow does."""
+    """One pass of per-frame taps w (N, 5) along `dim` of x (N, 3, H, W), edges repeated, rounded as Pillow does."""
     n = x.shape[dim]
     padded = torch.cat([x.narrow(dim, 0, 1)] * 2 + [x] + [x.narrow(dim, n - 1, 1)] * 2, dim=dim)
     acc = sum(w[:, j, None, None, None] * padded.narrow(dim, j, n) for j in range(5))
@@ -226,10 +201,8 @@ def _box_blur(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def augment_frames(video: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Colour jitter, grayscale, Gaussian blur and flip of cropped uint8 frames video (..., 3, H, W), with the
-    per-frame params (..., AUGMENT_PARAMS) of augment_params, on the tensors' device (the training GPU). Follows
-    _apply_augmentation (Pillow) step by step, rounding where Pillow stores 8-bit values (grayscale, blur and flip
-    exactly; the colour map to within one level); no host synchronisation."""
+    """_apply_augmentation after the crop on uint8 frames (..., 3, H, W) with params (..., AUGMENT_PARAMS), on their
+    device without host synchronisation: exact but for the colour map (within one level)."""
     shape = video.shape
     x = video.reshape(-1, *shape[-3:]).float()
     p = params.reshape(-1, AUGMENT_PARAMS).float()
@@ -257,8 +230,9 @@ def json_error(e: json.JSONDecodeError) -> str:
     return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
 
 
-def _read_jsonl(path):
-    """Yield the objects of a jsonl file; a broken line is an error naming file and line."""
+def _read_jsonl(path, key: str = "video_id", bad: list | None = None):
+    """Yield the objects with `key` of a jsonl file. A broken line is an error naming file and line, or, given a
+    list `bad`, its message goes there and the line is skipped."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -266,26 +240,26 @@ def _read_jsonl(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({json_error(e)})") from None
-            if not isinstance(obj, dict) or "video_id" not in obj:
-                raise ValueError(f"{path}:{lineno}: expected an object with a 'video_id'")
-            yield obj
+                problem = f"{path}:{lineno}: invalid JSON ({json_error(e)})"
+            else:
+                if isinstance(obj, dict) and key in obj:
+                    yield obj
+                    continue
+                problem = f"{path}:{lineno}: no {key!r} (expected a JSON object with one)"
+            if bad is None:
+                raise ValueError(problem)
+            bad.append(problem)
 
 
 class VideoTextDataset(torch.utils.data.Dataset):
-    """A prepared split: data_dir/<split>.jsonl + data_dir/frames.lmdb -> uint8 frames, token ids, mask, index.
+    """A prepared split: data_dir/<split>.jsonl + data_dir/frames.lmdb -> items of uint8 frames and token ids.
 
     mode="train":    one item per caption  {"video": uint8 [T,3,S,S], "ids", "mask", "video_index"}
     mode="pretrain": one item per video    same keys plus "tag_ids", "tag_mask" (the caption is the first one)
     mode="videos":   one item per video    {"video", "video_index"} (eval encodes each video once)
-    Random choices (frames, augmentation) are a pure function of (seed, epoch, index): set `dataset.epoch` before
-    each epoch's iterator and a run is reproducible and resumable with any number of workers.
-    device_augment=True (training): the loader only crops; the item's "augment" holds the rest of each frame's drawn
-    augmentation (float [T, AUGMENT_PARAMS]) for augment_frames to apply on the training device.
-    Batches: a DataLoader with collate_fn=prepare.collate gets each batch's frames written straight into one
-    (shared-memory) batch tensor by __getitems__, instead of per-item arrays stacked by the default collate.
-    replace_bad=True (training): a video whose frames cannot be read (missing key, undecodable JPEG) is replaced by
-    another sample drawn from (seed, epoch, index), and the item's "bad" string names it ("" when all was well).
+    Randomness is a function of (seed, epoch, index): set `dataset.epoch` per epoch and any number of workers
+    reproduce a run. device_augment: items carry "augment" [T, AUGMENT_PARAMS] for augment_frames after the crop.
+    replace_bad: an unreadable video is replaced by another drawn sample and named in the item's "bad" string.
     """
 
     def __init__(self, data_dir, split, tokenizer=None, *, mode="train", num_frames=12, context_length=32,
@@ -298,7 +272,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         if augment not in ("none", "frame", "clip"):
             raise ValueError(f"augment must be 'none', 'frame' or 'clip', got {augment!r}")
         if mode != "videos" and tokenizer is None:
-            raise ValueError(f"mode={mode!r} needs a tokenizer (prepare.get_tokenizer('clip') or ('bert', vocab))")
+            raise ValueError(f"mode={mode!r} needs a tokenizer (tokenizer.get_tokenizer('clip') or ('bert', vocab))")
         self.data_dir, self.split, self.tokenizer, self.mode = data_dir, split, tokenizer, mode
         self.num_frames, self.context_length, self.tag_context_length = num_frames, context_length, tag_context_length
         self.frame_sample, self.image_size, self.augment, self.seed = frame_sample, image_size, augment, seed
@@ -314,7 +288,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 data_dir) else []
             raise FileNotFoundError(f"no split file {jsonl} (splits there: {have or 'none'}); make it with "
                                     f"`python prepare.py <msrvtt|vatex|chvtt|synthetic> --out={data_dir}`")
-        db = FrameDB(self.lmdb_path)  # opened here only to check; workers open their own (LMDB + fork don't mix)
+        db = FrameDB(self.lmdb_path)  # only to check: each worker opens its own (LMDB and fork do not mix)
         try:
             self.lmdb_frames = db.num_frames
             if num_frames > db.num_frames:
@@ -380,8 +354,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return ids, mask, torch.tensor([vi for _, vi in self.captions], dtype=torch.long)
 
     def _frames(self, video_id: str, rng, out: np.ndarray) -> np.ndarray | None:
-        """Decode, crop (and augment, or draw the device's augmentation) the sampled frames into out [T, 3, S, S];
-        returns the device augmentation's parameters, or None."""
+        """The sampled frames, cropped and augmented, into out [T, 3, S, S]; returns device_augment's params or None."""
         if self._db is None or self._pid != os.getpid():  # first use in this (worker) process
             self._db, self._pid = FrameDB(self.lmdb_path), os.getpid()
             if torch.utils.data.get_worker_info() is not None:
@@ -445,9 +418,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return item
 
     def __getitems__(self, indices: list) -> list:
-        """The items of one batch (the DataLoader calls this), their frames written into one batch tensor, in
-        shared memory inside a worker process so that it reaches the training process without a copy; `collate`
-        hands that tensor on."""
+        """A batch's items, their frames written into one batch tensor (shared memory in a worker, so it reaches the
+        training process without a copy) that `collate` hands on."""
         shape = (len(indices), self.num_frames, 3, self.image_size, self.image_size)
         if torch.utils.data.get_worker_info() is not None:
             storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # as default_collate does in a worker
@@ -469,8 +441,8 @@ def collate(items: list) -> dict:
 
 
 def _keep_freed_memory():
-    """In a loader worker: let glibc keep freed blocks instead of unmapping them (decoded frames are ~0.7 MB, above
-    its default threshold for mmap), so each frame does not page-fault fresh memory in."""
+    """Let glibc keep freed blocks (a decoded frame, ~0.7 MB, is above its mmap threshold) instead of page-faulting
+    fresh memory in for every frame."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -478,519 +450,6 @@ def _keep_freed_memory():
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: keep up to 64 MiB of free heap
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# The frame store: the JPEG frames of every video in one LMDB
-
-FRAMEDB_VERSION = 1
-_META_KEY = b"__meta__"
-
-# py-lmdb refuses to open one environment twice in a process, yet a train set and an eval set (or two datasets of
-# one LMDB) may both read it: readers share one environment per path and process, reference-counted.
-_SHARED_ENVS = {}  # realpath -> [env, refcount, pid]
-
-
-def _open_shared_env(path):
-    key = os.path.realpath(path)
-    entry = _SHARED_ENVS.get(key)
-    if entry is not None and entry[2] != os.getpid():
-        # inherited through fork (a DataLoader worker): LMDB forbids using it here and py-lmdb would refuse to open
-        # the path again while it is open. Without a lock file nothing is shared, so closing our copy is safe.
-        try:
-            entry[0].close()
-        except lmdb.Error:
-            pass
-        entry = None
-    if entry is None:
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False,
-                        subdir=os.path.isdir(path), max_readers=2048, max_spare_txns=1)
-        entry = _SHARED_ENVS[key] = [env, 0, os.getpid()]
-    entry[1] += 1
-    return entry[0]
-
-
-def _release_shared_env(path):
-    key = os.path.realpath(path)
-    entry = _SHARED_ENVS.get(key)
-    if entry is not None and entry[2] == os.getpid():
-        entry[1] -= 1
-        if entry[1] <= 0:
-            entry[0].close()
-            del _SHARED_ENVS[key]
-
-
-class FrameDB:
-    """JPEG frames of videos in an LMDB: key f"{video_id}_{i}" -> JPEG bytes, plus a `__meta__` JSON entry.
-
-    Reader: FrameDB(path) (readonly, no lock file, no readahead: safe and cheap in many DataLoader workers).
-    Writer: FrameDB(path, readonly=False, num_frames=30, frame_size=224). Writes are committed in batches (every
-    `commit_every` videos and on close()), one transaction each, so a crash or a full disk never leaves half a video
-    behind. The memory map starts at `map_size` and doubles whenever LMDB reports it full. LMDBs made by the
-    original HMMC's tools/frame2lmdb.py (no `__meta__`) are read too, their frame count found by probing keys.
-    """
-
-    def __init__(self, path, readonly=True, map_size=1 << 30, num_frames=None, frame_size=None, commit_every=64,
-                 square=False):
-        self.path = path
-        self.readonly = readonly
-        self.commit_every = commit_every
-        self._pending = {}      # video_id -> list of JPEG bytes, not yet committed
-        self._pending_failed = {}  # video_id -> reason, not yet committed
-        if readonly:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no frame LMDB at {path}; make it with "
-                                        f"`python prepare.py frames --videos=DIR --out={path}`")
-            self.env = _open_shared_env(path)
-        else:
-            os.makedirs(path, exist_ok=True)
-            # an existing map may be larger than asked: never shrink it
-            data_file = os.path.join(path, "data.mdb")
-            existing = os.path.getsize(data_file) if os.path.exists(data_file) else 0
-            if os.path.realpath(path) in _SHARED_ENVS:
-                raise RuntimeError(f"{path} is open for reading in this process; close its readers before writing")
-            self.env = lmdb.open(path, map_size=max(map_size, 2 * existing, 1 << 20), subdir=True,
-                                 readahead=False, meminit=False, max_dbs=0)
-        self.meta = self._read_meta()
-        if not readonly:
-            if self.meta is None:  # a fresh store
-                if num_frames is None or frame_size is None:
-                    raise ValueError(f"creating {path} needs num_frames and frame_size")
-                self.meta = {"version": FRAMEDB_VERSION, "num_frames": int(num_frames),
-                             "frame_size": int(frame_size), "count": 0, "failed": {}}
-                if square:
-                    self.meta["square"] = True
-                self._write_batch({})
-            else:
-                for k, v in (("num_frames", num_frames), ("frame_size", frame_size), ("square", bool(square))):
-                    if v is not None and self.meta.get(k, False if k == "square" else None) not in (None, v):
-                        raise ValueError(f"{path} was made with {k}={self.meta.get(k, False)} but {k}={v} was asked; "
-                                         f"use the same settings or another --out")
-        elif self.meta is None:
-            raise ValueError(f"{path} holds no frames (empty LMDB)")
-
-    def _read_meta(self):
-        with self.env.begin() as txn:
-            raw = txn.get(_META_KEY)
-            if raw is not None:
-                meta = json.loads(bytes(raw).decode("utf-8"))
-                meta.setdefault("failed", {})
-                return meta
-            # no __meta__: an LMDB from the original tools/frame2lmdb.py, or a fresh one
-            cur = txn.cursor()
-            if not cur.first():
-                return None
-            key = bytes(cur.key()).decode("utf-8", "replace")
-            vid, _, idx = key.rpartition("_")
-            if not vid or not idx.isdigit():
-                raise ValueError(f"{self.path}: key {key!r} is not of the form <video_id>_<frame index> and "
-                                 f"there is no __meta__ entry; is this a frame LMDB?")
-            n = 0
-            while txn.get(f"{vid}_{n}".encode()) is not None:  # probe how many frames this video has
-                n += 1
-            if n == 0:
-                raise ValueError(f"{self.path}: cannot infer the frame count (no key {vid}_0)")
-            entries = txn.stat()["entries"]
-            return {"version": 0, "num_frames": n, "frame_size": None, "count": entries // n, "failed": {},
-                    "inferred": True}
-
-    @property
-    def num_frames(self) -> int:
-        return self.meta["num_frames"]
-
-    @property
-    def frame_size(self):
-        return self.meta.get("frame_size")
-
-    @property
-    def square(self) -> bool:
-        """Whether the frames are centre squares (prepare.py frames --square=True) rather than whole frames."""
-        return bool(self.meta.get("square"))
-
-    @property
-    def failed(self) -> dict:
-        return {**self.meta["failed"], **self._pending_failed}
-
-    def __len__(self):
-        return self.meta["count"]
-
-    def has_video(self, video_id: str) -> bool:
-        """True when all frames of the video are stored (writes are per video, so the last key suffices)."""
-        if video_id in self._pending:
-            return True
-        with self.env.begin() as txn:
-            return txn.get(f"{video_id}_{self.num_frames - 1}".encode()) is not None
-
-    def get_frame(self, video_id: str, i: int) -> bytes:
-        return self.get_frames(video_id, [i])[0]
-
-    def get_frames(self, video_id: str, indices) -> list:
-        """JPEG bytes of several frames of one video, read in one transaction."""
-        out = []
-        with self.env.begin() as txn:
-            for i in indices:
-                raw = txn.get(f"{video_id}_{int(i)}".encode())
-                if raw is None:
-                    raise KeyError(f"frame {video_id}_{int(i)} is not in {self.path} "
-                                   f"({self.num_frames} frames per video stored)")
-                out.append(raw)
-        return out
-
-    def video_ids(self) -> list:
-        """All stored video ids (a full key scan: for tools and tests, not for the training loop)."""
-        ids = []
-        with self.env.begin() as txn:
-            for key in txn.cursor().iternext(keys=True, values=False):
-                k = bytes(key).decode("utf-8", "replace")
-                if k.endswith("_0") and key != _META_KEY:
-                    ids.append(k[:-2])
-        return ids
-
-    def put_video(self, video_id: str, frames: list):
-        assert not self.readonly, "FrameDB opened readonly"
-        if len(frames) != self.num_frames:
-            raise ValueError(f"video {video_id}: {len(frames)} frames given, the store holds {self.num_frames}")
-        self._pending[video_id] = [bytes(f) for f in frames]
-        self._pending_failed.pop(video_id, None)
-        if len(self._pending) >= self.commit_every:
-            self.commit()
-
-    def mark_failed(self, video_id: str, reason: str):
-        assert not self.readonly, "FrameDB opened readonly"
-        self._pending_failed[video_id] = str(reason)
-
-    def commit(self):
-        """Write everything buffered in one transaction (a batch is all-or-nothing)."""
-        if self.readonly or (not self._pending and not self._pending_failed):
-            return
-        self._write_batch(self._pending)
-        self._pending, self._pending_failed = {}, {}
-
-    def _write_batch(self, videos):
-        # a video written now is no longer a failure, whatever an earlier run recorded
-        meta = {**self.meta, "failed": {vid: why for vid, why in self.failed.items() if vid not in videos}}
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for vid, frames in videos.items():
-                        for i, jpg in enumerate(frames):
-                            txn.put(f"{vid}_{i}".encode(), jpg)
-                    entries = txn.stat()["entries"] - (txn.get(_META_KEY) is not None)
-                    meta["count"] = entries // meta["num_frames"]
-                    txn.put(_META_KEY, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-                break
-            except lmdb.MapFullError:
-                # the transaction was aborted, nothing is lost: grow the map and write the batch again
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            except lmdb.Error as e:
-                # a failed commit leaves the previous state on disk intact (LMDB is copy-on-write)
-                nbytes = sum(len(f) for frames in videos.values() for f in frames)
-                free = shutil.disk_usage(self.path).free
-                full = "No space" in str(e) or free < max(2 * nbytes, 16 << 20)
-                raise OSError(errno.ENOSPC if full else errno.EIO,
-                              f"{'disk full' if full else 'write error'} while writing {self.path} ({e}; "
-                              f"{free >> 20} MiB free): the {len(videos)} videos of this batch were not written, the "
-                              f"{self.meta['count']} committed before are safe. "
-                              f"{'Free some space and r' if full else 'R'}erun the same command to resume") from e
-        self.meta = meta
-
-    def close(self):
-        if self.env is None:
-            return
-        if self.readonly:
-            _release_shared_env(self.path)
-            self.env = None
-            return
-        try:
-            self.commit()
-        finally:
-            self.env.close()
-            self.env = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Frame extraction: videos -> frames.lmdb with the system ffprobe/ffmpeg, one decode per video
-
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".wmv",
-                    ".ts", ".mts", ".m2ts", ".ogv", ".ogg", ".gif", ".vob", ".f4v", ".asf", ".divx", ".rm", ".rmvb",
-                    ".h264", ".264", ".h265", ".hevc", ".y4m", ".mxf", ".nut", ".ivf", ".mjpeg", ".dv")
-
-
-def _fmt_seconds(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _check_ffmpeg():
-    for tool in ("ffmpeg", "ffprobe"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not found on PATH; install FFmpeg (e.g. `apt-get install ffmpeg`, "
-                               f"`brew install ffmpeg`, `conda install -c conda-forge ffmpeg`)")
-
-
-def _last_line(text: str) -> str:
-    lines = [l.strip() for l in text.decode("utf-8", "replace").splitlines() if l.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _float(x):
-    try:
-        v = float(x)
-        return v if np.isfinite(v) else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _rate(x):
-    """ffprobe's "30000/1001" -> 29.97 (None for 0/0 or junk)."""
-    try:
-        num, _, den = str(x).partition("/")
-        v = float(num) / float(den or 1)
-        return v if v > 0 and np.isfinite(v) else None
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-
-
-def probe_video(path: str) -> dict:
-    """Display width/height (rotation and pixel aspect applied), duration in seconds, frame rate, frame count.
-    Raises ValueError with a short reason when the file has no decodable video stream."""
-    cmd = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-           "stream=width,height,duration,nb_frames,avg_frame_rate,r_frame_rate,sample_aspect_ratio:"
-           "stream_tags=rotate:stream_side_data=rotation:format=duration", "-of", "json", path]
-    p = subprocess.run(cmd, capture_output=True, timeout=120)
-    if p.returncode != 0:
-        raise ValueError(f"unreadable ({_last_line(p.stderr) or 'ffprobe failed'})")
-    info = json.loads(p.stdout.decode("utf-8", "replace") or "{}")
-    streams = info.get("streams") or []
-    if not streams:
-        raise ValueError("no video stream (audio-only or not a video)")
-    s = streams[0]
-    w, h = int(s.get("width") or 0), int(s.get("height") or 0)
-    if w <= 0 or h <= 0:
-        raise ValueError("video stream without a frame size")
-    sar = _rate(str(s.get("sample_aspect_ratio", "1/1")).replace(":", "/")) or 1.0
-    w = max(1, int(round(w * sar)))  # non-square pixels: store what a player shows
-    rotation = _float((s.get("tags") or {}).get("rotate")) or 0.0
-    for sd in s.get("side_data_list") or []:
-        if "rotation" in sd:
-            rotation = _float(sd["rotation"]) or 0.0
-    if int(round(rotation / 90)) % 2 == 1:  # ffmpeg auto-rotates while decoding: a 90/270 degree video is portrait
-        w, h = h, w
-    fps = _rate(s.get("avg_frame_rate")) or _rate(s.get("r_frame_rate"))
-    nb = int(s["nb_frames"]) if str(s.get("nb_frames", "")).isdigit() else None
-    duration = _float(s.get("duration")) or _float((info.get("format") or {}).get("duration"))
-    if (duration is None or duration <= 0) and fps:
-        if not nb:  # no duration and no frame count in the header (raw streams): count packets, a demux-only pass
-            p = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries",
-                                "stream=nb_read_packets", "-of", "csv=p=0", path], capture_output=True, timeout=300)
-            text = p.stdout.decode("ascii", "replace").strip().strip(",")
-            nb = int(text) if text.isdigit() and int(text) > 0 else None
-        duration = nb / fps if nb else None
-    return {"width": w, "height": h, "duration": duration, "fps": fps, "nb_frames": nb, "rotation": rotation}
-
-
-def _output_size(w: int, h: int, short: int):
-    """(width, height) with the short side equal to `short`, aspect kept."""
-    if w <= h:
-        return short, max(1, int(round(h * short / w)))
-    return max(1, int(round(w * short / h))), short
-
-
-def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _decode_frames(path, num_frames, frame_size, quality, square=False):
-    """One ffmpeg decode of the whole video -> num_frames JPEGs at the centres of equal time segments.
-
-    ffmpeg's fps filter resamples the stream to a constant rate from the frames' timestamps (so variable frame
-    rate is handled), at 2*num_frames/duration: the odd output slots are then exactly the segment centres
-    (i + 0.5) * duration / num_frames, and `select` keeps only those before scaling, so only num_frames frames
-    are scaled and piped. round=up makes output slot k show the last frame with pts <= k / rate, i.e. the frame on
-    screen at that instant (the default rounding picks up to half a slot later). A video shorter than num_frames
-    frames repeats frames (fps duplicates them). square=True keeps only the centre square of each frame.
-    """
-    info = probe_video(path)
-    W, H = _output_size(info["width"], info["height"], frame_size)
-    # the centre square, placed where the dataset's centre crop takes it
-    crop = f",crop={frame_size}:{frame_size}:{int(round((W - frame_size) / 2))}:{int(round((H - frame_size) / 2))}" \
-        if square else ""
-    duration = info["duration"] if info["duration"] and info["duration"] > 0 else None
-    if duration is not None:
-        rate = 2 * num_frames / duration
-        vf = f"fps={rate:.6f}:round=up,select='mod(n\\,2)',scale={W}:{H}:flags=bicubic{crop}"
-        limit = num_frames + 1
-    else:  # duration unknown even after counting: spread the picks over the first frames (bounded memory)
-        vf = f"scale={W}:{H}:flags=bicubic{crop}"
-        limit = 8 * num_frames
-    if square:
-        W = H = frame_size
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", path, "-map", "0:v:0", "-an", "-sn", "-dn",
-           "-vf", vf, "-vsync", "0", "-frames:v", str(limit), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
-    # generous: single-threaded decoding of a long high-resolution video can run slower than real time
-    p = subprocess.run(cmd, capture_output=True, timeout=300 + 5 * (duration or 600))
-    frame_bytes = W * H * 3
-    m = len(p.stdout) // frame_bytes
-    if m == 0:
-        raise ValueError(f"no frame could be decoded ({_last_line(p.stderr) or f'ffmpeg exit code {p.returncode}'})")
-    frames = np.frombuffer(p.stdout, dtype=np.uint8, count=m * frame_bytes).reshape(m, H, W, 3)
-    if duration is not None and m >= num_frames - 1:
-        picks = [min(i, m - 1) for i in range(num_frames)]  # the normal case (the last slot may round away)
-    else:
-        # fewer frames than the header promised (a truncated file, a wrong duration): spread over what decoded
-        picks = [min(int((i + 0.5) * m / num_frames), m - 1) for i in range(num_frames)]
-    encoded = {k: _encode_jpeg(frames[k], quality) for k in set(picks)}  # a repeated frame is encoded once
-    return [encoded[k] for k in picks]
-
-
-def _extract_job(job):
-    """Worker: (video_id, path, num_frames, frame_size, quality[, square]) -> (video_id, frames or None, error or
-    None)."""
-    video_id, path, num_frames, frame_size, quality, *square = job
-    square = bool(square and square[0])
-    try:
-        if path is None:
-            return video_id, None, "missing: no video file with this id"
-        if os.path.getsize(path) == 0:
-            return video_id, None, "empty file (0 bytes)"
-        return video_id, _decode_frames(path, num_frames, frame_size, quality, square), None
-    except subprocess.TimeoutExpired:
-        return video_id, None, "timed out while decoding"
-    except Exception as e:  # a bad video is recorded and skipped, never the end of the run
-        return video_id, None, str(e) or type(e).__name__
-
-
-def _read_id_list(path) -> list:
-    """Video ids, one per line; jsonl lines ({"video_id": ...}, like the original's msrvtt.json) work too."""
-    ids = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("{"):
-                try:
-                    line = str(json.loads(line)["video_id"])
-                except (json.JSONDecodeError, KeyError):
-                    raise ValueError(f"{path}:{lineno}: expected a video id or a JSON object with 'video_id'")
-            ids.append(line)
-    return ids
-
-
-def find_videos(videos_dir: str, ids=None) -> dict:
-    """video_id (file name without extension) -> path, for the video files under videos_dir (recursively).
-    With `ids`, only those ids (any extension); an id without a file maps to None."""
-    if not os.path.isdir(videos_dir):
-        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
-    wanted = set(ids) if ids is not None else None
-    found = {}  # video id -> (not a known video extension, path): known extensions win a tie of names
-    for root, dirs, files in os.walk(videos_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".lmdb"))
-        for name in sorted(files):
-            stem, ext = os.path.splitext(name)
-            known = ext.lower() in VIDEO_EXTENSIONS
-            if name.startswith(".") or (stem not in wanted if wanted is not None else not known):
-                continue
-            cand = (not known, os.path.join(root, name))
-            if stem in found:
-                keep = min(found[stem], cand)
-                print(f"warning: two files for video id {stem!r}: {found[stem][1]} and {cand[1]}; using {keep[1]}",
-                      flush=True)
-                cand = keep
-            found[stem] = cand
-    found = {vid: path for vid, (_, path) in found.items()}
-    if ids is not None:
-        return {vid: found.get(vid) for vid in dict.fromkeys(ids)}
-    return found
-
-
-def extract_frames(videos_dir, out_path, num_frames=30, frame_size=224, workers=8, ids=None, retry_failed=False,
-                   quality=90, id_prefix="", square=False, progress_every=5.0) -> dict:
-    """Decode every video under videos_dir into the frame LMDB at out_path (resumable; never stops on a bad file).
-
-    `ids`: a list of file names without extension, or a file with one per line. Videos already in the LMDB are
-    skipped; ones that failed before are retried only with retry_failed. A video's key is id_prefix + its file name
-    without extension (CHVTT: <docid>.mp4 with id_prefix="Video" gives the original's keys Video<docid>_<i>).
-    square=True stores only the centre square of side frame_size: all that datasets without augmentation read,
-    decoded in ~40% less time than a whole 16:9 frame (the LMDB's meta says so; augmentation refuses it).
-    Returns {"done", "skipped", "failed": {id: reason}, "failed_before": {id: reason} (skipped failures of earlier
-    runs), "stored" (of these videos, how many the LMDB now holds), "seconds"}.
-    """
-    _check_ffmpeg()
-    if isinstance(ids, str):
-        ids = _read_id_list(ids)
-    videos = {id_prefix + stem: path for stem, path in find_videos(videos_dir, ids).items()}
-    if not videos:  # before the LMDB is created: an empty folder or id list must not leave an empty dataset behind
-        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS[:4])}, ...) in {videos_dir}; nothing written"
-                         if ids is None else "the id list is empty; nothing written")
-    db = FrameDB(out_path, readonly=False, num_frames=num_frames, frame_size=frame_size, square=square)
-    old_failed = db.failed
-    jobs, skipped, stored, failed_before = [], 0, 0, {}
-    for vid, path in videos.items():
-        # a failure is retried on request, or when its file has appeared since
-        retry = retry_failed or (path is not None and old_failed.get(vid, "").startswith("missing"))
-        if db.has_video(vid):
-            skipped, stored = skipped + 1, stored + 1
-        elif vid in old_failed and not retry:
-            skipped, failed_before[vid] = skipped + 1, old_failed[vid]
-        else:
-            jobs.append((vid, path, num_frames, frame_size, quality, square))
-    n_retry = sum(vid in old_failed for vid, *_ in jobs)
-    print(f"frames: {len(videos)} videos in {videos_dir}, {skipped} already done or failed before"
-          f"{f' ({n_retry} failed ones retried)' if n_retry else ''}, {len(jobs)} to extract -> {out_path} "
-          f"({num_frames} frames, {'centre squares of' if square else 'short side'} {frame_size} px, {workers} "
-          f"workers)", flush=True)
-    failed, done, t0, last = {}, 0, time.time(), time.time()
-
-    def progress(final=False):
-        el = time.time() - t0
-        rate = (done + len(failed)) / el if el > 0 else 0.0
-        left = len(jobs) - done - len(failed)
-        eta = _fmt_seconds(left / rate) if rate > 0 else "?"
-        print(f"frames: {done + len(failed)}/{len(jobs)} videos, {rate:.3g} videos/s, "
-              f"{'took ' + _fmt_seconds(el) if final else 'eta ' + eta}, {len(failed)} failed", flush=True)
-
-    pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) if workers > 1 else None
-    try:
-        results = pool.imap_unordered(_extract_job, jobs, chunksize=1) if pool else map(_extract_job, jobs)
-        for vid, frames, err in results:  # this (main) process is the only LMDB writer
-            if err is None:
-                db.put_video(vid, frames)
-                done += 1
-            else:
-                db.mark_failed(vid, err)
-                failed[vid] = err
-            if time.time() - last >= progress_every:
-                db.commit()  # a kill loses at most a few seconds of work
-                progress()
-                last = time.time()
-    except KeyboardInterrupt:
-        print(f"frames: interrupted; {done} videos written, rerun the same command to resume", flush=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-        db.close()
-    progress(final=True)
-    for listed, what in ((failed, "failed"), (failed_before, "failed in an earlier run and were skipped")):
-        if not listed:
-            continue
-        print(f"frames: {len(listed)} videos {what} (recorded under __meta__ 'failed' in {out_path}; "
-              f"rerun with --retry_failed to try them again):", flush=True)
-        for vid, err in list(listed.items())[:20]:
-            print(f"  {vid}: {err}", flush=True)
-        if len(listed) > 20:
-            print(f"  ... and {len(listed) - 20} more", flush=True)
-    return {"done": done, "skipped": skipped, "failed": failed, "failed_before": failed_before,
-            "stored": stored + done, "seconds": time.time() - t0}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1004,13 +463,27 @@ def _clean_captions(caps, counter: Counter) -> list:
     return kept
 
 
-def _write_jsonl(path: str, records: list):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # never leave a half-written split behind
+def _load_json(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({json_error(e)})") from None
+
+
+def _listed(name: str, split: str, path: str, read_ids, records: dict, counter: Counter) -> list:
+    """The records of the ids the split file lists, in its order; listed ids without captions are counted and named."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: split file {path} does not exist")
+    ids = read_ids(path)
+    lost = [vid for vid in ids if vid not in records]
+    if lost:
+        counter["no_caption"] += len(lost)
+        print(f"{name}: {split}: {len(lost)} ids of {path} have no captions in the annotations "
+              f"(e.g. {', '.join(lost[:5])})", flush=True)
+    return [records[vid] for vid in ids if vid in records]
 
 
 def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Counter) -> dict:
@@ -1020,6 +493,7 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Count
     if not have_frames:
         print(f"{name}: no frame LMDB at {frames}, so videos are not checked for frames now (the dataset "
               f"leaves out missing ones when it loads); pass --frames=PATH to check", flush=True)
+    os.makedirs(out, exist_ok=True)
     summary = {}
     with (FrameDB(frames) if have_frames else contextlib.nullcontext()) as db:
         for split, records in splits.items():
@@ -1030,7 +504,9 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Count
                 print(f"{name}: {split}: {len(missing)} videos have no frames in {frames}, left out "
                       f"(e.g. {', '.join(missing[:5])})", flush=True)
             path = os.path.join(out, f"{split}.jsonl")
-            _write_jsonl(path, records)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            os.replace(path + ".tmp", path)  # never leave a half-written split behind
             n_caps = sum(len(r.get("captions", [])) for r in records)
             print(f"{name}: wrote {path}: {len(records)} videos, {n_caps} captions", flush=True)
             summary[split] = {"videos": len(records), "captions": n_caps, "missing_frames": missing}
@@ -1039,16 +515,6 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Count
     if counter["no_caption"]:
         print(f"{name}: dropped {counter['no_caption']} videos without any caption", flush=True)
     return summary
-
-
-def _load_json(path: str):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"annotation file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({json_error(e)})") from None
 
 
 def _read_csv_ids(path: str) -> list:
@@ -1066,11 +532,8 @@ def _read_csv_ids(path: str) -> list:
 
 def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test_csv=None, out="data/msrvtt",
                    frames=None) -> dict:
-    """MSR-VTT (CLIP4Clip's msrvtt_data files) -> train_9k / train_7k / train (= 9k) / test (1k-A) jsonl.
-
-    Train videos get all their captions from MSRVTT_data.json in file order; the 1k-A test set has one caption
-    per video, the `sentence` column of MSRVTT_JSFUSION_test.csv.
-    """
+    """MSR-VTT (CLIP4Clip's msrvtt_data) -> train_9k / train_7k / train (= 9k) / test (1k-A) jsonl: training videos
+    get all their captions from MSRVTT_data.json, test videos the `sentence` of MSRVTT_JSFUSION_test.csv."""
     if anno is not None and not os.path.isdir(anno):
         raise FileNotFoundError(f"msrvtt: annotation folder {anno} does not exist")
     optional_7k = train_7k is None  # --anno's folder may lack the 7k list
@@ -1083,33 +546,20 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
         raise ValueError("msrvtt needs --anno=DIR (with MSRVTT_data.json, MSRVTT_train.9k.csv, "
                          "MSRVTT_JSFUSION_test.csv) or the files one by one (--data_json= --train_9k= --test_csv=)")
     data = _load_json(data_json)
-    counter, caps, duration = Counter(), {}, {}
+    counter, caps, extra = Counter(), {}, {}
     for s in data.get("sentences", []):
         caps.setdefault(str(s.get("video_id")), []).extend(_clean_captions([s.get("caption")], counter))
     for v in data.get("videos", []):
-        st, en = _float(v.get("start time")), _float(v.get("end time"))
+        st, en = finite_float(v.get("start time")), finite_float(v.get("end time"))
         if st is not None and en is not None and en > st:
-            duration[str(v.get("video_id"))] = round(en - st, 3)
+            extra[str(v.get("video_id"))] = {"duration": round(en - st, 3)}
 
     def record(vid, captions):
-        r = {"video_id": vid, "captions": captions}
-        if vid in duration:
-            r["duration"] = duration[vid]
-        return r
-
-    splits = {}
-    for split, path in (("train_9k", train_9k), ("train_7k", train_7k)):
-        if path is None or not os.path.exists(path):
-            if split == "train_7k" and optional_7k:
-                continue
-            raise FileNotFoundError(f"msrvtt: split file {path} does not exist")
-        ids = _read_csv_ids(path)
-        no_caps = [vid for vid in ids if not caps.get(vid)]
-        if no_caps:
-            counter["no_caption"] += len(no_caps)
-            print(f"msrvtt: {split}: {len(no_caps)} videos of {path} have no caption in {data_json} "
-                  f"(e.g. {', '.join(no_caps[:5])})", flush=True)
-        splits[split] = [record(vid, caps[vid]) for vid in ids if caps.get(vid)]
+        return {"video_id": vid, "captions": captions, **extra.get(vid, {})}
+    records = {vid: record(vid, c) for vid, c in caps.items() if c}
+    splits = {"train_9k": _listed("msrvtt", "train_9k", train_9k, _read_csv_ids, records, counter)}
+    if os.path.exists(train_7k or "") or not optional_7k:
+        splits["train_7k"] = _listed("msrvtt", "train_7k", train_7k, _read_csv_ids, records, counter)
     splits["train"] = splits["train_9k"]
     if not os.path.exists(test_csv):
         raise FileNotFoundError(f"msrvtt: test file {test_csv} does not exist")
@@ -1127,11 +577,18 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
     return _finish_conversion("msrvtt", out, splits, frames, counter)
 
 
-def _read_vatex_annotations(paths: list, counter: Counter) -> dict:
-    """video_id -> {"en": [...], "zh": [...]} from vatex_data.json-style dicts and/or official VATEX json lists;
-    only videos with a caption in either language."""
-    ann = {}
-    for path in paths:
+def convert_vatex(annotations=None, splits_dir=None, out="data/vatex", frames=None) -> dict:
+    """VATEX -> train / val / test jsonl with English `captions` and Chinese `captions_zh`. `annotations`:
+    vatex_data.json ({id: {enCap, chCap}}) and/or the official json lists, comma-separated; splits_dir's
+    <split>_list.txt hold 25,991 / 1,500 / 1,500 ids (val and test both from the official validation set)."""
+    if not annotations:
+        raise ValueError("vatex needs --annotations=vatex_data.json (or the official "
+                         "vatex_training_v1.0.json,vatex_validation_v1.0.json, comma-separated)")
+    if not splits_dir:
+        raise ValueError("vatex needs the split lists: --splits_dir=DIR with train_list.txt, val_list.txt, "
+                         "test_list.txt")
+    counter, records = Counter(), {}
+    for path in [p for p in str(annotations).split(",") if p]:
         data = _load_json(path)
         if isinstance(data, dict):  # {video_id: {"enCap": [...], "chCap": [...]}}
             items = list(data.items())
@@ -1140,61 +597,26 @@ def _read_vatex_annotations(paths: list, counter: Counter) -> dict:
         else:
             raise ValueError(f"{path}: expected a dict of video ids or a list of {{videoID, enCap, chCap}}")
         for vid, d in items:
-            if not vid or not isinstance(d, dict):
-                continue
-            a = ann.setdefault(str(vid), {"en": [], "zh": []})
-            a["en"].extend(_clean_captions(d.get("enCap"), counter))
-            a["zh"].extend(_clean_captions(d.get("chCap"), counter))
-    return {vid: a for vid, a in ann.items() if a["en"] or a["zh"]}
-
-
-def convert_vatex(annotations=None, splits_dir=None, train_list=None, val_list=None, test_list=None,
-                  out="data/vatex", frames=None) -> dict:
-    """VATEX -> train / val / test jsonl with English `captions` and Chinese `captions_zh`.
-
-    `annotations`: comma-separated json files, either vatex_data.json ({id: {enCap, chCap}}) or the official
-    vatex_training_v1.0.json / vatex_validation_v1.0.json. Splits: the 25,991 / 1,500 / 1,500 id lists
-    (train_list.txt, val_list.txt, test_list.txt; val and test both come from the official validation set).
-    """
-    if not annotations:
-        raise ValueError("vatex needs --annotations=vatex_data.json (or the official "
-                         "vatex_training_v1.0.json,vatex_validation_v1.0.json, comma-separated)")
-    paths = [p for p in str(annotations).split(",") if p]
-    counter = Counter()
-    ann = _read_vatex_annotations(paths, counter)
-    splits = {}
-    for split, path in (("train", train_list), ("val", val_list), ("test", test_list)):
-        path = path or (os.path.join(splits_dir, f"{split}_list.txt") if splits_dir else None)
-        if path is None:
-            raise ValueError(f"vatex needs the split lists: --splits_dir=DIR with train_list.txt, val_list.txt, "
-                             f"test_list.txt, or --{split}_list=FILE")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"vatex: split list {path} does not exist")
-        ids = _read_id_list(path)
-        unknown = [vid for vid in ids if vid not in ann]
-        if unknown:
-            counter["no_caption"] += len(unknown)
-            print(f"vatex: {split}: {len(unknown)} ids of {path} have no captions in the annotations "
-                  f"(e.g. {', '.join(unknown[:5])})", flush=True)
-        splits[split] = [{"video_id": vid, "captions": ann[vid]["en"], "captions_zh": ann[vid]["zh"]}
-                         for vid in ids if vid in ann]
+            if vid and isinstance(d, dict):
+                r = records.setdefault(str(vid), {"video_id": str(vid), "captions": [], "captions_zh": []})
+                r["captions"].extend(_clean_captions(d.get("enCap"), counter))
+                r["captions_zh"].extend(_clean_captions(d.get("chCap"), counter))
+    records = {vid: r for vid, r in records.items() if r["captions"] or r["captions_zh"]}
+    splits = {split: _listed("vatex", split, os.path.join(splits_dir, f"{split}_list.txt"), read_id_list, records,
+                             counter) for split in ("train", "val", "test")}
     return _finish_conversion("vatex", out, splits, frames, counter)
 
 
 def _raw_tags(tag) -> str:
-    """The tag string as the original tokenized it (separators and all); "" for none, which becomes an empty tag
-    ([CLS][SEP]) as there. A list (not in the CHVTT release) is joined with commas."""
+    """The raw tag string the original tokenized ("" for none: an empty tag, [CLS][SEP]); a list is comma-joined."""
     if isinstance(tag, list):
         return ",".join(str(t).strip() for t in tag if str(t).strip())
     return str(tag or "").strip()
 
 
 def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train") -> dict:
-    """CHVTT JSON lines (docid, title, tag, title_eng, tag_eng, duration) -> <split>.jsonl.
-
-    video_id = "Video" + docid (the original's LMDB keys); `captions` = [title], `tags` = the raw tag string ("" when
-    the video has none); the English translations go to `captions_en` / `tags_en`.
-    """
+    """CHVTT JSON lines (docid, title, tag, title_eng, tag_eng, duration) -> <split>.jsonl: video_id Video<docid>
+    (the original's LMDB keys), `captions` [title], `tags` the raw tag string, English in `captions_en`/`tags_en`."""
     if not annotations:
         raise ValueError("chvtt needs --annotations=FILE.json (JSON lines: docid, title, tag, title_eng, tag_eng, "
                          "duration); several files comma-separated")
@@ -1202,49 +624,33 @@ def convert_chvtt(annotations=None, out="data/chvtt", frames=None, split="train"
     for path in str(annotations).split(","):
         if not os.path.exists(path):
             raise FileNotFoundError(f"chvtt: annotation file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    docid = d["docid"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    bad.append(f"{path}:{lineno}: " + ("invalid JSON" if isinstance(e, json.JSONDecodeError)
-                                                      else "no 'docid'"))
-                    continue
-                vid = f"Video{docid}"
-                if vid in seen:
-                    counter["duplicate"] += 1
-                    continue
-                title = _clean_captions([d.get("title")], counter)
-                if not title:
-                    counter["no_caption"] += 1
-                    continue
-                seen.add(vid)
-                r = {"video_id": vid, "captions": title, "tags": _raw_tags(d.get("tag"))}
-                title_en = _clean_captions([d.get("title_eng")], Counter())
-                if title_en:
-                    r["captions_en"] = title_en
-                    r["tags_en"] = _raw_tags(d.get("tag_eng"))
-                duration = _float(d.get("duration"))
-                if duration is not None:
-                    r["duration"] = duration
-                recs.append(r)
+        for d in _read_jsonl(path, "docid", bad):
+            vid = f"Video{d['docid']}"
+            if vid in seen:
+                counter["duplicate"] += 1
+                continue
+            title = _clean_captions([d.get("title")], counter)
+            if not title:
+                counter["no_caption"] += 1
+                continue
+            seen.add(vid)
+            r = {"video_id": vid, "captions": title, "tags": _raw_tags(d.get("tag"))}
+            title_en = _clean_captions([d.get("title_eng")], Counter())
+            if title_en:
+                r["captions_en"] = title_en
+                r["tags_en"] = _raw_tags(d.get("tag_eng"))
+            duration = finite_float(d.get("duration"))
+            if duration is not None:
+                r["duration"] = duration
+            recs.append(r)
     if bad:
-        print(f"chvtt: skipped {len(bad)} bad lines:", flush=True)
-        for b in bad[:10]:
-            print(f"  {b}", flush=True)
-        if len(bad) > 10:
-            print(f"  ... and {len(bad) - 10} more", flush=True)
+        print_listed(f"chvtt: skipped {len(bad)} bad lines:", bad)
     if counter["duplicate"]:
         print(f"chvtt: skipped {counter['duplicate']} repeated docids", flush=True)
     if not recs:
         raise ValueError(f"chvtt: no usable line in {annotations} (see above); expected JSON lines with docid, title, "
                          f"tag, title_eng, tag_eng, duration")
-    summary = _finish_conversion("chvtt", out, {split: recs}, frames, counter)
-    summary["bad_lines"] = bad
-    return summary
+    return _finish_conversion("chvtt", out, {split: recs}, frames, counter)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1264,7 +670,6 @@ def _frames(videos, out, **kw):
 
 
 def _synthetic(out, **kw):
-    import synthetic  # here, not at the top: synthetic.py imports FrameDB from this file
     synthetic.prepare_synthetic(out, **kw)
 
 
@@ -1295,9 +700,6 @@ COMMANDS = {
     "vatex": ("VATEX annotations -> train, val, test with English and Chinese captions", convert_vatex, {
         "annotations": (None, "vatex_data.json, or the official training and validation json, comma-separated"),
         "splits_dir": (None, "folder with train_list.txt, val_list.txt, test_list.txt"),
-        "train_list": (None, "train id list (default: in --splits_dir)"),
-        "val_list": (None, "val id list (default: in --splits_dir)"),
-        "test_list": (None, "test id list (default: in --splits_dir)"),
         "out": ("data/vatex", "folder for the .jsonl files"),
         "frames": (None, "frame LMDB to check for missing videos (default: <out>/frames.lmdb when it exists)"),
     }),
@@ -1331,8 +733,7 @@ def _usage() -> str:
 
 
 def _quote_paths(args: list, defaults: dict) -> list:
-    # configure reads values with ast.literal_eval; quoting a path option's value (default None) keeps it the text
-    # that was typed, so --ids=2024 names the file 2024 and not the int
+    # configure reads values as Python literals: quoted, a path (default None) stays as typed (--ids=2024 a file)
     out = []
     for a in args:
         key, eq, text = a[2:].partition("=")

@@ -30,7 +30,6 @@ import traceback
 import unicodedata
 import urllib.parse
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from html import escape
 
 import numpy as np
@@ -38,8 +37,10 @@ import torch
 
 import configurator
 import eval as hmmc_eval
+import framestore
 import prepare
 from common import run_script, set_cpu_threads
+from tokenizer import BertTokenizer
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
@@ -83,23 +84,16 @@ INDEX_VERSION = 2  # bump when the layout of index_<key>.pt changes: older files
 
 
 def _list_videos(source: str, skip: str = "") -> dict:
-    """{video id: path} of the video files under `source` (recursive; hidden names, *.lmdb folders and `skip`
-    left out). The id is the path relative to `source` without its extension, so `bikes.MP4` and `sub/bikes.mp4`
-    are `bikes` and `sub/bikes`; files that share a stem in one folder keep their extension (`a.mp4`, `a.mkv`)."""
-    files = []
-    for root, dirs, names in os.walk(source):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".lmdb")
-                         and os.path.realpath(os.path.join(root, d)) != skip)
-        files += [os.path.relpath(os.path.join(root, n), source).replace(os.sep, "/") for n in sorted(names)
-                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in prepare.VIDEO_EXTENSIONS]
+    """{video id: path} of the videos under `source`, the id the path without its extension (`sub/bikes`), or with
+    it where files share a stem (`a.mp4`, `a.mkv`)."""
+    files = [f for f in framestore.walk_files(source, skip) if framestore.is_video(f)]
     stems = Counter(os.path.splitext(f)[0] for f in files)
     return {(os.path.splitext(f)[0] if stems[os.path.splitext(f)[0]] == 1 else f): os.path.join(source, f)
             for f in files}
 
 
 def _file_sha1(path: str, chunk: int = 1 << 20) -> str:
-    """sha1 of a file's size, first and last MiB: a few reads whatever the size, and it tells a replaced video
-    from a copy of the same file (a touch or a copy-back does not force a re-extraction)."""
+    """sha1 of a file's size, first and last MiB: cheap at any size, and a touched or copied-back file keeps it."""
     h = hashlib.sha1(str(os.path.getsize(path)).encode())
     with open(path, "rb") as f:
         h.update(f.read(chunk))
@@ -113,42 +107,15 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
-def _extract_video(job):
-    """Worker: (id, path, frames, size, folder) -> (id, JPEG frames or None, error or None, duration in s or None).
-    An error names the file by its path under the folder: ffmpeg's text carries the absolute one."""
-    vid, path, num_frames, frame_size, source = job
-    try:  # the duration turns stored frame positions into times in the report
-        duration = prepare.probe_video(path)["duration"]
-    except Exception:
-        duration = None
-    _, frames, err = prepare._extract_job((vid, path, num_frames, frame_size, 90))
-    if err:
-        err = err.replace(os.path.abspath(path), os.path.relpath(path, source)).replace(path, os.path.relpath(
-            path, source))
-    return vid, frames, err, duration
-
-
-def _delete_frames(db, ids) -> None:
-    # FrameDB has no delete: the frames of removed or now-broken files go straight through its LMDB environment
-    with db.env.begin(write=True) as txn:
-        for vid in ids:
-            for i in range(db.num_frames):
-                txn.delete(f"{vid}_{i}".encode())
-
-
-# a link inside the folder to a file outside it is neither indexed nor served: whoever may open the page sees only
-# what lies in the folder, and a link elsewhere is reported among the skipped files instead of half-working
+# whoever may open the page sees only what lies in the folder: a link out of it is skipped, not half-working
 LINK_OUT = "a link to a file outside the folder: not indexed (copy or move the file into the folder)"
 
 
 def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int, workers: int,
                        retry_failed: bool, progress=None) -> dict:
-    """Bring cache_dir/frames_<T>x<size>.lmdb in line with the video files under `source`: extract new and changed
-    files (size or mtime differ and so does the content hash), drop removed ones, retry failed ones that changed
-    (all failed ones with retry_failed). The manifest next to the LMDB records each file's size, mtime, hash,
-    duration and error. Files are decoded `workers` at a time, each by its own ffmpeg process (threads here: no
-    fork). progress(text), when given, hears of each video done. Returns {"lmdb", "ids", "skipped", "paths",
-    "stamps", "durations", "stored_frames", "extracted"}."""
+    """Bring cache_dir/frames_<T>x<size>.lmdb in line with the videos under `source` (new files, changed content,
+    removed ones, failures with retry_failed), keeping each file's size, mtime, hash, duration and error in a
+    manifest beside it. Returns what _read_prepared does."""
     videos = _list_videos(source, skip=os.path.realpath(cache_dir))
     if not videos:
         raise ValueError(f"--videos={source}: neither video files nor a frames.lmdb in this folder; nothing to index")
@@ -162,7 +129,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
     if os.path.exists(manifest_path) and os.path.exists(lmdb_path):  # without the LMDB every file is new
         with open(manifest_path, encoding="utf-8") as f:
             old = json.load(f)
-    files, todo = {}, []
+    files, todo = {}, {}
     for vid, path in videos.items():
         st = os.stat(path)
         prev = old.get(vid)
@@ -175,39 +142,26 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
         entry["path"] = os.path.relpath(path, source)
         files[vid] = entry
         if "error" not in entry or (entry["error"] and retry_failed):
-            todo.append(vid)
+            todo[vid] = path
     removed = [vid for vid in old if vid not in files]
-
-    extracted = []
     if todo or removed:
-        with prepare.FrameDB(lmdb_path, readonly=False, num_frames=frames_per_video, frame_size=frame_size) as db:
-            _delete_frames(db, removed)
+        with framestore.FrameDB(lmdb_path, readonly=False, num_frames=frames_per_video, frame_size=frame_size) as db:
+            db.delete(removed)
             if todo:
                 try:
-                    prepare._check_ffmpeg()
+                    framestore.check_ffmpeg()
                 except RuntimeError as e:  # a missing tool is bad input too: one line, not a traceback
                     raise FileNotFoundError(str(e)) from None
                 print(f"extracting {frames_per_video} frames from each of {len(todo)} new or changed videos "
                       f"(of {len(videos)}) into {lmdb_path}", flush=True)
-            jobs = [(vid, videos[vid], frames_per_video, frame_size, source) for vid in todo]
-            pool = ThreadPoolExecutor(max(1, workers))
-            try:
-                results = pool.map(_extract_video, jobs)
-                t0 = last = time.time()
-                for n, (vid, frames, err, duration) in enumerate(results, 1):  # this thread is the only writer
-                    files[vid].update(error=err, duration=duration)
-                    if err is None:
-                        db.put_video(vid, frames)
-                        extracted.append(vid)
-                    else:
-                        _delete_frames(db, [vid])  # a file that broke must not keep serving its old frames
-                    if progress:
-                        progress(f"extracting frames: {n} of {len(jobs)} new or changed videos")
-                    if time.time() - last >= 10:
-                        last = time.time()
-                        print(f"extracting: {n}/{len(jobs)} videos, {n / (last - t0):.2g}/s", flush=True)
-            finally:
-                pool.shutdown(cancel_futures=True)
+            shown = (lambda n, total: progress(f"extracting frames: {n} of {total} new or changed videos")) \
+                if progress else None
+            for vid, (err, duration) in framestore.extract_into(db, todo, workers=workers, progress_every=10,
+                                                                 on_video=shown).items():
+                if err:  # name the file by its path under the folder: ffmpeg's text carries the absolute one
+                    rel = os.path.relpath(todo[vid], source)
+                    err = err.replace(os.path.abspath(todo[vid]), rel).replace(todo[vid], rel)
+                files[vid].update(error=err, duration=duration)
     if files != old:  # also when files were only touched: their new mtimes spare the hashing next time
         tmp = manifest_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -215,25 +169,24 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
         os.replace(tmp, manifest_path)  # written after the frames: a killed run redoes its videos, nothing worse
     skipped = {vid: e["error"] for vid, e in files.items() if e.get("error")}
     ids = [v for v in files if v not in skipped]
-    skipped.update(outside)
-    return {"lmdb": lmdb_path, "ids": ids, "skipped": skipped, "paths": videos,
+    return {"lmdb": lmdb_path, "ids": ids, "skipped": {**skipped, **outside}, "paths": videos,
             "stamps": {v: e["sha1"] for v, e in files.items()},
             "durations": {v: e.get("duration") for v, e in files.items()}, "stored_frames": frames_per_video,
-            "extracted": extracted, "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
+            "extracted": [v for v in todo if v not in skipped],
+            "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
 
 
 def _read_prepared(source: str) -> dict:
-    """A prepared dataset folder, read in place: the videos of all its splits (a video in several is indexed once),
-    in the same dict as _sync_video_folder. Its videos are re-encoded together when frames.lmdb changes."""
+    """A prepared dataset folder read in place: the videos of all its splits once each, all re-encoded when
+    frames.lmdb changes."""
     lmdb_path = os.path.join(source, "frames.lmdb")
     ids, durations = [], {}
     for name in sorted(os.listdir(source)):
         if name.endswith(".jsonl"):
-            with open(os.path.join(source, name), encoding="utf-8") as f:
-                for obj in map(json.loads, filter(str.strip, f)):
-                    ids.append(str(obj["video_id"]))
-                    durations[ids[-1]] = obj.get("duration")
-    with prepare.FrameDB(lmdb_path) as db:
+            for obj in prepare._read_jsonl(os.path.join(source, name)):
+                ids.append(str(obj["video_id"]))
+                durations[ids[-1]] = obj.get("duration")
+    with framestore.FrameDB(lmdb_path) as db:
         ids = list(dict.fromkeys(ids or db.video_ids()))  # frames without annotations: whatever the LMDB holds
         skipped = {v: r for v, r in db.failed.items() if v in set(ids)}
         skipped.update({v: "no frames in the LMDB" for v in ids if v not in skipped and not db.has_video(v)})
@@ -249,13 +202,10 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                 batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
                 frames_per_video: int = 30, extract_workers: int = 4, retry_failed: bool = False,
                 progress=None) -> dict:
-    """Video and frame embeddings of every video under `source` (a folder of video files, or a prepared dataset
-    folder), cached in `cache_dir` per model and settings. Only new and changed videos are extracted and encoded;
-    removed ones are dropped. Returns {"video_ids", "video_emb" [V,E], "frame_emb" [V,T,E], "frame_indices" [T]
-    (which stored frames were encoded), "stored_frames", "durations" [V] (seconds or None), "lmdb" (where the frames
-    live), "skipped" {video: reason}, "key", "extracted" and "encoded" (the ids this call extracted / encoded),
-    "paths" {video: its file} (empty for a prepared dataset folder: frames only), "path" (the index file)}.
-    progress(text), when given, hears how far it got (the page shows it during a rescan)."""
+    """Video [V,E] and frame [V,T,E] embeddings of the videos under `source` (video files or a prepared dataset),
+    cached in `cache_dir` per model and settings: only new and changed videos are extracted and encoded. Also
+    returns "frame_indices", "durations", "lmdb", "skipped", "extracted", "encoded", "paths" (files; none for a
+    prepared dataset) and "path" (the index file); progress(text) hears how far it got."""
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
                                 f"dataset folder with frames.lmdb)")
@@ -389,7 +339,7 @@ def query_warnings(text: str, tokenizer, context_length: int, vocabulary: set | 
         out.append(f"query {_quote(text)} is {n} tokens long; the model reads {context_length} per caption, so only "
                    f"the first {kept} were kept")
     scripts = {s for s in map(_script, text) if s}
-    if isinstance(tokenizer, prepare.BertTokenizer):
+    if isinstance(tokenizer, BertTokenizer):
         if "latin" in scripts and "cjk" not in scripts:
             out.append(f"query {_quote(text)} is in Latin script but the text encoder (Chinese BERT) was trained on "
                        f"Chinese captions; its scores will look confident and mean little. Write it in Chinese")
@@ -506,7 +456,7 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
     stored = index.get("stored_frames")
     durations = dict(zip(index["video_ids"], index.get("durations") or []))
     parts = page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
-    with prepare.FrameDB(index["lmdb"]) as db:
+    with framestore.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
             parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
                          f"<p class=\"meta\">outlined: the top-{len(hits[0]['top_frames']) if hits else 0} frames "

@@ -1,36 +1,26 @@
 """
-The synthetic dataset: the data of train.py's default run (made on demand) and a learning test of the whole
-pipeline, small enough for a CPU. Writes <out_dir>/{frames.lmdb, train.jsonl, val.jsonl, test.jsonl, vocab.txt}.
+The synthetic dataset: train.py's default data (made on demand) and a CPU-sized learning test of the pipeline.
+$ python prepare.py synthetic --out=data/synthetic --seed=0   # frames.lmdb, {train,val,test}.jsonl, vocab.txt
 
-$ python prepare.py synthetic --out=data/synthetic --seed=0
+Coloured shapes on a dark background: one object moves straight or turns half-way ("a red circle moves left, then
+up"), or two objects follow each other ("a red circle moves left, then a blue square moves up"), captioned in
+English and Chinese ("红色圆形向左移动，然后向上移动").
 
-Each video shows coloured shapes on a dark background. Usually one object moves across the clip, either straight
-(left, right, up or down) or turning half-way ("moves left, then up"); in some videos a second object follows: the
-first one moves during the first half and leaves, then the second appears and moves. Captions say colour, shape,
-direction and order, in English ("a red circle moves left, then up"; "a red circle moves left, then a blue square
-moves up") and Chinese ("红色圆形向左移动，然后向上移动"; "红色圆形向左移动，然后蓝色方块向上移动").
-
-Why this needs temporal modelling: positions are drawn so that a video and its time reverse are equally likely;
-any function of the *set* of frames (mean pooling, top-k frame matching) therefore sees the same thing for "moves
-left" and "moves right", for "left, then up" and "down, then right", and for "A then B" and "B then A". The test
-split is built from complete confusion groups (every caption next to its time-reversed twins), so a frame-level
-model is held near 1/group-size on them while a model that reads frame order can solve them all.
-
-With --titles=True (the built-in synthetic_pretrain set, for pre-training) each video gets a title and tags that say
-less than its caption, as CHVTT's titles and tags do (see "Pre-training text" below).
+Why this needs temporal modelling: a video and its time reverse are equally likely, so any function of the *set* of
+frames (mean pooling, top-k frame matching) cannot tell "left" from "right" or "A then B" from "B then A". The test
+split holds whole confusion groups (each caption with its time-reversed twins): a frame-level model stays near
+1/group-size there, one that reads frame order can solve them all. --titles=True: pre-training text (below).
 """
-import io
 import json
 import os
 import shutil
 import subprocess
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
-
-from prepare import FrameDB  # prepare.py imports this file only inside its `synthetic` command
+from framestore import FrameDB, encode_jpeg
 
 
 _SYN_COLOURS = {  # name: (RGB, Chinese)
@@ -48,35 +38,28 @@ _SYN_DIRECTIONS = {  # name: (unit step in image coordinates (x right, y down), 
     "down": ((0, 1), "向下"),
 }
 _SYN_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+_SYN_OBJECTS = [(c, s) for c in _SYN_COLOURS for s in _SYN_SHAPES]
+_ZH = {**{k: zh for k, (_, zh) in {**_SYN_COLOURS, **_SYN_DIRECTIONS}.items()}, **_SYN_SHAPES}  # every word's Chinese
 _SYN_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # motions of one object: straight, or a turn half-way (never straight on or straight back)
 _SYN_MOTIONS = [(d,) for d in _SYN_DIRECTIONS] + [(a, b) for a in _SYN_DIRECTIONS for b in _SYN_DIRECTIONS
                                                    if a != b and b != _SYN_OPPOSITE[a]]
 
 
-def _syn_objects():
-    return [(c, s) for c in _SYN_COLOURS for s in _SYN_SHAPES]
-
-
-def _syn_reverse(motion: tuple) -> tuple:
-    # the time-reversed motion: the same path walked backwards
+def _syn_reverse(motion: tuple) -> tuple:  # the same path walked backwards
     return tuple(_SYN_OPPOSITE[d] for d in reversed(motion))
 
 
-def _syn_caption_en(events) -> str:
-    # events: [(colour, shape, motion)], motion a tuple of one or two directions
-    parts = [f"a {c} {s} moves " + ", then ".join(m) for c, s, m in events]
-    return ", then ".join(parts)
+def _syn_caption_en(events) -> str:  # events: [(colour, shape, motion)], motion: one or two directions
+    return ", then ".join(f"a {c} {s} moves " + ", then ".join(m) for c, s, m in events)
 
 
 def _syn_caption_zh(events) -> str:
-    parts = [f"{_SYN_COLOURS[c][1]}{_SYN_SHAPES[s]}" + "，然后".join(f"{_SYN_DIRECTIONS[d][1]}移动" for d in m)
-             for c, s, m in events]
-    return "，然后".join(parts)
+    return "，然后".join(_ZH[c] + _ZH[s] + "，然后".join(_ZH[d] + "移动" for d in m) for c, s, m in events)
 
 
 def _syn_coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-    """Boolean inside-the-shape test at offsets (dx, dy) from the centre (y grows downwards)."""
+    """Inside the shape at offsets (dx, dy) from its centre (y down)?"""
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
     if shape == "square":
@@ -124,27 +107,24 @@ def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) ->
 
 
 def _syn_random_events(rng: np.random.Generator, p_two: float):
-    objects = _syn_objects()
     straight = [m for m in _SYN_MOTIONS if len(m) == 1]
     if rng.random() < p_two:  # two objects one after the other, each moving straight
-        i, j = rng.choice(len(objects), size=2, replace=False)
-        return [(*objects[i], straight[rng.integers(4)]), (*objects[j], straight[rng.integers(4)])]
-    c, s = objects[rng.integers(len(objects))]
+        i, j = rng.choice(len(_SYN_OBJECTS), size=2, replace=False)
+        return [(*_SYN_OBJECTS[i], straight[rng.integers(4)]), (*_SYN_OBJECTS[j], straight[rng.integers(4)])]
+    c, s = _SYN_OBJECTS[rng.integers(len(_SYN_OBJECTS))]
     return [(c, s, _SYN_MOTIONS[rng.integers(len(_SYN_MOTIONS))])]
 
 
 def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double: int):
-    """Caption event lists made of whole confusion groups, every caption once: one object's motion next to its time
-    reverse (groups of 2); for two objects the 8 variants (2 orders x 2 x 2 directions). `num_single` groups are
-    drawn from the 15 objects x 6 reverse pairs, `num_double` groups from pairs of objects and axes."""
-    objects = _syn_objects()
+    """Event lists of whole confusion groups: `num_single` of one object's motion and its reverse (2 videos),
+    `num_double` of two objects in both orders and both directions of their axes (8 videos)."""
     pairs, seen = [], set()
     for m in _SYN_MOTIONS:
         key = min(m, _syn_reverse(m))
         if key not in seen:
             seen.add(key)
             pairs.append((key, _syn_reverse(key)))
-    singles = [(o, p) for o in objects for p in pairs]
+    singles = [(o, p) for o in _SYN_OBJECTS for p in pairs]
     order = rng.permutation(len(singles))[:num_single]
     out = []
     for i in order:
@@ -152,8 +132,8 @@ def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double:
         out += [[(c, s, m)], [(c, s, m_rev)]]
     seen = set()
     while len(seen) < num_double:
-        i, j = rng.choice(len(objects), size=2, replace=False)
-        a, b = objects[min(i, j)], objects[max(i, j)]
+        i, j = rng.choice(len(_SYN_OBJECTS), size=2, replace=False)
+        a, b = _SYN_OBJECTS[min(i, j)], _SYN_OBJECTS[max(i, j)]
         axes = (("left", "up")[rng.integers(2)], ("left", "up")[rng.integers(2)])
         if (a, b, axes) in seen:
             continue
@@ -163,17 +143,6 @@ def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double:
                 out.append([(*a, (da,)), (*b, (db,))])
                 out.append([(*b, (db,)), (*a, (da,))])
     return out
-
-
-def _syn_vocab() -> list[str]:
-    chars = set("，然后移动")
-    for _, zh in _SYN_COLOURS.values():
-        chars.update(zh)
-    for zh in _SYN_SHAPES.values():
-        chars.update(zh)
-    for _, zh in _SYN_DIRECTIONS.values():
-        chars.update(zh)
-    return _SYN_SPECIALS + sorted(chars)
 
 
 def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
@@ -186,16 +155,11 @@ def _syn_write_mp4(path: str, frames: list[np.ndarray], fps: int = 8):
         raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace').strip()}")
 
 
-# Pre-training text (titles=True), CHVTT's part: a video's title and tags say less than its caption, so that
-# pre-training on them is a question of transfer, not of more labels of the fine-tuning task. A title names the
-# objects and at most how the video starts: one object that turns gets its first direction and a "then" that says
-# more happens ("a red circle moves left, then"); one that moves straight gets its object alone (its one direction
-# would make the title the whole caption); two objects get their names in random order, neither direction nor
-# order. Tags are loose nouns: the colour and shape words, shuffled, each dropped with probability 1/4 (one at least
-# kept). No title or tag ever names a straight motion's direction, a turn's second direction, or which of two
-# objects comes first: those the fine-tuning captions alone teach. Titles phrase what they say as the captions do,
-# but never equal a caption (a title without its second direction ends in "then"; a title without direction has
-# no "moves"); the characters are the captions' own, so both sets share vocab.txt and the tokenizer's ids.
+# Pre-training text (titles=True), as CHVTT's titles and tags: less than the caption, so pre-training is transfer,
+# not more labels. A title names the objects and at most a turn's first direction ("a red circle moves left, then");
+# two objects come in random order. Tags: the colour and shape words, shuffled, each dropped with probability 1/4.
+# Neither ever says a straight motion's direction, a turn's second one or which object comes first, and no title
+# equals a caption; the characters are the captions' own, so both share vocab.txt.
 _TITLE_AND = {"en": " and ", "zh": "，"}
 _TITLE_THEN = {"en": ", then", "zh": "，然后"}
 
@@ -205,38 +169,25 @@ def _syn_title(events, order: list[int], lang: str) -> str:
         c, s, motion = events[0]
         first = [(c, s, motion[:1])]
         return (_syn_caption_en(first) if lang == "en" else _syn_caption_zh(first)) + _TITLE_THEN[lang]
-    names = [f"a {c} {s}" if lang == "en" else _SYN_COLOURS[c][1] + _SYN_SHAPES[s] for c, s, _ in events]
+    names = [f"a {c} {s}" if lang == "en" else _ZH[c] + _ZH[s] for c, s, _ in events]
     return _TITLE_AND[lang].join(names[i] for i in order)
 
 
-def _syn_words(events, lang: str) -> list[str]:
-    """The colour and shape words of every object, in caption order."""
-    if lang == "en":
-        return [w for c, s, _ in events for w in (c, s)]
-    return [w for c, s, _ in events for w in (_SYN_COLOURS[c][1], _SYN_SHAPES[s])]
-
-
 def _syn_pretrain_text(events, rng: np.random.Generator) -> dict:
-    """The weak text of one video (both languages say the same): captions/captions_zh hold its title,
-    tags/tags_zh its loose tags."""
+    """One video's title (captions, captions_zh) and loose tags (tags, tags_zh)."""
     order = [int(i) for i in rng.permutation(len(events))]
-    words = len(events) * 2
-    keep = rng.random(words) >= 0.25
+    words = [w for c, s, _ in events for w in (c, s)]
+    keep = rng.random(len(words)) >= 0.25
     if not keep.any():
-        keep[rng.integers(words)] = True
-    shuffle = rng.permutation(words)
-    out = {}
-    for lang, suffix in (("en", ""), ("zh", "_zh")):
-        w = _syn_words(events, lang)
-        out["captions" + suffix] = [_syn_title(events, order, lang)]
-        out["tags" + suffix] = [w[i] for i in shuffle if keep[i]]
-    return out
+        keep[rng.integers(len(words))] = True
+    tags = [words[i] for i in rng.permutation(len(words)) if keep[i]]
+    return {"captions": [_syn_title(events, order, "en")], "tags": tags,
+            "captions_zh": [_syn_title(events, order, "zh")], "tags_zh": [_ZH[w] for w in tags]}
 
 
 def captions_of_test_split(seed: int = 0, test_single: int = 90, test_double: int = 3,
                            field: str = "captions_zh", **_) -> list[str]:
-    """The test split's captions of prepare_synthetic(seed=..., test_single=..., test_double=...) (other arguments
-    do not change them: the test groups are the generator's first draws), without writing any video."""
+    """The test captions prepare_synthetic(seed, test_single, test_double) writes (its first draws), without videos."""
     events = _syn_confusion_groups(np.random.default_rng(seed), test_single, test_double)
     write = {"captions": _syn_caption_en, "captions_zh": _syn_caption_zh}[field]
     return [write(e) for e in events]
@@ -249,13 +200,9 @@ def overlap(titles, captions) -> int:
 
 
 def queue_copies(titles: list[str], queue_size: int) -> float:
-    """The mean number of copies of a training video's own title among `queue_size` negatives drawn at random
-    from the other videos: false negatives that the queue contrastive losses push away from the video."""
+    """Mean copies of a video's own title among `queue_size` random others: the queue's false negatives."""
     n = len(titles)
-    counts = {}
-    for t in titles:
-        counts[t] = counts.get(t, 0) + 1
-    return queue_size * sum(k * (k - 1) for k in counts.values()) / (n * (n - 1))
+    return queue_size * sum(k * (k - 1) for k in Counter(titles).values()) / (n * (n - 1))
 
 
 def title_report(records: list[dict], queue_size: int = 1024) -> str:
@@ -273,16 +220,13 @@ def title_report(records: list[dict], queue_size: int = 1024) -> str:
 
 # the built-in datasets, made by train.py on first use: data/<name> <- prepare_synthetic(**arguments)
 BUILT_IN = {
-    "synthetic": {},  # the default run's
-    # for the pre-training recipe: other videos (another seed), twice as many, with titles and tags in place of
-    # the captions (above)
-    "synthetic_pretrain": dict(seed=1, num_train=12000, titles=True),
+    "synthetic": {},
+    "synthetic_pretrain": dict(seed=1, num_train=12000, titles=True),  # other videos, twice as many, titles
 }
 
 
 def stale(name: str, folder: str) -> str | None:
-    """Why the built-in set `name` in `folder` is not what prepare_synthetic(**BUILT_IN[name]) writes now, or None:
-    a pre-training set written before titles existed holds full captions where the titles belong."""
+    """Why the built-in set `name` in `folder` is outdated (a pre-training set from before titles), or None."""
     path = os.path.join(folder, "train.jsonl")
     if not BUILT_IN.get(name, {}).get("titles") or not os.path.exists(path):
         return None
@@ -298,12 +242,9 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
                       num_frames: int = 8, frame_size: int = 32, num_train: int = 6000, p_two: float = 0.15,
                       test_single: int = 90, test_double: int = 3, val_single: int = 40, val_double: int = 1,
                       titles: bool = False, verbose: bool = True) -> str:
-    """Write the synthetic dataset to `out_dir` (frames.lmdb, train/val/test.jsonl with `captions` (English) and
-    `captions_zh`, vocab.txt for the Chinese side); with `videos` also one .mp4 per video there. Deterministic in
-    `seed`. The test split has 2*test_single + 8*test_double videos (default 204), all captions unique;
-    val 2*val_single + 8*val_double (88). With `titles`, pre-training text instead (above): captions/captions_zh
-    hold titles, tags/tags_zh loose tags, and the full captions and tags move to captions_full/captions_full_zh and
-    tags_full/tags_full_zh; the videos are the same as without."""
+    """Write the dataset to `out_dir` (and one .mp4 per video to `videos`), deterministic in `seed`: test has
+    2*test_single + 8*test_double videos, val likewise. With `titles` the same videos get the pre-training text,
+    the full captions and tags moving to *_full fields."""
     if num_frames % 2:
         raise ValueError(f"num_frames must be even (two-event videos split the clip in halves), got {num_frames}")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "frames.lmdb")):
@@ -331,32 +272,25 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
     # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
     mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
-    made = {}  # split -> its records, with titles (for the report below)
+    titled = []  # the training records with titles, for the report below
     for split, event_lists in splits.items():
         with open(os.path.join(tmp_dir, f"{split}.jsonl"), "w") as f:
             for i, events in enumerate(event_lists):
                 vid = f"{split}{i:05d}"
                 frames = _syn_render(events, rng, num_frames, frame_size)
-                encoded = []
-                for frame in frames:
-                    buf = io.BytesIO()
-                    Image.fromarray(frame).save(buf, format="JPEG", quality=95)
-                    encoded.append(buf.getvalue())
-                db.put_video(vid, encoded)
+                db.put_video(vid, [encode_jpeg(frame, 95) for frame in frames])
                 if videos:
                     mp4_jobs.append(mp4_pool.submit(_syn_write_mp4, os.path.join(mp4_dir, f"{vid}.mp4"), frames))
+                tags = [w for c, s, m in events for w in (c, s, *m)]  # the objects' words, in caption order
                 record = {"video_id": vid, "captions": [_syn_caption_en(events)],
-                          "captions_zh": [_syn_caption_zh(events)],
-                          # tags (for pre-training recipes): the words of the objects, in caption order
-                          "tags": [w for c, s, m in events for w in (c, s, *m)],
-                          "tags_zh": [w for c, s, m in events for w in
-                                      (_SYN_COLOURS[c][1], _SYN_SHAPES[s], *(_SYN_DIRECTIONS[d][1] for d in m))],
+                          "captions_zh": [_syn_caption_zh(events)], "tags": tags, "tags_zh": [_ZH[w] for w in tags],
                           "duration": num_frames / 8.0}
                 if titles:  # the full text moves to *_full fields, the weak text takes its place
                     full = {f"{k}_full{lang}": record[k + lang] for k in ("captions", "tags") for lang in ("", "_zh")}
                     record = {"video_id": vid, **_syn_pretrain_text(events, text_rng), **full,
                               "duration": record["duration"]}
-                    made[split] = made.get(split, []) + [record]
+                    if split == "train":
+                        titled.append(record)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     db.close()
     t0 = time.time()
@@ -368,7 +302,7 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     if mp4_pool:
         mp4_pool.shutdown()
     with open(os.path.join(tmp_dir, "vocab.txt"), "w") as f:
-        f.write("\n".join(_syn_vocab()) + "\n")
+        f.write("\n".join(_SYN_SPECIALS + sorted(set("，然后移动" + "".join(_ZH.values())))) + "\n")
     # swap in the finished folder at the end, so an interrupted run never leaves a dataset that looks complete
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
@@ -377,5 +311,5 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
         print(f"wrote synthetic dataset to {out_dir}: {counts} videos, {num_frames} frames of {frame_size} px",
               flush=True)
         if titles:
-            print(title_report(made["train"]), flush=True)
+            print(title_report(titled), flush=True)
     return out_dir

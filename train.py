@@ -35,6 +35,7 @@ import runs
 import synthetic
 from common import autocast, cleanup_compute, init_compute, is_master, peak_flops, print0, run_script, set_cpu_threads
 from configurator import configure, describe
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults: the embedded synthetic run; every recipe in config/ overrides some of these
@@ -258,7 +259,7 @@ def load_data(master: bool, ddp: bool):
     check_data(edir, [eval_split, TEST_SPLIT], eval_dataset or dataset)
     if text_encoder == "bert" and not bert_vocab:  # saved with the checkpoint, so eval.py finds the same tokenizer
         bert_vocab = os.path.join(bert_path, "vocab.txt") if bert_path else os.path.join(ddir, "vocab.txt")
-    tokenizer = prepare.get_tokenizer(text_encoder, bert_vocab)
+    tokenizer = get_tokenizer(text_encoder, bert_vocab)
     train_set = prepare.VideoTextDataset(
         ddir, TRAIN_SPLIT, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
         context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,

@@ -11,7 +11,9 @@ import torch
 
 import eval as ev
 import model as hmmc_model
+import framestore
 import prepare
+from tokenizer import get_tokenizer
 
 
 # ----------------------------------------------------------------------------- brute-force reference
@@ -268,8 +270,8 @@ def _jpeg(frame):
 def make_dataset(root, captions_per_video=1, colours=tuple(COLOURS)):
     """A prepared dataset folder (frames.lmdb + test.jsonl) through DATA's public writer."""
     os.makedirs(root, exist_ok=True)
-    with prepare.FrameDB(os.path.join(root, "frames.lmdb"), readonly=False, num_frames=T_STORED,
-                         frame_size=S) as db:
+    with framestore.FrameDB(os.path.join(root, "frames.lmdb"), readonly=False, num_frames=T_STORED,
+                            frame_size=S) as db:
         for i, c in enumerate(colours):
             db.put_video(f"vid_{c}", [_jpeg(f) for f in _frames(c, seed=i)])
     with open(os.path.join(root, "test.jsonl"), "w") as f:
@@ -281,7 +283,7 @@ def make_dataset(root, captions_per_video=1, colours=tuple(COLOURS)):
 
 @functools.lru_cache(maxsize=None)
 def _tok():
-    return prepare.get_tokenizer("clip")  # building the BPE tables takes a moment: once per test session
+    return get_tokenizer("clip")  # building the BPE tables takes a moment: once per test session
 
 
 def tiny_config():

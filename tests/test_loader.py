@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+import framestore
 import prepare
 import train
 from conftest import log
 from synthetic import prepare_synthetic
+from tokenizer import get_tokenizer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -38,7 +40,7 @@ def textured(tmp_path_factory):
     """8 videos of 12 JPEG frames at 48x64 (a 4:3 source stored at short side 48)."""
     root = tmp_path_factory.mktemp("textured")
     rng = np.random.default_rng(0)
-    with prepare.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=12, frame_size=48) as db:
+    with framestore.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=12, frame_size=48) as db:
         for v in range(8):
             db.put_video(f"v{v}", [_jpeg(_textured(rng, 48, 64)) for _ in range(12)])
     with open(root / "train.jsonl", "w") as f:
@@ -94,7 +96,7 @@ def test_device_augmentation_steps_one_by_one():
 def test_batches_are_written_into_one_tensor(textured):
     kw = dict(mode="train", num_frames=4, image_size=32, frame_sample="random", augment="frame", seed=1,
               device_augment=True)
-    ds = prepare.VideoTextDataset(textured, "train", prepare.get_tokenizer("clip"), **kw)
+    ds = prepare.VideoTextDataset(textured, "train", get_tokenizer("clip"), **kw)
     items = ds.__getitems__([3, 0, 7])
     batch = prepare.collate(items)
     assert batch["video"].data_ptr() == items[0]["video"].data_ptr()  # no copy: the tensor the items were written to
@@ -159,20 +161,20 @@ def test_centre_squares_decode_to_the_centre_crop(tmp_path, capsys):
                     str(tmp_path / "wide.mp4")], check=True)
     whole, square = tmp_path / "whole", tmp_path / "square"
     for out, sq in ((whole, False), (square, True)):
-        prepare.extract_frames(str(tmp_path), str(out / "frames.lmdb"), num_frames=4, frame_size=64, workers=1,
-                               square=sq, quality=95, progress_every=1e9)
+        framestore.extract_frames(str(tmp_path), str(out / "frames.lmdb"), num_frames=4, frame_size=64, workers=1,
+                                  square=sq, quality=95, progress_every=1e9)
         (out / "train.jsonl").write_text('{"video_id": "wide", "captions": ["a test pattern"]}\n')
-    with prepare.FrameDB(str(square / "frames.lmdb")) as db:
+    with framestore.FrameDB(str(square / "frames.lmdb")) as db:
         assert db.square and Image.open(io.BytesIO(db.get_frame("wide", 0))).size == (64, 64)
-    with prepare.FrameDB(str(whole / "frames.lmdb")) as db:
+    with framestore.FrameDB(str(whole / "frames.lmdb")) as db:
         assert not db.square and Image.open(io.BytesIO(db.get_frame("wide", 0))).size == (114, 64)
     a, b = (_first_video(d) for d in (whole, square))
     # the same pixels, each through its own JPEG encoding (observed 3.6 levels on average); one pixel off is far worse
     assert (a - b).abs().float().mean() < 5
     assert (a[..., 1:] - b[..., :-1]).abs().float().mean() > 8 and (a[..., :-1] - b[..., 1:]).abs().float().mean() > 8
     with pytest.raises(ValueError, match=r"square.*frames.lmdb|frames.lmdb.*square"):
-        prepare.extract_frames(str(tmp_path), str(whole / "frames.lmdb"), num_frames=4, frame_size=64, workers=1,
-                               square=True, progress_every=1e9)
+        framestore.extract_frames(str(tmp_path), str(whole / "frames.lmdb"), num_frames=4, frame_size=64, workers=1,
+                                  square=True, progress_every=1e9)
     with pytest.raises(ValueError, match="centre squares.*augment='frame'"):
         prepare.VideoTextDataset(str(square), "train", mode="videos", num_frames=4, image_size=64, augment="frame")
     with pytest.raises(SystemExit):

@@ -19,7 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+import framestore
 import prepare
+from tokenizer import get_tokenizer
 from conftest import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,7 @@ needs_ffmpeg = pytest.mark.needs("ffmpeg", "ffprobe")  # skipped without them, f
 
 
 class WordTokenizer:
-    """Stand-in for prepare.get_tokenizer(...): word ids from a growing table, [1] ... [2], zero padding."""
+    """Stand-in for get_tokenizer(...): word ids from a growing table, [1] ... [2], zero padding."""
 
     def __init__(self):
         self.table = {}
@@ -50,7 +52,7 @@ def _jpeg(rgb, quality=90):
 
 def _make_dataset(root, n_videos=6, n_frames=8, size=(48, 36), missing=(), tags=True):
     """A prepared dataset dir: frames.lmdb (frame i of video v is a flat grey 10*i + v) and train.jsonl."""
-    db = prepare.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=n_frames, frame_size=min(size))
+    db = framestore.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=n_frames, frame_size=min(size))
     recs = []
     for v in range(n_videos):
         vid = f"video{v}"
@@ -73,39 +75,39 @@ def _make_dataset(root, n_videos=6, n_frames=8, size=(48, 36), missing=(), tags=
 
 def test_framedb_roundtrip_growth_and_meta(tmp_path):
     path = str(tmp_path / "f.lmdb")
-    db = prepare.FrameDB(path, readonly=False, num_frames=3, frame_size=16, map_size=1 << 20, commit_every=4)
+    db = framestore.FrameDB(path, readonly=False, num_frames=3, frame_size=16, map_size=1 << 20, commit_every=4)
     rng = np.random.default_rng(0)
     blobs = {f"v{k}": [rng.bytes(20_000) for _ in range(3)] for k in range(40)}  # 2.4 MB > the 1 MiB map
     for vid, frames in blobs.items():
         db.put_video(vid, frames)
     db.mark_failed("broken", "no video stream")
     db.close()
-    r = prepare.FrameDB(path)
+    r = framestore.FrameDB(path)
     assert r.meta["num_frames"] == 3 and r.meta["frame_size"] == 16 and r.meta["count"] == 40
-    assert r.meta["version"] == prepare.FRAMEDB_VERSION and r.failed == {"broken": "no video stream"}
+    assert r.meta["version"] == framestore.FRAMEDB_VERSION and r.failed == {"broken": "no video stream"}
     assert r.has_video("v7") and not r.has_video("broken") and r.get_frame("v7", 2) == blobs["v7"][2]
     assert sorted(r.video_ids()) == sorted(blobs)
     with pytest.raises(KeyError, match="v7_5"):
         r.get_frames("v7", [0, 5])
     with pytest.raises(KeyError, match="v7_3 is not in"):
         r.get_frame("v7", 3)
-    r2 = prepare.FrameDB(path)  # a second reader in the same process shares the environment
+    r2 = framestore.FrameDB(path)  # a second reader in the same process shares the environment
     assert r2.get_frame("v1", 0) == blobs["v1"][0]
     r.close(), r2.close()
     # the writer refuses other settings, and a later success clears an earlier failure
     with pytest.raises(ValueError, match="num_frames=3"):
-        prepare.FrameDB(path, readonly=False, num_frames=5, frame_size=16)
-    w = prepare.FrameDB(path, readonly=False, num_frames=3, frame_size=16)
+        framestore.FrameDB(path, readonly=False, num_frames=5, frame_size=16)
+    w = framestore.FrameDB(path, readonly=False, num_frames=3, frame_size=16)
     w.put_video("broken", [b"x", b"y", b"z"])
     w.close()
-    r = prepare.FrameDB(path)
+    r = framestore.FrameDB(path)
     assert r.failed == {} and r.meta["count"] == 41
     r.close()
 
 
 def test_framedb_missing_path_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare.py frames"):
-        prepare.FrameDB(str(tmp_path / "nope.lmdb"))
+        framestore.FrameDB(str(tmp_path / "nope.lmdb"))
 
 
 def test_framedb_reads_original_hmmc_layout(tmp_path):
@@ -116,7 +118,7 @@ def test_framedb_reads_original_hmmc_layout(tmp_path):
             for i in range(5):
                 txn.put(f"{vid}_{i}".encode(), _jpeg(np.full((40, 60, 3), 50, np.uint8)))
     env.close()
-    db = prepare.FrameDB(str(tmp_path / "orig.lmdb"))
+    db = framestore.FrameDB(str(tmp_path / "orig.lmdb"))
     assert db.num_frames == 5 and len(db) == 3 and db.frame_size is None and db.has_video("video2")
     db.close()
 
@@ -238,7 +240,7 @@ def test_augmentation_ranges_shapes_and_clip_consistency(tmp_path):
     root = tmp_path
     rng = np.random.default_rng(0)
     img = _jpeg((rng.random((40, 56, 3)) * 255).astype(np.uint8), 95)
-    db = prepare.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=6, frame_size=40)
+    db = framestore.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=6, frame_size=40)
     db.put_video("v", [img] * 6)
     db.close()
     (root / "train.jsonl").write_text('{"video_id": "v", "captions": ["x"]}\n')
@@ -337,14 +339,14 @@ def _grey_levels(frames):
 @needs_ffmpeg
 def test_extract_frames_all_formats_failures_and_resume(video_dir, tmp_path, capsys):
     out = str(tmp_path / "frames.lmdb")
-    r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=2, progress_every=0)
+    r = framestore.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=2, progress_every=0)
     log = capsys.readouterr().out
     assert set(r["failed"]) == set(BAD), r["failed"]
     reasons = r["failed"]
     for vid, why in BAD.items():
         assert why in r["failed"][vid], (vid, r["failed"][vid])
     assert r["done"] == len(GOOD) and "videos/s" in log and "3 videos failed" in log
-    db = prepare.FrameDB(out)
+    db = framestore.FrameDB(out)
     assert db.num_frames == 6 and db.frame_size == 32 and len(db) == len(GOOD) and set(db.failed) == set(BAD)
     for vid in GOOD:
         sizes = {Image.open(io.BytesIO(db.get_frame(vid, i))).size for i in range(6)}
@@ -353,23 +355,23 @@ def test_extract_frames_all_formats_failures_and_resume(video_dir, tmp_path, cap
     # frame k of both videos is grey 8*k)
     for vid in ("grey", "vfr"):
         pts = _frame_pts(video_dir / f"{vid}.mp4")
-        duration = prepare.probe_video(str(video_dir / f"{vid}.mp4"))["duration"]
+        duration = framestore.probe_video(str(video_dir / f"{vid}.mp4"))["duration"]
         want = [max(k for k, p in enumerate(pts) if p <= (i + 0.5) * duration / 6 + 1e-6) for i in range(6)]
         assert _grey_levels(db.get_frames(vid, range(6))) == want, vid
     assert len(set(db.get_frames("one", range(6)))) == 1  # a 1-frame video repeats its frame
     db.close()
 
     # rerun: nothing to do; failed ones are retried only when asked
-    r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1)
+    r = framestore.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1)
     assert r["done"] == 0 and r["skipped"] == len(GOOD) + len(BAD) and not r["failed"]
     assert r["failed_before"] == reasons and r["stored"] == len(GOOD)
     log = capsys.readouterr().out  # listed again, with the way to retry them
     assert f"{len(BAD)} videos failed in an earlier run and were skipped" in log and "--retry_failed" in log
     assert all(f"  {vid}: " in log for vid in BAD)
-    r = prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1, retry_failed=True)
+    r = framestore.extract_frames(str(video_dir), out, num_frames=6, frame_size=32, workers=1, retry_failed=True)
     assert r["done"] == 0 and set(r["failed"]) == set(BAD)
     with pytest.raises(ValueError, match="frame_size=32"):
-        prepare.extract_frames(str(video_dir), out, num_frames=6, frame_size=64, workers=1)
+        framestore.extract_frames(str(video_dir), out, num_frames=6, frame_size=64, workers=1)
 
 
 @needs_ffmpeg
@@ -385,20 +387,20 @@ def test_frames_cli_with_id_list_and_missing_video(video_dir, tmp_path, capsys):
     argv = ["frames", f"--videos={vids}", f"--out={out}", "--num_frames=4", "--frame_size=24", "--workers=1",
             f"--ids={ids}"]
     prepare.main(argv)
-    db = prepare.FrameDB(str(out))
+    db = framestore.FrameDB(str(out))
     assert sorted(db.video_ids()) == ["grey", "vp9"] and "missing" in db.failed["ghost"]
     db.close()
     assert "ghost" in capsys.readouterr().out
     # the missing video turns up: a rerun picks it up without --retry_failed
     shutil.copy(video_dir / "mpeg4.avi", vids / "ghost.avi")
     prepare.main(argv)
-    db = prepare.FrameDB(str(out))
+    db = framestore.FrameDB(str(out))
     assert sorted(db.video_ids()) == ["ghost", "grey", "vp9"] and db.failed == {}
     db.close()
     # CHVTT: files named <docid>, keys Video<docid>_<i> like the original's LMDBs
-    r = prepare.extract_frames(str(vids), str(tmp_path / "chvtt.lmdb"), num_frames=2, frame_size=16, workers=1,
-                               ids=["grey"], id_prefix="Video")
-    assert r["done"] == 1 and prepare.FrameDB(str(tmp_path / "chvtt.lmdb")).has_video("Videogrey")
+    r = framestore.extract_frames(str(vids), str(tmp_path / "chvtt.lmdb"), num_frames=2, frame_size=16, workers=1,
+                                  ids=["grey"], id_prefix="Video")
+    assert r["done"] == 1 and framestore.FrameDB(str(tmp_path / "chvtt.lmdb")).has_video("Videogrey")
 
 
 def _one_error_line(p, *parts):
@@ -462,7 +464,7 @@ def test_synthetic_videos_folder_inside_out_survives(tmp_path):
         assert (out / "frames.lmdb").is_dir() and (out / "test.jsonl").is_file() and not (tmp_path / "syn.tmp").exists()
     synthetic.prepare_synthetic(str(tmp_path / "other"), videos=str(outside), **small)
     assert sorted(p.name for p in outside.iterdir()) == sorted(p.name for p in inside.iterdir())
-    assert prepare.probe_video(str(inside / "val00001.mp4"))["nb_frames"] == 4
+    assert framestore.probe_video(str(inside / "val00001.mp4"))["nb_frames"] == 4
 
 def test_cli_refuses_unknown_options_and_commands(capsys):
     with pytest.raises(SystemExit, match="unknown config key 'frames'"):
@@ -517,7 +519,7 @@ def test_cli_passes_options_to_extract_frames(monkeypatch, tmp_path):
 
 def test_cli_defaults_are_the_functions_defaults():
     import synthetic
-    targets = {"frames": prepare.extract_frames, "msrvtt": prepare.convert_msrvtt, "vatex": prepare.convert_vatex,
+    targets = {"frames": framestore.extract_frames, "msrvtt": prepare.convert_msrvtt, "vatex": prepare.convert_vatex,
                "chvtt": prepare.convert_chvtt, "synthetic": synthetic.prepare_synthetic}
     renamed = {"frames": {"videos": "videos_dir", "out": "out_path"}, "synthetic": {"out": "out_dir"}}
     for cmd, fn in targets.items():
@@ -536,7 +538,7 @@ def test_synthetic_command_writes_the_dataset(tmp_path):
     prepare.main(["synthetic", f"--out={tmp_path / 'b'}", *(f"--{k}={v}" for k, v in small.items())])
     for name in ("train.jsonl", "val.jsonl", "test.jsonl", "vocab.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    a, b = prepare.FrameDB(str(tmp_path / "a" / "frames.lmdb")), prepare.FrameDB(str(tmp_path / "b" / "frames.lmdb"))
+    a, b = (framestore.FrameDB(str(tmp_path / d / "frames.lmdb")) for d in ("a", "b"))
     assert len(a) == len(b) == 8
     assert all(a.get_frames(v, range(8)) == b.get_frames(v, range(8)) for v in a.video_ids())
     a.close(), b.close()
@@ -546,7 +548,7 @@ def _synthetic_digest(out: str) -> str:
     h = hashlib.sha256()
     for name in ("train.jsonl", "val.jsonl", "test.jsonl", "vocab.txt"):
         h.update(open(os.path.join(out, name), "rb").read())
-    db = prepare.FrameDB(os.path.join(out, "frames.lmdb"))
+    db = framestore.FrameDB(os.path.join(out, "frames.lmdb"))
     for v in sorted(db.video_ids()):
         h.update(v.encode())
         for frame in db.get_frames(v, range(8)):
@@ -645,7 +647,7 @@ def test_pretrain_titles_are_deterministic_and_keep_the_videos(titled):
         assert (Path(titled["with"]) / name).read_bytes() == (Path(titled["again"]) / name).read_bytes()
     assert (Path(titled["with"]) / "vocab.txt").read_bytes() == (Path(titled["without"]) / "vocab.txt").read_bytes()
     assert _records(titled["with"])["train"] != _records(titled["seed5"])["train"]
-    a, b = (prepare.FrameDB(os.path.join(titled[k], "frames.lmdb")) for k in ("with", "without"))
+    a, b = (framestore.FrameDB(os.path.join(titled[k], "frames.lmdb")) for k in ("with", "without"))
     assert sorted(a.video_ids()) == sorted(b.video_ids())
     assert all(a.get_frames(v, range(8)) == b.get_frames(v, range(8)) for v in a.video_ids())
     a.close(), b.close()
@@ -710,7 +712,7 @@ def test_msrvtt_converter(tmp_path, capsys):
         w.writerow([1, "ret1", "msr5", "video5", "a cat, jumping"])
     out = tmp_path / "msrvtt"
     # frames for every video but video3 and video5: those are reported and left out
-    db = prepare.FrameDB(str(out / "frames.lmdb"), readonly=False, num_frames=2, frame_size=8)
+    db = framestore.FrameDB(str(out / "frames.lmdb"), readonly=False, num_frames=2, frame_size=8)
     for v in (0, 1, 2, 4):
         db.put_video(f"video{v}", [b"a", b"b"])
     db.close()
@@ -786,11 +788,11 @@ def test_chvtt_tags_reach_the_tokenizer_raw_and_empty_when_missing(tmp_path):
         {"docid": 2, "title": "t2", "tag": "", "title_eng": "a dog runs"})) + "\n", encoding="utf-8")
     root = tmp_path / "chvtt"
     prepare.main(["chvtt", f"--annotations={src}", f"--out={root}"])
-    db = prepare.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=4, frame_size=32)
+    db = framestore.FrameDB(str(root / "frames.lmdb"), readonly=False, num_frames=4, frame_size=32)
     for vid in ("Video1", "Video2"):
         db.put_video(vid, [_jpeg(np.full((32, 32, 3), 10 * i, np.uint8)) for i in range(4)])
     db.close()
-    tok = prepare.get_tokenizer("clip")
+    tok = get_tokenizer("clip")
     pre = prepare.VideoTextDataset(str(root), "train", tok, mode="pretrain", num_frames=4, image_size=32,
                                    context_length=8, tag_context_length=6, caption_field="captions_en")
     want = {i: tok([t], 6)[0][0].tolist() for i, t in enumerate(("cat,pet", ""))}

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import model as hmmc_model
+import framestore
 import prepare
 import search
+from tokenizer import BertTokenizer
 from test_eval import COLOURS, S, T, _frames, _tok, tiny_config, trained  # noqa: F401 (trained is a fixture)
 
 
@@ -170,7 +172,7 @@ def test_search_bad_input(trained, tmp_path, capsys):
     # Chinese (WordPiece): a query made only of characters the vocabulary lacks is all [UNK], i.e. nothing
     vocab = os.path.join(os.path.dirname(__file__), "golden", "tok_bert_vocab.txt")
     if os.path.exists(vocab):
-        bert = prepare.BertTokenizer(vocab)
+        bert = BertTokenizer(vocab)
         with pytest.raises(ValueError, match="tokenizes to nothing"):
             search._check_query("☃☃ ☃", bert)
         search._check_query("红色", bert)  # partly known is fine
@@ -210,7 +212,7 @@ def test_search_index_follows_changed_files(trained, tmp_path, capsys):
     blue = search.search_index(net, first, ["a blue screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
                            frame_match_weight=1.0, top=4)[0]
     assert blue[0]["video_id"] == "clip_blue"
-    with prepare.FrameDB(first["lmdb"]) as db:
+    with framestore.FrameDB(first["lmdb"]) as db:
         red_frames = db.get_frames("clip_red", range(6))
 
     # clip_red becomes a blue video (same name), broken.mp4 a good one, clip_green is touched (same bytes)
@@ -228,7 +230,7 @@ def test_search_index_follows_changed_files(trained, tmp_path, capsys):
     for v in ("clip_blue", "clip_green", "sub/clip_green"):  # reused, bit for bit
         assert torch.equal(after[v][0], before[v][0]) and torch.equal(after[v][1], before[v][1])
     assert not torch.allclose(after["clip_red"][0], before["clip_red"][0])
-    with prepare.FrameDB(second["lmdb"]) as db:
+    with framestore.FrameDB(second["lmdb"]) as db:
         assert db.get_frames("clip_red", range(6)) != red_frames
         assert db.has_video("broken")
     hits = search.search_index(net, second, ["a blue screen"], tokenizer=_tok(), context_length=16, top_k_frames=2,
@@ -246,7 +248,7 @@ def test_search_index_follows_changed_files(trained, tmp_path, capsys):
     third = _index(net, videos)
     assert third["video_ids"] == ["broken", "clip_blue", "clip_green", "clip_red"]
     assert third["extracted"] == [] and third["encoded"] == []
-    with prepare.FrameDB(third["lmdb"]) as db:
+    with framestore.FrameDB(third["lmdb"]) as db:
         assert not db.has_video("sub/clip_green")
     # unchanged: nothing to do at all; retry_failed tries the unchanged failure again (and it fails again)
     assert _index(net, videos)["encoded"] == []
@@ -302,7 +304,7 @@ def test_query_warnings():
     assert "contains emoji text" in emoji
     vocab = os.path.join(os.path.dirname(__file__), "golden", "tok_bert_vocab.txt")
     if os.path.exists(vocab):
-        bert = prepare.BertTokenizer(vocab)
+        bert = BertTokenizer(vocab)
         assert search.query_warnings("红色", bert, 32) == []
         (latin,) = search.query_warnings("a red screen", bert, 32)
         assert "Latin script" in latin and "Chinese" in latin

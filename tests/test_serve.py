@@ -17,6 +17,7 @@ import urllib.parse
 import pytest
 
 import model as hmmc_model
+import framestore
 import prepare
 import search
 import serve
@@ -372,7 +373,7 @@ def test_failed_encoding_closes_the_frame_store(net, tmp_path):
         search.build_index(net, str(videos), progress=progress.append, **index_args)
     # what the page shows during a rescan
     assert progress == ["extracting frames: 1 of 1 new or changed videos", "encoding 1 new or changed videos"]
-    assert not [p for p in prepare._SHARED_ENVS if p.startswith(str(videos))]
+    assert not [p for p in framestore._SHARED_ENVS if p.startswith(str(videos))]
     _write_mp4(str(videos / "clip_blue.mp4"), _frames("blue", n=12, size=48, seed=65))
     index = search.build_index(net, str(videos), **_args(videos)[0])
     assert index["video_ids"] == ["clip_blue", "clip_red"] and sorted(index["encoded"]) == ["clip_blue", "clip_red"]
@@ -448,7 +449,7 @@ def test_log_lines(net, tmp_path):
     log = small.log
     try:
         positions = small.search.index["positions"]
-        with prepare.FrameDB(lmdb_path, readonly=False) as db, db.env.begin(write=True) as txn:
+        with framestore.FrameDB(lmdb_path, readonly=False) as db, db.env.begin(write=True) as txn:
             txn.put(f"clip_blue_{positions[0]}".encode(), b"not a jpeg")
         assert query(small, "a red screen")[0] == 200
         # a request line with a terminal escape sequence in it: logged with the escape written out

@@ -156,10 +156,9 @@ def test_get_tokenizer():
         tokenizer.get_tokenizer("gpt2")
 
 
-def test_prepare_reexports_the_public_names():
-    # prepare.tokenize, prepare.get_tokenizer, ... are what users and older scripts call
-    for name in ("tokenize", "get_tokenizer", "ClipTokenizer", "BertTokenizer"):
-        assert getattr(prepare, name) is getattr(tokenizer, name), name
+def test_prepare_tokenize_is_the_tokenizer():
+    # prepare.tokenize is what users call
+    assert prepare.tokenize is tokenizer.tokenize
 
 
 def test_unk_wrapped_is_the_original_vatex_input(bert_tok):

@@ -23,6 +23,7 @@ import synthetic
 import train
 from conftest import TINY, log, run_group
 from synthetic import prepare_synthetic
+from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -474,7 +475,7 @@ def test_best_pt_holds_the_weights_only(data, tmp_path, capsys):
     model_bytes = sum(t.numel() * t.element_size() for t in ckpt["model"].values())
     # ckpt.pt: the weights and AdamW's two moments, less the token rows that no caption holds (most of CLIP's 49,408):
     # 1.6x the weights instead of 3x
-    tokenizer = prepare.get_tokenizer("clip", None)
+    tokenizer = get_tokenizer("clip", None)
     with open(os.path.join(data, "train.jsonl")) as f:
         words = {i for line in f for c in json.loads(line)["captions"] for i in tokenizer.encode(c)}
     token_rows = [t for s in ckpt["optimizer"]["state"].values() for t in s.values()
@@ -729,7 +730,7 @@ def test_captions_cut_by_context_length_are_reported(data, tmp_path, capsys):
     vocab = os.path.join(data, "vocab.txt")
     base = ["--data_dir=" + data, "--batch_size=8", "--max_iters=1", *TINY, "--caption_field=captions_zh",
             "--text_encoder=bert", "--bert_vocab=" + vocab]
-    tokenizer = prepare.get_tokenizer("bert", vocab)
+    tokenizer = get_tokenizer("bert", vocab)
     with open(os.path.join(data, "train.jsonl"), encoding="utf-8") as f:
         sizes = [len(tokenizer.encode(c)) + 2 for line in f for c in json.loads(line)["captions_zh"]]
     run(base + [f"--out_dir={tmp_path / 'short'}", "--context_length=12"])

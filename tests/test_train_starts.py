@@ -11,6 +11,7 @@ import model as hmmc_model
 import prepare
 import towers
 import train
+from tokenizer import get_tokenizer
 from conftest import TINY, log
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -53,7 +54,7 @@ def test_english_run_from_golden_clip(synthetic_data, tmp_path, steps):
     # the golden CLIP's 256-token vocabulary grown to the tokenizer's 49,408 ids (OpenAI's layout: the last two are
     # the start and end tokens); every other tensor as made by the reference
     sd = golden_clip_sd()
-    vocab = prepare.get_tokenizer("clip").vocab_size
+    vocab = get_tokenizer("clip").vocab_size
     grown = torch.randn(vocab, sd["token_embedding.weight"].shape[1], generator=torch.Generator().manual_seed(0))
     grown[:256] = sd["token_embedding.weight"]
     clip_path = tmp_path / "clip_full_vocab.pt"
@@ -110,7 +111,7 @@ def test_accumulated_gradient_is_the_mean_of_the_micro_steps(synthetic_data, tmp
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     net = hmmc_model.HMMC(hmmc_model.HMMCConfig.from_dict(ckpt["model_args"]))
     net.load_state_dict(steps[0])
-    data = prepare.VideoTextDataset(synthetic_data, "train", prepare.get_tokenizer("clip"), mode="train",
+    data = prepare.VideoTextDataset(synthetic_data, "train", get_tokenizer("clip"), mode="train",
                                     num_frames=4, context_length=16, image_size=32, seed=4, verbose=False)
     for indices in train.epoch_batches(len(data), 4, 1, 0, seed=4, epoch=0)[:2]:
         loss, _ = net(torch.utils.data.default_collate([data[i] for i in indices]))
