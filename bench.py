@@ -1,22 +1,16 @@
 """
 Benchmark HMMC with random weights at real sizes: the fine-tuning and pre-training steps (videos/s, model FLOPs
-utilisation, peak memory), eval encoding, the hierarchical similarity of a 1k x 1k test set, the data loader on an
-LMDB of generated frames, a whole evaluate() of 1,000 videos from that LMDB, one search query against 1,000 and
-10,000 indexed videos, and the tokenizer. Prints one table and writes JSON.
+utilisation, peak memory), eval encoding, the hierarchical similarity of a 1k x 1k test set, one search query, the
+data loaders (an LMDB of generated frames, and the recipes' paths on real clips), a whole evaluate() of 1,000 videos
+and the tokenizer. Prints one table and writes JSON.
 
 $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
-$ python bench.py --size=tiny                       # CI size: a tiny model, a few steps, seconds on a CPU (the
-                                                    # default without a GPU)
+$ python bench.py --size=tiny                       # CI size: seconds on a CPU (the default without a GPU)
 
-MFU = flops_per_video * videos/s / peak, with the analytic count of HMMC.flops_per_video (model.py) and the GPU's
-dense bf16 tensor-core peak (989 TFLOP/s for H100/H200 SXM): a GPU figure. On a CPU there is no meaningful peak, and a
-shared machine's load moves absolute rates many-fold between runs, so the step and encoding rows are also measured
-for a plain baseline in the same process (fp32, naive softmax attention instead of SDPA, no compile) and reported as
-a ratio ours/baseline: the two step functions run in alternation, one step each (steps x ratio_repeats pairs), a
-pair's ratio is the baseline's step time over ours, and the row shows the median ratio with its 25th-75th
-percentiles, flagged NOISY when those spread by more than noisy_spread of the median. Like train.py, a CPU run uses
-one thread (common.set_cpu_threads).
+MFU = HMMC.flops_per_video * videos/s / the GPU's dense bf16 peak. A shared CPU's load moves absolute rates
+many-fold, so there each step row also times a plain baseline (fp32, naive attention, no compile) in alternation with
+ours and shows the median ratio ours/baseline of the pairs.
 """
 
 import io
@@ -24,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +32,7 @@ import configurator
 import eval as hmmc_eval
 import model as hmmc_model
 import prepare
+import search
 from common import autocast, init_compute, peak_flops, run_script, set_cpu_threads
 
 # -----------------------------------------------------------------------------
@@ -54,11 +50,9 @@ compile = False  # torch.compile the model for the step and eval-encoding measur
 activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
 eval_batch_size = 256  # videos per eval-encoding batch
-loader_videos = 1024  # videos the loader rows read: enough batches to keep every worker busy
-eval_videos = 1000  # videos (one caption each) of the evaluate() row: MSR-VTT 1k-A's size
+eval_videos = 1000  # videos (one caption each) of the evaluate() and data loader rows: MSR-VTT 1k-A's size
 loader_workers = (0, 4, 8, 14)  # data loader process counts to time (14: a 16-core host less the trainer)
 loader_batch_size = 32  # the recipes' per-GPU batch on 8 GPUs
-loader_frame_size = 224  # short side of the generated frames
 sim_videos = 1000  # the similarity row: sim_videos texts x sim_videos videos x num_frames frames
 search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
 search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
@@ -82,9 +76,8 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
 }
 # defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=4, warmup=1,
-            eval_batch_size=8, loader_videos=16, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4,
-            loader_frame_size=32, tokenizer_captions=500, sim_videos=64, search_videos=(64,), search_model="tiny",
-            recipe_videos=8, recipe_repeats=2)
+            eval_batch_size=8, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4, tokenizer_captions=500,
+            sim_videos=64, search_videos=(64,), search_model="tiny", recipe_videos=8, recipe_repeats=2)
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
@@ -132,29 +125,16 @@ def _sync(dev: str):
         torch.cuda.synchronize()
 
 
-def _seconds_per_call(fn, dev: str, n_steps: int, n_warmup: int) -> float:
-    for _ in range(n_warmup):
-        fn()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        fn()
-    _sync(dev)
-    return (time.perf_counter() - t0) / n_steps
-
-
-def _peak_memory_gb(dev: str) -> float:
-    if torch.device(dev).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    # CPU: the process's peak resident set (Linux reports KiB); it only grows, so it bounds every row so far
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
 def _compiled(fn):
     # a fresh, static-shape compile per row: otherwise the second batch size of a run would get a dynamic-shape
     # graph and later rows could hit dynamo's recompile limit and silently run eager
     torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
+
+
+def _random_video(tower: str, B: int, T: int, dev: str) -> torch.Tensor:
+    S = TOWERS[tower]["image_resolution"]
+    return torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
 
 
 def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, tokenizer):
@@ -167,10 +147,8 @@ def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, token
     opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
                                    betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
     step_model = _compiled(net) if compile_ else net
-    S = TOWERS[tower]["image_resolution"]
     ids, mask = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(B)], L)
-    batch = {"video": torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev), "ids": ids.to(dev),
-             "mask": mask.to(dev)}
+    batch = {"video": _random_video(tower, B, T, dev), "ids": ids.to(dev), "mask": mask.to(dev)}
     if pretrain_:  # tags: the captions again, only their cost matters
         batch["tag_ids"], batch["tag_mask"] = batch["ids"].clone(), batch["mask"].clone()
 
@@ -191,8 +169,7 @@ def encode_step(tower, B, *, T, L, dev, dt, compile_, **_):
     """(eval video encoding, model only: uint8 frames on the device -> (video_emb, frame_emb); no facts)."""
     net = build(tower, pretrain_=False, T=T, L=L, batch=B, dev=dev).eval()
     encode = _compiled(net.encode_video) if compile_ else net.encode_video
-    S = TOWERS[tower]["image_resolution"]
-    video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
+    video = _random_video(tower, B, T, dev)
 
     @torch.no_grad()
     def step():
@@ -222,108 +199,92 @@ def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repea
     ours_step, facts = make(B=B, dev=dev, dt=dt, **kw)
     for _ in range(n_warmup):
         ours_step()
+    row = lambda times: {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
     if not baseline:
         _sync(dev)
         per_step = _timed(lambda: [ours_step() for _ in range(n_steps)], dev) / n_steps
-        return {"videos_per_s": B / per_step, "step_ms": 1000 * per_step, **facts,
-                "peak_mem_gb": _peak_memory_gb(dev)}, None, None
-    with plain_attention():
-        base_step, _ = make(B=B, dev=dev, dt="float32", **{**kw, "compile_": False})
-        for _ in range(n_warmup):
-            base_step()
+        return {**row([per_step]), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, None, None
 
     def plain():
         with plain_attention():
             base_step()
 
+    with plain_attention():
+        base_step, _ = make(B=B, dev=dev, dt="float32", **{**kw, "compile_": False})
+    for _ in range(n_warmup):
+        plain()
     ours, base = [], []
     for i in range(n_steps * repeats):
-        if i % 2:
-            base.append(_timed(plain, dev))
-            ours.append(_timed(ours_step, dev))
-        else:
-            ours.append(_timed(ours_step, dev))
-            base.append(_timed(plain, dev))
-    row = lambda times: {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
+        first, second = (plain, ours_step) if i % 2 else (ours_step, plain)
+        times = {first: _timed(first, dev), second: _timed(second, dev)}
+        ours.append(times[ours_step])
+        base.append(times[plain])
     return ({**row(ours), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, row(base),
             [b / o for o, b in zip(ours, base)])
 
 
-@torch.no_grad()
-def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dict:
-    """Hierarchical similarity of num texts x num videos x T frames (MSR-VTT 1k-A is 1000 x 1000 x 12)."""
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
-    video = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
-    frames = F.normalize(torch.randn(num, T, E, generator=g), dim=-1).to(dev)
-
-    def similarity():
-        return hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
-
-    sim = similarity()  # also the warm-up
-    times = [_seconds_per_call(similarity, dev, 1, 0) for _ in range(repeats)]
-    t0 = time.perf_counter()
-    hmmc_eval.retrieval_metrics(sim.cpu().numpy())
-    return {"similarity_ms": 1000 * float(np.median(times)), "fastest_ms": 1000 * min(times), "of": repeats,
-            "metrics_ms": 1000 * (time.perf_counter() - t0)}
+def _peak_memory_gb(dev: str) -> float:
+    if torch.device(dev).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    # CPU: the process's peak resident set (Linux reports KiB); it only grows, so it bounds every row so far
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-@torch.no_grad()
-def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int = 5) -> dict:
-    """One query against an index of num videos x T frames (random unit embeddings of the model's size), end to end
-    as the search page answers it, HTTP aside: search.search_index tokenizes, encodes the text, scores every video
-    and returns the top 10 with their frame scores."""
-    import search  # only this row needs it
-    g = torch.Generator().manual_seed(seed)
-    E = net.cfg.clip.embed_dim
-    index = {"video_ids": [f"v{i:05d}" for i in range(num)],
-             "video_emb": F.normalize(torch.randn(num, E, generator=g), dim=-1),
-             "frame_emb": F.normalize(torch.randn(num, T, E, generator=g), dim=-1)}
+def ratio_summary(ratios: list, noisy_spread: float) -> dict:
+    """The median of the paired ratios, their 25th and 75th percentiles, and whether those spread by more than
+    noisy_spread of the median (the machine's load changed within the row)."""
+    median, lo, hi = (float(np.percentile(ratios, q)) for q in (50, 25, 75))
+    return {"ratio": median, "ratio_p25": lo, "ratio_p75": hi, "pairs": len(ratios),
+            "noisy": (hi - lo) > noisy_spread * median}
+
+
+def _calls_ms(fn, dev: str, repeats: int) -> dict:
+    """The median and the fastest of `repeats` calls of fn(i), in ms, after one untimed warm-up call."""
     times = []
-    for i in range(repeats + 1):  # the first is the warm-up
+    for i in range(repeats + 1):
         t0 = time.perf_counter()
-        search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
-                            context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
+        fn(i)
         _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return {"query_ms": 1000 * float(np.median(times[1:])), "fastest_ms": 1000 * min(times[1:]), "of": repeats}
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"median": float(np.median(times[1:])), "fastest_ms": min(times[1:]), "of": repeats}
 
 
-def make_lmdb(path: str, splits: dict, T: int, S: int, distinct: int = 384) -> None:
-    """An LMDB of JPEG frames like `prepare.py frames` writes (short side S) and one {split}.jsonl per entry of
-    splits = {split: number of videos}, all over the same videos. Videos cycle through `distinct` encoded frames:
-    decoding costs the same, and a 1,000-video set is written in seconds."""
-    rng = np.random.default_rng(seed)
-    from PIL import Image
-    yy, xx = np.mgrid[0:S, 0:S]
-    pool = []
-    for i in range(distinct):
-        # smooth gradients plus a little noise: JPEG sizes like real footage, not like white noise
-        base = np.sin(xx / (7 + i % 5) + i % T) * 60 + yy * 100 / S + rng.integers(0, 40)
-        img = np.stack([base, base[::-1], base.T], -1) + rng.normal(0, 6, (S, S, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-        pool.append(buf.getvalue())
-    num_videos = max(splits.values())
-    with prepare.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=T, frame_size=S) as db:
-        for v in range(num_videos):
-            db.put_video(f"v{v:05d}", [pool[(v * T + t) % distinct] for t in range(T)])
-    for split, n in splits.items():
-        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
-            for v in range(n):  # distinct captions, as in a real test set
-                caption = f"{CAPTIONS[v % len(CAPTIONS)]} {v}"
-                f.write(json.dumps({"video_id": f"v{v:05d}", "captions": [caption]}) + "\n")
+def _unit_rows(g, *shape) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
 
 
-def time_loader(path: str, workers: int, *, T: int, S: int, L: int, batch: int, tokenizer) -> dict:
-    """Training data loader videos/s: LMDB read, JPEG decode, crop, tokenise, collate (one caption per video)."""
-    ds = prepare.VideoTextDataset(path, "train", tokenizer, mode="train", num_frames=T, context_length=L,
-                                  image_size=S)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                         generator=torch.Generator().manual_seed(seed))
+@torch.no_grad()
+def time_similarity(num: int, T: int, E: int, dev: str) -> dict:
+    """Hierarchical similarity of num texts x num videos x T frames (MSR-VTT 1k-A is 1000 x 1000 x 12), then the
+    retrieval metrics of its matrix."""
+    g = torch.Generator().manual_seed(seed)
+    text, video, frames = (_unit_rows(g, *shape).to(dev) for shape in ((num, E), (num, E), (num, T, E)))
+    similarity = lambda _: hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
+    row = _calls_ms(similarity, dev, repeats=3)
     t0 = time.perf_counter()
-    n = sum(len(b["video"]) for b in loader)  # worker start-up counted: it is paid once per epoch
-    return {"videos_per_s": n / (time.perf_counter() - t0)}
+    hmmc_eval.retrieval_metrics(similarity(0).cpu().numpy())
+    return {"similarity_ms": row.pop("median"), **row, "metrics_ms": 1000 * (time.perf_counter() - t0)}
+
+
+@torch.no_grad()
+def time_search(net, num: int, T: int, L: int, tokenizer, dev: str) -> dict:
+    """One query against an index of num videos x T frames (random unit embeddings of the model's size), as the
+    search page answers it, HTTP aside: search.search_index tokenizes, encodes the text, scores every video and
+    returns the top 10 with their frame scores."""
+    g, E = torch.Generator().manual_seed(seed), net.cfg.clip.embed_dim
+    index = {"video_ids": [f"v{i:05d}" for i in range(num)], "video_emb": _unit_rows(g, num, E),
+             "frame_emb": _unit_rows(g, num, T, E)}
+    query = lambda i: search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
+                                          context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10,
+                                          device=dev)
+    row = _calls_ms(query, dev, repeats=5)
+    return {"query_ms": row.pop("median"), **row}
+
+
+def _write_captions(path: str, video_ids: list, **extra) -> None:
+    with open(path, "w") as f:
+        for v, vid in enumerate(video_ids):  # distinct captions, as in a real test set
+            f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[v % len(CAPTIONS)]} {v}"], **extra}) + "\n")
 
 
 def time_tokenizer(n: int, L: int, tokenizer) -> dict:
@@ -350,18 +311,17 @@ RECIPE_PATHS = {
 def make_recipe_videos(folder: str, n: int) -> None:
     """n real video files: three generated sources (16:9, 4:3 and 2.35:1 at a short side of 360 px, moving test
     patterns with film grain, so that JPEG sizes are like footage) cut into n time windows, without re-encoding."""
-    import subprocess
-    sources = [("wide", "640x360"), ("tv", "480x360"), ("scope", "848x360")]
     os.makedirs(folder, exist_ok=True)
-    for s, (name, size) in enumerate(sources):
-        count = len(range(s, n, len(sources)))  # the windows of this source
+    for s, (name, size) in enumerate([("wide", "640x360"), ("tv", "480x360"), ("scope", "848x360")]):
+        count = len(range(s, n, 3))  # the windows of this source
         src = os.path.join(folder, f"{name}.src.mkv")
-        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                        f"testsrc2=size={size}:rate=25:duration={2 * count}", "-vf", "noise=alls=12:allf=t",
-                        "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", src], check=True)
+        ffmpeg = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
+        subprocess.run([*ffmpeg, "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={2 * count}",
+                        "-vf", "noise=alls=12:allf=t", "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", src],
+                       check=True)
         for k in range(count):
-            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-ss", str(2 * k), "-t", "2", "-i", src,
-                            "-c", "copy", os.path.join(folder, f"{name}{k:03d}.mp4")], check=True)
+            subprocess.run([*ffmpeg, "-ss", str(2 * k), "-t", "2", "-i", src, "-c", "copy",
+                            os.path.join(folder, f"{name}{k:03d}.mp4")], check=True)
         os.remove(src)
 
 
@@ -400,53 +360,63 @@ def _loader_rate(ds, workers: int, batch: int) -> tuple:
     return (first + n) / (cpu() - c0), n / wall / max(workers, 1)
 
 
-def time_recipe_loaders(n_videos: int, workers: int, repeats: int, tokenizer) -> list:
-    """[(row name, ours, decode floor, ratios)] for every path of RECIPE_PATHS: the loader's videos/s per core
-    (over `workers` processes) beside the decode floor of the same frames on one core, alternated `repeats` times
-    (a shared machine's load drifts), and the cores per GPU that the goal then takes."""
-    tmp = tempfile.mkdtemp(prefix="hmmc_bench_recipes_")
-    try:
-        make_recipe_videos(os.path.join(tmp, "videos"), n_videos)
-        ids = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(tmp, "videos")))
-        sets, floors = {}, {}
-        for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
-            data = os.path.join(tmp, f"{size}{'sq' if square else ''}")
-            if not os.path.exists(data):
-                prepare.extract_frames(os.path.join(tmp, "videos"), os.path.join(data, "frames.lmdb"),
-                                       num_frames=48 if kind == "pretrain" else 30, frame_size=size,
-                                       workers=os.cpu_count() or 1,
-                                       square=square, progress_every=1e9)
-                with open(os.path.join(data, "train.jsonl"), "w") as f:  # the recipes' shapes: tags for CHVTT
-                    for i, vid in enumerate(ids):
-                        f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"],
-                                            "tags": "video,clip,test"}) + "\n")
-            sets[name] = prepare.VideoTextDataset(
-                data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
-                context_length=L, frame_sample="random", image_size=224, augment=augment.replace("-cpu", ""),
-                device_augment=not augment.endswith("-cpu"), seed=seed, verbose=False)
-        dbs = {data: prepare.FrameDB(os.path.join(tmp, data, "frames.lmdb")) for data in os.listdir(tmp)
-               if data != "videos"}
-        rows = {name: ([], [], [], []) for name in RECIPE_PATHS}
-        for _ in range(max(1, repeats)):
-            for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
-                for runs, value in zip(rows[name], (*_loader_rate(sets[name], workers, batch),
-                                                    *_decode_floor(dbs[f"{size}{'sq' if square else ''}"], ids, T))):
-                    runs.append(value)
-        for db in dbs.values():
-            db.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    out = []
-    for name, (ours, ours_wall, floor, floor_wall) in rows.items():
-        kind, median = RECIPE_PATHS[name][0], lambda runs: float(np.median(runs))
-        out.append((f"loader {name}, per core", {
-            "videos_per_s_core": median(ours), "cores_per_gpu": GOAL[kind] / median(ours), "goal": GOAL[kind],
-            "workers": workers, "runs": ours, "wall_per_worker": median(ours_wall), "wall_runs": ours_wall},
-            {"videos_per_s_core": median(floor), "runs": floor, "wall": median(floor_wall), "wall_runs": floor_wall,
-             "label": "decode floor"},
-            [o / f for o, f in zip(ours, floor)]))
-    return out
+def recipe_data(tmp: str, n_videos: int, tokenizer) -> tuple:
+    """(video ids, {path name: (dataset, its FrameDB, T, batch)}) of every path of RECIPE_PATHS over n_videos real
+    clips, their frames extracted by prepare.py frames into tmp."""
+    videos = os.path.join(tmp, "videos")
+    make_recipe_videos(videos, n_videos)
+    ids = sorted(os.path.splitext(f)[0] for f in os.listdir(videos))
+    paths, dbs = {}, {}
+    for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
+        data = os.path.join(tmp, f"{size}{'sq' if square else ''}")
+        if data not in dbs:
+            prepare.extract_frames(videos, os.path.join(data, "frames.lmdb"), num_frames=48 if kind == "pretrain"
+                                   else 30, frame_size=size, workers=os.cpu_count() or 1, square=square,
+                                   progress_every=1e9)
+            _write_captions(os.path.join(data, "train.jsonl"), ids, tags="video,clip,test")  # CHVTT has tags
+            dbs[data] = prepare.FrameDB(os.path.join(data, "frames.lmdb"))
+        ds = prepare.VideoTextDataset(
+            data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
+            context_length=L, frame_sample="random", image_size=224, augment=augment.replace("-cpu", ""),
+            device_augment=not augment.endswith("-cpu"), seed=seed, verbose=False)
+        paths[name] = ds, dbs[data], T, batch
+    return ids, paths
 
+
+def time_recipe_loaders(ids: list, paths: dict, workers: int, repeats: int) -> list:
+    """[(row name, ours, decode floor, ratios)] for every recipe path: the loader's videos/s per core (over `workers`
+    processes) beside the decode floor of the same frames on one core, alternated `repeats` times (a shared machine's
+    load drifts), and the cores per GPU that the goal then takes."""
+    runs = {name: [] for name in paths}  # per repeat: (ours, ours wall per worker, floor, floor wall)
+    for _ in range(max(1, repeats)):
+        for name, (ds, db, T, batch) in paths.items():
+            runs[name].append((*_loader_rate(ds, workers, batch), *_decode_floor(db, ids, T)))
+    rows = []
+    for name, measured in runs.items():
+        ours, ours_wall, floor, floor_wall = (list(column) for column in zip(*measured))
+        goal, median = GOAL[RECIPE_PATHS[name][0]], lambda values: float(np.median(values))
+        rows.append((f"loader {name}, per core",
+                     {"videos_per_s_core": median(ours), "cores_per_gpu": goal / median(ours), "goal": goal,
+                      "workers": workers, "runs": ours, "wall_per_worker": median(ours_wall), "wall_runs": ours_wall},
+                     {"videos_per_s_core": median(floor), "runs": floor, "wall": median(floor_wall),
+                      "wall_runs": floor_wall, "label": "decode floor"},
+                     [o / f for o, f in zip(ours, floor)]))
+    return rows
+
+
+def copy_videos(db, ids: list, path: str, n: int) -> None:
+    """A prepared dataset of n videos (one caption each) at `path`, cycling through the frames of `ids` in `db`:
+    decoding costs the same as n distinct videos, and a 1,000-video set is written in seconds."""
+    names = [f"v{v:05d}" for v in range(n)]
+    with prepare.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=db.num_frames,
+                         frame_size=db.meta["frame_size"]) as out:
+        for v, name in enumerate(names):
+            out.put_video(name, db.get_frames(ids[v % len(ids)], range(db.num_frames)))
+    for split in ("train", "test"):
+        _write_captions(os.path.join(path, f"{split}.jsonl"), names)
+
+
+# -----------------------------------------------------------------------------
 
 def run(cfg: dict) -> dict:
     """All measurements for one configuration -> {"rows": [...], "setup": {...}}."""
@@ -460,10 +430,10 @@ def run(cfg: dict) -> dict:
     rows = []
     print(_legend(with_baseline, cfg), flush=True)
 
-    def add(name, ours, base=None, ratios=None, flops=None):
-        row, key = {"name": name, "ours": ours, "baseline": base}, _headline(ours)
-        if flops and peak:
-            row["mfu"] = flops * ours[key] / peak
+    def add(name, ours, base=None, ratios=None):
+        row = {"name": name, "ours": ours, "baseline": base}
+        if "flops_per_video" in ours and peak:
+            row["mfu"] = ours["flops_per_video"] * ours["videos_per_s"] / peak
         if ratios:
             row.update(ratio_summary(ratios, cfg["noisy_spread"]))
         rows.append(row)
@@ -476,14 +446,11 @@ def run(cfg: dict) -> dict:
             for pre in ((False, True) if cfg["pretrain"] else (False,)):
                 name = f"{'pretrain' if pre else 'finetune'} step {tower} B={B}"
                 try:
-                    ours, base, ratios = time_steps(train_step, B, tower=tower, pretrain_=pre, tokenizer=tokenizer,
-                                                    grad_ckpt=cfg["activation_checkpointing"], **timing)
+                    add(name, *time_steps(train_step, B, tower=tower, pretrain_=pre, tokenizer=tokenizer,
+                                          grad_ckpt=cfg["activation_checkpointing"], **timing))
                 except torch.cuda.OutOfMemoryError:  # a batch that does not fit is a result too
                     rows.append({"name": name, "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None})
                     print(f"{name:<44s} out of memory", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                add(name, ours, base, ratios, flops=ours["flops_per_video"])
                 if on_cuda:
                     torch.cuda.empty_cache()
         add(f"eval encode {tower} B={cfg['eval_batch_size']}",
@@ -496,43 +463,40 @@ def run(cfg: dict) -> dict:
         add(f"search query {cfg['search_model']}, {num} videos x {T}",
             time_search(searcher, num, T, L, tokenizer, dev))
     del searcher
-    S = cfg["loader_frame_size"]
+    add("tokenizer (CLIP BPE)", time_tokenizer(cfg["tokenizer_captions"], L, tokenizer))
+    # the loaders and the whole evaluation read frames that prepare.py frames extracted from real clips
     tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
     try:
-        make_lmdb(tmp, {"train": cfg["loader_videos"], "test": cfg["eval_videos"]}, T, S)
+        ids, paths = recipe_data(tmp, cfg["recipe_videos"], tokenizer)
+        for row in time_recipe_loaders(ids, paths, cfg["recipe_workers"], cfg["recipe_repeats"]):
+            add(*row)
+        data = os.path.join(tmp, "eval")
+        copy_videos(paths["finetune 224px"][1], ids, data, cfg["eval_videos"])
+        train = prepare.VideoTextDataset(data, "train", tokenizer, mode="train", num_frames=T, context_length=L,
+                                         image_size=224)
         for w in cfg["loader_workers"]:
-            add(f"data loader {S}px T={T}, {w} workers",
-                time_loader(tmp, w, T=T, S=S, L=L, batch=cfg["loader_batch_size"], tokenizer=tokenizer))
+            rate = _loader_rate(train, w, cfg["loader_batch_size"])[1] * max(w, 1)
+            add(f"data loader 224px T={T}, {w} workers", {"videos_per_s": rate})
         # the whole evaluation as eval.py runs it: LMDB -> decode -> encode -> similarity -> metrics
         net = build(first, pretrain_=False, T=T, L=L, batch=1, dev=dev)
         t0 = time.perf_counter()
         res = TOWERS[first]["image_resolution"]  # frames are centre-cropped to the tower's input
-        m = hmmc_eval.evaluate(net, tmp, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
+        m = hmmc_eval.evaluate(net, data, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
                                top_k_frames=3, frame_match_weight=1.0, batch_size=cfg["eval_batch_size"],
                                num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
         elapsed = time.perf_counter() - t0
         add(f"evaluate() {first}, {m['num_videos']}x{m['num_texts']} from LMDB",
             {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed})
+        for _, db, _, _ in paths.values():
+            db.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    add("tokenizer (CLIP BPE)", time_tokenizer(cfg["tokenizer_captions"], L, tokenizer))
-    for name, ours, floor, ratios in time_recipe_loaders(cfg["recipe_videos"], cfg["recipe_workers"],
-                                                         cfg["recipe_repeats"], tokenizer):
-        add(name, ours, floor, ratios)
 
     setup = {"device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores, "
              f"{torch.get_num_threads()} thread(s))", "torch": torch.__version__, "dtype": dt,
              "compile": cfg["compile"], "peak_flops": peak,
              "baseline": "fp32, naive attention, eager" if with_baseline else None, "config": cfg}
     return {"rows": rows, "setup": setup}
-
-
-def ratio_summary(ratios: list, noisy_spread: float) -> dict:
-    """The median of the paired ratios, their 25th and 75th percentiles, and whether those spread by more than
-    noisy_spread of the median (the machine's load changed within the row)."""
-    median, lo, hi = (float(np.percentile(ratios, q)) for q in (50, 25, 75))
-    return {"ratio": median, "ratio_p25": lo, "ratio_p75": hi, "pairs": len(ratios),
-            "noisy": (hi - lo) > noisy_spread * median}
 
 
 def resolve_size(size: str, device: str) -> tuple:
@@ -550,38 +514,26 @@ def resolve_size(size: str, device: str) -> tuple:
     return size, None
 
 
-def _headline(ours: dict) -> str:
-    return next(k for k in UNITS if k in ours)
-
-
 def _legend(with_baseline: bool, cfg: dict) -> str:
     """What the columns say, printed once above the rows."""
     lines = [f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details",
-             "  value: steps and encoding, the median step; similarity and search, the median call (fastest: the",
-             "  best call); loader, evaluate() and tokenizer, one pass"]
+             "  value: the median step or call; the loaders, evaluate() and the tokenizer: one pass"]
     if with_baseline:
-        pairs = cfg["steps"] * max(1, cfg["ratio_repeats"])
-        lines += [f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in {pairs} pairs of "
-                  f"steps run in",
-                  f"  alternation: the median pair [25th-75th percentile]; NOISY: those spread by more than "
-                  f"{100 * cfg['noisy_spread']:.0f}% of the median.",
-                  "  On a shared CPU only these ratios compare across runs: the absolute rates follow the load"]
+        lines += [f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in "
+                  f"{cfg['steps'] * max(1, cfg['ratio_repeats'])} alternating pairs of steps,",
+                  f"  the median pair [25th-75th percentile]; NOISY: those spread by more than "
+                  f"{100 * cfg['noisy_spread']:.0f}% of the median. On a shared CPU only the ratios compare"]
     return "\n".join(lines)
 
 
 def _format_row(row: dict) -> str:
-    ours, key = row["ours"], _headline(row["ours"])
-    extra = []
-    if "mfu" in row:
-        extra.append(f"MFU {100 * row['mfu']:.1f}%")
-    if "peak_mem_gb" in ours:
-        extra.append(f"peak mem {ours['peak_mem_gb']:.2f} GB")
-    if "seconds" in ours:
-        extra.append(f"{ours['seconds']:.1f} s in all")
-    if "fastest_ms" in ours:
-        extra.append(f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}")
-    if "metrics_ms" in ours:
-        extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
+    ours = row["ours"]
+    key = next(k for k in UNITS if k in ours)
+    extra = [f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "",
+             f"peak mem {ours['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in ours else "",
+             f"{ours['seconds']:.1f} s in all" if "seconds" in ours else "",
+             f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else "",
+             f"metrics {ours['metrics_ms']:.1f} ms" if "metrics_ms" in ours else ""]
     if "cores_per_gpu" in ours:
         extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s, wall clock "
                      f"{ours['wall_per_worker']:.1f} per worker (floor {row['baseline']['wall']:.1f})")
@@ -589,7 +541,7 @@ def _format_row(row: dict) -> str:
         extra.append(f"{row['baseline'].get('label', 'baseline')} {row['baseline'][key]:.1f} {UNITS[key]}, "
                      f"ours/baseline {row['ratio']:.2f} "
                      f"[{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}]{' NOISY' if row['noisy'] else ''}")
-    return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(extra)}"
+    return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(e for e in extra if e)}"
 
 
 def main(argv=None) -> dict:
@@ -602,8 +554,7 @@ def main(argv=None) -> dict:
     if size_ == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
         cfg = configurator.configure({**defaults, **TINY}, argv, prog="bench.py")
     cfg["size"] = size_
-    print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
-          flush=True)
+    print(f"bench: size={size_} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}", flush=True)
     result = run(cfg)
     print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
     noisy = [row["name"] for row in result["rows"] if row.get("noisy")]
