@@ -38,7 +38,9 @@ import torch
 
 import configurator
 import eval as hmmc_eval
+import model as hmmc_model
 import prepare
+import serve as hmmc_serve  # `serve` is also a setting
 from common import run_script, set_cpu_threads
 
 # -----------------------------------------------------------------------------
@@ -468,33 +470,23 @@ def frame_time(position: int, duration, stored) -> float | None:
     return (position + 0.5) * duration / stored if duration and stored else None
 
 
-def frame_label(seconds, score: float) -> str:
-    """The caption under a frame: its time in the video (when known) and 100 x cosine of the query with it."""
-    return f"{_clock(seconds)} \u00b7 {score:.1f}" if seconds is not None else f"{score:.1f}"
+def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
+    """Each encoded frame of a hit: its position, its time in the video (None when unknown), its caption (the time
+    and 100 x cosine of the query with it), and whether it is one of the top-k that entered the score."""
+    frames = []
+    for i, (p, score) in enumerate(zip(positions, hit["frame_scores"])):
+        t = frame_time(p, duration, stored)
+        label = f"{_clock(t)} \u00b7 {score:.1f}" if t is not None else f"{score:.1f}"
+        frames.append({"position": p, "time": t, "label": label, "top": i in hit["top_frames"]})
+    return frames
 
 
-_CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
-        # frames shrink to share the page width (min-width:0 lets a flex item go below its image's width)
-        ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;font-size:11px;"
-        "color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;border:3px solid transparent}"
-        "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}")
-
-
-def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None, style: str = "") -> list[str]:
-    """The top of a results page, as a list of HTML lines with everything escaped: title, the checkpoint, and the
-    files skipped as unreadable with their reasons. `style` is CSS added after the report's."""
-    title = escape(title)
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{_CSS}{style}</style>", "</head><body>", f"<h1>{title}</h1>"]
-    if checkpoint:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
-    if skipped:
-        parts.append(f"<details class=\"skipped\"><summary>{len(skipped)} file(s) skipped as "
-                     f"unreadable</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r)}</li>" for v, r in skipped.items()]
-        parts.append("</ul></details>")
-    return parts
+REPORT_CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
+              # frames shrink to share the page width (min-width:0 lets a flex item go below its image's width)
+              ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;"
+              "font-size:11px;color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;"
+              "border:3px solid transparent}figure.top img{border-color:#e8590c}figure.top{color:#e8590c;"
+              "font-weight:bold}")
 
 
 def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
@@ -505,7 +497,8 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
     positions = [int(p) for p in index["frame_indices"]]
     stored = index.get("stored_frames")
     durations = dict(zip(index["video_ids"], index.get("durations") or []))
-    parts = page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
+    parts = hmmc_serve.page_head(title or "HMMC search", REPORT_CSS, checkpoint=checkpoint,
+                                 skipped=index.get("skipped"))
     with prepare.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
             parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
@@ -519,12 +512,12 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
                 parts.append(f"<div class=\"hit\" data-video-id=\"{escape(vid)}\"><div><b>{hit['rank']}.</b> "
                              f"{escape(vid)} &mdash; score {hit['score']:.2f}"
                              f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
-                for t, (p, jpeg, score) in enumerate(zip(positions, jpegs, hit["frame_scores"])):
-                    cls = " class=\"top\"" if t in hit["top_frames"] else ""
+                for frame, jpeg in zip(hit_frames(hit, positions, duration, stored), jpegs):
                     thumb = base64.b64encode(thumbnail_jpeg(jpeg)).decode("ascii")
-                    parts.append(f"<figure{cls}><img alt=\"{escape(vid)} frame {p}\" "
-                                 f"src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
-                                 f"{escape(frame_label(frame_time(p, duration, stored), score))}</figcaption></figure>")
+                    top = " class=\"top\"" if frame["top"] else ""
+                    parts.append(f"<figure{top}><img alt=\"{escape(vid)} frame "
+                                 f"{frame['position']}\" src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
+                                 f"{escape(frame['label'])}</figcaption></figure>")
                 parts.append("</div></div>")
             parts.append("</section>")
     parts.append("</body></html>")
@@ -553,11 +546,9 @@ class QueryError(ValueError):
 
 
 class Searcher:
-    """The model, one folder's index and its files, shared by the page's request threads (serve.py asks it through
-    rank, thumbnail, video_file, rescan, status and info). `lock` serialises the model calls and guards the index;
-    a rescan builds the next index in a spawned process while queries keep answering from this one, then swaps it
-    in under the lock. Frames are read through an LMDB reader with a lock table, so the rescan's writer in the
-    other process never changes a page under it."""
+    """The model and one folder's index, shared by the page's request threads. `lock` serialises the model calls and
+    guards the index; a rescan builds the next index in a spawned process (its LMDB writer must not share this
+    process with the frame reader) while queries keep answering from this one, then swaps it in under the lock."""
 
     def __init__(self, net, source: str, *, index_args: dict, rank_args: dict, top: int = 5, checkpoint: str = "",
                  vocabulary: set | None = None):
@@ -576,14 +567,13 @@ class Searcher:
         self.index = self._prepare(build_index(net, source, **index_args))
 
     @staticmethod
-    def _prepare(index: dict) -> dict:
-        """build_index's answer plus what the requests look up (its "paths" are the files that may be served)."""
+    def _prepare(index: dict) -> dict:  # build_index's answer plus what requests look up; "paths" may be served
         return {**index, "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]],
                 "durations_of": dict(zip(index["video_ids"], index["durations"]))}
 
     def rank(self, query: str, top: int) -> dict:
-        """The page's answer to a query: the hits of search_index with their frames' URLs, times and labels, each
-        score explained, the URL of each video file with the time of its best-matching frame, and the warnings."""
+        """The hits of search_index with their frames, each score explained, the URL of each video file with the time
+        of its best-matching frame, and the query's warnings."""
         t0 = time.perf_counter()
         with self.lock:
             index = self.index
@@ -596,12 +586,11 @@ class Searcher:
         for hit in hits:
             vid = hit["video_id"]
             duration = index["durations_of"].get(vid)
-            times = [frame_time(p, duration, index["stored_frames"]) for p in positions]
-            hit["frames"] = [{"position": p, "url": "/frame?" + urllib.parse.urlencode({"id": vid, "p": p}),
-                              "time": t, "label": frame_label(t, score), "top": i in hit["top_frames"]}
-                             for i, (p, t, score) in enumerate(zip(positions, times, hit["frame_scores"]))]
+            hit["frames"] = hit_frames(hit, positions, duration, index["stored_frames"])
+            for frame in hit["frames"]:
+                frame["url"] = "/frame?" + urllib.parse.urlencode({"id": vid, "p": frame["position"]})
             best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
-            hit["start"] = times[best] or 0.0
+            hit["start"] = hit["frames"][best]["time"] or 0.0
             hit["duration"] = duration
             hit["length"] = _clock(duration) if duration else None
             hit["explain"] = explain_score(hit, weight)
@@ -650,8 +639,7 @@ class Searcher:
             self.env = None
 
     def video_file(self, vid: str) -> str:
-        """The file of an indexed video, if it still lies inside the folder once links are resolved (the same rule
-        the index follows: a link out of the folder is neither indexed nor served)."""
+        # the index's rule again: a link out of the folder is neither indexed nor served
         with self.lock:
             path = self.index["paths"].get(vid)
         if path is None or not _inside(os.path.realpath(self.source), path) or not os.path.isfile(path):
@@ -659,8 +647,7 @@ class Searcher:
         return os.path.realpath(path)
 
     def rescan(self) -> dict:
-        """Build the index again in a spawned process (new and changed files extracted and encoded, removed ones
-        dropped) and swap it in; queries keep answering from the current index meanwhile. A failure keeps it."""
+        """Build the index again in a spawned process and swap it in; a failure keeps the current one."""
         if not self.rescan_lock.acquire(blocking=False):
             raise QueryError(409, "a rescan is already running")
         t0 = time.perf_counter()
@@ -683,8 +670,7 @@ class Searcher:
             self.rescan_lock.release()
 
     def _build_elsewhere(self) -> dict:
-        """build_index in a spawned process: nothing of this server (its sockets, its threads) is inherited, and
-        the child's readers and writers all end with it, whatever happens there."""
+        # spawned: nothing of this server (sockets, threads) is inherited, and the child's LMDB handles end with it
         ctx = mp.get_context("spawn")
         receiver, sender = ctx.Pipe(duplex=False)
         child = ctx.Process(target=_rescan_child, args=(sender, self.net, self.source, self.index_args),
@@ -716,16 +702,14 @@ class Searcher:
         kind, payload = answer
         if kind == "error":
             raise QueryError(409, f"rescan failed, the previous index is kept: {payload}")
-        index = torch.load(payload["path"], map_location="cpu", weights_only=True)
-        return {**index, **payload}
+        return {**hmmc_model.read_checkpoint(payload["path"]), **payload}
 
     def status(self) -> dict:
         with self.lock:
             videos = len(self.index["video_ids"])
         return {"videos": videos, "rescan": dict(self.rescan_state)}
 
-    def info(self) -> dict:
-        """What the page shows above the search box."""
+    def info(self) -> dict:  # what the page shows above the search box
         with self.lock:
             index = self.index
         return {"title": f"HMMC search over {self.source}", "checkpoint": self.checkpoint, "language": self.language,
@@ -733,8 +717,7 @@ class Searcher:
                 "top_k_frames": int(self.rank_args["top_k_frames"]),
                 "frame_match_weight": float(self.rank_args["frame_match_weight"])}
 
-    def close(self):
-        """Stop a rescan in progress (its process) and let go of the frame store."""
+    def close(self):  # stops a rescan in progress and lets go of the frame store
         child = self.child
         if child is not None and child.is_alive():
             child.kill()
@@ -743,8 +726,7 @@ class Searcher:
 
 
 def _rescan_child(conn, net, source: str, index_args: dict):
-    """Runs in the spawned rescan process: build_index, telling the parent how far it got, then where the index is
-    (the embeddings travel through the index file, not the pipe)."""
+    """The spawned rescan: build_index, telling the parent how far it got, then where the index file is."""
     torch.set_num_threads(1)  # beside the server, which keeps answering queries meanwhile
     try:
         index = build_index(net, source, progress=lambda text: conn.send(("progress", text)), **index_args)
@@ -758,12 +740,9 @@ def _rescan_child(conn, net, source: str, index_args: dict):
 
 def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: str = "127.0.0.1", port: int = 8000,
                 top: int = 5, checkpoint: str = "", vocabulary: set | None = None, **server_args):
-    """A search page over `source` listening on host:port (port 0: any free one; see server.server_address) but not
-    yet serving: call serve_forever(), in a thread for tests. The port is taken first, then the index built, so a
-    busy port fails before minutes of indexing. server_args go to serve.Server (allowed_hosts, conn_timeout,
-    max_connections)."""
-    import serve
-    server = serve.listen(host, port, **server_args)
+    """A search page over `source` on host:port, not yet serving (call serve_forever()). The port is taken before
+    the index is built, so a busy port fails before minutes of indexing. server_args go to serve.Server."""
+    server = hmmc_serve.listen(host, port, **server_args)
     try:
         server.search = Searcher(net, source, index_args=index_args, rank_args=rank_args, top=top,
                                  checkpoint=checkpoint, vocabulary=vocabulary)
@@ -817,7 +796,6 @@ def main(argv=None):
     rank_args = dict(tokenizer=tokenizer, context_length=s["context_length"], top_k_frames=s["top_k_frames"],
                      frame_match_weight=s["frame_match_weight"], device=dev, dtype=dtype)
     if cfg["serve"]:
-        import serve  # here: only this mode needs the server
         # a query is a few small matmuls: spinning OpenMP threads on a shared CPU made them 10x slower (README)
         set_cpu_threads(dev)
         hosts = [h.strip() for h in cfg["allowed_hosts"].split(",") if h.strip()]
@@ -825,7 +803,7 @@ def main(argv=None):
                              port=cfg["port"], top=cfg["top"], checkpoint=checkpoint, vocabulary=vocabulary,
                              allowed_hosts=hosts, conn_timeout=cfg["conn_timeout"],
                              max_connections=cfg["max_connections"])
-        serve.run(server, source)
+        hmmc_serve.run(server, source)
         return []
     queries = [cfg["query"]] if cfg["query"] else []
     if cfg["queries_file"]:

@@ -1,22 +1,17 @@
 """
 The search page's web server: type a query, get the best videos first, each with its strip of frames (the top-k
-matched frames outlined, each with its time and score) and the video, playable from any of its frames.
-
-$ python search.py --init_from=out-synthetic/ckpt.pt --videos=my_videos/ --serve    # then open http://127.0.0.1:8000
-
-search.py starts it and hands it the engine (search.Searcher), which this module knows only through its methods:
-rank(query, top), thumbnail(id, position), video_file(id), rescan(), status() and info(). Only indexed videos are
-served, looked up by their id, never by a path taken from the URL. Standard library only: http.server and one page
-of plain JavaScript. What a hostile client or web page meets: a time limit on every connection and a cap on how
-many are served at once, bounded headers and numbers, no request body where none is expected, a Host allow-list
-(against DNS rebinding), an Origin check on the one POST, and headers that keep other sites from embedding the page
-or probing its files.
+matched frames outlined, with their times and scores) and the video, playable from any of its frames. search.py
+--serve starts it with its engine (search.Searcher: rank, thumbnail, video_file, rescan, status, info). Only indexed
+videos are served, by id, never by a path from the URL. Against hostile clients and pages: a time limit on every
+connection and a cap on how many are served at once, bounded headers and numbers, no unexpected request bodies, a Host
+allow-list (DNS rebinding), an Origin check on the one POST, and headers that keep other sites from framing or probing.
 """
 
 import base64
 import hashlib
 import ipaddress
 import json
+import mimetypes
 import os
 import re
 import socket
@@ -32,10 +27,6 @@ MAX_QUERY = 1000  # characters: the model reads a few dozen tokens, a longer que
 MAX_TOP = 100  # hits per query the page may ask for
 MAX_HEADER_BYTES = 16384  # all request headers together; a browser sends well under 2 KiB
 MAX_DIGITS = 18  # in a number of a Range header: larger ones address no file (and int() refuses 4,300 digits)
-VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
-               ".mkv": "video/x-matroska", ".ogv": "video/ogg", ".ogg": "video/ogg", ".avi": "video/x-msvideo",
-               ".mpg": "video/mpeg", ".mpeg": "video/mpeg", ".3gp": "video/3gpp", ".ts": "video/mp2t",
-               ".gif": "image/gif"}  # the rest go out as application/octet-stream (browsers play few of them)
 
 
 class HTTPError(Exception):
@@ -181,20 +172,25 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-
                     "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
-def page(info: dict) -> str:
-    """The search page: the folder, the checkpoint, the skipped files (folded away), the count of videos and the
-    language of the queries, the search form; everything from `info` escaped."""
-    title = escape(info["title"])
+def page_head(title: str, css: str, *, checkpoint: str = "", skipped: dict | None = None) -> list[str]:
+    """The top of the search page and of search.py's report, as HTML lines, everything escaped: the title, the
+    checkpoint, and the files skipped as unreadable (folded away) with their reasons."""
+    title = escape(title)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{_CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
-    if info["checkpoint"]:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>")
-    if info["skipped"]:
-        parts.append(f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
-                     f"</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items()]
+             f"<style>{css}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    if checkpoint:
+        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
+    if skipped:
+        parts.append(f"<details class=\"skipped\"><summary>{len(skipped)} file(s) skipped as unreadable</summary><ul>")
+        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in skipped.items()]
         parts.append("</ul></details>")
+    return parts
+
+
+def page(info: dict) -> str:
+    """The search page: page_head, the count of videos and the language of the queries, the search form."""
+    parts = page_head(info["title"], _CSS, checkpoint=info["checkpoint"], skipped=info["skipped"])
     parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
                  f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
                  f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
@@ -268,14 +264,6 @@ def _host_name(header: str) -> str:
     if header.startswith("["):  # [::1]:8000
         return header[1:].split("]", 1)[0]
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -381,7 +369,7 @@ class Handler(BaseHTTPRequestHandler):
         # a page on another site that points its own name at this machine (DNS rebinding) sends its own name in
         # Host: answer only to an IP address, localhost, this machine's name, and the names given in allowed_hosts
         host = _host_name(self.headers.get("Host") or "")
-        if not (is_ip(host) or host in self.server.allowed_hosts):
+        if not (_is_ip(host) or host in self.server.allowed_hosts):
             raise HTTPError(403, "unexpected Host header; open the page by this machine's address or name "
                                  "(or add the name to --allowed_hosts)")
 
@@ -422,8 +410,7 @@ class Handler(BaseHTTPRequestHandler):
             span = _byte_range(self.headers.get("Range"), size)
             first, last = span or (0, size - 1)
             self.send_response(206 if span else 200)
-            self.send_header("Content-Type", VIDEO_TYPES.get(os.path.splitext(path)[1].lower(),
-                                                             "application/octet-stream"))
+            self.send_header("Content-Type", mimetypes.guess_type(path)[0] or "application/octet-stream")
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(last - first + 1))
             if span:
@@ -510,11 +497,15 @@ class Server(ThreadingHTTPServer):
               file=self.log, flush=True)
 
 
-def is_loopback(host: str) -> bool:
+def _is_ip(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host) is not None
     except ValueError:
-        return host == "localhost"
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or _is_ip(host) and ipaddress.ip_address(host).is_loopback
 
 
 def listen(host: str = "127.0.0.1", port: int = 8000, **server_args) -> Server:
