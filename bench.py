@@ -1,8 +1,7 @@
 """
 Benchmark HMMC with random weights at real sizes: the fine-tuning and pre-training steps (videos/s, model FLOPs
-utilisation, peak memory), eval encoding, the hierarchical similarity of a 1k x 1k test set, one search query, the
-data loaders (an LMDB of generated frames, and the recipes' paths on real clips), a whole evaluate() of 1,000 videos
-and the tokenizer. Prints one table and writes JSON.
+utilisation, peak memory), one search query, the data loaders on real clips and a whole evaluate() of 1,000 videos
+with its encoding rate. Prints one table and writes JSON.
 
 $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
@@ -46,21 +45,18 @@ steps = 10  # timed steps per measurement (after warm-up)
 warmup = 3  # untimed steps before each measurement
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" | "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast dtype
-compile = False  # torch.compile the model for the step and eval-encoding measurements
+compile = False  # torch.compile the model for the step measurements
 activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
-eval_batch_size = 256  # videos per eval-encoding batch
+eval_batch_size = 256  # videos per encoding batch of evaluate()
 eval_videos = 1000  # videos (one caption each) of the evaluate() and data loader rows: MSR-VTT 1k-A's size
 loader_workers = (0, 4, 8, 14)  # data loader process counts to time (14: a 16-core host less the trainer)
 loader_batch_size = 32  # the recipes' per-GPU batch on 8 GPUs
-sim_videos = 1000  # the similarity row: sim_videos texts x sim_videos videos x num_frames frames
 search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
 search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
-tokenizer_captions = 20000  # captions the tokenizer row encodes
 recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated clips, extracted by prepare.py frames
 recipe_workers = 2  # loader processes of those rows: one per core of this machine leaves none idle
 recipe_repeats = 3  # alternations of the decode floor and every recipe row: each row shows their median ratio
-baseline = None  # run the plain baseline too; default: on CPU only
 ratio_repeats = 3  # a ratio's pairs of steps (ours, baseline, in alternation): steps x ratio_repeats
 noisy_spread = 0.25  # flag a ratio as NOISY when its 25th-75th percentiles spread by more than this of the median
 out = "out/bench.json"  # the JSON of every row; "" writes none
@@ -76,15 +72,14 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
 }
 # defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=4, warmup=1,
-            eval_batch_size=8, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4, tokenizer_captions=500,
-            sim_videos=64, search_videos=(64,), search_model="tiny", recipe_videos=8, recipe_repeats=2)
+            eval_batch_size=8, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4, search_videos=(64,),
+            search_model="tiny", recipe_videos=8, recipe_repeats=2)
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
             "a child rides a red bicycle in the park", "a chef explains how to cook pasta"]
 # the units of a row's main figure, the one its baseline and ratio refer to
-UNITS = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms", "query_ms": "ms",
-         "videos_per_s_core": "videos/s/core"}
+UNITS = {"videos_per_s": "videos/s", "query_ms": "ms", "videos_per_s_core": "videos/s/core"}
 
 
 def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -110,7 +105,7 @@ def plain_attention():
 
 
 def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) -> "hmmc_model.HMMC":
-    """The model at a real size, initialised directly on `dev` (random init of 350M floats on a CPU takes seconds)."""
+    # initialised directly on `dev`: random init of 350M floats on a CPU takes seconds
     torch.manual_seed(seed)
     clip = dict(TOWERS[tower], context_length=max(L, 77) if tower != "tiny" else L)
     cfg = hmmc_model.HMMCConfig(clip=hmmc_model.CLIPConfig(**clip), num_frames=T, pretrain=pretrain_,
@@ -120,25 +115,8 @@ def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) 
     return hmmc_model.load_model("scratch", cfg, device=dev)[0]
 
 
-def _sync(dev: str):
-    if torch.device(dev).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _compiled(fn):
-    # a fresh, static-shape compile per row: otherwise the second batch size of a run would get a dynamic-shape
-    # graph and later rows could hit dynamo's recompile limit and silently run eager
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
-
-
-def _random_video(tower: str, B: int, T: int, dev: str) -> torch.Tensor:
-    S = TOWERS[tower]["image_resolution"]
-    return torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
-
-
 def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, tokenizer):
-    """(one full optimizer step: forward, backward, clip, AdamW, momentum update, on random weights; its facts)."""
+    """(one optimizer step on random weights: forward, backward, clip, AdamW, momentum update; its facts)."""
     net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B, dev=dev)
     if grad_ckpt:  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
         for m in net.modules():
@@ -146,9 +124,16 @@ def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, token
                 m.grad_checkpointing = True
     opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
                                    betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
-    step_model = _compiled(net) if compile_ else net
+    step_model = net
+    if compile_:
+        # a fresh, static-shape compile per row: otherwise the second batch size of a run would get a dynamic-shape
+        # graph and later rows could hit dynamo's recompile limit and silently run eager
+        torch._dynamo.reset()
+        step_model = torch.compile(net, dynamic=False)
     ids, mask = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(B)], L)
-    batch = {"video": _random_video(tower, B, T, dev), "ids": ids.to(dev), "mask": mask.to(dev)}
+    S = TOWERS[tower]["image_resolution"]
+    video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
+    batch = {"video": video, "ids": ids.to(dev), "mask": mask.to(dev)}
     if pretrain_:  # tags: the captions again, only their cost matters
         batch["tag_ids"], batch["tag_mask"] = batch["ids"].clone(), batch["mask"].clone()
 
@@ -165,35 +150,22 @@ def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, token
     return step, {"flops_per_video": net.flops_per_video(T, L)}
 
 
-def encode_step(tower, B, *, T, L, dev, dt, compile_, **_):
-    """(eval video encoding, model only: uint8 frames on the device -> (video_emb, frame_emb); no facts)."""
-    net = build(tower, pretrain_=False, T=T, L=L, batch=B, dev=dev).eval()
-    encode = _compiled(net.encode_video) if compile_ else net.encode_video
-    video = _random_video(tower, B, T, dev)
-
-    @torch.no_grad()
-    def step():
-        with autocast(dev, dt):
-            encode(video)
-
-    return step, {}
-
-
 _clock = time.perf_counter  # the steps' clock (tests/test_bench.py drives a fake one)
 
 
 def _timed(fn, dev: str) -> float:
     t0 = _clock()
     fn()
-    _sync(dev)
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
     return _clock() - t0
 
 
 def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repeats: int, baseline: bool,
                **kw) -> tuple[dict, dict | None, list | None]:
     """(our row, the baseline's row or None, the paired ratios or None) for the step function that make(...) builds.
-    With the baseline, its step (fp32, naive attention, eager) and ours run in alternation, one each, the order
-    swapped every pair, so that both see the same load; a pair's ratio is baseline time / our time."""
+    The baseline's step (fp32, naive attention, eager) and ours run in alternation, one each, the order swapped every
+    pair, so that both see the same load; a pair's ratio is baseline time / our time."""
     if torch.device(dev).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ours_step, facts = make(B=B, dev=dev, dt=dt, **kw)
@@ -201,7 +173,6 @@ def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repea
         ours_step()
     row = lambda times: {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
     if not baseline:
-        _sync(dev)
         per_step = _timed(lambda: [ours_step() for _ in range(n_steps)], dev) / n_steps
         return {**row([per_step]), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, None, None
 
@@ -231,71 +202,28 @@ def _peak_memory_gb(dev: str) -> float:
 
 
 def ratio_summary(ratios: list, noisy_spread: float) -> dict:
-    """The median of the paired ratios, their 25th and 75th percentiles, and whether those spread by more than
-    noisy_spread of the median (the machine's load changed within the row)."""
+    """The median paired ratio and its 25th-75th percentiles, NOISY when those spread by more than noisy_spread of
+    the median (the machine's load changed within the row)."""
     median, lo, hi = (float(np.percentile(ratios, q)) for q in (50, 25, 75))
     return {"ratio": median, "ratio_p25": lo, "ratio_p75": hi, "pairs": len(ratios),
             "noisy": (hi - lo) > noisy_spread * median}
 
 
-def _calls_ms(fn, dev: str, repeats: int) -> dict:
-    """The median and the fastest of `repeats` calls of fn(i), in ms, after one untimed warm-up call."""
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        fn(i)
-        _sync(dev)
-        times.append(1000 * (time.perf_counter() - t0))
-    return {"median": float(np.median(times[1:])), "fastest_ms": min(times[1:]), "of": repeats}
-
-
-def _unit_rows(g, *shape) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
-
-
 @torch.no_grad()
-def time_similarity(num: int, T: int, E: int, dev: str) -> dict:
-    """Hierarchical similarity of num texts x num videos x T frames (MSR-VTT 1k-A is 1000 x 1000 x 12), then the
-    retrieval metrics of its matrix."""
-    g = torch.Generator().manual_seed(seed)
-    text, video, frames = (_unit_rows(g, *shape).to(dev) for shape in ((num, E), (num, E), (num, T, E)))
-    similarity = lambda _: hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
-    row = _calls_ms(similarity, dev, repeats=3)
-    t0 = time.perf_counter()
-    hmmc_eval.retrieval_metrics(similarity(0).cpu().numpy())
-    return {"similarity_ms": row.pop("median"), **row, "metrics_ms": 1000 * (time.perf_counter() - t0)}
-
-
-@torch.no_grad()
-def time_search(net, num: int, T: int, L: int, tokenizer, dev: str) -> dict:
-    """One query against an index of num videos x T frames (random unit embeddings of the model's size), as the
-    search page answers it, HTTP aside: search.search_index tokenizes, encodes the text, scores every video and
-    returns the top 10 with their frame scores."""
+def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int = 5) -> dict:
+    """The median and the fastest of `repeats` queries (after a warm-up) against an index of num videos x T frames
+    of random unit embeddings, as the search page answers them, HTTP aside."""
     g, E = torch.Generator().manual_seed(seed), net.cfg.clip.embed_dim
-    index = {"video_ids": [f"v{i:05d}" for i in range(num)], "video_emb": _unit_rows(g, num, E),
-             "frame_emb": _unit_rows(g, num, T, E)}
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)
+    index = {"video_ids": [f"v{i:05d}" for i in range(num)], "video_emb": unit(num, E), "frame_emb": unit(num, T, E)}
     query = lambda i: search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
-                                          context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10,
-                                          device=dev)
-    row = _calls_ms(query, dev, repeats=5)
-    return {"query_ms": row.pop("median"), **row}
-
-
-def _write_captions(path: str, video_ids: list, **extra) -> None:
-    with open(path, "w") as f:
-        for v, vid in enumerate(video_ids):  # distinct captions, as in a real test set
-            f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[v % len(CAPTIONS)]} {v}"], **extra}) + "\n")
-
-
-def time_tokenizer(n: int, L: int, tokenizer) -> dict:
-    texts = [f"{CAPTIONS[i % len(CAPTIONS)]} number {i}" for i in range(n)]  # distinct: no cache hits
-    t0 = time.perf_counter()
-    tokenizer(texts, L)
-    return {"captions_per_s": n / (time.perf_counter() - t0)}
+                                          context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
+    times = [1000 * _timed(lambda: query(i), dev) for i in range(repeats + 1)]
+    return {"query_ms": float(np.median(times[1:])), "fastest_ms": min(times[1:]), "of": repeats}
 
 
 # -----------------------------------------------------------------------------
-# The recipes' loaders on real videos: ffmpeg clips -> prepare.py frames -> VideoTextDataset through a DataLoader
+# The loaders on real videos: ffmpeg clips -> prepare.py frames -> VideoTextDataset through a DataLoader
 
 GOAL = {"finetune": 1370, "pretrain": 1100}  # videos/s per GPU the loaders must feed (the step at full size)
 # path name -> (recipe kind, stored short side, centre squares, augment, frames T, batch per GPU, text tokens)
@@ -306,6 +234,12 @@ RECIPE_PATHS = {
     "pretrain 224px": ("pretrain", 224, False, "frame", 12, 16, 45),
     "pretrain 360px, all augmentation in the loader": ("pretrain", 360, False, "frame-cpu", 12, 16, 45),
 }
+
+
+def _write_captions(path: str, video_ids: list, **extra) -> None:
+    with open(path, "w") as f:
+        for v, vid in enumerate(video_ids):  # distinct captions, as in a real test set
+            f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[v % len(CAPTIONS)]} {v}"], **extra}) + "\n")
 
 
 def make_recipe_videos(folder: str, n: int) -> None:
@@ -325,44 +259,8 @@ def make_recipe_videos(folder: str, n: int) -> None:
         os.remove(src)
 
 
-def _decode_floor(db, video_ids: list, T: int) -> tuple:
-    """(videos per CPU second, videos/s) of Pillow decoding T of each video's JPEG frames in this process, one
-    thread: what no loader can avoid."""
-    from PIL import Image
-    t0, c0 = time.perf_counter(), time.process_time()
-    for vid in video_ids:
-        for buf in db.get_frames(vid, np.linspace(0, db.num_frames, T, endpoint=False).astype(int)):
-            Image.open(io.BytesIO(buf)).load()
-    return len(video_ids) / (time.process_time() - c0), len(video_ids) / (time.perf_counter() - t0)
-
-
-def _loader_rate(ds, workers: int, batch: int) -> tuple:
-    """(videos per CPU second of the workers, videos/s per worker) through a DataLoader as train.py builds it, over
-    enough epochs of the set for 4 batches per worker after the first. The wall-clock rate starts at the first batch
-    (worker start-up excluded); CPU seconds are the workers' own (this process's where workers=0), which a busy
-    machine does not inflate as it does the wall clock."""
-    g = torch.Generator().manual_seed(seed)
-    order = []
-    while len(order) < max(len(ds), (1 + 4 * max(workers, 1)) * batch):
-        order += torch.randperm(len(ds), generator=g).tolist()
-    batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
-    who = resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF
-    cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
-    c0 = cpu()
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=prepare.collate)
-    it = iter(loader)
-    first = len(next(it)["video"])
-    t0, n = time.perf_counter(), 0
-    for b in it:
-        n += len(b["video"])
-    wall = time.perf_counter() - t0
-    del it, loader  # the workers exit and are waited for: their CPU time is counted from here on
-    return (first + n) / (cpu() - c0), n / wall / max(workers, 1)
-
-
 def recipe_data(tmp: str, n_videos: int, tokenizer) -> tuple:
-    """(video ids, {path name: (dataset, its FrameDB, T, batch)}) of every path of RECIPE_PATHS over n_videos real
-    clips, their frames extracted by prepare.py frames into tmp."""
+    """(video ids, {path name: (dataset, its FrameDB, T, batch)}) of RECIPE_PATHS over n_videos real clips."""
     videos = os.path.join(tmp, "videos")
     make_recipe_videos(videos, n_videos)
     ids = sorted(os.path.splitext(f)[0] for f in os.listdir(videos))
@@ -383,30 +281,9 @@ def recipe_data(tmp: str, n_videos: int, tokenizer) -> tuple:
     return ids, paths
 
 
-def time_recipe_loaders(ids: list, paths: dict, workers: int, repeats: int) -> list:
-    """[(row name, ours, decode floor, ratios)] for every recipe path: the loader's videos/s per core (over `workers`
-    processes) beside the decode floor of the same frames on one core, alternated `repeats` times (a shared machine's
-    load drifts), and the cores per GPU that the goal then takes."""
-    runs = {name: [] for name in paths}  # per repeat: (ours, ours wall per worker, floor, floor wall)
-    for _ in range(max(1, repeats)):
-        for name, (ds, db, T, batch) in paths.items():
-            runs[name].append((*_loader_rate(ds, workers, batch), *_decode_floor(db, ids, T)))
-    rows = []
-    for name, measured in runs.items():
-        ours, ours_wall, floor, floor_wall = (list(column) for column in zip(*measured))
-        goal, median = GOAL[RECIPE_PATHS[name][0]], lambda values: float(np.median(values))
-        rows.append((f"loader {name}, per core",
-                     {"videos_per_s_core": median(ours), "cores_per_gpu": goal / median(ours), "goal": goal,
-                      "workers": workers, "runs": ours, "wall_per_worker": median(ours_wall), "wall_runs": ours_wall},
-                     {"videos_per_s_core": median(floor), "runs": floor, "wall": median(floor_wall),
-                      "wall_runs": floor_wall, "label": "decode floor"},
-                     [o / f for o, f in zip(ours, floor)]))
-    return rows
-
-
 def copy_videos(db, ids: list, path: str, n: int) -> None:
-    """A prepared dataset of n videos (one caption each) at `path`, cycling through the frames of `ids` in `db`:
-    decoding costs the same as n distinct videos, and a 1,000-video set is written in seconds."""
+    """A prepared dataset of n videos (one caption each) cycling through the frames of `ids` in `db`: decoding costs
+    the same as n distinct videos, and a 1,000-video set is written in seconds."""
     names = [f"v{v:05d}" for v in range(n)]
     with prepare.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=db.num_frames,
                          frame_size=db.meta["frame_size"]) as out:
@@ -416,19 +293,80 @@ def copy_videos(db, ids: list, path: str, n: int) -> None:
         _write_captions(os.path.join(path, f"{split}.jsonl"), names)
 
 
+def _decode_floor(db, video_ids: list, T: int) -> tuple:
+    """(videos per CPU second, videos/s) of Pillow decoding T frames of each video on one thread: what no loader can
+    avoid."""
+    from PIL import Image
+    t0, c0 = time.perf_counter(), time.process_time()
+    for vid in video_ids:
+        for buf in db.get_frames(vid, np.linspace(0, db.num_frames, T, endpoint=False).astype(int)):
+            Image.open(io.BytesIO(buf)).load()
+    return len(video_ids) / (time.process_time() - c0), len(video_ids) / (time.perf_counter() - t0)
+
+
+def _loader_rate(ds, workers: int, batch: int) -> tuple:
+    """(videos per CPU second of the workers, videos/s per worker) through a DataLoader as train.py builds it, over
+    enough epochs for 4 batches per worker after the first. The wall clock starts at the first batch (worker
+    start-up excluded); CPU seconds, which a busy machine does not inflate, are the workers' own (this process's
+    where workers=0)."""
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < max(len(ds), (1 + 4 * max(workers, 1)) * batch):
+        order += torch.randperm(len(ds), generator=g).tolist()
+    batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    who = resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF
+    cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
+    c0 = cpu()
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=prepare.collate)
+    it = iter(loader)
+    first = len(next(it)["video"])
+    t0, n = time.perf_counter(), 0
+    for b in it:
+        n += len(b["video"])
+    wall = time.perf_counter() - t0
+    del it, loader  # the workers exit and are waited for: their CPU time is counted from here on
+    return (first + n) / (cpu() - c0), n / wall / max(workers, 1)
+
+
+def time_recipe_loaders(ids: list, paths: dict, workers: int, repeats: int) -> list:
+    """[(row name, ours, decode floor, ratios)]: each recipe path's loader in videos per CPU second beside the decode
+    floor of the same frames, alternated `repeats` times (a shared machine's load drifts), and the cores per GPU that
+    the goal then takes."""
+    runs = {name: [] for name in paths}
+    for _ in range(max(1, repeats)):
+        for name, (ds, db, T, batch) in paths.items():
+            runs[name].append((*_loader_rate(ds, workers, batch), *_decode_floor(db, ids, T)))
+    rows = []
+    for name, measured in runs.items():
+        ours, ours_wall, floor, floor_wall = zip(*measured)
+        rate, goal = float(np.median(ours)), GOAL[RECIPE_PATHS[name][0]]
+        rows.append((f"loader {name}, per core",
+                     {"videos_per_s_core": rate, "cores_per_gpu": goal / rate, "goal": goal, "workers": workers,
+                      "wall_per_worker": float(np.median(ours_wall))},
+                     {"videos_per_s_core": float(np.median(floor)), "wall": float(np.median(floor_wall)),
+                      "label": "decode floor"},
+                     [o / f for o, f in zip(ours, floor)]))
+    return rows
+
+
 # -----------------------------------------------------------------------------
 
 def run(cfg: dict) -> dict:
-    """All measurements for one configuration -> {"rows": [...], "setup": {...}}."""
     dev, dt = init_compute(cfg["device"])[3], cfg["dtype"]  # as train.py sets up: TF32 matmuls on CUDA
     set_cpu_threads(dev)  # and one thread on a CPU, as train.py
     on_cuda = torch.device(dev).type == "cuda"
-    with_baseline = (not on_cuda) if cfg["baseline"] is None else bool(cfg["baseline"])
+    with_baseline = not on_cuda  # a shared CPU's load moves absolute rates: only the ratios to a baseline compare
     T, L, first = cfg["num_frames"], cfg["context_length"], cfg["models"][0]
     tokenizer = prepare.get_tokenizer("clip")
     peak = peak_flops(torch.device(dev).type)
     rows = []
-    print(_legend(with_baseline, cfg), flush=True)
+    print(f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details\n"
+          f"  value: the median step or query; the loaders and evaluate(): one pass", flush=True)
+    if with_baseline:
+        print(f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in "
+              f"{cfg['steps'] * max(1, cfg['ratio_repeats'])} alternating pairs of steps,\n"
+              f"  the median pair [25th-75th percentile]; NOISY: those spread by more than "
+              f"{100 * cfg['noisy_spread']:.0f}% of the median. On a shared CPU only the ratios compare", flush=True)
 
     def add(name, ours, base=None, ratios=None):
         row = {"name": name, "ours": ours, "baseline": base}
@@ -453,18 +391,11 @@ def run(cfg: dict) -> dict:
                     print(f"{name:<44s} out of memory", flush=True)
                 if on_cuda:
                     torch.cuda.empty_cache()
-        add(f"eval encode {tower} B={cfg['eval_batch_size']}",
-            *time_steps(encode_step, cfg["eval_batch_size"], tower=tower, **timing))
-
-    num = cfg["sim_videos"]
-    add(f"similarity {num}x{num}x{T} + metrics", time_similarity(num, T, TOWERS[first]["embed_dim"], dev))
     searcher = build(cfg["search_model"], pretrain_=False, T=T, L=L, batch=1, dev=dev).eval()
     for num in cfg["search_videos"]:
         add(f"search query {cfg['search_model']}, {num} videos x {T}",
             time_search(searcher, num, T, L, tokenizer, dev))
     del searcher
-    add("tokenizer (CLIP BPE)", time_tokenizer(cfg["tokenizer_captions"], L, tokenizer))
-    # the loaders and the whole evaluation read frames that prepare.py frames extracted from real clips
     tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
     try:
         ids, paths = recipe_data(tmp, cfg["recipe_videos"], tokenizer)
@@ -486,7 +417,7 @@ def run(cfg: dict) -> dict:
                                num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
         elapsed = time.perf_counter() - t0
         add(f"evaluate() {first}, {m['num_videos']}x{m['num_texts']} from LMDB",
-            {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed})
+            {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed, "encode_videos_per_s": m["videos_per_s"]})
         for _, db, _, _ in paths.values():
             db.close()
     finally:
@@ -500,8 +431,7 @@ def run(cfg: dict) -> dict:
 
 
 def resolve_size(size: str, device: str) -> tuple:
-    """(size to run, a line to print about it or None): "auto" is full on a GPU and tiny without one, and full on a
-    CPU (tens of GB, hours) runs only when asked for, after a warning."""
+    """(size to run, a line to print or None): "auto" is full on a GPU and tiny without one."""
     if size not in ("auto", "full", "tiny"):
         raise ValueError(f"size must be 'auto', 'full' or 'tiny', got {size!r}")
     on_gpu = torch.device(device).type == "cuda"
@@ -514,26 +444,14 @@ def resolve_size(size: str, device: str) -> tuple:
     return size, None
 
 
-def _legend(with_baseline: bool, cfg: dict) -> str:
-    """What the columns say, printed once above the rows."""
-    lines = [f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details",
-             "  value: the median step or call; the loaders, evaluate() and the tokenizer: one pass"]
-    if with_baseline:
-        lines += [f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in "
-                  f"{cfg['steps'] * max(1, cfg['ratio_repeats'])} alternating pairs of steps,",
-                  f"  the median pair [25th-75th percentile]; NOISY: those spread by more than "
-                  f"{100 * cfg['noisy_spread']:.0f}% of the median. On a shared CPU only the ratios compare"]
-    return "\n".join(lines)
-
-
 def _format_row(row: dict) -> str:
     ours = row["ours"]
     key = next(k for k in UNITS if k in ours)
     extra = [f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "",
              f"peak mem {ours['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in ours else "",
              f"{ours['seconds']:.1f} s in all" if "seconds" in ours else "",
-             f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else "",
-             f"metrics {ours['metrics_ms']:.1f} ms" if "metrics_ms" in ours else ""]
+             f"encoding {ours['encode_videos_per_s']:.1f} videos/s" if "encode_videos_per_s" in ours else "",
+             f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else ""]
     if "cores_per_gpu" in ours:
         extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s, wall clock "
                      f"{ours['wall_per_worker']:.1f} per worker (floor {row['baseline']['wall']:.1f})")
@@ -557,9 +475,9 @@ def main(argv=None) -> dict:
     print(f"bench: size={size_} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}", flush=True)
     result = run(cfg)
     print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
-    noisy = [row["name"] for row in result["rows"] if row.get("noisy")]
+    noisy = sum(bool(row.get("noisy")) for row in result["rows"])
     if noisy:
-        print(f"warning: {len(noisy)} ratios marked NOISY (the machine's load changed while they were measured): "
+        print(f"warning: {noisy} ratios marked NOISY (the machine's load changed while they were measured): "
               f"rerun them on an idle machine", flush=True)
     if cfg["out"]:
         os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
