@@ -33,6 +33,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from html import escape
 
+import lmdb
 import numpy as np
 import torch
 
@@ -41,6 +42,7 @@ import eval as hmmc_eval
 import model as hmmc_model
 import prepare
 import serve as hmmc_serve  # `serve` is also a setting
+from serve import HTTPError
 from common import run_script, set_cpu_threads
 
 # -----------------------------------------------------------------------------
@@ -335,12 +337,12 @@ def _check_query(text: str, tokenizer) -> None:
 
 
 def _script(ch: str) -> str | None:
-    """The writing system of a letter or symbol: "latin", "cjk", "emoji", "cyrillic", "hangul"...; None otherwise."""
+    """"latin", "cjk", "emoji", "cyrillic"...; None for what every script has (digits, punctuation, spaces)."""
     cat = unicodedata.category(ch)
     if cat == "So":
         return "emoji"  # pictographs and other symbols
     if not cat.startswith("L"):
-        return None  # digits, punctuation, spaces: every script has them
+        return None
     name = unicodedata.name(ch, "")
     if name.startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH")):
         return "cjk"
@@ -352,8 +354,7 @@ def _quote(text: str, n: int = 60) -> str:
 
 
 def words(text: str) -> list[str]:
-    """The words of a caption or query, lower-cased: runs of letters, and each Chinese character on its own (Chinese
-    has no spaces; the Chinese BERT reads one character per token)."""
+    """Lower-cased runs of letters, each Chinese character on its own (the Chinese BERT reads one per token)."""
     out = []
     for run in re.findall(r"[^\W\d_]+", text.lower()):
         out += [run] if not any(_script(c) == "cjk" for c in run) else re.findall(r"[^\W\d_]", run)
@@ -361,7 +362,7 @@ def words(text: str) -> list[str]:
 
 
 def caption_vocabulary(path: str, field: str = "captions") -> set:
-    """Every word of the captions in a dataset's <split>.jsonl (`field` holds a list of captions or one)."""
+    """Every word of the captions of a <split>.jsonl (`field` holds a list of captions or one)."""
     vocab = set()
     with open(path, encoding="utf-8") as f:
         for line in filter(str.strip, f):
@@ -372,8 +373,7 @@ def caption_vocabulary(path: str, field: str = "captions") -> set:
 
 
 def training_captions(ckpt_config: dict) -> tuple[str, str] | None:
-    """(jsonl path, caption field) of the captions a train.py checkpoint learned from, as its config names them;
-    None when the config names no dataset (OpenAI's CLIP, an original HMMC state dict)."""
+    """(jsonl path, caption field) a train.py checkpoint learned from; None for OpenAI's CLIP or an original HMMC."""
     if not ckpt_config or not (ckpt_config.get("data_dir") or ckpt_config.get("dataset")):
         return None
     data_dir = ckpt_config.get("data_dir") or os.path.join("data", ckpt_config["dataset"])
@@ -382,39 +382,36 @@ def training_captions(ckpt_config: dict) -> tuple[str, str] | None:
 
 
 def query_warnings(text: str, tokenizer, context_length: int, vocabulary: set | None = None) -> list[str]:
-    """What to know before trusting the scores of `text`, one line each: it was cut to the model's caption length,
-    it is written in a script the text encoder was not trained on, or most of its words never occur in the captions
-    the model was trained on (`vocabulary`, see caption_vocabulary). The scores look just as confident then."""
-    out = []
+    """Why the scores of `text`, which look just as confident, may mean little, one line each: it was cut to the
+    model's caption length, its script is not the text encoder's, or most of its words never occur in the captions
+    the model was trained on (`vocabulary`)."""
+    q, out, little = _quote(text), [], "its scores will look confident and mean little"
     n, kept = len(tokenizer.encode(text)), context_length - 2  # each row also holds a start and an end token
     if n > kept:
-        out.append(f"query {_quote(text)} is {n} tokens long; the model reads {context_length} per caption, so only "
-                   f"the first {kept} were kept")
+        out.append(f"query {q} is {n} tokens long; the model reads {context_length} per caption, so only the first "
+                   f"{kept} were kept")
     scripts = {s for s in map(_script, text) if s}
-    if isinstance(tokenizer, prepare.BertTokenizer):
-        if "latin" in scripts and "cjk" not in scripts:
-            out.append(f"query {_quote(text)} is in Latin script but the text encoder (Chinese BERT) was trained on "
-                       f"Chinese captions; its scores will look confident and mean little. Write it in Chinese")
-    elif scripts - {"latin"}:
-        out.append(f"query {_quote(text)} contains {', '.join(sorted(scripts - {'latin'}))} text, which the CLIP "
-                   f"text encoder (trained on English) barely knows; its scores will look confident and mean little")
-    if vocabulary:
-        known = list(dict.fromkeys(words(text)))
-        unknown = [w for w in known if w not in vocabulary]
-        if 2 * len(unknown) > len(known):
-            out.append(f"{len(unknown)} of the {len(known)} words of query {_quote(text)} never occur in the "
-                       f"{len(vocabulary)}-word vocabulary of the captions this model was trained on "
-                       f"({', '.join(unknown[:6])}{', ...' if len(unknown) > 6 else ''}); its scores will look "
-                       f"confident and mean little. Use words it knows, or a model trained on richer captions "
-                       f"(e.g. --init_from=clip)")
+    bert = isinstance(tokenizer, prepare.BertTokenizer)  # Chinese mixed with other scripts is fine there
+    foreign = (set() if "cjk" in scripts else scripts) if bert else scripts - {"latin"}
+    if foreign:
+        out.append(f"query {q} contains {', '.join(sorted(foreign))} text, which the text encoder "
+                   f"({'Chinese BERT, trained on Chinese' if bert else 'CLIP, trained on English'}) barely knows; "
+                   f"{little}")
+    known = list(dict.fromkeys(words(text)))
+    unknown = [w for w in known if vocabulary and w not in vocabulary]
+    if 2 * len(unknown) > len(known):
+        out.append(f"{len(unknown)} of the {len(known)} words of query {q} never occur in the {len(vocabulary)}-word "
+                   f"vocabulary of the captions this model was trained on ({', '.join(unknown[:6])}"
+                   f"{', ...' if len(unknown) > 6 else ''}); {little}. Use words it knows, or a model trained on "
+                   f"richer captions (e.g. --init_from=clip)")
     return out
 
 
 @torch.no_grad()
 def search_index(net, index: dict, queries: list[str], *, tokenizer, context_length: int, top_k_frames: int,
                  frame_match_weight: float, top: int = 5, device: str = "cpu", dtype=None) -> list[list[dict]]:
-    """Rank the indexed videos for each query -> per query a list of hits, best first:
-    {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame), "top_frames" [k positions]}."""
+    """Per query its hits, best first: {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame),
+    "top_frames" [k positions]}."""
     if not index["video_ids"]:
         raise ValueError("the index is empty: no videos to search")
     if int(top) < 1:
@@ -441,7 +438,7 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
 
 
 def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
-    """A stored frame shrunk to `height` px (and at most 4x as wide), as JPEG: for the report and the search page."""
+    """A stored frame shrunk to `height` px (and at most 4x as wide)."""
     from PIL import Image
     img = Image.open(io.BytesIO(jpeg)).convert("RGB")
     img.thumbnail((height * 4, height))
@@ -451,7 +448,7 @@ def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
 
 
 def explain_score(hit: dict, frame_match_weight: float) -> str:
-    """One line on what a hit's score is made of, from its frame scores: the video term and the frame term."""
+    """What a hit's score is made of: the video term and the frame term."""
     k = len(hit["top_frames"])
     frames = sum(hit["frame_scores"][t] for t in hit["top_frames"]) / max(k, 1)
     video = hit["score"] - frame_match_weight * frames
@@ -465,14 +462,12 @@ def _clock(seconds: float) -> str:
 
 
 def frame_time(position: int, duration, stored) -> float | None:
-    """Seconds into the video of stored frame `position`; None when the duration is unknown. Extraction takes the
-    centre of each of `stored` equal segments of the video."""
+    # extraction took the centre of each of `stored` equal segments of the video
     return (position + 0.5) * duration / stored if duration and stored else None
 
 
 def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
-    """Each encoded frame of a hit: its position, its time in the video (None when unknown), its caption (the time
-    and 100 x cosine of the query with it), and whether it is one of the top-k that entered the score."""
+    """Each encoded frame of a hit: position, time (None when unknown), caption, and whether it entered the score."""
     frames = []
     for i, (p, score) in enumerate(zip(positions, hit["frame_scores"])):
         t = frame_time(p, duration, stored)
@@ -481,23 +476,13 @@ def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
     return frames
 
 
-REPORT_CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
-              # frames shrink to share the page width (min-width:0 lets a flex item go below its image's width)
-              ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;"
-              "font-size:11px;color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;"
-              "border:3px solid transparent}figure.top img{border-color:#e8590c}figure.top{color:#e8590c;"
-              "font-weight:bold}")
-
-
 def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
                checkpoint: str = "") -> None:
-    """One self-contained page: the checkpoint and the skipped files first, then for each query its top videos,
-    each as a strip of the encoded frames (JPEG thumbnails inlined as base64, shrunk to fit the page width) with the
-    top-k matched frames outlined and each frame's time in the video and score under it."""
+    """A self-contained page (thumbnails inlined) of each query's hits, each a strip of frames as on the search page."""
     positions = [int(p) for p in index["frame_indices"]]
     stored = index.get("stored_frames")
     durations = dict(zip(index["video_ids"], index.get("durations") or []))
-    parts = hmmc_serve.page_head(title or "HMMC search", REPORT_CSS, checkpoint=checkpoint,
+    parts = hmmc_serve.page_head(title or "HMMC search", hmmc_serve.CSS, checkpoint=checkpoint,
                                  skipped=index.get("skipped"))
     with prepare.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
@@ -525,7 +510,6 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
         f.write("\n".join(parts))
 
 
-
 def _checkpoint_key(init_from: str, clip_path: str) -> str:
     path = clip_path if init_from == "clip" else init_from
     st = os.stat(path)
@@ -535,14 +519,6 @@ def _checkpoint_key(init_from: str, clip_path: str) -> str:
 # ----------------------------------------------------------------------------- the engine behind the search page
 
 LANGUAGES = {"clip": "English (CLIP text encoder)", "bert": "Chinese (Chinese BERT text encoder)"}
-
-
-class QueryError(ValueError):
-    """A request the engine refuses: the HTTP status to answer with and what to tell the user."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class Searcher:
@@ -572,15 +548,14 @@ class Searcher:
                 "durations_of": dict(zip(index["video_ids"], index["durations"]))}
 
     def rank(self, query: str, top: int) -> dict:
-        """The hits of search_index with their frames, each score explained, the URL of each video file with the time
-        of its best-matching frame, and the query's warnings."""
+        """search_index's hits with their frames, explained scores and video URLs (at the best frame), and warnings."""
         t0 = time.perf_counter()
         with self.lock:
             index = self.index
             try:
                 hits = search_index(self.net, index, [query], top=top, **self.rank_args)[0]
             except ValueError as e:  # a query that tokenizes to nothing
-                raise QueryError(400, str(e)) from None
+                raise HTTPError(400, str(e)) from None
         seconds = time.perf_counter() - t0
         positions, weight = index["positions"], float(self.rank_args["frame_match_weight"])
         for hit in hits:
@@ -604,34 +579,29 @@ class Searcher:
         with self.lock:
             index = self.index
         if vid not in index["known"]:
-            raise QueryError(404, "no such video in the index")
+            raise HTTPError(404, "no such video in the index")
         if position not in index["positions"]:
-            raise QueryError(404, f"frame {position} is not one the model saw")
-        import lmdb
+            raise HTTPError(404, f"frame {position} is not one the model saw")
+        key = f"{vid}_{position}".encode()
         with self.frames_lock:
-            for attempt in (1, 2):  # a rescan's writer may have grown the map: reopen once
-                try:
-                    if self.env is None:
-                        self.env = self._open_frames(index["lmdb"])
-                    with self.env.begin() as txn:
-                        jpeg = txn.get(f"{vid}_{position}".encode())
-                    break
-                except lmdb.Error:
-                    self._close_frames()
-                    if attempt == 2:
-                        raise
+            try:
+                jpeg = self._read_frame(index["lmdb"], key)
+            except lmdb.Error:  # a rescan's writer may have grown the map: reopen once
+                self._close_frames()
+                jpeg = self._read_frame(index["lmdb"], key)
         if jpeg is None:  # its file changed or left during a rescan, which has not finished yet
-            raise QueryError(404, "this frame is being replaced by a rescan; search again when it is done")
+            raise HTTPError(404, "this frame is being replaced by a rescan; search again when it is done")
         return thumbnail_jpeg(jpeg)
 
-    @staticmethod
-    def _open_frames(path: str):
-        import lmdb
-        subdir = os.path.isdir(path)
-        try:  # with the lock table, LMDB keeps every page this reader sees until it is done, whatever writes
-            return lmdb.open(path, readonly=True, lock=True, readahead=False, subdir=subdir, max_readers=256)
-        except lmdb.Error:  # a prepared dataset on read-only storage: no lock file, and no rescan writes there
-            return lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=subdir)
+    def _read_frame(self, path: str, key: bytes) -> bytes | None:
+        if self.env is None:
+            subdir = os.path.isdir(path)
+            try:  # with the lock table, LMDB keeps every page this reader sees until it is done, whatever writes
+                self.env = lmdb.open(path, readonly=True, lock=True, readahead=False, subdir=subdir, max_readers=256)
+            except lmdb.Error:  # a prepared dataset on read-only storage: no lock file, and no rescan writes there
+                self.env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=subdir)
+        with self.env.begin() as txn:
+            return txn.get(key)
 
     def _close_frames(self):
         if self.env is not None:
@@ -643,21 +613,21 @@ class Searcher:
         with self.lock:
             path = self.index["paths"].get(vid)
         if path is None or not _inside(os.path.realpath(self.source), path) or not os.path.isfile(path):
-            raise QueryError(404, "no video file with this id")
+            raise HTTPError(404, "no video file with this id")
         return os.path.realpath(path)
 
     def rescan(self) -> dict:
         """Build the index again in a spawned process and swap it in; a failure keeps the current one."""
         if not self.rescan_lock.acquire(blocking=False):
-            raise QueryError(409, "a rescan is already running")
+            raise HTTPError(409, "a rescan is already running")
         t0 = time.perf_counter()
         try:
             self.rescan_state = {"running": True, "progress": "starting"}
-            try:
-                new = self._prepare(self._build_elsewhere())
-            except QueryError as e:
-                self.rescan_state = {"running": False, "error": str(e)}
-                raise
+            kind, payload = self._build_elsewhere()
+            if kind != "done":
+                self.rescan_state = {"running": False, "error": f"rescan failed, the previous index is kept: {payload}"}
+                raise HTTPError(409, self.rescan_state["error"])
+            new = self._prepare({**hmmc_model.read_checkpoint(payload["path"]), **payload})
             with self.lock:
                 self.index = new
             with self.frames_lock:
@@ -669,26 +639,19 @@ class Searcher:
         finally:
             self.rescan_lock.release()
 
-    def _build_elsewhere(self) -> dict:
+    def _build_elsewhere(self) -> tuple:
         # spawned: nothing of this server (sockets, threads) is inherited, and the child's LMDB handles end with it
         ctx = mp.get_context("spawn")
         receiver, sender = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_rescan_child, args=(sender, self.net, self.source, self.index_args),
-                            name="hmmc-rescan")
+        child = self.child = ctx.Process(target=_rescan_child, args=(sender, self.net, self.source, self.index_args),
+                                         name="hmmc-rescan")
         child.start()
         sender.close()
-        self.child = child
-        answer = None
         try:
-            while answer is None:
-                try:
-                    kind, payload = receiver.recv()
-                except EOFError:  # the child ended without a word (killed, out of memory)
-                    break
-                if kind == "progress":
-                    self.rescan_state = {"running": True, "progress": payload}
-                else:
-                    answer = kind, payload
+            while (answer := receiver.recv())[0] == "progress":
+                self.rescan_state = {"running": True, "progress": answer[1]}
+        except EOFError:  # the child ended without a word (killed, out of memory)
+            answer = None
         finally:
             receiver.close()
             child.join(timeout=60)
@@ -696,13 +659,7 @@ class Searcher:
                 child.kill()
                 child.join()
             self.child = None
-        if answer is None:
-            raise QueryError(409, f"rescan failed, the previous index is kept: the rescan process ended with exit "
-                                  f"code {child.exitcode} before finishing")
-        kind, payload = answer
-        if kind == "error":
-            raise QueryError(409, f"rescan failed, the previous index is kept: {payload}")
-        return {**hmmc_model.read_checkpoint(payload["path"]), **payload}
+        return answer or ("error", f"the rescan process ended with exit code {child.exitcode} before finishing")
 
     def status(self) -> dict:
         with self.lock:

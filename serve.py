@@ -1,7 +1,5 @@
 """
-The search page's web server: type a query, get the best videos first, each with its strip of frames (the top-k
-matched frames outlined, with their times and scores) and the video, playable from any of its frames. search.py
---serve starts it with its engine (search.Searcher: rank, thumbnail, video_file, rescan, status, info). Only indexed
+The search page and its web server, which search.py --serve starts with its engine (search.Searcher). Only indexed
 videos are served, by id, never by a path from the URL. Against hostile clients and pages: a time limit on every
 connection and a cap on how many are served at once, bounded headers and numbers, no unexpected request bodies, a Host
 allow-list (DNS rebinding), an Origin check on the one POST, and headers that keep other sites from framing or probing.
@@ -30,7 +28,7 @@ MAX_DIGITS = 18  # in a number of a Range header: larger ones address no file (a
 
 
 class HTTPError(Exception):
-    """A request the server refuses: the status and a short message for the client."""
+    """A refused request: its status and a short message for the client (the engine raises them too)."""
 
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
@@ -39,7 +37,7 @@ class HTTPError(Exception):
 
 # ----------------------------------------------------------------------------- the page
 
-_CSS = (
+CSS = (
     "body{font-family:sans-serif;margin:16px;max-width:1400px}h1{font-size:1.4em;overflow-wrap:anywhere}"
     ".meta{color:#555}code{overflow-wrap:anywhere}.skipped li{margin:2px 0}"
     "form{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin:12px 0}"
@@ -61,102 +59,88 @@ _CSS = (
 _JS = r"""
 const $ = (id) => document.getElementById(id);
 const NO_ANSWER = "no answer from the server (is it still running?): ";
+const addressQuery = () => new URLSearchParams(location.search).get("q");
 function el(tag, props, ...children) {
-  const e = Object.assign(document.createElement(tag), props || {});
+  const e = Object.assign(document.createElement(tag), props);
   e.append(...children);
   return e;
 }
-function say(text, kind) {  // kind: "", "busy" or "error"
-  const s = $("status");
-  s.textContent = text;
-  s.className = kind || "";
-  s.setAttribute("role", kind === "error" ? "alert" : "status");
+function say(text, kind = "") {  // kind: "", "busy" or "error"
+  Object.assign($("status"), {textContent: text, className: kind, role: kind === "error" ? "alert" : "status"});
 }
 function hitView(hit) {
   const video = hit.video_url && el("video", {controls: true, preload: "metadata",
                                               src: hit.video_url + "#t=" + hit.start});
   const figures = hit.frames.map((f) => {
-    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, loading: "lazy"});
     const play = video && f.time !== null;
-    const button = el("button", {type: "button", disabled: !play,
-                                 title: play ? "play from " + f.label : "frame " + f.position}, img);
-    button.setAttribute("aria-label", (play ? "play " + hit.video_id + " from " : "frame ") + f.label);
+    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, loading: "lazy"});
+    const label = (play ? "play " + hit.video_id + " from " : "frame ") + f.label;
+    const button = el("button", {type: "button", disabled: !play, title: label, ariaLabel: label}, img);
     if (play) button.onclick = () => { video.currentTime = f.time; video.play(); };
     return el("figure", {className: f.top ? "top" : ""}, button, el("figcaption", {textContent: f.label}));
   });
-  const title = el("div", {}, el("b", {textContent: hit.rank + ". "}), hit.video_id,
-                   " \u2014 score " + hit.score.toFixed(2) + (hit.length ? " \u00b7 " + hit.length + " long" : ""));
-  const row = el("div", {className: "row"}, ...(video ? [video] : []), el("div", {className: "strip"}, ...figures));
-  const div = el("div", {className: "hit"}, title, el("div", {className: "explain", textContent: hit.explain}), row);
+  const div = el("div", {className: "hit"},
+                 el("div", {}, el("b", {textContent: hit.rank + ". "}), hit.video_id, " \u2014 score " +
+                    hit.score.toFixed(2) + (hit.length ? " \u00b7 " + hit.length + " long" : "")),
+                 el("div", {className: "explain", textContent: hit.explain}),
+                 el("div", {className: "row"}, ...(video ? [video] : []), el("div", {className: "strip"}, ...figures)));
   div.dataset.videoId = hit.video_id;
   return div;
 }
 async function search(q, push) {
-  if (push) history.pushState({q: q}, "", "?" + new URLSearchParams({q: q}));
+  if (push) history.pushState({q}, "", "?" + new URLSearchParams({q}));
   say("searching\u2026", "busy");
-  $("results").setAttribute("aria-busy", "true");
-  $("go").disabled = true;
+  $("results").ariaBusy = $("go").disabled = true;
   $("warnings").replaceChildren();
   let r, data;
   try {
-    r = await fetch("/api/search?" + new URLSearchParams({q: q, top: $("top").value}));
+    r = await fetch("/api/search?" + new URLSearchParams({q, top: $("top").value}));
     data = await r.json();
   } catch (e) {
-    say(NO_ANSWER + e, "error");
-    return;
+    return say(NO_ANSWER + e, "error");
   } finally {
-    $("results").setAttribute("aria-busy", "false");
-    $("go").disabled = false;
+    $("results").ariaBusy = $("go").disabled = false;
   }
-  if (!r.ok) { say(data.error, "error"); $("results").replaceChildren(); return; }
+  $("results").replaceChildren(...(r.ok ? data.hits.map(hitView) : []));
+  if (!r.ok) return say(data.error, "error");
   $("warnings").append(...data.warnings.map((w) => el("li", {textContent: w})));
-  say(data.hits.length + " of " + data.videos + " videos, best first (" + (1000 * data.seconds).toFixed(0) +
-      " ms)");
-  $("results").replaceChildren(...data.hits.map(hitView));
+  say(data.hits.length + " of " + data.videos + " videos, best first (" + (1000 * data.seconds).toFixed(0) + " ms)");
 }
-function fromAddress() {
-  const q = new URLSearchParams(location.search).get("q");
+function fromAddress() {  // on opening, and on Back and Forward: the query in the address and its hits
+  const q = addressQuery();
   $("q").value = q || "";
-  return q;
+  if (q) return search(q, false);
+  $("results").replaceChildren();
+  $("warnings").replaceChildren();
+  say("");
 }
 $("search").onsubmit = (e) => {
   e.preventDefault();
-  const q = $("q").value;
-  search(q, q !== new URLSearchParams(location.search).get("q"));  // each new query is a step Back returns from
+  search($("q").value, $("q").value !== addressQuery());  // each new query is a step Back returns from
 };
-window.onpopstate = () => {
-  const q = fromAddress();
-  if (q) search(q, false);
-  else { $("results").replaceChildren(); $("warnings").replaceChildren(); say(""); }
-};
+window.onpopstate = fromAddress;
 $("rescan").onclick = async () => {
   $("rescan").disabled = true;
   say("rescanning the folder: new and changed videos are extracted and encoded\u2026", "busy");
-  const poll = setInterval(async () => {
-    try {
-      const s = await (await fetch("/api/status")).json();
-      if (s.rescan.running) say("rescanning: " + s.rescan.progress + "\u2026", "busy");
-    } catch (e) { /* the rescan's own answer says what happened */ }
-  }, 1000);
-  let done, ok = false;
+  const poll = setInterval(() => fetch("/api/status").then((r) => r.json()).then((s) => {
+    if (s.rescan.running) say("rescanning: " + s.rescan.progress + "\u2026", "busy");
+  }, () => {}), 1000);  // a failed poll says nothing: the rescan's own answer does
+  let done;
   try {
     const r = await fetch("/api/rescan", {method: "POST", headers: {"X-Requested-By": "hmmc"}});
     const data = await r.json();
-    ok = r.ok;
-    done = ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length + " extracted, " +
-                data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error;
+    done = {ok: r.ok, text: r.ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length +
+            " extracted, " + data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error};
   } catch (e) {
-    done = NO_ANSWER + e;
+    done = {ok: false, text: NO_ANSWER + e};
   }
   clearInterval(poll);
-  sessionStorage.setItem("rescanned", JSON.stringify({text: done, ok: ok}));
+  sessionStorage.setItem("rescanned", JSON.stringify(done));
   location.reload();  // the counts and the skipped files come with the page; the query stays in the address
 };
-const first = fromAddress();
-const rescanned = JSON.parse(sessionStorage.getItem("rescanned") || "null");
+const rescanned = JSON.parse(sessionStorage.getItem("rescanned"));
 sessionStorage.removeItem("rescanned");
-const tell = () => { if (rescanned) say(rescanned.text, rescanned.ok ? "" : "error"); };
-if (first) search(first, false).then(tell); else tell();
+Promise.resolve(fromAddress()).then(() => rescanned && say(rescanned.text, rescanned.ok ? "" : "error"));
 """
 
 
@@ -166,15 +150,14 @@ def _sha256(text: str) -> str:
 
 # the page runs its own script and style and nothing else, loads images, videos and JSON from this server only, and
 # may not be framed by another site
-CSP = (f"default-src 'none'; script-src {_sha256(_JS)}; style-src {_sha256(_CSS)}; img-src 'self'; "
+CSP = (f"default-src 'none'; script-src {_sha256(_JS)}; style-src {_sha256(CSS)}; img-src 'self'; "
        f"media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
                     "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
 def page_head(title: str, css: str, *, checkpoint: str = "", skipped: dict | None = None) -> list[str]:
-    """The top of the search page and of search.py's report, as HTML lines, everything escaped: the title, the
-    checkpoint, and the files skipped as unreadable (folded away) with their reasons."""
+    """The top of the search page and of search.py's report as HTML lines: title, checkpoint, the skipped files."""
     title = escape(title)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
@@ -189,8 +172,7 @@ def page_head(title: str, css: str, *, checkpoint: str = "", skipped: dict | Non
 
 
 def page(info: dict) -> str:
-    """The search page: page_head, the count of videos and the language of the queries, the search form."""
-    parts = page_head(info["title"], _CSS, checkpoint=info["checkpoint"], skipped=info["skipped"])
+    parts = page_head(info["title"], CSS, checkpoint=info["checkpoint"], skipped=info["skipped"])
     parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
                  f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
                  f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
@@ -208,7 +190,7 @@ def page(info: dict) -> str:
 # ----------------------------------------------------------------------------- requests
 
 def _params(query: str, allowed: tuple) -> dict:
-    """The query string as {name: value}: unknown, repeated or too many parameters are refused."""
+    """The query string as {name: value}, refusing unknown, repeated or too many parameters."""
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=8,
                                        errors="strict")
@@ -253,13 +235,11 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def _printable(text: str, limit: int = 300) -> str:
-    """`text` for a log line: control characters (a terminal's escape sequences) written as \\x.. escapes."""
-    text = text[:limit]
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    # control characters (a terminal's escape sequences) become \x.. escapes
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
 
 
 def _host_name(header: str) -> str:
-    """The name or address of a Host header, without its port and brackets, lower-cased."""
     header = header.strip().lower()
     if header.startswith("["):  # [::1]:8000
         return header[1:].split("]", 1)[0]
@@ -346,10 +326,6 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(e.status, {"error": e.message}, e.headers)
         except UnicodeDecodeError:
             self._send_json(400, {"error": "the address is not valid UTF-8"})
-        except ValueError as e:  # the engine's refusals (search.QueryError) carry their status
-            if not hasattr(e, "status"):
-                raise
-            self._send_json(e.status, {"error": str(e)})
 
     def handle_one_request(self):
         try:
@@ -450,8 +426,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """One daemon thread per connection (Ctrl-C does not wait for them), at most max_connections at once: a
-    connection beyond that gets a 503 at once; each is dropped after conn_timeout seconds of silence."""
+    """One daemon thread per connection (Ctrl-C does not wait for them), at most max_connections: one more gets a
+    503 at once."""
     request_queue_size = 128  # the standard library's 5 turned bursts of connections away into client retries
     daemon_threads = True
 
@@ -509,8 +485,7 @@ def is_loopback(host: str) -> bool:
 
 
 def listen(host: str = "127.0.0.1", port: int = 8000, **server_args) -> Server:
-    """A Server bound to host:port (port 0: any free one), with no engine yet: set server.search, then
-    serve_forever()."""
+    """A Server bound to host:port (0: any free one), no engine yet: set server.search, then serve_forever()."""
     try:
         return Server((host, int(port)), **server_args)
     except OSError as e:
@@ -524,7 +499,6 @@ def url_of(server: Server) -> str:
 
 
 def run(server: Server, source: str) -> None:
-    """search.py --serve: print the address, answer until Ctrl-C."""
     if not is_loopback(server.server_address[0]):
         print(f"warning: --host={server.server_address[0]} is not a loopback address: other machines that can reach "
               f"this one can open the search page and play every video in {source}", flush=True)
