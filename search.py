@@ -3,9 +3,8 @@ Search your own videos with free text: an index of a folder (frames extracted by
 changed or removed file redone alone), ranking by HMMC's hierarchical similarity, an HTML report, and a search page.
 
 $ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --query="a dog catches a frisbee" --html=hits.html
-prints one line per hit, best first: `rank video_id score`, the id being the file's path under DIR without its
-extension (`sub/bikes` for my_videos/sub/bikes.mp4). The page over the same folder, at http://127.0.0.1:8000 until
-Ctrl-C (serve.py is its web server):
+prints `rank video_id score` per hit, best first, the id being the file's path under DIR without its extension
+(`sub/bikes` for my_videos/sub/bikes.mp4). The page over the same folder, at http://127.0.0.1:8000 until Ctrl-C:
 $ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --serve
 Real videos want a real model: OpenAI's CLIP, zero-shot (frames mean-pooled, no temporal transformer):
 $ python search.py --init_from=clip --clip_path=ViT-B-32.pt --videos=my_videos/ --serve
@@ -65,8 +64,7 @@ retry_failed = False  # extract again the files that failed before even when unc
 serve = False  # serve a search page over DIR (queries typed there) instead of answering --query
 host = "127.0.0.1"  # address of the search page; anything but loopback lets other machines see it and the videos
 port = 8000  # port of the search page (0: any free one)
-allowed_hosts = ""  # more names the page answers to in the Host header (comma-separated): loopback names, IP
-#                     addresses and this machine's name always work; any other name is refused (DNS rebinding)
+allowed_hosts = ""  # more names (comma-separated) the page answers to besides IP addresses and this machine's name
 conn_timeout = 60.0  # seconds a connection of the page may stay silent (idle or half-sent) before it is dropped
 max_connections = 64  # connections of the page served at once; more are told to retry
 num_frames = None  # frames per video the model reads (the checkpoint's)
@@ -414,8 +412,6 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
     "top_frames" [k positions]}."""
     if not index["video_ids"]:
         raise ValueError("the index is empty: no videos to search")
-    if int(top) < 1:
-        raise ValueError(f"top={top}: ask for at least one hit per query")
     for q in queries:
         _check_query(q, tokenizer)
     ids, mask = tokenizer(queries, context_length)
@@ -482,8 +478,7 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
     positions = [int(p) for p in index["frame_indices"]]
     stored = index.get("stored_frames")
     durations = dict(zip(index["video_ids"], index.get("durations") or []))
-    parts = hmmc_serve.page_head(title or "HMMC search", hmmc_serve.CSS, checkpoint=checkpoint,
-                                 skipped=index.get("skipped"))
+    parts = hmmc_serve.page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
     with prepare.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
             parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
@@ -566,7 +561,6 @@ class Searcher:
                 frame["url"] = "/frame?" + urllib.parse.urlencode({"id": vid, "p": frame["position"]})
             best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
             hit["start"] = hit["frames"][best]["time"] or 0.0
-            hit["duration"] = duration
             hit["length"] = _clock(duration) if duration else None
             hit["explain"] = explain_score(hit, weight)
             hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
@@ -697,8 +691,8 @@ def _rescan_child(conn, net, source: str, index_args: dict):
 
 def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: str = "127.0.0.1", port: int = 8000,
                 top: int = 5, checkpoint: str = "", vocabulary: set | None = None, **server_args):
-    """A search page over `source` on host:port, not yet serving (call serve_forever()). The port is taken before
-    the index is built, so a busy port fails before minutes of indexing. server_args go to serve.Server."""
+    """A search page over `source` on host:port, not yet serving. The port is taken before the index is built, so a
+    busy port fails before minutes of indexing."""
     server = hmmc_serve.listen(host, port, **server_args)
     try:
         server.search = Searcher(net, source, index_args=index_args, rank_args=rank_args, top=top,

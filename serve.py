@@ -156,12 +156,12 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-
                     "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
-def page_head(title: str, css: str, *, checkpoint: str = "", skipped: dict | None = None) -> list[str]:
+def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None) -> list[str]:
     """The top of the search page and of search.py's report as HTML lines: title, checkpoint, the skipped files."""
     title = escape(title)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{css}</style>", "</head><body>", f"<h1>{title}</h1>"]
+             f"<style>{CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
     if checkpoint:
         parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
     if skipped:
@@ -172,7 +172,7 @@ def page_head(title: str, css: str, *, checkpoint: str = "", skipped: dict | Non
 
 
 def page(info: dict) -> str:
-    parts = page_head(info["title"], CSS, checkpoint=info["checkpoint"], skipped=info["skipped"])
+    parts = page_head(info["title"], checkpoint=info["checkpoint"], skipped=info["skipped"])
     parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
                  f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
                  f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
@@ -188,6 +188,10 @@ def page(info: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- requests
+
+# path -> (its method, the names its query string may hold); "/?q=TEXT" opens the page with that query run
+ROUTES = {"/": ("GET", ("q",)), "/api/search": ("GET", ("q", "top")), "/frame": ("GET", ("id", "p")),
+          "/video/": ("GET", ()), "/api/status": ("GET", ()), "/api/rescan": ("POST", ())}
 
 def _params(query: str, allowed: tuple) -> dict:
     """The query string as {name: value}, refusing unknown, repeated or too many parameters."""
@@ -288,12 +292,16 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._check_host()
             url = urllib.parse.urlsplit(self.path)
-            search = self.server.search
-            if url.path == "/" and method == "GET":
-                _params(url.query, ("q",))  # ?q=TEXT: the page runs that query when it opens
+            route = "/video/" if url.path.startswith("/video/") else url.path
+            if route not in ROUTES:
+                raise HTTPError(404, "not found")
+            allowed, names = ROUTES[route]
+            if method != allowed:
+                raise HTTPError(405, f"{method} is not allowed here", {"Allow": allowed})
+            p, search = _params(url.query, names), self.server.search
+            if route == "/":
                 self._send(200, page(search.info()).encode("utf-8"), "text/html; charset=utf-8")
-            elif url.path == "/api/search" and method == "GET":
-                p = _params(url.query, ("q", "top"))
+            elif route == "/api/search":
                 top = _number(p.get("top", str(search.top)), "top", 1, MAX_TOP)
                 q = p.get("q", "")
                 if not q.strip():
@@ -301,27 +309,18 @@ class Handler(BaseHTTPRequestHandler):
                 if len(q) > MAX_QUERY:
                     raise HTTPError(400, f"the query is {len(q)} characters long; at most {MAX_QUERY} are read")
                 self._send_json(200, search.rank(q, top))
-            elif url.path == "/frame" and method == "GET":
-                p = _params(url.query, ("id", "p"))
+            elif route == "/frame":
                 if "id" not in p or "p" not in p:
                     raise HTTPError(400, "a frame is /frame?id=VIDEO_ID&p=FRAME_POSITION")
                 jpeg = search.thumbnail(p["id"], _number(p["p"], "p", 0, 99999))
                 self._send(200, jpeg, "image/jpeg", {"Cache-Control": "no-store"})
-            elif url.path.startswith("/video/") and method == "GET":
-                _params(url.query, ())
+            elif route == "/video/":
                 self._send_video(search.video_file(urllib.parse.unquote(url.path[len("/video/"):], errors="strict")))
-            elif url.path == "/api/status" and method == "GET":
-                _params(url.query, ())
+            elif route == "/api/status":
                 self._send_json(200, search.status())
-            elif url.path == "/api/rescan" and method == "POST":
+            else:
                 self._check_rescan_caller()
                 self._send_json(200, search.rescan())
-            elif url.path in ("/", "/api/search", "/frame", "/api/status", "/api/rescan") \
-                    or url.path.startswith("/video/"):
-                raise HTTPError(405, f"{method} is not allowed here", {"Allow": "POST" if "rescan" in url.path
-                                                                       else "GET"})
-            else:
-                raise HTTPError(404, "not found")
         except HTTPError as e:
             self._send_json(e.status, {"error": e.message}, e.headers)
         except UnicodeDecodeError:
