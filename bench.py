@@ -1,22 +1,15 @@
 """
 Benchmark HMMC with random weights at real sizes: the fine-tuning and pre-training steps (videos/s, model FLOPs
-utilisation, peak memory), eval encoding, the hierarchical similarity of a 1k x 1k test set, the data loader on an
-LMDB of generated frames, a whole evaluate() of 1,000 videos from that LMDB, one search query against 1,000 and
-10,000 indexed videos, and the tokenizer. Prints one table and writes JSON.
+utilisation, peak memory), one search query, the data loaders on real clips and a whole evaluate() of 1,000 videos
+with its encoding rate. Prints one table and writes JSON.
 
 $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
-$ python bench.py --size=tiny                       # CI size: a tiny model, a few steps, seconds on a CPU (the
-                                                    # default without a GPU)
+$ python bench.py --size=tiny                       # CI size: seconds on a CPU (the default without a GPU)
 
-MFU = flops_per_video * videos/s / peak, with the analytic count of HMMC.flops_per_video (model.py) and the GPU's
-dense bf16 tensor-core peak (989 TFLOP/s for H100/H200 SXM): a GPU figure. On a CPU there is no meaningful peak, and a
-shared machine's load moves absolute rates many-fold between runs, so the step and encoding rows are also measured
-for a plain baseline in the same process (fp32, naive softmax attention instead of SDPA, no compile) and reported as
-a ratio ours/baseline: the two step functions run in alternation, one step each (steps x ratio_repeats pairs), a
-pair's ratio is the baseline's step time over ours, and the row shows the median ratio with its 25th-75th
-percentiles, flagged NOISY when those spread by more than noisy_spread of the median. Like train.py, a CPU run uses
-one thread (common.set_cpu_threads).
+MFU = HMMC.flops_per_video * videos/s / the GPU's dense bf16 peak. A shared CPU's load moves absolute rates
+many-fold, so there each step row also times a plain baseline (fp32, naive attention, no compile) in alternation with
+ours and shows the median ratio ours/baseline of the pairs.
 """
 
 import io
@@ -24,6 +17,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +32,7 @@ import eval as hmmc_eval
 import framestore
 import model as hmmc_model
 import prepare
+import search
 from common import autocast, init_compute, peak_flops, run_script, set_cpu_threads
 from tokenizer import get_tokenizer
 
@@ -52,23 +47,18 @@ steps = 10  # timed steps per measurement (after warm-up)
 warmup = 3  # untimed steps before each measurement
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" | "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast dtype
-compile = False  # torch.compile the model for the step and eval-encoding measurements
+compile = False  # torch.compile the model for the step measurements
 activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
-eval_batch_size = 256  # videos per eval-encoding batch
-loader_videos = 1024  # videos the loader rows read: enough batches to keep every worker busy
-eval_videos = 1000  # videos (one caption each) of the evaluate() row: MSR-VTT 1k-A's size
+eval_batch_size = 256  # videos per encoding batch of evaluate()
+eval_videos = 1000  # videos (one caption each) of the evaluate() and data loader rows: MSR-VTT 1k-A's size
 loader_workers = (0, 4, 8, 14)  # data loader process counts to time (14: a 16-core host less the trainer)
 loader_batch_size = 32  # the recipes' per-GPU batch on 8 GPUs
-loader_frame_size = 224  # short side of the generated frames
-sim_videos = 1000  # the similarity row: sim_videos texts x sim_videos videos x num_frames frames
 search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
 search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
-tokenizer_captions = 20000  # captions the tokenizer row encodes
 recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated clips, extracted by prepare.py frames
 recipe_workers = 2  # loader processes of those rows: one per core of this machine leaves none idle
 recipe_repeats = 3  # alternations of the decode floor and every recipe row: each row shows their median ratio
-baseline = None  # run the plain baseline too; default: on CPU only
 ratio_repeats = 3  # a ratio's pairs of steps (ours, baseline, in alternation): steps x ratio_repeats
 noisy_spread = 0.25  # flag a ratio as NOISY when its 25th-75th percentiles spread by more than this of the median
 out = "out/bench.json"  # the JSON of every row; "" writes none
@@ -84,16 +74,14 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
 }
 # defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=4, warmup=1,
-            eval_batch_size=8, loader_videos=16, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4,
-            loader_frame_size=32, tokenizer_captions=500, sim_videos=64, search_videos=(64,), search_model="tiny",
-            recipe_videos=8, recipe_repeats=2)
+            eval_batch_size=8, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4, search_videos=(64,),
+            search_model="tiny", recipe_videos=8, recipe_repeats=2)
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
             "a child rides a red bicycle in the park", "a chef explains how to cook pasta"]
 # the units of a row's main figure, the one its baseline and ratio refer to
-UNITS = {"videos_per_s": "videos/s", "captions_per_s": "captions/s", "similarity_ms": "ms", "query_ms": "ms",
-         "videos_per_s_core": "videos/s/core"}
+UNITS = {"videos_per_s": "videos/s", "query_ms": "ms", "videos_per_s_core": "videos/s/core"}
 
 
 def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -119,7 +107,7 @@ def plain_attention():
 
 
 def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) -> "hmmc_model.HMMC":
-    """The model at a real size, initialised directly on `dev` (random init of 350M floats on a CPU takes seconds)."""
+    # initialised directly on `dev`: random init of 350M floats on a CPU takes seconds
     torch.manual_seed(seed)
     clip = dict(TOWERS[tower], context_length=max(L, 77) if tower != "tiny" else L)
     cfg = hmmc_model.HMMCConfig(clip=hmmc_model.CLIPConfig(**clip), num_frames=T, pretrain=pretrain_,
@@ -129,38 +117,8 @@ def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) 
     return hmmc_model.load_model("scratch", cfg, device=dev)[0]
 
 
-def _sync(dev: str):
-    if torch.device(dev).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _seconds_per_call(fn, dev: str, n_steps: int, n_warmup: int) -> float:
-    for _ in range(n_warmup):
-        fn()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        fn()
-    _sync(dev)
-    return (time.perf_counter() - t0) / n_steps
-
-
-def _peak_memory_gb(dev: str) -> float:
-    if torch.device(dev).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    # CPU: the process's peak resident set (Linux reports KiB); it only grows, so it bounds every row so far
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
-def _compiled(fn):
-    # a fresh, static-shape compile per row: otherwise the second batch size of a run would get a dynamic-shape
-    # graph and later rows could hit dynamo's recompile limit and silently run eager
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
-
-
 def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, tokenizer):
-    """(one full optimizer step: forward, backward, clip, AdamW, momentum update, on random weights; its facts)."""
+    """(one optimizer step on random weights: forward, backward, clip, AdamW, momentum update; its facts)."""
     net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B, dev=dev)
     if grad_ckpt:  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
         for m in net.modules():
@@ -168,11 +126,16 @@ def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, token
                 m.grad_checkpointing = True
     opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
                                    betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
-    step_model = _compiled(net) if compile_ else net
-    S = TOWERS[tower]["image_resolution"]
+    step_model = net
+    if compile_:
+        # a fresh, static-shape compile per row: otherwise the second batch size of a run would get a dynamic-shape
+        # graph and later rows could hit dynamo's recompile limit and silently run eager
+        torch._dynamo.reset()
+        step_model = torch.compile(net, dynamic=False)
     ids, mask = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(B)], L)
-    batch = {"video": torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev), "ids": ids.to(dev),
-             "mask": mask.to(dev)}
+    S = TOWERS[tower]["image_resolution"]
+    video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
+    batch = {"video": video, "ids": ids.to(dev), "mask": mask.to(dev)}
     if pretrain_:  # tags: the captions again, only their cost matters
         batch["tag_ids"], batch["tag_mask"] = batch["ids"].clone(), batch["mask"].clone()
 
@@ -189,154 +152,80 @@ def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, token
     return step, {"flops_per_video": net.flops_per_video(T, L)}
 
 
-def encode_step(tower, B, *, T, L, dev, dt, compile_, **_):
-    """(eval video encoding, model only: uint8 frames on the device -> (video_emb, frame_emb); no facts)."""
-    net = build(tower, pretrain_=False, T=T, L=L, batch=B, dev=dev).eval()
-    encode = _compiled(net.encode_video) if compile_ else net.encode_video
-    S = TOWERS[tower]["image_resolution"]
-    video = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, device=dev)
-
-    @torch.no_grad()
-    def step():
-        with autocast(dev, dt):
-            encode(video)
-
-    return step, {}
-
-
 _clock = time.perf_counter  # the steps' clock (tests/test_bench.py drives a fake one)
 
 
 def _timed(fn, dev: str) -> float:
     t0 = _clock()
     fn()
-    _sync(dev)
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
     return _clock() - t0
 
 
 def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repeats: int, baseline: bool,
                **kw) -> tuple[dict, dict | None, list | None]:
     """(our row, the baseline's row or None, the paired ratios or None) for the step function that make(...) builds.
-    With the baseline, its step (fp32, naive attention, eager) and ours run in alternation, one each, the order
-    swapped every pair, so that both see the same load; a pair's ratio is baseline time / our time."""
+    The baseline's step (fp32, naive attention, eager) and ours run in alternation, one each, the order swapped every
+    pair, so that both see the same load; a pair's ratio is baseline time / our time."""
     if torch.device(dev).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ours_step, facts = make(B=B, dev=dev, dt=dt, **kw)
     for _ in range(n_warmup):
         ours_step()
+    row = lambda times: {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
     if not baseline:
-        _sync(dev)
         per_step = _timed(lambda: [ours_step() for _ in range(n_steps)], dev) / n_steps
-        return {"videos_per_s": B / per_step, "step_ms": 1000 * per_step, **facts,
-                "peak_mem_gb": _peak_memory_gb(dev)}, None, None
-    with plain_attention():
-        base_step, _ = make(B=B, dev=dev, dt="float32", **{**kw, "compile_": False})
-        for _ in range(n_warmup):
-            base_step()
+        return {**row([per_step]), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, None, None
 
     def plain():
         with plain_attention():
             base_step()
 
+    with plain_attention():
+        base_step, _ = make(B=B, dev=dev, dt="float32", **{**kw, "compile_": False})
+    for _ in range(n_warmup):
+        plain()
     ours, base = [], []
     for i in range(n_steps * repeats):
-        if i % 2:
-            base.append(_timed(plain, dev))
-            ours.append(_timed(ours_step, dev))
-        else:
-            ours.append(_timed(ours_step, dev))
-            base.append(_timed(plain, dev))
-    row = lambda times: {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
+        first, second = (plain, ours_step) if i % 2 else (ours_step, plain)
+        times = {first: _timed(first, dev), second: _timed(second, dev)}
+        ours.append(times[ours_step])
+        base.append(times[plain])
     return ({**row(ours), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, row(base),
             [b / o for o, b in zip(ours, base)])
 
 
-@torch.no_grad()
-def time_similarity(num: int, T: int, E: int, dev: str, repeats: int = 3) -> dict:
-    """Hierarchical similarity of num texts x num videos x T frames (MSR-VTT 1k-A is 1000 x 1000 x 12)."""
-    g = torch.Generator().manual_seed(seed)
-    text = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
-    video = F.normalize(torch.randn(num, E, generator=g), dim=-1).to(dev)
-    frames = F.normalize(torch.randn(num, T, E, generator=g), dim=-1).to(dev)
+def _peak_memory_gb(dev: str) -> float:
+    if torch.device(dev).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    # CPU: the process's peak resident set (Linux reports KiB); it only grows, so it bounds every row so far
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
-    def similarity():
-        return hmmc_model.hierarchical_similarity(text, video, frames, top_k=3, frame_match_weight=1.0)
 
-    sim = similarity()  # also the warm-up
-    times = [_seconds_per_call(similarity, dev, 1, 0) for _ in range(repeats)]
-    t0 = time.perf_counter()
-    hmmc_eval.retrieval_metrics(sim.cpu().numpy())
-    return {"similarity_ms": 1000 * float(np.median(times)), "fastest_ms": 1000 * min(times), "of": repeats,
-            "metrics_ms": 1000 * (time.perf_counter() - t0)}
+def ratio_summary(ratios: list, noisy_spread: float) -> dict:
+    """The median paired ratio and its 25th-75th percentiles, NOISY when those spread by more than noisy_spread of
+    the median (the machine's load changed within the row)."""
+    median, lo, hi = (float(np.percentile(ratios, q)) for q in (50, 25, 75))
+    return {"ratio": median, "ratio_p25": lo, "ratio_p75": hi, "pairs": len(ratios),
+            "noisy": (hi - lo) > noisy_spread * median}
 
 
 @torch.no_grad()
 def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int = 5) -> dict:
-    """One query against an index of num videos x T frames (random unit embeddings of the model's size), end to end
-    as the search page answers it, HTTP aside: search.search_index tokenizes, encodes the text, scores every video
-    and returns the top 10 with their frame scores."""
-    import search  # only this row needs it
-    g = torch.Generator().manual_seed(seed)
-    E = net.cfg.clip.embed_dim
-    index = {"video_ids": [f"v{i:05d}" for i in range(num)],
-             "video_emb": F.normalize(torch.randn(num, E, generator=g), dim=-1),
-             "frame_emb": F.normalize(torch.randn(num, T, E, generator=g), dim=-1)}
-    times = []
-    for i in range(repeats + 1):  # the first is the warm-up
-        t0 = time.perf_counter()
-        search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
-                            context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return {"query_ms": 1000 * float(np.median(times[1:])), "fastest_ms": 1000 * min(times[1:]), "of": repeats}
-
-
-def make_lmdb(path: str, splits: dict, T: int, S: int, distinct: int = 384) -> None:
-    """An LMDB of JPEG frames like `prepare.py frames` writes (short side S) and one {split}.jsonl per entry of
-    splits = {split: number of videos}, all over the same videos. Videos cycle through `distinct` encoded frames:
-    decoding costs the same, and a 1,000-video set is written in seconds."""
-    rng = np.random.default_rng(seed)
-    from PIL import Image
-    yy, xx = np.mgrid[0:S, 0:S]
-    pool = []
-    for i in range(distinct):
-        # smooth gradients plus a little noise: JPEG sizes like real footage, not like white noise
-        base = np.sin(xx / (7 + i % 5) + i % T) * 60 + yy * 100 / S + rng.integers(0, 40)
-        img = np.stack([base, base[::-1], base.T], -1) + rng.normal(0, 6, (S, S, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-        pool.append(buf.getvalue())
-    num_videos = max(splits.values())
-    with framestore.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=T, frame_size=S) as db:
-        for v in range(num_videos):
-            db.put_video(f"v{v:05d}", [pool[(v * T + t) % distinct] for t in range(T)])
-    for split, n in splits.items():
-        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
-            for v in range(n):  # distinct captions, as in a real test set
-                caption = f"{CAPTIONS[v % len(CAPTIONS)]} {v}"
-                f.write(json.dumps({"video_id": f"v{v:05d}", "captions": [caption]}) + "\n")
-
-
-def time_loader(path: str, workers: int, *, T: int, S: int, L: int, batch: int, tokenizer) -> dict:
-    """Training data loader videos/s: LMDB read, JPEG decode, crop, tokenise, collate (one caption per video)."""
-    ds = prepare.VideoTextDataset(path, "train", tokenizer, mode="train", num_frames=T, context_length=L,
-                                  image_size=S)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                         generator=torch.Generator().manual_seed(seed))
-    t0 = time.perf_counter()
-    n = sum(len(b["video"]) for b in loader)  # worker start-up counted: it is paid once per epoch
-    return {"videos_per_s": n / (time.perf_counter() - t0)}
-
-
-def time_tokenizer(n: int, L: int, tokenizer) -> dict:
-    texts = [f"{CAPTIONS[i % len(CAPTIONS)]} number {i}" for i in range(n)]  # distinct: no cache hits
-    t0 = time.perf_counter()
-    tokenizer(texts, L)
-    return {"captions_per_s": n / (time.perf_counter() - t0)}
+    """The median and the fastest of `repeats` queries (after a warm-up) against an index of num videos x T frames
+    of random unit embeddings, as the search page answers them, HTTP aside."""
+    g, E = torch.Generator().manual_seed(seed), net.cfg.clip.embed_dim
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)
+    index = {"video_ids": [f"v{i:05d}" for i in range(num)], "video_emb": unit(num, E), "frame_emb": unit(num, T, E)}
+    query = lambda i: search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
+                                          context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
+    times = [1000 * _timed(lambda: query(i), dev) for i in range(repeats + 1)]
+    return {"query_ms": float(np.median(times[1:])), "fastest_ms": min(times[1:]), "of": repeats}
 
 
 # -----------------------------------------------------------------------------
-# The recipes' loaders on real videos: ffmpeg clips -> prepare.py frames -> VideoTextDataset through a DataLoader
+# The loaders on real videos: ffmpeg clips -> prepare.py frames -> VideoTextDataset through a DataLoader
 
 GOAL = {"finetune": 1370, "pretrain": 1100}  # videos/s per GPU the loaders must feed (the step at full size)
 # path name -> (recipe kind, stored short side, centre squares, augment, frames T, batch per GPU, text tokens)
@@ -349,27 +238,66 @@ RECIPE_PATHS = {
 }
 
 
+def _write_captions(path: str, video_ids: list, **extra) -> None:
+    with open(path, "w") as f:
+        for v, vid in enumerate(video_ids):  # distinct captions, as in a real test set
+            f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[v % len(CAPTIONS)]} {v}"], **extra}) + "\n")
+
+
 def make_recipe_videos(folder: str, n: int) -> None:
     """n real video files: three generated sources (16:9, 4:3 and 2.35:1 at a short side of 360 px, moving test
     patterns with film grain, so that JPEG sizes are like footage) cut into n time windows, without re-encoding."""
-    import subprocess
-    sources = [("wide", "640x360"), ("tv", "480x360"), ("scope", "848x360")]
     os.makedirs(folder, exist_ok=True)
-    for s, (name, size) in enumerate(sources):
-        count = len(range(s, n, len(sources)))  # the windows of this source
+    for s, (name, size) in enumerate([("wide", "640x360"), ("tv", "480x360"), ("scope", "848x360")]):
+        count = len(range(s, n, 3))  # the windows of this source
         src = os.path.join(folder, f"{name}.src.mkv")
-        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                        f"testsrc2=size={size}:rate=25:duration={2 * count}", "-vf", "noise=alls=12:allf=t",
-                        "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", src], check=True)
+        ffmpeg = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
+        subprocess.run([*ffmpeg, "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={2 * count}",
+                        "-vf", "noise=alls=12:allf=t", "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", src],
+                       check=True)
         for k in range(count):
-            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-ss", str(2 * k), "-t", "2", "-i", src,
-                            "-c", "copy", os.path.join(folder, f"{name}{k:03d}.mp4")], check=True)
+            subprocess.run([*ffmpeg, "-ss", str(2 * k), "-t", "2", "-i", src, "-c", "copy",
+                            os.path.join(folder, f"{name}{k:03d}.mp4")], check=True)
         os.remove(src)
 
 
+def recipe_data(tmp: str, n_videos: int, tokenizer) -> tuple:
+    """(video ids, {path name: (dataset, its FrameDB, T, batch)}) of RECIPE_PATHS over n_videos real clips."""
+    videos = os.path.join(tmp, "videos")
+    make_recipe_videos(videos, n_videos)
+    ids = sorted(os.path.splitext(f)[0] for f in os.listdir(videos))
+    paths, dbs = {}, {}
+    for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
+        data = os.path.join(tmp, f"{size}{'sq' if square else ''}")
+        if data not in dbs:
+            framestore.extract_frames(videos, os.path.join(data, "frames.lmdb"),
+                                      num_frames=48 if kind == "pretrain" else 30, frame_size=size,
+                                      workers=os.cpu_count() or 1, square=square, progress_every=1e9)
+            _write_captions(os.path.join(data, "train.jsonl"), ids, tags="video,clip,test")  # CHVTT has tags
+            dbs[data] = framestore.FrameDB(os.path.join(data, "frames.lmdb"))
+        ds = prepare.VideoTextDataset(
+            data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
+            context_length=L, frame_sample="random", image_size=224, augment=augment.replace("-cpu", ""),
+            device_augment=not augment.endswith("-cpu"), seed=seed, verbose=False)
+        paths[name] = ds, dbs[data], T, batch
+    return ids, paths
+
+
+def copy_videos(db, ids: list, path: str, n: int) -> None:
+    """A prepared dataset of n videos (one caption each) cycling through the frames of `ids` in `db`: decoding costs
+    the same as n distinct videos, and a 1,000-video set is written in seconds."""
+    names = [f"v{v:05d}" for v in range(n)]
+    with framestore.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=db.num_frames,
+                            frame_size=db.frame_size) as out:
+        for v, name in enumerate(names):
+            out.put_video(name, db.get_frames(ids[v % len(ids)], range(db.num_frames)))
+    for split in ("train", "test"):
+        _write_captions(os.path.join(path, f"{split}.jsonl"), names)
+
+
 def _decode_floor(db, video_ids: list, T: int) -> tuple:
-    """(videos per CPU second, videos/s) of Pillow decoding T of each video's JPEG frames in this process, one
-    thread: what no loader can avoid."""
+    """(videos per CPU second, videos/s) of Pillow decoding T frames of each video on one thread: what no loader can
+    avoid."""
     from PIL import Image
     t0, c0 = time.perf_counter(), time.process_time()
     for vid in video_ids:
@@ -380,9 +308,9 @@ def _decode_floor(db, video_ids: list, T: int) -> tuple:
 
 def _loader_rate(ds, workers: int, batch: int) -> tuple:
     """(videos per CPU second of the workers, videos/s per worker) through a DataLoader as train.py builds it, over
-    enough epochs of the set for 4 batches per worker after the first. The wall-clock rate starts at the first batch
-    (worker start-up excluded); CPU seconds are the workers' own (this process's where workers=0), which a busy
-    machine does not inflate as it does the wall clock."""
+    enough epochs for 4 batches per worker after the first. The wall clock starts at the first batch (worker
+    start-up excluded); CPU seconds, which a busy machine does not inflate, are the workers' own (this process's
+    where workers=0)."""
     g = torch.Generator().manual_seed(seed)
     order = []
     while len(order) < max(len(ds), (1 + 4 * max(workers, 1)) * batch):
@@ -402,70 +330,50 @@ def _loader_rate(ds, workers: int, batch: int) -> tuple:
     return (first + n) / (cpu() - c0), n / wall / max(workers, 1)
 
 
-def time_recipe_loaders(n_videos: int, workers: int, repeats: int, tokenizer) -> list:
-    """[(row name, ours, decode floor, ratios)] for every path of RECIPE_PATHS: the loader's videos/s per core
-    (over `workers` processes) beside the decode floor of the same frames on one core, alternated `repeats` times
-    (a shared machine's load drifts), and the cores per GPU that the goal then takes."""
-    tmp = tempfile.mkdtemp(prefix="hmmc_bench_recipes_")
-    try:
-        make_recipe_videos(os.path.join(tmp, "videos"), n_videos)
-        ids = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(tmp, "videos")))
-        sets, floors = {}, {}
-        for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
-            data = os.path.join(tmp, f"{size}{'sq' if square else ''}")
-            if not os.path.exists(data):
-                framestore.extract_frames(os.path.join(tmp, "videos"), os.path.join(data, "frames.lmdb"),
-                                          num_frames=48 if kind == "pretrain" else 30, frame_size=size,
-                                          workers=os.cpu_count() or 1,
-                                          square=square, progress_every=1e9)
-                with open(os.path.join(data, "train.jsonl"), "w") as f:  # the recipes' shapes: tags for CHVTT
-                    for i, vid in enumerate(ids):
-                        f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"],
-                                            "tags": "video,clip,test"}) + "\n")
-            sets[name] = prepare.VideoTextDataset(
-                data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
-                context_length=L, frame_sample="random", image_size=224, augment=augment.replace("-cpu", ""),
-                device_augment=not augment.endswith("-cpu"), seed=seed, verbose=False)
-        dbs = {data: framestore.FrameDB(os.path.join(tmp, data, "frames.lmdb")) for data in os.listdir(tmp)
-               if data != "videos"}
-        rows = {name: ([], [], [], []) for name in RECIPE_PATHS}
-        for _ in range(max(1, repeats)):
-            for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
-                for runs, value in zip(rows[name], (*_loader_rate(sets[name], workers, batch),
-                                                    *_decode_floor(dbs[f"{size}{'sq' if square else ''}"], ids, T))):
-                    runs.append(value)
-        for db in dbs.values():
-            db.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    out = []
-    for name, (ours, ours_wall, floor, floor_wall) in rows.items():
-        kind, median = RECIPE_PATHS[name][0], lambda runs: float(np.median(runs))
-        out.append((f"loader {name}, per core", {
-            "videos_per_s_core": median(ours), "cores_per_gpu": GOAL[kind] / median(ours), "goal": GOAL[kind],
-            "workers": workers, "runs": ours, "wall_per_worker": median(ours_wall), "wall_runs": ours_wall},
-            {"videos_per_s_core": median(floor), "runs": floor, "wall": median(floor_wall), "wall_runs": floor_wall,
-             "label": "decode floor"},
-            [o / f for o, f in zip(ours, floor)]))
-    return out
+def time_recipe_loaders(ids: list, paths: dict, workers: int, repeats: int) -> list:
+    """[(row name, ours, decode floor, ratios)]: each recipe path's loader in videos per CPU second beside the decode
+    floor of the same frames, alternated `repeats` times (a shared machine's load drifts), and the cores per GPU that
+    the goal then takes."""
+    runs = {name: [] for name in paths}
+    for _ in range(max(1, repeats)):
+        for name, (ds, db, T, batch) in paths.items():
+            runs[name].append((*_loader_rate(ds, workers, batch), *_decode_floor(db, ids, T)))
+    rows = []
+    for name, measured in runs.items():
+        ours, ours_wall, floor, floor_wall = zip(*measured)
+        rate, goal = float(np.median(ours)), GOAL[RECIPE_PATHS[name][0]]
+        rows.append((f"loader {name}, per core",
+                     {"videos_per_s_core": rate, "cores_per_gpu": goal / rate, "goal": goal, "workers": workers,
+                      "wall_per_worker": float(np.median(ours_wall))},
+                     {"videos_per_s_core": float(np.median(floor)), "wall": float(np.median(floor_wall)),
+                      "label": "decode floor"},
+                     [o / f for o, f in zip(ours, floor)]))
+    return rows
 
+
+# -----------------------------------------------------------------------------
 
 def run(cfg: dict) -> dict:
-    """All measurements for one configuration -> {"rows": [...], "setup": {...}}."""
     dev, dt = init_compute(cfg["device"])[3], cfg["dtype"]  # as train.py sets up: TF32 matmuls on CUDA
     set_cpu_threads(dev)  # and one thread on a CPU, as train.py
     on_cuda = torch.device(dev).type == "cuda"
-    with_baseline = (not on_cuda) if cfg["baseline"] is None else bool(cfg["baseline"])
+    with_baseline = not on_cuda  # a shared CPU's load moves absolute rates: only the ratios to a baseline compare
     T, L, first = cfg["num_frames"], cfg["context_length"], cfg["models"][0]
     tokenizer = get_tokenizer("clip")
     peak = peak_flops(torch.device(dev).type)
     rows = []
-    print(_legend(with_baseline, cfg), flush=True)
+    print(f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details\n"
+          f"  value: the median step or query; the loaders and evaluate(): one pass", flush=True)
+    if with_baseline:
+        print(f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in "
+              f"{cfg['steps'] * max(1, cfg['ratio_repeats'])} alternating pairs of steps,\n"
+              f"  the median pair [25th-75th percentile]; NOISY: those spread by more than "
+              f"{100 * cfg['noisy_spread']:.0f}% of the median. On a shared CPU only the ratios compare", flush=True)
 
-    def add(name, ours, base=None, ratios=None, flops=None):
-        row, key = {"name": name, "ours": ours, "baseline": base}, _headline(ours)
-        if flops and peak:
-            row["mfu"] = flops * ours[key] / peak
+    def add(name, ours, base=None, ratios=None):
+        row = {"name": name, "ours": ours, "baseline": base}
+        if "flops_per_video" in ours and peak:
+            row["mfu"] = ours["flops_per_video"] * ours["videos_per_s"] / peak
         if ratios:
             row.update(ratio_summary(ratios, cfg["noisy_spread"]))
         rows.append(row)
@@ -478,49 +386,44 @@ def run(cfg: dict) -> dict:
             for pre in ((False, True) if cfg["pretrain"] else (False,)):
                 name = f"{'pretrain' if pre else 'finetune'} step {tower} B={B}"
                 try:
-                    ours, base, ratios = time_steps(train_step, B, tower=tower, pretrain_=pre, tokenizer=tokenizer,
-                                                    grad_ckpt=cfg["activation_checkpointing"], **timing)
+                    add(name, *time_steps(train_step, B, tower=tower, pretrain_=pre, tokenizer=tokenizer,
+                                          grad_ckpt=cfg["activation_checkpointing"], **timing))
                 except torch.cuda.OutOfMemoryError:  # a batch that does not fit is a result too
                     rows.append({"name": name, "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None})
                     print(f"{name:<44s} out of memory", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                add(name, ours, base, ratios, flops=ours["flops_per_video"])
                 if on_cuda:
                     torch.cuda.empty_cache()
-        add(f"eval encode {tower} B={cfg['eval_batch_size']}",
-            *time_steps(encode_step, cfg["eval_batch_size"], tower=tower, **timing))
-
-    num = cfg["sim_videos"]
-    add(f"similarity {num}x{num}x{T} + metrics", time_similarity(num, T, TOWERS[first]["embed_dim"], dev))
     searcher = build(cfg["search_model"], pretrain_=False, T=T, L=L, batch=1, dev=dev).eval()
     for num in cfg["search_videos"]:
         add(f"search query {cfg['search_model']}, {num} videos x {T}",
             time_search(searcher, num, T, L, tokenizer, dev))
     del searcher
-    S = cfg["loader_frame_size"]
     tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
     try:
-        make_lmdb(tmp, {"train": cfg["loader_videos"], "test": cfg["eval_videos"]}, T, S)
+        ids, paths = recipe_data(tmp, cfg["recipe_videos"], tokenizer)
+        for row in time_recipe_loaders(ids, paths, cfg["recipe_workers"], cfg["recipe_repeats"]):
+            add(*row)
+        data = os.path.join(tmp, "eval")
+        copy_videos(paths["finetune 224px"][1], ids, data, cfg["eval_videos"])
+        train = prepare.VideoTextDataset(data, "train", tokenizer, mode="train", num_frames=T, context_length=L,
+                                         image_size=224)
         for w in cfg["loader_workers"]:
-            add(f"data loader {S}px T={T}, {w} workers",
-                time_loader(tmp, w, T=T, S=S, L=L, batch=cfg["loader_batch_size"], tokenizer=tokenizer))
+            rate = _loader_rate(train, w, cfg["loader_batch_size"])[1] * max(w, 1)
+            add(f"data loader 224px T={T}, {w} workers", {"videos_per_s": rate})
         # the whole evaluation as eval.py runs it: LMDB -> decode -> encode -> similarity -> metrics
         net = build(first, pretrain_=False, T=T, L=L, batch=1, dev=dev)
         t0 = time.perf_counter()
         res = TOWERS[first]["image_resolution"]  # frames are centre-cropped to the tower's input
-        m = hmmc_eval.evaluate(net, tmp, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
+        m = hmmc_eval.evaluate(net, data, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
                                top_k_frames=3, frame_match_weight=1.0, batch_size=cfg["eval_batch_size"],
                                num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
         elapsed = time.perf_counter() - t0
         add(f"evaluate() {first}, {m['num_videos']}x{m['num_texts']} from LMDB",
-            {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed})
+            {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed, "encode_videos_per_s": m["videos_per_s"]})
+        for _, db, _, _ in paths.values():
+            db.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    add("tokenizer (CLIP BPE)", time_tokenizer(cfg["tokenizer_captions"], L, tokenizer))
-    for name, ours, floor, ratios in time_recipe_loaders(cfg["recipe_videos"], cfg["recipe_workers"],
-                                                         cfg["recipe_repeats"], tokenizer):
-        add(name, ours, floor, ratios)
 
     setup = {"device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores, "
              f"{torch.get_num_threads()} thread(s))", "torch": torch.__version__, "dtype": dt,
@@ -529,17 +432,8 @@ def run(cfg: dict) -> dict:
     return {"rows": rows, "setup": setup}
 
 
-def ratio_summary(ratios: list, noisy_spread: float) -> dict:
-    """The median of the paired ratios, their 25th and 75th percentiles, and whether those spread by more than
-    noisy_spread of the median (the machine's load changed within the row)."""
-    median, lo, hi = (float(np.percentile(ratios, q)) for q in (50, 25, 75))
-    return {"ratio": median, "ratio_p25": lo, "ratio_p75": hi, "pairs": len(ratios),
-            "noisy": (hi - lo) > noisy_spread * median}
-
-
 def resolve_size(size: str, device: str) -> tuple:
-    """(size to run, a line to print about it or None): "auto" is full on a GPU and tiny without one, and full on a
-    CPU (tens of GB, hours) runs only when asked for, after a warning."""
+    """(size to run, a line to print or None): "auto" is full on a GPU and tiny without one."""
     if size not in ("auto", "full", "tiny"):
         raise ValueError(f"size must be 'auto', 'full' or 'tiny', got {size!r}")
     on_gpu = torch.device(device).type == "cuda"
@@ -552,38 +446,14 @@ def resolve_size(size: str, device: str) -> tuple:
     return size, None
 
 
-def _headline(ours: dict) -> str:
-    return next(k for k in UNITS if k in ours)
-
-
-def _legend(with_baseline: bool, cfg: dict) -> str:
-    """What the columns say, printed once above the rows."""
-    lines = [f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details",
-             "  value: steps and encoding, the median step; similarity and search, the median call (fastest: the",
-             "  best call); loader, evaluate() and tokenizer, one pass"]
-    if with_baseline:
-        pairs = cfg["steps"] * max(1, cfg["ratio_repeats"])
-        lines += [f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in {pairs} pairs of "
-                  f"steps run in",
-                  f"  alternation: the median pair [25th-75th percentile]; NOISY: those spread by more than "
-                  f"{100 * cfg['noisy_spread']:.0f}% of the median.",
-                  "  On a shared CPU only these ratios compare across runs: the absolute rates follow the load"]
-    return "\n".join(lines)
-
-
 def _format_row(row: dict) -> str:
-    ours, key = row["ours"], _headline(row["ours"])
-    extra = []
-    if "mfu" in row:
-        extra.append(f"MFU {100 * row['mfu']:.1f}%")
-    if "peak_mem_gb" in ours:
-        extra.append(f"peak mem {ours['peak_mem_gb']:.2f} GB")
-    if "seconds" in ours:
-        extra.append(f"{ours['seconds']:.1f} s in all")
-    if "fastest_ms" in ours:
-        extra.append(f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}")
-    if "metrics_ms" in ours:
-        extra.append(f"metrics {ours['metrics_ms']:.1f} ms")
+    ours = row["ours"]
+    key = next(k for k in UNITS if k in ours)
+    extra = [f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "",
+             f"peak mem {ours['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in ours else "",
+             f"{ours['seconds']:.1f} s in all" if "seconds" in ours else "",
+             f"encoding {ours['encode_videos_per_s']:.1f} videos/s" if "encode_videos_per_s" in ours else "",
+             f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else ""]
     if "cores_per_gpu" in ours:
         extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s, wall clock "
                      f"{ours['wall_per_worker']:.1f} per worker (floor {row['baseline']['wall']:.1f})")
@@ -591,7 +461,7 @@ def _format_row(row: dict) -> str:
         extra.append(f"{row['baseline'].get('label', 'baseline')} {row['baseline'][key]:.1f} {UNITS[key]}, "
                      f"ours/baseline {row['ratio']:.2f} "
                      f"[{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}]{' NOISY' if row['noisy'] else ''}")
-    return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(extra)}"
+    return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(e for e in extra if e)}"
 
 
 def main(argv=None) -> dict:
@@ -604,13 +474,12 @@ def main(argv=None) -> dict:
     if size_ == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
         cfg = configurator.configure({**defaults, **TINY}, argv, prog="bench.py")
     cfg["size"] = size_
-    print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
-          flush=True)
+    print(f"bench: size={size_} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}", flush=True)
     result = run(cfg)
     print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
-    noisy = [row["name"] for row in result["rows"] if row.get("noisy")]
+    noisy = sum(bool(row.get("noisy")) for row in result["rows"])
     if noisy:
-        print(f"warning: {len(noisy)} ratios marked NOISY (the machine's load changed while they were measured): "
+        print(f"warning: {noisy} ratios marked NOISY (the machine's load changed while they were measured): "
               f"rerun them on an idle machine", flush=True)
     if cfg["out"]:
         os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)

@@ -11,7 +11,6 @@ $ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt
 Scores are HMMC's hierarchical similarity: 100*cos(text, video) + frame_match_weight * mean of the top-k
 100*cos(text, frame). Dual-softmax re-normalisation ("DSL", --dsl=True) is off by default and every output says
 whether it was on, because published numbers often mix it in without saying so.
-Searching your own videos with free text is search.py's job.
 """
 
 import json
@@ -128,8 +127,7 @@ def _rank_summary(ranks: np.ndarray) -> dict:
 def dual_softmax(sim: np.ndarray, axis: int) -> np.ndarray:
     """Dual-softmax ("DSL", CAMoE, Cheng et al. 2021): sim * softmax(sim) along `axis` (temperature 1: our scores are
     already scaled by 100, like CAMoE's logits). T2V takes the prior over texts (axis 0), which discounts a video that
-    every caption likes; V2T over videos (axis 1). It uses the whole test set at once: opt-in, and labelled everywhere.
-    """
+    every caption likes; V2T over videos (axis 1). It uses the whole test set at once: opt-in, labelled everywhere."""
     sim = np.asarray(sim, dtype=np.float64)
     finite = np.where(np.isfinite(sim), sim, -np.inf)
     weights = np.exp(finite - finite.max(axis=axis, keepdims=True))
@@ -278,8 +276,7 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
 
 
 def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
-    """Eval settings: command line/config file first, then the checkpoint's training config, then defaults. The
-    text encoder is fixed by the checkpoint."""
+    """Eval settings: command line/config file first, then the checkpoint's training config, then defaults."""
     def pick(key, fallback):
         return next((c[key] for c in (cfg, ckpt_config) if c.get(key) is not None), fallback)
 
@@ -312,15 +309,9 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
 
 
 
-# the settings of search, which eval.py had before search.py: named, they get a pointer instead of "unknown key"
-SEARCH_OPTIONS = ("search", "query", "queries_file", "serve", "html", "top", "host", "port", "index_dir",
-                  "frames_per_video", "extract_workers", "retry_failed")
-
-
 def load_net(cfg: dict, device: str) -> tuple:
-    """The model of cfg["init_from"] in eval mode, its settings (command line, then the checkpoint's training config,
-    then defaults; see _settings), its tokenizer and the training config -> (net, settings, tokenizer, config).
-    eval.py and search.py share it."""
+    """(net in eval mode, its settings (see _settings), its tokenizer, its training config) of cfg["init_from"], for
+    eval.py and search.py."""
     if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
         zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
         net, info = hmmc_model.load_model("clip", zero_shot, clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
@@ -344,25 +335,16 @@ def load_net(cfg: dict, device: str) -> tuple:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if key in SEARCH_OPTIONS:
-            raise ValueError(f"--{key}: searching your own videos moved to search.py, e.g. python search.py "
-                             f"--init_from=CKPT --videos=DIR --query=TEXT (or --serve for the page)")
     defaults = {k: globals()[k] for k in config_keys}
-    cfg = configurator.configure(defaults, argv, prog="eval.py", descriptions=configurator.describe(__file__))
+    cfg = configurator.configure(defaults, sys.argv[1:] if argv is None else argv, prog="eval.py",
+                                 descriptions=configurator.describe(__file__))
 
     # under torchrun the encoding is sharded over the processes and the metrics computed on rank 0
     ddp, rank, _, dev = init_compute(cfg["device"])
     # autocast on the GPU only: CPU bf16 matmuls are slower than fp32 on most CPUs
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
     is_clip = cfg["init_from"] == "clip"
-    if not cfg["init_from"]:
-        raise ValueError("nothing to evaluate: pass --init_from=<ckpt.pt> (train.py's checkpoint), an original HMMC "
-                         "state dict, or --init_from=clip --clip_path=ViT-B-32.pt")
     net, s, tokenizer, _ = load_net(cfg, dev)
-    model_args = net.cfg.to_dict()
 
     result = evaluate(net, s["data_dir"], cfg["split"], tokenizer=tokenizer, num_frames=s["num_frames"],
                       image_size=s["image_size"], context_length=s["context_length"], top_k_frames=s["top_k_frames"],
@@ -387,7 +369,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path, "w") as f:
             json.dump({**result, "split": cfg["split"], "checkpoint": cfg["init_from"], "config": {**cfg, **s},
-                       "model_args": model_args}, f, indent=2, default=str)
+                       "model_args": net.cfg.to_dict()}, f, indent=2, default=str)
         print(f"wrote {out_path}", flush=True)
     if ddp:
         cleanup_compute()

@@ -3,9 +3,8 @@ Search your own videos with free text: an index of a folder (frames extracted by
 changed or removed file redone alone), ranking by HMMC's hierarchical similarity, an HTML report, and a search page.
 
 $ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --query="a dog catches a frisbee" --html=hits.html
-prints one line per hit, best first: `rank video_id score`, the id being the file's path under DIR without its
-extension (`sub/bikes` for my_videos/sub/bikes.mp4). The page over the same folder, at http://127.0.0.1:8000 until
-Ctrl-C (serve.py is its web server):
+prints `rank video_id score` per hit, best first, the id being the file's path under DIR without its extension
+(`sub/bikes` for my_videos/sub/bikes.mp4). The page over the same folder, at http://127.0.0.1:8000 until Ctrl-C:
 $ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --serve
 Real videos want a real model: OpenAI's CLIP, zero-shot (frames mean-pooled, no temporal transformer):
 $ python search.py --init_from=clip --clip_path=ViT-B-32.pt --videos=my_videos/ --serve
@@ -32,13 +31,17 @@ import urllib.parse
 from collections import Counter
 from html import escape
 
+import lmdb
 import numpy as np
 import torch
 
 import configurator
 import eval as hmmc_eval
 import framestore
+import model as hmmc_model
 import prepare
+import serve as hmmc_serve  # `serve` is also a setting
+from serve import HTTPError
 from common import run_script, set_cpu_threads
 from tokenizer import BertTokenizer
 
@@ -62,8 +65,7 @@ retry_failed = False  # extract again the files that failed before even when unc
 serve = False  # serve a search page over DIR (queries typed there) instead of answering --query
 host = "127.0.0.1"  # address of the search page; anything but loopback lets other machines see it and the videos
 port = 8000  # port of the search page (0: any free one)
-allowed_hosts = ""  # more names the page answers to in the Host header (comma-separated): loopback names, IP
-#                     addresses and this machine's name always work; any other name is refused (DNS rebinding)
+allowed_hosts = ""  # more names (comma-separated) the page answers to besides IP addresses and this machine's name
 conn_timeout = 60.0  # seconds a connection of the page may stay silent (idle or half-sent) before it is dropped
 max_connections = 64  # connections of the page served at once; more are told to retry
 num_frames = None  # frames per video the model reads (the checkpoint's)
@@ -283,12 +285,12 @@ def _check_query(text: str, tokenizer) -> None:
 
 
 def _script(ch: str) -> str | None:
-    """The writing system of a letter or symbol: "latin", "cjk", "emoji", "cyrillic", "hangul"...; None otherwise."""
+    """"latin", "cjk", "emoji", "cyrillic"...; None for what every script has (digits, punctuation, spaces)."""
     cat = unicodedata.category(ch)
     if cat == "So":
         return "emoji"  # pictographs and other symbols
     if not cat.startswith("L"):
-        return None  # digits, punctuation, spaces: every script has them
+        return None
     name = unicodedata.name(ch, "")
     if name.startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH")):
         return "cjk"
@@ -300,8 +302,7 @@ def _quote(text: str, n: int = 60) -> str:
 
 
 def words(text: str) -> list[str]:
-    """The words of a caption or query, lower-cased: runs of letters, and each Chinese character on its own (Chinese
-    has no spaces; the Chinese BERT reads one character per token)."""
+    """Lower-cased runs of letters, each Chinese character on its own (the Chinese BERT reads one per token)."""
     out = []
     for run in re.findall(r"[^\W\d_]+", text.lower()):
         out += [run] if not any(_script(c) == "cjk" for c in run) else re.findall(r"[^\W\d_]", run)
@@ -309,7 +310,7 @@ def words(text: str) -> list[str]:
 
 
 def caption_vocabulary(path: str, field: str = "captions") -> set:
-    """Every word of the captions in a dataset's <split>.jsonl (`field` holds a list of captions or one)."""
+    """Every word of the captions of a <split>.jsonl (`field` holds a list of captions or one)."""
     vocab = set()
     with open(path, encoding="utf-8") as f:
         for line in filter(str.strip, f):
@@ -320,8 +321,7 @@ def caption_vocabulary(path: str, field: str = "captions") -> set:
 
 
 def training_captions(ckpt_config: dict) -> tuple[str, str] | None:
-    """(jsonl path, caption field) of the captions a train.py checkpoint learned from, as its config names them;
-    None when the config names no dataset (OpenAI's CLIP, an original HMMC state dict)."""
+    """(jsonl path, caption field) a train.py checkpoint learned from; None for OpenAI's CLIP or an original HMMC."""
     if not ckpt_config or not (ckpt_config.get("data_dir") or ckpt_config.get("dataset")):
         return None
     data_dir = ckpt_config.get("data_dir") or os.path.join("data", ckpt_config["dataset"])
@@ -330,43 +330,38 @@ def training_captions(ckpt_config: dict) -> tuple[str, str] | None:
 
 
 def query_warnings(text: str, tokenizer, context_length: int, vocabulary: set | None = None) -> list[str]:
-    """What to know before trusting the scores of `text`, one line each: it was cut to the model's caption length,
-    it is written in a script the text encoder was not trained on, or most of its words never occur in the captions
-    the model was trained on (`vocabulary`, see caption_vocabulary). The scores look just as confident then."""
-    out = []
+    """Why the scores of `text`, which look just as confident, may mean little, one line each: it was cut to the
+    model's caption length, its script is not the text encoder's, or most of its words never occur in the captions
+    the model was trained on (`vocabulary`)."""
+    q, out, little = _quote(text), [], "its scores will look confident and mean little"
     n, kept = len(tokenizer.encode(text)), context_length - 2  # each row also holds a start and an end token
     if n > kept:
-        out.append(f"query {_quote(text)} is {n} tokens long; the model reads {context_length} per caption, so only "
-                   f"the first {kept} were kept")
+        out.append(f"query {q} is {n} tokens long; the model reads {context_length} per caption, so only the first "
+                   f"{kept} were kept")
     scripts = {s for s in map(_script, text) if s}
-    if isinstance(tokenizer, BertTokenizer):
-        if "latin" in scripts and "cjk" not in scripts:
-            out.append(f"query {_quote(text)} is in Latin script but the text encoder (Chinese BERT) was trained on "
-                       f"Chinese captions; its scores will look confident and mean little. Write it in Chinese")
-    elif scripts - {"latin"}:
-        out.append(f"query {_quote(text)} contains {', '.join(sorted(scripts - {'latin'}))} text, which the CLIP "
-                   f"text encoder (trained on English) barely knows; its scores will look confident and mean little")
-    if vocabulary:
-        known = list(dict.fromkeys(words(text)))
-        unknown = [w for w in known if w not in vocabulary]
-        if 2 * len(unknown) > len(known):
-            out.append(f"{len(unknown)} of the {len(known)} words of query {_quote(text)} never occur in the "
-                       f"{len(vocabulary)}-word vocabulary of the captions this model was trained on "
-                       f"({', '.join(unknown[:6])}{', ...' if len(unknown) > 6 else ''}); its scores will look "
-                       f"confident and mean little. Use words it knows, or a model trained on richer captions "
-                       f"(e.g. --init_from=clip)")
+    bert = isinstance(tokenizer, BertTokenizer)  # Chinese mixed with other scripts is fine there
+    foreign = (set() if "cjk" in scripts else scripts) if bert else scripts - {"latin"}
+    if foreign:
+        out.append(f"query {q} contains {', '.join(sorted(foreign))} text, which the text encoder "
+                   f"({'Chinese BERT, trained on Chinese' if bert else 'CLIP, trained on English'}) barely knows; "
+                   f"{little}")
+    known = list(dict.fromkeys(words(text)))
+    unknown = [w for w in known if vocabulary and w not in vocabulary]
+    if 2 * len(unknown) > len(known):
+        out.append(f"{len(unknown)} of the {len(known)} words of query {q} never occur in the {len(vocabulary)}-word "
+                   f"vocabulary of the captions this model was trained on ({', '.join(unknown[:6])}"
+                   f"{', ...' if len(unknown) > 6 else ''}); {little}. Use words it knows, or a model trained on "
+                   f"richer captions (e.g. --init_from=clip)")
     return out
 
 
 @torch.no_grad()
 def search_index(net, index: dict, queries: list[str], *, tokenizer, context_length: int, top_k_frames: int,
                  frame_match_weight: float, top: int = 5, device: str = "cpu", dtype=None) -> list[list[dict]]:
-    """Rank the indexed videos for each query -> per query a list of hits, best first:
-    {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame), "top_frames" [k positions]}."""
+    """Per query its hits, best first: {"rank", "video_id", "score", "frame_scores" [T] (100*cos per encoded frame),
+    "top_frames" [k positions]}."""
     if not index["video_ids"]:
         raise ValueError("the index is empty: no videos to search")
-    if int(top) < 1:
-        raise ValueError(f"top={top}: ask for at least one hit per query")
     for q in queries:
         _check_query(q, tokenizer)
     ids, mask = tokenizer(queries, context_length)
@@ -389,7 +384,7 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
 
 
 def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
-    """A stored frame shrunk to `height` px (and at most 4x as wide), as JPEG: for the report and the search page."""
+    """A stored frame shrunk to `height` px (and at most 4x as wide)."""
     from PIL import Image
     img = Image.open(io.BytesIO(jpeg)).convert("RGB")
     img.thumbnail((height * 4, height))
@@ -399,7 +394,7 @@ def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
 
 
 def explain_score(hit: dict, frame_match_weight: float) -> str:
-    """One line on what a hit's score is made of, from its frame scores: the video term and the frame term."""
+    """What a hit's score is made of: the video term and the frame term."""
     k = len(hit["top_frames"])
     frames = sum(hit["frame_scores"][t] for t in hit["top_frames"]) / max(k, 1)
     video = hit["score"] - frame_match_weight * frames
@@ -413,49 +408,27 @@ def _clock(seconds: float) -> str:
 
 
 def frame_time(position: int, duration, stored) -> float | None:
-    """Seconds into the video of stored frame `position`; None when the duration is unknown. Extraction takes the
-    centre of each of `stored` equal segments of the video."""
+    # extraction took the centre of each of `stored` equal segments of the video
     return (position + 0.5) * duration / stored if duration and stored else None
 
 
-def frame_label(seconds, score: float) -> str:
-    """The caption under a frame: its time in the video (when known) and 100 x cosine of the query with it."""
-    return f"{_clock(seconds)} \u00b7 {score:.1f}" if seconds is not None else f"{score:.1f}"
-
-
-_CSS = ("body{font-family:sans-serif;margin:16px}.meta{color:#555}.hit{margin:10px 0}"
-        # frames shrink to share the page width (min-width:0 lets a flex item go below its image's width)
-        ".strip{display:flex;gap:4px}figure{margin:0;flex:0 1 auto;min-width:0;text-align:center;font-size:11px;"
-        "color:#555}img{display:block;max-width:100%;height:auto;box-sizing:border-box;border:3px solid transparent}"
-        "figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}")
-
-
-def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None, style: str = "") -> list[str]:
-    """The top of a results page, as a list of HTML lines with everything escaped: title, the checkpoint, and the
-    files skipped as unreadable with their reasons. `style` is CSS added after the report's."""
-    title = escape(title)
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{_CSS}{style}</style>", "</head><body>", f"<h1>{title}</h1>"]
-    if checkpoint:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
-    if skipped:
-        parts.append(f"<details class=\"skipped\"><summary>{len(skipped)} file(s) skipped as "
-                     f"unreadable</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r)}</li>" for v, r in skipped.items()]
-        parts.append("</ul></details>")
-    return parts
+def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
+    """Each encoded frame of a hit: position, time (None when unknown), caption, and whether it entered the score."""
+    frames = []
+    for i, (p, score) in enumerate(zip(positions, hit["frame_scores"])):
+        t = frame_time(p, duration, stored)
+        label = f"{_clock(t)} \u00b7 {score:.1f}" if t is not None else f"{score:.1f}"
+        frames.append({"position": p, "time": t, "label": label, "top": i in hit["top_frames"]})
+    return frames
 
 
 def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
                checkpoint: str = "") -> None:
-    """One self-contained page: the checkpoint and the skipped files first, then for each query its top videos,
-    each as a strip of the encoded frames (JPEG thumbnails inlined as base64, shrunk to fit the page width) with the
-    top-k matched frames outlined and each frame's time in the video and score under it."""
+    """A self-contained page (thumbnails inlined) of each query's hits, each a strip of frames as on the search page."""
     positions = [int(p) for p in index["frame_indices"]]
     stored = index.get("stored_frames")
     durations = dict(zip(index["video_ids"], index.get("durations") or []))
-    parts = page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
+    parts = hmmc_serve.page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
     with framestore.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
             parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
@@ -469,18 +442,17 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
                 parts.append(f"<div class=\"hit\" data-video-id=\"{escape(vid)}\"><div><b>{hit['rank']}.</b> "
                              f"{escape(vid)} &mdash; score {hit['score']:.2f}"
                              f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
-                for t, (p, jpeg, score) in enumerate(zip(positions, jpegs, hit["frame_scores"])):
-                    cls = " class=\"top\"" if t in hit["top_frames"] else ""
+                for frame, jpeg in zip(hit_frames(hit, positions, duration, stored), jpegs):
                     thumb = base64.b64encode(thumbnail_jpeg(jpeg)).decode("ascii")
-                    parts.append(f"<figure{cls}><img alt=\"{escape(vid)} frame {p}\" "
-                                 f"src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
-                                 f"{escape(frame_label(frame_time(p, duration, stored), score))}</figcaption></figure>")
+                    top = " class=\"top\"" if frame["top"] else ""
+                    parts.append(f"<figure{top}><img alt=\"{escape(vid)} frame "
+                                 f"{frame['position']}\" src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
+                                 f"{escape(frame['label'])}</figcaption></figure>")
                 parts.append("</div></div>")
             parts.append("</section>")
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
-
 
 
 def _checkpoint_key(init_from: str, clip_path: str) -> str:
@@ -494,20 +466,10 @@ def _checkpoint_key(init_from: str, clip_path: str) -> str:
 LANGUAGES = {"clip": "English (CLIP text encoder)", "bert": "Chinese (Chinese BERT text encoder)"}
 
 
-class QueryError(ValueError):
-    """A request the engine refuses: the HTTP status to answer with and what to tell the user."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 class Searcher:
-    """The model, one folder's index and its files, shared by the page's request threads (serve.py asks it through
-    rank, thumbnail, video_file, rescan, status and info). `lock` serialises the model calls and guards the index;
-    a rescan builds the next index in a spawned process while queries keep answering from this one, then swaps it
-    in under the lock. Frames are read through an LMDB reader with a lock table, so the rescan's writer in the
-    other process never changes a page under it."""
+    """The model and one folder's index, shared by the page's request threads. `lock` serialises the model calls and
+    guards the index; a rescan builds the next index in a spawned process (its LMDB writer must not share this
+    process with the frame reader) while queries keep answering from this one, then swaps it in under the lock."""
 
     def __init__(self, net, source: str, *, index_args: dict, rank_args: dict, top: int = 5, checkpoint: str = "",
                  vocabulary: set | None = None):
@@ -526,33 +488,29 @@ class Searcher:
         self.index = self._prepare(build_index(net, source, **index_args))
 
     @staticmethod
-    def _prepare(index: dict) -> dict:
-        """build_index's answer plus what the requests look up (its "paths" are the files that may be served)."""
+    def _prepare(index: dict) -> dict:  # build_index's answer plus what requests look up; "paths" may be served
         return {**index, "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]],
                 "durations_of": dict(zip(index["video_ids"], index["durations"]))}
 
     def rank(self, query: str, top: int) -> dict:
-        """The page's answer to a query: the hits of search_index with their frames' URLs, times and labels, each
-        score explained, the URL of each video file with the time of its best-matching frame, and the warnings."""
+        """search_index's hits with their frames, explained scores and video URLs (at the best frame), and warnings."""
         t0 = time.perf_counter()
         with self.lock:
             index = self.index
             try:
                 hits = search_index(self.net, index, [query], top=top, **self.rank_args)[0]
             except ValueError as e:  # a query that tokenizes to nothing
-                raise QueryError(400, str(e)) from None
+                raise HTTPError(400, str(e)) from None
         seconds = time.perf_counter() - t0
         positions, weight = index["positions"], float(self.rank_args["frame_match_weight"])
         for hit in hits:
             vid = hit["video_id"]
             duration = index["durations_of"].get(vid)
-            times = [frame_time(p, duration, index["stored_frames"]) for p in positions]
-            hit["frames"] = [{"position": p, "url": "/frame?" + urllib.parse.urlencode({"id": vid, "p": p}),
-                              "time": t, "label": frame_label(t, score), "top": i in hit["top_frames"]}
-                             for i, (p, t, score) in enumerate(zip(positions, times, hit["frame_scores"]))]
+            hit["frames"] = hit_frames(hit, positions, duration, index["stored_frames"])
+            for frame in hit["frames"]:
+                frame["url"] = "/frame?" + urllib.parse.urlencode({"id": vid, "p": frame["position"]})
             best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
-            hit["start"] = times[best] or 0.0
-            hit["duration"] = duration
+            hit["start"] = hit["frames"][best]["time"] or 0.0
             hit["length"] = _clock(duration) if duration else None
             hit["explain"] = explain_score(hit, weight)
             hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
@@ -565,34 +523,29 @@ class Searcher:
         with self.lock:
             index = self.index
         if vid not in index["known"]:
-            raise QueryError(404, "no such video in the index")
+            raise HTTPError(404, "no such video in the index")
         if position not in index["positions"]:
-            raise QueryError(404, f"frame {position} is not one the model saw")
-        import lmdb
+            raise HTTPError(404, f"frame {position} is not one the model saw")
+        key = f"{vid}_{position}".encode()
         with self.frames_lock:
-            for attempt in (1, 2):  # a rescan's writer may have grown the map: reopen once
-                try:
-                    if self.env is None:
-                        self.env = self._open_frames(index["lmdb"])
-                    with self.env.begin() as txn:
-                        jpeg = txn.get(f"{vid}_{position}".encode())
-                    break
-                except lmdb.Error:
-                    self._close_frames()
-                    if attempt == 2:
-                        raise
+            try:
+                jpeg = self._read_frame(index["lmdb"], key)
+            except lmdb.Error:  # a rescan's writer may have grown the map: reopen once
+                self._close_frames()
+                jpeg = self._read_frame(index["lmdb"], key)
         if jpeg is None:  # its file changed or left during a rescan, which has not finished yet
-            raise QueryError(404, "this frame is being replaced by a rescan; search again when it is done")
+            raise HTTPError(404, "this frame is being replaced by a rescan; search again when it is done")
         return thumbnail_jpeg(jpeg)
 
-    @staticmethod
-    def _open_frames(path: str):
-        import lmdb
-        subdir = os.path.isdir(path)
-        try:  # with the lock table, LMDB keeps every page this reader sees until it is done, whatever writes
-            return lmdb.open(path, readonly=True, lock=True, readahead=False, subdir=subdir, max_readers=256)
-        except lmdb.Error:  # a prepared dataset on read-only storage: no lock file, and no rescan writes there
-            return lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=subdir)
+    def _read_frame(self, path: str, key: bytes) -> bytes | None:
+        if self.env is None:
+            subdir = os.path.isdir(path)
+            try:  # with the lock table, LMDB keeps every page this reader sees until it is done, whatever writes
+                self.env = lmdb.open(path, readonly=True, lock=True, readahead=False, subdir=subdir, max_readers=256)
+            except lmdb.Error:  # a prepared dataset on read-only storage: no lock file, and no rescan writes there
+                self.env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=subdir)
+        with self.env.begin() as txn:
+            return txn.get(key)
 
     def _close_frames(self):
         if self.env is not None:
@@ -600,27 +553,25 @@ class Searcher:
             self.env = None
 
     def video_file(self, vid: str) -> str:
-        """The file of an indexed video, if it still lies inside the folder once links are resolved (the same rule
-        the index follows: a link out of the folder is neither indexed nor served)."""
+        # the index's rule again: a link out of the folder is neither indexed nor served
         with self.lock:
             path = self.index["paths"].get(vid)
         if path is None or not _inside(os.path.realpath(self.source), path) or not os.path.isfile(path):
-            raise QueryError(404, "no video file with this id")
+            raise HTTPError(404, "no video file with this id")
         return os.path.realpath(path)
 
     def rescan(self) -> dict:
-        """Build the index again in a spawned process (new and changed files extracted and encoded, removed ones
-        dropped) and swap it in; queries keep answering from the current index meanwhile. A failure keeps it."""
+        """Build the index again in a spawned process and swap it in; a failure keeps the current one."""
         if not self.rescan_lock.acquire(blocking=False):
-            raise QueryError(409, "a rescan is already running")
+            raise HTTPError(409, "a rescan is already running")
         t0 = time.perf_counter()
         try:
             self.rescan_state = {"running": True, "progress": "starting"}
-            try:
-                new = self._prepare(self._build_elsewhere())
-            except QueryError as e:
-                self.rescan_state = {"running": False, "error": str(e)}
-                raise
+            kind, payload = self._build_elsewhere()
+            if kind != "done":
+                self.rescan_state = {"running": False, "error": f"rescan failed, the previous index is kept: {payload}"}
+                raise HTTPError(409, self.rescan_state["error"])
+            new = self._prepare({**hmmc_model.read_checkpoint(payload["path"]), **payload})
             with self.lock:
                 self.index = new
             with self.frames_lock:
@@ -632,27 +583,19 @@ class Searcher:
         finally:
             self.rescan_lock.release()
 
-    def _build_elsewhere(self) -> dict:
-        """build_index in a spawned process: nothing of this server (its sockets, its threads) is inherited, and
-        the child's readers and writers all end with it, whatever happens there."""
+    def _build_elsewhere(self) -> tuple:
+        # spawned: nothing of this server (sockets, threads) is inherited, and the child's LMDB handles end with it
         ctx = mp.get_context("spawn")
         receiver, sender = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_rescan_child, args=(sender, self.net, self.source, self.index_args),
-                            name="hmmc-rescan")
+        child = self.child = ctx.Process(target=_rescan_child, args=(sender, self.net, self.source, self.index_args),
+                                         name="hmmc-rescan")
         child.start()
         sender.close()
-        self.child = child
-        answer = None
         try:
-            while answer is None:
-                try:
-                    kind, payload = receiver.recv()
-                except EOFError:  # the child ended without a word (killed, out of memory)
-                    break
-                if kind == "progress":
-                    self.rescan_state = {"running": True, "progress": payload}
-                else:
-                    answer = kind, payload
+            while (answer := receiver.recv())[0] == "progress":
+                self.rescan_state = {"running": True, "progress": answer[1]}
+        except EOFError:  # the child ended without a word (killed, out of memory)
+            answer = None
         finally:
             receiver.close()
             child.join(timeout=60)
@@ -660,22 +603,14 @@ class Searcher:
                 child.kill()
                 child.join()
             self.child = None
-        if answer is None:
-            raise QueryError(409, f"rescan failed, the previous index is kept: the rescan process ended with exit "
-                                  f"code {child.exitcode} before finishing")
-        kind, payload = answer
-        if kind == "error":
-            raise QueryError(409, f"rescan failed, the previous index is kept: {payload}")
-        index = torch.load(payload["path"], map_location="cpu", weights_only=True)
-        return {**index, **payload}
+        return answer or ("error", f"the rescan process ended with exit code {child.exitcode} before finishing")
 
     def status(self) -> dict:
         with self.lock:
             videos = len(self.index["video_ids"])
         return {"videos": videos, "rescan": dict(self.rescan_state)}
 
-    def info(self) -> dict:
-        """What the page shows above the search box."""
+    def info(self) -> dict:  # what the page shows above the search box
         with self.lock:
             index = self.index
         return {"title": f"HMMC search over {self.source}", "checkpoint": self.checkpoint, "language": self.language,
@@ -683,8 +618,7 @@ class Searcher:
                 "top_k_frames": int(self.rank_args["top_k_frames"]),
                 "frame_match_weight": float(self.rank_args["frame_match_weight"])}
 
-    def close(self):
-        """Stop a rescan in progress (its process) and let go of the frame store."""
+    def close(self):  # stops a rescan in progress and lets go of the frame store
         child = self.child
         if child is not None and child.is_alive():
             child.kill()
@@ -693,8 +627,7 @@ class Searcher:
 
 
 def _rescan_child(conn, net, source: str, index_args: dict):
-    """Runs in the spawned rescan process: build_index, telling the parent how far it got, then where the index is
-    (the embeddings travel through the index file, not the pipe)."""
+    """The spawned rescan: build_index, telling the parent how far it got, then where the index file is."""
     torch.set_num_threads(1)  # beside the server, which keeps answering queries meanwhile
     try:
         index = build_index(net, source, progress=lambda text: conn.send(("progress", text)), **index_args)
@@ -708,12 +641,9 @@ def _rescan_child(conn, net, source: str, index_args: dict):
 
 def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: str = "127.0.0.1", port: int = 8000,
                 top: int = 5, checkpoint: str = "", vocabulary: set | None = None, **server_args):
-    """A search page over `source` listening on host:port (port 0: any free one; see server.server_address) but not
-    yet serving: call serve_forever(), in a thread for tests. The port is taken first, then the index built, so a
-    busy port fails before minutes of indexing. server_args go to serve.Server (allowed_hosts, conn_timeout,
-    max_connections)."""
-    import serve
-    server = serve.listen(host, port, **server_args)
+    """A search page over `source` on host:port, not yet serving. The port is taken before the index is built, so a
+    busy port fails before minutes of indexing."""
+    server = hmmc_serve.listen(host, port, **server_args)
     try:
         server.search = Searcher(net, source, index_args=index_args, rank_args=rank_args, top=top,
                                  checkpoint=checkpoint, vocabulary=vocabulary)
@@ -767,7 +697,6 @@ def main(argv=None):
     rank_args = dict(tokenizer=tokenizer, context_length=s["context_length"], top_k_frames=s["top_k_frames"],
                      frame_match_weight=s["frame_match_weight"], device=dev, dtype=dtype)
     if cfg["serve"]:
-        import serve  # here: only this mode needs the server
         # a query is a few small matmuls, which spinning OpenMP threads slow on a shared CPU (docs/performance.md)
         set_cpu_threads(dev)
         hosts = [h.strip() for h in cfg["allowed_hosts"].split(",") if h.strip()]
@@ -775,7 +704,7 @@ def main(argv=None):
                              port=cfg["port"], top=cfg["top"], checkpoint=checkpoint, vocabulary=vocabulary,
                              allowed_hosts=hosts, conn_timeout=cfg["conn_timeout"],
                              max_connections=cfg["max_connections"])
-        serve.run(server, source)
+        hmmc_serve.run(server, source)
         return []
     queries = [cfg["query"]] if cfg["query"] else []
     if cfg["queries_file"]:

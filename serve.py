@@ -1,22 +1,15 @@
 """
-The search page's web server: type a query, get the best videos first, each with its strip of frames (the top-k
-matched frames outlined, each with its time and score) and the video, playable from any of its frames.
-
-$ python search.py --init_from=out-synthetic/ckpt.pt --videos=my_videos/ --serve    # then open http://127.0.0.1:8000
-
-search.py starts it and hands it the engine (search.Searcher), which this module knows only through its methods:
-rank(query, top), thumbnail(id, position), video_file(id), rescan(), status() and info(). Only indexed videos are
-served, looked up by their id, never by a path taken from the URL. Standard library only: http.server and one page
-of plain JavaScript. What a hostile client or web page meets: a time limit on every connection and a cap on how
-many are served at once, bounded headers and numbers, no request body where none is expected, a Host allow-list
-(against DNS rebinding), an Origin check on the one POST, and headers that keep other sites from embedding the page
-or probing its files.
+The search page and its web server, which search.py --serve starts with its engine (search.Searcher). Only indexed
+videos are served, by id, never by a path from the URL. Against hostile clients and pages: a time limit on every
+connection and a cap on how many are served at once, bounded headers and numbers, no unexpected request bodies, a Host
+allow-list (DNS rebinding), an Origin check on the one POST, and headers that keep other sites from framing or probing.
 """
 
 import base64
 import hashlib
 import ipaddress
 import json
+import mimetypes
 import os
 import re
 import socket
@@ -32,14 +25,10 @@ MAX_QUERY = 1000  # characters: the model reads a few dozen tokens, a longer que
 MAX_TOP = 100  # hits per query the page may ask for
 MAX_HEADER_BYTES = 16384  # all request headers together; a browser sends well under 2 KiB
 MAX_DIGITS = 18  # in a number of a Range header: larger ones address no file (and int() refuses 4,300 digits)
-VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
-               ".mkv": "video/x-matroska", ".ogv": "video/ogg", ".ogg": "video/ogg", ".avi": "video/x-msvideo",
-               ".mpg": "video/mpeg", ".mpeg": "video/mpeg", ".3gp": "video/3gpp", ".ts": "video/mp2t",
-               ".gif": "image/gif"}  # the rest go out as application/octet-stream (browsers play few of them)
 
 
 class HTTPError(Exception):
-    """A request the server refuses: the status and a short message for the client."""
+    """A refused request: its status and a short message for the client (the engine raises them too)."""
 
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
@@ -48,7 +37,7 @@ class HTTPError(Exception):
 
 # ----------------------------------------------------------------------------- the page
 
-_CSS = (
+CSS = (
     "body{font-family:sans-serif;margin:16px;max-width:1400px}h1{font-size:1.4em;overflow-wrap:anywhere}"
     ".meta{color:#555}code{overflow-wrap:anywhere}.skipped li{margin:2px 0}"
     "form{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin:12px 0}"
@@ -70,102 +59,88 @@ _CSS = (
 _JS = r"""
 const $ = (id) => document.getElementById(id);
 const NO_ANSWER = "no answer from the server (is it still running?): ";
+const addressQuery = () => new URLSearchParams(location.search).get("q");
 function el(tag, props, ...children) {
-  const e = Object.assign(document.createElement(tag), props || {});
+  const e = Object.assign(document.createElement(tag), props);
   e.append(...children);
   return e;
 }
-function say(text, kind) {  // kind: "", "busy" or "error"
-  const s = $("status");
-  s.textContent = text;
-  s.className = kind || "";
-  s.setAttribute("role", kind === "error" ? "alert" : "status");
+function say(text, kind = "") {  // kind: "", "busy" or "error"
+  Object.assign($("status"), {textContent: text, className: kind, role: kind === "error" ? "alert" : "status"});
 }
 function hitView(hit) {
   const video = hit.video_url && el("video", {controls: true, preload: "metadata",
                                               src: hit.video_url + "#t=" + hit.start});
   const figures = hit.frames.map((f) => {
-    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, loading: "lazy"});
     const play = video && f.time !== null;
-    const button = el("button", {type: "button", disabled: !play,
-                                 title: play ? "play from " + f.label : "frame " + f.position}, img);
-    button.setAttribute("aria-label", (play ? "play " + hit.video_id + " from " : "frame ") + f.label);
+    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, loading: "lazy"});
+    const label = (play ? "play " + hit.video_id + " from " : "frame ") + f.label;
+    const button = el("button", {type: "button", disabled: !play, title: label, ariaLabel: label}, img);
     if (play) button.onclick = () => { video.currentTime = f.time; video.play(); };
     return el("figure", {className: f.top ? "top" : ""}, button, el("figcaption", {textContent: f.label}));
   });
-  const title = el("div", {}, el("b", {textContent: hit.rank + ". "}), hit.video_id,
-                   " \u2014 score " + hit.score.toFixed(2) + (hit.length ? " \u00b7 " + hit.length + " long" : ""));
-  const row = el("div", {className: "row"}, ...(video ? [video] : []), el("div", {className: "strip"}, ...figures));
-  const div = el("div", {className: "hit"}, title, el("div", {className: "explain", textContent: hit.explain}), row);
+  const div = el("div", {className: "hit"},
+                 el("div", {}, el("b", {textContent: hit.rank + ". "}), hit.video_id, " \u2014 score " +
+                    hit.score.toFixed(2) + (hit.length ? " \u00b7 " + hit.length + " long" : "")),
+                 el("div", {className: "explain", textContent: hit.explain}),
+                 el("div", {className: "row"}, ...(video ? [video] : []), el("div", {className: "strip"}, ...figures)));
   div.dataset.videoId = hit.video_id;
   return div;
 }
 async function search(q, push) {
-  if (push) history.pushState({q: q}, "", "?" + new URLSearchParams({q: q}));
+  if (push) history.pushState({q}, "", "?" + new URLSearchParams({q}));
   say("searching\u2026", "busy");
-  $("results").setAttribute("aria-busy", "true");
-  $("go").disabled = true;
+  $("results").ariaBusy = $("go").disabled = true;
   $("warnings").replaceChildren();
   let r, data;
   try {
-    r = await fetch("/api/search?" + new URLSearchParams({q: q, top: $("top").value}));
+    r = await fetch("/api/search?" + new URLSearchParams({q, top: $("top").value}));
     data = await r.json();
   } catch (e) {
-    say(NO_ANSWER + e, "error");
-    return;
+    return say(NO_ANSWER + e, "error");
   } finally {
-    $("results").setAttribute("aria-busy", "false");
-    $("go").disabled = false;
+    $("results").ariaBusy = $("go").disabled = false;
   }
-  if (!r.ok) { say(data.error, "error"); $("results").replaceChildren(); return; }
+  $("results").replaceChildren(...(r.ok ? data.hits.map(hitView) : []));
+  if (!r.ok) return say(data.error, "error");
   $("warnings").append(...data.warnings.map((w) => el("li", {textContent: w})));
-  say(data.hits.length + " of " + data.videos + " videos, best first (" + (1000 * data.seconds).toFixed(0) +
-      " ms)");
-  $("results").replaceChildren(...data.hits.map(hitView));
+  say(data.hits.length + " of " + data.videos + " videos, best first (" + (1000 * data.seconds).toFixed(0) + " ms)");
 }
-function fromAddress() {
-  const q = new URLSearchParams(location.search).get("q");
+function fromAddress() {  // on opening, and on Back and Forward: the query in the address and its hits
+  const q = addressQuery();
   $("q").value = q || "";
-  return q;
+  if (q) return search(q, false);
+  $("results").replaceChildren();
+  $("warnings").replaceChildren();
+  say("");
 }
 $("search").onsubmit = (e) => {
   e.preventDefault();
-  const q = $("q").value;
-  search(q, q !== new URLSearchParams(location.search).get("q"));  // each new query is a step Back returns from
+  search($("q").value, $("q").value !== addressQuery());  // each new query is a step Back returns from
 };
-window.onpopstate = () => {
-  const q = fromAddress();
-  if (q) search(q, false);
-  else { $("results").replaceChildren(); $("warnings").replaceChildren(); say(""); }
-};
+window.onpopstate = fromAddress;
 $("rescan").onclick = async () => {
   $("rescan").disabled = true;
   say("rescanning the folder: new and changed videos are extracted and encoded\u2026", "busy");
-  const poll = setInterval(async () => {
-    try {
-      const s = await (await fetch("/api/status")).json();
-      if (s.rescan.running) say("rescanning: " + s.rescan.progress + "\u2026", "busy");
-    } catch (e) { /* the rescan's own answer says what happened */ }
-  }, 1000);
-  let done, ok = false;
+  const poll = setInterval(() => fetch("/api/status").then((r) => r.json()).then((s) => {
+    if (s.rescan.running) say("rescanning: " + s.rescan.progress + "\u2026", "busy");
+  }, () => {}), 1000);  // a failed poll says nothing: the rescan's own answer does
+  let done;
   try {
     const r = await fetch("/api/rescan", {method: "POST", headers: {"X-Requested-By": "hmmc"}});
     const data = await r.json();
-    ok = r.ok;
-    done = ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length + " extracted, " +
-                data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error;
+    done = {ok: r.ok, text: r.ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length +
+            " extracted, " + data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error};
   } catch (e) {
-    done = NO_ANSWER + e;
+    done = {ok: false, text: NO_ANSWER + e};
   }
   clearInterval(poll);
-  sessionStorage.setItem("rescanned", JSON.stringify({text: done, ok: ok}));
+  sessionStorage.setItem("rescanned", JSON.stringify(done));
   location.reload();  // the counts and the skipped files come with the page; the query stays in the address
 };
-const first = fromAddress();
-const rescanned = JSON.parse(sessionStorage.getItem("rescanned") || "null");
+const rescanned = JSON.parse(sessionStorage.getItem("rescanned"));
 sessionStorage.removeItem("rescanned");
-const tell = () => { if (rescanned) say(rescanned.text, rescanned.ok ? "" : "error"); };
-if (first) search(first, false).then(tell); else tell();
+Promise.resolve(fromAddress()).then(() => rescanned && say(rescanned.text, rescanned.ok ? "" : "error"));
 """
 
 
@@ -175,26 +150,29 @@ def _sha256(text: str) -> str:
 
 # the page runs its own script and style and nothing else, loads images, videos and JSON from this server only, and
 # may not be framed by another site
-CSP = (f"default-src 'none'; script-src {_sha256(_JS)}; style-src {_sha256(_CSS)}; img-src 'self'; "
+CSP = (f"default-src 'none'; script-src {_sha256(_JS)}; style-src {_sha256(CSS)}; img-src 'self'; "
        f"media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
                     "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
-def page(info: dict) -> str:
-    """The search page: the folder, the checkpoint, the skipped files (folded away), the count of videos and the
-    language of the queries, the search form; everything from `info` escaped."""
-    title = escape(info["title"])
+def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None) -> list[str]:
+    """The top of the search page and of search.py's report as HTML lines: title, checkpoint, the skipped files."""
+    title = escape(title)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{_CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
-    if info["checkpoint"]:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>")
-    if info["skipped"]:
-        parts.append(f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
-                     f"</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items()]
+             f"<style>{CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    if checkpoint:
+        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
+    if skipped:
+        parts.append(f"<details class=\"skipped\"><summary>{len(skipped)} file(s) skipped as unreadable</summary><ul>")
+        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in skipped.items()]
         parts.append("</ul></details>")
+    return parts
+
+
+def page(info: dict) -> str:
+    parts = page_head(info["title"], checkpoint=info["checkpoint"], skipped=info["skipped"])
     parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
                  f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
                  f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
@@ -211,8 +189,12 @@ def page(info: dict) -> str:
 
 # ----------------------------------------------------------------------------- requests
 
+# path -> (its method, the names its query string may hold); "/?q=TEXT" opens the page with that query run
+ROUTES = {"/": ("GET", ("q",)), "/api/search": ("GET", ("q", "top")), "/frame": ("GET", ("id", "p")),
+          "/video/": ("GET", ()), "/api/status": ("GET", ()), "/api/rescan": ("POST", ())}
+
 def _params(query: str, allowed: tuple) -> dict:
-    """The query string as {name: value}: unknown, repeated or too many parameters are refused."""
+    """The query string as {name: value}, refusing unknown, repeated or too many parameters."""
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=8,
                                        errors="strict")
@@ -257,25 +239,15 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def _printable(text: str, limit: int = 300) -> str:
-    """`text` for a log line: control characters (a terminal's escape sequences) written as \\x.. escapes."""
-    text = text[:limit]
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    # control characters (a terminal's escape sequences) become \x.. escapes
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
 
 
 def _host_name(header: str) -> str:
-    """The name or address of a Host header, without its port and brackets, lower-cased."""
     header = header.strip().lower()
     if header.startswith("["):  # [::1]:8000
         return header[1:].split("]", 1)[0]
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -320,12 +292,16 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._check_host()
             url = urllib.parse.urlsplit(self.path)
-            search = self.server.search
-            if url.path == "/" and method == "GET":
-                _params(url.query, ("q",))  # ?q=TEXT: the page runs that query when it opens
+            route = "/video/" if url.path.startswith("/video/") else url.path
+            if route not in ROUTES:
+                raise HTTPError(404, "not found")
+            allowed, names = ROUTES[route]
+            if method != allowed:
+                raise HTTPError(405, f"{method} is not allowed here", {"Allow": allowed})
+            p, search = _params(url.query, names), self.server.search
+            if route == "/":
                 self._send(200, page(search.info()).encode("utf-8"), "text/html; charset=utf-8")
-            elif url.path == "/api/search" and method == "GET":
-                p = _params(url.query, ("q", "top"))
+            elif route == "/api/search":
                 top = _number(p.get("top", str(search.top)), "top", 1, MAX_TOP)
                 q = p.get("q", "")
                 if not q.strip():
@@ -333,35 +309,22 @@ class Handler(BaseHTTPRequestHandler):
                 if len(q) > MAX_QUERY:
                     raise HTTPError(400, f"the query is {len(q)} characters long; at most {MAX_QUERY} are read")
                 self._send_json(200, search.rank(q, top))
-            elif url.path == "/frame" and method == "GET":
-                p = _params(url.query, ("id", "p"))
+            elif route == "/frame":
                 if "id" not in p or "p" not in p:
                     raise HTTPError(400, "a frame is /frame?id=VIDEO_ID&p=FRAME_POSITION")
                 jpeg = search.thumbnail(p["id"], _number(p["p"], "p", 0, 99999))
                 self._send(200, jpeg, "image/jpeg", {"Cache-Control": "no-store"})
-            elif url.path.startswith("/video/") and method == "GET":
-                _params(url.query, ())
+            elif route == "/video/":
                 self._send_video(search.video_file(urllib.parse.unquote(url.path[len("/video/"):], errors="strict")))
-            elif url.path == "/api/status" and method == "GET":
-                _params(url.query, ())
+            elif route == "/api/status":
                 self._send_json(200, search.status())
-            elif url.path == "/api/rescan" and method == "POST":
+            else:
                 self._check_rescan_caller()
                 self._send_json(200, search.rescan())
-            elif url.path in ("/", "/api/search", "/frame", "/api/status", "/api/rescan") \
-                    or url.path.startswith("/video/"):
-                raise HTTPError(405, f"{method} is not allowed here", {"Allow": "POST" if "rescan" in url.path
-                                                                       else "GET"})
-            else:
-                raise HTTPError(404, "not found")
         except HTTPError as e:
             self._send_json(e.status, {"error": e.message}, e.headers)
         except UnicodeDecodeError:
             self._send_json(400, {"error": "the address is not valid UTF-8"})
-        except ValueError as e:  # the engine's refusals (search.QueryError) carry their status
-            if not hasattr(e, "status"):
-                raise
-            self._send_json(e.status, {"error": str(e)})
 
     def handle_one_request(self):
         try:
@@ -381,7 +344,7 @@ class Handler(BaseHTTPRequestHandler):
         # a page on another site that points its own name at this machine (DNS rebinding) sends its own name in
         # Host: answer only to an IP address, localhost, this machine's name, and the names given in allowed_hosts
         host = _host_name(self.headers.get("Host") or "")
-        if not (is_ip(host) or host in self.server.allowed_hosts):
+        if not (_is_ip(host) or host in self.server.allowed_hosts):
             raise HTTPError(403, "unexpected Host header; open the page by this machine's address or name "
                                  "(or add the name to --allowed_hosts)")
 
@@ -422,8 +385,7 @@ class Handler(BaseHTTPRequestHandler):
             span = _byte_range(self.headers.get("Range"), size)
             first, last = span or (0, size - 1)
             self.send_response(206 if span else 200)
-            self.send_header("Content-Type", VIDEO_TYPES.get(os.path.splitext(path)[1].lower(),
-                                                             "application/octet-stream"))
+            self.send_header("Content-Type", mimetypes.guess_type(path)[0] or "application/octet-stream")
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(last - first + 1))
             if span:
@@ -463,8 +425,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """One daemon thread per connection (Ctrl-C does not wait for them), at most max_connections at once: a
-    connection beyond that gets a 503 at once; each is dropped after conn_timeout seconds of silence."""
+    """One daemon thread per connection (Ctrl-C does not wait for them), at most max_connections: one more gets a
+    503 at once."""
     request_queue_size = 128  # the standard library's 5 turned bursts of connections away into client retries
     daemon_threads = True
 
@@ -510,16 +472,19 @@ class Server(ThreadingHTTPServer):
               file=self.log, flush=True)
 
 
-def is_loopback(host: str) -> bool:
+def _is_ip(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host) is not None
     except ValueError:
-        return host == "localhost"
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or _is_ip(host) and ipaddress.ip_address(host).is_loopback
 
 
 def listen(host: str = "127.0.0.1", port: int = 8000, **server_args) -> Server:
-    """A Server bound to host:port (port 0: any free one), with no engine yet: set server.search, then
-    serve_forever()."""
+    """A Server bound to host:port (0: any free one), no engine yet: set server.search, then serve_forever()."""
     try:
         return Server((host, int(port)), **server_args)
     except OSError as e:
@@ -533,7 +498,6 @@ def url_of(server: Server) -> str:
 
 
 def run(server: Server, source: str) -> None:
-    """search.py --serve: print the address, answer until Ctrl-C."""
     if not is_loopback(server.server_address[0]):
         print(f"warning: --host={server.server_address[0]} is not a loopback address: other machines that can reach "
               f"this one can open the search page and play every video in {source}", flush=True)

@@ -541,11 +541,3 @@ def test_bert_unk_input_needs_the_bert_text_encoder(trained, tmp_path):
         ev.main([f"--init_from={path}", "--num_workers=0", "--device=cpu", "--bert_unk_input=True",
                  f"--out={tmp_path / 'r.json'}"])
 
-
-def test_search_options_point_to_search_py():
-    # search moved to search.py: its old options get a pointer there, before any model is loaded
-    for option in ("--search=my_videos/", "--query=a red screen", "--serve", "--serve=True", "--top=3"):
-        name = option[2:].split("=")[0]
-        with pytest.raises(ValueError, match=rf"^--{name}: searching your own videos moved to search.py, e.g. "
-                                             rf"python search.py --init_from=CKPT --videos=DIR --query=TEXT"):
-            ev.main(["--init_from=missing.pt", option])
