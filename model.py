@@ -3,7 +3,8 @@ HMMC: the video encoder (CLIP's ViT on every frame, then a temporal transformer)
 transformer, or the Chinese BERT with a projection), hierarchical matching (the video-level similarity plus the mean
 of the top-k frame similarities), the fine-tuning loss, and the momentum-contrast pre-training (FAM, VTM, FTM, MLM
 with momentum encoders and feature queues). `load_model` is the one way from an `init_from` ("scratch", "clip", a
-checkpoint of train.py, a state dict of the original code) to a model. The CLIP and BERT towers are in towers.py.
+checkpoint of train.py, a state dict of the original code) to a model. The CLIP and BERT towers, and the readers
+of every weight file (OpenAI's, HF's, the original HMMC's, train.py's), are in towers.py.
 
 >>> net, info = load_model("out-synthetic/ckpt.pt")      # info["message"]: what was loaded, what was dropped
 >>> net = HMMC.from_original("pytorch_model.bin.4")      # a released HMMC fine-tuning checkpoint
@@ -20,9 +21,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# the towers, and their loaders re-exported so that `model.load_clip(...)` works as documented
-from towers import (CLIP, BertConfig, BertModel, CLIPConfig, TextTransformer, Transformer, VisionTransformer,
-                    check_state_dict, load_bert, load_bert_state_dict, load_clip, load_clip_state_dict)
+from towers import (BertConfig, BertModel, CLIPConfig, TextTransformer, Transformer, VisionTransformer,
+                    check_state_dict, convert_original, load_bert_state_dict, load_clip_state_dict, read_checkpoint,
+                    strip_prefixes)
+from towers import load_clip  # noqa: F401 (model.load_clip is how users load OpenAI's CLIP)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -697,150 +699,36 @@ class HMMC(nn.Module):
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
-        """A fine-tuning HMMC from a state dict of the original's `BirdModel` (or `BirdPreTrainedModel`, whose
-        momentum parts, projectors, MLM head and queues are dropped), the architecture inferred from keys and shapes.
-        fp16 tensors become fp32. `overrides` set other HMMCConfig fields (e.g. num_frames)."""
+        """A fine-tuning HMMC from a state dict of the original's `BirdModel` (or `BirdPreTrainedModel`: its
+        pre-training parts are dropped), the architecture read off its shapes, fp32. `overrides` set other HMMCConfig
+        fields (e.g. num_frames)."""
         sd = state_dict_or_path
         if isinstance(sd, (str, os.PathLike)):
             sd = read_checkpoint(sd)
-        cfg, ours, _ = _convert_original(sd)
-        model = cls(HMMCConfig.from_dict({**cfg.to_dict(), **overrides}))
+        arch, ours, _ = convert_original(sd)
+        model = cls(HMMCConfig.from_dict({**arch, **overrides}))
         model.load_state_dict(check_state_dict(model, ours, "original checkpoint", optional=("logit_scale",))[0],
                               strict=False)
         return model
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# loading: the original's keys, one checker for every state dict, one function from `init_from` to a model
+# one function from `init_from` to a model
 
 _PRETRAIN_ONLY = ("video_m.", "text_m.", "projector.", "projector_m.", "predictor.", "mlm_head.", "queue_")
-_ORIGINAL_PRETRAIN_ONLY = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector",
-                           "cls.", "queue_")
-# learned scalars that earlier commits of the original saved as nn.Parameters: a top-level `logit_scale`
-# and `weight_sum`, and a CLIP `logit_scale` copied into TextEncoder or VisualEncoder. They touch no embedding (our
-# scale is cfg.sim_scale), so checkpoints written by those commits load with them dropped.
-_ORIGINAL_SCALARS = ("logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
-
-
-def _count_layers(sd: dict, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-
-def _convert_original(sd: dict):
-    """Original BirdModel keys -> (HMMCConfig, our state dict, ignored keys). Layouts:
-    visual_encoder.visual.* (OpenAI ViT), visual_encoder.temporal_transformer.resblocks.{i}.* (CLIP-style blocks,
-    TF LayerNorm weight/bias), visual_encoder.frame_position_embeddings.weight, and either the OpenAI text keys under
-    text_encoder.* or text_encoder.chinese_encoder.* (HF BertModel) + text_encoder.text_proj.*."""
-    if isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(sd).items()}  # fp16 -> fp32
-    ours, ignored, unknown = {}, [], []
-    for k, v in sd.items():
-        if k.startswith(_ORIGINAL_PRETRAIN_ONLY) or k in _ORIGINAL_SCALARS:
-            ignored.append(k)
-        elif k.startswith("visual_encoder.visual."):
-            ours["video.visual." + k[len("visual_encoder.visual."):]] = v
-        elif k.startswith("visual_encoder.temporal_transformer."):
-            ours["video.temporal." + k[len("visual_encoder.temporal_transformer."):]] = v
-        elif k == "visual_encoder.frame_position_embeddings.weight":
-            ours["video.frame_position_embeddings.weight"] = v
-        elif k.startswith("text_encoder.chinese_encoder."):
-            k2 = k[len("text_encoder.chinese_encoder."):]
-            if k2 != "embeddings.position_ids":  # a buffer that transformers 4.x saved; positions are 0..L-1 anyway
-                ours["text.bert." + k2] = v
-        elif k.startswith("text_encoder.text_proj."):
-            ours["text.text_proj." + k[len("text_encoder.text_proj."):]] = v
-        elif k.startswith("text_encoder."):
-            ours["text." + k[len("text_encoder."):]] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"unrecognised keys in the original checkpoint: {unknown[:20]}"
-                         f"{' ...' if len(unknown) > 20 else ''}")
-    if "video.visual.proj" not in ours:
-        raise ValueError("no visual_encoder.visual.proj: only ViT CLIP backbones are supported")
-
-    # architecture from shapes
-    E = ours["video.visual.proj"].shape[1]
-    bert = None
-    if "text.bert.embeddings.word_embeddings.weight" in ours:
-        text_encoder = "bert"
-        g = lambda name: ours["text.bert." + name]
-        hidden = g("embeddings.word_embeddings.weight").shape[1]
-        bert = BertConfig(vocab_size=g("embeddings.word_embeddings.weight").shape[0], hidden_size=hidden,
-                          num_hidden_layers=_count_layers(ours, "text.bert.encoder.layer."),
-                          num_attention_heads=max(1, hidden // 64),
-                          intermediate_size=g("encoder.layer.0.intermediate.dense.weight").shape[0],
-                          max_position_embeddings=g("embeddings.position_embeddings.weight").shape[0],
-                          type_vocab_size=g("embeddings.token_type_embeddings.weight").shape[0])
-        conv = ours["video.visual.conv1.weight"]  # (width, 3, p, p)
-        grid = round((ours["video.visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        # the CLIP text fields stay at their defaults: no CLIP text tower is built with BERT
-        clip = CLIPConfig(embed_dim=E, image_resolution=conv.shape[-1] * grid, vision_width=conv.shape[0],
-                          vision_layers=_count_layers(ours, "video.visual.transformer.resblocks."),
-                          vision_patch_size=conv.shape[-1])
-    else:
-        text_encoder = "clip"
-        openai = {k[len("video."):]: v for k, v in ours.items() if k.startswith("video.visual.")}
-        openai.update({k[len("text."):]: v for k, v in ours.items() if k.startswith("text.")})
-        clip = CLIPConfig.from_state_dict(openai)  # reads OpenAI-layout keys
-    use_temp = "video.frame_position_embeddings.weight" in ours
-    temporal = {}
-    if use_temp:
-        temporal = dict(temporal_layers=_count_layers(ours, "video.temporal.resblocks."),
-                        temporal_heads=max(1, E // 64),
-                        max_frames=ours["video.frame_position_embeddings.weight"].shape[0])
-    cfg = HMMCConfig(clip=clip, bert=bert, text_encoder=text_encoder, use_temp=use_temp, **temporal)
-    return cfg, ours, ignored
-
-
-def strip_prefixes(sd: dict) -> dict:
-    """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes that wrapped models save."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def load_error(e: Exception) -> str:
-    """torch.load's error in a few words: its first sentence (torch goes on for ~300 characters of advice)."""
-    first = (str(e).splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
-
-
-def read_checkpoint(path, mmap: bool = False) -> dict:
-    """torch.load(weights_only=True) of a checkpoint file, with errors that name the file. mmap=True maps the
-    tensors instead of reading them (to look at a checkpoint's settings only)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {load_error(e)}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict (a train.py checkpoint or a state dict), got {type(ckpt).__name__}")
-    return ckpt
-
-
 # what the weights of a checkpoint fix; every other HMMCConfig field may come from the config that loads it
 _ARCH_FIELDS = ("clip", "bert", "text_encoder", "bert_pooling")
 
 
 def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str = "", bert_path: str | None = None,
                device="cpu") -> tuple[HMMC, dict]:
-    """The one way to a model. `init_from`:
-    - "scratch": a fresh HMMC(cfg);
-    - "clip": cfg's model with OpenAI's CLIP towers from `clip_path` (and the HF BERT folder `bert_path` when
-      cfg.text_encoder == "bert"; its config.json gives the BERT architecture);
-    - a checkpoint written by train.py, or a state dict of the original HMMC code.
-    From a checkpoint, the towers' architecture comes from its weights and the rest from `cfg` (a pre-training
-    checkpoint then initialises fine-tuning: momentum encoders, projectors, MLM head and queues are dropped and
-    reported); without `cfg` the checkpoint's own config is used as it is (evaluation, resume).
-    Returns (model on `device`, info) with info = {"loaded", "dropped" (keys), "message" (a line for the log),
-    "checkpoint" (the loaded dict of a train.py checkpoint, else None)}."""
+    """The one way to a model. `init_from`: "scratch" (a fresh HMMC(cfg)); "clip" (cfg's model with OpenAI's CLIP
+    from `clip_path`, and for text_encoder="bert" the HF BERT folder `bert_path`, whose config.json sets the BERT
+    architecture); or a checkpoint of train.py or the original HMMC. From a checkpoint the towers' architecture comes
+    from its weights and the rest from `cfg` (so a pre-training checkpoint starts fine-tuning: its pre-training parts
+    are dropped and reported); without `cfg` the checkpoint's own config is used (evaluation, resume).
+    Returns (model on `device`, info: "loaded", "dropped" (keys), "message" (a log line), "checkpoint" (the dict
+    of a train.py checkpoint, else None))."""
     info = {"loaded": 0, "dropped": [], "checkpoint": None}
     if init_from in ("scratch", "clip"):
         if cfg is None:
@@ -868,7 +756,8 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
         info["checkpoint"] = ckpt
     elif isinstance(ckpt.get("state_dict"), dict) or all(torch.is_tensor(v) for v in ckpt.values()):
         # a bare state dict: the original HMMC's released weights
-        saved, sd, ignored = _convert_original(ckpt)
+        arch, sd, ignored = convert_original(ckpt)
+        saved = HMMCConfig(**arch)
     else:
         raise ValueError(f"{init_from}: neither a train.py checkpoint (with 'model' and 'model_args') nor a state "
                          f"dict; top-level keys: {sorted(ckpt)[:20]}")
