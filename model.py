@@ -4,7 +4,7 @@ transformer, or the Chinese BERT with a projection), hierarchical matching (the 
 of the top-k frame similarities), the fine-tuning loss, and the momentum-contrast pre-training (FAM, VTM, FTM, MLM
 with momentum encoders and feature queues). `load_model` is the one way from an `init_from` ("scratch", "clip", a
 checkpoint of train.py, a state dict of the original code) to a model. The CLIP and BERT towers, and the readers
-of every weight file (OpenAI's, HF's, the original HMMC's, train.py's), are in towers.py.
+of every weight file, are in towers.py.
 
 >>> net, info = load_model("out-synthetic/ckpt.pt")      # info["message"]: what was loaded, what was dropped
 >>> net = HMMC.from_original("pytorch_model.bin.4")      # a released HMMC fine-tuning checkpoint
@@ -26,17 +26,13 @@ from towers import (BertConfig, BertModel, CLIPConfig, TextTransformer, Transfor
                     strip_prefixes)
 from towers import load_clip  # noqa: F401 (model.load_clip is how users load OpenAI's CLIP)
 
-
-# -----------------------------------------------------------------------------------------------------------------
-# the model's input: uint8 RGB frames, normalised on the device
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the RGB statistics CLIP's image tower was trained with
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [..., 3, H, W] -> float32 CLIP-normalised, on the frames' device; float input is returned as it is
-    (taken to be normalised already). Loaders move uint8 frames, 4x less than floats, and the model normalises."""
+    """uint8 RGB [..., 3, H, W] -> float32 CLIP-normalised; floats are taken as normalised already. Loaders move
+    uint8 frames, 4x less than floats, and the model normalises them on the device."""
     if frames.dtype != torch.uint8:
         return frames
     if frames.dim() < 3 or frames.shape[-3] != 3:
@@ -47,20 +43,16 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# HMMC: video encoder (CLIP ViT per frame + temporal transformer), text encoder (CLIP text tower or Chinese BERT),
-# hierarchical video/frame matching, the fine-tuning loss, and MoBY-style momentum-contrast pre-training
-# (FAM, VTM, FTM, MLM).
 # Shape letters: B videos, T frames, L tokens, E joint embedding, K queue length, G global batch (all ranks).
-
 
 @dataclass
 class HMMCConfig:
     clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
     bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
     text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
-    # "cls": BERT's tanh pooler on [CLS], as released; "mean": the mean of the token states. A small BERT trained
-    # from scratch starts with every caption's [CLS] state nearly equal (cos 0.99999: at BERT's init the layers
-    # barely move the [CLS] embedding), and its contrastive loss sits at chance for hundreds of steps
+    # "cls": BERT's tanh pooler on [CLS], as released; "mean": the mean of the token states. A BERT trained from
+    # scratch starts with every caption's [CLS] state nearly equal (cos 0.99999), and its loss sits at chance for
+    # hundreds of steps with "cls"
     bert_pooling: str = "cls"
     # video encoder
     use_temp: bool = True  # temporal transformer over the frame embeddings
@@ -131,10 +123,10 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _AllGatherSumGrad(torch.autograd.Function):
-    # forward: concatenate every rank's rows in rank order. backward: every rank holds the gradient of the same global
-    # loss w.r.t. the whole gathered tensor; the local slice gets the SUM over ranks (a reduce-scatter), so after DDP
-    # averages parameter gradients they equal dL/dtheta of one process holding the global batch.
-    # CLIP4Clip/OpenCLIP keep only the local slice of the local gradient, which is W times smaller.
+    # forward: every rank's rows in rank order. backward: every rank holds the gradient of the same global loss
+    # w.r.t. the whole gathered tensor; the local slice gets the SUM over ranks, so after DDP averages parameter
+    # gradients they equal those of one process holding the global batch. (CLIP4Clip/OpenCLIP keep only the local
+    # slice of the local gradient, W times smaller.)
 
     @staticmethod
     def forward(ctx, x):
@@ -149,15 +141,9 @@ class _AllGatherSumGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather rows across ranks keeping gradients (summed back, HMMC semantics). Identity on one process.
-    Every rank must pass the same number of rows (train uses drop_last)."""
+    """All-gather rows across ranks keeping gradients (summed back); identity on one process. Every rank must pass
+    the same number of rows (train uses drop_last)."""
     return _AllGatherSumGrad.apply(x) if _distributed() else x
-
-
-@torch.no_grad()
-def _gather_keys(x: torch.Tensor) -> torch.Tensor:
-    # momentum keys: no gradient, and every rank must enqueue the same ones so the queues stay identical
-    return all_gather_rows(x) if _distributed() else x
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -172,46 +158,39 @@ def _no_autocast(x: torch.Tensor):
 def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, top_k: int,
                             frame_match_weight: float, scale: float = 100.0, chunk_size: int | None = None,
                             normalized: bool = False) -> torch.Tensor:
-    """Eval score: scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame).
-    Inputs are normalised here too, unless `normalized` says they already are (a search index: the pass over 10k
-    videos x 12 frames costs four times the similarity itself). Chunked over queries so the (chunk, V, T) tensor
-    stays around 2^25 elements (128 MB fp32): 15k texts x 1.5k videos x 12 frames never materialise at once."""
+    """Eval score: scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame). `normalized` skips
+    normalising inputs that already are (a search index: that pass costs four times the similarity). Chunked over
+    queries so the (chunk, V, T) tensor stays around 2^25 elements (128 MB fp32)."""
     unit = (lambda x: x.float()) if normalized else (lambda x: F.normalize(x.float(), dim=-1))
     text_emb = unit(text_emb)  # (Q, E)
     video_emb = unit(video_emb)  # (V, E)
     V, T, E = frame_emb.shape
     frames = unit(frame_emb).reshape(V * T, E)  # (V*T, E)
     k = min(top_k, T)
-    if chunk_size is None:
-        chunk_size = max(1, (1 << 25) // max(1, V * T))
+    chunk_size = chunk_size or max(1, (1 << 25) // max(1, V * T))
     out = torch.empty(text_emb.shape[0], V, device=text_emb.device)  # (Q, V)
     # TF32 keeps 10 mantissa bits: near-ties among 1,000 videos decide R@1, so the ranking is computed in full fp32
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        _similarity_chunks(text_emb, video_emb, frames, out, k, frame_match_weight, scale, chunk_size, V, T)
+        with _no_autocast(text_emb):
+            for i in range(0, text_emb.shape[0], chunk_size):
+                t = text_emb[i:i + chunk_size]  # (c, E)
+                sim = t @ video_emb.T  # (c, V)
+                if frame_match_weight != 0 and k > 0:
+                    sim_frame = (t @ frames.T).view(-1, V, T)  # (c, V, T)
+                    # a caption usually describes a few moments of a clip: keep the best-matching frames only
+                    sim = sim + frame_match_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
+                out[i:i + chunk_size] = scale * sim
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
 
 
-def _similarity_chunks(text_emb, video_emb, frames, out, k, frame_match_weight, scale, chunk_size, V, T):
-    with _no_autocast(text_emb):
-        for i in range(0, text_emb.shape[0], chunk_size):
-            t = text_emb[i:i + chunk_size]  # (c, E)
-            sim = t @ video_emb.T  # (c, V)
-            if frame_match_weight != 0 and k > 0:
-                sim_frame = (t @ frames.T).view(-1, V, T)  # (c, V, T)
-                # a caption usually describes a few moments of a clip: keep the best-matching frames only
-                sim = sim + frame_match_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
-            out[i:i + chunk_size] = scale * sim
-
-
 def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo primitive CL(q, k, Q): positive = row-wise q.k, negatives = the queue only (no in-batch ones);
-    mean CE with the positive as target. q (n, E) with grad, queue (M, E) L2-normalised, k (n, E) momentum keys, or
-    (n, r, E): r positives for each query sharing its negatives, i.e. the mean of CL(q, k[:, j], Q) over j, with the
-    (n, M) negative logits computed once instead of r times."""
+    """MoCo's CL(q, k, Q): positive q.k row by row, negatives the queue only; mean CE with the positive as target.
+    q (n, E), queue (M, E) normalised, k (n, E) keys or (n, r, E): r positives of each query sharing its negatives
+    (the mean of CL(q, k[:, j], Q) over j, with the (n, M) negative logits computed once)."""
     with _no_autocast(q):
         # 1/tau goes into q before the (n, M) matmul and CE with target 0 is written as logsumexp - positive, so the
         # big logit matrix is never divided or concatenated (those copies dominated the pre-training loss time)
@@ -225,9 +204,8 @@ def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor
 
 def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, prob: float = 0.15,
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """BERT masking: each position is chosen with `prob`; chosen ones become [MASK] 80%, a random id 10%,
-    unchanged 10%. Special ids and padding (attention_mask 0) are never chosen. Returns (masked_ids, labels) with
-    labels -100 where not chosen. All draws on ids.device (pass a generator on that device to seed them)."""
+    """BERT masking: each position is chosen with `prob`, then becomes [MASK] 80%, a random id 10%, unchanged 10%;
+    special ids and padding are never chosen. Returns (masked_ids, labels), labels -100 where not chosen."""
     special = torch.zeros_like(ids, dtype=torch.bool)
     for s in special_ids:
         special |= ids == s
@@ -247,8 +225,8 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
 # modules
 
 class VideoEncoder(nn.Module):
-    """CLIP ViT per frame, then the temporal transformer with the original's residual:
-    h = TT(x + P) + x; video = mean_t normalise(h). Returns (video [B, E] unnormalised mean, raw frames [B, T, E])."""
+    """CLIP ViT per frame, then the temporal transformer with the original's residual: h = TT(x + P) + x.
+    Returns (the mean over t of normalise(h) (B, E), the raw frame embeddings x (B, T, E))."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
@@ -275,9 +253,8 @@ class VideoEncoder(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-    """Chinese BERT + Linear(hidden -> E). Pooled: the tanh pooler on [CLS] (as released, and what a pre-trained
-    BERT's pooler was trained for) or the mean of the token states (pooling="mean": a BERT trained from scratch
-    learns with it, see HMMCConfig.bert_pooling); hidden: text_proj(last layer)."""
+    """Chinese BERT + Linear(hidden -> E), pooled by BERT's [CLS] pooler or the mean of the token states
+    (HMMCConfig.bert_pooling); return_hidden gives every token's projected state (the MLM head's input)."""
 
     def __init__(self, bert_cfg: BertConfig, embed_dim: int, pooling: str = "cls"):
         super().__init__()
@@ -301,7 +278,7 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
 
 
 class MLMHead(nn.Module):
-    """BERT LM prediction head on the E-wide projected hidden states: dense, erf-GELU, LayerNorm, decoder."""
+    """BERT's LM prediction head on the E-wide projected hidden states: dense, erf-GELU, LayerNorm, decoder."""
 
     def __init__(self, dim: int, vocab_size: int):
         super().__init__()
@@ -318,22 +295,23 @@ def _is_clip_matrix(name: str) -> bool:
     return ".attn." in name or ".mlp." in name or name.endswith(("conv1.weight", "proj", "text_projection"))
 
 
+# the choices of HMMCConfig's string fields
+_CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "temporal_init": ("default", "clip")}
+
+
 class HMMC(nn.Module):
-    """Video encoder `video` + text encoder `text` (fine-tuning and eval). With cfg.pretrain also the momentum copies
-    `video_m`, `text_m` (+ `projector_m`), the projector/predictor MLPs, the MLM head and the key queues.
-    New modules keep PyTorch's default init; `from_clip` loads CLIP/BERT (and applies temporal_init="clip")."""
+    """Video encoder `video` + text encoder `text`. With cfg.pretrain also the momentum copies `video_m`, `text_m`
+    (+ `projector_m`), the projector/predictor MLPs, the MLM head and the key queues. New modules keep PyTorch's
+    default init; `from_clip` loads CLIP and BERT."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
-        if cfg.text_encoder not in ("clip", "bert"):
-            raise ValueError(f"text_encoder must be 'clip' or 'bert', got {cfg.text_encoder!r}")
+        for name, choices in _CHOICES.items():  # every check of a config is here, before anything is built
+            if getattr(cfg, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
         if cfg.text_encoder == "bert" and cfg.bert is None:
             raise ValueError("text_encoder='bert' needs cfg.bert (a BertConfig, e.g. BertConfig.from_json of the "
                              "BERT folder's config.json)")
-        if cfg.bert_pooling not in ("cls", "mean"):
-            raise ValueError(f"bert_pooling must be 'cls' or 'mean', got {cfg.bert_pooling!r}")
-        if cfg.temporal_init not in ("default", "clip"):
-            raise ValueError(f"temporal_init must be 'default' or 'clip', got {cfg.temporal_init!r}")
         if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
             raise ValueError("MLM pre-training needs the bidirectional BERT text encoder; the CLIP text tower is "
                              "causal. Set weight_mlm=0 for English pre-training (the released English run did).")
@@ -346,13 +324,11 @@ class HMMC(nn.Module):
                      else BertTextEncoder(cfg.bert, E, cfg.bert_pooling))
         if cfg.learn_sim_scale and not cfg.pretrain:  # pre-training uses tau, never s: DDP would see it unused
             self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.sim_scale)))
-        if cfg.freeze_clip_vision or cfg.freeze_clip_text:
-            towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + \
-                     ([self.text] if cfg.freeze_clip_text else [])
-            for tower in towers:
-                for n, p in tower.named_parameters():
-                    if _is_clip_matrix(n):
-                        p.requires_grad_(False)
+        towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + ([self.text] if cfg.freeze_clip_text else [])
+        for tower in towers:
+            for n, p in tower.named_parameters():
+                if _is_clip_matrix(n):
+                    p.requires_grad_(False)
         if cfg.pretrain:
             self._build_pretrain(cfg, E)
 
@@ -372,7 +348,7 @@ class HMMC(nn.Module):
             self.projector_m = copy.deepcopy(self.projector)
         for p in self._momentum_params()[1]:
             p.requires_grad_(False)
-        # one helper, one pointer, one buffer per key stream; frame streams hold num_frames rows per video
+        # one pointer, one buffer per key stream; frame streams hold num_frames rows per video
         K, T = cfg.queue_size, cfg.num_frames
         self.queue_rows = {"video": 1, "title": 1}
         if cfg.use_tags:
@@ -389,7 +365,7 @@ class HMMC(nn.Module):
     # encoders
 
     def similarity_scale(self):
-        """s in s*cos: the constant 100 of the original, or exp(learned log s) clamped to 100. Eval uses it too."""
+        """s in s*cos: the original's constant 100, or exp(learned log s) clamped to 100. Eval uses it too."""
         if getattr(self, "logit_scale", None) is not None:
             return self.logit_scale.exp().clamp(max=100.0)
         return self.cfg.sim_scale
@@ -402,9 +378,9 @@ class HMMC(nn.Module):
         return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
 
     def encode_video(self, video: torch.Tensor):
-        """video: uint8 RGB frames (B, T, 3, H, W) (or floats already CLIP-normalised). Returns L2-normalised
-        (video_emb (B, E), frame_emb (B, T, E)); frame_emb are the raw pre-temporal CLIP frame embeddings, as the
-        original uses them for frame matching."""
+        """video: uint8 RGB frames (B, T, 3, H, W) or CLIP-normalised floats. Returns normalised (video_emb (B, E),
+        frame_emb (B, T, E)); frame_emb are the CLIP frame embeddings before the temporal transformer, which the
+        original matches frames with."""
         video_emb, frames = self.video(normalize_frames(video))
         return F.normalize(video_emb.float(), dim=-1), F.normalize(frames.float(), dim=-1)
 
@@ -412,41 +388,34 @@ class HMMC(nn.Module):
     # training
 
     def forward(self, batch: dict):
-        """Returns (loss, parts) where parts are detached scalars: fine-tuning {"video", "frame"}; pre-training
-        {"fam", "vtm", "ftm", "mlm"}."""
-        if self.cfg.pretrain:
-            return self._pretrain_loss(batch)
-        return self._finetune_loss(batch)
+        """(loss, parts): parts are detached scalars, {"video", "frame"} or, pre-training, {"fam", "vtm", "ftm",
+        "mlm"}."""
+        return self._pretrain_loss(batch) if self.cfg.pretrain else self._finetune_loss(batch)
 
     def _finetune_loss(self, batch: dict):
+        cfg = self.cfg
         text_emb = self.encode_text(batch["ids"], batch["mask"])  # (B, E)
         video_emb, frame_emb = self.encode_video(batch["video"])  # (B, E), (B, T, E)
         # every rank computes the same loss over the global batch; gradients are summed back to their rank
         text_emb, video_emb, frame_emb = (gather_with_grad(x) for x in (text_emb, video_emb, frame_emb))
-        with _no_autocast(text_emb):
-            return self._finetune_terms(text_emb, video_emb, frame_emb)
-
-    def _finetune_terms(self, text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor):
-        cfg = self.cfg
         G, T = frame_emb.shape[:2]
-        s = self.similarity_scale()
-        labels = torch.arange(G, device=text_emb.device)
-        logits = s * text_emb @ video_emb.T  # (G, G) text x video
-        # symmetric CE, summed (not halved) as in the original
-        loss_video = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
-        loss = cfg.weight_video * loss_video
-        parts = {"video": loss_video.detach()}
-        if cfg.use_frame_fea:
-            # frame-text matching: each frame position t is its own "video" candidate set; batched over t
-            logits_f = s * torch.einsum("ie,jte->tij", text_emb, frame_emb)  # (T, G, G)
-            labels_f = labels.repeat(T)  # (T*G,)
-            # all T blocks have G rows, so one mean over T*G rows is the mean over t of the per-position losses
-            loss_frame = F.cross_entropy(logits_f.reshape(T * G, G), labels_f) + \
-                F.cross_entropy(logits_f.transpose(1, 2).reshape(T * G, G), labels_f)
-            loss = loss + cfg.weight_frame * loss_frame
-            parts["frame"] = loss_frame.detach()
-        else:
-            parts["frame"] = torch.zeros((), device=loss.device)
+        with _no_autocast(text_emb):
+            s = self.similarity_scale()
+            labels = torch.arange(G, device=text_emb.device)
+            logits = s * text_emb @ video_emb.T  # (G, G) text x video
+            # symmetric CE, summed (not halved) as in the original
+            loss_video = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+            loss = cfg.weight_video * loss_video
+            parts = {"video": loss_video.detach(), "frame": torch.zeros((), device=loss.device)}
+            if cfg.use_frame_fea:
+                # frame-text matching: each frame position t is its own "video" candidate set; batched over t
+                logits_f = s * torch.einsum("ie,jte->tij", text_emb, frame_emb)  # (T, G, G)
+                labels_f = labels.repeat(T)  # (T*G,)
+                # all T blocks have G rows, so one mean over T*G rows is the mean over t of the per-position losses
+                loss_frame = F.cross_entropy(logits_f.reshape(T * G, G), labels_f) + \
+                    F.cross_entropy(logits_f.transpose(1, 2).reshape(T * G, G), labels_f)
+                loss = loss + cfg.weight_frame * loss_frame
+                parts["frame"] = loss_frame.detach()
         return loss, parts
 
     def _pretrain_loss(self, batch: dict):
@@ -541,14 +510,13 @@ class HMMC(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: dict):
-        """Write the global batch of normalised keys at the shared pointer; rows per video from self.queue_rows.
-        The pointer stays on the device (indices are computed there): reading it would stall the host every step
-        and break torch.compile's graph. queue_size % G == 0 keeps every write inside the queue."""
+        # Every rank writes the same global batch of normalised keys at the shared pointer, so the queues stay equal.
+        # The pointer stays on the device: reading it would stall the host every step and split torch.compile's graph
         K = self.cfg.queue_size
         for name, x in keys.items():
-            x = _gather_keys(x.float())  # (G, E) or (G, T, E)
+            x = all_gather_rows(x.float()) if _distributed() else x.float()  # (G, E) or (G, T, E)
             G, rows = x.shape[0], self.queue_rows[name]
-            if K % G != 0:
+            if K % G != 0:  # then every write stays inside the queue
                 raise ValueError(f"queue_size={K} must be a multiple of the global batch ({G} videos)")
             at = self.queue_ptr * rows + torch.arange(G * rows, device=x.device)  # rows ptr*r .. (ptr+G)*r - 1
             getattr(self, f"queue_{name}").index_copy_(0, at, F.normalize(x.reshape(G * rows, -1), dim=-1))
@@ -561,13 +529,11 @@ class HMMC(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """theta_m <- m * theta_m + (1 - m) * theta. Train calls this once after each optimizer step; the original
-        did it at the start of every forward (every micro-batch, and once before the first step). Only parameters are
-        averaged; BN running statistics of the momentum projector come from its own forwards, as in the original."""
-        if not self.cfg.pretrain:
-            return
-        online, momentum = self._momentum_params()
-        torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.momentum)
+        """theta_m <- m * theta_m + (1 - m) * theta, once after each optimizer step (the original: at every
+        forward). Parameters only: the momentum projector's BN statistics come from its own forwards, as there."""
+        if self.cfg.pretrain:
+            online, momentum = self._momentum_params()
+            torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.momentum)
 
     @torch.no_grad()
     def copy_to_momentum(self):
@@ -581,10 +547,9 @@ class HMMC(nn.Module):
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, clip_lr_scale: float, text_lr: float,
                              betas=(0.9, 0.98), eps: float = 1e-6, device_type: str = "cpu"):
-        """AdamW over {CLIP vision tower, text encoder, new modules} x {decay, no-decay}.
-        No decay for tensors with dim < 2 (biases, LayerNorm/BatchNorm weights, class_embedding, logit_scale); the
-        original decayed CLIP's ln_* weights and class_embedding. Each group carries `base_lr` (and `name`)
-        so the schedule can set lr = base_lr * factor. Frozen and momentum parameters are left out."""
+        """AdamW over {CLIP vision tower, text encoder, new modules} x {decay, no decay}; tensors with dim < 2 are
+        not decayed (the original decayed CLIP's ln_* weights and class_embedding). Each group carries `name` and
+        `base_lr` for the schedule. Frozen and momentum parameters are left out."""
         lrs = {"vision": learning_rate * clip_lr_scale, "text": text_lr, "new": learning_rate}
         groups = {(tower, decay): [] for tower in lrs for decay in (True, False)}
         for n, p in self.named_parameters():
@@ -604,11 +569,9 @@ class HMMC(nn.Module):
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 
     def flops_per_video(self, num_frames: int, context_length: int, tag_context_length: int | None = None) -> float:
-        """Analytic training FLOPs (forward + backward) per video, PaLM-appendix style: a matmul with P weights costs
-        2P FLOPs per token forward; attention adds 4 * n^2 * d per layer (QK^T and AV); backward = 2x forward, so a
-        trained part costs 3x its forward and a momentum (forward-only) part 1x. Element-wise ops, norms, softmax, the
-        (G x G) loss and the queue-logit matmuls (under 1% at the paper's sizes) are ignored; so is the backward
-        saved by freeze_clip_*. One caption per video; tags use tag_context_length."""
+        """Training FLOPs (forward + backward) per video, PaLM-appendix style: 2 per weight per token, plus 4 n^2 d
+        per attention layer; a trained part costs 3x its forward, a momentum part 1x. Element-wise ops, the losses
+        and the queue logits (under 1%) are left out, as is the backward freeze_clip_* saves."""
         cfg, c = self.cfg, self.cfg.clip
         E, T = c.embed_dim, num_frames
 
@@ -653,11 +616,31 @@ class HMMC(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     # weights
 
+    @classmethod
+    def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
+        """A new HMMC with OpenAI's CLIP towers (and the HF Chinese BERT) loaded, the CLIP architecture read off
+        clip_sd; temporal_init="clip" also starts the temporal transformer from CLIP's text tower, as CLIP4Clip."""
+        clip_sd = {k: v.float() if v.is_floating_point() else v for k, v in clip_sd.items()}
+        cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
+        model = cls(cfg)
+        model.video.visual.load_state_dict({k[len("visual."):]: v for k, v in clip_sd.items()
+                                            if k.startswith("visual.")})
+        if cfg.text_encoder == "clip":
+            model.text.load_state_dict({k: clip_sd[k] for k in model.text.state_dict() if k in clip_sd})
+        else:
+            if bert_sd is None:
+                raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
+            # mean pooling has no use for the checkpoint's [CLS] pooler
+            model.text.bert.load_state_dict({k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
+                                             and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
+        if cfg.temporal_init == "clip" and cfg.use_temp:
+            model._init_temporal_from_clip(clip_sd)
+        model.copy_to_momentum()
+        return model
+
     @torch.no_grad()
-    def init_temporal_from_clip(self, clip_sd: dict):
-        """CLIP4Clip-style init: temporal block i <- CLIP text block i, frame positions <- CLIP text positions."""
-        if not self.cfg.use_temp:
-            return
+    def _init_temporal_from_clip(self, clip_sd: dict):
+        # temporal block i <- CLIP text block i, frame positions <- CLIP text positions
         sd = {}
         for k, p in self.video.temporal.state_dict().items():  # keys resblocks.{i}.*
             src = f"transformer.{k}"
@@ -671,31 +654,6 @@ class HMMC(nn.Module):
             raise ValueError(f"temporal_init='clip' needs {n} CLIP text positions of width "
                              f"{self.cfg.clip.embed_dim}, got {tuple(pos.shape)}")
         self.video.frame_position_embeddings.weight.copy_(pos[:n])
-        self.copy_to_momentum()
-
-    @classmethod
-    def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
-        """Fresh HMMC with the OpenAI CLIP towers (and the HF Chinese BERT) loaded; new modules keep their init.
-        cfg.clip is replaced by the architecture read from clip_sd."""
-        clip_sd = {k: v.float() if v.is_floating_point() else v for k, v in clip_sd.items()}
-        cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
-        model = cls(cfg)
-        visual = {k[len("visual."):]: v for k, v in clip_sd.items() if k.startswith("visual.")}
-        model.video.visual.load_state_dict(visual)
-        if cfg.text_encoder == "clip":
-            text_keys = model.text.state_dict().keys()
-            model.text.load_state_dict({k: clip_sd[k] for k in text_keys if k in clip_sd})
-        else:
-            if bert_sd is None:
-                raise ValueError("text_encoder='bert' needs bert_sd (model.load_bert_state_dict(path))")
-            # mean pooling has no use for the checkpoint's [CLS] pooler
-            bert_sd = {k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
-                       and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))}
-            model.text.bert.load_state_dict(bert_sd)
-        if cfg.temporal_init == "clip":
-            model.init_temporal_from_clip(clip_sd)
-        model.copy_to_momentum()
-        return model
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
@@ -755,8 +713,7 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
         saved, sd, ignored = HMMCConfig.from_dict(ckpt["model_args"]), strip_prefixes(ckpt["model"]), []
         info["checkpoint"] = ckpt
     elif isinstance(ckpt.get("state_dict"), dict) or all(torch.is_tensor(v) for v in ckpt.values()):
-        # a bare state dict: the original HMMC's released weights
-        arch, sd, ignored = convert_original(ckpt)
+        arch, sd, ignored = convert_original(ckpt)  # a bare state dict: the original HMMC's released weights
         saved = HMMCConfig(**arch)
     else:
         raise ValueError(f"{init_from}: neither a train.py checkpoint (with 'model' and 'model_args') nor a state "
