@@ -1,16 +1,9 @@
 """
-Tokenizers: captions -> rows of token ids (and masks) for HMMC's text towers. prepare.py re-exports them.
-
-English: OpenAI CLIP's byte-level BPE (`ClipTokenizer`, `tokenize`), id for id equal to OpenAI's
-`clip.tokenize(texts, L, truncate=True)`. Chinese: BERT WordPiece (`BertTokenizer`), id for id equal to HF
-transformers' BertTokenizer (hfl/chinese-roberta-wwm-ext vocab). `get_tokenizer` picks one by text tower.
-
-CLIP's reference tokenizer (clip/simple_tokenizer.py) is: ftfy.fix_text -> html.unescape twice -> strip ->
-collapse whitespace -> lower -> split with a regex -> byte-level BPE per piece with an end-of-word marker `</w>`.
-We keep the regex (the `regex` package, same pattern and flags) and replace two slow parts:
-  - ftfy (not a dependency) by `_ftfy_fix_text`, a re-implementation of the fixes ftfy.fix_text applies by default,
-    except its mojibake repair (see there);
-  - the pure-Python BPE loop by tiktoken's Rust BPE (see `_clip_bpe_ranks` for why the result is the same).
+Captions -> rows of token ids (and masks) for HMMC's text towers; `get_tokenizer` picks one by text tower.
+English: OpenAI CLIP's byte-level BPE (`ClipTokenizer`, `tokenize`), id for id OpenAI's `clip.tokenize(texts, L,
+truncate=True)`: ftfy.fix_text, html.unescape twice, whitespace collapsed, lower case, split by CLIP's regex, BPE per
+piece. ftfy (not a dependency) is re-implemented by `_ftfy_fix_text`, and the BPE loop runs in tiktoken.
+Chinese: BERT WordPiece (`BertTokenizer`), id for id HF transformers' BertTokenizer.
 
     >>> tokenize("a dog runs", context_length=8)       # SOT, BPE ids, EOT, zero padding
     tensor([[49406,   320,  1929,  5586, 49407,     0,     0,     0]])
@@ -66,10 +59,18 @@ def _ftfy_tables():
     # object replacement character, BOM. Zero-width (joiner) characters and C1 controls are kept.
     controls = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
                               *range(0xFFF9, 0xFFFD)])
-    return table, controls
+    # ftfy's own HTML unescaping: the HTML5 named entities that end in ';', and the upper-cased form of lower-case
+    # names (&NTILDE; -> Ñ) that stdlib html would not read
+    entities = {}
+    for name, char in html.entities.html5.items():
+        if name.endswith(";"):
+            entities["&" + name] = char
+            if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
+                entities["&" + name.upper()] = char.upper()
+    return table, controls, entities
 
 
-_FTFY_TABLE, _FTFY_CONTROLS = _ftfy_tables()
+_FTFY_TABLE, _FTFY_CONTROLS, _FTFY_ENTITIES = _ftfy_tables()
 # ftfy's patterns use the standard library's `re` (its \d is any Unicode digit), so ours do too
 _FTFY_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
 _FTFY_ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
@@ -77,24 +78,12 @@ _FTFY_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _FTFY_SURROGATE = re.compile("[\ud800-\udfff]")
 # text that fix_text returns unchanged: ASCII without '&', ESC or a control character it deletes or rewrites (\r)
 _FTFY_ASCII_NOOP = re.compile(r"[^&\x00-\x08\x0b\x0d-\x1f\x7f]*")
-_html_entities = None
 
 
 def _ftfy_entity(m):
-    # ftfy's own HTML unescaping: all HTML5 named entities that end in ';', the upper-cased form of lower-case names
-    # (&NTILDE; -> Ñ) when stdlib html would not read it, and numeric ones that html.unescape can decode.
-    global _html_entities
-    if _html_entities is None:
-        ents = {}
-        for name, char in html.entities.html5.items():
-            if name.endswith(";"):
-                ents["&" + name] = char
-                if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
-                    ents["&" + name.upper()] = char.upper()
-        _html_entities = ents
     s = m.group(0)
-    if s in _html_entities:
-        return _html_entities[s]
+    if s in _FTFY_ENTITIES:
+        return _FTFY_ENTITIES[s]
     if s.startswith("&#"):
         out = html.unescape(s)
         return s if ";" in out else out
@@ -164,18 +153,11 @@ def _clip_byte_order() -> list[int]:
 
 
 def _clip_bpe_ranks(path: str) -> tuple[dict[bytes, int], list[bytes]]:
-    """CLIP's vocabulary as tiktoken mergeable ranks (rank == CLIP id) plus the id -> bytes table for decoding.
-
-    CLIP's BPE works on symbols, where the last symbol of a piece carries `</w>`. We write `</w>` as one trailing
-    byte b" " (a space never occurs inside a piece, because whitespace separates pieces), so "dog</w>" is b"dog ".
-    Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT.
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank; CLIP merges the pair with the lowest
-    merge rank. They agree as long as no reachable pair (C, D) concatenates to a token built by a different merge.
-    Byte + b" " ranks (256-511) are below every merge, so tiktoken's first step always attaches the end-of-word marker,
-    as CLIP starts with it attached. We checked the agreement piece by piece against the reference BPE on ~1.7M
-    words: every vocabulary word, random words (letters, tokens glued together, mixed scripts), and each of the 34,803
-    tokens that can also be split into two other tokens, inside random contexts: no difference (tests/golden/README.md).
-    """
+    """CLIP's vocabulary as tiktoken mergeable ranks (rank == CLIP id), and the id -> bytes table for decoding.
+    CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a space): "dog</w>" is b"dog ". Ids:
+    0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT. tiktoken merges
+    the pair whose concatenation has the lowest rank, CLIP the pair with the lowest merge rank; they agree unless a
+    reachable pair concatenates to a token another merge built. Checked on ~1.7M words (tests/golden/README.md)."""
     order = _clip_byte_order()
     char_to_byte = {chr(b) if i < 188 else chr(256 + i - 188): b for i, b in enumerate(order)}
     with gzip.open(path) as f:
@@ -313,7 +295,7 @@ class BertTokenizer:
 
     specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-    def __init__(self, vocab_file: str, do_lower_case: bool = True, max_chars_per_word: int = 100):
+    def __init__(self, vocab_file: str, do_lower_case: bool = True):
         if not vocab_file or not os.path.exists(vocab_file):
             raise FileNotFoundError(f"BERT vocab file not found: {vocab_file!r} (a vocab.txt, one token per line)")
         self.vocab = {}
@@ -325,7 +307,6 @@ class BertTokenizer:
             raise ValueError(f"BERT vocab {vocab_file} lacks the special tokens {missing}")
         self.inv_vocab = {i: t for t, i in self.vocab.items()}
         self.do_lower_case = do_lower_case
-        self.max_chars_per_word = max_chars_per_word
         self.vocab_size = len(self.vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in self.specials)
         # special tokens written in the text are kept whole, before any lower-casing or punctuation split
@@ -333,10 +314,8 @@ class BertTokenizer:
         self._cache = {}
 
     def _basic(self, text: str) -> list[str]:
-        # clean: drop NUL, U+FFFD and control/format characters (category C*, except \t \n \r), whitespace -> space;
-        # put spaces around CJK ideographs so each is a word of its own. (transformers 5's Python BertTokenizer also
-        # applies NFC here; its default Rust one and 4.x's, which HMMC used, do not. With lower-casing the NFD below
-        # makes it moot; we follow the majority.)
+        # drop NUL, U+FFFD and control/format characters (C*, except \t \n \r), whitespace -> space, spaces around
+        # CJK ideographs so each is a word (no NFC, as HF's Rust tokenizer and transformers 4.x, which HMMC used)
         out = []
         for ch in text:
             cp = ord(ch)
@@ -367,7 +346,7 @@ class BertTokenizer:
 
     def _wordpiece(self, word: str) -> list[str]:
         # greedy longest-match-first; a word with an unmatchable part, or longer than 100 chars, is one [UNK]
-        if len(word) > self.max_chars_per_word:
+        if len(word) > 100:
             return ["[UNK]"]
         pieces, start = [], 0
         while start < len(word):

@@ -1,13 +1,9 @@
 """
-The two kinds of towers HMMC is built from, as their authors define them: OpenAI CLIP's ViT image tower and causal
-text transformer, and the Chinese BERT (hfl/chinese-roberta-wwm-ext is a plain BERT-base), with the readers of
-their released weights (OpenAI's TorchScript archives and plain state dicts; HF folders with safetensors or
-pytorch_model.bin). Rarely edited: outputs are pinned against open_clip and HF transformers by tests. HMMC itself,
-its losses and its checkpoints are in model.py.
-
-Module names copy OpenAI's / HF's state-dict keys exactly (`c_fc`, `ln_final`, `proj`, `attention.self.query`...),
-even where we would not choose them: that is what makes `load_state_dict(strict=True)` the whole loader.
-Weights stay fp32; callers run under autocast (which keeps layer_norm and softmax in fp32 anyway).
+The towers HMMC is built from, as their authors define them: OpenAI CLIP's ViT image tower and causal text
+transformer, and the Chinese BERT (hfl/chinese-roberta-wwm-ext is a plain BERT-base); then the readers of every weight
+file (OpenAI's, HF's, the original HMMC's, train.py's). Rarely edited: tests pin the outputs to open_clip and HF
+transformers. Module names copy OpenAI's / HF's state-dict keys (`c_fc`, `ln_final`, `attention.self.query`...), so
+`load_state_dict` is the whole loader. Weights stay fp32; callers run under autocast.
 
 >>> clip = load_clip("ViT-B-32.pt")          # OpenAI's archive or a plain state dict; architecture from the shapes
 >>> bert = load_bert("chinese-roberta-wwm-ext")
@@ -87,9 +83,8 @@ def _count_layers(sd: dict, prefix: str) -> int:
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with. Written as the same
-    function silu(1.702 x) / 1.702, so that autograd keeps one tensor for backward instead of two (x and the sigmoid):
-    ~18% less activation memory for the ViT and fewer element-wise passes in backward."""
+    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with, as silu(1.702 x) / 1.702: autograd then
+    keeps one tensor for backward instead of two (~18% less activation memory for the ViT)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(1.702 * x) * (1 / 1.702)
@@ -129,16 +124,12 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, 4 * width),
-            gelu=QuickGELU(),
-            c_proj=nn.Linear(4 * width, width),
-        ))
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -163,8 +154,8 @@ class Transformer(nn.Module):
 
 
 def _init_clip_blocks(transformer: Transformer):
-    # OpenAI's initialize_parameters: residual projections shrink with depth so the stream's variance stays put.
-    # Only matters for training from scratch; the plain Transformer keeps nn.MultiheadAttention's init.
+    # OpenAI's init (for training from scratch): residual projections shrink with depth so the stream's variance
+    # stays put. The temporal Transformer keeps nn.MultiheadAttention's.
     W, layers = transformer.width, transformer.layers
     for block in transformer.resblocks:
         nn.init.normal_(block.attn.in_proj_weight, std=W ** -0.5)
@@ -219,12 +210,9 @@ class TextTransformer(nn.Module):
         self.transformer = Transformer(W, cfg.transformer_layers, cfg.transformer_heads)
         self.ln_final = nn.LayerNorm(W)
         self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
-        self._init_text_weights()
-
-    def _init_text_weights(self):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        nn.init.normal_(self.text_projection, std=W ** -0.5)
         _init_clip_blocks(self.transformer)
 
     def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
@@ -237,9 +225,8 @@ class TextTransformer(nn.Module):
         return self.ln_final(x)                                           # (B, L, W)
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Index of each row's first EOT token. OpenAI uses argmax(ids), which is the same thing as long as EOT is the
-        largest id; looking the id up explicitly survives other tokenizers. A row without EOT falls back to OpenAI's
-        (and the original HMMC's) argmax, so any input, even random ids, pools where the reference code does."""
+        """Each row's first EOT. OpenAI's argmax(ids) is the same while EOT is the largest id; looking it up survives
+        other vocabularies, and a row without EOT falls back to argmax, where the reference code pools."""
         is_eot = ids == self.eot_id                                        # (B, L)
         first_eot = is_eot.int().argmax(dim=1)                             # (B,) argmax returns the first maximum
         return torch.where(is_eot.any(dim=1), first_eot, ids.argmax(dim=1))  # (B,)
@@ -254,8 +241,8 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(TextTransformer):
-    """OpenAI's CLIP. Its state dict keeps the text tower's tensors on the top module (`token_embedding`, not
-    `text.token_embedding`), so CLIP extends the text tower rather than holding one; the image tower is `visual`."""
+    """OpenAI's CLIP. Its state dict keeps the text tower's tensors on the top module (`token_embedding`), so CLIP
+    extends the text tower rather than holding one; the image tower is `visual`."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__(cfg)
@@ -355,10 +342,9 @@ class BertModel(nn.Module):
         self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H))) if pooler else None
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.apply(self._init_weights)
-        # Only for a BERT trained from scratch (weights loaded later replace all of it): at 0.02 like the words, the
-        # one token type (the same vector at every position) and the positions (the same for captions of equal
-        # length) make up most of every token state, so captions start out alike (time-reversed twin captions: cos
-        # 0.995 under mean pooling). Zero types and CLIP's 0.01 positions leave the words to tell them apart (0.95).
+        # for a BERT trained from scratch: at 0.02 like the words, the one token type and the positions make up most
+        # of every token state and captions start out alike (cos 0.995 under mean pooling); zero types and CLIP's
+        # 0.01 positions leave the words to tell them apart (0.95)
         nn.init.zeros_(self.embeddings.token_type_embeddings.weight)
         nn.init.normal_(self.embeddings.position_embeddings.weight, std=0.01)
 
@@ -372,15 +358,14 @@ class BertModel(nn.Module):
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             nn.init.zeros_(m.weight[m.padding_idx])
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None):
         B, L = ids.shape
         if L > self.cfg.max_position_embeddings:
             raise ValueError(f"text of {L} tokens is longer than max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         e = self.embeddings
         pos = torch.arange(L, device=ids.device)
-        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
-        x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings(types)  # (B, L, H)
+        x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings(torch.zeros_like(ids))
         x = self.dropout(e.LayerNorm(x))
         keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         keep = keep[:, None, None, :]                                        # (B, 1, 1, L) for all heads, queries
@@ -389,6 +374,7 @@ class BertModel(nn.Module):
         if self.pooler is None:
             return x, None
         return x, torch.tanh(self.pooler.dense(x[:, 0]))                     # (B, H) from the [CLS] position
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # weight files: the one guarded reader, the towers' checkpoints, the one check before every load
@@ -464,7 +450,7 @@ def load_clip(path: str, device="cpu") -> CLIP:
 
 
 def _bert_weights_file(path: str) -> str:
-    """The weights file of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file."""
+    # the weights of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
@@ -478,8 +464,8 @@ def _bert_weights_file(path: str) -> str:
 
 
 def load_bert_state_dict(path: str) -> dict:
-    """Weights of a HF BERT folder (model.safetensors or pytorch_model.bin) under our key names, fp32.
-    Strips a leading `bert.`, drops the `cls.*` pre-training heads and the `embeddings.position_ids` buffer."""
+    """A HF BERT folder's weights under BertModel's keys, fp32: without a leading `bert.`, the `cls.*` pre-training
+    heads and the `embeddings.position_ids` buffer."""
     file = _bert_weights_file(path)
     out = {}
     for k, v in _state_dict(read_checkpoint(file), file).items():
