@@ -1,10 +1,8 @@
 """
-HMMC: the video encoder (CLIP's ViT on every frame, then a temporal transformer), the text encoder (CLIP's text
-transformer, or the Chinese BERT with a projection), hierarchical matching (the video-level similarity plus the mean
-of the top-k frame similarities), the fine-tuning loss, and the momentum-contrast pre-training (FAM, VTM, FTM, MLM
-with momentum encoders and feature queues). `load_model` is the one way from an `init_from` ("scratch", "clip", a
-checkpoint of train.py, a state dict of the original code) to a model. The CLIP and BERT towers, and the readers
-of every weight file, are in towers.py.
+HMMC: a video encoder (CLIP's ViT per frame, then a temporal transformer), a text encoder (CLIP's text tower or the
+Chinese BERT), hierarchical matching (video similarity + the mean of the top-k frame similarities), the fine-tuning
+loss and the momentum-contrast pre-training (FAM, VTM, FTM, MLM). `load_model` is the one way from an `init_from` to
+a model. The towers and the readers of every weight file are in towers.py.
 
 >>> net, info = load_model("out-synthetic/ckpt.pt")      # info["message"]: what was loaded, what was dropped
 >>> net = HMMC.from_original("pytorch_model.bin.4")      # a released HMMC fine-tuning checkpoint
@@ -31,8 +29,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [..., 3, H, W] -> float32 CLIP-normalised; floats are taken as normalised already. Loaders move
-    uint8 frames, 4x less than floats, and the model normalises them on the device."""
+    """uint8 RGB [..., 3, H, W] -> float32 CLIP-normalised (loaders move uint8, 4x less); floats pass as they are."""
     if frames.dtype != torch.uint8:
         return frames
     if frames.dim() < 3 or frames.shape[-3] != 3:
@@ -50,9 +47,8 @@ class HMMCConfig:
     clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
     bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
     text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
-    # "cls": BERT's tanh pooler on [CLS], as released; "mean": the mean of the token states. A BERT trained from
-    # scratch starts with every caption's [CLS] state nearly equal (cos 0.99999), and its loss sits at chance for
-    # hundreds of steps with "cls"
+    # "cls": BERT's pooler on [CLS], as released | "mean" of the token states: a BERT trained from scratch starts with
+    # every caption's [CLS] state alike (cos 0.99999) and sits at chance for hundreds of steps with "cls"
     bert_pooling: str = "cls"
     # video encoder
     use_temp: bool = True  # temporal transformer over the frame embeddings
@@ -123,10 +119,8 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _AllGatherSumGrad(torch.autograd.Function):
-    # forward: every rank's rows in rank order. backward: every rank holds the gradient of the same global loss
-    # w.r.t. the whole gathered tensor; the local slice gets the SUM over ranks, so after DDP averages parameter
-    # gradients they equal those of one process holding the global batch. (CLIP4Clip/OpenCLIP keep only the local
-    # slice of the local gradient, W times smaller.)
+    # every rank computes the same global loss; its local slice gets the gradient SUMMED over ranks, so after DDP's
+    # average the gradients equal one process's on the global batch (CLIP4Clip's local slice is W times smaller)
 
     @staticmethod
     def forward(ctx, x):
@@ -141,8 +135,7 @@ class _AllGatherSumGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather rows across ranks keeping gradients (summed back); identity on one process. Every rank must pass
-    the same number of rows (train uses drop_last)."""
+    """All-gather rows across ranks keeping gradients (summed back); the same row count on every rank."""
     return _AllGatherSumGrad.apply(x) if _distributed() else x
 
 
@@ -150,17 +143,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 # similarity and loss primitives
 
 def _no_autocast(x: torch.Tensor):
-    # similarities are scaled by 100 (or 1/0.07) before softmax/top-k: bf16's 8-bit mantissa would move logits by ~0.5,
-    # enough to reorder close candidates, and these matmuls are tiny next to the encoders. Keep them in fp32.
+    # similarities scaled by 100 (or 1/0.07) in bf16 would move by ~0.5, enough to reorder close candidates: fp32
     return torch.autocast(x.device.type, enabled=False)
 
 
 def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, top_k: int,
                             frame_match_weight: float, scale: float = 100.0, chunk_size: int | None = None,
                             normalized: bool = False) -> torch.Tensor:
-    """Eval score: scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame). `normalized` skips
-    normalising inputs that already are (a search index: that pass costs four times the similarity). Chunked over
-    queries so the (chunk, V, T) tensor stays around 2^25 elements (128 MB fp32)."""
+    """scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame), (Q, V). `normalized`: inputs are
+    unit vectors already (a search index). Chunks of queries keep the (chunk, V, T) tensor near 2^25 elements."""
     unit = (lambda x: x.float()) if normalized else (lambda x: F.normalize(x.float(), dim=-1))
     text_emb = unit(text_emb)  # (Q, E)
     video_emb = unit(video_emb)  # (V, E)
@@ -188,12 +179,10 @@ def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, fra
 
 
 def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo's CL(q, k, Q): positive q.k row by row, negatives the queue only; mean CE with the positive as target.
-    q (n, E), queue (M, E) normalised, k (n, E) keys or (n, r, E): r positives of each query sharing its negatives
-    (the mean of CL(q, k[:, j], Q) over j, with the (n, M) negative logits computed once)."""
+    """MoCo's CL(q, k, Q): CE of the positive q.k against the queue's negatives. k (n, E), or (n, r, E) for r
+    positives sharing their query's (n, M) negative logits (the mean over the r losses)."""
     with _no_autocast(q):
-        # 1/tau goes into q before the (n, M) matmul and CE with target 0 is written as logsumexp - positive, so the
-        # big logit matrix is never divided or concatenated (those copies dominated the pre-training loss time)
+        # 1/tau in q and CE as logsumexp - positive: the big (n, M) logits are never divided or concatenated
         q = F.normalize(q.float(), dim=-1) / temperature  # (n, E)
         k = F.normalize(k.float(), dim=-1)
         pos = torch.einsum("ne,n...e->n...", q, k)  # (n,) or (n, r)
@@ -204,8 +193,8 @@ def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor
 
 def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, prob: float = 0.15,
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """BERT masking: each position is chosen with `prob`, then becomes [MASK] 80%, a random id 10%, unchanged 10%;
-    special ids and padding are never chosen. Returns (masked_ids, labels), labels -100 where not chosen."""
+    """BERT masking: a position (not special, not padding) is chosen with `prob`, then becomes [MASK] 80%, a random
+    id 10%, unchanged 10%. Returns (masked_ids, labels), labels -100 where not chosen."""
     special = torch.zeros_like(ids, dtype=torch.bool)
     for s in special_ids:
         special |= ids == s
@@ -225,8 +214,7 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
 # modules
 
 class VideoEncoder(nn.Module):
-    """CLIP ViT per frame, then the temporal transformer with the original's residual: h = TT(x + P) + x.
-    Returns (the mean over t of normalise(h) (B, E), the raw frame embeddings x (B, T, E))."""
+    """CLIP ViT per frame x, h = TT(x + P) + x as the original; returns (mean_t normalise(h) (B, E), x (B, T, E))."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
@@ -253,8 +241,7 @@ class VideoEncoder(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-    """Chinese BERT + Linear(hidden -> E), pooled by BERT's [CLS] pooler or the mean of the token states
-    (HMMCConfig.bert_pooling); return_hidden gives every token's projected state (the MLM head's input)."""
+    """Chinese BERT + Linear(hidden -> E) of the pooled state, or of every token's (return_hidden, for MLM)."""
 
     def __init__(self, bert_cfg: BertConfig, embed_dim: int, pooling: str = "cls"):
         super().__init__()
@@ -278,7 +265,7 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
 
 
 class MLMHead(nn.Module):
-    """BERT's LM prediction head on the E-wide projected hidden states: dense, erf-GELU, LayerNorm, decoder."""
+    """BERT's LM head on the projected hidden states: dense, erf-GELU, LayerNorm, decoder."""
 
     def __init__(self, dim: int, vocab_size: int):
         super().__init__()
@@ -300,9 +287,8 @@ _CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "
 
 
 class HMMC(nn.Module):
-    """Video encoder `video` + text encoder `text`. With cfg.pretrain also the momentum copies `video_m`, `text_m`
-    (+ `projector_m`), the projector/predictor MLPs, the MLM head and the key queues. New modules keep PyTorch's
-    default init; `from_clip` loads CLIP and BERT."""
+    """Encoders `video` and `text`; pre-training adds the momentum copies `video_m`, `text_m`, `projector_m`, the
+    projector/predictor MLPs, the MLM head and the key queues."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
@@ -350,22 +336,15 @@ class HMMC(nn.Module):
             p.requires_grad_(False)
         # one pointer, one buffer per key stream; frame streams hold num_frames rows per video
         K, T = cfg.queue_size, cfg.num_frames
-        self.queue_rows = {"video": 1, "title": 1}
-        if cfg.use_tags:
-            self.queue_rows["tag"] = 1
-        if cfg.use_frame_fea:
-            self.queue_rows["frame"] = T
-        if self.use_fam:
-            self.queue_rows["frame_proj"] = T
+        used = {"tag": cfg.use_tags, "frame": cfg.use_frame_fea, "frame_proj": self.use_fam}
+        rows = {"video": 1, "title": 1, "tag": 1, "frame": T, "frame_proj": T}
+        self.queue_rows = {name: r for name, r in rows.items() if used.get(name, True)}
         for name, rows in self.queue_rows.items():
             self.register_buffer(f"queue_{name}", F.normalize(torch.randn(K * rows, E), dim=-1))  # (K*rows, E)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    # ---------------------------------------------------------------------------------------------------------
-    # encoders
-
     def similarity_scale(self):
-        """s in s*cos: the original's constant 100, or exp(learned log s) clamped to 100. Eval uses it too."""
+        """s in s*cos: the original's constant 100, or exp(learned log s) clamped to 100."""
         if getattr(self, "logit_scale", None) is not None:
             return self.logit_scale.exp().clamp(max=100.0)
         return self.cfg.sim_scale
@@ -378,18 +357,13 @@ class HMMC(nn.Module):
         return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
 
     def encode_video(self, video: torch.Tensor):
-        """video: uint8 RGB frames (B, T, 3, H, W) or CLIP-normalised floats. Returns normalised (video_emb (B, E),
-        frame_emb (B, T, E)); frame_emb are the CLIP frame embeddings before the temporal transformer, which the
-        original matches frames with."""
+        """video (B, T, 3, H, W) -> unit (video_emb (B, E), frame_emb (B, T, E)); frames are matched before the
+        temporal transformer, as in the original."""
         video_emb, frames = self.video(normalize_frames(video))
         return F.normalize(video_emb.float(), dim=-1), F.normalize(frames.float(), dim=-1)
 
-    # ---------------------------------------------------------------------------------------------------------
-    # training
-
     def forward(self, batch: dict):
-        """(loss, parts): parts are detached scalars, {"video", "frame"} or, pre-training, {"fam", "vtm", "ftm",
-        "mlm"}."""
+        """(loss, parts): detached scalars {"video", "frame"}, or {"fam", "vtm", "ftm", "mlm"} in pre-training."""
         return self._pretrain_loss(batch) if self.cfg.pretrain else self._finetune_loss(batch)
 
     def _finetune_loss(self, batch: dict):
@@ -441,6 +415,7 @@ class HMMC(nn.Module):
             pred = self.predictor(self.projector(frames.reshape(B * T, -1))).reshape(B, T, -1)  # (B, T, E)
 
         # momentum keys: no gradient; the momentum encoders run in train mode as in the original
+        proj_m = None
         with torch.no_grad():
             v_m, frames_m = self.video_m(video)  # (B, E), (B, T, E)
             title_m = self._text(self.text_m, batch["ids"], batch["mask"])  # (B, E)
@@ -448,9 +423,8 @@ class HMMC(nn.Module):
             if self.use_fam:
                 proj_m = self.projector_m(frames_m.reshape(B * T, -1)).reshape(B, T, -1)  # (B, T, E)
 
-        # FAM, frame adjacency matching: predictor of frame t vs momentum projection of t+1, and t+1 vs t,
-        # all T-1 pairs and both directions in one batch. The original sums the two directions and averages over
-        # pairs, i.e. twice the mean over all 2(T-1)B rows.
+        # FAM, frame adjacency: prediction of frame t vs momentum projection of t+1 and back, in one batch; the
+        # original sums the directions and averages over pairs: twice the mean over all 2(T-1)B rows
         loss_fam = zero
         if self.use_fam and T > 1:
             q = torch.cat([pred[:, :-1], pred[:, 1:]], dim=1)  # (B, 2(T-1), E)
@@ -462,30 +436,21 @@ class HMMC(nn.Module):
         if use_tags:
             loss_vtm = 0.5 * (loss_vtm + CL(v, tag_m, "tag") + CL(tag, v_m, "video"))
 
-        # FTM, frame-text matching: text vs each momentum frame, each frame vs the momentum text; means over the B*T
-        # (query, positive) pairs equal the original's (1/T) sum over frame positions
+        # FTM, frame-text matching: text vs each momentum frame, each frame vs the momentum text
         loss_ftm = zero
         if cfg.use_frame_fea:
             def ftm(c, c_m, queue):
-                # text -> frames: the T momentum frames are T positives of one query with the same queue negatives,
-                # so the (B, K*T) negative logits are computed once, not once per frame position as in the original
+                # the T momentum frames are T positives of one text: its (B, K*T) negative logits are computed once
                 c_m_rows = c_m[:, None].expand(B, T, c_m.shape[-1]).reshape(B * T, -1)  # (B*T, E)
                 return CL(c, frames_m, "frame") + CL(frames.reshape(B * T, -1), c_m_rows, queue)
             loss_ftm = ftm(title, title_m, "title")
             if use_tags:
                 loss_ftm = 0.5 * (loss_ftm + ftm(tag, tag_m, "tag"))
 
-        # keys enter the queues only after the losses, so a queue never holds the current batch; a forward in eval
-        # mode (a validation loss) leaves the queues alone
+        # keys enter the queues after the losses, so a queue never holds its batch; eval mode leaves them alone
         if self.training:
-            keys = {"video": v_m, "title": title_m}
-            if use_tags:
-                keys["tag"] = tag_m
-            if cfg.use_frame_fea:
-                keys["frame"] = frames_m
-            if self.use_fam:
-                keys["frame_proj"] = proj_m
-            self._enqueue(keys)
+            keys = {"video": v_m, "title": title_m, "tag": tag_m, "frame": frames_m, "frame_proj": proj_m}
+            self._enqueue({name: keys[name] for name in self.queue_rows})
 
         # MLM on the online text encoder (a separate pass over masked ids; Chinese BERT only)
         loss_mlm = zero
@@ -510,8 +475,8 @@ class HMMC(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: dict):
-        # Every rank writes the same global batch of normalised keys at the shared pointer, so the queues stay equal.
-        # The pointer stays on the device: reading it would stall the host every step and split torch.compile's graph
+        # every rank writes the same global batch, so the queues stay equal. The pointer stays on the device: reading
+        # it would stall the host every step and split torch.compile's graph
         K = self.cfg.queue_size
         for name, x in keys.items():
             x = all_gather_rows(x.float()) if _distributed() else x.float()  # (G, E) or (G, T, E)
@@ -529,27 +494,23 @@ class HMMC(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """theta_m <- m * theta_m + (1 - m) * theta, once after each optimizer step (the original: at every
-        forward). Parameters only: the momentum projector's BN statistics come from its own forwards, as there."""
+        """theta_m <- m theta_m + (1 - m) theta after each optimizer step (the original: every forward); BN
+        statistics of the momentum projector come from its own forwards."""
         if self.cfg.pretrain:
             online, momentum = self._momentum_params()
             torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.momentum)
 
     @torch.no_grad()
     def copy_to_momentum(self):
-        """Set every momentum parameter to its online twin (after loading weights into the online encoders)."""
+        """Momentum parameters <- their online twins (after loading weights)."""
         if self.cfg.pretrain:
             online, momentum = self._momentum_params()
             torch._foreach_copy_(momentum, online)
 
-    # ---------------------------------------------------------------------------------------------------------
-    # optimizer and FLOPs
-
     def configure_optimizers(self, weight_decay: float, learning_rate: float, clip_lr_scale: float, text_lr: float,
                              betas=(0.9, 0.98), eps: float = 1e-6, device_type: str = "cpu"):
-        """AdamW over {CLIP vision tower, text encoder, new modules} x {decay, no decay}; tensors with dim < 2 are
-        not decayed (the original decayed CLIP's ln_* weights and class_embedding). Each group carries `name` and
-        `base_lr` for the schedule. Frozen and momentum parameters are left out."""
+        """AdamW over {vision tower, text encoder, new modules} x {decay, none for dim < 2 (the original decayed CLIP's
+        ln_* and class_embedding)}; groups carry `name` and `base_lr` for the schedule; frozen parameters stay out."""
         lrs = {"vision": learning_rate * clip_lr_scale, "text": text_lr, "new": learning_rate}
         groups = {(tower, decay): [] for tower in lrs for decay in (True, False)}
         for n, p in self.named_parameters():
@@ -569,9 +530,8 @@ class HMMC(nn.Module):
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 
     def flops_per_video(self, num_frames: int, context_length: int, tag_context_length: int | None = None) -> float:
-        """Training FLOPs (forward + backward) per video, PaLM-appendix style: 2 per weight per token, plus 4 n^2 d
-        per attention layer; a trained part costs 3x its forward, a momentum part 1x. Element-wise ops, the losses
-        and the queue logits (under 1%) are left out, as is the backward freeze_clip_* saves."""
+        """Training FLOPs per video, PaLM-appendix style: 2 per weight per token + 4 n^2 d per attention layer;
+        trained parts cost 3x their forward, momentum parts 1x; element-wise ops and losses (<1%) left out."""
         cfg, c = self.cfg, self.cfg.clip
         E, T = c.embed_dim, num_frames
 
@@ -613,13 +573,10 @@ class HMMC(nn.Module):
         flops = self.flops_per_video(num_frames or self.cfg.num_frames, context_length, tag_context_length)
         return flops * videos_per_s / peak_flops
 
-    # ---------------------------------------------------------------------------------------------------------
-    # weights
-
     @classmethod
     def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
-        """A new HMMC with OpenAI's CLIP towers (and the HF Chinese BERT) loaded, the CLIP architecture read off
-        clip_sd; temporal_init="clip" also starts the temporal transformer from CLIP's text tower, as CLIP4Clip."""
+        """A new HMMC with OpenAI's CLIP (and the HF BERT) loaded; temporal_init="clip" starts the temporal
+        transformer from CLIP's text tower, as CLIP4Clip."""
         clip_sd = {k: v.float() if v.is_floating_point() else v for k, v in clip_sd.items()}
         cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
         model = cls(cfg)
@@ -657,9 +614,8 @@ class HMMC(nn.Module):
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
-        """A fine-tuning HMMC from a state dict of the original's `BirdModel` (or `BirdPreTrainedModel`: its
-        pre-training parts are dropped), the architecture read off its shapes, fp32. `overrides` set other HMMCConfig
-        fields (e.g. num_frames)."""
+        """A fine-tuning HMMC from the original's state dict (pre-training parts dropped), the architecture read off
+        its shapes; `overrides` set other HMMCConfig fields."""
         sd = state_dict_or_path
         if isinstance(sd, (str, os.PathLike)):
             sd = read_checkpoint(sd)
@@ -680,13 +636,10 @@ _ARCH_FIELDS = ("clip", "bert", "text_encoder", "bert_pooling")
 
 def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str = "", bert_path: str | None = None,
                device="cpu") -> tuple[HMMC, dict]:
-    """The one way to a model. `init_from`: "scratch" (a fresh HMMC(cfg)); "clip" (cfg's model with OpenAI's CLIP
-    from `clip_path`, and for text_encoder="bert" the HF BERT folder `bert_path`, whose config.json sets the BERT
-    architecture); or a checkpoint of train.py or the original HMMC. From a checkpoint the towers' architecture comes
-    from its weights and the rest from `cfg` (so a pre-training checkpoint starts fine-tuning: its pre-training parts
-    are dropped and reported); without `cfg` the checkpoint's own config is used (evaluation, resume).
-    Returns (model on `device`, info: "loaded", "dropped" (keys), "message" (a log line), "checkpoint" (the dict
-    of a train.py checkpoint, else None))."""
+    """`init_from`: "scratch", "clip" (OpenAI's CLIP at `clip_path`, and the HF BERT folder `bert_path` for
+    text_encoder="bert"), or a checkpoint of train.py or the original. A checkpoint fixes the towers' architecture,
+    `cfg` the rest (so pre-training parts are dropped for fine-tuning); without `cfg` its own config is used.
+    Returns (model, info: "loaded", "dropped" keys, "message" for the log, "checkpoint" of train.py or None)."""
     info = {"loaded": 0, "dropped": [], "checkpoint": None}
     if init_from in ("scratch", "clip"):
         if cfg is None:
