@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import struct
-import sys
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,8 +45,7 @@ class CLIPConfig:
 
     @classmethod
     def from_state_dict(cls, sd: dict, text: bool = True) -> "CLIPConfig":
-        """The architecture of an OpenAI-layout ViT state dict; no side-car config needed. text=False reads the image
-        tower only (HMMC with the Chinese BERT has no CLIP text tower: those fields keep their defaults)."""
+        """The architecture of an OpenAI-layout ViT state dict; text=False: the image tower's only (HMMC with BERT)."""
         if "visual.proj" not in sd and any(k.startswith("visual.layer1.") for k in sd):
             raise ValueError("this is a ResNet CLIP (visual.layer1.* keys, no visual.proj); ResNet CLIP models are "
                              "not supported, use a ViT one (ViT-B/32, ViT-B/16, ViT-L/14, ...)")
@@ -91,7 +89,7 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Batch-first multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -101,7 +99,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # packed q, k, v rows
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        # the same init as nn.MultiheadAttention, so modules built fresh (the temporal transformer) match it
+        # nn.MultiheadAttention's init, which the original's temporal transformer started from
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -133,8 +131,7 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks (keys `resblocks.{i}`). `attn_mask` is additive or boolean (True = attend), broadcast to
-    (B, heads, L, L). Set `grad_checkpointing = True` to recompute activations in backward for large batches."""
+    """A stack of blocks `resblocks.{i}`; `grad_checkpointing = True` recomputes activations in backward."""
 
     def __init__(self, width: int, layers: int, heads: int, eps: float = 1e-5):
         super().__init__()
@@ -143,8 +140,6 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, eps) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        if attn_mask is not None and is_causal:
-            raise ValueError("pass either attn_mask or is_causal=True, not both")
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
@@ -197,8 +192,7 @@ class VisionTransformer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """CLIP's causal text tower; keys are OpenAI's top-level text keys (token_embedding, positional_embedding,
-    transformer.*, ln_final, text_projection). Accepts any length L <= context_length."""
+    """CLIP's causal text tower (OpenAI's top-level text keys); any length L <= context_length."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -290,7 +284,7 @@ class BertConfig:
 
 
 class BertLayer(nn.Module):
-    """One post-LN encoder layer; the ModuleDicts only reproduce HF's key nesting (attention.self.query, ...)."""
+    """A post-LN encoder layer; the ModuleDicts reproduce HF's key nesting (attention.self.query, ...)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -313,8 +307,7 @@ class BertLayer(nn.Module):
         a = self.attention.self
         q, k, v = (m(x).view(B, L, self.heads, H // self.heads).transpose(1, 2)
                    for m in (a.query, a.key, a.value))                      # 3 x (B, h, L, H/h)
-        # padding keys get the dtype's most negative score rather than -inf (as HF does): an all-padding row stays
-        # finite, and building it in q's dtype keeps it finite under fp16/bf16 autocast too
+        # padding keys get the dtype's lowest score, not -inf (as HF): an all-padding row stays finite
         bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, torch.finfo(q.dtype).min)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
@@ -325,8 +318,7 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """HF-compatible BertModel: forward(ids, mask) -> (last_hidden (B, L, H), pooled (B, H)); without the pooler
-    (HF's add_pooling_layer=False) pooled is None."""
+    """HF's BertModel: (ids, mask) -> (last_hidden (B, L, H), pooled (B, H), None without the pooler)."""
 
     def __init__(self, cfg: BertConfig, pooler: bool = True):
         super().__init__()
@@ -380,15 +372,14 @@ class BertModel(nn.Module):
 # weight files: the one guarded reader, the towers' checkpoints, the one check before every load
 
 def load_error(e: Exception) -> str:
-    """A reader's error in a few words: its first sentence (torch.load goes on for ~300 characters of advice)."""
+    """A reader's error in its first sentence (torch.load adds ~300 characters of advice)."""
     first = (str(e).splitlines() or [""])[0]
     return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
 
 
 def read_checkpoint(path, mmap: bool = False) -> dict:
-    """A weight file as a dict, with errors that name the file: torch.load(weights_only=True), OpenAI's TorchScript
-    archives and .safetensors files, none of which runs code from the file. mmap=True maps a torch.save file's
-    tensors instead of reading them (to look at a checkpoint's settings only)."""
+    """A weight file as a dict, running no code from it: torch.load(weights_only=True), OpenAI's TorchScript archives
+    and .safetensors; errors name the file. mmap=True maps the tensors (to read a checkpoint's settings only)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -409,8 +400,7 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
 
 
 def _state_dict(ckpt: dict, source: str) -> dict:
-    # the tensors of a state dict (or of one held under "state_dict"), fp32: released weights are mostly fp16, we
-    # keep fp32 master weights and leave low precision to autocast
+    # fp32 tensors of a state dict (perhaps under "state_dict"): released weights are fp16, autocast does the rest
     if isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not all(torch.is_tensor(v) for v in ckpt.values()):
@@ -424,8 +414,7 @@ VIT_B_32_URL = ("https://openaipublic.azureedge.net/clip/models/"
 
 
 def load_clip_state_dict(path: str) -> dict:
-    """An OpenAI CLIP checkpoint as an fp32 state dict: the TorchScript archive OpenAI distributes (ViT-B-32.pt), a
-    file written by torch.save(state_dict), or a dict holding one under "state_dict"."""
+    """OpenAI's CLIP archive (ViT-B-32.pt) or a torch.save'd state dict, as an fp32 state dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no CLIP checkpoint at {path}; download OpenAI's ViT-B/32 weights from "
                                 f"{VIT_B_32_URL}")
@@ -441,7 +430,7 @@ def load_clip_state_dict(path: str) -> dict:
 
 
 def load_clip(path: str, device="cpu") -> CLIP:
-    """Build a fp32 CLIP from an OpenAI checkpoint, architecture inferred from the tensor shapes."""
+    """An fp32 CLIP from an OpenAI checkpoint, the architecture read off the shapes."""
     sd = load_clip_state_dict(path)
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = CLIP(CLIPConfig.from_state_dict(sd))
@@ -489,9 +478,8 @@ def load_bert(path: str) -> BertModel:
 
 def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),
                      optional: tuple = ()) -> tuple[dict, list]:
-    """The one check before every load: (the tensors of sd to load, the keys dropped). Keys the model lacks that start
-    with a `droppable` prefix are dropped; model keys in `optional` may be absent (they keep their init). Any other
-    missing, unexpected or differently shaped tensor means another architecture: a ValueError naming `source`."""
+    """The check before every load: (sd to load, keys dropped). Keys the model lacks with a `droppable` prefix are
+    dropped, `optional` ones may be missing; any other difference is a ValueError naming `source`."""
     own = model.state_dict()
     dropped = sorted(k for k in sd if k not in own and droppable and k.startswith(droppable))
     sd = {k: v for k, v in sd.items() if k not in dropped}
@@ -508,7 +496,7 @@ def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple =
 
 
 def strip_prefixes(sd: dict) -> dict:
-    """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes that wrapped models save."""
+    """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes of wrapped models."""
     out = {}
     for k, v in sd.items():
         while k.startswith(("module.", "_orig_mod.")):
@@ -527,9 +515,7 @@ _ORIGINAL_PREFIXES = {"visual_encoder.visual.": "video.visual.",  # OpenAI's ViT
                       "text_encoder.chinese_encoder.": "text.bert.",  # HF BertModel
                       "text_encoder.text_proj.": "text.text_proj.",
                       "text_encoder.": "text."}  # OpenAI's text keys
-# what fine-tuning has no use for: the pre-training parts (momentum encoders, projectors, MLM head, queues), and the
-# learned scalars that earlier commits of the original saved (a top-level logit_scale and weight_sum, a CLIP
-# logit_scale in either encoder), which touch no embedding (our scale is cfg.sim_scale)
+# dropped: the pre-training parts, and scalars that earlier commits of the original saved, which touch no embedding
 _ORIGINAL_DROPPED = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector", "cls.",
                      "queue_")
 _ORIGINAL_SCALARS = ("logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
@@ -594,7 +580,7 @@ _STORAGE_DTYPES = {f"{name}Storage": getattr(torch, dtype) for name, dtype in (
 
 
 class _ScriptObject:
-    """Stands in for a TorchScript class (`__torch__.*`) while unpickling: keeps the attribute dict, runs nothing."""
+    """A TorchScript class (`__torch__.*`) while unpickling: keeps the attribute dict, runs nothing."""
     state = {}
 
     def __setstate__(self, state):
@@ -606,8 +592,7 @@ _TYPED_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "bui
 
 
 class _TensorUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript archive's data.pkl allowing only what rebuilding tensors needs. The archive's code/
-    folder is never read: module classes become inert _ScriptObjects, and any other global is refused."""
+    """Unpickles data.pkl allowing only what tensors need: modules become inert _ScriptObjects, other globals fail."""
 
     def __init__(self, archive: zipfile.ZipFile, prefix: str):
         super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
@@ -639,8 +624,7 @@ class _TensorUnpickler(pickle.Unpickler):
 
 
 def _read_torchscript_tensors(path: str) -> dict:
-    """The named parameters and buffers of a TorchScript archive (torch.jit.save's zip), read without executing
-    anything in it (torch.jit.load would run its code): {dotted name: tensor}, as ScriptModule.state_dict() gives."""
+    """A TorchScript archive's {dotted name: tensor}, as ScriptModule.state_dict(), without running its code."""
     with zipfile.ZipFile(path) as archive:
         prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl"))[:-len("/data.pkl")]
         root = _TensorUnpickler(archive, prefix).load()
@@ -666,8 +650,7 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def read_safetensors(path: str) -> dict:
-    """A minimal reader for the safetensors format (no dependency on the safetensors package)."""
-    assert sys.byteorder == "little", "the safetensors reader assumes a little-endian machine"
+    """The safetensors format without its package (on a little-endian machine, as the format)."""
     with open(path, "rb") as f:
         buf = bytearray(f.read())  # writable, so torch.frombuffer can share it without a warning
     if len(buf) < 8:
