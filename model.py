@@ -12,6 +12,7 @@ a model. The towers and the readers of every weight file are in towers.py.
 import copy
 import math
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -241,7 +242,7 @@ class VideoEncoder(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-    """Chinese BERT + Linear(hidden -> E) of the pooled state, or of every token's (return_hidden, for MLM)."""
+    """Chinese BERT + Linear(hidden -> E) of its pooled state."""
 
     def __init__(self, bert_cfg: BertConfig, embed_dim: int, pooling: str = "cls"):
         super().__init__()
@@ -249,10 +250,8 @@ class BertTextEncoder(nn.Module):
         self.bert = BertModel(bert_cfg, pooler=pooling == "cls")
         self.text_proj = nn.Linear(bert_cfg.hidden_size, embed_dim)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last, pooled = self.bert(ids, mask)  # (B, L, H), (B, H) or None
-        if return_hidden:
-            return self.text_proj(last)  # (B, L, E)
         if self.pooling == "mean":
             keep = mask.to(last.dtype).unsqueeze(-1)  # (B, L, 1)
             pooled = (last * keep).sum(1) / keep.sum(1).clamp(min=1)
@@ -264,17 +263,10 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-class MLMHead(nn.Module):
-    """BERT's LM head on the projected hidden states: dense, erf-GELU, LayerNorm, decoder."""
-
-    def __init__(self, dim: int, vocab_size: int):
-        super().__init__()
-        self.dense = nn.Linear(dim, dim)
-        self.ln = nn.LayerNorm(dim, eps=1e-12)
-        self.decoder = nn.Linear(dim, vocab_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.ln(F.gelu(self.dense(x))))  # (B, L, vocab)
+def _mlm_head(dim: int, vocab_size: int) -> nn.Sequential:
+    # BERT's LM head on the projected hidden states
+    return nn.Sequential(OrderedDict(dense=nn.Linear(dim, dim), gelu=nn.GELU(), ln=nn.LayerNorm(dim, eps=1e-12),
+                                     decoder=nn.Linear(dim, vocab_size)))
 
 
 def _is_clip_matrix(name: str) -> bool:
@@ -326,7 +318,7 @@ class HMMC(nn.Module):
             self.projector = _mlp(E, cfg.proj_hidden)
             self.predictor = _mlp(E, cfg.proj_hidden)
         if self.use_mlm:
-            self.mlm_head = MLMHead(E, cfg.bert.vocab_size)
+            self.mlm_head = _mlm_head(E, cfg.bert.vocab_size)
         # momentum encoders: EMA copies that produce the queue keys; never receive gradients
         self.video_m = copy.deepcopy(self.video)
         self.text_m = copy.deepcopy(self.text)
@@ -468,7 +460,7 @@ class HMMC(nn.Module):
         cfg = self.cfg
         masked, labels = mask_tokens(ids, cfg.bert.vocab_size, cfg.mlm_mask_id, cfg.mlm_special_ids, cfg.mlm_prob,
                                      attention_mask=mask)
-        logits = self.mlm_head(self.text(masked, mask, return_hidden=True))  # (B, L, vocab)
+        logits = self.mlm_head(self.text.text_proj(self.text.bert(masked, mask)[0]))  # (B, L, vocab)
         # mean over masked tokens; a batch with none gives 0 rather than NaN (and needs no host sync)
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return total / (labels != -100).sum().clamp(min=1)
@@ -577,7 +569,6 @@ class HMMC(nn.Module):
     def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
         """A new HMMC with OpenAI's CLIP (and the HF BERT) loaded; temporal_init="clip" starts the temporal
         transformer from CLIP's text tower, as CLIP4Clip."""
-        clip_sd = {k: v.float() if v.is_floating_point() else v for k, v in clip_sd.items()}
         cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
         model = cls(cfg)
         model.video.visual.load_state_dict({k[len("visual."):]: v for k, v in clip_sd.items()

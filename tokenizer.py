@@ -8,6 +8,7 @@ Chinese: BERT WordPiece (`BertTokenizer`), id for id HF transformers' BertTokeni
     >>> tokenize("a dog runs", context_length=8)       # SOT, BPE ids, EOT, zero padding
     tensor([[49406,   320,  1929,  5586, 49407,     0,     0,     0]])
 """
+import functools
 import gzip
 import html
 import html.entities
@@ -145,31 +146,25 @@ def _clip_pieces(text: str) -> list[str]:
     return _CLIP_PAT.findall(_WHITESPACE.sub(" ", text.strip()).strip().lower())
 
 
-def _clip_byte_order() -> list[int]:
-    # CLIP's byte-level alphabet: the 188 printable bytes keep their code point and come first, the other 68 bytes
-    # follow in ascending order (mapped to chr(256 + n)). The list position of a byte is its token id.
+@functools.cache
+def _clip_bpe() -> tuple[tiktoken.Encoding, list[bytes]]:
+    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids, and
+    the id -> bytes table for decoding. CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a
+    space): "dog</w>" is b"dog ". Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order,
+    49406/49407 SOT/EOT. tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with the
+    lowest merge rank; they agree unless a reachable pair concatenates to a token another merge built. Checked on
+    ~1.7M words (tests/golden/README.md)."""
+    if not os.path.exists(CLIP_BPE_PATH):
+        raise FileNotFoundError(f"CLIP BPE merges file not found at {CLIP_BPE_PATH} (it ships in assets/)")
+    # CLIP's byte alphabet: the 188 printable bytes keep their code point and come first, the other 68 follow as
+    # chr(256 + n); a byte's position is its id
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    return printable + [b for b in range(256) if b not in printable]
-
-
-def _clip_bpe_ranks(path: str) -> tuple[dict[bytes, int], list[bytes]]:
-    """CLIP's vocabulary as tiktoken mergeable ranks (rank == CLIP id), and the id -> bytes table for decoding.
-    CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a space): "dog</w>" is b"dog ". Ids:
-    0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT. tiktoken merges
-    the pair whose concatenation has the lowest rank, CLIP the pair with the lowest merge rank; they agree unless a
-    reachable pair concatenates to a token another merge built. Checked on ~1.7M words (tests/golden/README.md)."""
-    order = _clip_byte_order()
+    order = printable + [b for b in range(256) if b not in printable]
     char_to_byte = {chr(b) if i < 188 else chr(256 + i - 188): b for i, b in enumerate(order)}
-    with gzip.open(path) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # OpenAI's slice: line 0 is a header, 48,894 merges are used
-    ranks, id_to_bytes = {}, []
-    for i, b in enumerate(order):
-        ranks[bytes([b])] = i
-        id_to_bytes.append(bytes([b]))
-    for i, b in enumerate(order):
-        ranks[bytes([b, 32])] = 256 + i
-        id_to_bytes.append(bytes([b]) + b"</w>")
+    with gzip.open(CLIP_BPE_PATH) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]  # OpenAI's slice: header, 48,894 merges
+    ranks = {bytes([b]): i for i, b in enumerate(order)} | {bytes([b, 32]): 256 + i for i, b in enumerate(order)}
+    id_to_bytes = [bytes([b]) for b in order] + [bytes([b]) + b"</w>" for b in order]
     for i, line in enumerate(merges):
         token = "".join(line.split())
         eow = token.endswith("</w>")
@@ -178,12 +173,10 @@ def _clip_bpe_ranks(path: str) -> tuple[dict[bytes, int], list[bytes]]:
         id_to_bytes.append(body + (b"</w>" if eow else b""))
     id_to_bytes += [b"<|startoftext|>", b"<|endoftext|>"]
     if len(ranks) != 49406:
-        raise ValueError(f"{path} is not CLIP's bpe_simple_vocab_16e6.txt.gz: {len(ranks) - 512} distinct merges, "
-                         f"expected 48894")
-    return ranks, id_to_bytes
-
-
-_clip_bpe_cache = {}  # merges path -> (tiktoken Encoding, id -> bytes)
+        raise ValueError(f"{CLIP_BPE_PATH} is not CLIP's bpe_simple_vocab_16e6.txt.gz: {len(ranks) - 512} distinct "
+                         f"merges, expected 48894")
+    # pieces arrive one at a time, each ending in its b" " marker, so the split pattern is trivial
+    return tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={}), id_to_bytes
 
 
 class ClipTokenizer:
@@ -195,25 +188,17 @@ class ClipTokenizer:
     pad_id = 0
     mask_id = None  # OpenAI's vocabulary has no mask token (HMMC overwrote id 49394 with "[MASK]"; we do not)
 
-    def __init__(self, bpe_path: str = CLIP_BPE_PATH):
-        self.bpe_path = bpe_path
-        if bpe_path not in _clip_bpe_cache:  # parsing the merges takes ~0.5 s: once per process
-            if not os.path.exists(bpe_path):
-                raise FileNotFoundError(f"CLIP BPE merges file not found at {bpe_path} (it ships in assets/)")
-            ranks, id_to_bytes = _clip_bpe_ranks(bpe_path)
-            # pieces arrive one at a time, each already ending in its b" " marker, so the split pattern is trivial
-            bpe = tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={})
-            _clip_bpe_cache[bpe_path] = (bpe, id_to_bytes)
-        self._bpe, self._id_to_bytes = _clip_bpe_cache[bpe_path]
+    def __init__(self):
+        self._bpe, self._id_to_bytes = _clip_bpe()
         # per-piece cache, as in OpenAI's tokenizer; a literal <|startoftext|>/<|endoftext|> in the text is one piece
         # and maps to the special id there too
         self._cache = {"<|startoftext|>": (self.sot_id,), "<|endoftext|>": (self.eot_id,)}
 
-    def __getstate__(self):  # DataLoader workers started by spawn get the path and rebuild (once per process)
-        return {"bpe_path": self.bpe_path}
+    def __getstate__(self):  # DataLoader workers started by spawn rebuild it (once per process)
+        return {}
 
     def __setstate__(self, state):
-        self.__init__(state["bpe_path"])
+        self.__init__()
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT."""
@@ -263,16 +248,10 @@ def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, w
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-_default_clip_tokenizer = None
-
-
 def tokenize(texts, context_length: int = 77) -> torch.Tensor:
     """CLIP token ids, LongTensor [N, context_length]: SOT, BPE ids, EOT, zero padding; a text longer than the
     context is cut and its last id is EOT. Identical to OpenAI `clip.tokenize(texts, context_length, truncate=True)`."""
-    global _default_clip_tokenizer
-    if _default_clip_tokenizer is None:
-        _default_clip_tokenizer = ClipTokenizer()
-    return _default_clip_tokenizer(texts, context_length)[0]
+    return ClipTokenizer()(texts, context_length)[0]
 
 
 # ---- BERT WordPiece (Chinese side) ---------------------------------------------------------------------------------
