@@ -581,27 +581,14 @@ class HMMC(nn.Module):
             # mean pooling has no use for the checkpoint's [CLS] pooler
             model.text.bert.load_state_dict({k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
                                              and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
-        if cfg.temporal_init == "clip" and cfg.use_temp:
-            model._init_temporal_from_clip(clip_sd)
+        if cfg.temporal_init == "clip" and cfg.use_temp:  # temporal block i <- text block i, positions <- text's
+            temporal, pos = model.video.temporal, model.video.frame_position_embeddings
+            blocks = {k: clip_sd["transformer." + k] for k in temporal.state_dict() if "transformer." + k in clip_sd}
+            temporal.load_state_dict(check_state_dict(temporal, blocks, "temporal_init='clip': CLIP's text tower")[0])
+            rows = {"weight": clip_sd["positional_embedding"][:cfg.max_frames]}
+            pos.load_state_dict(check_state_dict(pos, rows, "temporal_init='clip': CLIP's text positions")[0])
         model.copy_to_momentum()
         return model
-
-    @torch.no_grad()
-    def _init_temporal_from_clip(self, clip_sd: dict):
-        # temporal block i <- CLIP text block i, frame positions <- CLIP text positions
-        sd = {}
-        for k, p in self.video.temporal.state_dict().items():  # keys resblocks.{i}.*
-            src = f"transformer.{k}"
-            if src not in clip_sd or clip_sd[src].shape != p.shape:
-                raise ValueError(f"temporal_init='clip' needs CLIP text weights {src} of shape {tuple(p.shape)}")
-            sd[k] = clip_sd[src]
-        self.video.temporal.load_state_dict(sd)
-        pos = clip_sd["positional_embedding"]
-        n = self.video.frame_position_embeddings.num_embeddings
-        if pos.shape[0] < n or pos.shape[1] != self.cfg.clip.embed_dim:
-            raise ValueError(f"temporal_init='clip' needs {n} CLIP text positions of width "
-                             f"{self.cfg.clip.embed_dim}, got {tuple(pos.shape)}")
-        self.video.frame_position_embeddings.weight.copy_(pos[:n])
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":

@@ -27,10 +27,8 @@ CLIP_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets
 # ---- ftfy.fix_text, default configuration (facts from ftfy 6.3.1: ftfy/__init__.py, fixes.py, chardata.py) -----
 
 def _ftfy_tables():
-    # The single-character fixes ftfy applies one after the other: C1 controls read as windows-1252 (the 5 bytes
-    # cp1252 leaves undefined stay as they are), Latin ligatures, half/full-width forms (plus U+3000 ideographic
-    # space), curly quotes, one-character line breaks. We compose them into one str.translate table, so that e.g.
-    # \x92 -> ’ -> ' happens in one step as it does across ftfy's steps.
+    # ftfy's single-character fixes in its order (C1 controls read as cp1252, ligatures, half/full-width forms, curly
+    # quotes, line breaks) composed into one str.translate table: \x92 -> ’ -> ' in one step, as across ftfy's
     c1 = {}
     for b in range(0x80, 0xA0):
         try:
@@ -56,8 +54,8 @@ def _ftfy_tables():
         for step in steps:
             s = "".join(step.get(ord(ch), ch) for ch in s)
         table[cp] = s
-    # controls ftfy deletes: C0 except \t \n \f \r, DEL, deprecated Arabic format chars, interlinear annotation,
-    # object replacement character, BOM. Zero-width (joiner) characters and C1 controls are kept.
+    # controls ftfy deletes: C0 but \t \n \f \r, DEL, deprecated Arabic format characters, interlinear annotation,
+    # object replacement, BOM
     controls = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
                               *range(0xFFF9, 0xFFFD)])
     # ftfy's own HTML unescaping: the HTML5 named entities that end in ';', and the upper-cased form of lower-case
@@ -97,9 +95,7 @@ def _ftfy_segment(text: str, unescape: bool) -> str:
         before = text
         if unescape and "&" in text:
             text = _FTFY_ENTITY.sub(_ftfy_entity, text)
-        # ftfy.fix_encoding would come here: its mojibake repair (text decoded with the wrong codec, e.g. "cafÃ©"
-        # -> "café") is a heuristic over ~400 lines of character-class tables, judged not worth carrying for
-        # captions; we leave such text as it is, so ids differ from OpenAI's only on text ftfy deems mojibake.
+        # ftfy's mojibake repair ("cafÃ©" -> "café", ~400 lines of heuristics) would come here: such text stays as is
         text = text.replace("\r\n", "\n").translate(_FTFY_TABLE)
         if _FTFY_SURROGATE.search(text):  # strings from bad JSON: pairs joined, lone halves become U+FFFD
             text = _FTFY_SURROGATE_PAIR.sub(
@@ -130,8 +126,7 @@ def _ftfy_fix_text(text: str) -> str:
 _CLIP_PAT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
-# The same pattern for cleaned ASCII text (lower-case, single spaces, no control characters), where \p{L} is [a-z] and
-# \p{N} is [0-9]; the standard library's `re` runs it about 4x faster than `regex` runs the Unicode one.
+# the same for cleaned ASCII text (\p{L} is [a-z], \p{N} [0-9]): the standard library's `re` runs it 4x faster
 _CLIP_PAT_ASCII = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""")
 _WHITESPACE = regex.compile(r"\s+")
 
@@ -229,9 +224,8 @@ class ClipTokenizer:
 
 
 def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, who: str):
-    """(ids, mask) LongTensor [N, L] of rows `start, ids..., end`, zero-padded. A row too long for L is cut and keeps
-    `end` in its last slot: OpenAI's clip.tokenize(truncate=True) and the original HMMC's BERT loaders
-    ([CLS] tokens [SEP]) are both this one rule."""
+    """(ids, mask) LongTensor [N, L] of rows `start, ids..., end`, zero-padded; a row too long is cut and ends in
+    `end`, as OpenAI's clip.tokenize(truncate=True) and the original HMMC's BERT loaders."""
     if isinstance(texts, str):
         texts = [texts]
     if context_length < 1:
@@ -385,9 +379,8 @@ def get_tokenizer(text_encoder: str, bert_vocab: str | None = None):
 
 
 class UnkWrapped:
-    """A BertTokenizer whose rows are `[UNK] ... [UNK]` instead of `[CLS] ... [SEP]`: the original's VATEX loader
-    wrapped Chinese captions in CLIP's start/end strings, which the BERT vocabulary maps to [UNK], and its released
-    Chinese VATEX model was fine-tuned and evaluated on that input (its BERT pooler read the [UNK] position)."""
+    """A BertTokenizer with rows `[UNK] ... [UNK]`: the original's Chinese VATEX model was trained and evaluated on
+    captions wrapped in CLIP's start/end strings, which BERT's vocabulary maps to [UNK]."""
 
     def __init__(self, bert: BertTokenizer):
         self.bert = bert

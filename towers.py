@@ -71,7 +71,7 @@ class CLIPConfig:
                    eot_id=min(49407, vocab_size - 1))
 
 
-# the keys from_state_dict reads; anything else missing is reported by load_state_dict
+# the keys from_state_dict reads; check_state_dict reports the rest
 _CLIP_VISION_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj")
 _CLIP_TEXT_KEYS = ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
 
@@ -334,9 +334,8 @@ class BertModel(nn.Module):
         self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H))) if pooler else None
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.apply(self._init_weights)
-        # for a BERT trained from scratch: at 0.02 like the words, the one token type and the positions make up most
-        # of every token state and captions start out alike (cos 0.995 under mean pooling); zero types and CLIP's
-        # 0.01 positions leave the words to tell them apart (0.95)
+        # from scratch, types and positions at 0.02 like the words make captions start alike (cos 0.995 under mean
+        # pooling); zero types and CLIP's 0.01 positions leave the words to tell them apart (0.95)
         nn.init.zeros_(self.embeddings.token_type_embeddings.weight)
         nn.init.normal_(self.embeddings.position_embeddings.weight, std=0.01)
 
