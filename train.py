@@ -39,6 +39,7 @@ import eval as hmmc_eval  # `eval` would shadow the builtin
 import model as hmmc_model  # `model` is the usual name of the network object
 import prepare
 import synthetic
+import towers
 from common import autocast, cleanup_compute, init_compute, peak_flops, print0, run_script, set_cpu_threads
 from configurator import configure, describe
 
@@ -258,7 +259,7 @@ def checkpoint_problem(path: str) -> str | None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        return f"it cannot be read ({hmmc_model.load_error(e)})"
+        return f"it cannot be read ({towers.load_error(e)})"
     if isinstance(ckpt, dict) and "optimizer" not in ckpt and {"config", "iter_num", "model"} <= ckpt.keys():
         return "it holds the weights only (as best.pt does: for evaluation and fine-tuning, not for resuming)"
     if not isinstance(ckpt, dict) or not {"config", "iter_num", "model", "optimizer"} <= ckpt.keys():
