@@ -1,9 +1,8 @@
 """
-HMMC: the video encoder (CLIP's ViT on every frame, then a temporal transformer), the text encoder (CLIP's text
-transformer, or the Chinese BERT with a projection), hierarchical matching (the video-level similarity plus the mean
-of the top-k frame similarities), the fine-tuning loss, and the momentum-contrast pre-training (FAM, VTM, FTM, MLM
-with momentum encoders and feature queues). `load_model` is the one way from an `init_from` ("scratch", "clip", a
-checkpoint of train.py, a state dict of the original code) to a model. The CLIP and BERT towers are in towers.py.
+HMMC: a video encoder (CLIP's ViT per frame, then a temporal transformer), a text encoder (CLIP's text tower or the
+Chinese BERT), hierarchical matching (video similarity + the mean of the top-k frame similarities), the fine-tuning
+loss and the momentum-contrast pre-training (FAM, VTM, FTM, MLM). `load_model` is the one way from an `init_from` to
+a model. The towers and the readers of every weight file are in towers.py.
 
 >>> net, info = load_model("out-synthetic/ckpt.pt")      # info["message"]: what was loaded, what was dropped
 >>> net = HMMC.from_original("pytorch_model.bin.4")      # a released HMMC fine-tuning checkpoint
@@ -13,6 +12,7 @@ checkpoint of train.py, a state dict of the original code) to a model. The CLIP 
 import copy
 import math
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -20,21 +20,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# the towers, and their loaders re-exported so that `model.load_clip(...)` works as documented
-from towers import (CLIP, BertConfig, BertModel, CLIPConfig, TextTransformer, Transformer, VisionTransformer,
-                    check_state_dict, load_bert, load_bert_state_dict, load_clip, load_clip_state_dict)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# the model's input: uint8 RGB frames, normalised on the device
+from towers import (BertConfig, BertModel, CLIPConfig, TextTransformer, Transformer, VisionTransformer,
+                    check_state_dict, convert_original, load_bert_state_dict, load_clip_state_dict, read_checkpoint,
+                    strip_prefixes)
+from towers import load_clip  # noqa: F401 (model.load_clip is how users load OpenAI's CLIP)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the RGB statistics CLIP's image tower was trained with
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [..., 3, H, W] -> float32 CLIP-normalised, on the frames' device; float input is returned as it is
-    (taken to be normalised already). Loaders move uint8 frames, 4x less than floats, and the model normalises."""
+    """uint8 RGB [..., 3, H, W] -> float32 CLIP-normalised (loaders move uint8, 4x less); floats pass as they are."""
     if frames.dtype != torch.uint8:
         return frames
     if frames.dim() < 3 or frames.shape[-3] != 3:
@@ -45,20 +41,15 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# HMMC: video encoder (CLIP ViT per frame + temporal transformer), text encoder (CLIP text tower or Chinese BERT),
-# hierarchical video/frame matching, the fine-tuning loss, and MoBY-style momentum-contrast pre-training
-# (FAM, VTM, FTM, MLM).
 # Shape letters: B videos, T frames, L tokens, E joint embedding, K queue length, G global batch (all ranks).
-
 
 @dataclass
 class HMMCConfig:
     clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
     bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
     text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
-    # "cls": BERT's tanh pooler on [CLS], as released; "mean": the mean of the token states. A small BERT trained
-    # from scratch starts with every caption's [CLS] state nearly equal (cos 0.99999: at BERT's init the layers
-    # barely move the [CLS] embedding), and its contrastive loss sits at chance for hundreds of steps
+    # "cls": BERT's pooler on [CLS], as released | "mean" of the token states: a BERT trained from scratch starts with
+    # every caption's [CLS] state alike (cos 0.99999) and sits at chance for hundreds of steps with "cls"
     bert_pooling: str = "cls"
     # video encoder
     use_temp: bool = True  # temporal transformer over the frame embeddings
@@ -129,10 +120,8 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _AllGatherSumGrad(torch.autograd.Function):
-    # forward: concatenate every rank's rows in rank order. backward: every rank holds the gradient of the same global
-    # loss w.r.t. the whole gathered tensor; the local slice gets the SUM over ranks (a reduce-scatter), so after DDP
-    # averages parameter gradients they equal dL/dtheta of one process holding the global batch.
-    # CLIP4Clip/OpenCLIP keep only the local slice of the local gradient, which is W times smaller.
+    # every rank computes the same global loss; its local slice gets the gradient SUMMED over ranks, so after DDP's
+    # average the gradients equal one process's on the global batch (CLIP4Clip's local slice is W times smaller)
 
     @staticmethod
     def forward(ctx, x):
@@ -147,72 +136,54 @@ class _AllGatherSumGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather rows across ranks keeping gradients (summed back, HMMC semantics). Identity on one process.
-    Every rank must pass the same number of rows (train uses drop_last)."""
+    """All-gather rows across ranks keeping gradients (summed back); the same row count on every rank."""
     return _AllGatherSumGrad.apply(x) if _distributed() else x
-
-
-@torch.no_grad()
-def _gather_keys(x: torch.Tensor) -> torch.Tensor:
-    # momentum keys: no gradient, and every rank must enqueue the same ones so the queues stay identical
-    return all_gather_rows(x) if _distributed() else x
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # similarity and loss primitives
 
 def _no_autocast(x: torch.Tensor):
-    # similarities are scaled by 100 (or 1/0.07) before softmax/top-k: bf16's 8-bit mantissa would move logits by ~0.5,
-    # enough to reorder close candidates, and these matmuls are tiny next to the encoders. Keep them in fp32.
+    # similarities scaled by 100 (or 1/0.07) in bf16 would move by ~0.5, enough to reorder close candidates: fp32
     return torch.autocast(x.device.type, enabled=False)
 
 
 def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, top_k: int,
                             frame_match_weight: float, scale: float = 100.0, chunk_size: int | None = None,
                             normalized: bool = False) -> torch.Tensor:
-    """Eval score: scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame).
-    Inputs are normalised here too, unless `normalized` says they already are (a search index: the pass over 10k
-    videos x 12 frames costs four times the similarity itself). Chunked over queries so the (chunk, V, T) tensor
-    stays around 2^25 elements (128 MB fp32): 15k texts x 1.5k videos x 12 frames never materialise at once."""
+    """scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame), (Q, V). `normalized`: inputs are
+    unit vectors already (a search index). Chunks of queries keep the (chunk, V, T) tensor near 2^25 elements."""
     unit = (lambda x: x.float()) if normalized else (lambda x: F.normalize(x.float(), dim=-1))
     text_emb = unit(text_emb)  # (Q, E)
     video_emb = unit(video_emb)  # (V, E)
     V, T, E = frame_emb.shape
     frames = unit(frame_emb).reshape(V * T, E)  # (V*T, E)
     k = min(top_k, T)
-    if chunk_size is None:
-        chunk_size = max(1, (1 << 25) // max(1, V * T))
+    chunk_size = chunk_size or max(1, (1 << 25) // max(1, V * T))
     out = torch.empty(text_emb.shape[0], V, device=text_emb.device)  # (Q, V)
     # TF32 keeps 10 mantissa bits: near-ties among 1,000 videos decide R@1, so the ranking is computed in full fp32
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        _similarity_chunks(text_emb, video_emb, frames, out, k, frame_match_weight, scale, chunk_size, V, T)
+        with _no_autocast(text_emb):
+            for i in range(0, text_emb.shape[0], chunk_size):
+                t = text_emb[i:i + chunk_size]  # (c, E)
+                sim = t @ video_emb.T  # (c, V)
+                if frame_match_weight != 0 and k > 0:
+                    sim_frame = (t @ frames.T).view(-1, V, T)  # (c, V, T)
+                    # a caption usually describes a few moments of a clip: keep the best-matching frames only
+                    sim = sim + frame_match_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
+                out[i:i + chunk_size] = scale * sim
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
 
 
-def _similarity_chunks(text_emb, video_emb, frames, out, k, frame_match_weight, scale, chunk_size, V, T):
-    with _no_autocast(text_emb):
-        for i in range(0, text_emb.shape[0], chunk_size):
-            t = text_emb[i:i + chunk_size]  # (c, E)
-            sim = t @ video_emb.T  # (c, V)
-            if frame_match_weight != 0 and k > 0:
-                sim_frame = (t @ frames.T).view(-1, V, T)  # (c, V, T)
-                # a caption usually describes a few moments of a clip: keep the best-matching frames only
-                sim = sim + frame_match_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
-            out[i:i + chunk_size] = scale * sim
-
-
 def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo primitive CL(q, k, Q): positive = row-wise q.k, negatives = the queue only (no in-batch ones);
-    mean CE with the positive as target. q (n, E) with grad, queue (M, E) L2-normalised, k (n, E) momentum keys, or
-    (n, r, E): r positives for each query sharing its negatives, i.e. the mean of CL(q, k[:, j], Q) over j, with the
-    (n, M) negative logits computed once instead of r times."""
+    """MoCo's CL(q, k, Q): CE of the positive q.k against the queue's negatives. k (n, E), or (n, r, E) for r
+    positives sharing their query's (n, M) negative logits (the mean over the r losses)."""
     with _no_autocast(q):
-        # 1/tau goes into q before the (n, M) matmul and CE with target 0 is written as logsumexp - positive, so the
-        # big logit matrix is never divided or concatenated (those copies dominated the pre-training loss time)
+        # 1/tau in q and CE as logsumexp - positive: the big (n, M) logits are never divided or concatenated
         q = F.normalize(q.float(), dim=-1) / temperature  # (n, E)
         k = F.normalize(k.float(), dim=-1)
         pos = torch.einsum("ne,n...e->n...", q, k)  # (n,) or (n, r)
@@ -223,9 +194,8 @@ def queue_contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor
 
 def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, prob: float = 0.15,
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """BERT masking: each position is chosen with `prob`; chosen ones become [MASK] 80%, a random id 10%,
-    unchanged 10%. Special ids and padding (attention_mask 0) are never chosen. Returns (masked_ids, labels) with
-    labels -100 where not chosen. All draws on ids.device (pass a generator on that device to seed them)."""
+    """BERT masking: a position (not special, not padding) is chosen with `prob`, then becomes [MASK] 80%, a random
+    id 10%, unchanged 10%. Returns (masked_ids, labels), labels -100 where not chosen."""
     special = torch.zeros_like(ids, dtype=torch.bool)
     for s in special_ids:
         special |= ids == s
@@ -245,8 +215,7 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
 # modules
 
 class VideoEncoder(nn.Module):
-    """CLIP ViT per frame, then the temporal transformer with the original's residual:
-    h = TT(x + P) + x; video = mean_t normalise(h). Returns (video [B, E] unnormalised mean, raw frames [B, T, E])."""
+    """CLIP ViT per frame x, h = TT(x + P) + x as the original; returns (mean_t normalise(h) (B, E), x (B, T, E))."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
@@ -273,9 +242,7 @@ class VideoEncoder(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-    """Chinese BERT + Linear(hidden -> E). Pooled: the tanh pooler on [CLS] (as released, and what a pre-trained
-    BERT's pooler was trained for) or the mean of the token states (pooling="mean": a BERT trained from scratch
-    learns with it, see HMMCConfig.bert_pooling); hidden: text_proj(last layer)."""
+    """Chinese BERT + Linear(hidden -> E) of its pooled state."""
 
     def __init__(self, bert_cfg: BertConfig, embed_dim: int, pooling: str = "cls"):
         super().__init__()
@@ -283,10 +250,8 @@ class BertTextEncoder(nn.Module):
         self.bert = BertModel(bert_cfg, pooler=pooling == "cls")
         self.text_proj = nn.Linear(bert_cfg.hidden_size, embed_dim)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last, pooled = self.bert(ids, mask)  # (B, L, H), (B, H) or None
-        if return_hidden:
-            return self.text_proj(last)  # (B, L, E)
         if self.pooling == "mean":
             keep = mask.to(last.dtype).unsqueeze(-1)  # (B, L, 1)
             pooled = (last * keep).sum(1) / keep.sum(1).clamp(min=1)
@@ -298,17 +263,10 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-class MLMHead(nn.Module):
-    """BERT LM prediction head on the E-wide projected hidden states: dense, erf-GELU, LayerNorm, decoder."""
-
-    def __init__(self, dim: int, vocab_size: int):
-        super().__init__()
-        self.dense = nn.Linear(dim, dim)
-        self.ln = nn.LayerNorm(dim, eps=1e-12)
-        self.decoder = nn.Linear(dim, vocab_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.ln(F.gelu(self.dense(x))))  # (B, L, vocab)
+def _mlm_head(dim: int, vocab_size: int) -> nn.Sequential:
+    # BERT's LM head on the projected hidden states
+    return nn.Sequential(OrderedDict(dense=nn.Linear(dim, dim), gelu=nn.GELU(), ln=nn.LayerNorm(dim, eps=1e-12),
+                                     decoder=nn.Linear(dim, vocab_size)))
 
 
 def _is_clip_matrix(name: str) -> bool:
@@ -316,22 +274,22 @@ def _is_clip_matrix(name: str) -> bool:
     return ".attn." in name or ".mlp." in name or name.endswith(("conv1.weight", "proj", "text_projection"))
 
 
+# the choices of HMMCConfig's string fields
+_CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "temporal_init": ("default", "clip")}
+
+
 class HMMC(nn.Module):
-    """Video encoder `video` + text encoder `text` (fine-tuning and eval). With cfg.pretrain also the momentum copies
-    `video_m`, `text_m` (+ `projector_m`), the projector/predictor MLPs, the MLM head and the key queues.
-    New modules keep PyTorch's default init; `from_clip` loads CLIP/BERT (and applies temporal_init="clip")."""
+    """Encoders `video` and `text`; pre-training adds the momentum copies `video_m`, `text_m`, `projector_m`, the
+    projector/predictor MLPs, the MLM head and the key queues."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
-        if cfg.text_encoder not in ("clip", "bert"):
-            raise ValueError(f"text_encoder must be 'clip' or 'bert', got {cfg.text_encoder!r}")
+        for name, choices in _CHOICES.items():  # every check of a config is here, before anything is built
+            if getattr(cfg, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
         if cfg.text_encoder == "bert" and cfg.bert is None:
             raise ValueError("text_encoder='bert' needs cfg.bert (a BertConfig, e.g. BertConfig.from_json of the "
                              "BERT folder's config.json)")
-        if cfg.bert_pooling not in ("cls", "mean"):
-            raise ValueError(f"bert_pooling must be 'cls' or 'mean', got {cfg.bert_pooling!r}")
-        if cfg.temporal_init not in ("default", "clip"):
-            raise ValueError(f"temporal_init must be 'default' or 'clip', got {cfg.temporal_init!r}")
         if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
             raise ValueError("MLM pre-training needs the bidirectional BERT text encoder; the CLIP text tower is "
                              "causal. Set weight_mlm=0 for English pre-training (the released English run did).")
@@ -344,13 +302,11 @@ class HMMC(nn.Module):
                      else BertTextEncoder(cfg.bert, E, cfg.bert_pooling))
         if cfg.learn_sim_scale and not cfg.pretrain:  # pre-training uses tau, never s: DDP would see it unused
             self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.sim_scale)))
-        if cfg.freeze_clip_vision or cfg.freeze_clip_text:
-            towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + \
-                     ([self.text] if cfg.freeze_clip_text else [])
-            for tower in towers:
-                for n, p in tower.named_parameters():
-                    if _is_clip_matrix(n):
-                        p.requires_grad_(False)
+        towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + ([self.text] if cfg.freeze_clip_text else [])
+        for tower in towers:
+            for n, p in tower.named_parameters():
+                if _is_clip_matrix(n):
+                    p.requires_grad_(False)
         if cfg.pretrain:
             self._build_pretrain(cfg, E)
 
@@ -362,7 +318,7 @@ class HMMC(nn.Module):
             self.projector = _mlp(E, cfg.proj_hidden)
             self.predictor = _mlp(E, cfg.proj_hidden)
         if self.use_mlm:
-            self.mlm_head = MLMHead(E, cfg.bert.vocab_size)
+            self.mlm_head = _mlm_head(E, cfg.bert.vocab_size)
         # momentum encoders: EMA copies that produce the queue keys; never receive gradients
         self.video_m = copy.deepcopy(self.video)
         self.text_m = copy.deepcopy(self.text)
@@ -370,24 +326,17 @@ class HMMC(nn.Module):
             self.projector_m = copy.deepcopy(self.projector)
         for p in self._momentum_params()[1]:
             p.requires_grad_(False)
-        # one helper, one pointer, one buffer per key stream; frame streams hold num_frames rows per video
+        # one pointer, one buffer per key stream; frame streams hold num_frames rows per video
         K, T = cfg.queue_size, cfg.num_frames
-        self.queue_rows = {"video": 1, "title": 1}
-        if cfg.use_tags:
-            self.queue_rows["tag"] = 1
-        if cfg.use_frame_fea:
-            self.queue_rows["frame"] = T
-        if self.use_fam:
-            self.queue_rows["frame_proj"] = T
+        used = {"tag": cfg.use_tags, "frame": cfg.use_frame_fea, "frame_proj": self.use_fam}
+        rows = {"video": 1, "title": 1, "tag": 1, "frame": T, "frame_proj": T}
+        self.queue_rows = {name: r for name, r in rows.items() if used.get(name, True)}
         for name, rows in self.queue_rows.items():
             self.register_buffer(f"queue_{name}", F.normalize(torch.randn(K * rows, E), dim=-1))  # (K*rows, E)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    # ---------------------------------------------------------------------------------------------------------
-    # encoders
-
     def similarity_scale(self):
-        """s in s*cos: the constant 100 of the original, or exp(learned log s) clamped to 100. Eval uses it too."""
+        """s in s*cos: the original's constant 100, or exp(learned log s) clamped to 100."""
         if getattr(self, "logit_scale", None) is not None:
             return self.logit_scale.exp().clamp(max=100.0)
         return self.cfg.sim_scale
@@ -400,51 +349,39 @@ class HMMC(nn.Module):
         return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
 
     def encode_video(self, video: torch.Tensor):
-        """video: uint8 RGB frames (B, T, 3, H, W) (or floats already CLIP-normalised). Returns L2-normalised
-        (video_emb (B, E), frame_emb (B, T, E)); frame_emb are the raw pre-temporal CLIP frame embeddings, as the
-        original uses them for frame matching."""
+        """video (B, T, 3, H, W) -> unit (video_emb (B, E), frame_emb (B, T, E)); frames are matched before the
+        temporal transformer, as in the original."""
         video_emb, frames = self.video(normalize_frames(video))
         return F.normalize(video_emb.float(), dim=-1), F.normalize(frames.float(), dim=-1)
 
-    # ---------------------------------------------------------------------------------------------------------
-    # training
-
     def forward(self, batch: dict):
-        """Returns (loss, parts) where parts are detached scalars: fine-tuning {"video", "frame"}; pre-training
-        {"fam", "vtm", "ftm", "mlm"}."""
-        if self.cfg.pretrain:
-            return self._pretrain_loss(batch)
-        return self._finetune_loss(batch)
+        """(loss, parts): detached scalars {"video", "frame"}, or {"fam", "vtm", "ftm", "mlm"} in pre-training."""
+        return self._pretrain_loss(batch) if self.cfg.pretrain else self._finetune_loss(batch)
 
     def _finetune_loss(self, batch: dict):
+        cfg = self.cfg
         text_emb = self.encode_text(batch["ids"], batch["mask"])  # (B, E)
         video_emb, frame_emb = self.encode_video(batch["video"])  # (B, E), (B, T, E)
         # every rank computes the same loss over the global batch; gradients are summed back to their rank
         text_emb, video_emb, frame_emb = (gather_with_grad(x) for x in (text_emb, video_emb, frame_emb))
-        with _no_autocast(text_emb):
-            return self._finetune_terms(text_emb, video_emb, frame_emb)
-
-    def _finetune_terms(self, text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor):
-        cfg = self.cfg
         G, T = frame_emb.shape[:2]
-        s = self.similarity_scale()
-        labels = torch.arange(G, device=text_emb.device)
-        logits = s * text_emb @ video_emb.T  # (G, G) text x video
-        # symmetric CE, summed (not halved) as in the original
-        loss_video = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
-        loss = cfg.weight_video * loss_video
-        parts = {"video": loss_video.detach()}
-        if cfg.use_frame_fea:
-            # frame-text matching: each frame position t is its own "video" candidate set; batched over t
-            logits_f = s * torch.einsum("ie,jte->tij", text_emb, frame_emb)  # (T, G, G)
-            labels_f = labels.repeat(T)  # (T*G,)
-            # all T blocks have G rows, so one mean over T*G rows is the mean over t of the per-position losses
-            loss_frame = F.cross_entropy(logits_f.reshape(T * G, G), labels_f) + \
-                F.cross_entropy(logits_f.transpose(1, 2).reshape(T * G, G), labels_f)
-            loss = loss + cfg.weight_frame * loss_frame
-            parts["frame"] = loss_frame.detach()
-        else:
-            parts["frame"] = torch.zeros((), device=loss.device)
+        with _no_autocast(text_emb):
+            s = self.similarity_scale()
+            labels = torch.arange(G, device=text_emb.device)
+            logits = s * text_emb @ video_emb.T  # (G, G) text x video
+            # symmetric CE, summed (not halved) as in the original
+            loss_video = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+            loss = cfg.weight_video * loss_video
+            parts = {"video": loss_video.detach(), "frame": torch.zeros((), device=loss.device)}
+            if cfg.use_frame_fea:
+                # frame-text matching: each frame position t is its own "video" candidate set; batched over t
+                logits_f = s * torch.einsum("ie,jte->tij", text_emb, frame_emb)  # (T, G, G)
+                labels_f = labels.repeat(T)  # (T*G,)
+                # all T blocks have G rows, so one mean over T*G rows is the mean over t of the per-position losses
+                loss_frame = F.cross_entropy(logits_f.reshape(T * G, G), labels_f) + \
+                    F.cross_entropy(logits_f.transpose(1, 2).reshape(T * G, G), labels_f)
+                loss = loss + cfg.weight_frame * loss_frame
+                parts["frame"] = loss_frame.detach()
         return loss, parts
 
     def _pretrain_loss(self, batch: dict):
@@ -470,6 +407,7 @@ class HMMC(nn.Module):
             pred = self.predictor(self.projector(frames.reshape(B * T, -1))).reshape(B, T, -1)  # (B, T, E)
 
         # momentum keys: no gradient; the momentum encoders run in train mode as in the original
+        proj_m = None
         with torch.no_grad():
             v_m, frames_m = self.video_m(video)  # (B, E), (B, T, E)
             title_m = self._text(self.text_m, batch["ids"], batch["mask"])  # (B, E)
@@ -477,9 +415,8 @@ class HMMC(nn.Module):
             if self.use_fam:
                 proj_m = self.projector_m(frames_m.reshape(B * T, -1)).reshape(B, T, -1)  # (B, T, E)
 
-        # FAM, frame adjacency matching: predictor of frame t vs momentum projection of t+1, and t+1 vs t,
-        # all T-1 pairs and both directions in one batch. The original sums the two directions and averages over
-        # pairs, i.e. twice the mean over all 2(T-1)B rows.
+        # FAM, frame adjacency: prediction of frame t vs momentum projection of t+1 and back, in one batch; the
+        # original sums the directions and averages over pairs: twice the mean over all 2(T-1)B rows
         loss_fam = zero
         if self.use_fam and T > 1:
             q = torch.cat([pred[:, :-1], pred[:, 1:]], dim=1)  # (B, 2(T-1), E)
@@ -491,30 +428,21 @@ class HMMC(nn.Module):
         if use_tags:
             loss_vtm = 0.5 * (loss_vtm + CL(v, tag_m, "tag") + CL(tag, v_m, "video"))
 
-        # FTM, frame-text matching: text vs each momentum frame, each frame vs the momentum text; means over the B*T
-        # (query, positive) pairs equal the original's (1/T) sum over frame positions
+        # FTM, frame-text matching: text vs each momentum frame, each frame vs the momentum text
         loss_ftm = zero
         if cfg.use_frame_fea:
             def ftm(c, c_m, queue):
-                # text -> frames: the T momentum frames are T positives of one query with the same queue negatives,
-                # so the (B, K*T) negative logits are computed once, not once per frame position as in the original
+                # the T momentum frames are T positives of one text: its (B, K*T) negative logits are computed once
                 c_m_rows = c_m[:, None].expand(B, T, c_m.shape[-1]).reshape(B * T, -1)  # (B*T, E)
                 return CL(c, frames_m, "frame") + CL(frames.reshape(B * T, -1), c_m_rows, queue)
             loss_ftm = ftm(title, title_m, "title")
             if use_tags:
                 loss_ftm = 0.5 * (loss_ftm + ftm(tag, tag_m, "tag"))
 
-        # keys enter the queues only after the losses, so a queue never holds the current batch; a forward in eval
-        # mode (a validation loss) leaves the queues alone
+        # keys enter the queues after the losses, so a queue never holds its batch; eval mode leaves them alone
         if self.training:
-            keys = {"video": v_m, "title": title_m}
-            if use_tags:
-                keys["tag"] = tag_m
-            if cfg.use_frame_fea:
-                keys["frame"] = frames_m
-            if self.use_fam:
-                keys["frame_proj"] = proj_m
-            self._enqueue(keys)
+            keys = {"video": v_m, "title": title_m, "tag": tag_m, "frame": frames_m, "frame_proj": proj_m}
+            self._enqueue({name: keys[name] for name in self.queue_rows})
 
         # MLM on the online text encoder (a separate pass over masked ids; Chinese BERT only)
         loss_mlm = zero
@@ -532,21 +460,20 @@ class HMMC(nn.Module):
         cfg = self.cfg
         masked, labels = mask_tokens(ids, cfg.bert.vocab_size, cfg.mlm_mask_id, cfg.mlm_special_ids, cfg.mlm_prob,
                                      attention_mask=mask)
-        logits = self.mlm_head(self.text(masked, mask, return_hidden=True))  # (B, L, vocab)
+        logits = self.mlm_head(self.text.text_proj(self.text.bert(masked, mask)[0]))  # (B, L, vocab)
         # mean over masked tokens; a batch with none gives 0 rather than NaN (and needs no host sync)
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return total / (labels != -100).sum().clamp(min=1)
 
     @torch.no_grad()
     def _enqueue(self, keys: dict):
-        """Write the global batch of normalised keys at the shared pointer; rows per video from self.queue_rows.
-        The pointer stays on the device (indices are computed there): reading it would stall the host every step
-        and break torch.compile's graph. queue_size % G == 0 keeps every write inside the queue."""
+        # every rank writes the same global batch, so the queues stay equal. The pointer stays on the device: reading
+        # it would stall the host every step and split torch.compile's graph
         K = self.cfg.queue_size
         for name, x in keys.items():
-            x = _gather_keys(x.float())  # (G, E) or (G, T, E)
+            x = all_gather_rows(x.float()) if _distributed() else x.float()  # (G, E) or (G, T, E)
             G, rows = x.shape[0], self.queue_rows[name]
-            if K % G != 0:
+            if K % G != 0:  # then every write stays inside the queue
                 raise ValueError(f"queue_size={K} must be a multiple of the global batch ({G} videos)")
             at = self.queue_ptr * rows + torch.arange(G * rows, device=x.device)  # rows ptr*r .. (ptr+G)*r - 1
             getattr(self, f"queue_{name}").index_copy_(0, at, F.normalize(x.reshape(G * rows, -1), dim=-1))
@@ -559,30 +486,23 @@ class HMMC(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """theta_m <- m * theta_m + (1 - m) * theta. Train calls this once after each optimizer step; the original
-        did it at the start of every forward (every micro-batch, and once before the first step). Only parameters are
-        averaged; BN running statistics of the momentum projector come from its own forwards, as in the original."""
-        if not self.cfg.pretrain:
-            return
-        online, momentum = self._momentum_params()
-        torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.momentum)
+        """theta_m <- m theta_m + (1 - m) theta after each optimizer step (the original: every forward); BN
+        statistics of the momentum projector come from its own forwards."""
+        if self.cfg.pretrain:
+            online, momentum = self._momentum_params()
+            torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.momentum)
 
     @torch.no_grad()
     def copy_to_momentum(self):
-        """Set every momentum parameter to its online twin (after loading weights into the online encoders)."""
+        """Momentum parameters <- their online twins (after loading weights)."""
         if self.cfg.pretrain:
             online, momentum = self._momentum_params()
             torch._foreach_copy_(momentum, online)
 
-    # ---------------------------------------------------------------------------------------------------------
-    # optimizer and FLOPs
-
     def configure_optimizers(self, weight_decay: float, learning_rate: float, clip_lr_scale: float, text_lr: float,
                              betas=(0.9, 0.98), eps: float = 1e-6, device_type: str = "cpu"):
-        """AdamW over {CLIP vision tower, text encoder, new modules} x {decay, no-decay}.
-        No decay for tensors with dim < 2 (biases, LayerNorm/BatchNorm weights, class_embedding, logit_scale); the
-        original decayed CLIP's ln_* weights and class_embedding. Each group carries `base_lr` (and `name`)
-        so the schedule can set lr = base_lr * factor. Frozen and momentum parameters are left out."""
+        """AdamW over {vision tower, text encoder, new modules} x {decay, none for dim < 2 (the original decayed CLIP's
+        ln_* and class_embedding)}; groups carry `name` and `base_lr` for the schedule; frozen parameters stay out."""
         lrs = {"vision": learning_rate * clip_lr_scale, "text": text_lr, "new": learning_rate}
         groups = {(tower, decay): [] for tower in lrs for decay in (True, False)}
         for n, p in self.named_parameters():
@@ -602,11 +522,8 @@ class HMMC(nn.Module):
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 
     def flops_per_video(self, num_frames: int, context_length: int, tag_context_length: int | None = None) -> float:
-        """Analytic training FLOPs (forward + backward) per video, PaLM-appendix style: a matmul with P weights costs
-        2P FLOPs per token forward; attention adds 4 * n^2 * d per layer (QK^T and AV); backward = 2x forward, so a
-        trained part costs 3x its forward and a momentum (forward-only) part 1x. Element-wise ops, norms, softmax, the
-        (G x G) loss and the queue-logit matmuls (under 1% at the paper's sizes) are ignored; so is the backward
-        saved by freeze_clip_*. One caption per video; tags use tag_context_length."""
+        """Training FLOPs per video, PaLM-appendix style: 2 per weight per token + 4 n^2 d per attention layer;
+        trained parts cost 3x their forward, momentum parts 1x; element-wise ops and losses (<1%) left out."""
         cfg, c = self.cfg, self.cfg.clip
         E, T = c.embed_dim, num_frames
 
@@ -648,199 +565,59 @@ class HMMC(nn.Module):
         flops = self.flops_per_video(num_frames or self.cfg.num_frames, context_length, tag_context_length)
         return flops * videos_per_s / peak_flops
 
-    # ---------------------------------------------------------------------------------------------------------
-    # weights
-
-    @torch.no_grad()
-    def init_temporal_from_clip(self, clip_sd: dict):
-        """CLIP4Clip-style init: temporal block i <- CLIP text block i, frame positions <- CLIP text positions."""
-        if not self.cfg.use_temp:
-            return
-        sd = {}
-        for k, p in self.video.temporal.state_dict().items():  # keys resblocks.{i}.*
-            src = f"transformer.{k}"
-            if src not in clip_sd or clip_sd[src].shape != p.shape:
-                raise ValueError(f"temporal_init='clip' needs CLIP text weights {src} of shape {tuple(p.shape)}")
-            sd[k] = clip_sd[src]
-        self.video.temporal.load_state_dict(sd)
-        pos = clip_sd["positional_embedding"]
-        n = self.video.frame_position_embeddings.num_embeddings
-        if pos.shape[0] < n or pos.shape[1] != self.cfg.clip.embed_dim:
-            raise ValueError(f"temporal_init='clip' needs {n} CLIP text positions of width "
-                             f"{self.cfg.clip.embed_dim}, got {tuple(pos.shape)}")
-        self.video.frame_position_embeddings.weight.copy_(pos[:n])
-        self.copy_to_momentum()
-
     @classmethod
     def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
-        """Fresh HMMC with the OpenAI CLIP towers (and the HF Chinese BERT) loaded; new modules keep their init.
-        cfg.clip is replaced by the architecture read from clip_sd."""
-        clip_sd = {k: v.float() if v.is_floating_point() else v for k, v in clip_sd.items()}
+        """A new HMMC with OpenAI's CLIP (and the HF BERT) loaded; temporal_init="clip" starts the temporal
+        transformer from CLIP's text tower, as CLIP4Clip."""
         cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
         model = cls(cfg)
-        visual = {k[len("visual."):]: v for k, v in clip_sd.items() if k.startswith("visual.")}
-        model.video.visual.load_state_dict(visual)
+        model.video.visual.load_state_dict({k[len("visual."):]: v for k, v in clip_sd.items()
+                                            if k.startswith("visual.")})
         if cfg.text_encoder == "clip":
-            text_keys = model.text.state_dict().keys()
-            model.text.load_state_dict({k: clip_sd[k] for k in text_keys if k in clip_sd})
+            model.text.load_state_dict({k: clip_sd[k] for k in model.text.state_dict() if k in clip_sd})
         else:
             if bert_sd is None:
-                raise ValueError("text_encoder='bert' needs bert_sd (model.load_bert_state_dict(path))")
+                raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
             # mean pooling has no use for the checkpoint's [CLS] pooler
-            bert_sd = {k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
-                       and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))}
-            model.text.bert.load_state_dict(bert_sd)
-        if cfg.temporal_init == "clip":
-            model.init_temporal_from_clip(clip_sd)
+            model.text.bert.load_state_dict({k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
+                                             and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
+        if cfg.temporal_init == "clip" and cfg.use_temp:  # temporal block i <- text block i, positions <- text's
+            temporal, pos = model.video.temporal, model.video.frame_position_embeddings
+            blocks = {k: clip_sd["transformer." + k] for k in temporal.state_dict() if "transformer." + k in clip_sd}
+            temporal.load_state_dict(check_state_dict(temporal, blocks, "temporal_init='clip': CLIP's text tower")[0])
+            rows = {"weight": clip_sd["positional_embedding"][:cfg.max_frames]}
+            pos.load_state_dict(check_state_dict(pos, rows, "temporal_init='clip': CLIP's text positions")[0])
         model.copy_to_momentum()
         return model
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
-        """A fine-tuning HMMC from a state dict of the original's `BirdModel` (or `BirdPreTrainedModel`, whose
-        momentum parts, projectors, MLM head and queues are dropped), the architecture inferred from keys and shapes.
-        fp16 tensors become fp32. `overrides` set other HMMCConfig fields (e.g. num_frames)."""
+        """A fine-tuning HMMC from the original's state dict (pre-training parts dropped), the architecture read off
+        its shapes; `overrides` set other HMMCConfig fields."""
         sd = state_dict_or_path
         if isinstance(sd, (str, os.PathLike)):
             sd = read_checkpoint(sd)
-        cfg, ours, _ = _convert_original(sd)
-        model = cls(HMMCConfig.from_dict({**cfg.to_dict(), **overrides}))
+        arch, ours, _ = convert_original(sd)
+        model = cls(HMMCConfig.from_dict({**arch, **overrides}))
         model.load_state_dict(check_state_dict(model, ours, "original checkpoint", optional=("logit_scale",))[0],
                               strict=False)
         return model
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# loading: the original's keys, one checker for every state dict, one function from `init_from` to a model
+# one function from `init_from` to a model
 
 _PRETRAIN_ONLY = ("video_m.", "text_m.", "projector.", "projector_m.", "predictor.", "mlm_head.", "queue_")
-_ORIGINAL_PRETRAIN_ONLY = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector",
-                           "cls.", "queue_")
-# learned scalars that earlier commits of the original saved as nn.Parameters: a top-level `logit_scale`
-# and `weight_sum`, and a CLIP `logit_scale` copied into TextEncoder or VisualEncoder. They touch no embedding (our
-# scale is cfg.sim_scale), so checkpoints written by those commits load with them dropped.
-_ORIGINAL_SCALARS = ("logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
-
-
-def _count_layers(sd: dict, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-
-def _convert_original(sd: dict):
-    """Original BirdModel keys -> (HMMCConfig, our state dict, ignored keys). Layouts:
-    visual_encoder.visual.* (OpenAI ViT), visual_encoder.temporal_transformer.resblocks.{i}.* (CLIP-style blocks,
-    TF LayerNorm weight/bias), visual_encoder.frame_position_embeddings.weight, and either the OpenAI text keys under
-    text_encoder.* or text_encoder.chinese_encoder.* (HF BertModel) + text_encoder.text_proj.*."""
-    if isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in strip_prefixes(sd).items()}  # fp16 -> fp32
-    ours, ignored, unknown = {}, [], []
-    for k, v in sd.items():
-        if k.startswith(_ORIGINAL_PRETRAIN_ONLY) or k in _ORIGINAL_SCALARS:
-            ignored.append(k)
-        elif k.startswith("visual_encoder.visual."):
-            ours["video.visual." + k[len("visual_encoder.visual."):]] = v
-        elif k.startswith("visual_encoder.temporal_transformer."):
-            ours["video.temporal." + k[len("visual_encoder.temporal_transformer."):]] = v
-        elif k == "visual_encoder.frame_position_embeddings.weight":
-            ours["video.frame_position_embeddings.weight"] = v
-        elif k.startswith("text_encoder.chinese_encoder."):
-            k2 = k[len("text_encoder.chinese_encoder."):]
-            if k2 != "embeddings.position_ids":  # a buffer that transformers 4.x saved; positions are 0..L-1 anyway
-                ours["text.bert." + k2] = v
-        elif k.startswith("text_encoder.text_proj."):
-            ours["text.text_proj." + k[len("text_encoder.text_proj."):]] = v
-        elif k.startswith("text_encoder."):
-            ours["text." + k[len("text_encoder."):]] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"unrecognised keys in the original checkpoint: {unknown[:20]}"
-                         f"{' ...' if len(unknown) > 20 else ''}")
-    if "video.visual.proj" not in ours:
-        raise ValueError("no visual_encoder.visual.proj: only ViT CLIP backbones are supported")
-
-    # architecture from shapes
-    E = ours["video.visual.proj"].shape[1]
-    bert = None
-    if "text.bert.embeddings.word_embeddings.weight" in ours:
-        text_encoder = "bert"
-        g = lambda name: ours["text.bert." + name]
-        hidden = g("embeddings.word_embeddings.weight").shape[1]
-        bert = BertConfig(vocab_size=g("embeddings.word_embeddings.weight").shape[0], hidden_size=hidden,
-                          num_hidden_layers=_count_layers(ours, "text.bert.encoder.layer."),
-                          num_attention_heads=max(1, hidden // 64),
-                          intermediate_size=g("encoder.layer.0.intermediate.dense.weight").shape[0],
-                          max_position_embeddings=g("embeddings.position_embeddings.weight").shape[0],
-                          type_vocab_size=g("embeddings.token_type_embeddings.weight").shape[0])
-        conv = ours["video.visual.conv1.weight"]  # (width, 3, p, p)
-        grid = round((ours["video.visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        # the CLIP text fields stay at their defaults: no CLIP text tower is built with BERT
-        clip = CLIPConfig(embed_dim=E, image_resolution=conv.shape[-1] * grid, vision_width=conv.shape[0],
-                          vision_layers=_count_layers(ours, "video.visual.transformer.resblocks."),
-                          vision_patch_size=conv.shape[-1])
-    else:
-        text_encoder = "clip"
-        openai = {k[len("video."):]: v for k, v in ours.items() if k.startswith("video.visual.")}
-        openai.update({k[len("text."):]: v for k, v in ours.items() if k.startswith("text.")})
-        clip = CLIPConfig.from_state_dict(openai)  # reads OpenAI-layout keys
-    use_temp = "video.frame_position_embeddings.weight" in ours
-    temporal = {}
-    if use_temp:
-        temporal = dict(temporal_layers=_count_layers(ours, "video.temporal.resblocks."),
-                        temporal_heads=max(1, E // 64),
-                        max_frames=ours["video.frame_position_embeddings.weight"].shape[0])
-    cfg = HMMCConfig(clip=clip, bert=bert, text_encoder=text_encoder, use_temp=use_temp, **temporal)
-    return cfg, ours, ignored
-
-
-def strip_prefixes(sd: dict) -> dict:
-    """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes that wrapped models save."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def load_error(e: Exception) -> str:
-    """torch.load's error in a few words: its first sentence (torch goes on for ~300 characters of advice)."""
-    first = (str(e).splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
-
-
-def read_checkpoint(path, mmap: bool = False) -> dict:
-    """torch.load(weights_only=True) of a checkpoint file, with errors that name the file. mmap=True maps the
-    tensors instead of reading them (to look at a checkpoint's settings only)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {load_error(e)}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict (a train.py checkpoint or a state dict), got {type(ckpt).__name__}")
-    return ckpt
-
-
 # what the weights of a checkpoint fix; every other HMMCConfig field may come from the config that loads it
 _ARCH_FIELDS = ("clip", "bert", "text_encoder", "bert_pooling")
 
 
 def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str = "", bert_path: str | None = None,
                device="cpu") -> tuple[HMMC, dict]:
-    """The one way to a model. `init_from`:
-    - "scratch": a fresh HMMC(cfg);
-    - "clip": cfg's model with OpenAI's CLIP towers from `clip_path` (and the HF BERT folder `bert_path` when
-      cfg.text_encoder == "bert"; its config.json gives the BERT architecture);
-    - a checkpoint written by train.py, or a state dict of the original HMMC code.
-    From a checkpoint, the towers' architecture comes from its weights and the rest from `cfg` (a pre-training
-    checkpoint then initialises fine-tuning: momentum encoders, projectors, MLM head and queues are dropped and
-    reported); without `cfg` the checkpoint's own config is used as it is (evaluation, resume).
-    Returns (model on `device`, info) with info = {"loaded", "dropped" (keys), "message" (a line for the log),
-    "checkpoint" (the loaded dict of a train.py checkpoint, else None)}."""
+    """`init_from`: "scratch", "clip" (OpenAI's CLIP at `clip_path`, and the HF BERT folder `bert_path` for
+    text_encoder="bert"), or a checkpoint of train.py or the original. A checkpoint fixes the towers' architecture,
+    `cfg` the rest (so pre-training parts are dropped for fine-tuning); without `cfg` its own config is used.
+    Returns (model, info: "loaded", "dropped" keys, "message" for the log, "checkpoint" of train.py or None)."""
     info = {"loaded": 0, "dropped": [], "checkpoint": None}
     if init_from in ("scratch", "clip"):
         if cfg is None:
@@ -867,8 +644,8 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
         saved, sd, ignored = HMMCConfig.from_dict(ckpt["model_args"]), strip_prefixes(ckpt["model"]), []
         info["checkpoint"] = ckpt
     elif isinstance(ckpt.get("state_dict"), dict) or all(torch.is_tensor(v) for v in ckpt.values()):
-        # a bare state dict: the original HMMC's released weights
-        saved, sd, ignored = _convert_original(ckpt)
+        arch, sd, ignored = convert_original(ckpt)  # a bare state dict: the original HMMC's released weights
+        saved = HMMCConfig(**arch)
     else:
         raise ValueError(f"{init_from}: neither a train.py checkpoint (with 'model' and 'model_args') nor a state "
                          f"dict; top-level keys: {sorted(ckpt)[:20]}")

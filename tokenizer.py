@@ -1,20 +1,14 @@
 """
-Tokenizers: captions -> rows of token ids (and masks) for HMMC's text towers. prepare.py re-exports them.
-
-English: OpenAI CLIP's byte-level BPE (`ClipTokenizer`, `tokenize`), id for id equal to OpenAI's
-`clip.tokenize(texts, L, truncate=True)`. Chinese: BERT WordPiece (`BertTokenizer`), id for id equal to HF
-transformers' BertTokenizer (hfl/chinese-roberta-wwm-ext vocab). `get_tokenizer` picks one by text tower.
-
-CLIP's reference tokenizer (clip/simple_tokenizer.py) is: ftfy.fix_text -> html.unescape twice -> strip ->
-collapse whitespace -> lower -> split with a regex -> byte-level BPE per piece with an end-of-word marker `</w>`.
-We keep the regex (the `regex` package, same pattern and flags) and replace two slow parts:
-  - ftfy (not a dependency) by `_ftfy_fix_text`, a re-implementation of the fixes ftfy.fix_text applies by default,
-    except its mojibake repair (see there);
-  - the pure-Python BPE loop by tiktoken's Rust BPE (see `_clip_bpe_ranks` for why the result is the same).
+Captions -> rows of token ids (and masks) for HMMC's text towers; `get_tokenizer` picks one by text tower.
+English: OpenAI CLIP's byte-level BPE (`ClipTokenizer`, `tokenize`), id for id OpenAI's `clip.tokenize(texts, L,
+truncate=True)`: ftfy.fix_text, html.unescape twice, whitespace collapsed, lower case, split by CLIP's regex, BPE per
+piece. ftfy (not a dependency) is re-implemented by `_ftfy_fix_text`, and the BPE loop runs in tiktoken.
+Chinese: BERT WordPiece (`BertTokenizer`), id for id HF transformers' BertTokenizer.
 
     >>> tokenize("a dog runs", context_length=8)       # SOT, BPE ids, EOT, zero padding
     tensor([[49406,   320,  1929,  5586, 49407,     0,     0,     0]])
 """
+import functools
 import gzip
 import html
 import html.entities
@@ -33,10 +27,8 @@ CLIP_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets
 # ---- ftfy.fix_text, default configuration (facts from ftfy 6.3.1: ftfy/__init__.py, fixes.py, chardata.py) -----
 
 def _ftfy_tables():
-    # The single-character fixes ftfy applies one after the other: C1 controls read as windows-1252 (the 5 bytes
-    # cp1252 leaves undefined stay as they are), Latin ligatures, half/full-width forms (plus U+3000 ideographic
-    # space), curly quotes, one-character line breaks. We compose them into one str.translate table, so that e.g.
-    # \x92 -> ’ -> ' happens in one step as it does across ftfy's steps.
+    # ftfy's single-character fixes in its order (C1 controls read as cp1252, ligatures, half/full-width forms, curly
+    # quotes, line breaks) composed into one str.translate table: \x92 -> ’ -> ' in one step, as across ftfy's
     c1 = {}
     for b in range(0x80, 0xA0):
         try:
@@ -62,14 +54,22 @@ def _ftfy_tables():
         for step in steps:
             s = "".join(step.get(ord(ch), ch) for ch in s)
         table[cp] = s
-    # controls ftfy deletes: C0 except \t \n \f \r, DEL, deprecated Arabic format chars, interlinear annotation,
-    # object replacement character, BOM. Zero-width (joiner) characters and C1 controls are kept.
+    # controls ftfy deletes: C0 but \t \n \f \r, DEL, deprecated Arabic format characters, interlinear annotation,
+    # object replacement, BOM
     controls = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
                               *range(0xFFF9, 0xFFFD)])
-    return table, controls
+    # ftfy's own HTML unescaping: the HTML5 named entities that end in ';', and the upper-cased form of lower-case
+    # names (&NTILDE; -> Ñ) that stdlib html would not read
+    entities = {}
+    for name, char in html.entities.html5.items():
+        if name.endswith(";"):
+            entities["&" + name] = char
+            if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
+                entities["&" + name.upper()] = char.upper()
+    return table, controls, entities
 
 
-_FTFY_TABLE, _FTFY_CONTROLS = _ftfy_tables()
+_FTFY_TABLE, _FTFY_CONTROLS, _FTFY_ENTITIES = _ftfy_tables()
 # ftfy's patterns use the standard library's `re` (its \d is any Unicode digit), so ours do too
 _FTFY_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
 _FTFY_ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
@@ -77,24 +77,12 @@ _FTFY_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _FTFY_SURROGATE = re.compile("[\ud800-\udfff]")
 # text that fix_text returns unchanged: ASCII without '&', ESC or a control character it deletes or rewrites (\r)
 _FTFY_ASCII_NOOP = re.compile(r"[^&\x00-\x08\x0b\x0d-\x1f\x7f]*")
-_html_entities = None
 
 
 def _ftfy_entity(m):
-    # ftfy's own HTML unescaping: all HTML5 named entities that end in ';', the upper-cased form of lower-case names
-    # (&NTILDE; -> Ñ) when stdlib html would not read it, and numeric ones that html.unescape can decode.
-    global _html_entities
-    if _html_entities is None:
-        ents = {}
-        for name, char in html.entities.html5.items():
-            if name.endswith(";"):
-                ents["&" + name] = char
-                if name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper():
-                    ents["&" + name.upper()] = char.upper()
-        _html_entities = ents
     s = m.group(0)
-    if s in _html_entities:
-        return _html_entities[s]
+    if s in _FTFY_ENTITIES:
+        return _FTFY_ENTITIES[s]
     if s.startswith("&#"):
         out = html.unescape(s)
         return s if ";" in out else out
@@ -107,9 +95,7 @@ def _ftfy_segment(text: str, unescape: bool) -> str:
         before = text
         if unescape and "&" in text:
             text = _FTFY_ENTITY.sub(_ftfy_entity, text)
-        # ftfy.fix_encoding would come here: its mojibake repair (text decoded with the wrong codec, e.g. "cafÃ©"
-        # -> "café") is a heuristic over ~400 lines of character-class tables, judged not worth carrying for
-        # captions; we leave such text as it is, so ids differ from OpenAI's only on text ftfy deems mojibake.
+        # ftfy's mojibake repair ("cafÃ©" -> "café", ~400 lines of heuristics) would come here: such text stays as is
         text = text.replace("\r\n", "\n").translate(_FTFY_TABLE)
         if _FTFY_SURROGATE.search(text):  # strings from bad JSON: pairs joined, lone halves become U+FFFD
             text = _FTFY_SURROGATE_PAIR.sub(
@@ -140,8 +126,7 @@ def _ftfy_fix_text(text: str) -> str:
 _CLIP_PAT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
-# The same pattern for cleaned ASCII text (lower-case, single spaces, no control characters), where \p{L} is [a-z] and
-# \p{N} is [0-9]; the standard library's `re` runs it about 4x faster than `regex` runs the Unicode one.
+# the same for cleaned ASCII text (\p{L} is [a-z], \p{N} [0-9]): the standard library's `re` runs it 4x faster
 _CLIP_PAT_ASCII = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""")
 _WHITESPACE = regex.compile(r"\s+")
 
@@ -156,38 +141,25 @@ def _clip_pieces(text: str) -> list[str]:
     return _CLIP_PAT.findall(_WHITESPACE.sub(" ", text.strip()).strip().lower())
 
 
-def _clip_byte_order() -> list[int]:
-    # CLIP's byte-level alphabet: the 188 printable bytes keep their code point and come first, the other 68 bytes
-    # follow in ascending order (mapped to chr(256 + n)). The list position of a byte is its token id.
+@functools.cache
+def _clip_bpe() -> tuple[tiktoken.Encoding, list[bytes]]:
+    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids, and
+    the id -> bytes table for decoding. CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a
+    space): "dog</w>" is b"dog ". Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order,
+    49406/49407 SOT/EOT. tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with the
+    lowest merge rank; they agree unless a reachable pair concatenates to a token another merge built. Checked on
+    ~1.7M words (tests/golden/README.md)."""
+    if not os.path.exists(CLIP_BPE_PATH):
+        raise FileNotFoundError(f"CLIP BPE merges file not found at {CLIP_BPE_PATH} (it ships in assets/)")
+    # CLIP's byte alphabet: the 188 printable bytes keep their code point and come first, the other 68 follow as
+    # chr(256 + n); a byte's position is its id
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    return printable + [b for b in range(256) if b not in printable]
-
-
-def _clip_bpe_ranks(path: str) -> tuple[dict[bytes, int], list[bytes]]:
-    """CLIP's vocabulary as tiktoken mergeable ranks (rank == CLIP id) plus the id -> bytes table for decoding.
-
-    CLIP's BPE works on symbols, where the last symbol of a piece carries `</w>`. We write `</w>` as one trailing
-    byte b" " (a space never occurs inside a piece, because whitespace separates pieces), so "dog</w>" is b"dog ".
-    Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT.
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank; CLIP merges the pair with the lowest
-    merge rank. They agree as long as no reachable pair (C, D) concatenates to a token built by a different merge.
-    Byte + b" " ranks (256-511) are below every merge, so tiktoken's first step always attaches the end-of-word marker,
-    as CLIP starts with it attached. We checked the agreement piece by piece against the reference BPE on ~1.7M
-    words: every vocabulary word, random words (letters, tokens glued together, mixed scripts), and each of the 34,803
-    tokens that can also be split into two other tokens, inside random contexts: no difference (tests/golden/README.md).
-    """
-    order = _clip_byte_order()
+    order = printable + [b for b in range(256) if b not in printable]
     char_to_byte = {chr(b) if i < 188 else chr(256 + i - 188): b for i, b in enumerate(order)}
-    with gzip.open(path) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # OpenAI's slice: line 0 is a header, 48,894 merges are used
-    ranks, id_to_bytes = {}, []
-    for i, b in enumerate(order):
-        ranks[bytes([b])] = i
-        id_to_bytes.append(bytes([b]))
-    for i, b in enumerate(order):
-        ranks[bytes([b, 32])] = 256 + i
-        id_to_bytes.append(bytes([b]) + b"</w>")
+    with gzip.open(CLIP_BPE_PATH) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]  # OpenAI's slice: header, 48,894 merges
+    ranks = {bytes([b]): i for i, b in enumerate(order)} | {bytes([b, 32]): 256 + i for i, b in enumerate(order)}
+    id_to_bytes = [bytes([b]) for b in order] + [bytes([b]) + b"</w>" for b in order]
     for i, line in enumerate(merges):
         token = "".join(line.split())
         eow = token.endswith("</w>")
@@ -196,12 +168,10 @@ def _clip_bpe_ranks(path: str) -> tuple[dict[bytes, int], list[bytes]]:
         id_to_bytes.append(body + (b"</w>" if eow else b""))
     id_to_bytes += [b"<|startoftext|>", b"<|endoftext|>"]
     if len(ranks) != 49406:
-        raise ValueError(f"{path} is not CLIP's bpe_simple_vocab_16e6.txt.gz: {len(ranks) - 512} distinct merges, "
-                         f"expected 48894")
-    return ranks, id_to_bytes
-
-
-_clip_bpe_cache = {}  # merges path -> (tiktoken Encoding, id -> bytes)
+        raise ValueError(f"{CLIP_BPE_PATH} is not CLIP's bpe_simple_vocab_16e6.txt.gz: {len(ranks) - 512} distinct "
+                         f"merges, expected 48894")
+    # pieces arrive one at a time, each ending in its b" " marker, so the split pattern is trivial
+    return tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={}), id_to_bytes
 
 
 class ClipTokenizer:
@@ -213,25 +183,17 @@ class ClipTokenizer:
     pad_id = 0
     mask_id = None  # OpenAI's vocabulary has no mask token (HMMC overwrote id 49394 with "[MASK]"; we do not)
 
-    def __init__(self, bpe_path: str = CLIP_BPE_PATH):
-        self.bpe_path = bpe_path
-        if bpe_path not in _clip_bpe_cache:  # parsing the merges takes ~0.5 s: once per process
-            if not os.path.exists(bpe_path):
-                raise FileNotFoundError(f"CLIP BPE merges file not found at {bpe_path} (it ships in assets/)")
-            ranks, id_to_bytes = _clip_bpe_ranks(bpe_path)
-            # pieces arrive one at a time, each already ending in its b" " marker, so the split pattern is trivial
-            bpe = tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={})
-            _clip_bpe_cache[bpe_path] = (bpe, id_to_bytes)
-        self._bpe, self._id_to_bytes = _clip_bpe_cache[bpe_path]
+    def __init__(self):
+        self._bpe, self._id_to_bytes = _clip_bpe()
         # per-piece cache, as in OpenAI's tokenizer; a literal <|startoftext|>/<|endoftext|> in the text is one piece
         # and maps to the special id there too
         self._cache = {"<|startoftext|>": (self.sot_id,), "<|endoftext|>": (self.eot_id,)}
 
-    def __getstate__(self):  # DataLoader workers started by spawn get the path and rebuild (once per process)
-        return {"bpe_path": self.bpe_path}
+    def __getstate__(self):  # DataLoader workers started by spawn rebuild it (once per process)
+        return {}
 
     def __setstate__(self, state):
-        self.__init__(state["bpe_path"])
+        self.__init__()
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT."""
@@ -262,9 +224,8 @@ class ClipTokenizer:
 
 
 def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, who: str):
-    """(ids, mask) LongTensor [N, L] of rows `start, ids..., end`, zero-padded. A row too long for L is cut and keeps
-    `end` in its last slot: OpenAI's clip.tokenize(truncate=True) and the original HMMC's BERT loaders
-    ([CLS] tokens [SEP]) are both this one rule."""
+    """(ids, mask) LongTensor [N, L] of rows `start, ids..., end`, zero-padded; a row too long is cut and ends in
+    `end`, as OpenAI's clip.tokenize(truncate=True) and the original HMMC's BERT loaders."""
     if isinstance(texts, str):
         texts = [texts]
     if context_length < 1:
@@ -281,16 +242,10 @@ def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, w
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-_default_clip_tokenizer = None
-
-
 def tokenize(texts, context_length: int = 77) -> torch.Tensor:
     """CLIP token ids, LongTensor [N, context_length]: SOT, BPE ids, EOT, zero padding; a text longer than the
     context is cut and its last id is EOT. Identical to OpenAI `clip.tokenize(texts, context_length, truncate=True)`."""
-    global _default_clip_tokenizer
-    if _default_clip_tokenizer is None:
-        _default_clip_tokenizer = ClipTokenizer()
-    return _default_clip_tokenizer(texts, context_length)[0]
+    return ClipTokenizer()(texts, context_length)[0]
 
 
 # ---- BERT WordPiece (Chinese side) ---------------------------------------------------------------------------------
@@ -313,7 +268,7 @@ class BertTokenizer:
 
     specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-    def __init__(self, vocab_file: str, do_lower_case: bool = True, max_chars_per_word: int = 100):
+    def __init__(self, vocab_file: str, do_lower_case: bool = True):
         if not vocab_file or not os.path.exists(vocab_file):
             raise FileNotFoundError(f"BERT vocab file not found: {vocab_file!r} (a vocab.txt, one token per line)")
         self.vocab = {}
@@ -325,7 +280,6 @@ class BertTokenizer:
             raise ValueError(f"BERT vocab {vocab_file} lacks the special tokens {missing}")
         self.inv_vocab = {i: t for t, i in self.vocab.items()}
         self.do_lower_case = do_lower_case
-        self.max_chars_per_word = max_chars_per_word
         self.vocab_size = len(self.vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in self.specials)
         # special tokens written in the text are kept whole, before any lower-casing or punctuation split
@@ -333,10 +287,8 @@ class BertTokenizer:
         self._cache = {}
 
     def _basic(self, text: str) -> list[str]:
-        # clean: drop NUL, U+FFFD and control/format characters (category C*, except \t \n \r), whitespace -> space;
-        # put spaces around CJK ideographs so each is a word of its own. (transformers 5's Python BertTokenizer also
-        # applies NFC here; its default Rust one and 4.x's, which HMMC used, do not. With lower-casing the NFD below
-        # makes it moot; we follow the majority.)
+        # drop NUL, U+FFFD and control/format characters (C*, except \t \n \r), whitespace -> space, spaces around
+        # CJK ideographs so each is a word (no NFC, as HF's Rust tokenizer and transformers 4.x, which HMMC used)
         out = []
         for ch in text:
             cp = ord(ch)
@@ -367,7 +319,7 @@ class BertTokenizer:
 
     def _wordpiece(self, word: str) -> list[str]:
         # greedy longest-match-first; a word with an unmatchable part, or longer than 100 chars, is one [UNK]
-        if len(word) > self.max_chars_per_word:
+        if len(word) > 100:
             return ["[UNK]"]
         pieces, start = [], 0
         while start < len(word):
@@ -427,9 +379,8 @@ def get_tokenizer(text_encoder: str, bert_vocab: str | None = None):
 
 
 class UnkWrapped:
-    """A BertTokenizer whose rows are `[UNK] ... [UNK]` instead of `[CLS] ... [SEP]`: the original's VATEX loader
-    wrapped Chinese captions in CLIP's start/end strings, which the BERT vocabulary maps to [UNK], and its released
-    Chinese VATEX model was fine-tuned and evaluated on that input (its BERT pooler read the [UNK] position)."""
+    """A BertTokenizer with rows `[UNK] ... [UNK]`: the original's Chinese VATEX model was trained and evaluated on
+    captions wrapped in CLIP's start/end strings, which BERT's vocabulary maps to [UNK]."""
 
     def __init__(self, bert: BertTokenizer):
         self.bert = bert

@@ -1,13 +1,9 @@
 """
-The two kinds of towers HMMC is built from, as their authors define them: OpenAI CLIP's ViT image tower and causal
-text transformer, and the Chinese BERT (hfl/chinese-roberta-wwm-ext is a plain BERT-base), with the readers of
-their released weights (OpenAI's TorchScript archives and plain state dicts; HF folders with safetensors or
-pytorch_model.bin). Rarely edited: outputs are pinned against open_clip and HF transformers by tests. HMMC itself,
-its losses and its checkpoints are in model.py.
-
-Module names copy OpenAI's / HF's state-dict keys exactly (`c_fc`, `ln_final`, `proj`, `attention.self.query`...),
-even where we would not choose them: that is what makes `load_state_dict(strict=True)` the whole loader.
-Weights stay fp32; callers run under autocast (which keeps layer_norm and softmax in fp32 anyway).
+The towers HMMC is built from, as their authors define them: OpenAI CLIP's ViT image tower and causal text
+transformer, and the Chinese BERT (hfl/chinese-roberta-wwm-ext is a plain BERT-base); then the readers of every weight
+file (OpenAI's, HF's, the original HMMC's, train.py's). Rarely edited: tests pin the outputs to open_clip and HF
+transformers. Module names copy OpenAI's / HF's state-dict keys (`c_fc`, `ln_final`, `attention.self.query`...), so
+`load_state_dict` is the whole loader. Weights stay fp32; callers run under autocast.
 
 >>> clip = load_clip("ViT-B-32.pt")          # OpenAI's archive or a plain state dict; architecture from the shapes
 >>> bert = load_bert("chinese-roberta-wwm-ext")
@@ -18,7 +14,6 @@ import math
 import os
 import pickle
 import struct
-import sys
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,52 +44,52 @@ class CLIPConfig:
         return max(1, self.vision_width // 64)
 
     @classmethod
-    def from_state_dict(cls, sd: dict) -> "CLIPConfig":
-        """Read the architecture off an OpenAI-layout ViT state dict; no side-car config needed."""
+    def from_state_dict(cls, sd: dict, text: bool = True) -> "CLIPConfig":
+        """The architecture of an OpenAI-layout ViT state dict; text=False: the image tower's only (HMMC with BERT)."""
         if "visual.proj" not in sd and any(k.startswith("visual.layer1.") for k in sd):
             raise ValueError("this is a ResNet CLIP (visual.layer1.* keys, no visual.proj); ResNet CLIP models are "
                              "not supported, use a ViT one (ViT-B/32, ViT-B/16, ViT-L/14, ...)")
-        missing = [k for k in _CLIP_REQUIRED_KEYS if k not in sd]
+        missing = [k for k in _CLIP_VISION_KEYS + (_CLIP_TEXT_KEYS if text else ()) if k not in sd]
         if missing:
             raise ValueError(f"not a CLIP ViT state dict: missing keys {missing}")
         n_pos = sd["visual.positional_embedding"].shape[0]  # grid*grid patches + 1 class token
         grid = round(math.sqrt(n_pos - 1))
         if grid * grid + 1 != n_pos:
             raise ValueError(f"visual.positional_embedding has {n_pos} rows, not a square patch grid plus one")
+        conv = sd["visual.conv1.weight"]  # (width, 3, patch, patch)
+        vision = dict(embed_dim=sd["visual.proj"].shape[1], image_resolution=conv.shape[-1] * grid,
+                      vision_layers=_count_layers(sd, "visual.transformer.resblocks."), vision_width=conv.shape[0],
+                      vision_patch_size=conv.shape[-1])
+        if not text:
+            return cls(**vision)
         width = sd["ln_final.weight"].shape[0]
         vocab_size = sd["token_embedding.weight"].shape[0]
-        return cls(
-            embed_dim=sd["text_projection"].shape[1],
-            image_resolution=sd["visual.conv1.weight"].shape[-1] * grid,
-            vision_layers=sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in sd),
-            vision_width=sd["visual.conv1.weight"].shape[0],
-            vision_patch_size=sd["visual.conv1.weight"].shape[-1],
-            context_length=sd["positional_embedding"].shape[0],
-            vocab_size=vocab_size,
-            transformer_width=width,
-            transformer_heads=max(1, width // 64),
-            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
-            # OpenAI's vocabulary ends with <|startoftext|>, <|endoftext|>; a small custom vocabulary keeps that order
-            eot_id=min(49407, vocab_size - 1),
-        )
+        return cls(**vision, context_length=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
+                   transformer_width=width, transformer_heads=max(1, width // 64),
+                   transformer_layers=_count_layers(sd, "transformer.resblocks."),
+                   # OpenAI's vocabulary ends with <|startoftext|>, <|endoftext|>; a small one keeps that order
+                   eot_id=min(49407, vocab_size - 1))
 
 
-# the keys from_state_dict reads; anything else missing is reported by load_state_dict
-_CLIP_REQUIRED_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
-                       "positional_embedding", "token_embedding.weight", "ln_final.weight")
+# the keys from_state_dict reads; check_state_dict reports the rest
+_CLIP_VISION_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj")
+_CLIP_TEXT_KEYS = ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
+
+
+def _count_layers(sd: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with. Written as the same
-    function silu(1.702 x) / 1.702, so that autograd keeps one tensor for backward instead of two (x and the sigmoid):
-    ~18% less activation memory for the ViT and fewer element-wise passes in backward."""
+    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with, as silu(1.702 x) / 1.702: autograd then
+    keeps one tensor for backward instead of two (~18% less activation memory for the ViT)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(1.702 * x) * (1 / 1.702)
 
 
 class Attention(nn.Module):
-    """Batch-first multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -104,7 +99,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # packed q, k, v rows
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        # the same init as nn.MultiheadAttention, so modules built fresh (the temporal transformer) match it
+        # nn.MultiheadAttention's init, which the original's temporal transformer started from
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -127,21 +122,16 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, 4 * width),
-            gelu=QuickGELU(),
-            c_proj=nn.Linear(4 * width, width),
-        ))
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of blocks (keys `resblocks.{i}`). `attn_mask` is additive or boolean (True = attend), broadcast to
-    (B, heads, L, L). Set `grad_checkpointing = True` to recompute activations in backward for large batches."""
+    """A stack of blocks `resblocks.{i}`; `grad_checkpointing = True` recomputes activations in backward."""
 
     def __init__(self, width: int, layers: int, heads: int, eps: float = 1e-5):
         super().__init__()
@@ -150,8 +140,6 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, eps) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        if attn_mask is not None and is_causal:
-            raise ValueError("pass either attn_mask or is_causal=True, not both")
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
@@ -161,8 +149,8 @@ class Transformer(nn.Module):
 
 
 def _init_clip_blocks(transformer: Transformer):
-    # OpenAI's initialize_parameters: residual projections shrink with depth so the stream's variance stays put.
-    # Only matters for training from scratch; the plain Transformer keeps nn.MultiheadAttention's init.
+    # OpenAI's init (for training from scratch): residual projections shrink with depth so the stream's variance
+    # stays put. The temporal Transformer keeps nn.MultiheadAttention's.
     W, layers = transformer.width, transformer.layers
     for block in transformer.resblocks:
         nn.init.normal_(block.attn.in_proj_weight, std=W ** -0.5)
@@ -204,8 +192,7 @@ class VisionTransformer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """CLIP's causal text tower; keys are OpenAI's top-level text keys (token_embedding, positional_embedding,
-    transformer.*, ln_final, text_projection). Accepts any length L <= context_length."""
+    """CLIP's causal text tower (OpenAI's top-level text keys); any length L <= context_length."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -217,12 +204,9 @@ class TextTransformer(nn.Module):
         self.transformer = Transformer(W, cfg.transformer_layers, cfg.transformer_heads)
         self.ln_final = nn.LayerNorm(W)
         self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
-        self._init_text_weights()
-
-    def _init_text_weights(self):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        nn.init.normal_(self.text_projection, std=W ** -0.5)
         _init_clip_blocks(self.transformer)
 
     def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
@@ -235,9 +219,8 @@ class TextTransformer(nn.Module):
         return self.ln_final(x)                                           # (B, L, W)
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Index of each row's first EOT token. OpenAI uses argmax(ids), which is the same thing as long as EOT is the
-        largest id; looking the id up explicitly survives other tokenizers. A row without EOT falls back to OpenAI's
-        (and the original HMMC's) argmax, so any input, even random ids, pools where the reference code does."""
+        """Each row's first EOT. OpenAI's argmax(ids) is the same while EOT is the largest id; looking it up survives
+        other vocabularies, and a row without EOT falls back to argmax, where the reference code pools."""
         is_eot = ids == self.eot_id                                        # (B, L)
         first_eot = is_eot.int().argmax(dim=1)                             # (B,) argmax returns the first maximum
         return torch.where(is_eot.any(dim=1), first_eot, ids.argmax(dim=1))  # (B,)
@@ -252,8 +235,8 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(TextTransformer):
-    """OpenAI's CLIP. Its state dict keeps the text tower's tensors on the top module (`token_embedding`, not
-    `text.token_embedding`), so CLIP extends the text tower rather than holding one; the image tower is `visual`."""
+    """OpenAI's CLIP. Its state dict keeps the text tower's tensors on the top module (`token_embedding`), so CLIP
+    extends the text tower rather than holding one; the image tower is `visual`."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__(cfg)
@@ -268,137 +251,6 @@ class CLIP(TextTransformer):
         txt = F.normalize(self.encode_text(text), dim=-1)                  # (N, E)
         logits_per_image = self.logit_scale.exp() * img @ txt.T            # (B, N)
         return logits_per_image, logits_per_image.T
-
-
-# where OpenAI's `clip` package downloads ViT-B/32 from (the hex part is the file's SHA-256)
-VIT_B_32_URL = ("https://openaipublic.azureedge.net/clip/models/"
-                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
-
-
-def load_clip_state_dict(path: str) -> dict:
-    """Read an OpenAI CLIP checkpoint into a plain fp32 state dict: the TorchScript archive as OpenAI distributes it
-    (ViT-B-32.pt), a file written by torch.save(state_dict), or a dict holding one under "state_dict"."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no CLIP checkpoint at {path}; download OpenAI's ViT-B/32 weights from "
-                                f"{VIT_B_32_URL}")
-    try:
-        if _clip_is_torchscript(path):
-            sd = _read_torchscript_tensors(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except _RefusedArchive as e:
-        raise ValueError(f"{path}: {e}") from None
-    except Exception as e:
-        raise ValueError(f"could not read CLIP checkpoint {path} (truncated or corrupt file?): "
-                         f"{type(e).__name__}: {e}") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict (a dict of tensors), found {type(sd).__name__}")
-    # OpenAI's archives add three ints; archives traced from open_clip also carry its constant causal mask
-    sd = {k: v for k, v in sd.items()
-          if k not in ("input_resolution", "context_length", "vocab_size") and k.split(".")[-1] != "attn_mask"}
-    try:
-        CLIPConfig.from_state_dict(sd)  # validates: ResNet CLIP, missing keys
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    # OpenAI stores most matrices in fp16; we keep fp32 master weights and leave low precision to autocast
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-def _clip_is_torchscript(path: str) -> bool:
-    # both torch.save and torch.jit.save write zip files; only TorchScript ones carry a code/ folder
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.split("/")[1:2] == ["code"] or name.endswith("/constants.pkl") for name in z.namelist())
-
-
-class _RefusedArchive(Exception):
-    pass
-
-
-# the storage classes a data.pkl names, as the dtypes they hold (the classes themselves are deprecated)
-_STORAGE_DTYPES = {f"{name}Storage": getattr(torch, dtype) for name, dtype in (
-    ("Half", "float16"), ("BFloat16", "bfloat16"), ("Float", "float32"), ("Double", "float64"), ("Long", "int64"),
-    ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool"))}
-
-
-class _ScriptObject:
-    """Stands in for a TorchScript class (`__torch__.*`) while unpickling: keeps the attribute dict, runs nothing."""
-    state = {}
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-# torch.jit._pickle's wrappers of lists of plain values, each of which returns its first argument unchanged
-_TYPED_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
-
-
-class _TensorUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript archive's data.pkl allowing only what rebuilding tensors needs. The archive's code/
-    folder is never read: module classes become inert _ScriptObjects, and any other global is refused."""
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str):
-        super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
-        self.archive, self.prefix = archive, prefix
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return torch._utils._rebuild_tensor_v2
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if module == "__torch__" or module.startswith("__torch__."):
-            return _ScriptObject
-        if module == "torch.jit._pickle" and name in _TYPED_CONTAINERS:
-            return lambda value, *type_tag: value
-        raise _RefusedArchive(f"refusing to load {module}.{name} from the archive: only tensors and TorchScript "
-                              f"modules holding them are read (this does not look like an OpenAI CLIP file)")
-
-    def persistent_load(self, pid):
-        kind, dtype, key, _location, numel = pid  # ('storage', HalfStorage -> torch.float16, '0', 'cpu', numel)
-        if kind != "storage" or not isinstance(dtype, torch.dtype):
-            raise _RefusedArchive(f"unknown persistent id {pid!r} in the archive")
-        data = self.archive.read(f"{self.prefix}/data/{key}")
-        untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
-        if untyped.nbytes() != numel * dtype.itemsize:
-            raise _RefusedArchive(f"tensor data {key} holds {untyped.nbytes()} bytes, expected {numel} x {dtype}")
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-
-
-def _read_torchscript_tensors(path: str) -> dict:
-    """The named parameters and buffers of a TorchScript archive (torch.jit.save's zip), read without executing
-    anything in it (torch.jit.load would run its code): {dotted name: tensor}, as ScriptModule.state_dict() gives."""
-    with zipfile.ZipFile(path) as archive:
-        prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl"))[:-len("/data.pkl")]
-        root = _TensorUnpickler(archive, prefix).load()
-    sd = {}
-
-    def walk(obj, name):
-        for key, value in obj.state.items():
-            if torch.is_tensor(value):
-                sd[name + key] = value
-            elif isinstance(value, _ScriptObject):
-                walk(value, f"{name}{key}.")
-
-    if not isinstance(root, _ScriptObject):
-        raise _RefusedArchive(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
-    walk(root, "")
-    return sd
-
-
-def load_clip(path: str, device="cpu") -> CLIP:
-    """Build a fp32 CLIP from an OpenAI checkpoint, architecture inferred from the tensor shapes."""
-    sd = load_clip_state_dict(path)
-    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = CLIP(CLIPConfig.from_state_dict(sd))
-    model.load_state_dict(check_state_dict(model, sd, path)[0], assign=True)
-    return model.to(device)
-
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -432,7 +284,7 @@ class BertConfig:
 
 
 class BertLayer(nn.Module):
-    """One post-LN encoder layer; the ModuleDicts only reproduce HF's key nesting (attention.self.query, ...)."""
+    """A post-LN encoder layer; the ModuleDicts reproduce HF's key nesting (attention.self.query, ...)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -455,8 +307,7 @@ class BertLayer(nn.Module):
         a = self.attention.self
         q, k, v = (m(x).view(B, L, self.heads, H // self.heads).transpose(1, 2)
                    for m in (a.query, a.key, a.value))                      # 3 x (B, h, L, H/h)
-        # padding keys get the dtype's most negative score rather than -inf (as HF does): an all-padding row stays
-        # finite, and building it in q's dtype keeps it finite under fp16/bf16 autocast too
+        # padding keys get the dtype's lowest score, not -inf (as HF): an all-padding row stays finite
         bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, torch.finfo(q.dtype).min)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
@@ -467,8 +318,7 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """HF-compatible BertModel: forward(ids, mask) -> (last_hidden (B, L, H), pooled (B, H)); without the pooler
-    (HF's add_pooling_layer=False) pooled is None."""
+    """HF's BertModel: (ids, mask) -> (last_hidden (B, L, H), pooled (B, H), None without the pooler)."""
 
     def __init__(self, cfg: BertConfig, pooler: bool = True):
         super().__init__()
@@ -484,10 +334,8 @@ class BertModel(nn.Module):
         self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H))) if pooler else None
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.apply(self._init_weights)
-        # Only for a BERT trained from scratch (weights loaded later replace all of it): at 0.02 like the words, the
-        # one token type (the same vector at every position) and the positions (the same for captions of equal
-        # length) make up most of every token state, so captions start out alike (time-reversed twin captions: cos
-        # 0.995 under mean pooling). Zero types and CLIP's 0.01 positions leave the words to tell them apart (0.95).
+        # from scratch, types and positions at 0.02 like the words make captions start alike (cos 0.995 under mean
+        # pooling); zero types and CLIP's 0.01 positions leave the words to tell them apart (0.95)
         nn.init.zeros_(self.embeddings.token_type_embeddings.weight)
         nn.init.normal_(self.embeddings.position_embeddings.weight, std=0.01)
 
@@ -501,15 +349,14 @@ class BertModel(nn.Module):
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             nn.init.zeros_(m.weight[m.padding_idx])
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None):
         B, L = ids.shape
         if L > self.cfg.max_position_embeddings:
             raise ValueError(f"text of {L} tokens is longer than max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         e = self.embeddings
         pos = torch.arange(L, device=ids.device)
-        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
-        x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings(types)  # (B, L, H)
+        x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings(torch.zeros_like(ids))
         x = self.dropout(e.LayerNorm(x))
         keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         keep = keep[:, None, None, :]                                        # (B, 1, 1, L) for all heads, queries
@@ -520,8 +367,78 @@ class BertModel(nn.Module):
         return x, torch.tanh(self.pooler.dense(x[:, 0]))                     # (B, H) from the [CLS] position
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# weight files: the one guarded reader, the towers' checkpoints, the one check before every load
+
+def load_error(e: Exception) -> str:
+    """A reader's error in its first sentence (torch.load adds ~300 characters of advice)."""
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
+
+
+def read_checkpoint(path, mmap: bool = False) -> dict:
+    """A weight file as a dict, running no code from it: torch.load(weights_only=True), OpenAI's TorchScript archives
+    and .safetensors; errors name the file. mmap=True maps the tensors (to read a checkpoint's settings only)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        if path.endswith(".safetensors"):
+            ckpt = read_safetensors(path)
+        elif _is_torchscript(path):
+            ckpt = _read_torchscript_tensors(path)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except _RefusedArchive as e:
+        raise ValueError(f"{path}: {e}") from None
+    except Exception as e:
+        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {load_error(e)}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict (a train.py checkpoint or a state dict), got {type(ckpt).__name__}")
+    return ckpt
+
+
+def _state_dict(ckpt: dict, source: str) -> dict:
+    # fp32 tensors of a state dict (perhaps under "state_dict"): released weights are fp16, autocast does the rest
+    if isinstance(ckpt.get("state_dict"), dict):
+        ckpt = ckpt["state_dict"]
+    if not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise ValueError(f"{source} does not hold a state dict (a dict of tensors)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in ckpt.items()}
+
+
+# where OpenAI's `clip` package downloads ViT-B/32 from (the hex part is the file's SHA-256)
+VIT_B_32_URL = ("https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+
+
+def load_clip_state_dict(path: str) -> dict:
+    """OpenAI's CLIP archive (ViT-B-32.pt) or a torch.save'd state dict, as an fp32 state dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no CLIP checkpoint at {path}; download OpenAI's ViT-B/32 weights from "
+                                f"{VIT_B_32_URL}")
+    sd = _state_dict(read_checkpoint(path), path)
+    # OpenAI's archives add three ints; archives traced from open_clip also carry its constant causal mask
+    sd = {k: v for k, v in sd.items()
+          if k not in ("input_resolution", "context_length", "vocab_size") and k.split(".")[-1] != "attn_mask"}
+    try:
+        CLIPConfig.from_state_dict(sd)  # validates: ResNet CLIP, missing keys
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return sd
+
+
+def load_clip(path: str, device="cpu") -> CLIP:
+    """An fp32 CLIP from an OpenAI checkpoint, the architecture read off the shapes."""
+    sd = load_clip_state_dict(path)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = CLIP(CLIPConfig.from_state_dict(sd))
+    model.load_state_dict(check_state_dict(model, sd, path)[0], assign=True)
+    return model.to(device)
+
+
 def _bert_weights_file(path: str) -> str:
-    """The weights file of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file."""
+    # the weights of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
@@ -535,27 +452,16 @@ def _bert_weights_file(path: str) -> str:
 
 
 def load_bert_state_dict(path: str) -> dict:
-    """Weights of a HF BERT folder (model.safetensors or pytorch_model.bin) under our key names, fp32.
-    Strips a leading `bert.`, drops the `cls.*` pre-training heads and the `embeddings.position_ids` buffer."""
+    """A HF BERT folder's weights under BertModel's keys, fp32: without a leading `bert.`, the `cls.*` pre-training
+    heads and the `embeddings.position_ids` buffer."""
     file = _bert_weights_file(path)
-    try:
-        if file.endswith(".safetensors"):
-            sd = read_safetensors(file)
-        else:
-            sd = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read BERT weights {file} (truncated or corrupt file?): "
-                         f"{type(e).__name__}: {e}") from e
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{file} does not hold a state dict (a dict of tensors)")
     out = {}
-    for k, v in sd.items():
+    for k, v in _state_dict(read_checkpoint(file), file).items():
         k = k.removeprefix("bert.")
         if k.startswith("cls.") or k == "embeddings.position_ids":
             continue
         # checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta; HF renames them on load
-        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        out[k] = v.float() if v.is_floating_point() else v
+        out[k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")] = v
     return out
 
 
@@ -569,6 +475,173 @@ def load_bert(path: str) -> BertModel:
     return model
 
 
+def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),
+                     optional: tuple = ()) -> tuple[dict, list]:
+    """The check before every load: (sd to load, keys dropped). Keys the model lacks with a `droppable` prefix are
+    dropped, `optional` ones may be missing; any other difference is a ValueError naming `source`."""
+    own = model.state_dict()
+    dropped = sorted(k for k in sd if k not in own and droppable and k.startswith(droppable))
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    missing = sorted(k for k in own if k not in sd and k not in optional)
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+                    if k in own and v.shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def show(keys):
+            return "[" + ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") + "]"
+        raise ValueError(f"{source} holds another architecture than this model: missing {show(missing)}; "
+                         f"unexpected {show(unexpected)}; shape mismatch {show(shapes)}")
+    return sd, dropped
+
+
+def strip_prefixes(sd: dict) -> dict:
+    """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes of wrapped models."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the original HMMC's checkpoints (state dicts of its BirdModel or BirdPreTrainedModel)
+
+# its key prefixes -> HMMC's (model.py), the first match wins
+_ORIGINAL_PREFIXES = {"visual_encoder.visual.": "video.visual.",  # OpenAI's ViT
+                      "visual_encoder.temporal_transformer.": "video.temporal.",  # CLIP blocks, TF LayerNorm
+                      "visual_encoder.frame_position_embeddings.": "video.frame_position_embeddings.",
+                      "text_encoder.chinese_encoder.": "text.bert.",  # HF BertModel
+                      "text_encoder.text_proj.": "text.text_proj.",
+                      "text_encoder.": "text."}  # OpenAI's text keys
+# dropped: the pre-training parts, and scalars that earlier commits of the original saved, which touch no embedding
+_ORIGINAL_DROPPED = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector", "cls.",
+                     "queue_")
+_ORIGINAL_SCALARS = ("logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
+
+
+def convert_original(sd: dict) -> tuple[dict, dict, list]:
+    """The original's state dict -> (the HMMCConfig fields its shapes fix, our state dict, the keys dropped)."""
+    sd = strip_prefixes(_state_dict(sd, "the original checkpoint"))
+    ours, dropped, unknown = {}, [], []
+    for k, v in sd.items():
+        old = next((p for p in _ORIGINAL_PREFIXES if k.startswith(p)), None)
+        if k.startswith(_ORIGINAL_DROPPED) or k in _ORIGINAL_SCALARS:
+            dropped.append(k)
+        elif old is None:
+            unknown.append(k)
+        elif k != "text_encoder.chinese_encoder.embeddings.position_ids":  # transformers 4.x saved it: 0..L-1
+            ours[_ORIGINAL_PREFIXES[old] + k[len(old):]] = v
+    if unknown:
+        raise ValueError(f"unrecognised keys in the original checkpoint: {unknown[:20]}"
+                         f"{' ...' if len(unknown) > 20 else ''}")
+    openai = {k[len("video."):]: v for k, v in ours.items() if k.startswith("video.visual.")}
+    arch = dict(text_encoder="clip", use_temp="video.frame_position_embeddings.weight" in ours)
+    if "text.bert.embeddings.word_embeddings.weight" in ours:
+        shape = lambda name: ours["text.bert." + name].shape
+        hidden = shape("embeddings.word_embeddings.weight")[1]
+        arch["bert"] = BertConfig(vocab_size=shape("embeddings.word_embeddings.weight")[0], hidden_size=hidden,
+                                  num_hidden_layers=_count_layers(ours, "text.bert.encoder.layer."),
+                                  num_attention_heads=max(1, hidden // 64),
+                                  intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0],
+                                  max_position_embeddings=shape("embeddings.position_embeddings.weight")[0],
+                                  type_vocab_size=shape("embeddings.token_type_embeddings.weight")[0])
+        arch.update(text_encoder="bert", clip=CLIPConfig.from_state_dict(openai, text=False))
+    else:
+        openai.update({k[len("text."):]: v for k, v in ours.items() if k.startswith("text.")})
+        arch["clip"] = CLIPConfig.from_state_dict(openai)
+    if arch["use_temp"]:
+        arch.update(temporal_layers=_count_layers(ours, "video.temporal.resblocks."),
+                    temporal_heads=max(1, arch["clip"].embed_dim // 64),
+                    max_frames=ours["video.frame_position_embeddings.weight"].shape[0])
+    return arch, ours, dropped
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# readers of two formats without their packages: OpenAI's TorchScript archives and safetensors
+
+def _is_torchscript(path: str) -> bool:
+    # both torch.save and torch.jit.save write zip files; only TorchScript ones carry a code/ folder
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split("/")[1:2] == ["code"] or name.endswith("/constants.pkl") for name in z.namelist())
+
+
+class _RefusedArchive(Exception):
+    pass
+
+
+# the storage classes a data.pkl names, as the dtypes they hold (the classes themselves are deprecated)
+_STORAGE_DTYPES = {f"{name}Storage": getattr(torch, dtype) for name, dtype in (
+    ("Half", "float16"), ("BFloat16", "bfloat16"), ("Float", "float32"), ("Double", "float64"), ("Long", "int64"),
+    ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool"))}
+
+
+class _ScriptObject:
+    """A TorchScript class (`__torch__.*`) while unpickling: keeps the attribute dict, runs nothing."""
+    state = {}
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# torch.jit._pickle's wrappers of lists of plain values, each of which returns its first argument unchanged
+_TYPED_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles data.pkl allowing only what tensors need: modules become inert _ScriptObjects, other globals fail."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch.jit._pickle" and name in _TYPED_CONTAINERS:
+            return lambda value, *type_tag: value
+        raise _RefusedArchive(f"refusing to load {module}.{name} from the archive: only tensors and TorchScript "
+                              f"modules holding them are read (this does not look like an OpenAI CLIP file)")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid  # ('storage', HalfStorage -> torch.float16, '0', 'cpu', numel)
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise _RefusedArchive(f"unknown persistent id {pid!r} in the archive")
+        data = self.archive.read(f"{self.prefix}/data/{key}")
+        untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+        if untyped.nbytes() != numel * dtype.itemsize:
+            raise _RefusedArchive(f"tensor data {key} holds {untyped.nbytes()} bytes, expected {numel} x {dtype}")
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _read_torchscript_tensors(path: str) -> dict:
+    """A TorchScript archive's {dotted name: tensor}, as ScriptModule.state_dict(), without running its code."""
+    with zipfile.ZipFile(path) as archive:
+        prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl"))[:-len("/data.pkl")]
+        root = _TensorUnpickler(archive, prefix).load()
+    sd = {}
+
+    def walk(obj, name):
+        for key, value in obj.state.items():
+            if torch.is_tensor(value):
+                sd[name + key] = value
+            elif isinstance(value, _ScriptObject):
+                walk(value, f"{name}{key}.")
+
+    if not isinstance(root, _ScriptObject):
+        raise _RefusedArchive(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    walk(root, "")
+    return sd
+
+
 # safetensors: 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, then raw bytes
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -576,8 +649,7 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def read_safetensors(path: str) -> dict:
-    """A minimal reader for the safetensors format (no dependency on the safetensors package)."""
-    assert sys.byteorder == "little", "the safetensors reader assumes a little-endian machine"
+    """The safetensors format without its package (on a little-endian machine, as the format)."""
     with open(path, "rb") as f:
         buf = bytearray(f.read())  # writable, so torch.frombuffer can share it without a warning
     if len(buf) < 8:
@@ -600,26 +672,3 @@ def read_safetensors(path: str) -> dict:
         t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + a) if count else torch.empty(0, dtype=dtype)
         sd[name] = t.reshape(shape)
     return sd
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# loading
-
-def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),
-                     optional: tuple = ()) -> tuple[dict, list]:
-    """The one check before every load: (the tensors of sd to load, the keys dropped). Keys the model lacks that start
-    with a `droppable` prefix are dropped; model keys in `optional` may be absent (they keep their init). Any other
-    missing, unexpected or differently shaped tensor means another architecture: a ValueError naming `source`."""
-    own = model.state_dict()
-    dropped = sorted(k for k in sd if k not in own and droppable and k.startswith(droppable))
-    sd = {k: v for k, v in sd.items() if k not in dropped}
-    missing = sorted(k for k in own if k not in sd and k not in optional)
-    unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-                    if k in own and v.shape != own[k].shape)
-    if missing or unexpected or shapes:
-        def show(keys):
-            return "[" + ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") + "]"
-        raise ValueError(f"{source} holds another architecture than this model: missing {show(missing)}; "
-                         f"unexpected {show(unexpected)}; shape mismatch {show(shapes)}")
-    return sd, dropped

@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-import model
 import towers
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -23,13 +22,13 @@ def tiny_cfg(**kw):
     d = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=16)
     d.update(kw)
-    return model.BertConfig(**d)
+    return towers.BertConfig(**d)
 
 
 @pytest.mark.parametrize("folder", [ST_DIR, BIN_DIR], ids=["safetensors", "bin"])
 def test_golden_outputs(folder, outputs):
     # reference: transformers' BertModel (eval mode) on ids with padding, attention_mask = ids != 0
-    bert = model.load_bert(folder).eval()
+    bert = towers.load_bert(folder).eval()
     assert bert.cfg.hidden_size == 32 and bert.cfg.num_hidden_layers == 2
     with torch.no_grad():
         last_hidden, pooled = bert(outputs["ids"], outputs["mask"])
@@ -38,15 +37,15 @@ def test_golden_outputs(folder, outputs):
 
 
 def test_both_formats_give_the_same_state_dict():
-    a, b = model.load_bert_state_dict(ST_DIR), model.load_bert_state_dict(BIN_DIR)
-    assert set(a) == set(b) == set(model.BertModel(model.BertConfig.from_json(os.path.join(ST_DIR, "config.json")))
+    a, b = towers.load_bert_state_dict(ST_DIR), towers.load_bert_state_dict(BIN_DIR)
+    assert set(a) == set(b) == set(towers.BertModel(towers.BertConfig.from_json(os.path.join(ST_DIR, "config.json")))
                                    .state_dict())
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(k.startswith(("bert.", "cls.")) or k.endswith("position_ids") for k in a)
 
 
 def test_hf_key_names():
-    keys = set(model.BertModel(tiny_cfg(num_hidden_layers=1)).state_dict())
+    keys = set(towers.BertModel(tiny_cfg(num_hidden_layers=1)).state_dict())
     for k in ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
               "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight",
               "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.bias",
@@ -68,7 +67,7 @@ def test_safetensors_reader_dtypes():
 
 def test_mask_is_respected():
     torch.manual_seed(0)
-    bert = model.BertModel(tiny_cfg()).eval()
+    bert = towers.BertModel(tiny_cfg()).eval()
     ids = torch.tensor([[2, 7, 9, 3, 0, 0], [2, 5, 3, 0, 0, 0]])
     mask = (ids != 0).long()
     ids2 = ids.clone()
@@ -87,30 +86,30 @@ def test_mask_is_respected():
 
 def test_dropout_only_in_train_mode():
     torch.manual_seed(0)
-    bert = model.BertModel(tiny_cfg(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+    bert = towers.BertModel(tiny_cfg(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
     ids = torch.randint(1, 50, (2, 8))
     bert.train()
     assert not torch.equal(bert(ids)[0], bert(ids)[0])
     bert.eval()
     assert torch.equal(bert(ids)[0], bert(ids)[0])
-    bert = model.BertModel(tiny_cfg(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    bert = towers.BertModel(tiny_cfg(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
     assert torch.equal(bert(ids)[0], bert(ids)[0])
 
 
 def test_plain_keys_and_tf_layernorm_names(outputs, tmp_path):
     # no `bert.` prefix and LayerNorm gamma/beta (TensorFlow-converted checkpoints) load the same
-    sd = model.load_bert_state_dict(ST_DIR)
+    sd = towers.load_bert_state_dict(ST_DIR)
     sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
           for k, v in sd.items()}
     shutil.copy(os.path.join(ST_DIR, "config.json"), tmp_path)
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    bert = model.load_bert(str(tmp_path)).eval()
+    bert = towers.load_bert(str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(bert(outputs["ids"], outputs["mask"])[1], outputs["pooled"], atol=1e-5, rtol=1e-5)
 
 
 def test_config_from_json(tmp_path):
-    cfg = model.BertConfig.from_json(os.path.join(ST_DIR, "config.json"))
+    cfg = towers.BertConfig.from_json(os.path.join(ST_DIR, "config.json"))
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (100, 32, 4, 64)
     with open(os.path.join(ST_DIR, "config.json")) as f:
         d = json.load(f)
@@ -118,19 +117,19 @@ def test_config_from_json(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):
-        model.BertConfig.from_json(str(path))
+        towers.BertConfig.from_json(str(path))
 
 
 # ---- bad input
 
 def test_missing_folder_config_and_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no BERT folder at .*nowhere"):
-        model.load_bert(str(tmp_path / "nowhere"))
+        towers.load_bert(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
-        model.load_bert(str(tmp_path))
+        towers.load_bert(str(tmp_path))
     shutil.copy(os.path.join(ST_DIR, "model.safetensors"), tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        model.load_bert(str(tmp_path))
+        towers.load_bert(str(tmp_path))
 
 
 def test_truncated_weights(tmp_path):
@@ -141,29 +140,29 @@ def test_truncated_weights(tmp_path):
         for blob in (data[: len(data) // 2], data[:5]):
             (tmp_path / name).write_bytes(blob)
             with pytest.raises(ValueError, match=f"{name}.*(truncated|too short)"):
-                model.load_bert(str(tmp_path))
+                towers.load_bert(str(tmp_path))
         os.remove(tmp_path / name)
 
 
 def test_mismatched_keys(tmp_path):
-    sd = model.load_bert_state_dict(ST_DIR)
+    sd = towers.load_bert_state_dict(ST_DIR)
     del sd["pooler.dense.weight"]
     sd["encoder.layer.2.output.dense.weight"] = torch.zeros(1)
     shutil.copy(os.path.join(ST_DIR, "config.json"), tmp_path)
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin.*pooler\.dense\.weight.*layer\.2\.output\.dense"):
-        model.load_bert(str(tmp_path))
+        towers.load_bert(str(tmp_path))
 
 
 def test_too_long_input():
-    bert = model.BertModel(tiny_cfg())
+    bert = towers.BertModel(tiny_cfg())
     with pytest.raises(ValueError, match="max_position_embeddings 16"):
         bert(torch.zeros(1, 17, dtype=torch.long))
 
 
 def test_bf16_autocast_keeps_mask():
     torch.manual_seed(0)
-    bert = model.BertModel(tiny_cfg()).eval()
+    bert = towers.BertModel(tiny_cfg()).eval()
     ids = torch.tensor([[2, 7, 9, 3, 0, 0], [0, 0, 0, 0, 0, 0]])
     with torch.no_grad():
         h, p = bert(ids, (ids != 0).long())

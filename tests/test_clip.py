@@ -32,7 +32,7 @@ def tiny_cfg(**kw):
              context_length=12, vocab_size=100, transformer_width=64, transformer_heads=4, transformer_layers=2,
              eot_id=99)
     d.update(kw)
-    return model.CLIPConfig(**d)
+    return towers.CLIPConfig(**d)
 
 
 def test_golden_outputs(golden, plain_path):
@@ -50,7 +50,7 @@ def test_golden_outputs(golden, plain_path):
 def test_state_dict_wrapped_in_dict(golden, tmp_path):
     path = str(tmp_path / "wrapped.pt")
     torch.save({"state_dict": golden["state_dict"]}, path)
-    sd = model.load_clip_state_dict(path)
+    sd = towers.load_clip_state_dict(path)
     assert set(sd) == set(golden["state_dict"]) and all(v.dtype == torch.float32 for v in sd.values())
 
 
@@ -91,25 +91,25 @@ OPENAI_VITS = {
 def test_openai_key_set_and_inference(name):
     embed, res, v_layers, v_width, patch, ctx, vocab, t_width, t_layers = OPENAI_VITS[name]
     expected = openai_vit_shapes(*OPENAI_VITS[name])
-    cfg = model.CLIPConfig(embed, res, v_layers, v_width, patch, ctx, vocab, t_width, t_width // 64, t_layers)
+    cfg = towers.CLIPConfig(embed, res, v_layers, v_width, patch, ctx, vocab, t_width, t_width // 64, t_layers)
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        m = model.CLIP(cfg)
+        m = towers.CLIP(cfg)
     ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert ours == expected
     # architecture inference from a state dict holding these shapes (plus the JIT archive's extra entries)
     sd = {k: torch.empty(s, device="meta") for k, s in expected.items()}
     sd.update(input_resolution=torch.tensor(res), context_length=torch.tensor(ctx), vocab_size=torch.tensor(vocab))
-    assert model.CLIPConfig.from_state_dict(sd) == cfg
+    assert towers.CLIPConfig.from_state_dict(sd) == cfg
     assert cfg.vision_heads == v_width // 64
 
 
 def test_from_state_dict_odd_sizes():
     # 42 px / patch 14 = 3x3 grid, width 96 -> 1 head, text width 192 -> 3 heads, odd layer counts, small vocab
-    cfg = model.CLIPConfig(embed_dim=24, image_resolution=42, vision_layers=3, vision_width=96, vision_patch_size=14,
+    cfg = towers.CLIPConfig(embed_dim=24, image_resolution=42, vision_layers=3, vision_width=96, vision_patch_size=14,
                            context_length=10, vocab_size=300, transformer_width=192, transformer_heads=3,
                            transformer_layers=1, eot_id=299)
-    m = model.CLIP(cfg)
-    assert model.CLIPConfig.from_state_dict(m.state_dict()) == cfg
+    m = towers.CLIP(cfg)
+    assert towers.CLIPConfig.from_state_dict(m.state_dict()) == cfg
     assert m.encode_image(torch.randn(2, 3, 42, 42)).shape == (2, 24)
     assert m.encode_text(torch.randint(0, 300, (2, 7))).shape == (2, 24)
 
@@ -141,7 +141,7 @@ def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path, monk
         traced = torch.jit.trace(archive, golden["images"].half(), check_trace=False)
     jit_path = str(tmp_path / "tiny_clip_jit.pt")
     traced.save(jit_path)
-    assert towers._clip_is_torchscript(jit_path) and not towers._clip_is_torchscript(plain_path)
+    assert towers._is_torchscript(jit_path) and not towers._is_torchscript(plain_path)
 
     def no_jit(*args, **kw):
         raise AssertionError("torch.jit.load runs the archive's code")
@@ -149,8 +149,8 @@ def test_torchscript_archive_loads_like_plain(golden, plain_path, tmp_path, monk
     monkeypatch.setattr(torch.jit, "load", no_jit)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecation notice, no TypedStorage warning
-        sd_jit = model.load_clip_state_dict(jit_path)
-    sd_plain = model.load_clip_state_dict(plain_path)
+        sd_jit = towers.load_clip_state_dict(jit_path)
+    sd_plain = towers.load_clip_state_dict(plain_path)
     assert set(sd_jit) == set(sd_plain) and "input_resolution" not in sd_jit and "attn_mask" not in sd_jit
     assert all(torch.equal(sd_jit[k], sd_plain[k]) for k in sd_plain)
     a, b = model.load_clip(jit_path), model.load_clip(plain_path)
@@ -204,14 +204,14 @@ def test_torchscript_archive_with_code_in_its_pickle_is_refused(golden, plain_pa
             if item.filename.endswith("/data.pkl"):
                 data = pickle.dumps(_Payload(marker), protocol=2)
             dst.writestr(item, data)
-    assert towers._clip_is_torchscript(str(bad))
+    assert towers._is_torchscript(str(bad))
     with pytest.raises(ValueError, match=r"evil\.pt: refusing to load posix\.system from the archive"):
-        model.load_clip_state_dict(str(bad))
+        towers.load_clip_state_dict(str(bad))
     assert not marker.exists()
 
 def test_text_tower_is_causal():
     torch.manual_seed(0)
-    m = model.TextTransformer(tiny_cfg())
+    m = towers.TextTransformer(tiny_cfg())
     ids = torch.randint(1, 99, (2, 12))
     j = 5
     ids2 = ids.clone()
@@ -263,14 +263,14 @@ def test_block_keys_and_quickgelu():
     assert block.ln_1.eps == 1e-12
     x = torch.linspace(-4, 4, 9)
     torch.testing.assert_close(towers.QuickGELU()(x), x * torch.sigmoid(1.702 * x))
-    t = model.Transformer(32, 3, 2)
+    t = towers.Transformer(32, 3, 2)
     assert [k for k in t.state_dict() if k.endswith("in_proj_weight")] == [
         f"resblocks.{i}.attn.in_proj_weight" for i in range(3)]
 
 
 def test_eot_pooling():
     torch.manual_seed(0)
-    m = model.TextTransformer(tiny_cfg())
+    m = towers.TextTransformer(tiny_cfg())
     ids = torch.tensor([[98, 5, 6, 99, 0, 0, 0, 0],     # EOT at 3
                         [98, 5, 99, 7, 99, 0, 0, 0],    # two EOTs (a literal <|endoftext|>): the first, like argmax
                         [98, 5, 9, 7, 8, 6, 0, 0],      # no EOT: argmax, as OpenAI and the original HMMC
@@ -286,7 +286,7 @@ def test_eot_pooling():
 
 def test_grad_checkpointing_same_result():
     torch.manual_seed(0)
-    m = model.CLIP(tiny_cfg())
+    m = towers.CLIP(tiny_cfg())
     images, ids = torch.randn(2, 3, 16, 16), torch.randint(1, 99, (2, 12))
     out = m.encode_image(images).sum() + m.encode_text(ids).sum()
     params = [p for n, p in m.named_parameters() if n != "logit_scale"]  # only used by forward()
@@ -300,7 +300,7 @@ def test_grad_checkpointing_same_result():
 
 
 def test_shape_errors():
-    m = model.CLIP(tiny_cfg())
+    m = towers.CLIP(tiny_cfg())
     with pytest.raises(ValueError, match="16x16"):
         m.encode_image(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="context length 12"):
@@ -374,9 +374,9 @@ def test_mismatched_keys(golden, tmp_path):
 def test_bf16_autocast():
     # fp32 weights, low-precision compute: the way train/eval call the towers (bf16 on GPU; CPU autocast here)
     torch.manual_seed(0)
-    m = model.CLIP(tiny_cfg())
+    m = towers.CLIP(tiny_cfg())
     images, ids = torch.randn(2, 3, 16, 16), torch.randint(1, 99, (2, 12))
-    t = model.Transformer(64, 1, 4, eps=1e-12)
+    t = towers.Transformer(64, 1, 4, eps=1e-12)
     x, mask = torch.randn(2, 5, 64), torch.zeros(2, 1, 5, 5)  # an fp32 additive mask, as the temporal module passes
     with torch.no_grad():
         ref = (m.encode_image(images), m.encode_text(ids), t(x, mask))

@@ -14,6 +14,7 @@ import model as hmmc_model
 import framestore
 import prepare
 from tokenizer import get_tokenizer
+import towers
 
 
 # ----------------------------------------------------------------------------- brute-force reference
@@ -503,7 +504,7 @@ def test_two_ranks_equal_one(trained, tmp_path, capfd):
 def test_zero_shot_clip_baseline(tmp_path, capsys):
     # --init_from=clip: OpenAI-layout CLIP weights (here a tiny random plain state dict), mean pooling, no temporal
     data_dir = make_dataset(str(tmp_path / "data"))
-    clip = hmmc_model.CLIP(tiny_config().clip)
+    clip = towers.CLIP(tiny_config().clip)
     clip_path = str(tmp_path / "tiny_clip.pt")
     torch.save(clip.state_dict(), clip_path)
     out = str(tmp_path / "zs.json")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import towers
 
 torch.set_num_threads(1)
 E, T, RES, VOCAB_CLIP, VOCAB_BERT = 32, 4, 16, 100, 60
@@ -561,7 +562,7 @@ def test_flops_formula():
 
 def tiny_clip_sd(seed=0):
     torch.manual_seed(seed)
-    return M.CLIP(M.CLIPConfig(**{**CLIP_CFG, "transformer_width": E, "transformer_heads": 1})).state_dict()
+    return towers.CLIP(M.CLIPConfig(**{**CLIP_CFG, "transformer_width": E, "transformer_heads": 1})).state_dict()
 
 
 def test_from_clip_and_temporal_init():
