@@ -99,8 +99,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_script(main):
-    """main(), where bad input (a ValueError or FileNotFoundError saying what to fix) ends with one `error: ...` line
-    and exit status 1 instead of a traceback."""
+    """main(); bad input (a ValueError or FileNotFoundError) ends with one `error: ...` line, not a traceback."""
     try:
         main()
     except (ValueError, FileNotFoundError) as e:

@@ -219,7 +219,7 @@ def show_results(out_dir: str, iter_num: int) -> bool:
 
 def check_step(loss: float, bad_share: float, max_bad_fraction: float, bad: list, bad_seen: set, iter_num: int,
                ddp: bool, last_good: str | None, lmdb_path: str):
-    """Stop on a NaN loss or too many unreadable videos (every rank sees the same averages); name each bad video once."""
+    """Stop on a NaN loss or too many unreadable videos (all ranks see the same averages); name each bad one once."""
     if not math.isfinite(loss):
         good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
         raise SystemExit(f"loss is {loss} at iter {iter_num}; stopping, {good}. Try a lower learning_rate or "

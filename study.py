@@ -7,12 +7,9 @@ $ python study.py config/study_synthetic.py                    # the README's fi
 $ python study.py --rows="{'base': '', 'lr': '--learning_rate=3e-4'}" --seeds="(1, 2, 3)" --plot=True
 
 A row is a train.py command line, or a tuple of them: a chain whose later stages start from the best.pt of the
-stage before (pre-training, then fine-tuning). A run is `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS
-[/stageN]` on one CPU thread, its command written beside its output (to repeat it alone); it is reused where its
-results.json came from the same command, and continued where it stopped half-way.
-
-Writes out_dir/<name>.json (settings, every run's results), <name>.md (the table) and, with plot=True,
-<name>_curves.png: training loss and val R@1 against steps per row, the mean over seeds in a min-max band.
+stage before. A run, `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]` on one CPU thread, writes
+its command beside its output; the same command reuses its results.json, or continues it where it stopped. Writes
+out_dir/<name>.json (every run's results), <name>.md (the table) and with plot=True <name>_curves.png.
 """
 
 import json
@@ -78,8 +75,9 @@ def run(cmd: list[str], folder: str) -> dict:
 
 
 def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.Lock) -> list[dict] | str:
-    """Every stage of one row at one seed, in order -> their results, or the error of a failed one. Rows that begin with the same stages share
-    them (`shared`: (seed, stages so far) -> folder and its lock): one pre-training serves every fine-tuning row."""
+    """Every stage of one row at one seed, in order -> their results, or the error of a failed one. Rows that begin
+    with the same stages share them (`shared`: (seed, stages so far) -> folder and its lock): one pre-training serves
+    every fine-tuning row."""
     row_stages, previous, out = stages(cfg["rows"][name]), None, []
     for i, args in enumerate(row_stages):
         folder = os.path.join(cfg["out_dir"], name, f"seed{seed}")
@@ -116,8 +114,8 @@ def interval(values: list[float]) -> float:
 
 
 def summarise(cfg: dict, results: dict) -> dict:
-    """results: row -> seed -> [stage results] (a failed run: an error string) -> per row, per metric: values by
-    seed, mean, sd, min, max, and the paired difference to the baseline row (mean, 95% t half-width, n)."""
+    """row -> seed -> [stage results] or an error -> per row and metric: values by seed, mean, sd, min, max, and the
+    paired difference to the baseline row (mean, 95% t half-width, n)."""
     base = cfg["baseline"] or next(iter(cfg["rows"]))
     base_done = {s: r[-1] for s, r in results[base].items() if isinstance(r, list)}
     out = {}

@@ -189,8 +189,7 @@ def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_si
 
 
 def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str) -> dict:
-    """Retrieval metrics with this run's settings. The training RNG is left where it was, so that a run that
-    evaluates continues exactly like one that does not."""
+    """Retrieval metrics with this run's settings; the RNG is left as it was (a run evaluating or not is the same)."""
     state = runs.rng_state()
     metrics = hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
                                  image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
@@ -257,8 +256,8 @@ def load_data(master: bool, ddp: bool):
 
 
 def warn_cut_captions(captions: list[str], tokenizer, sample: int = 10_000):
-    """Say when the captions do not fit context_length: the cut-off words never reach the model, and nothing
-    else would tell (a Chinese caption takes a token per character, about twice its English translation's count)."""
+    """Say when captions do not fit context_length: nothing else would tell that words never reach the model (a
+    Chinese caption takes a token per character)."""
     picked = captions if len(captions) <= sample else random.Random(0).sample(captions, sample)
     sizes = [len(tokenizer.encode(c)) + 2 for c in picked]  # + start and end tokens
     cut = sum(n > context_length for n in sizes)
@@ -269,8 +268,8 @@ def warn_cut_captions(captions: list[str], tokenizer, sample: int = 10_000):
 
 
 def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
-    """(model on the device, the checkpoint dict when resuming); a resumed run takes its checkpoint's settings. Built
-    on the CPU and then moved, so that a GPU run starts from the same weights as a CPU run."""
+    """(model on the device, the checkpoint when resuming). Built on the CPU, so that a GPU run starts from the same
+    weights as a CPU run."""
     clip_args = hmmc_model.CLIPConfig(
         embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
         vision_patch_size=vision_patch_size,
@@ -483,8 +482,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
         return
 
     if ddp:
-        # queues and BN statistics are kept identical by the model itself: rank 0 must not overwrite them at every
-        # forward; gradients live in the all-reduce buckets (one copy fewer)
+        # the model keeps its queues and BN statistics in step itself; gradients live in the all-reduce buckets
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
                     gradient_as_bucket_view=True, forward_sync_buffers=False)
     if compile:
@@ -546,11 +544,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
             optimizer.zero_grad(set_to_none=True)
             raw_model.momentum_update()  # once per optimizer step (the original: every micro-step)
 
-            # the step's only host sync, after all of its work is queued: the loss and its parts of every micro-step,
-            # this rank's share of replaced (unreadable) videos and its SIGTERM and Ctrl-C flags, averaged over ranks
-            # so that every rank sees the same values and all stop at the same step (on NaN, a signal or too many bad
-            # videos; pre-training losses are per-rank). A NaN step has already been applied, but nothing is saved
-            # after it.
+            # the step's only host sync, once its work is queued: losses, the share of unreadable videos and the
+            # SIGTERM and Ctrl-C flags, averaged over ranks so that all stop at the same step (nothing is saved after
+            # a NaN step)
             flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size),
                                   float(runs.stop[signal.SIGTERM]), float(runs.stop[signal.SIGINT])])
             stats = torch.cat([torch.stack(step_stats).mean(dim=0), flags.to(device, non_blocking=True)])
