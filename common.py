@@ -1,36 +1,31 @@
 """
-Where a script runs, shared by train.py, eval.py and bench.py: the device and torchrun's process group, autocast,
-rank-0 printing, and the raw model under the DDP and torch.compile wrappers.
+Where a script runs (train.py, eval.py, bench.py): the device and torchrun's process group, autocast, rank-0 printing.
 """
 import gc
 import os
 import sys
 import traceback
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
-# torch.distributed.nn binds the default process group into its functions' default arguments when it is imported, and
-# DDP imports it (through torch._dynamo): imported after init_process_group, it would keep the group alive past
-# destroy_process_group, with gloo's threads still running while the interpreter shuts down, where a rank could abort
-# on exit ("terminate called without an active exception", SIGABRT). Imported first, it binds None.
+# DDP imports torch.distributed.nn, which binds the default process group into default arguments: imported after
+# init_process_group, it keeps gloo's threads alive into interpreter shutdown (SIGABRT). Imported first, it binds None.
 import torch.distributed.nn  # noqa: F401
 
 
 def init_compute(device: str) -> tuple[bool, int, int, str]:
-    """(ddp, rank, world_size, device). A run is distributed when torchrun set RANK: each rank then takes its local
-    GPU (NCCL) or shares the CPU cores with the other local ranks (gloo). TF32 matmuls are switched on for CUDA."""
+    """(ddp, rank, world_size, device). Under torchrun each rank takes its local GPU (NCCL) or a share of the CPU
+    cores (gloo)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world_size = 0, 1
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if ddp:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         store = None
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # torchrun keeps one store across --max-restarts attempts: without a prefix per attempt, a restarted
-            # group can read the previous attempt's addresses (and fail to connect, or hang)
+            # torchrun keeps one store across --max-restarts: a restart must not read the last attempt's addresses
             store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", dist.TCPStore(
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False))
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", store=store, rank=rank,
@@ -44,11 +39,9 @@ def init_compute(device: str) -> tuple[bool, int, int, str]:
 
 
 def set_cpu_threads(device: str) -> int:
-    """One intra-op thread on a CPU, unless OMP_NUM_THREADS or OMP_WAIT_POLICY=PASSIVE is set; returns the count.
-    torch's OpenMP threads spin at every barrier, so when another process holds one of the cores each op waits for a
-    descheduled thread: beside a CPU hog on 2 cores the tiny run made 89-105 videos/s with 2 threads, 175-195 with
-    one (docs/performance.md). A single thread never waits; OMP_WAIT_POLICY=PASSIVE (read when torch loads, so set
-    before python starts) makes waiting threads sleep, and then every core can be used safely."""
+    """One thread on a CPU unless OMP_NUM_THREADS or OMP_WAIT_POLICY=PASSIVE is set: spinning OpenMP threads wait for
+    any descheduled one (beside a CPU hog the tiny run made 89-105 videos/s with 2 threads, 175-195 with one;
+    docs/performance.md)."""
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ and not passive:
         if torch.get_num_threads() > 1:
@@ -59,19 +52,13 @@ def set_cpu_threads(device: str) -> int:
 
 
 def cleanup_compute():
-    """End the process group while every rank is alive and in step, so that its gloo threads are joined here and not
-    during interpreter shutdown: a thread still releasing a collective's tensors then needs the GIL of a finalising
-    interpreter, and the rank aborts on exit ("terminate called without an active exception", SIGABRT). The group
-    ends only when nothing holds it: on an exception's way out, the DDP wrapper is still a local of the frames it
-    left, so their locals are cleared first."""
+    """End the process group while every rank is alive: gloo's threads left to interpreter shutdown abort it. The
+    frames an exception left hold the DDP wrapper, and so the group: their locals are cleared first."""
     if dist.is_available() and dist.is_initialized():
-        if sys.exc_info()[2] is not None:
-            traceback.clear_frames(sys.exc_info()[2])
+        traceback.clear_frames(sys.exc_info()[2])
         gc.collect()  # the DDP wrapper can sit in reference cycles
-        try:
+        with suppress(Exception):
             dist.barrier()
-        except Exception:
-            pass
         dist.destroy_process_group()
 
 
@@ -84,13 +71,11 @@ def autocast(device: str, dtype):
 
 
 def is_master() -> bool:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", 0)) == 0
+    ddp = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank() if ddp else int(os.environ.get("RANK", 0))) == 0
 
 
 def print0(*args, **kwargs):
-    """print on rank 0 only: one line per event, not one per GPU."""
     if is_master():
         print(*args, **kwargs, flush=True)
 
@@ -101,11 +86,10 @@ _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "
 
 
 def peak_flops(device_type: str) -> float | None:
-    """The GPU's peak for MFU; None on a CPU (no meaningful peak: MFU is left out) or an unknown GPU."""
+    """The GPU's peak for MFU; None on a CPU (MFU is left out) or an unknown GPU."""
     if device_type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+    return next((v for k, v in _PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -116,8 +100,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_script(main):
-    """Run a script's main(): bad input (a ValueError or FileNotFoundError whose message says what to fix) ends
-    with one `error: ...` line on stderr and exit status 1 instead of a traceback."""
+    """main(); bad input (a ValueError or FileNotFoundError) ends with one `error: ...` line, not a traceback."""
     try:
         main()
     except (ValueError, FileNotFoundError) as e:

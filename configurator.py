@@ -1,15 +1,12 @@
 """
-The configurator: defaults (the globals at the top of a script) <- config files <- --key=value overrides.
-Every script (train.py, eval.py, bench.py, each `prepare.py` command) reads its command line through `configure`.
+The configurator of every script: defaults (the globals at the top of a script) <- config files <- --key=value.
 
     $ python train.py config/finetune_msrvtt.py --batch_size=32 --learning_rate=3e-5
 
-A bare argument is a config file, plain Python whose assignments override the defaults; `--key=value` overrides
-one key, the value read with `ast.literal_eval` and kept as a string when that fails. Arguments apply in order, so
-a later one wins. Every key must already exist (a typo names its close matches instead of silently creating an
-unused global), and every value must have the default's type: an int is accepted for a float, `true`/`false` for a
-bool (and a bare `--flag` means True), and a key whose default is None takes anything. `--help` prints every key
-with its default and the comment beside it in the defaults block.
+A bare argument is a config file (plain Python); `--key=value` is read with `ast.literal_eval`, else kept as a
+string. A later argument wins. A typo of a key names its close matches instead of creating an unused global, and a
+value must have the default's type (an int does for a float, `true`/`false` and a bare `--flag` for a bool; a None
+default takes anything). `--help` lists every key with its default and the comment beside it.
 """
 
 import ast
@@ -42,27 +39,18 @@ def _close_file(path: str) -> str:
 
 
 def _check_type(key: str, value, default, source: str):
-    """Return `value` converted to the type of `default`, or raise a ValueError saying what was expected."""
+    """`value` as the type of `default`, or a ValueError saying what was expected."""
     if default is None:  # optional settings (a path or nothing) take any value
         return value
-    expected = type(default)
-    if isinstance(default, bool):  # bool before int: bool is a subclass of int
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, (tuple, list)):
-        if isinstance(value, (tuple, list)):
-            return expected(value)
-    elif isinstance(value, expected):
+    if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)
+    if isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool):  # bool is an int
         return value
-    raise ValueError(f"{source}: {key} expects {expected.__name__} (default {default!r}), "
+    raise ValueError(f"{source}: {key} expects {type(default).__name__} (default {default!r}), "
                      f"got {type(value).__name__} {value!r}")
 
 

@@ -1,20 +1,14 @@
 """
-A run lives in its out_dir, and the command that started it continues it (torchrun --max-restarts, requeued jobs).
-train.py calls: start_or_resume (a new run, or the checkpoint and settings of the run there; another run's folder is
-refused with the settings that differ), checkpoint and restore (everything an exact resume needs), save_checkpoint
-(ckpt.pt and its sha256, the one before kept as ckpt.prev.pt, the fallback when ckpt.pt fails its checksum) and
-catch_signals (SIGTERM or Ctrl-C set stop[...]; the loop then saves after the current step and exits with PREEMPTED or
-INTERRUPTED).
+A run lives in its out_dir, and the command that started it continues it (torchrun --max-restarts, requeued jobs):
+start_or_resume, checkpoints with a checksum and the one before as a fallback, SIGTERM and Ctrl-C after a step.
 """
 import hashlib
 import json
 import math
 import os
-import random
 import signal
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -35,11 +29,9 @@ RUN_FILES = ("ckpt.pt", "ckpt.pt.sha256", "ckpt.prev.pt", "ckpt.prev.pt.sha256",
 
 
 def start_or_resume(config: dict, given: set, defaults: dict) -> tuple[dict, str | None]:
-    """(the run's settings, the checkpoint to resume from or None for a new run), from out_dir's state:
-    - init_from="resume": the checkpoint's settings; a setting given here that would change the run is refused, the
-      RESUME_OVERRIDABLE ones are taken (and said);
-    - a new run: auto_resume continues a checkpoint of the same settings instead, and another run's checkpoint is
-      refused unless overwrite=True (which deletes that run's files)."""
+    """(the run's settings, the checkpoint to resume from or None). init_from="resume" refuses a given setting that
+    would change the run; a new run continues a checkpoint of the same settings (auto_resume) and refuses another
+    run's unless overwrite=True."""
     folder, forced = config["out_dir"], config["init_from"] == "resume"
     if config["eval_only"] and not forced:  # writes nothing
         return config, None
@@ -85,8 +77,8 @@ def start_or_resume(config: dict, given: set, defaults: dict) -> tuple[dict, str
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    """The newest usable checkpoint in the folder (ckpt.pt, else ckpt.prev.pt), saying why one is passed over;
-    None when there is none. Checkpoints that are all unusable end the run: that needs a person."""
+    """ckpt.pt, else ckpt.prev.pt, saying why one is passed over; None where there is none. Checkpoints that are all
+    unusable end the run: that needs a person."""
     problems = []
     for path in (os.path.join(folder, "ckpt.pt"), os.path.join(folder, "ckpt.prev.pt")):
         if not os.path.exists(path):
@@ -103,8 +95,8 @@ def latest_checkpoint(folder: str) -> str | None:
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """Why the checkpoint at path cannot be resumed from, or None. The file is hashed and opened (memory-mapped, so
-    the tensors are not read); one without a .sha256 (written by hand) is trusted when it opens."""
+    """Why the checkpoint cannot be resumed from, or None; one without a .sha256 (written by hand) is trusted when it
+    opens (memory-mapped: the tensors are not read)."""
     if os.path.exists(path + ".sha256"):
         with open(path + ".sha256") as f:
             if f.read().strip() != sha256_file(path):
@@ -129,8 +121,8 @@ def sha256_file(path: str) -> str:
 
 
 def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
-    """Write path and path.sha256, moving the last ones to ckpt.prev.pt(.sha256). Everything goes to .tmp first, and
-    the renames leave at any moment at least one complete checkpoint whose checksum matches."""
+    """Write path and path.sha256 through .tmp files, the last ones kept as ckpt.prev.pt(.sha256): at any moment one
+    complete checkpoint matches its checksum."""
     prev = path.replace("ckpt.pt", "ckpt.prev.pt")
     torch.save(ckpt, path + ".tmp")
     with open(path + ".sha256.tmp", "w") as f:
@@ -144,8 +136,7 @@ def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
 
 
 def checkpoint(model, optimizer, scaler, config: dict, **position) -> dict:
-    """Everything a resumed run needs to continue exactly (position: iter_num, epoch, step_in_epoch, best_r1); plain
-    types and tensors only, so that torch.load(weights_only=True) reads it."""
+    """Everything an exact resume needs, as plain types and tensors (torch.load(weights_only=True) reads it)."""
     return {"model": model.state_dict(), "optimizer": pack_zero_rows(optimizer.state_dict()),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": model.cfg.to_dict(),
             "config": config, **position, "rng": rng_state()}
@@ -161,9 +152,8 @@ def restore(ckpt: dict, optimizer, scaler) -> tuple[int, int, int, float]:
 
 
 def pack_zero_rows(optimizer_state: dict) -> dict:
-    """The optimizer's state dict with every matrix that is zero in most of its rows stored as its other rows and
-    their indices. AdamW's moments of a token embedding stay exactly zero in the row of every token the data never
-    holds: 49,390 of CLIP's 49,408 on the synthetic captions, 25 of the 44 MB a checkpoint took."""
+    """Each matrix of the optimizer's state that is zero in most rows as its other rows and their indices: AdamW's
+    moments of a token embedding stay zero for every token the data never holds (25 of 44 MB on the synthetic set)."""
     state = {}
     for i, tensors in optimizer_state["state"].items():
         state[i] = dict(tensors)
@@ -189,19 +179,14 @@ def unpack_zero_rows(optimizer_state: dict) -> dict:
 
 
 def rng_state() -> dict:
-    """Every RNG the run draws from, as tensors and lists only."""
-    py, np_state = random.getstate(), np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]], "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *map(int, np_state[2:4]), float(np_state[4])]}
+    """torch's RNGs, the only ones a run draws from (the data's draws are functions of seed, epoch and index)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict):
-    py, np_state = state["python"], state["numpy"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -218,7 +203,7 @@ def trim_log(path: str, iter_num: int):
 
 
 def show_results(out_dir: str, iter_num: int) -> bool:
-    """Where results.json reports iter_num (a finished run started again): print it and return True."""
+    """A finished run started again: print its results.json and return True."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
         return False
@@ -227,16 +212,14 @@ def show_results(out_dir: str, iter_num: int) -> bool:
     if results.get("iter") != iter_num:
         return False
     print0(f"the run in {out_dir}/ is finished (iter {iter_num}, results in {path}); nothing to do")
-    for r in (results, results.get("best_on_test")):
-        if r:
-            print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
+    for r in filter(None, (results, results.get("best_on_test"))):
+        print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
     return True
 
 
 def check_step(loss: float, bad_share: float, max_bad_fraction: float, bad: list, bad_seen: set, iter_num: int,
                ddp: bool, last_good: str | None, lmdb_path: str):
-    """Stop on a NaN loss or on too many unreadable videos (every rank sees the same averages, and all stop at the
-    same step); report each unreadable video once."""
+    """Stop on a NaN loss or too many unreadable videos (all ranks see the same averages); name each bad one once."""
     if not math.isfinite(loss):
         good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
         raise SystemExit(f"loss is {loss} at iter {iter_num}; stopping, {good}. Try a lower learning_rate or "
@@ -262,7 +245,7 @@ _owner = None  # the training process: its data loader workers inherit the handl
 
 def _on_signal(signum, frame):
     """SIGTERM and the first Ctrl-C ask for a checkpoint after the current step; a second Ctrl-C stops at once (a
-    save it interrupts leaves the previous checkpoint: files are written to .tmp and renamed)."""
+    save it interrupts leaves the previous checkpoint)."""
     if os.getpid() != _owner:  # a data loader worker: a terminal sends Ctrl-C to every process of the job
         return
     if signum == signal.SIGINT and stop[signum]:
@@ -274,7 +257,6 @@ def _on_signal(signum, frame):
 
 @contextmanager
 def catch_signals(*signums):
-    """Handle the signals with stop[...] while the block runs; the handlers of before are back after it."""
     global _owner
     _owner = os.getpid()
     before = {s: signal.signal(s, _on_signal) for s in signums}
@@ -287,10 +269,8 @@ def catch_signals(*signums):
 
 
 def fault_injection(rank: int, iter_num: int):
-    """For the tests: HMMC_TEST_SIGNAL="rank:iter:SIGNAL:marker" makes that rank send itself the signal (KILL, TERM,
-    INT) at the start of optimizer step `iter` when the marker file is absent, creating it first, so that a restarted
-    run goes through. SIGNAL@group sends it to the process group, as a terminal sends Ctrl-C to every process of its
-    job (data loader workers too); several specs are separated by ";"."""
+    """For the tests: HMMC_TEST_SIGNAL="rank:iter:SIGNAL[@group]:marker[;...]" makes that rank send the signal to
+    itself (or its process group, as a terminal does) at step `iter` once, while the marker file does not exist."""
     for spec in filter(None, os.environ.get("HMMC_TEST_SIGNAL", "").split(";")):
         r, it, name, marker = spec.split(":", 3)
         if int(r) == rank and int(it) == iter_num and not os.path.exists(marker):

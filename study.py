@@ -1,21 +1,15 @@
 """
-Experiments over seeds: run every row of a table (a set of train.py settings) at several seeds, two runs at a time,
-and print the mean, standard deviation and range of each metric, and each row's difference to the baseline row,
-seed by seed. A researcher's way to tell a change from a seed.
+Experiments over seeds: every row of a table (a set of train.py settings) at several seeds, two runs at a time ->
+each metric's mean, standard deviation and range, and each row's difference to the baseline row seed by seed: a
+researcher's way to tell a change from a seed.
 
 $ python study.py config/study_synthetic.py                    # the README's first table: 5 seeds x 4 rows
 $ python study.py --rows="{'base': '', 'lr': '--learning_rate=3e-4'}" --seeds="(1, 2, 3)" --plot=True
 
-A row is one train.py command line (config files and --key=value, as typed after `python train.py`), or a tuple of
-them: a chain whose every later stage starts from the stage before's best.pt, the weights its results.json reports
-(pre-training, then fine-tuning). Every run is `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]`
-with one CPU thread: the command is printed and written beside its output, so any run can be repeated alone. A run
-whose results.json was written by the same command is reused; one that stopped half-way continues (train.py
-resumes it).
-
-Writes out_dir/study.json (settings, every run's results) and out_dir/study.md (the table); with plot=True also
-out_dir/study_curves.png: training loss and val R@1 against steps, per row, mean over seeds with a band from min to
-max. Another `name` writes another table's files beside them, reusing the runs the tables share.
+A row is a train.py command line, or a tuple of them: a chain whose later stages start from the best.pt of the
+stage before. A run, `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]` on one CPU thread, writes
+its command beside its output; the same command reuses its results.json, or continues it where it stopped. Writes
+out_dir/<name>.json (every run's results), <name>.md (the table) and with plot=True <name>_curves.png.
 """
 
 import json
@@ -53,19 +47,6 @@ def stages(row) -> list[str]:
     return [row] if isinstance(row, str) else list(row)
 
 
-def run_folder(cfg: dict, name: str, seed: int, stage: int, n_stages: int) -> str:
-    folder = os.path.join(cfg["out_dir"], name, f"seed{seed}")
-    return os.path.join(folder, f"stage{stage + 1}") if n_stages > 1 else folder
-
-
-def command(args: str, seed: int, folder: str, previous: str | None, extra: str) -> list[str]:
-    """The train.py command line of one run (the interpreter and script path left out)."""
-    cmd = shlex.split(args)
-    if previous:  # a later stage of a chain starts from the weights the stage before reported (results.json)
-        cmd.append(f"--init_from={os.path.join(previous, 'best.pt')}")
-    return [*cmd, *shlex.split(extra), f"--seed={seed}", f"--out_dir={folder}"]
-
-
 def run(cmd: list[str], folder: str) -> dict:
     """One train.py run (reused when its results.json came from the same command) -> its results.json, with the
     command and the minutes it took. A failure raises a one-line error naming the run and its log."""
@@ -93,16 +74,27 @@ def run(cmd: list[str], folder: str) -> dict:
                 "reused": False}
 
 
-def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.Lock) -> list[dict]:
-    """Every stage of one row at one seed, in order -> their results. Rows that begin with the same stages share
-    them (`shared`: (seed, stages so far) -> folder and its lock): one pre-training serves every fine-tuning row."""
+def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.Lock) -> list[dict] | str:
+    """Every stage of one row at one seed, in order -> their results, or the error of a failed one. Rows that begin
+    with the same stages share them (`shared`: (seed, stages so far) -> folder and its lock): one pre-training serves
+    every fine-tuning row."""
     row_stages, previous, out = stages(cfg["rows"][name]), None, []
     for i, args in enumerate(row_stages):
+        folder = os.path.join(cfg["out_dir"], name, f"seed{seed}")
+        if len(row_stages) > 1:
+            folder = os.path.join(folder, f"stage{i + 1}")
         with lock:
-            folder, busy = shared.setdefault((seed, tuple(row_stages[:i + 1])), (
-                run_folder(cfg, name, seed, i, len(row_stages)), threading.Lock()))
-        with busy:  # another row running the same stage: wait for it, then reuse its results
-            out.append(run(command(args, seed, folder, previous, cfg["train_args"]), folder))
+            folder, busy = shared.setdefault((seed, tuple(row_stages[:i + 1])), (folder, threading.Lock()))
+        cmd = shlex.split(args)
+        if previous:  # a later stage starts from the weights the stage before reported (results.json)
+            cmd.append(f"--init_from={os.path.join(previous, 'best.pt')}")
+        cmd += [*shlex.split(cfg["train_args"]), f"--seed={seed}", f"--out_dir={folder}"]
+        try:
+            with busy:  # another row running the same stage: wait for it, then reuse its results
+                out.append(run(cmd, folder))
+        except RuntimeError as e:
+            print(f"error: row {name} seed {seed}: {e}", flush=True)
+            return str(e)
         previous = folder
     return out
 
@@ -118,41 +110,36 @@ def interval(values: list[float]) -> float:
     n = len(values)
     if n < 2:
         return float("nan")
-    t = T95.get(n - 1) or T95[max(k for k in T95 if k <= n - 1)]
-    return t * mean_sd(values)[1] / math.sqrt(n)
-
-
-def metric(result: dict, key: tuple) -> float:
-    return result[key[0]][key[1]]
+    return T95[max(k for k in T95 if k < n)] * mean_sd(values)[1] / math.sqrt(n)
 
 
 def summarise(cfg: dict, results: dict) -> dict:
-    """results: row -> seed -> [stage results] (a failed run: an error string) -> per row, per metric: values by
-    seed, mean, sd, min, max, and the paired difference to the baseline row (mean, 95% t half-width, n)."""
+    """row -> seed -> [stage results] or an error -> per row and metric: values by seed, mean, sd, min, max, and the
+    paired difference to the baseline row (mean, 95% t half-width, n)."""
     base = cfg["baseline"] or next(iter(cfg["rows"]))
+    base_done = {s: r[-1] for s, r in results[base].items() if isinstance(r, list)}
     out = {}
     for name, by_seed in results.items():
-        done = {s: r[-1] for s, r in by_seed.items() if isinstance(r, list)}  # the last stage's results
-        row = {"seeds": sorted(done), "failed": {s: r for s, r in by_seed.items() if isinstance(r, str)},
-               "stages": len(stages(cfg["rows"][name])), "metrics": {}}
-        if done:
-            last = [done[s] for s in row["seeds"]]
-            row["steps"] = [sum(st["iter"] for st in by_seed[s]) for s in row["seeds"]]
-            row["stage_steps"] = [[st["iter"] for st in by_seed[s]] for s in row["seeds"]]
-            row["videos"] = [sum(st.get("videos_seen", 0) for st in by_seed[s]) for s in row["seeds"]]
-            row["minutes"] = mean_sd([sum(st["time_s"] for st in by_seed[s]) / 60 for s in row["seeds"]])[0]
-            if row["stages"] > 1:  # what the first stage alone gives, e.g. a pre-trained checkpoint before fine-tuning
-                row["first_stage_t2v_R1"] = mean_sd([by_seed[s][0]["t2v"]["R1"] for s in row["seeds"]])
-            for key in METRICS:
-                values = [metric(r, key) for r in last]
-                m, sd = mean_sd(values)
-                entry = {"values": values, "mean": m, "sd": sd, "min": min(values), "max": max(values)}
-                paired = [metric(done[s], key) - metric(results[base][s][-1], key) for s in row["seeds"]
-                          if isinstance(results[base].get(s), list)]
-                if name != base and paired:
-                    entry["diff"] = {"mean": mean_sd(paired)[0], "pm": interval(paired), "n": len(paired)}
-                row["metrics"]["_".join(key)] = entry
-        out[name] = row
+        done = {s: r for s, r in by_seed.items() if isinstance(r, list)}
+        seeds = sorted(done)
+        row = out[name] = {"seeds": seeds, "failed": {s: r for s, r in by_seed.items() if isinstance(r, str)},
+                           "stages": len(stages(cfg["rows"][name])), "metrics": {}}
+        if not done:
+            continue
+        row["steps"] = [sum(st["iter"] for st in done[s]) for s in seeds]
+        row["stage_steps"] = [[st["iter"] for st in done[s]] for s in seeds]
+        row["videos"] = [sum(st.get("videos_seen", 0) for st in done[s]) for s in seeds]
+        row["minutes"] = mean_sd([sum(st["time_s"] for st in done[s]) / 60 for s in seeds])[0]
+        if row["stages"] > 1:  # what the first stage alone gives, e.g. a pre-trained checkpoint before fine-tuning
+            row["first_stage_t2v_R1"] = mean_sd([done[s][0]["t2v"]["R1"] for s in seeds])
+        for split, r in METRICS:
+            values = [done[s][-1][split][r] for s in seeds]
+            m, sd = mean_sd(values)
+            entry = row["metrics"][f"{split}_{r}"] = {"values": values, "mean": m, "sd": sd, "min": min(values),
+                                                      "max": max(values)}
+            paired = [done[s][-1][split][r] - base_done[s][split][r] for s in seeds if s in base_done]
+            if name != base and paired:
+                entry["diff"] = {"mean": mean_sd(paired)[0], "pm": interval(paired), "n": len(paired)}
     return out
 
 
@@ -161,31 +148,28 @@ def fmt(x: float) -> str:
 
 
 def markdown(cfg: dict, summary: dict) -> str:
-    base = cfg["baseline"] or next(iter(cfg["rows"]))
-    names = ["_".join(k) for k in METRICS]
-    heads = [f"{split.upper()} R@{r[1:]}" for split, r in METRICS]
-    # chains: the first stage's own T2V R@1 (e.g. a pre-trained checkpoint before fine-tuning: the weights the next
-    # stage starts from), and steps stage by stage ("750+1122")
+    # chains also show the first stage's own T2V R@1 (the weights the next stage starts from), and their steps
+    # stage by stage ("750+1122")
     chains = any(row["stages"] > 1 for row in summary.values())
-    first = " | T2V R@1 after stage 1" if chains else ""
-    lines = ["| row | seeds | " + " | ".join(f"{h} mean ± sd (min-max)" for h in heads)
-             + f" | T2V R@1 - {base} (95% CI){first} | steps | videos | minutes |",
-             "|---|---|" + "---|" * (len(names) + chains) + "---|---|---|---|"]
+    heads = [f"{split.upper()} R@{r[1:]} mean ± sd (min-max)" for split, r in METRICS]
+    heads += [f"T2V R@1 - {cfg['baseline'] or next(iter(cfg['rows']))} (95% CI)"]
+    heads += ["T2V R@1 after stage 1"] * chains + ["steps", "videos", "minutes"]
+    lines = ["| row | seeds | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
     for name, row in summary.items():
         if not row["metrics"]:
-            lines.append(f"| {name} | 0 | " + " | ".join("failed" for _ in names) + " | -" * (4 + chains) + " |")
-            continue
-        cells = [f"{fmt(e['mean'])} ± {fmt(e['sd'])} ({fmt(e['min'])}-{fmt(e['max'])})"
-                 for e in (row["metrics"][n] for n in names)]
-        diff = row["metrics"]["t2v_R1"].get("diff")
-        d = f"{diff['mean']:+.1f} ± {fmt(diff['pm'])} (n={diff['n']})" if diff else "-"
-        if chains:
-            m_sd = row.get("first_stage_t2v_R1")
-            d += f" | {fmt(m_sd[0])} ± {fmt(m_sd[1])}" if m_sd else " | -"
-        steps = "/".join(sorted({"+".join(map(str, st)) for st in row["stage_steps"]}))
-        videos = "/".join(map(str, sorted(set(row["videos"]))))
-        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) +
-                     f" | {d} | {steps} | {videos} | {row['minutes']:.1f} |")
+            cells = ["failed"] * len(METRICS) + ["-"] * (len(heads) - len(METRICS))
+        else:
+            cells = [f"{fmt(e['mean'])} ± {fmt(e['sd'])} ({fmt(e['min'])}-{fmt(e['max'])})"
+                     for e in row["metrics"].values()]
+            diff = row["metrics"]["t2v_R1"].get("diff")
+            cells.append(f"{diff['mean']:+.1f} ± {fmt(diff['pm'])} (n={diff['n']})" if diff else "-")
+            if chains:
+                first = row.get("first_stage_t2v_R1")
+                cells.append(f"{fmt(first[0])} ± {fmt(first[1])}" if first else "-")
+            cells.append("/".join(sorted({"+".join(map(str, st)) for st in row["stage_steps"]})))
+            cells.append("/".join(map(str, sorted(set(row["videos"])))))
+            cells.append(f"{row['minutes']:.1f}")
+        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -204,15 +188,12 @@ def plot_curves(results: dict, path: str):
         curves = {"loss": {}, "r1": {}}  # kind -> iter -> values over seeds
         for stage_results in done:
             offset = 0
-            for stage in stage_results:
-                last = 0
+            for stage in stage_results:  # a chain's stages one after the other
                 with open(os.path.join(stage["folder"], "log.jsonl")) as f:
                     for rec in map(json.loads, f):
-                        kind = "r1" if "val" in rec else "loss"
-                        value = rec["val"]["t2v"]["R1"] if kind == "r1" else rec["loss"]
+                        kind, value = ("r1", rec["val"]["t2v"]["R1"]) if "val" in rec else ("loss", rec["loss"])
                         curves[kind].setdefault(offset + rec["iter"], []).append(value)
-                        last = rec["iter"]
-                offset += last  # a chain's stages one after the other
+                offset += stage["iter"]
         for ax, kind in ((ax_loss, "loss"), (ax_r1, "r1")):
             steps = sorted(curves[kind])
             if not steps:
@@ -233,9 +214,9 @@ def plot_curves(results: dict, path: str):
 def main(argv=None):
     cfg = configurator.configure({k: globals()[k] for k in config_keys}, sys.argv[1:] if argv is None else argv,
                                  prog="study.py", descriptions=configurator.describe(__file__))
-    if not cfg["rows"] or not all(isinstance(r, str) or (isinstance(r, tuple) and r and
-                                                           all(isinstance(s, str) for s in r))
-                                  for r in cfg["rows"].values()):
+    valid = [isinstance(r, (str, tuple)) and stages(r) and all(isinstance(s, str) for s in stages(r))
+             for r in cfg["rows"].values()]
+    if not cfg["rows"] or not all(valid):
         raise ValueError("rows: expected {name: 'train.py arguments'} (or a tuple of argument strings for a chain), "
                          f"got {cfg['rows']!r}")
     if cfg["baseline"] and cfg["baseline"] not in cfg["rows"]:
@@ -245,18 +226,9 @@ def main(argv=None):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     # row by row: rows that share their first stages find them done, rather than waiting for them
     jobs = [(name, seed) for name in cfg["rows"] for seed in cfg["seeds"]]
-
     shared, lock = {}, threading.Lock()
-
-    def job(name_seed):
-        try:
-            return run_row_seed(cfg, *name_seed, shared, lock)
-        except RuntimeError as e:
-            print(f"error: row {name_seed[0]} seed {name_seed[1]}: {e}", flush=True)
-            return str(e)
-
     with ThreadPoolExecutor(cfg["workers"]) as pool:  # threads only wait for their train.py processes
-        done = dict(zip(jobs, pool.map(job, jobs)))
+        done = dict(zip(jobs, pool.map(lambda job: run_row_seed(cfg, *job, shared, lock), jobs)))
     results = {name: {seed: done[name, seed] for seed in cfg["seeds"]} for name in cfg["rows"]}
     summary = summarise(cfg, results)
     table = markdown(cfg, summary)

@@ -1,15 +1,15 @@
 """
 Train HMMC: fine-tune from CLIP or a pre-trained checkpoint on text-video pairs, or pre-train with momentum
-contrast on CHVTT. With no arguments it prepares the built-in synthetic dataset, trains a tiny model on CPU in a
-few minutes and prints retrieval metrics. `python train.py --help` lists every setting with its default.
+contrast on CHVTT. With no arguments it trains a tiny model on the built-in synthetic dataset on CPU in a few
+minutes. `python train.py --help` lists every setting with its default.
 
 $ python train.py                                                  # the embedded default (config/synthetic.py)
 $ python train.py config/finetune_msrvtt.py --batch_size=64 --gradient_accumulation_steps=4
 $ torchrun --standalone --nproc_per_node=8 train.py config/pretrain_chvtt.py
 $ python train.py --init_from=resume --out_dir=out-synthetic      # continue where a run stopped, exactly
 
-Writes out_dir/ckpt.pt (to resume), best.pt (best val R@1, the weights only), log.jsonl (a JSON line per log
-interval) and results.json (test metrics at the end). The same command continues its run: runs.py.
+Writes out_dir/ckpt.pt (to resume), best.pt (best val R@1, weights only), log.jsonl and results.json (test
+metrics); the same command continues its run (runs.py).
 """
 
 import dataclasses
@@ -23,7 +23,6 @@ import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -136,9 +135,8 @@ BETAS, EPS = (0.9, 0.98), 1e-6  # CLIP's AdamW
 
 
 def get_lr(it: int, t_total: float, warmup: float) -> float:
-    """HMMC's warmup_cosine factor for optimizer step `it` (0-based): x = it / t_total, f = x / w during warm-up,
-    then 0.5 (1 + cos(pi x)) over the whole range (not rescaled after warm-up, so it drops from 1 to
-    0.5 (1 + cos(pi w)) when warm-up ends, as released). The first step gets 0."""
+    """HMMC's warmup_cosine factor of step `it`: x = it / t_total rises as x / warmup, then 0.5 (1 + cos(pi x)) over
+    the whole range, not rescaled after warm-up (so it drops when warm-up ends), as released."""
     x = it / t_total
     if x < warmup:
         return x / warmup
@@ -151,9 +149,8 @@ def schedule_length(steps_per_epoch: int, gradient_accumulation_steps: int, epoc
 
 
 def epoch_batches(num_items: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list:
-    """This rank's index lists for one epoch. The permutation depends only on seed + epoch, so every rank (and a
-    resumed run) sees the same order; each global batch is cut into world_size contiguous slices, so W ranks x B/W
-    videos are exactly the one-process batch of B and results do not depend on the number of ranks. The tail that
+    """This rank's index lists for one epoch: contiguous slices of each global batch of one permutation of seed +
+    epoch, so W ranks x B/W videos are the one-process batch of B and a resumed run sees the same order. The tail that
     does not fill a global batch is dropped (every rank must contribute equal rows to the all-gather)."""
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     per_rank = batch_size // world_size
@@ -164,7 +161,7 @@ def epoch_batches(num_items: int, batch_size: int, world_size: int, rank: int, s
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int):
     """(micro-batch on the device, (epoch, step_in_epoch) after it, the videos replaced in it as unreadable) from a
     data position on. Frames travel as uint8 (the model normalises them); on CUDA the next batch is copied on a side
-    stream while the current step runs, and the augmentation the loader drew is applied on the device."""
+    stream while the current step runs. The augmentation the loader drew is applied on the device."""
     copy_stream = torch.cuda.Stream() if device.startswith("cuda") else None
     ahead, epoch, step = None, start_epoch, start_step
     while epoch < epochs:
@@ -176,34 +173,24 @@ def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_si
             generator=torch.Generator().manual_seed(seed + 1000 * epoch + rank))
         for batch in loader:
             step += 1
-            moved = {k: v for k, v in batch.items() if torch.is_tensor(v)}
             with torch.cuda.stream(copy_stream) if copy_stream else nullcontext():
-                moved = {k: v.to(device, non_blocking=copy_stream is not None) for k, v in moved.items()}
-                done = torch.cuda.Event() if copy_stream else None
-                if done:
-                    done.record()
+                moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             if ahead is not None:
                 yield ahead
-            ahead = (_wait_for_copy(moved, done), (epoch, step), [b for b in batch.get("bad", []) if b])
+            if copy_stream:  # the step before is queued: the compute stream waits for this copy, the only one issued
+                torch.cuda.current_stream().wait_stream(copy_stream)
+                for v in moved.values():
+                    v.record_stream(torch.cuda.current_stream())  # the copy stream's memory is ours until the step
+            if "augment" in moved:
+                moved["video"] = prepare.augment_frames(moved["video"], moved.pop("augment"))
+            ahead = (moved, (epoch, step), [b for b in batch.get("bad", []) if b])
         epoch, step = epoch + 1, 0
     if ahead is not None:
         yield ahead
 
 
-def _wait_for_copy(moved: dict, done) -> dict:
-    if done is not None:
-        compute = torch.cuda.current_stream()
-        compute.wait_event(done)  # this batch's copy only, not the next one's that is under way
-        for v in moved.values():
-            v.record_stream(compute)  # memory allocated on the copy stream stays ours until the step is done
-    if "augment" in moved:
-        moved["video"] = prepare.augment_frames(moved["video"], moved.pop("augment"))
-    return moved
-
-
 def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str) -> dict:
-    """Retrieval metrics with this run's settings. The training RNG is left where it was, so that a run that
-    evaluates continues exactly like one that does not."""
+    """Retrieval metrics with this run's settings; the RNG is left as it was (a run evaluating or not is the same)."""
     state = runs.rng_state()
     metrics = hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
                                  image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
@@ -238,8 +225,7 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
 
 def load_data(master: bool, ddp: bool):
     """(training set, tokenizer, (eval data dir, eval split, eval caption field)). A built-in synthetic set is made
-    on demand, only into a folder that does not exist or is empty (never over anyone's files); every other dataset
-    by prepare.py."""
+    on demand, never over anyone's files; every other dataset by prepare.py."""
     global bert_vocab
     ddir = data_dir or os.path.join("data", dataset)
     edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
@@ -271,8 +257,8 @@ def load_data(master: bool, ddp: bool):
 
 
 def warn_cut_captions(captions: list[str], tokenizer, sample: int = 10_000):
-    """Say when the captions do not fit context_length: the cut-off words never reach the model, and nothing
-    else would tell (a Chinese caption takes a token per character, about twice its English translation's count)."""
+    """Say when captions do not fit context_length: nothing else would tell that words never reach the model (a
+    Chinese caption takes a token per character)."""
     picked = captions if len(captions) <= sample else random.Random(0).sample(captions, sample)
     sizes = [len(tokenizer.encode(c)) + 2 for c in picked]  # + start and end tokens
     cut = sum(n > context_length for n in sizes)
@@ -283,8 +269,8 @@ def warn_cut_captions(captions: list[str], tokenizer, sample: int = 10_000):
 
 
 def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
-    """(model on the device, the checkpoint dict when resuming); a resumed run takes its checkpoint's settings. Built
-    on the CPU and then moved, so that a GPU run starts from the same weights as a CPU run."""
+    """(model on the device, the checkpoint when resuming). Built on the CPU, so that a GPU run starts from the same
+    weights as a CPU run."""
     clip_args = hmmc_model.CLIPConfig(
         embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
         vision_patch_size=vision_patch_size,
@@ -334,9 +320,6 @@ def check_config(world_size: int):
     if pretrain and queue_size % batch_size:
         raise SystemExit(f"config error: queue_size={queue_size} must be a multiple of the global batch "
                          f"batch_size={batch_size} (the queue advances by one global batch per micro-step)")
-    if pretrain and text_encoder == "clip" and weight_mlm > 0:
-        raise SystemExit("config error: English MLM is not supported (the CLIP text tower is causal); set "
-                         "weight_mlm=0 for English pre-training, as the released English run did")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"config error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
@@ -361,8 +344,7 @@ def optimizer_line(groups: list) -> str:
 
 def log_step(logged: list, names: list, iter_num: int, stop_iter: int, epoch: int, lr: float, t0: float,
              t_log: float, start_iter: int, raw_model, peak) -> float:
-    """Print and log the mean loss and loss parts of the steps since the last line (`logged`), with the pace, MFU
-    and memory -> the time of this line."""
+    """Print and log the mean loss and its parts over the steps since the last line -> the time of this line."""
     now = time.time()
     vps = len(logged) * batch_size * gradient_accumulation_steps / max(now - t_log, 1e-9)
     mfu = raw_model.estimate_mfu(vps, peak, num_frames, context_length, tag_context_length) if peak else None
@@ -385,9 +367,8 @@ def append_log(record: dict):
 
 
 def eval_and_save(raw_model, tokenizer, evaldata: tuple, state: dict, keep_previous: bool) -> float:
-    """Evaluate, log the metrics and save `state` as ckpt.pt, and its weights as best.pt where R@1 improved -> the
-    best R@1 so far. The state is taken before eval (which runs no forward through the queues and restores the
-    RNG), so a run resumed from it continues exactly."""
+    """Evaluate, log, save `state` as ckpt.pt and its weights as best.pt where R@1 improved -> the best R@1. `state`
+    is taken before eval, which leaves the queues and the RNG as they were: a run resumed from it continues exactly."""
     edir, split, caption_field = evaldata
     metrics = evaluate(raw_model, edir, split, tokenizer, caption_field)
     r1, it = metrics["t2v"]["R1"], state["iter_num"]
@@ -407,10 +388,9 @@ def eval_and_save(raw_model, tokenizer, evaldata: tuple, state: dict, keep_previ
 
 
 def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
-    """The final metrics on the test split -> results.json: with the best-by-val weights where the run has a val
-    split, else with the final weights, plus (under "best_on_test") the checkpoint that scored best on the test
-    split itself. That second row is how the original reported MSR-VTT (no val split): the best epoch chosen on
-    test, an optimistic number; the final weights' row is the unbiased one."""
+    """Test metrics -> results.json: of the best-by-val weights where the run has a val split, else of the final
+    weights plus, under "best_on_test", of the weights best on the test split itself: the original's protocol on
+    MSR-VTT (no val split), an optimistic number."""
     edir, eval_split, caption_field = evaldata
     best_path = os.path.join(out_dir, "best.pt")
     used = f"final weights (iter {iter_num})"
@@ -427,11 +407,9 @@ def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
     if on_test and best is not None:
         best_used = f"best {TEST_SPLIT} weights (iter {best['iter_num']}), chosen on the {TEST_SPLIT} split itself: " \
                     f"the original's protocol, optimistic"
-        if best["iter_num"] != iter_num:
-            model.load_state_dict(best["model"])
-            best_metrics = evaluate(model, edir, TEST_SPLIT, tokenizer, caption_field)
-        else:
-            best_metrics = metrics
+        model.load_state_dict(best["model"])
+        same = best["iter_num"] == iter_num
+        best_metrics = metrics if same else evaluate(model, edir, TEST_SPLIT, tokenizer, caption_field)
         print0(hmmc_eval.format_table(best_metrics, f"{TEST_SPLIT} split, {best_used}"))
         result["best_on_test"] = {**best_metrics, "split": TEST_SPLIT, "weights": best_used, "iter": best["iter_num"]}
     if is_master():
@@ -475,9 +453,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
     if text_encoder == "bert" and init_from == "scratch" and bert_pooling == "cls":
         print0("warning: a BERT trained from scratch with bert_pooling='cls' starts with every caption embedded alike "
                "and learns slowly; bert_pooling='mean' learns (config/synthetic_zh.py)")
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+    torch.manual_seed(seed)  # the only RNG the run draws from (runs.rng_state)
     ctx = autocast(device_type, dtype)
 
     train_set, tokenizer, evaldata = load_data(master, ddp)
@@ -507,8 +483,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
         return
 
     if ddp:
-        # queues and BN statistics are kept identical by the model itself: rank 0 must not overwrite them at every
-        # forward; gradients live in the all-reduce buckets (one copy fewer)
+        # the model keeps its queues and BN statistics in step itself; gradients live in the all-reduce buckets
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
                     gradient_as_bucket_view=True, forward_sync_buffers=False)
     if compile:
@@ -522,10 +497,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
         return
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        if resume_path:
-            runs.trim_log(os.path.join(out_dir, "log.jsonl"), iter_num)
-        elif os.path.exists(os.path.join(out_dir, "log.jsonl")):
-            os.remove(os.path.join(out_dir, "log.jsonl"))  # a fresh run starts a fresh log
+        runs.trim_log(os.path.join(out_dir, "log.jsonl"), iter_num)  # a new run (iter 0) starts a new log
     peak = peak_flops(device_type)
 
     def snapshot():
@@ -573,11 +545,9 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
             optimizer.zero_grad(set_to_none=True)
             raw_model.momentum_update()  # once per optimizer step (the original: every micro-step)
 
-            # the step's only host sync, after all of its work is queued: the loss and its parts of every micro-step,
-            # this rank's share of replaced (unreadable) videos and its SIGTERM and Ctrl-C flags, averaged over ranks
-            # so that every rank sees the same values and all stop at the same step (on NaN, a signal or too many bad
-            # videos; pre-training losses are per-rank). A NaN step has already been applied, but nothing is saved
-            # after it.
+            # the step's only host sync, once its work is queued: losses, the share of unreadable videos and the
+            # SIGTERM and Ctrl-C flags, averaged over ranks so that all stop at the same step (nothing is saved after
+            # a NaN step)
             flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size),
                                   float(runs.stop[signal.SIGTERM]), float(runs.stop[signal.SIGINT])])
             stats = torch.cat([torch.stack(step_stats).mean(dim=0), flags.to(device, non_blocking=True)])

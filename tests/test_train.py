@@ -198,7 +198,7 @@ def test_bad_config_errors(data, tmp_path):
         run(base + ["--learning_rat=1e-3"])
     with pytest.raises(SystemExit, match="queue_size=10 must be a multiple of the global batch"):
         run(base + ["--pretrain=True", "--batch_size=4", "--queue_size=10"])
-    with pytest.raises(SystemExit, match="English MLM is not supported"):
+    with pytest.raises(ValueError, match="MLM pre-training needs the bidirectional BERT text encoder"):
         run(base + ["--pretrain=True", "--weight_mlm=0.05"])
     with pytest.raises(FileNotFoundError, match="python prepare.py msrvtt"):
         run([f"--out_dir={tmp_path}", "--dataset=msrvtt", "--data_dir=" + str(tmp_path / "nothing"), *TINY])
