@@ -113,7 +113,7 @@ frame_match_weight = 1.0  # weight of the frame term; 0 = video-level similarity
 # optimisation; global batch per optimizer step = batch_size x gradient_accumulation_steps on any number of ranks
 batch_size = 32  # videos per micro-step over all ranks (the contrastive batch); each rank gets batch_size / world
 gradient_accumulation_steps = 1  # micro-steps per optimizer step
-epochs = 6  # length of training: sets the schedule
+epochs = 9  # length of training: sets the schedule
 max_iters = 0  # stop after this many optimizer steps (0 = train all epochs); never changes the schedule
 learning_rate = 1e-3  # new modules (temporal transformer, heads); scratch towers too
 clip_lr_scale = 1.0  # CLIP vision tower lr = learning_rate * clip_lr_scale

@@ -9,8 +9,8 @@
 #   video's own title (832 distinct tag strings: ~28 copies of its tags); the full captions (1,596 distinct) put ~4
 #   of each (prepare_synthetic prints the counts). If copies are the cause, the gap shrinks on the full captions.
 # $ python study.py config/study_queue.py
-# Estimated on one core: 375 pre-training steps ~0.7 min a run (a step costs ~1.8 fine-tuning steps, 1,122 of which
-# take ~1.2 min); 8 rows x 3 seeds ~17 min of runs, ~9 min on 2 idle cores (plus evaluations and start-up).
+# Estimated on one core: 375 pre-training steps ~0.7 min a run (a step costs ~1.8 fine-tuning steps, 187 of which
+# take ~12 s); 8 rows x 3 seeds ~17 min of runs, ~9 min on 2 idle cores (plus evaluations and start-up).
 out_dir = "out-study-queue"
 _pre = "config/pretrain_synthetic.py --epochs=1"
 _long = " --queue_size=1024"

@@ -791,7 +791,7 @@ def test_study_configs_rows_are_the_runs_they_say(monkeypatch):
     for row, stages in pretrain.items():
         fine = stages[-1]
         assert not fine["pretrain"] and fine["caption_field"] == "captions_zh" and fine["dataset"] == "synthetic"
-        assert fine["epochs"] == (6 if row.endswith("_full") else 1)  # the full schedule (1,122 steps) or one epoch
+        assert fine["epochs"] == (9 if row.endswith("_full") else 1)  # the full schedule (1,683 steps) or one epoch
         assert len(stages) == (1 if row.startswith("scratch") else 2)
         if len(stages) == 2:
             assert stages[0]["pretrain"] and stages[0]["dataset"] == "synthetic_pretrain" and stages[0]["epochs"] == 2
