@@ -38,7 +38,7 @@ from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 _keys_before = set(globals())
-size = "auto"  # "auto": full on a GPU, else tiny | "full": ViT-B/32 + B/16, 224 px, T=12, L=32 | "tiny": for CI
+size = "full" if torch.cuda.is_available() else "tiny"  # "full": ViT-B/32 + B/16, 224 px, T=12, L=32 | "tiny": CI
 models = ("ViT-B/32", "ViT-B/16")  # which towers to time at size="full"
 batch_sizes = (128,)  # videos per training step (one GPU)
 num_frames = 12  # frames per video (T)
@@ -51,13 +51,11 @@ compile = False  # torch.compile the model for the step measurements
 activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
 eval_batch_size = 256  # videos per encoding batch of evaluate()
-eval_videos = 1000  # videos (one caption each) of the evaluate() and data loader rows: MSR-VTT 1k-A's size
-loader_workers = (0, 4, 8, 14)  # data loader process counts to time (14: a 16-core host less the trainer)
-loader_batch_size = 32  # the recipes' per-GPU batch on 8 GPUs
+eval_videos = 1000  # videos (one caption each) of the evaluate() row: MSR-VTT 1k-A's size
 search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
 search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
 recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated clips, extracted by prepare.py frames
-recipe_workers = 2  # loader processes of those rows: one per core of this machine leaves none idle
+recipe_workers = 2  # loader processes of those rows and of evaluate(): one per core of this machine leaves none idle
 recipe_repeats = 3  # alternations of the decode floor and every recipe row: each row shows their median ratio
 ratio_repeats = 3  # a ratio's pairs of steps (ours, baseline, in alternation): steps x ratio_repeats
 noisy_spread = 0.25  # flag a ratio as NOISY when its 25th-75th percentiles spread by more than this of the median
@@ -74,8 +72,8 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
 }
 # defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=4, warmup=1,
-            eval_batch_size=8, eval_videos=16, loader_workers=(0, 2), loader_batch_size=4, search_videos=(64,),
-            search_model="tiny", recipe_videos=8, recipe_repeats=2)
+            eval_batch_size=8, eval_videos=16, search_videos=(64,), search_model="tiny", recipe_videos=8,
+            recipe_repeats=2)
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
@@ -234,7 +232,6 @@ RECIPE_PATHS = {
     "finetune 224px squares": ("finetune", 224, True, "none", 12, 32, 32),
     "pretrain 360px": ("pretrain", 360, False, "frame", 12, 16, 45),
     "pretrain 224px": ("pretrain", 224, False, "frame", 12, 16, 45),
-    "pretrain 360px, all augmentation in the loader": ("pretrain", 360, False, "frame-cpu", 12, 16, 45),
 }
 
 
@@ -277,8 +274,7 @@ def recipe_data(tmp: str, n_videos: int, tokenizer) -> tuple:
             dbs[data] = framestore.FrameDB(os.path.join(data, "frames.lmdb"))
         ds = prepare.VideoTextDataset(
             data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
-            context_length=L, frame_sample="random", image_size=224, augment=augment.replace("-cpu", ""),
-            device_augment=not augment.endswith("-cpu"), seed=seed, verbose=False)
+            context_length=L, frame_sample="random", image_size=224, augment=augment, seed=seed, verbose=False)
         paths[name] = ds, dbs[data], T, batch
     return ids, paths
 
@@ -295,39 +291,34 @@ def copy_videos(db, ids: list, path: str, n: int) -> None:
         _write_captions(os.path.join(path, f"{split}.jsonl"), names)
 
 
-def _decode_floor(db, video_ids: list, T: int) -> tuple:
-    """(videos per CPU second, videos/s) of Pillow decoding T frames of each video on one thread: what no loader can
-    avoid."""
+def _decode_floor(db, video_ids: list, T: int) -> float:
+    """Videos per CPU second of Pillow decoding T frames of each video on one thread: what no loader can avoid."""
     from PIL import Image
-    t0, c0 = time.perf_counter(), time.process_time()
+    c0 = time.process_time()
     for vid in video_ids:
         for buf in db.get_frames(vid, np.linspace(0, db.num_frames, T, endpoint=False).astype(int)):
             Image.open(io.BytesIO(buf)).load()
-    return len(video_ids) / (time.process_time() - c0), len(video_ids) / (time.perf_counter() - t0)
+    return len(video_ids) / (time.process_time() - c0)
 
 
-def _loader_rate(ds, workers: int, batch: int) -> tuple:
-    """(videos per CPU second of the workers, videos/s per worker) through a DataLoader as train.py builds it, over
-    enough epochs for 4 batches per worker after the first. The wall clock starts at the first batch (worker
-    start-up excluded); CPU seconds, which a busy machine does not inflate, are the workers' own (this process's
-    where workers=0)."""
+def _cpu_seconds(who) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _loader_rate(ds, workers: int, batch: int) -> float:
+    """Videos per CPU second of the workers (this process where workers=0; a busy machine inflates wall-clock time,
+    not CPU time) through a DataLoader as train.py builds it, over enough epochs for 4 batches per worker."""
     g = torch.Generator().manual_seed(seed)
     order = []
     while len(order) < max(len(ds), (1 + 4 * max(workers, 1)) * batch):
         order += torch.randperm(len(ds), generator=g).tolist()
     batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
     who = resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF
-    cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
-    c0 = cpu()
+    c0 = _cpu_seconds(who)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=prepare.collate)
-    it = iter(loader)
-    first = len(next(it)["video"])
-    t0, n = time.perf_counter(), 0
-    for b in it:
-        n += len(b["video"])
-    wall = time.perf_counter() - t0
-    del it, loader  # the workers exit and are waited for: their CPU time is counted from here on
-    return (first + n) / (cpu() - c0), n / wall / max(workers, 1)
+    n = sum(len(b["video"]) for b in loader)  # the workers exit at the end: their CPU time is counted from there
+    return n / (_cpu_seconds(who) - c0)
 
 
 def time_recipe_loaders(ids: list, paths: dict, workers: int, repeats: int) -> list:
@@ -337,16 +328,14 @@ def time_recipe_loaders(ids: list, paths: dict, workers: int, repeats: int) -> l
     runs = {name: [] for name in paths}
     for _ in range(max(1, repeats)):
         for name, (ds, db, T, batch) in paths.items():
-            runs[name].append((*_loader_rate(ds, workers, batch), *_decode_floor(db, ids, T)))
+            runs[name].append((_loader_rate(ds, workers, batch), _decode_floor(db, ids, T)))
     rows = []
     for name, measured in runs.items():
-        ours, ours_wall, floor, floor_wall = zip(*measured)
+        ours, floor = zip(*measured)
         rate, goal = float(np.median(ours)), GOAL[RECIPE_PATHS[name][0]]
         rows.append((f"loader {name}, per core",
-                     {"videos_per_s_core": rate, "cores_per_gpu": goal / rate, "goal": goal, "workers": workers,
-                      "wall_per_worker": float(np.median(ours_wall))},
-                     {"videos_per_s_core": float(np.median(floor)), "wall": float(np.median(floor_wall)),
-                      "label": "decode floor"},
+                     {"videos_per_s_core": rate, "cores_per_gpu": goal / rate, "goal": goal, "workers": workers},
+                     {"videos_per_s_core": float(np.median(floor)), "label": "decode floor"},
                      [o / f for o, f in zip(ours, floor)]))
     return rows
 
@@ -405,18 +394,13 @@ def run(cfg: dict) -> dict:
             add(*row)
         data = os.path.join(tmp, "eval")
         copy_videos(paths["finetune 224px"][1], ids, data, cfg["eval_videos"])
-        train = prepare.VideoTextDataset(data, "train", tokenizer, mode="train", num_frames=T, context_length=L,
-                                         image_size=224)
-        for w in cfg["loader_workers"]:
-            rate = _loader_rate(train, w, cfg["loader_batch_size"])[1] * max(w, 1)
-            add(f"data loader 224px T={T}, {w} workers", {"videos_per_s": rate})
         # the whole evaluation as eval.py runs it: LMDB -> decode -> encode -> similarity -> metrics
         net = build(first, pretrain_=False, T=T, L=L, batch=1, dev=dev)
         t0 = time.perf_counter()
         res = TOWERS[first]["image_resolution"]  # frames are centre-cropped to the tower's input
         m = hmmc_eval.evaluate(net, data, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
                                top_k_frames=3, frame_match_weight=1.0, batch_size=cfg["eval_batch_size"],
-                               num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
+                               num_workers=cfg["recipe_workers"], device=dev, dtype=dt, progress=False)
         elapsed = time.perf_counter() - t0
         add(f"evaluate() {first}, {m['num_videos']}x{m['num_texts']} from LMDB",
             {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed, "encode_videos_per_s": m["videos_per_s"]})
@@ -432,20 +416,6 @@ def run(cfg: dict) -> dict:
     return {"rows": rows, "setup": setup}
 
 
-def resolve_size(size: str, device: str) -> tuple:
-    """(size to run, a line to print or None): "auto" is full on a GPU and tiny without one."""
-    if size not in ("auto", "full", "tiny"):
-        raise ValueError(f"size must be 'auto', 'full' or 'tiny', got {size!r}")
-    on_gpu = torch.device(device).type == "cuda"
-    if size == "auto":
-        return ("full", None) if on_gpu else ("tiny", "bench: no GPU, so the CPU size --size=tiny (--size=full runs "
-                                                      "the real models on the CPU: tens of GB and hours)")
-    if size == "full" and not on_gpu:
-        return size, ("warning: --size=full on a CPU: ViT-B/16 at batch 128 takes tens of GB and hours; "
-                      "--size=tiny is the CPU size")
-    return size, None
-
-
 def _format_row(row: dict) -> str:
     ours = row["ours"]
     key = next(k for k in UNITS if k in ours)
@@ -455,8 +425,7 @@ def _format_row(row: dict) -> str:
              f"encoding {ours['encode_videos_per_s']:.1f} videos/s" if "encode_videos_per_s" in ours else "",
              f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else ""]
     if "cores_per_gpu" in ours:
-        extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s, wall clock "
-                     f"{ours['wall_per_worker']:.1f} per worker (floor {row['baseline']['wall']:.1f})")
+        extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s")
     if row.get("baseline"):
         extra.append(f"{row['baseline'].get('label', 'baseline')} {row['baseline'][key]:.1f} {UNITS[key]}, "
                      f"ours/baseline {row['ratio']:.2f} "
@@ -468,13 +437,14 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: globals()[k] for k in config_keys}
     cfg = configurator.configure(defaults, argv, prog="bench.py", descriptions=configurator.describe(__file__))
-    size_, note = resolve_size(cfg["size"], cfg["device"])
-    if note:
-        print(note, flush=True)
-    if size_ == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
+    if cfg["size"] not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {cfg['size']!r}")
+    if cfg["size"] == "full" and torch.device(cfg["device"]).type != "cuda":
+        print("warning: --size=full on a CPU: ViT-B/16 at batch 128 takes tens of GB and hours", flush=True)
+    if cfg["size"] == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
         cfg = configurator.configure({**defaults, **TINY}, argv, prog="bench.py")
-    cfg["size"] = size_
-    print(f"bench: size={size_} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}", flush=True)
+    print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
+          flush=True)
     result = run(cfg)
     print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
     noisy = sum(bool(row.get("noisy")) for row in result["rows"])

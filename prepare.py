@@ -25,7 +25,7 @@ from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 import synthetic
 from configurator import configure
@@ -136,12 +136,6 @@ def _jitter_affine(jitter: list) -> tuple:
     return A, B
 
 
-def _jitter_matrix(jitter: list, channel_mean: np.ndarray) -> tuple:
-    """The colour jitter as the 12-number matrix of Pillow's Image.convert("RGB", matrix)."""
-    A, B = _jitter_affine(jitter)
-    return tuple(float(v) for row in np.concatenate([A, (B @ channel_mean)[:, None]], axis=1) for v in row)
-
-
 def _crop_resize(img, p: dict, size: int) -> torch.Tensor:
     """The drawn crop resized to uint8 (3, size, size): torch's antialiased bilinear is within a level or two of
     Pillow's and faster."""
@@ -150,21 +144,6 @@ def _crop_resize(img, p: dict, size: int) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         frame = torch.from_numpy(np.asarray(img))[y0:y1, x0:x1].permute(2, 0, 1)[None]  # HWC seen as (1, 3, h, w)
     return torch.nn.functional.interpolate(frame, size=(size, size), mode="bilinear", antialias=True)[0]
-
-
-def _apply_augmentation(img, p: dict, size: int):
-    """The whole augmentation in Pillow: the reference augment_frames follows on the training device."""
-    img = Image.fromarray(_crop_resize(img, p, size).permute(1, 2, 0).numpy())
-    if "jitter" in p:
-        mean = np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0)
-        img = img.convert("RGB", _jitter_matrix(p["jitter"], mean))
-    if p["gray"]:
-        img = img.convert("L").convert("RGB")
-    if p["blur"] is not None:
-        img = img.filter(ImageFilter.GaussianBlur(radius=p["blur"]))
-    if p["flip"]:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(img)
 
 
 # On the training device: the loader draws the parameters (a function of (seed, epoch, index)) and sends them with
@@ -201,8 +180,9 @@ def _box_blur(x: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def augment_frames(video: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """_apply_augmentation after the crop on uint8 frames (..., 3, H, W) with params (..., AUGMENT_PARAMS), on their
-    device without host synchronisation: exact but for the colour map (within one level)."""
+    """The augmentation after the crop, as Pillow's ImageEnhance, grayscale, GaussianBlur and flip do it, on uint8
+    frames (..., 3, H, W) with params (..., AUGMENT_PARAMS), on their device without host synchronisation: exact but
+    for the colour map (within one level)."""
     shape = video.shape
     x = video.reshape(-1, *shape[-3:]).float()
     p = params.reshape(-1, AUGMENT_PARAMS).float()
@@ -258,13 +238,14 @@ class VideoTextDataset(torch.utils.data.Dataset):
     mode="pretrain": one item per video    same keys plus "tag_ids", "tag_mask" (the caption is the first one)
     mode="videos":   one item per video    {"video", "video_index"} (eval encodes each video once)
     Randomness is a function of (seed, epoch, index): set `dataset.epoch` per epoch and any number of workers
-    reproduce a run. device_augment: items carry "augment" [T, AUGMENT_PARAMS] for augment_frames after the crop.
+    reproduce a run. With augmentation the frames are only cropped: items carry "augment" [T, AUGMENT_PARAMS], the
+    rest of it, for augment_frames on the training device.
     replace_bad: an unreadable video is replaced by another drawn sample and named in the item's "bad" string.
     """
 
     def __init__(self, data_dir, split, tokenizer=None, *, mode="train", num_frames=12, context_length=32,
                  frame_sample="uniform", image_size=224, augment="none", seed=0, caption_field="captions",
-                 tag_context_length=25, lmdb_path=None, verbose=True, replace_bad=False, device_augment=False):
+                 tag_context_length=25, lmdb_path=None, verbose=True, replace_bad=False):
         if mode not in ("train", "pretrain", "videos"):
             raise ValueError(f"mode must be 'train', 'pretrain' or 'videos', got {mode!r}")
         if frame_sample not in ("uniform", "random", "stratified"):
@@ -277,7 +258,6 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.num_frames, self.context_length, self.tag_context_length = num_frames, context_length, tag_context_length
         self.frame_sample, self.image_size, self.augment, self.seed = frame_sample, image_size, augment, seed
         self.caption_field, self.replace_bad = caption_field, replace_bad
-        self.device_augment = device_augment and augment != "none"
         self.tag_field = "tags" + caption_field[len("captions"):] if caption_field.startswith("captions") else "tags"
         self.epoch = 0
         self.lmdb_path = lmdb_path or os.path.join(data_dir, "frames.lmdb")
@@ -338,10 +318,6 @@ class VideoTextDataset(torch.utils.data.Dataset):
                              f"{no_caption} without {caption_field!r})")
         self._db, self._pid = None, None  # each process opens its own LMDB on first use (_frames)
 
-    @property
-    def num_videos(self) -> int:
-        return len(self.video_ids)
-
     def __len__(self):
         return len(self.captions) if self.mode == "train" else len(self.video_ids)
 
@@ -354,7 +330,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return ids, mask, torch.tensor([vi for _, vi in self.captions], dtype=torch.long)
 
     def _frames(self, video_id: str, rng, out: np.ndarray) -> np.ndarray | None:
-        """The sampled frames, cropped and augmented, into out [T, 3, S, S]; returns device_augment's params or None."""
+        """The sampled frames, cropped, into out [T, 3, S, S]; returns the rest of the augmentation or None."""
         if self._db is None or self._pid != os.getpid():  # first use in this (worker) process
             self._db, self._pid = FrameDB(self.lmdb_path), os.getpid()
             if torch.utils.data.get_worker_info() is not None:
@@ -362,20 +338,17 @@ class VideoTextDataset(torch.utils.data.Dataset):
         idx = sample_frame_indices(self.lmdb_frames, self.num_frames, self.frame_sample, rng)
         bufs = self._db.get_frames(video_id, idx)
         S = self.image_size
-        params = np.zeros((len(bufs), AUGMENT_PARAMS), np.float32) if self.device_augment else None
+        params = np.zeros((len(bufs), AUGMENT_PARAMS), np.float32) if self.augment != "none" else None
         p = None
         for t, buf in enumerate(bufs):
             img = _open_jpeg(buf, S)
-            if self.augment == "none":
+            if params is None:
                 _center_crop_into(img, S, out[t])
                 continue
             if p is None or self.augment == "frame":  # per frame as released, or one draw per clip
                 p = _draw_augmentation(rng, *img.size)
-            if params is None:
-                out[t] = _apply_augmentation(img, p, S).transpose(2, 0, 1)
-            else:
-                out[t] = _crop_resize(img, p, S).numpy()
-                params[t] = augment_params(p)
+            out[t] = _crop_resize(img, p, S).numpy()
+            params[t] = augment_params(p)
         return params
 
     def __getitem__(self, index: int, video: torch.Tensor | None = None) -> dict:

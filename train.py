@@ -249,8 +249,7 @@ def load_data(master: bool, ddp: bool):
     train_set = prepare.VideoTextDataset(
         ddir, TRAIN_SPLIT, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
         context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,
-        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master, replace_bad=True,
-        device_augment=True)
+        caption_field=caption_field, tag_context_length=tag_context_length, verbose=master, replace_bad=True)
     if master:
         warn_cut_captions([c for c, _ in train_set.captions], tokenizer)
     return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)

@@ -42,19 +42,19 @@ def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     try:
-        # no --size: without a GPU that is the CPU size, said in one line
-        result = bench.main(["--device=cpu", "--dtype=float32", "--loader_workers=(0, 1)", "--ratio_repeats=2",
+        # no --size: without a GPU that is the CPU size
+        result = bench.main(["--device=cpu", "--dtype=float32", "--recipe_workers=1", "--ratio_repeats=2",
                              f"--out={out}"])
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
     saved = json.loads(out.read_text())
     names = [r["name"] for r in saved["rows"]]
-    for prefix in ("finetune step", "pretrain step", "search query", "loader finetune 224px", "data loader",
+    for prefix in ("finetune step", "pretrain step", "search query", "loader finetune 224px", "loader pretrain 360px",
                    "evaluate()"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
         assert prefix in text
-    assert sum(n.startswith("data loader") for n in names) == 2
+    assert sum(n.startswith("loader") for n in names) == len(bench.RECIPE_PATHS)
     assert "search query tiny, 64 videos x 4" in names  # search_videos=(64,) in tiny
     for row in result["rows"]:
         value = next(v for k, v in row["ours"].items() if k in bench.UNITS)
@@ -73,7 +73,7 @@ def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
     encoding = evaluated["ours"]["encode_videos_per_s"]  # evaluate()'s own encoding rate, printed in its row
     assert encoding > 0 and f"encoding {encoding:.1f} videos/s" in text
     assert saved["setup"]["baseline"].startswith("fp32")
-    assert "machine: cpu" in text and "bench: no GPU, so the CPU size --size=tiny" in text
+    assert "machine: cpu" in text and "bench: size=tiny device=cpu" in text
     assert "1 thread(s)" in saved["setup"]["device"]  # one thread, as train.py, not the two it was given
     assert all(text.count(name) == 1 for name in names)  # the table is printed once
     assert text.count("ours/baseline: our speed over the baseline's") == 1
@@ -81,17 +81,9 @@ def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_rejects_bad_size():
-    with pytest.raises(ValueError, match="size must be 'auto', 'full' or 'tiny', got 'huge'"):
+    with pytest.raises(ValueError, match="size must be 'full' or 'tiny', got 'huge'"):
         bench.main(["--size=huge", "--out="])
-
-
-def test_size_follows_the_device():
-    assert bench.resolve_size("auto", "cuda") == ("full", None)
-    size, note = bench.resolve_size("auto", "cpu")
-    assert size == "tiny" and note.startswith("bench: no GPU, so the CPU size --size=tiny")
-    size, note = bench.resolve_size("full", "cpu")  # asked for explicitly: runs, after a warning
-    assert size == "full" and note.startswith("warning: --size=full on a CPU")
-    assert bench.resolve_size("tiny", "cpu") == ("tiny", None) and bench.resolve_size("full", "cuda") == ("full", None)
+    assert bench.size == ("full" if torch.cuda.is_available() else "tiny")  # the default follows the device
 
 
 def test_ratio_summary_flags_a_wide_spread():
