@@ -156,8 +156,10 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
                     raise FileNotFoundError(str(e)) from None
                 print(f"extracting {frames_per_video} frames from each of {len(todo)} new or changed videos "
                       f"(of {len(videos)}) into {lmdb_path}", flush=True)
-            shown = (lambda n, total: progress(f"extracting frames: {n} of {total} new or changed videos")) \
-                if progress else None
+
+            def shown(n, total):
+                if progress:
+                    progress(f"extracting frames: {n} of {total} new or changed videos")
             for vid, (err, duration) in framestore.extract_into(db, todo, workers=workers, progress_every=10,
                                                                  on_video=shown).items():
                 if err:  # name the file by its path under the folder: ffmpeg's text carries the absolute one
@@ -174,8 +176,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
     return {"lmdb": lmdb_path, "ids": ids, "skipped": {**skipped, **outside}, "paths": videos,
             "stamps": {v: e["sha1"] for v, e in files.items()},
             "durations": {v: e.get("duration") for v, e in files.items()}, "stored_frames": frames_per_video,
-            "extracted": [v for v in todo if v not in skipped],
-            "retry_hint": "; a file is tried again when it changes, or with --retry_failed"}
+            "extracted": [v for v in todo if v not in skipped]}
 
 
 def _read_prepared(source: str) -> dict:
@@ -197,7 +198,7 @@ def _read_prepared(source: str) -> dict:
     st = os.stat(data_file)
     return {"lmdb": lmdb_path, "ids": [v for v in ids if v not in skipped], "skipped": skipped, "paths": {},
             "stamps": dict.fromkeys(ids, f"{st.st_size}|{st.st_mtime_ns}"), "durations": durations,
-            "stored_frames": stored, "extracted": [], "retry_hint": ""}
+            "stored_frames": stored, "extracted": []}
 
 
 def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames: int, image_size: int,
@@ -206,8 +207,9 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                 progress=None) -> dict:
     """Video [V,E] and frame [V,T,E] embeddings of the videos under `source` (video files or a prepared dataset),
     cached in `cache_dir` per model and settings: only new and changed videos are extracted and encoded. Also
-    returns "frame_indices", "durations", "lmdb", "skipped", "extracted", "encoded", "paths" (files; none for a
-    prepared dataset) and "path" (the index file); progress(text) hears how far it got."""
+    returns the stored frame "positions" the model read, "durations" {id: seconds or None}, "lmdb", "skipped",
+    "extracted", "encoded", "paths" (files; none for a prepared dataset) and "path" (the index file); progress(text)
+    hears how far it got."""
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
                                 f"dataset folder with frames.lmdb)")
@@ -222,8 +224,9 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                                  workers=extract_workers, retry_failed=retry_failed, progress=progress)
     ids, skipped = src["ids"], src["skipped"]
     if skipped:
-        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items())
-              + src["retry_hint"], flush=True)
+        hint = "; a file is tried again when it changes, or with --retry_failed" if src["paths"] else ""
+        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items()) + hint,
+              flush=True)
     if not ids:
         raise ValueError(f"--videos={source}: no usable videos to index ({len(skipped)} skipped)")
     key = hashlib.sha1(json.dumps([INDEX_VERSION, model_key, num_frames, image_size, str(dtype),
@@ -259,9 +262,8 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
     rows = torch.tensor([row[v] for v in ids], dtype=torch.long)
     index = {"video_ids": ids, "video_emb": video_emb[rows], "frame_emb": frame_emb[rows],
              "stamps": [src["stamps"][v] for v in ids],
-             "frame_indices": torch.as_tensor(prepare.sample_frame_indices(src["stored_frames"], num_frames,
-                                                                           "uniform"), dtype=torch.long),
-             "stored_frames": src["stored_frames"], "durations": [src["durations"].get(v) for v in ids],
+             "positions": prepare.sample_frame_indices(src["stored_frames"], num_frames).tolist(),
+             "stored_frames": src["stored_frames"], "durations": {v: src["durations"].get(v) for v in ids},
              "lmdb": os.path.realpath(src["lmdb"]), "skipped": {str(k): str(v) for k, v in skipped.items()},
              "key": key}
     if old is None or todo or old["video_ids"] != ids or old["skipped"] != index["skipped"]:
@@ -425,9 +427,7 @@ def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
 def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
                checkpoint: str = "") -> None:
     """A self-contained page (thumbnails inlined) of each query's hits, each a strip of frames as on the search page."""
-    positions = [int(p) for p in index["frame_indices"]]
-    stored = index.get("stored_frames")
-    durations = dict(zip(index["video_ids"], index.get("durations") or []))
+    positions = index["positions"]
     parts = hmmc_serve.page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
     with framestore.FrameDB(index["lmdb"]) as db:
         for text, hits in zip(queries, results):
@@ -437,12 +437,12 @@ def write_html(path: str, index: dict, queries: list[str], results: list[list[di
                          f"query with it</p>")
             for hit in hits:
                 vid = hit["video_id"]
-                duration = durations.get(vid)
+                duration = index["durations"][vid]
                 jpegs = db.get_frames(vid, positions)
                 parts.append(f"<div class=\"hit\" data-video-id=\"{escape(vid)}\"><div><b>{hit['rank']}.</b> "
                              f"{escape(vid)} &mdash; score {hit['score']:.2f}"
                              f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
-                for frame, jpeg in zip(hit_frames(hit, positions, duration, stored), jpegs):
+                for frame, jpeg in zip(hit_frames(hit, positions, duration, index["stored_frames"]), jpegs):
                     thumb = base64.b64encode(thumbnail_jpeg(jpeg)).decode("ascii")
                     top = " class=\"top\"" if frame["top"] else ""
                     parts.append(f"<figure{top}><img alt=\"{escape(vid)} frame "
@@ -475,22 +475,14 @@ class Searcher:
                  vocabulary: set | None = None):
         self.net, self.source, self.index_args, self.rank_args = net, source, index_args, rank_args
         self.top, self.checkpoint, self.vocabulary = top, checkpoint, vocabulary
-        self.language = LANGUAGES.get(net.cfg.text_encoder, net.cfg.text_encoder)
         self.lock = threading.Lock()  # the model and self.index
-        self.frames_lock = threading.Lock()  # the frame store's reader
+        self.frames_lock = threading.Lock()  # self.env, the frame store's reader
         self.rescan_lock = threading.Lock()  # one rescan at a time
-        self.env = None
-        self.rescan_state = {"running": False}
-        self.child = None
-        # a spawned rescan gets the weights through shared memory instead of a pickled copy; moved there once,
-        # now, before any request thread can be using them
+        self.env, self.child, self.rescan_state = None, None, {"running": False}
+        # a spawned rescan gets the weights through shared memory instead of a pickled copy: moved there now, before
+        # any request thread can be using them
         net.share_memory()
-        self.index = self._prepare(build_index(net, source, **index_args))
-
-    @staticmethod
-    def _prepare(index: dict) -> dict:  # build_index's answer plus what requests look up; "paths" may be served
-        return {**index, "known": set(index["video_ids"]), "positions": [int(p) for p in index["frame_indices"]],
-                "durations_of": dict(zip(index["video_ids"], index["durations"]))}
+        self.index = build_index(net, source, **index_args)
 
     def rank(self, query: str, top: int) -> dict:
         """search_index's hits with their frames, explained scores and video URLs (at the best frame), and warnings."""
@@ -502,17 +494,15 @@ class Searcher:
             except ValueError as e:  # a query that tokenizes to nothing
                 raise HTTPError(400, str(e)) from None
         seconds = time.perf_counter() - t0
-        positions, weight = index["positions"], float(self.rank_args["frame_match_weight"])
         for hit in hits:
             vid = hit["video_id"]
-            duration = index["durations_of"].get(vid)
-            hit["frames"] = hit_frames(hit, positions, duration, index["stored_frames"])
+            duration = index["durations"][vid]
+            hit["frames"] = hit_frames(hit, index["positions"], duration, index["stored_frames"])
             for frame in hit["frames"]:
                 frame["url"] = "/frame?" + urllib.parse.urlencode({"id": vid, "p": frame["position"]})
-            best = max(range(len(positions)), key=hit["frame_scores"].__getitem__)
-            hit["start"] = hit["frames"][best]["time"] or 0.0
+            hit["start"] = hit["frames"][int(np.argmax(hit["frame_scores"]))]["time"] or 0.0
             hit["length"] = _clock(duration) if duration else None
-            hit["explain"] = explain_score(hit, weight)
+            hit["explain"] = explain_score(hit, float(self.rank_args["frame_match_weight"]))
             hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
         warnings = query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"],
                                   self.vocabulary)
@@ -522,7 +512,7 @@ class Searcher:
     def thumbnail(self, vid: str, position: int) -> bytes:
         with self.lock:
             index = self.index
-        if vid not in index["known"]:
+        if vid not in index["durations"]:  # every indexed video has an entry there
             raise HTTPError(404, "no such video in the index")
         if position not in index["positions"]:
             raise HTTPError(404, f"frame {position} is not one the model saw")
@@ -571,7 +561,7 @@ class Searcher:
             if kind != "done":
                 self.rescan_state = {"running": False, "error": f"rescan failed, the previous index is kept: {payload}"}
                 raise HTTPError(409, self.rescan_state["error"])
-            new = self._prepare({**hmmc_model.read_checkpoint(payload["path"]), **payload})
+            new = {**hmmc_model.read_checkpoint(payload["path"]), **payload}
             with self.lock:
                 self.index = new
             with self.frames_lock:
@@ -613,9 +603,10 @@ class Searcher:
     def info(self) -> dict:  # what the page shows above the search box
         with self.lock:
             index = self.index
-        return {"title": f"HMMC search over {self.source}", "checkpoint": self.checkpoint, "language": self.language,
-                "videos": len(index["video_ids"]), "skipped": index["skipped"], "top": self.top,
-                "top_k_frames": int(self.rank_args["top_k_frames"]),
+        text_encoder = self.net.cfg.text_encoder
+        return {"title": f"HMMC search over {self.source}", "checkpoint": self.checkpoint,
+                "language": LANGUAGES.get(text_encoder, text_encoder), "videos": len(index["video_ids"]),
+                "skipped": index["skipped"], "top": self.top, "top_k_frames": int(self.rank_args["top_k_frames"]),
                 "frame_match_weight": float(self.rank_args["frame_match_weight"])}
 
     def close(self):  # stops a rescan in progress and lets go of the frame store
