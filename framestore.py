@@ -131,9 +131,6 @@ class FrameDB:
         with self.env.begin() as txn:
             return txn.get(f"{video_id}_{self.num_frames - 1}".encode()) is not None
 
-    def get_frame(self, video_id: str, i: int) -> bytes:
-        return self.get_frames(video_id, [i])[0]
-
     def get_frames(self, video_id: str, indices) -> list:
         """JPEG bytes of several frames of one video, read in one transaction."""
         out = []
@@ -153,7 +150,6 @@ class FrameDB:
             return [bytes(key[:-2]).decode("utf-8", "replace") for key in keys if key.endswith(b"_0")]
 
     def put_video(self, video_id: str, frames: list):
-        assert not self.readonly, "FrameDB opened readonly"
         if len(frames) != self.num_frames:
             raise ValueError(f"video {video_id}: {len(frames)} frames given, the store holds {self.num_frames}")
         self._pending[video_id] = [bytes(f) for f in frames]
@@ -163,7 +159,6 @@ class FrameDB:
 
     def mark_failed(self, video_id: str, reason: str):
         """Record why a video has no frames; any stored before go (a broken file must not serve its old ones)."""
-        assert not self.readonly, "FrameDB opened readonly"
         self._pending.pop(video_id, None)
         self._pending_failed[video_id] = str(reason)
 
@@ -353,8 +348,10 @@ def probe_video(path: str) -> dict:
             p = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries",
                                 "stream=nb_read_packets", "-of", "csv=p=0", path], capture_output=True, timeout=300)
             text = p.stdout.decode("ascii", "replace").strip().strip(",")
-            nb = int(text) if text.isdigit() and int(text) > 0 else None
+            nb = int(text) if text.isdigit() else None
         duration = nb / fps if nb else None
+    if duration is None or duration <= 0:
+        raise ValueError("unknown duration (neither the container nor the stream tells it)")
     return {"width": w, "height": h, "duration": duration, "fps": fps, "nb_frames": nb, "rotation": rotation}
 
 
@@ -365,7 +362,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def decode_video(path, num_frames, frame_size, quality=90, square=False) -> tuple:
-    """One ffmpeg pass -> (num_frames JPEGs at the centres of equal time segments, duration in seconds or None).
+    """One ffmpeg pass -> (num_frames JPEGs at the centres of equal time segments, duration in seconds).
     The fps filter resamples by timestamp (variable frame rates too) to 2*num_frames/duration, so the odd slots are
     the centres; round=up shows the frame on screen at each slot's time."""
     info = probe_video(path)
@@ -375,24 +372,19 @@ def decode_video(path, num_frames, frame_size, quality=90, square=False) -> tupl
     # the centre square, placed where the dataset's centre crop takes it
     crop = f",crop={frame_size}:{frame_size}:{int(round((W - frame_size) / 2))}:{int(round((H - frame_size) / 2))}" \
         if square else ""
-    duration = info["duration"] if info["duration"] and info["duration"] > 0 else None
-    if duration is not None:
-        vf = f"fps={2 * num_frames / duration:.6f}:round=up,select='mod(n\\,2)',scale={W}:{H}:flags=bicubic{crop}"
-        limit = num_frames + 1
-    else:  # duration unknown even after counting: spread the picks over the first frames (bounded memory)
-        vf = f"scale={W}:{H}:flags=bicubic{crop}"
-        limit = 8 * num_frames
+    duration = info["duration"]
+    vf = f"fps={2 * num_frames / duration:.6f}:round=up,select='mod(n\\,2)',scale={W}:{H}:flags=bicubic{crop}"
     if square:
         W = H = frame_size
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", path, "-map", "0:v:0", "-an", "-sn", "-dn",
-           "-vf", vf, "-vsync", "0", "-frames:v", str(limit), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+           "-vf", vf, "-vsync", "0", "-frames:v", str(num_frames + 1), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     # generous: single-threaded decoding of a long high-resolution video can run slower than real time
-    p = subprocess.run(cmd, capture_output=True, timeout=300 + 5 * (duration or 600))
+    p = subprocess.run(cmd, capture_output=True, timeout=300 + 5 * duration)
     m = len(p.stdout) // (W * H * 3)
     if m == 0:
         raise ValueError(f"no frame could be decoded ({_last_line(p.stderr) or f'ffmpeg exit code {p.returncode}'})")
     frames = np.frombuffer(p.stdout, dtype=np.uint8, count=m * W * H * 3).reshape(m, H, W, 3)
-    if duration is not None and m >= num_frames - 1:
+    if m >= num_frames - 1:
         picks = [min(i, m - 1) for i in range(num_frames)]  # the normal case (the last slot may round away)
     else:  # fewer frames than the header promised (a truncated file, a wrong duration): spread over what decoded
         picks = [min(int((i + 0.5) * m / num_frames), m - 1) for i in range(num_frames)]

@@ -211,9 +211,9 @@ def test_centre_squares_decode_to_the_centre_crop(tmp_path, capsys):
                                   square=sq, quality=95, progress_every=1e9)
         (out / "train.jsonl").write_text('{"video_id": "wide", "captions": ["a test pattern"]}\n')
     with framestore.FrameDB(str(square / "frames.lmdb")) as db:
-        assert db.square and Image.open(io.BytesIO(db.get_frame("wide", 0))).size == (64, 64)
+        assert db.square and Image.open(io.BytesIO(db.get_frames("wide", [0])[0])).size == (64, 64)
     with framestore.FrameDB(str(whole / "frames.lmdb")) as db:
-        assert not db.square and Image.open(io.BytesIO(db.get_frame("wide", 0))).size == (114, 64)
+        assert not db.square and Image.open(io.BytesIO(db.get_frames("wide", [0])[0])).size == (114, 64)
     a, b = (_first_video(d) for d in (whole, square))
     # the same pixels, each through its own JPEG encoding (observed 3.6 levels on average); one pixel off is far worse
     assert (a - b).abs().float().mean() < 5

@@ -85,14 +85,14 @@ def test_framedb_roundtrip_growth_and_meta(tmp_path):
     r = framestore.FrameDB(path)
     assert r.meta["num_frames"] == 3 and r.meta["frame_size"] == 16 and r.meta["count"] == 40
     assert r.meta["version"] == framestore.FRAMEDB_VERSION and r.failed == {"broken": "no video stream"}
-    assert r.has_video("v7") and not r.has_video("broken") and r.get_frame("v7", 2) == blobs["v7"][2]
+    assert r.has_video("v7") and not r.has_video("broken") and r.get_frames("v7", [2])[0] == blobs["v7"][2]
     assert sorted(r.video_ids()) == sorted(blobs)
     with pytest.raises(KeyError, match="v7_5"):
         r.get_frames("v7", [0, 5])
     with pytest.raises(KeyError, match="v7_3 is not in"):
-        r.get_frame("v7", 3)
+        r.get_frames("v7", [3])
     r2 = framestore.FrameDB(path)  # a second reader in the same process shares the environment
-    assert r2.get_frame("v1", 0) == blobs["v1"][0]
+    assert r2.get_frames("v1", [0])[0] == blobs["v1"][0]
     r.close(), r2.close()
     # the writer refuses other settings, and a later success clears an earlier failure
     with pytest.raises(ValueError, match="num_frames=3"):
@@ -336,7 +336,7 @@ def test_extract_frames_all_formats_failures_and_resume(video_dir, tmp_path, cap
     db = framestore.FrameDB(out)
     assert db.num_frames == 6 and db.frame_size == 32 and len(db) == len(GOOD) and set(db.failed) == set(BAD)
     for vid in GOOD:
-        sizes = {Image.open(io.BytesIO(db.get_frame(vid, i))).size for i in range(6)}
+        sizes = {Image.open(io.BytesIO(db.get_frames(vid, [i])[0])).size for i in range(6)}
         assert sizes == ({(32, 43)} if vid == "rotated" else {(43, 32)}), (vid, sizes)
     # frames are the ones on screen at the centres of 6 equal segments, by timestamp (constant and variable rate;
     # frame k of both videos is grey 8*k)
