@@ -1,8 +1,8 @@
 """
 Search your own videos with free text: an index of a folder (frames extracted by ffmpeg, embeddings cached, a new,
-changed or removed file redone alone), ranking by HMMC's hierarchical similarity, an HTML report, and a search page.
+changed or removed file redone alone), ranking by HMMC's hierarchical similarity, and a search page.
 
-$ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --query="a dog catches a frisbee" --html=hits.html
+$ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --query="a dog catches a frisbee"
 prints `rank video_id score` per hit, best first, the id being the file's path under DIR without its extension
 (`sub/bikes` for my_videos/sub/bikes.mp4). The page over the same folder, at http://127.0.0.1:8000 until Ctrl-C:
 $ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --serve
@@ -15,7 +15,6 @@ DIR/.hmmc_index/ unless --index_dir says where (a folder you cannot write to nee
 between the videos of one query, not a probability.
 """
 
-import base64
 import hashlib
 import io
 import json
@@ -28,7 +27,6 @@ import traceback
 import unicodedata
 import urllib.parse
 from collections import Counter
-from html import escape
 
 import lmdb
 import numpy as np
@@ -56,7 +54,6 @@ videos = ""  # the folder to search: video files (searched recursively) or a pre
 query = ""  # free text (English or Chinese, as the checkpoint's text encoder reads)
 queries_file = ""  # more queries, one per line
 top = 5  # hits per query
-html = ""  # write a self-contained HTML page of the hits here
 index_dir = ""  # where the index lives; default DIR/.hmmc_index (give one for a folder you cannot write to)
 frames_per_video = 30  # frames extracted per video file
 extract_workers = 4  # ffmpeg processes when extracting
@@ -387,37 +384,6 @@ def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
     return frames
 
 
-def write_html(path: str, index: dict, queries: list[str], results: list[list[dict]], *, title: str = "",
-               checkpoint: str = "") -> None:
-    """A self-contained page (thumbnails inlined) of each query's hits, each a strip of frames as on the search page."""
-    positions = index["positions"]
-    parts = hmmc_serve.page_head(title or "HMMC search", checkpoint=checkpoint, skipped=index.get("skipped"))
-    with framestore.FrameDB(index["lmdb"]) as db:
-        for text, hits in zip(queries, results):
-            parts.append(f"<section class=\"query\"><h2>{escape(text)}</h2>"
-                         f"<p class=\"meta\">outlined: the top-{len(hits[0]['top_frames']) if hits else 0} frames "
-                         f"that entered the score; under each frame: its time in the video and 100 x cosine of the "
-                         f"query with it</p>")
-            for hit in hits:
-                vid = hit["video_id"]
-                duration = index["durations"][vid]
-                jpegs = db.get_frames(vid, positions)
-                parts.append(f"<div class=\"hit\" data-video-id=\"{escape(vid)}\"><div><b>{hit['rank']}.</b> "
-                             f"{escape(vid)} &mdash; score {hit['score']:.2f}"
-                             f"{f' ({_clock(duration)} long)' if duration else ''}</div><div class=\"strip\">")
-                for frame, jpeg in zip(hit_frames(hit, positions, duration, index["stored_frames"]), jpegs):
-                    thumb = base64.b64encode(thumbnail_jpeg(jpeg)).decode("ascii")
-                    top = " class=\"top\"" if frame["top"] else ""
-                    parts.append(f"<figure{top}><img alt=\"{escape(vid)} frame "
-                                 f"{frame['position']}\" src=\"data:image/jpeg;base64,{thumb}\"><figcaption>"
-                                 f"{escape(frame['label'])}</figcaption></figure>")
-                parts.append("</div></div>")
-            parts.append("</section>")
-    parts.append("</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-
-
 def _checkpoint_key(init_from: str, clip_path: str) -> str:
     path = clip_path if init_from == "clip" else init_from
     st = os.stat(path)
@@ -617,7 +583,7 @@ def main(argv=None):
     if cfg["top"] < 1:
         raise ValueError(f"--top={cfg['top']}: ask for at least one hit per query (e.g. --top=5)")
     if cfg["serve"]:
-        for key in ("query", "queries_file", "html"):
+        for key in ("query", "queries_file"):
             if cfg[key]:
                 raise ValueError(f"--serve takes its queries in the page; drop --{key}")
     elif not cfg["query"] and not cfg["queries_file"]:
@@ -668,9 +634,6 @@ def main(argv=None):
         for hit in hits:
             print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
     sys.stdout.flush()
-    if cfg["html"]:
-        write_html(cfg["html"], index, queries, results, title=f"HMMC search over {source}", checkpoint=checkpoint)
-        print(f"wrote {cfg['html']}", flush=True)
     return results
 
 

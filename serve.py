@@ -156,23 +156,19 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-
                     "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
-def page_head(title: str, *, checkpoint: str = "", skipped: dict | None = None) -> list[str]:
-    """The top of the search page and of search.py's report as HTML lines: title, checkpoint, the skipped files."""
-    title = escape(title)
+def page(info: dict) -> str:
+    """The search page: title, checkpoint, the skipped files, the search box; the script fills in the hits."""
+    title = escape(info["title"])
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
              f"<style>{CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
-    if checkpoint:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(checkpoint)}</code></p>")
-    if skipped:
-        parts.append(f"<details class=\"skipped\"><summary>{len(skipped)} file(s) skipped as unreadable</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in skipped.items()]
+    if info["checkpoint"]:
+        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>")
+    if info["skipped"]:
+        parts.append(f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
+                     f"</summary><ul>")
+        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items()]
         parts.append("</ul></details>")
-    return parts
-
-
-def page(info: dict) -> str:
-    parts = page_head(info["title"], checkpoint=info["checkpoint"], skipped=info["skipped"])
     parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
                  f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
                  f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
