@@ -290,7 +290,7 @@ def read_id_list(path) -> list:
 def check_ffmpeg():
     for tool in ("ffmpeg", "ffprobe"):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not found on PATH; install FFmpeg (e.g. `apt-get install ffmpeg`, "
+            raise FileNotFoundError(f"{tool} not found on PATH; install FFmpeg (e.g. `apt-get install ffmpeg`, "
                                f"`brew install ffmpeg`, `conda install -c conda-forge ffmpeg`)")
 
 

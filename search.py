@@ -31,6 +31,7 @@ from collections import Counter
 import lmdb
 import numpy as np
 import torch
+from PIL import Image
 
 import configurator
 import eval as hmmc_eval
@@ -74,16 +75,13 @@ num_workers = min(8, os.cpu_count() or 1)  # data loader processes for encoding
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # GPU autocast
 config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_before"]
-# -----------------------------------------------------------------------------
-
 # ----------------------------------------------------------------------------- the index cache
 
 INDEX_VERSION = 2  # bump when the layout of index_<key>.pt changes: older files are then ignored, not misread
 
 
 def _list_videos(source: str, skip: str = "") -> dict:
-    """{video id: path} of the videos under `source`, the id the path without its extension (`sub/bikes`), or with
-    it where files share a stem (`a.mp4`, `a.mkv`)."""
+    """{video id: path} under `source`, the id the path without extension (`sub/bikes`), or with it for shared stems."""
     files = [f for f in framestore.walk_files(source, skip) if framestore.is_video(f)]
     stems = Counter(os.path.splitext(f)[0] for f in files)
     return {(os.path.splitext(f)[0] if stems[os.path.splitext(f)[0]] == 1 else f): os.path.join(source, f)
@@ -100,8 +98,7 @@ def _file_sha1(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _inside(root: str, path: str) -> bool:
-    """Whether `path`, once links are resolved, lies inside the folder `root` (resolved already)."""
+def _inside(root: str, path: str) -> bool:  # links resolved; root already is
     return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
@@ -146,10 +143,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
         with framestore.FrameDB(lmdb_path, readonly=False, num_frames=frames_per_video, frame_size=frame_size) as db:
             db.delete(removed)
             if todo:
-                try:
-                    framestore.check_ffmpeg()
-                except RuntimeError as e:  # a missing tool is bad input too: one line, not a traceback
-                    raise FileNotFoundError(str(e)) from None
+                framestore.check_ffmpeg()
                 print(f"extracting {frames_per_video} frames from each of {len(todo)} new or changed videos "
                       f"(of {len(videos)}) into {lmdb_path}", flush=True)
 
@@ -176,8 +170,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
 
 
 def _read_prepared(source: str) -> dict:
-    """A prepared dataset folder read in place: the videos of all its splits once each, all re-encoded when
-    frames.lmdb changes."""
+    """A prepared dataset read in place: its splits' videos once each, all re-encoded when frames.lmdb changes."""
     lmdb_path = os.path.join(source, "frames.lmdb")
     ids, durations = [], {}
     for name in sorted(os.listdir(source)):
@@ -206,9 +199,6 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
     returns the stored frame "positions" the model read, "durations" {id: seconds or None}, "lmdb", "skipped",
     "extracted", "encoded", "paths" (files; none for a prepared dataset) and "path" (the index file); progress(text)
     hears how far it got."""
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
-                                f"dataset folder with frames.lmdb)")
     if os.path.exists(os.path.join(source, "frames.lmdb")):
         src = _read_prepared(source)
     else:
@@ -275,7 +265,7 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
 
 # ----------------------------------------------------------------------------- search: queries, ranking, report
 
-def _check_query(text: str, tokenizer) -> None:
+def _check_query(text: str, tokenizer):
     ids = tokenizer.encode(text)
     unk = getattr(tokenizer, "unk_id", None)
     if not text.strip() or not ids or (unk is not None and all(i == unk for i in ids)):
@@ -347,7 +337,6 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
 
 def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
     """A stored frame shrunk to `height` px (and at most 4x as wide)."""
-    from PIL import Image
     img = Image.open(io.BytesIO(jpeg)).convert("RGB")
     img.thumbnail((height * 4, height))
     buf = io.BytesIO()
@@ -598,8 +587,7 @@ def main(argv=None):
                          f"--index_dir=A_WRITABLE_FOLDER")
     dev = cfg["device"]
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
-    net, s, tokenizer, _ = hmmc_eval.load_net({**cfg, "dataset": None, "data_dir": None,
-                                                         "caption_field": None}, dev)
+    net, s, tokenizer, _ = hmmc_eval.load_net({**cfg, "dataset": None, "data_dir": None, "caption_field": None}, dev)
     checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
     index_args = dict(cache_dir=cache_dir, model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]),
                       num_frames=s["num_frames"], image_size=s["image_size"], batch_size=cfg["batch_size"],
@@ -613,9 +601,8 @@ def main(argv=None):
         set_cpu_threads(dev)
         hosts = [h.strip() for h in cfg["allowed_hosts"].split(",") if h.strip()]
         server = make_server(net, source, index_args=index_args, rank_args=rank_args, host=cfg["host"],
-                             port=cfg["port"], top=cfg["top"], checkpoint=checkpoint,
-                             allowed_hosts=hosts, conn_timeout=cfg["conn_timeout"],
-                             max_connections=cfg["max_connections"])
+                             port=cfg["port"], top=cfg["top"], checkpoint=checkpoint, allowed_hosts=hosts,
+                             conn_timeout=cfg["conn_timeout"], max_connections=cfg["max_connections"])
         hmmc_serve.run(server, source)
         return []
     queries = [cfg["query"]] if cfg["query"] else []
@@ -632,8 +619,7 @@ def main(argv=None):
         if len(queries) > 1:
             print(f"query: {q}")
         for hit in hits:
-            print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}")
-    sys.stdout.flush()
+            print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}", flush=True)
     return results
 
 
