@@ -1,7 +1,6 @@
 """
 Benchmark HMMC with random weights at real sizes: the fine-tuning and pre-training steps (videos/s, model FLOPs
-utilisation, peak memory), one search query, the data loaders on real clips and a whole evaluate() of 1,000 videos
-with its encoding rate. Prints one table and writes JSON.
+utilisation, peak memory), one search query and the data loaders on real clips. Prints one table and writes JSON.
 
 $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16, T=12, 32 tokens, bf16, fused AdamW
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
@@ -28,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 import configurator
-import eval as hmmc_eval
 import framestore
 import model as hmmc_model
 import prepare
@@ -50,12 +48,10 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = False  # torch.compile the model for the step measurements
 activation_checkpointing = False  # recompute transformer activations in backward (bigger batches fit)
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
-eval_batch_size = 256  # videos per encoding batch of evaluate()
-eval_videos = 1000  # videos (one caption each) of the evaluate() row: MSR-VTT 1k-A's size
 search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
 search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
 recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated clips, extracted by prepare.py frames
-recipe_workers = 2  # loader processes of those rows and of evaluate(): one per core of this machine leaves none idle
+recipe_workers = 2  # loader processes of those rows: one per core of this machine leaves none idle
 recipe_repeats = 3  # alternations of the decode floor and every recipe row: each row shows their median ratio
 ratio_repeats = 3  # a ratio's pairs of steps (ours, baseline, in alternation): steps x ratio_repeats
 noisy_spread = 0.25  # flag a ratio as NOISY when its 25th-75th percentiles spread by more than this of the median
@@ -72,8 +68,7 @@ TOWERS = {  # OpenAI's shapes (clip/model.py build_model of the released checkpo
 }
 # defaults of size="tiny"; --key=value still overrides them
 TINY = dict(models=("tiny",), batch_sizes=(4,), num_frames=4, context_length=16, steps=4, warmup=1,
-            eval_batch_size=8, eval_videos=16, search_videos=(64,), search_model="tiny", recipe_videos=8,
-            recipe_repeats=2)
+            search_videos=(64,), search_model="tiny", recipe_videos=8, recipe_repeats=2)
 
 CAPTIONS = ["a man is playing a guitar on a stage", "two dogs run across a snowy field",
             "a woman slices tomatoes in a kitchen", "cars drive down a busy street at night",
@@ -171,10 +166,9 @@ def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repea
     ours_step, facts = make(B=B, dev=dev, dt=dt, **kw)
     for _ in range(n_warmup):
         ours_step()
-    row = lambda times: {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
     if not baseline:
         per_step = _timed(lambda: [ours_step() for _ in range(n_steps)], dev) / n_steps
-        return {**row([per_step]), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, None, None
+        return {**_rates(B, [per_step]), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, None, None
 
     def plain():
         with plain_attention():
@@ -190,8 +184,12 @@ def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repea
         times = {first: _timed(first, dev), second: _timed(second, dev)}
         ours.append(times[ours_step])
         base.append(times[plain])
-    return ({**row(ours), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, row(base),
+    return ({**_rates(B, ours), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, _rates(B, base),
             [b / o for o, b in zip(ours, base)])
+
+
+def _rates(B: int, times: list) -> dict:
+    return {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
 
 
 def _peak_memory_gb(dev: str) -> float:
@@ -214,11 +212,15 @@ def time_search(net, num: int, T: int, L: int, tokenizer, dev: str, repeats: int
     """The median and the fastest of `repeats` queries (after a warm-up) against an index of num videos x T frames
     of random unit embeddings, as the search page answers them, HTTP aside."""
     g, E = torch.Generator().manual_seed(seed), net.cfg.clip.embed_dim
-    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)
-    index = {"video_ids": [f"v{i:05d}" for i in range(num)], "video_emb": unit(num, E), "frame_emb": unit(num, T, E)}
-    query = lambda i: search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer,
-                                          context_length=L, top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)
-    times = [1000 * _timed(lambda: query(i), dev) for i in range(repeats + 1)]
+    index = {"video_ids": [f"v{i:05d}" for i in range(num)],
+             "video_emb": F.normalize(torch.randn(num, E, generator=g), dim=-1),
+             "frame_emb": F.normalize(torch.randn(num, T, E, generator=g), dim=-1)}
+    times = []
+    for i in range(repeats + 1):
+        t0 = _clock()
+        search.search_index(net, index, [f"{CAPTIONS[i % len(CAPTIONS)]} {i}"], tokenizer=tokenizer, context_length=L,
+                            top_k_frames=3, frame_match_weight=1.0, top=10, device=dev)  # hits come back to the CPU
+        times.append(1000 * (_clock() - t0))
     return {"query_ms": float(np.median(times[1:])), "fastest_ms": min(times[1:]), "of": repeats}
 
 
@@ -233,12 +235,6 @@ RECIPE_PATHS = {
     "pretrain 360px": ("pretrain", 360, False, "frame", 12, 16, 45),
     "pretrain 224px": ("pretrain", 224, False, "frame", 12, 16, 45),
 }
-
-
-def _write_captions(path: str, video_ids: list, **extra) -> None:
-    with open(path, "w") as f:
-        for v, vid in enumerate(video_ids):  # distinct captions, as in a real test set
-            f.write(json.dumps({"video_id": vid, "captions": [f"{CAPTIONS[v % len(CAPTIONS)]} {v}"], **extra}) + "\n")
 
 
 def make_recipe_videos(folder: str, n: int) -> None:
@@ -270,25 +266,16 @@ def recipe_data(tmp: str, n_videos: int, tokenizer) -> tuple:
             framestore.extract_frames(videos, os.path.join(data, "frames.lmdb"),
                                       num_frames=48 if kind == "pretrain" else 30, frame_size=size,
                                       workers=os.cpu_count() or 1, square=square, progress_every=1e9)
-            _write_captions(os.path.join(data, "train.jsonl"), ids, tags="video,clip,test")  # CHVTT has tags
+            with open(os.path.join(data, "train.jsonl"), "w") as f:
+                for v, vid in enumerate(ids):  # distinct captions, as in a real set; tags, as CHVTT has them
+                    caption = f"{CAPTIONS[v % len(CAPTIONS)]} {v}"
+                    f.write(json.dumps({"video_id": vid, "captions": [caption], "tags": "video,clip,test"}) + "\n")
             dbs[data] = framestore.FrameDB(os.path.join(data, "frames.lmdb"))
         ds = prepare.VideoTextDataset(
             data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
             context_length=L, frame_sample="random", image_size=224, augment=augment, seed=seed, verbose=False)
         paths[name] = ds, dbs[data], T, batch
     return ids, paths
-
-
-def copy_videos(db, ids: list, path: str, n: int) -> None:
-    """A prepared dataset of n videos (one caption each) cycling through the frames of `ids` in `db`: decoding costs
-    the same as n distinct videos, and a 1,000-video set is written in seconds."""
-    names = [f"v{v:05d}" for v in range(n)]
-    with framestore.FrameDB(os.path.join(path, "frames.lmdb"), readonly=False, num_frames=db.num_frames,
-                            frame_size=db.frame_size) as out:
-        for v, name in enumerate(names):
-            out.put_video(name, db.get_frames(ids[v % len(ids)], range(db.num_frames)))
-    for split in ("train", "test"):
-        _write_captions(os.path.join(path, f"{split}.jsonl"), names)
 
 
 def _decode_floor(db, video_ids: list, T: int) -> float:
@@ -347,12 +334,12 @@ def run(cfg: dict) -> dict:
     set_cpu_threads(dev)  # and one thread on a CPU, as train.py
     on_cuda = torch.device(dev).type == "cuda"
     with_baseline = not on_cuda  # a shared CPU's load moves absolute rates: only the ratios to a baseline compare
-    T, L, first = cfg["num_frames"], cfg["context_length"], cfg["models"][0]
+    T, L = cfg["num_frames"], cfg["context_length"]
     tokenizer = get_tokenizer("clip")
     peak = peak_flops(torch.device(dev).type)
     rows = []
     print(f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details\n"
-          f"  value: the median step or query; the loaders and evaluate(): one pass", flush=True)
+          f"  value: the median step or query; the loaders: one pass", flush=True)
     if with_baseline:
         print(f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in "
               f"{cfg['steps'] * max(1, cfg['ratio_repeats'])} alternating pairs of steps,\n"
@@ -392,18 +379,6 @@ def run(cfg: dict) -> dict:
         ids, paths = recipe_data(tmp, cfg["recipe_videos"], tokenizer)
         for row in time_recipe_loaders(ids, paths, cfg["recipe_workers"], cfg["recipe_repeats"]):
             add(*row)
-        data = os.path.join(tmp, "eval")
-        copy_videos(paths["finetune 224px"][1], ids, data, cfg["eval_videos"])
-        # the whole evaluation as eval.py runs it: LMDB -> decode -> encode -> similarity -> metrics
-        net = build(first, pretrain_=False, T=T, L=L, batch=1, dev=dev)
-        t0 = time.perf_counter()
-        res = TOWERS[first]["image_resolution"]  # frames are centre-cropped to the tower's input
-        m = hmmc_eval.evaluate(net, data, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
-                               top_k_frames=3, frame_match_weight=1.0, batch_size=cfg["eval_batch_size"],
-                               num_workers=cfg["recipe_workers"], device=dev, dtype=dt, progress=False)
-        elapsed = time.perf_counter() - t0
-        add(f"evaluate() {first}, {m['num_videos']}x{m['num_texts']} from LMDB",
-            {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed, "encode_videos_per_s": m["videos_per_s"]})
         for _, db, _, _ in paths.values():
             db.close()
     finally:
@@ -421,8 +396,6 @@ def _format_row(row: dict) -> str:
     key = next(k for k in UNITS if k in ours)
     extra = [f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "",
              f"peak mem {ours['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in ours else "",
-             f"{ours['seconds']:.1f} s in all" if "seconds" in ours else "",
-             f"encoding {ours['encode_videos_per_s']:.1f} videos/s" if "encode_videos_per_s" in ours else "",
              f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else ""]
     if "cores_per_gpu" in ours:
         extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s")

@@ -53,7 +53,6 @@ text_encoder = None  # "clip" | "bert"; fixed by the checkpoint, only init_from=
 bert_vocab = None  # vocab.txt of the Chinese tokenizer
 videos = ""  # the folder to search: video files (searched recursively) or a prepared dataset folder
 query = ""  # free text (English or Chinese, as the checkpoint's text encoder reads)
-queries_file = ""  # more queries, one per line
 top = 5  # hits per query
 index_dir = ""  # where the index lives; default DIR/.hmmc_index (give one for a folder you cannot write to)
 frames_per_video = 30  # frames extracted per video file
@@ -571,13 +570,10 @@ def main(argv=None):
         raise ValueError("--videos=DIR: name the folder of video files (or the prepared dataset folder) to search")
     if cfg["top"] < 1:
         raise ValueError(f"--top={cfg['top']}: ask for at least one hit per query (e.g. --top=5)")
-    if cfg["serve"]:
-        for key in ("query", "queries_file"):
-            if cfg[key]:
-                raise ValueError(f"--serve takes its queries in the page; drop --{key}")
-    elif not cfg["query"] and not cfg["queries_file"]:
-        raise ValueError("search.py needs --query=TEXT (or --queries_file=FILE, one query per line), or --serve "
-                         "for a search page")
+    if cfg["serve"] and cfg["query"]:
+        raise ValueError("--serve takes its queries in the page; drop --query")
+    if not cfg["serve"] and not cfg["query"]:
+        raise ValueError("search.py needs --query=TEXT, or --serve for a search page")
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
                                 f"dataset folder with frames.lmdb)")
@@ -605,22 +601,14 @@ def main(argv=None):
                              conn_timeout=cfg["conn_timeout"], max_connections=cfg["max_connections"])
         hmmc_serve.run(server, source)
         return []
-    queries = [cfg["query"]] if cfg["query"] else []
-    if cfg["queries_file"]:
-        with open(cfg["queries_file"], encoding="utf-8") as f:
-            queries += [line.strip() for line in f if line.strip()]
-    for q in queries:  # fail on a bad query before spending minutes on an index
-        _check_query(q, tokenizer)
-        for line in query_warnings(q, tokenizer, s["context_length"]):
-            print(f"warning: {line}", flush=True)
+    _check_query(cfg["query"], tokenizer)  # a bad query fails before minutes are spent on an index
+    for line in query_warnings(cfg["query"], tokenizer, s["context_length"]):
+        print(f"warning: {line}", flush=True)
     index = build_index(net, source, **index_args)
-    results = search_index(net, index, queries, top=cfg["top"], **rank_args)
-    for q, hits in zip(queries, results):
-        if len(queries) > 1:
-            print(f"query: {q}")
-        for hit in hits:
-            print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}", flush=True)
-    return results
+    hits = search_index(net, index, [cfg["query"]], top=cfg["top"], **rank_args)[0]
+    for hit in hits:
+        print(f"{hit['rank']} {hit['video_id']} {hit['score']:.4f}", flush=True)
+    return hits
 
 
 if __name__ == "__main__":

@@ -50,8 +50,7 @@ def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     saved = json.loads(out.read_text())
     names = [r["name"] for r in saved["rows"]]
-    for prefix in ("finetune step", "pretrain step", "search query", "loader finetune 224px", "loader pretrain 360px",
-                   "evaluate()"):
+    for prefix in ("finetune step", "pretrain step", "search query", "loader finetune 224px", "loader pretrain 360px"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
         assert prefix in text
     assert sum(n.startswith("loader") for n in names) == len(bench.RECIPE_PATHS)
@@ -68,10 +67,6 @@ def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
         if row["name"].startswith(("finetune", "pretrain")):
             assert row["ours"]["peak_mem_gb"] > 0 and row["ours"]["flops_per_video"] > 0
             assert "mfu" not in row  # no meaningful CPU peak
-    evaluated = next(r for r in saved["rows"] if r["name"].startswith("evaluate()"))
-    assert "16x16 from LMDB" in evaluated["name"] and evaluated["ours"]["seconds"] > 0  # eval_videos=16 in tiny
-    encoding = evaluated["ours"]["encode_videos_per_s"]  # evaluate()'s own encoding rate, printed in its row
-    assert encoding > 0 and f"encoding {encoding:.1f} videos/s" in text
     assert saved["setup"]["baseline"].startswith("fp32")
     assert "machine: cpu" in text and "bench: size=tiny device=cpu" in text
     assert "1 thread(s)" in saved["setup"]["device"]  # one thread, as train.py, not the two it was given
