@@ -290,7 +290,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 vid = str(obj["video_id"])
                 caps = [c for c in obj.get(caption_field) or [] if isinstance(c, str) and c.strip()]
                 # a video without captions has no place in training or retrieval metrics; only an index of bare
-                # videos (mode="videos", no caption field at all, e.g. eval.py --search) keeps it
+                # videos (mode="videos", no caption field at all) keeps it
                 if not caps and (mode != "videos" or caption_field in obj):
                     no_caption += 1
                     continue
@@ -642,10 +642,6 @@ def _frames(videos, out, **kw):
                          f"kept under __meta__ 'failed' in {out}")
 
 
-def _synthetic(out, **kw):
-    synthetic.prepare_synthetic(out, **kw)
-
-
 # name -> (what it does, the function the options go to, {option: (default, description)}); a default of None is
 # an optional path. The defaults are those of the functions (tests/test_prepare.py checks they agree).
 COMMANDS = {
@@ -682,7 +678,8 @@ COMMANDS = {
         "frames": (None, "frame LMDB to check for missing videos (default: <out>/frames.lmdb when it exists)"),
         "split": ("train", "name of the split to write"),
     }),
-    "synthetic": ("the built-in dataset of moving shapes -> frames.lmdb, train, val, test, vocab.txt", _synthetic, {
+    "synthetic": ("the built-in dataset of moving shapes -> frames.lmdb, train, val, test, vocab.txt",
+                  synthetic.prepare_synthetic, {
         "out": ("data/synthetic", "output folder, replaced once the new one is complete"),
         "seed": (0, "random seed: the same seed writes the same bytes"),
         "videos": (None, "also write one .mp4 per video into this folder"),

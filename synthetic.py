@@ -238,18 +238,18 @@ def stale(name: str, folder: str) -> str | None:
             f"{name!r}; delete the folder and train.py writes it anew")
 
 
-def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: str | None = None,
+def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | None = None,
                       num_frames: int = 8, frame_size: int = 32, num_train: int = 6000, p_two: float = 0.15,
                       test_single: int = 90, test_double: int = 3, val_single: int = 40, val_double: int = 1,
                       titles: bool = False, verbose: bool = True) -> str:
-    """Write the dataset to `out_dir` (and one .mp4 per video to `videos`), deterministic in `seed`: test has
+    """Write the dataset to `out` (and one .mp4 per video to `videos`), deterministic in `seed`: test has
     2*test_single + 8*test_double videos, val likewise. With `titles` the same videos get the pre-training text,
     the full captions and tags moving to *_full fields."""
     if num_frames % 2:
         raise ValueError(f"num_frames must be even (two-event videos split the clip in halves), got {num_frames}")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "frames.lmdb")):
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "frames.lmdb")):
         # the folder is replaced at the end: only an earlier dataset may be, never a folder of someone's files
-        raise ValueError(f"{out_dir} holds files but no frames.lmdb, so it is no dataset this command wrote; it is "
+        raise ValueError(f"{out} holds files but no frames.lmdb, so it is no dataset this command wrote; it is "
                          f"left as it is: choose another --out")
     rng = np.random.default_rng(seed)
     text_rng = np.random.default_rng([seed, 1])  # the titles' own draws: the videos do not depend on `titles`
@@ -258,14 +258,14 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
         "val": _syn_confusion_groups(rng, val_single, val_double),
         "train": [_syn_random_events(rng, p_two) for _ in range(num_train)],
     }
-    tmp_dir = out_dir.rstrip("/") + ".tmp"
+    tmp_dir = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     mp4_dir = videos
     if videos:
-        # a videos folder inside out_dir would go when the finished folder replaces out_dir: write it inside the
+        # a videos folder inside out would go when the finished folder replaces out: write it inside the
         # new folder instead, where it ends up at the path asked for
-        rel = os.path.relpath(os.path.realpath(videos), os.path.realpath(out_dir))
+        rel = os.path.relpath(os.path.realpath(videos), os.path.realpath(out))
         if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
             mp4_dir = os.path.normpath(os.path.join(tmp_dir, rel))
         os.makedirs(mp4_dir, exist_ok=True)
@@ -304,12 +304,12 @@ def prepare_synthetic(out_dir: str = "data/synthetic", seed: int = 0, videos: st
     with open(os.path.join(tmp_dir, "vocab.txt"), "w") as f:
         f.write("\n".join(_SYN_SPECIALS + sorted(set("，然后移动" + "".join(_ZH.values())))) + "\n")
     # swap in the finished folder at the end, so an interrupted run never leaves a dataset that looks complete
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp_dir, out)
     if verbose:
         counts = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
-        print(f"wrote synthetic dataset to {out_dir}: {counts} videos, {num_frames} frames of {frame_size} px",
+        print(f"wrote synthetic dataset to {out}: {counts} videos, {num_frames} frames of {frame_size} px",
               flush=True)
         if titles:
             print(title_report(titled), flush=True)
-    return out_dir
+    return out

@@ -508,7 +508,7 @@ def test_cli_defaults_are_the_functions_defaults():
     import synthetic
     targets = {"frames": framestore.extract_frames, "msrvtt": prepare.convert_msrvtt, "vatex": prepare.convert_vatex,
                "chvtt": prepare.convert_chvtt, "synthetic": synthetic.prepare_synthetic}
-    renamed = {"frames": {"videos": "videos_dir", "out": "out_path"}, "synthetic": {"out": "out_dir"}}
+    renamed = {"frames": {"videos": "videos_dir", "out": "out_path"}}
     for cmd, fn in targets.items():
         params = inspect.signature(fn).parameters
         for key, (default, description) in prepare.COMMANDS[cmd][2].items():
