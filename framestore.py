@@ -268,20 +268,10 @@ def find_videos(videos_dir: str, ids=None) -> dict:
 
 
 def read_id_list(path) -> list:
-    """Video ids, one per line; jsonl lines ({"video_id": ...}, like the original's msrvtt.json) work too."""
-    ids = []
+    """Video ids, one per line; blank lines and # comments are skipped."""
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("{"):
-                try:
-                    line = str(json.loads(line)["video_id"])
-                except (json.JSONDecodeError, KeyError):
-                    raise ValueError(f"{path}:{lineno}: expected a video id or a JSON object with 'video_id'")
-            ids.append(line)
-    return ids
+        lines = [line.strip() for line in f]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -491,16 +491,13 @@ def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Count
 
 
 def _read_csv_ids(path: str) -> list:
-    """The `video_id` column of a CLIP4Clip-style csv (a header-less single column works too)."""
+    """The `video_id` column of a CLIP4Clip-style csv."""
     with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return []
-    header = [h.strip() for h in rows[0]]
-    if "video_id" in header:
-        col = header.index("video_id")
-        return [r[col].strip() for r in rows[1:] if len(r) > col and r[col].strip()]
-    return [r[0].strip() for r in rows if r and r[0].strip()]
+        reader = csv.DictReader(f)
+        if "video_id" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: no video_id column (expected a csv with a header line, as CLIP4Clip's)")
+        ids = [(row["video_id"] or "").strip() for row in reader]
+    return [vid for vid in ids if vid]
 
 
 def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test_csv=None, out="data/msrvtt",
