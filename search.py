@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import threading
 import time
@@ -288,10 +289,39 @@ def _quote(text: str, n: int = 60) -> str:
     return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
-def query_warnings(text: str, tokenizer, context_length: int) -> list[str]:
+def words(text: str) -> list[str]:
+    """Lower-cased runs of letters, each Chinese character on its own (the Chinese BERT reads one per token)."""
+    out = []
+    for run in re.findall(r"[^\W\d_]+", text.lower()):
+        out += [run] if not any(_script(c) == "cjk" for c in run) else re.findall(r"[^\W\d_]", run)
+    return out
+
+
+def caption_vocabulary(path: str, field: str = "captions") -> set:
+    """Every word of the captions of a <split>.jsonl (`field` holds a list of captions or one)."""
+    vocab = set()
+    with open(path, encoding="utf-8") as f:
+        for line in filter(str.strip, f):
+            captions = json.loads(line).get(field) or []
+            for caption in [captions] if isinstance(captions, str) else captions:
+                vocab.update(words(str(caption)))
+    return vocab
+
+
+def training_captions(ckpt_config: dict) -> tuple[str, str] | None:
+    """(jsonl path, caption field) a train.py checkpoint learned from; None for OpenAI's CLIP or an original HMMC."""
+    if not ckpt_config or not (ckpt_config.get("data_dir") or ckpt_config.get("dataset")):
+        return None
+    data_dir = ckpt_config.get("data_dir") or os.path.join("data", ckpt_config["dataset"])
+    return (os.path.join(data_dir, f"{ckpt_config.get('train_split') or 'train'}.jsonl"),
+            ckpt_config.get("caption_field") or "captions")
+
+
+def query_warnings(text: str, tokenizer, context_length: int, vocabulary: set | None = None) -> list[str]:
     """Why the scores of `text`, which look just as confident, may mean little, one line each: it was cut to the
-    model's caption length, or its script is not the text encoder's."""
-    q, out = _quote(text), []
+    model's caption length, its script is not the text encoder's, or most of its words never occur in the captions
+    the model was trained on (`vocabulary`)."""
+    q, out, little = _quote(text), [], "its scores will look confident and mean little"
     n, kept = len(tokenizer.encode(text)), context_length - 2  # each row also holds a start and an end token
     if n > kept:
         out.append(f"query {q} is {n} tokens long; the model reads {context_length} per caption, so only the first "
@@ -302,7 +332,14 @@ def query_warnings(text: str, tokenizer, context_length: int) -> list[str]:
     if foreign:
         out.append(f"query {q} contains {', '.join(sorted(foreign))} text, which the text encoder "
                    f"({'Chinese BERT, trained on Chinese' if bert else 'CLIP, trained on English'}) barely knows; "
-                   f"its scores will look confident and mean little")
+                   f"{little}")
+    known = list(dict.fromkeys(words(text)))
+    unknown = [w for w in known if vocabulary and w not in vocabulary]
+    if 2 * len(unknown) > len(known):
+        out.append(f"{len(unknown)} of the {len(known)} words of query {q} never occur in the {len(vocabulary)}-word "
+                   f"vocabulary of the captions this model was trained on ({', '.join(unknown[:6])}"
+                   f"{', ...' if len(unknown) > 6 else ''}); {little}. Use words it knows, or a model trained on "
+                   f"richer captions (e.g. --init_from=clip)")
     return out
 
 
@@ -388,9 +425,10 @@ class Searcher:
     guards the index; a rescan builds the next index in a spawned process (its LMDB writer must not share this
     process with the frame reader) while queries keep answering from this one, then swaps it in under the lock."""
 
-    def __init__(self, net, source: str, *, index_args: dict, rank_args: dict, top: int = 5, checkpoint: str = ""):
+    def __init__(self, net, source: str, *, index_args: dict, rank_args: dict, top: int = 5, checkpoint: str = "",
+                 vocabulary: set | None = None):
         self.net, self.source, self.index_args, self.rank_args = net, source, index_args, rank_args
-        self.top, self.checkpoint = top, checkpoint
+        self.top, self.checkpoint, self.vocabulary = top, checkpoint, vocabulary
         self.lock = threading.Lock()  # the model and self.index
         self.frames_lock = threading.Lock()  # self.env, the frame store's reader
         self.rescan_lock = threading.Lock()  # one rescan at a time
@@ -420,7 +458,8 @@ class Searcher:
             hit["length"] = _clock(duration) if duration else None
             hit["explain"] = explain_score(hit, float(self.rank_args["frame_match_weight"]))
             hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
-        warnings = query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"])
+        warnings = query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"],
+                                  self.vocabulary)
         return {"query": query, "hits": hits, "warnings": warnings, "videos": len(index["video_ids"]),
                 "seconds": seconds}
 
@@ -546,13 +585,13 @@ def _rescan_child(conn, net, source: str, index_args: dict):
 
 
 def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: str = "127.0.0.1", port: int = 8000,
-                top: int = 5, checkpoint: str = "", **server_args):
+                top: int = 5, checkpoint: str = "", vocabulary: set | None = None, **server_args):
     """A search page over `source` on host:port, not yet serving. The port is taken before the index is built, so a
     busy port fails before minutes of indexing."""
     server = hmmc_serve.listen(host, port, **server_args)
     try:
         server.search = Searcher(net, source, index_args=index_args, rank_args=rank_args, top=top,
-                                 checkpoint=checkpoint)
+                                 checkpoint=checkpoint, vocabulary=vocabulary)
     except BaseException:
         server.server_close()
         raise
@@ -583,8 +622,15 @@ def main(argv=None):
                          f"--index_dir=A_WRITABLE_FOLDER")
     dev = cfg["device"]
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
-    net, s, tokenizer, _ = hmmc_eval.load_net({**cfg, "dataset": None, "data_dir": None, "caption_field": None}, dev)
+    net, s, tokenizer, ckpt_config = hmmc_eval.load_net({**cfg, "dataset": None, "data_dir": None,
+                                                         "caption_field": None}, dev)
     checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
+    vocabulary, captions = None, training_captions(ckpt_config)
+    if captions and os.path.isfile(captions[0]):
+        vocabulary = caption_vocabulary(*captions)
+    elif captions:
+        print(f"note: the captions this model was trained on ({captions[0]}) are not here, so queries are not "
+              f"checked against its vocabulary", flush=True)
     index_args = dict(cache_dir=cache_dir, model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]),
                       num_frames=s["num_frames"], image_size=s["image_size"], batch_size=cfg["batch_size"],
                       num_workers=cfg["num_workers"], device=dev, dtype=dtype,
@@ -597,12 +643,13 @@ def main(argv=None):
         set_cpu_threads(dev)
         hosts = [h.strip() for h in cfg["allowed_hosts"].split(",") if h.strip()]
         server = make_server(net, source, index_args=index_args, rank_args=rank_args, host=cfg["host"],
-                             port=cfg["port"], top=cfg["top"], checkpoint=checkpoint, allowed_hosts=hosts,
-                             conn_timeout=cfg["conn_timeout"], max_connections=cfg["max_connections"])
+                             port=cfg["port"], top=cfg["top"], checkpoint=checkpoint, vocabulary=vocabulary,
+                             allowed_hosts=hosts, conn_timeout=cfg["conn_timeout"],
+                             max_connections=cfg["max_connections"])
         hmmc_serve.run(server, source)
         return []
     _check_query(cfg["query"], tokenizer)  # a bad query fails before minutes are spent on an index
-    for line in query_warnings(cfg["query"], tokenizer, s["context_length"]):
+    for line in query_warnings(cfg["query"], tokenizer, s["context_length"], vocabulary):
         print(f"warning: {line}", flush=True)
     index = build_index(net, source, **index_args)
     hits = search_index(net, index, [cfg["query"]], top=cfg["top"], **rank_args)[0]

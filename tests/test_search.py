@@ -1,5 +1,6 @@
 # Tests for search.py: the index of a folder (a prepared dataset or real video files), ranking, the command line and
 # the query warnings. The search page's server is tested in test_serve.py.
+import json
 import os
 import subprocess
 
@@ -53,8 +54,6 @@ def test_search_prepared_dataset_finds_own_video(trained, tmp_path, capsys):
     assert [h[0] for h in hits] == [1, 2, 3, 4, 5]
     assert [h[2] for h in hits] == sorted((h[2] for h in hits), reverse=True)
     assert "loaded the index" in text and "encoding" not in text
-    # --index_dir: nothing is written into the searched folder
-    assert sorted(os.listdir(data_dir)) == before and os.listdir(index_dir)
 
 
 def _write_mp4(path, frames, fps=8):
@@ -284,3 +283,43 @@ def test_missing_clip_weights_name_the_download(tmp_path):
                                                 f"OpenAI's ViT-B/32 weights from {url}$"):
         search.main(["--init_from=clip", f"--clip_path={tmp_path / 'ViT-B-32.pt'}", f"--videos={tmp_path}",
                      "--query=a dog", "--device=cpu"])
+
+
+def test_words_and_the_training_vocabulary(tmp_path):
+    assert search.words("A man, riding a BICYCLE in 2 cities!") == ["a", "man", "riding", "a", "bicycle", "in",
+                                                                     "cities"]
+    assert search.words("一个人 rides") == ["一", "个", "人", "rides"]  # Chinese: one character per word
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text(json.dumps({"video_id": "a", "captions": ["a red screen", "The screen is red"]}) + "\n"
+                     + json.dumps({"video_id": "b", "title": "x", "captions": "a blue circle"}) + "\n")
+    vocab = search.caption_vocabulary(str(jsonl))
+    assert vocab == {"a", "red", "screen", "the", "is", "blue", "circle"}
+    assert search.training_captions({"data_dir": "d", "train_split": "t", "caption_field": "c"}) == ("d/t.jsonl", "c")
+    assert search.training_captions({"dataset": "synthetic"}) == ("data/synthetic/train.jsonl", "captions")
+    assert search.training_captions({}) is None  # OpenAI's CLIP: no training captions to compare with
+    tok = _tok()
+    assert search.query_warnings("the red screen", tok, 16, vocab) == []
+    assert search.query_warnings("a blue circle on a bicycle", tok, 16, vocab) == []  # 2 of 5 unknown: not most
+    (line,) = search.query_warnings("a man riding a bicycle in the city", tok, 16, vocab)
+    assert line.startswith("5 of the 7 words of query 'a man riding a bicycle in the city' never occur in the "
+                           "7-word vocabulary of the captions this model was trained on (man, riding, bicycle, in, "
+                           "city); its scores will look confident and mean little")
+
+
+def test_search_cli_warns_of_words_the_model_never_saw(trained, tmp_path, capsys):
+    path, data_dir, _ = trained
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["config"]["train_split"] = "test"  # the toy set has one split: its captions stand for the training ones
+    own = str(tmp_path / "ckpt.pt")
+    torch.save(ckpt, own)
+    before = sorted(os.listdir(data_dir))
+    base = [f"--init_from={own}", f"--videos={data_dir}", "--num_workers=0", "--device=cpu",
+            f"--index_dir={tmp_path / 'index'}", "--top=2"]
+    _, text = _run_main(base + ["--query=a man riding a bicycle in the city"], capsys)
+    warnings = [line for line in text.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "never occur in the" in warnings[0] and "(man, riding, bicycle" in warnings[0]
+    assert len(_hits(text)) == 2  # still answered
+    _, text = _run_main(base + ["--query=a red screen"], capsys)
+    assert "warning:" not in text and _hits(text)[0][1] == "vid_red"
+    # --index_dir: nothing is written into the searched folder
+    assert sorted(os.listdir(data_dir)) == before and os.listdir(tmp_path / "index")
