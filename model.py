@@ -559,12 +559,6 @@ class HMMC(nn.Module):
             fwd_train += text(L) + head(L) + ((text(Lt) + head(Lt)) if cfg.use_tags else 0)
         return 3.0 * fwd_train + fwd_m
 
-    def estimate_mfu(self, videos_per_s: float, peak_flops: float, num_frames: int | None = None,
-                     context_length: int = 32, tag_context_length: int | None = None) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (both in FLOP/s)."""
-        flops = self.flops_per_video(num_frames or self.cfg.num_frames, context_length, tag_context_length)
-        return flops * videos_per_s / peak_flops
-
     @classmethod
     def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
         """A new HMMC with OpenAI's CLIP (and the HF BERT) loaded; temporal_init="clip" starts the temporal
@@ -575,12 +569,9 @@ class HMMC(nn.Module):
                                             if k.startswith("visual.")})
         if cfg.text_encoder == "clip":
             model.text.load_state_dict({k: clip_sd[k] for k in model.text.state_dict() if k in clip_sd})
-        else:
-            if bert_sd is None:
-                raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
-            # mean pooling has no use for the checkpoint's [CLS] pooler
-            model.text.bert.load_state_dict({k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
-                                             and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
+        else:  # mean pooling has no use for the checkpoint's [CLS] pooler
+            model.text.bert.load_state_dict({k: v for k, v in bert_sd.items()
+                                             if not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
         if cfg.temporal_init == "clip" and cfg.use_temp:  # temporal block i <- text block i, positions <- text's
             temporal, pos = model.video.temporal, model.video.frame_position_embeddings
             blocks = {k: clip_sd["transformer." + k] for k in temporal.state_dict() if "transformer." + k in clip_sd}

@@ -75,8 +75,6 @@ _FTFY_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
 _FTFY_ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
 _FTFY_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _FTFY_SURROGATE = re.compile("[\ud800-\udfff]")
-# text that fix_text returns unchanged: ASCII without '&', ESC or a control character it deletes or rewrites (\r)
-_FTFY_ASCII_NOOP = re.compile(r"[^&\x00-\x08\x0b\x0d-\x1f\x7f]*")
 
 
 def _ftfy_entity(m):
@@ -110,8 +108,6 @@ def _ftfy_segment(text: str, unescape: bool) -> str:
 
 def _ftfy_fix_text(text: str) -> str:
     """ftfy.fix_text(text) with ftfy's default settings, minus mojibake repair."""
-    if text.isascii() and _FTFY_ASCII_NOOP.fullmatch(text):
-        return text
     # ftfy works line by line (and cuts lines at 1e6 characters, which we ignore) and stops HTML unescaping for good
     # at the first line containing '<' (it may be HTML)
     lt = text.find("<")
@@ -126,25 +122,19 @@ def _ftfy_fix_text(text: str) -> str:
 _CLIP_PAT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
-# the same for cleaned ASCII text (\p{L} is [a-z], \p{N} [0-9]): the standard library's `re` runs it 4x faster
-_CLIP_PAT_ASCII = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""")
 _WHITESPACE = regex.compile(r"\s+")
 
 
 def _clip_pieces(text: str) -> list[str]:
     """OpenAI's whitespace_clean(basic_clean(text)).lower(), split into BPE pieces."""
     text = _ftfy_fix_text(text)
-    if "&" in text:
-        text = html.unescape(html.unescape(text))
-    if text.isascii():  # after ftfy the only ASCII whitespace left is \t \n \v \f \r and space: split() agrees with \s
-        return _CLIP_PAT_ASCII.findall(" ".join(text.split()).lower())
+    text = html.unescape(html.unescape(text))
     return _CLIP_PAT.findall(_WHITESPACE.sub(" ", text.strip()).strip().lower())
 
 
 @functools.cache
-def _clip_bpe() -> tuple[tiktoken.Encoding, list[bytes]]:
-    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids, and
-    the id -> bytes table for decoding. CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a
+def _clip_bpe() -> tiktoken.Encoding:
+    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids. CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a
     space): "dog</w>" is b"dog ". Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order,
     49406/49407 SOT/EOT. tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with the
     lowest merge rank; they agree unless a reachable pair concatenates to a token another merge built. Checked on
@@ -159,19 +149,16 @@ def _clip_bpe() -> tuple[tiktoken.Encoding, list[bytes]]:
     with gzip.open(CLIP_BPE_PATH) as f:
         merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]  # OpenAI's slice: header, 48,894 merges
     ranks = {bytes([b]): i for i, b in enumerate(order)} | {bytes([b, 32]): 256 + i for i, b in enumerate(order)}
-    id_to_bytes = [bytes([b]) for b in order] + [bytes([b]) + b"</w>" for b in order]
     for i, line in enumerate(merges):
         token = "".join(line.split())
         eow = token.endswith("</w>")
         body = bytes(char_to_byte[c] for c in (token[:-4] if eow else token))
         ranks[body + (b" " if eow else b"")] = 512 + i
-        id_to_bytes.append(body + (b"</w>" if eow else b""))
-    id_to_bytes += [b"<|startoftext|>", b"<|endoftext|>"]
     if len(ranks) != 49406:
         raise ValueError(f"{CLIP_BPE_PATH} is not CLIP's bpe_simple_vocab_16e6.txt.gz: {len(ranks) - 512} distinct "
                          f"merges, expected 48894")
     # pieces arrive one at a time, each ending in its b" " marker, so the split pattern is trivial
-    return tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={}), id_to_bytes
+    return tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={})
 
 
 class ClipTokenizer:
@@ -184,7 +171,7 @@ class ClipTokenizer:
     mask_id = None  # OpenAI's vocabulary has no mask token (HMMC overwrote id 49394 with "[MASK]"; we do not)
 
     def __init__(self):
-        self._bpe, self._id_to_bytes = _clip_bpe()
+        self._bpe = _clip_bpe()
         # per-piece cache, as in OpenAI's tokenizer; a literal <|startoftext|>/<|endoftext|> in the text is one piece
         # and maps to the special id there too
         self._cache = {"<|startoftext|>": (self.sot_id,), "<|endoftext|>": (self.eot_id,)}
@@ -208,15 +195,6 @@ class ClipTokenizer:
                     self._cache = cache = {k: cache[k] for k in ("<|startoftext|>", "<|endoftext|>")}
             ids.extend(out)
         return ids
-
-    def decode(self, ids) -> str:
-        """Text of a list of ids (as OpenAI: `</w>` becomes a space; SOT/EOT come out as their literal strings)."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"ClipTokenizer.decode: id {i} is outside the vocabulary [0, {self.vocab_size})")
-        text = b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
-        return text.replace("</w>", " ")
 
     def __call__(self, texts, context_length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both LongTensor [N, L]; mask is 1 from SOT to EOT."""
@@ -278,7 +256,6 @@ class BertTokenizer:
         missing = [t for t in self.specials if t not in self.vocab]
         if missing:
             raise ValueError(f"BERT vocab {vocab_file} lacks the special tokens {missing}")
-        self.inv_vocab = {i: t for t, i in self.vocab.items()}
         self.do_lower_case = do_lower_case
         self.vocab_size = len(self.vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in self.specials)
@@ -353,14 +330,6 @@ class BertTokenizer:
     def encode(self, text: str) -> list[int]:
         """WordPiece ids of one text, without [CLS]/[SEP]."""
         return [self.vocab[t] for t in self.tokenize(text)]
-
-    def decode(self, ids) -> str:
-        """Tokens joined by spaces, '##' continuations glued back (HF's convert_tokens_to_string)."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        for i in ids:
-            if i not in self.inv_vocab:
-                raise ValueError(f"BertTokenizer.decode: id {i} is not in the vocabulary")
-        return " ".join(self.inv_vocab[i] for i in ids).replace(" ##", "").strip()
 
     def __call__(self, texts, context_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) LongTensor [N, L]: [CLS] tokens [SEP], cut so the row fits L, padded with 0."""

@@ -6,7 +6,6 @@ transformers. Module names copy OpenAI's / HF's state-dict keys (`c_fc`, `ln_fin
 `load_state_dict` is the whole loader. Weights stay fp32; callers run under autocast.
 
 >>> clip = load_clip("ViT-B-32.pt")          # OpenAI's archive or a plain state dict; architecture from the shapes
->>> bert = load_bert("chinese-roberta-wwm-ext")
 """
 import io
 import json
@@ -370,12 +369,6 @@ class BertModel(nn.Module):
 # -----------------------------------------------------------------------------------------------------------------
 # weight files: the one guarded reader, the towers' checkpoints, the one check before every load
 
-def load_error(e: Exception) -> str:
-    """A reader's error in its first sentence (torch.load adds ~300 characters of advice)."""
-    first = (str(e).splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
-
-
 def read_checkpoint(path, mmap: bool = False) -> dict:
     """A weight file as a dict, running no code from it: torch.load(weights_only=True), OpenAI's TorchScript archives
     and .safetensors; errors name the file. mmap=True maps the tensors (to read a checkpoint's settings only)."""
@@ -391,8 +384,10 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except _RefusedArchive as e:
         raise ValueError(f"{path}: {e}") from None
-    except Exception as e:
-        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {load_error(e)}") from None
+    except Exception as e:  # in its first sentence: torch.load adds ~300 characters of advice
+        first = (str(e).splitlines() or [""])[0].split(". ")[0].rstrip(".")
+        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {type(e).__name__}: "
+                         f"{first}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict (a train.py checkpoint or a state dict), got {type(ckpt).__name__}")
     return ckpt
@@ -439,9 +434,6 @@ def load_clip(path: str, device="cpu") -> CLIP:
 
 def _bert_weights_file(path: str) -> str:
     # the weights of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no BERT folder at {path}; download e.g. hfl/chinese-roberta-wwm-ext from "
                                 f"the Hugging Face hub (config.json, vocab.txt and the weights)")
@@ -463,16 +455,6 @@ def load_bert_state_dict(path: str) -> dict:
         # checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta; HF renames them on load
         out[k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")] = v
     return out
-
-
-def load_bert(path: str) -> BertModel:
-    """BertModel from a HF folder (config.json + model.safetensors or pytorch_model.bin)."""
-    file = _bert_weights_file(path)
-    cfg = BertConfig.from_json(os.path.join(os.path.dirname(file), "config.json"))
-    with torch.device("meta"):
-        model = BertModel(cfg)
-    model.load_state_dict(check_state_dict(model, load_bert_state_dict(file), file)[0], assign=True)
-    return model
 
 
 def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),

@@ -347,7 +347,7 @@ def log_step(logged: list, names: list, iter_num: int, stop_iter: int, epoch: in
     """Print and log the mean loss and its parts over the steps since the last line -> the time of this line."""
     now = time.time()
     vps = len(logged) * batch_size * gradient_accumulation_steps / max(now - t_log, 1e-9)
-    mfu = raw_model.estimate_mfu(vps, peak, num_frames, context_length, tag_context_length) if peak else None
+    mfu = raw_model.flops_per_video(num_frames, context_length, tag_context_length) * vps / peak if peak else None
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     eta = (stop_iter - iter_num) * (now - t0) / (iter_num - start_iter)  # this run's average pace
