@@ -17,24 +17,9 @@ import re
 import sys
 
 
-def _close(key: str, known) -> str:
-    matches = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(matches)}?" if matches else ""
-
-
-def _close_file(path: str) -> str:
-    """"; did you mean ...?" for a config file that does not exist: the .py files near it by name, in its folder or,
-    where that folder does not exist either, in the folder named most like it."""
-    folder, name = os.path.split(path)
-    if not os.path.isdir(folder or "."):
-        parent, typed = os.path.split(folder)
-        siblings = [d for d in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent, d))] \
-            if os.path.isdir(parent or ".") else []
-        folder = next((os.path.join(parent, d) for d in difflib.get_close_matches(typed, siblings, n=1)), None)
-        if folder is None:
-            return ""
-    files = [f for f in os.listdir(folder or ".") if f.endswith(".py")]
-    matches = [os.path.join(folder, f) for f in difflib.get_close_matches(name, files, n=3, cutoff=0.6)]
+def _close(key: str, known, folder: str = "") -> str:
+    """"; did you mean ...?" naming the entries of `known` (keys, or file names in `folder`) close to `key`."""
+    matches = [os.path.join(folder, m) for m in difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)]
     return f"; did you mean {', '.join(matches)}?" if matches else ""
 
 
@@ -103,8 +88,11 @@ def configure(defaults: dict, argv: list[str], prog: str = "train.py", descripti
             raise ValueError(f"command line: {arg!r} is neither a config file nor --key=value")
         else:
             if not os.path.isfile(arg):
+                folder, name = os.path.split(arg)
+                near = [f for f in os.listdir(folder or ".") if f.endswith(".py")] \
+                    if os.path.isdir(folder or ".") else []
                 raise ValueError(f"no config file {arg!r} (a bare argument is a config file; "
-                                 f"overrides are written --key=value){_close_file(arg)}")
+                                 f"overrides are written --key=value){_close(name, near, folder)}")
             with open(arg) as f:
                 code = compile(f.read(), arg, "exec")
             # the file sees the values so far, so it can derive one from another (warmup = 0.1 * epochs); a name it

@@ -73,12 +73,10 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
         sim = sim.detach().float().cpu().numpy()
     if torch.is_tensor(video_of_text):
         video_of_text = video_of_text.cpu().numpy()
-    sim = np.asarray(sim)
+    sim = np.asarray(sim, dtype=np.float64)  # float32 scores convert exactly: the ranks stay the same
     if sim.ndim != 2:
         raise ValueError(f"sim must be a 2-D [num_texts, num_videos] matrix, got shape {sim.shape}")
     num_texts, num_videos = sim.shape
-    if not np.issubdtype(sim.dtype, np.floating):
-        sim = sim.astype(np.float64)
     if np.isnan(sim).any():
         sim = np.where(np.isnan(sim), -np.inf, sim)  # a new array: the caller's stays as it was
     if video_of_text is None:
@@ -100,16 +98,8 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
 
     # V2T: group the captions by video, score each group by its best caption (max over the group's rows)
     order = np.argsort(video_of_text, kind="stable")
-    videos, starts, counts = np.unique(video_of_text[order], return_index=True, return_counts=True)  # (G,) each
-    # group_score[g, v] = best caption of group g against video v, built one caption slot at a time: a few
-    # (G, V) maxima (slots = the largest group, 10-20 in practice), much faster than np.maximum.reduceat on rows
-    group_score = sim[order[starts]]  # (G, V) first caption of every group (a copy)
-    for j in range(1, int(counts.max())):
-        more = np.nonzero(counts > j)[0]
-        if len(more) == len(counts):  # every group has a j-th caption (equal group sizes): no scatter needed
-            np.maximum(group_score, sim[order[starts + j]], out=group_score)
-        else:
-            group_score[more] = np.maximum(group_score[more], sim[order[starts[more] + j]])
+    videos, starts = np.unique(video_of_text[order], return_index=True)  # (G,) each
+    group_score = np.maximum.reduceat(sim[order], starts, axis=0)  # (G, V) best caption of group g against video v
     if len(videos) != num_videos:  # query = a video with captions; candidates = the G caption groups
         group_score = group_score[:, videos]  # (G, G) [group, query]
     true_v2t = np.diagonal(group_score)  # (G,)

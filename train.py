@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
@@ -256,15 +255,13 @@ def load_data(master: bool, ddp: bool):
     return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)
 
 
-def warn_cut_captions(captions: list[str], tokenizer, sample: int = 10_000):
+def warn_cut_captions(captions: list[str], tokenizer):
     """Say when captions do not fit context_length: nothing else would tell that words never reach the model (a
     Chinese caption takes a token per character)."""
-    picked = captions if len(captions) <= sample else random.Random(0).sample(captions, sample)
-    sizes = [len(tokenizer.encode(c)) + 2 for c in picked]  # + start and end tokens
+    sizes = [len(tokenizer.encode(c)) + 2 for c in captions]  # + start and end tokens
     cut = sum(n > context_length for n in sizes)
     if cut:
-        where = f"{cut} of {len(picked)}" + (" sampled" if len(picked) < len(captions) else "")
-        print(f"warning: {where} {TRAIN_SPLIT} captions are longer than context_length={context_length} tokens and "
+        print(f"warning: {cut} of {len(captions)} {TRAIN_SPLIT} captions are longer than context_length={context_length} tokens and "
               f"are cut (the longest needs {max(sizes)}); pass --context_length={max(sizes)} to keep them whole")
 
 
@@ -317,9 +314,6 @@ def check_config(world_size: int):
     if batch_size % world_size:
         raise SystemExit(f"config error: batch_size={batch_size} (videos per micro-step over all ranks) must be "
                          f"divisible by the {world_size} ranks")
-    if pretrain and queue_size % batch_size:
-        raise SystemExit(f"config error: queue_size={queue_size} must be a multiple of the global batch "
-                         f"batch_size={batch_size} (the queue advances by one global batch per micro-step)")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"config error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
