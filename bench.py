@@ -416,7 +416,7 @@ def run(cfg: dict) -> dict:
         res = TOWERS[first]["image_resolution"]  # frames are centre-cropped to the tower's input
         m = hmmc_eval.evaluate(net, data, "test", tokenizer=tokenizer, num_frames=T, image_size=res, context_length=L,
                                top_k_frames=3, frame_match_weight=1.0, batch_size=cfg["eval_batch_size"],
-                               num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt, progress=False)
+                               num_workers=max(cfg["loader_workers"]), device=dev, dtype=dt)
         elapsed = time.perf_counter() - t0
         add(f"evaluate() {first}, {m['num_videos']}x{m['num_texts']} from LMDB",
             {"videos_per_s": m["num_videos"] / elapsed, "seconds": elapsed, "encode_videos_per_s": m["videos_per_s"]})

@@ -92,13 +92,6 @@ def peak_flops(device_type: str) -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The raw model under DDP and torch.compile wrappers (eval must not go through DDP's forward)."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def run_script(main):
     """main(); bad input (a ValueError or FileNotFoundError) ends with one `error: ...` line, not a traceback."""
     try:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
-from common import autocast, cleanup_compute, init_compute, run_script, unwrap
+from common import autocast, cleanup_compute, init_compute, run_script
 from tokenizer import UnkWrapped, get_tokenizer
 
 _bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -168,29 +168,20 @@ def _gather_rows(batches: list[torch.Tensor], n: int, row_shape: tuple, device: 
 
 
 @torch.no_grad()
-def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
-                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
+                  dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every video of a mode="videos" dataset once -> (video_emb [V,E], frame_emb [V,T,E]) in fp32 on device.
     Under torch.distributed each rank encodes a contiguous shard and every rank gets all rows back."""
-    net = unwrap(net)
-    rank, world = _rank_world()
-    shard = torch.utils.data.Subset(dataset, _shard(len(dataset), rank, world))
+    shard = torch.utils.data.Subset(dataset, _shard(len(dataset), *_rank_world()))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
-    video_embs, frame_embs, done = [], [], 0
-    t0 = last_print = time.time()
+    video_embs, frame_embs = [], []
     for batch in loader:
         frames = batch["video"].to(device, non_blocking=True)  # (B, T, 3, S, S) uint8: the model normalises them
         with autocast(device, dtype):
             video_emb, frame_emb = net.encode_video(frames)
         video_embs.append(video_emb.float())
         frame_embs.append(frame_emb.float())
-        done, now = done + len(frames), time.time()
-        if progress and rank == 0 and (now - last_print >= 10 or done == len(shard)):  # every 10 s, and the last
-            rate = done / max(now - t0, 1e-9)
-            print(f"encoding videos: {done}/{len(shard)}, {rate:.1f}/s, eta {(len(shard) - done) / rate:.0f}s",
-                  flush=True)
-            last_print = now
     E = net.cfg.clip.embed_dim
     return (_gather_rows(video_embs, len(dataset), (E,), device),
             _gather_rows(frame_embs, len(dataset), (dataset.num_frames, E), device))
@@ -200,7 +191,6 @@ def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, d
 def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 256, device: str = "cpu",
                  dtype=None) -> torch.Tensor:
     """Encode every caption once -> text_emb [N,E] fp32 on device (sharded over ranks like encode_videos)."""
-    net = unwrap(net)
     shard = _shard(len(ids), *_rank_world())
     text_embs = []
     for i in range(shard.start, shard.stop, batch_size):
@@ -224,26 +214,24 @@ def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb
 
 def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, image_size: int, context_length: int,
              top_k_frames: int, frame_match_weight: float, batch_size: int = 64, num_workers: int = 0,
-             device: str = "cpu", dtype=None, dsl: bool = False, caption_field: str = "captions",
-             progress: bool = True) -> dict:
-    """Retrieval metrics of `net` on a prepared split: each video and caption encoded once (sharded under DDP),
-    similarity and metrics on rank 0, the same dict returned on every rank: {"t2v", "v2t", "dsl", "num_videos",
-    "num_texts", "context_length", "top_k_frames", "frame_match_weight", "encode_dtype", "encode_s", "videos_per_s"}.
-    `net` may be wrapped in DDP or torch.compile; it is put in eval mode and its training mode restored after."""
-    raw = unwrap(net)
-    was_training = raw.training
-    raw.eval()
+             device: str = "cpu", dtype=None, dsl: bool = False, caption_field: str = "captions") -> dict:
+    """Retrieval metrics of the (unwrapped) `net` on a prepared split: each video and caption encoded once (sharded
+    under DDP), similarity and metrics on rank 0, the same dict returned on every rank: {"t2v", "v2t", "dsl",
+    "num_videos", "num_texts", "context_length", "top_k_frames", "frame_match_weight", "encode_dtype", "encode_s",
+    "videos_per_s"}. Its training mode is restored after."""
+    was_training = net.training
+    net.eval()
     rank, world = _rank_world()
-    if not raw.cfg.use_frame_fea:
+    if not net.cfg.use_frame_fea:
         frame_match_weight = 0.0  # a model trained without frame features has no business scoring with them
     dataset = prepare.VideoTextDataset(data_dir, split, tokenizer, mode="videos", num_frames=num_frames,
                                        context_length=context_length, image_size=image_size,
                                        caption_field=caption_field, verbose=rank == 0)
     ids, mask, video_of_text = dataset.caption_tokens()
     t0 = time.time()
-    video_emb, frame_emb = encode_videos(raw, dataset, batch_size=batch_size, num_workers=num_workers,
-                                         device=device, dtype=dtype, progress=progress)
-    text_emb = encode_texts(raw, ids, mask, batch_size=max(batch_size, 256), device=device, dtype=dtype)
+    video_emb, frame_emb = encode_videos(net, dataset, batch_size=batch_size, num_workers=num_workers,
+                                         device=device, dtype=dtype)
+    text_emb = encode_texts(net, ids, mask, batch_size=max(batch_size, 256), device=device, dtype=dtype)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     encode_s = time.time() - t0
@@ -261,7 +249,7 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
         box = [result]
         dist.broadcast_object_list(box, src=0)
         result = box[0]
-    raw.train(was_training)
+    net.train(was_training)
     return result
 
 
@@ -296,7 +284,6 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
         guesses = (os.path.join(s["bert_path"] or "", "vocab.txt"), os.path.join(s["data_dir"], "vocab.txt"))
         s["bert_vocab"] = next((g for g in guesses if os.path.isfile(g)), s["bert_vocab"])
     return s
-
 
 
 def load_net(cfg: dict, device: str) -> tuple:

@@ -1,15 +1,13 @@
 """
-Experiments over seeds: every row of a table (a set of train.py settings) at several seeds, two runs at a time ->
-each metric's mean, standard deviation and range, and each row's difference to the baseline row seed by seed: a
-researcher's way to tell a change from a seed.
+Experiments over seeds: every row of a table (train.py arguments) at several seeds, two runs at a time -> each
+metric's mean, sd and range, and each row's difference to the baseline row seed by seed.
 
-$ python study.py config/study_synthetic.py                    # the README's first table: 5 seeds x 4 rows
+$ python study.py config/study_synthetic.py                    # the README's first table
 $ python study.py --rows="{'base': '', 'lr': '--learning_rate=3e-4'}" --seeds="(1, 2, 3)" --plot=True
 
 A row is a train.py command line, or a tuple of them: a chain whose later stages start from the best.pt of the
 stage before. A run, `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]` on one CPU thread, writes
-its command beside its output; the same command reuses its results.json, or continues it where it stopped. Writes
-out_dir/<name>.json (every run's results), <name>.md (the table) and with plot=True <name>_curves.png.
+its command beside its output; the same command reuses its results.json, or continues it where it stopped.
 """
 
 import json
@@ -44,12 +42,12 @@ T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 
 
 
 def stages(row) -> list[str]:
-    return [row] if isinstance(row, str) else list(row)
+    return [row] if isinstance(row, str) else list(row)  # a chain is a tuple of stages
 
 
 def run(cmd: list[str], folder: str) -> dict:
-    """One train.py run (reused when its results.json came from the same command) -> its results.json, with the
-    command and the minutes it took. A failure raises a one-line error naming the run and its log."""
+    """One train.py run, reused when its results.json came from the same command -> its results.json; a failure
+    raises a one-line error naming the run and its log."""
     os.makedirs(folder, exist_ok=True)
     line = "python train.py " + shlex.join(cmd)
     cmd_path, results_path, log_path = (os.path.join(folder, f) for f in ("command.txt", "results.json", "train.log"))

@@ -195,7 +195,7 @@ def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str) ->
                                  image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
                                  frame_match_weight=frame_match_weight, batch_size=eval_batch_size,
                                  num_workers=num_workers, device=device, dtype=None if dtype == "float32" else dtype,
-                                 caption_field=caption_field, progress=False)
+                                 caption_field=caption_field)
     runs.set_rng_state(state)
     return metrics
 
