@@ -48,9 +48,7 @@ class HMMCConfig:
     clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
     bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
     text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
-    # "cls": BERT's pooler on [CLS], as released | "mean" of the token states: a BERT trained from scratch starts with
-    # every caption's [CLS] state alike (cos 0.99999) and sits at chance for hundreds of steps with "cls"
-    bert_pooling: str = "cls"
+    bert_pooling: str = "cls"  # "cls": BERT's pooler on [CLS], as released | "mean" of the token states
     # video encoder
     use_temp: bool = True  # temporal transformer over the frame embeddings
     temporal_layers: int = 4
@@ -196,9 +194,7 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
     """BERT masking: a position (not special, not padding) is chosen with `prob`, then becomes [MASK] 80%, a random
     id 10%, unchanged 10%. Returns (masked_ids, labels), labels -100 where not chosen."""
-    special = torch.zeros_like(ids, dtype=torch.bool)
-    for s in special_ids:
-        special |= ids == s
+    special = torch.isin(ids, torch.tensor(special_ids, device=ids.device))
     if attention_mask is not None:
         special |= attention_mask == 0
     kw = dict(device=ids.device, generator=generator)
@@ -287,9 +283,6 @@ class HMMC(nn.Module):
         for name, choices in _CHOICES.items():  # every check of a config is here, before anything is built
             if getattr(cfg, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
-        if cfg.text_encoder == "bert" and cfg.bert is None:
-            raise ValueError("text_encoder='bert' needs cfg.bert (a BertConfig, e.g. BertConfig.from_json of the "
-                             "BERT folder's config.json)")
         if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
             raise ValueError("MLM pre-training needs the bidirectional BERT text encoder; the CLIP text tower is "
                              "causal. Set weight_mlm=0 for English pre-training (the released English run did).")
@@ -391,8 +384,6 @@ class HMMC(nn.Module):
             raise ValueError(f"pre-training batch has {T} frames but the frame queues were sized for "
                              f"num_frames={cfg.num_frames}")
         use_tags = cfg.use_tags
-        if use_tags and "tag_ids" not in batch:
-            raise ValueError("use_tags=True but the batch has no tag_ids/tag_mask (dataset mode='pretrain' makes them)")
         # snapshot the queues: the enqueue below writes them in place, but backward still needs the values used here
         queues = {name: getattr(self, f"queue_{name}").clone() for name in self.queue_rows}
         CL = lambda q, k, name: queue_contrastive_loss(q, k, queues[name], cfg.temperature)
@@ -569,9 +560,12 @@ class HMMC(nn.Module):
                                             if k.startswith("visual.")})
         if cfg.text_encoder == "clip":
             model.text.load_state_dict({k: clip_sd[k] for k in model.text.state_dict() if k in clip_sd})
-        else:  # mean pooling has no use for the checkpoint's [CLS] pooler
-            model.text.bert.load_state_dict({k: v for k, v in bert_sd.items()
-                                             if not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
+        else:
+            if bert_sd is None:
+                raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
+            # mean pooling has no use for the checkpoint's [CLS] pooler
+            model.text.bert.load_state_dict({k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
+                                             and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
         if cfg.temporal_init == "clip" and cfg.use_temp:  # temporal block i <- text block i, positions <- text's
             temporal, pos = model.video.temporal, model.video.frame_position_embeddings
             blocks = {k: clip_sd["transformer." + k] for k in temporal.state_dict() if "transformer." + k in clip_sd}
