@@ -29,31 +29,18 @@ CLIP_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets
 def _ftfy_tables():
     # ftfy's single-character fixes in its order (C1 controls read as cp1252, ligatures, half/full-width forms, curly
     # quotes, line breaks) composed into one str.translate table: \x92 -> ’ -> ' in one step, as across ftfy's
-    c1 = {}
-    for b in range(0x80, 0xA0):
-        try:
-            c1[b] = bytes([b]).decode("cp1252")
-        except UnicodeDecodeError:
-            c1[b] = chr(b)
+    c1 = {b: bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(0x80, 0xA0)}  # 5 are undefined
     ligatures = {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
                  "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl",
                  "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
     ligatures = {ord(k): v for k, v in ligatures.items()}
-    width = {0x3000: " "}
-    for cp in range(0xFF01, 0xFFF0):
-        alt = unicodedata.normalize("NFKC", chr(cp))
-        if alt != chr(cp):
-            width[cp] = alt
+    width = {cp: alt for cp in range(0xFF01, 0xFFF0) if (alt := unicodedata.normalize("NFKC", chr(cp))) != chr(cp)}
+    width[0x3000] = " "
     quotes = {cp: "'" for cp in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)}
     quotes.update({cp: '"' for cp in (0x201C, 0x201D, 0x201E, 0x201F)})
     breaks = {ord("\r"): "\n", 0x2028: "\n", 0x2029: "\n", 0x85: "\n"}  # "\r\n" is replaced before the table
     steps = [c1, ligatures, width, quotes, breaks]
-    table = {}
-    for cp in set().union(*steps):
-        s = chr(cp)
-        for step in steps:
-            s = "".join(step.get(ord(ch), ch) for ch in s)
-        table[cp] = s
+    table = {cp: functools.reduce(str.translate, steps, chr(cp)) for cp in set().union(*steps)}
     # controls ftfy deletes: C0 but \t \n \f \r, DEL, deprecated Arabic format characters, interlinear annotation,
     # object replacement, BOM
     controls = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
@@ -134,8 +121,8 @@ def _clip_pieces(text: str) -> list[str]:
 
 @functools.cache
 def _clip_bpe() -> tiktoken.Encoding:
-    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids. CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a
-    space): "dog</w>" is b"dog ". Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order,
+    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids. CLIP's
+    end-of-word marker `</w>` becomes one trailing b" " (no piece holds a space): "dog</w>" is b"dog ". Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order,
     49406/49407 SOT/EOT. tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with the
     lowest merge rank; they agree unless a reachable pair concatenates to a token another merge built. Checked on
     ~1.7M words (tests/golden/README.md)."""
@@ -170,11 +157,10 @@ class ClipTokenizer:
     pad_id = 0
     mask_id = None  # OpenAI's vocabulary has no mask token (HMMC overwrote id 49394 with "[MASK]"; we do not)
 
+    specials = {"<|startoftext|>": sot_id, "<|endoftext|>": eot_id}  # written in a text, each is one piece
+
     def __init__(self):
         self._bpe = _clip_bpe()
-        # per-piece cache, as in OpenAI's tokenizer; a literal <|startoftext|>/<|endoftext|> in the text is one piece
-        # and maps to the special id there too
-        self._cache = {"<|startoftext|>": (self.sot_id,), "<|endoftext|>": (self.eot_id,)}
 
     def __getstate__(self):  # DataLoader workers started by spawn rebuild it (once per process)
         return {}
@@ -184,16 +170,9 @@ class ClipTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT."""
-        if not isinstance(text, str):
-            raise TypeError(f"ClipTokenizer.encode expects str, got {type(text).__name__}: {text!r:.80}")
-        ids, cache = [], self._cache
+        ids = []
         for piece in _clip_pieces(text):
-            out = cache.get(piece)
-            if out is None:
-                out = cache[piece] = tuple(self._bpe.encode_ordinary(piece + " "))
-                if len(cache) > 1_000_000:  # a bound for streams of random text; real captions reuse few words
-                    self._cache = cache = {k: cache[k] for k in ("<|startoftext|>", "<|endoftext|>")}
-            ids.extend(out)
+            ids.extend([self.specials[piece]] if piece in self.specials else self._bpe.encode_ordinary(piece + " "))
         return ids
 
     def __call__(self, texts, context_length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,21 +240,18 @@ class BertTokenizer:
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in self.specials)
         # special tokens written in the text are kept whole, before any lower-casing or punctuation split
         self._special_pat = regex.compile("(" + "|".join(regex.escape(t) for t in self.specials) + ")")
-        self._cache = {}
 
     def _basic(self, text: str) -> list[str]:
         # drop NUL, U+FFFD and control/format characters (C*, except \t \n \r), whitespace -> space, spaces around
         # CJK ideographs so each is a word (no NFC, as HF's Rust tokenizer and transformers 4.x, which HMMC used)
         out = []
         for ch in text:
-            cp = ord(ch)
-            if cp == 0 or cp == 0xFFFD:
-                continue
-            if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+            category = unicodedata.category(ch)
+            if ch in "\t\n\r" or category == "Zs":
                 out.append(" ")
-            elif unicodedata.category(ch).startswith("C"):
+            elif category.startswith("C") or ch == "\ufffd":  # NUL is a C character too
                 continue
-            elif _bert_is_cjk(cp):
+            elif _bert_is_cjk(ord(ch)):
                 out.append(" " + ch + " ")
             else:
                 out.append(ch)
@@ -313,18 +289,13 @@ class BertTokenizer:
         return pieces
 
     def tokenize(self, text: str) -> list[str]:
-        if not isinstance(text, str):
-            raise TypeError(f"BertTokenizer.tokenize expects str, got {type(text).__name__}: {text!r:.80}")
         tokens = []
         for part in self._special_pat.split(text):
             if part in self.specials:
                 tokens.append(part)
                 continue
             for word in self._basic(part):
-                pieces = self._cache.get(word)
-                if pieces is None:
-                    pieces = self._cache[word] = self._wordpiece(word)
-                tokens.extend(pieces)
+                tokens.extend(self._wordpiece(word))
         return tokens
 
     def encode(self, text: str) -> list[int]:
