@@ -102,13 +102,11 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    def forward(self, x: torch.Tensor, is_causal: bool = False):
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, L, 3D)
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in q's dtype (bf16 under autocast)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, h, L, D/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)    # (B, h, L, D/h)
         y = y.transpose(1, 2).reshape(B, L, D)                               # (B, L, D)
         return self.out_proj(y)
 
@@ -124,8 +122,8 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(),
                                              c_proj=nn.Linear(4 * width, width)))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+    def forward(self, x: torch.Tensor, is_causal: bool = False):
+        x = x + self.attn(self.ln_1(x), is_causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -138,12 +136,12 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, eps) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    def forward(self, x: torch.Tensor, is_causal: bool = False):
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, is_causal, use_reentrant=False)
             else:
-                x = block(x, attn_mask, is_causal)
+                x = block(x, is_causal)
         return x
 
 
