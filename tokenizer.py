@@ -122,10 +122,10 @@ def _clip_pieces(text: str) -> list[str]:
 @functools.cache
 def _clip_bpe() -> tiktoken.Encoding:
     """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids. CLIP's
-    end-of-word marker `</w>` becomes one trailing b" " (no piece holds a space): "dog</w>" is b"dog ". Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order,
-    49406/49407 SOT/EOT. tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with the
-    lowest merge rank; they agree unless a reachable pair concatenates to a token another merge built. Checked on
-    ~1.7M words (tests/golden/README.md)."""
+    end-of-word marker `</w>` becomes one trailing b" " (no piece holds a space): "dog</w>" is b"dog ". Ids: 0-255 the
+    bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT. tiktoken merges the pair
+    whose concatenation has the lowest rank, CLIP the pair with the lowest merge rank; they agree unless a reachable
+    pair concatenates to a token another merge built. Checked on ~1.7M words (tests/golden/README.md)."""
     if not os.path.exists(CLIP_BPE_PATH):
         raise FileNotFoundError(f"CLIP BPE merges file not found at {CLIP_BPE_PATH} (it ships in assets/)")
     # CLIP's byte alphabet: the 188 printable bytes keep their code point and come first, the other 68 follow as

@@ -134,8 +134,7 @@ BETAS, EPS = (0.9, 0.98), 1e-6  # CLIP's AdamW
 
 
 def get_lr(it: int, t_total: float, warmup: float) -> float:
-    """HMMC's warmup_cosine factor of step `it`: x = it / t_total rises as x / warmup, then 0.5 (1 + cos(pi x)) over
-    the whole range, not rescaled after warm-up (so it drops when warm-up ends), as released."""
+    """HMMC's warmup_cosine: x / warmup, then 0.5 (1 + cos(pi x)) not rescaled after warm-up (a drop), as released."""
     x = it / t_total
     if x < warmup:
         return x / warmup
@@ -148,9 +147,8 @@ def schedule_length(steps_per_epoch: int, gradient_accumulation_steps: int, epoc
 
 
 def epoch_batches(num_items: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list:
-    """This rank's index lists for one epoch: contiguous slices of each global batch of one permutation of seed +
-    epoch, so W ranks x B/W videos are the one-process batch of B and a resumed run sees the same order. The tail that
-    does not fill a global batch is dropped (every rank must contribute equal rows to the all-gather)."""
+    """This rank's index lists for one epoch: its slice of each global batch of one permutation of seed + epoch, so
+    W ranks x B/W videos are the one-process batch of B; the tail short of a global batch is dropped."""
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     per_rank = batch_size // world_size
     return [perm[s * batch_size + rank * per_rank: s * batch_size + (rank + 1) * per_rank]
@@ -158,9 +156,8 @@ def epoch_batches(num_items: int, batch_size: int, world_size: int, rank: int, s
 
 
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int):
-    """(micro-batch on the device, (epoch, step_in_epoch) after it, the videos replaced in it as unreadable) from a
-    data position on. Frames travel as uint8 (the model normalises them); on CUDA the next batch is copied on a side
-    stream while the current step runs. The augmentation the loader drew is applied on the device."""
+    """(micro-batch on the device, (epoch, step_in_epoch) after it, its unreadable videos) from a data position on.
+    On CUDA the next batch is copied on a side stream while the current step runs."""
     copy_stream = torch.cuda.Stream() if device.startswith("cuda") else None
     ahead, epoch, step = None, start_epoch, start_step
     while epoch < epochs:
@@ -211,9 +208,6 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
                f"python prepare.py <msrvtt|vatex|chvtt> ... --out={data_dir} the splits")
     if dataset_name not in synthetic.BUILT_IN:
         how = generic.replace("<msrvtt|vatex|chvtt>", dataset_name)
-    elif own and "frames.lmdb" not in missing:  # a built-in set that lost a split: write it again
-        args = "".join(f" --{k}={v}" for k, v in synthetic.BUILT_IN[dataset_name].items())
-        how = f"python prepare.py synthetic --out={data_dir}{args} writes it anew"
     elif own:
         how = f"{data_dir} holds files of another dataset; move them away and train.py writes the built-in set there"
     else:  # the user's own folder: train.py writes a built-in set only where nothing is
@@ -223,8 +217,8 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
 
 
 def load_data(master: bool, ddp: bool):
-    """(training set, tokenizer, (eval data dir, eval split, eval caption field)). A built-in synthetic set is made
-    on demand, never over anyone's files; every other dataset by prepare.py."""
+    """(training set, tokenizer, (eval data dir, eval split, eval caption field)); a built-in set is made on demand,
+    never over anyone's files."""
     global bert_vocab
     ddir = data_dir or os.path.join("data", dataset)
     edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
@@ -261,8 +255,9 @@ def warn_cut_captions(captions: list[str], tokenizer):
     sizes = [len(tokenizer.encode(c)) + 2 for c in captions]  # + start and end tokens
     cut = sum(n > context_length for n in sizes)
     if cut:
-        print(f"warning: {cut} of {len(captions)} {TRAIN_SPLIT} captions are longer than context_length={context_length} tokens and "
-              f"are cut (the longest needs {max(sizes)}); pass --context_length={max(sizes)} to keep them whole")
+        print(f"warning: {cut} of {len(captions)} {TRAIN_SPLIT} captions are longer than context_length="
+              f"{context_length} tokens and are cut (the longest needs {max(sizes)}); pass --context_length="
+              f"{max(sizes)} to keep them whole")
 
 
 def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
