@@ -1,16 +1,11 @@
 """
-Evaluate an HMMC checkpoint on a retrieval benchmark: text-to-video and video-to-text R@1/5/10, median and mean rank
-(a table and a JSON file).
+Evaluate an HMMC checkpoint on a retrieval benchmark: T2V and V2T R@1/5/10, median and mean rank (a table and a JSON
+file). Scores are 100 cos(text, video) + frame_match_weight * mean of the top-k 100 cos(text, frame). Dual softmax
+(--dsl=True) is off by default and every output says whether it was on: published numbers often mix it in unsaid.
 
-$ python eval.py config/eval_synthetic.py --init_from=out/ckpt.pt
 $ python eval.py config/eval_msrvtt.py --init_from=out-finetune-msrvtt/ckpt.pt --dtype=bfloat16 --device=cuda
 $ torchrun --standalone --nproc_per_node=8 eval.py config/eval_msrvtt.py --init_from=out/ckpt.pt
-Zero-shot baseline straight from OpenAI's CLIP weights (mean pooling over frames, no temporal transformer):
-$ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt
-
-Scores are HMMC's hierarchical similarity: 100*cos(text, video) + frame_match_weight * mean of the top-k
-100*cos(text, frame). Dual-softmax re-normalisation ("DSL", --dsl=True) is off by default and every output says
-whether it was on, because published numbers often mix it in without saying so.
+$ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt   # zero-shot CLIP, mean pooling
 """
 
 import json
@@ -59,16 +54,11 @@ config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_bef
 
 
 def retrieval_metrics(sim, video_of_text=None) -> dict:
-    """Text-to-video and video-to-text retrieval metrics of a similarity matrix (higher = more similar).
-
-    sim: [num_texts, num_videos], numpy or torch, never modified; video_of_text: [num_texts] index of each text's
-    video, default identity (square). Returns {"t2v": {...}, "v2t": {...}} with R1, R5, R10 in percent and MdR, MnR
-    as 1-based ranks. Ties are pessimistic (a query's rank counts every candidate scoring at least as high as the
-    true one), so a constant matrix gets chance-level recall, never a perfect one. NaN scores count as the worst
-    score, so a query whose true score is NaN gets the worst rank instead of being dropped (which would flatter).
-    V2T with several captions per video: each video with captions is a query, the candidates are the caption groups,
-    each scored by its best caption.
-    """
+    """T2V and V2T retrieval metrics of a similarity matrix sim [num_texts, num_videos] (numpy or torch, never
+    modified); video_of_text [num_texts]: each text's video, default identity. -> {"t2v": {...}, "v2t": {...}} with
+    R1, R5, R10 in percent and MdR, MnR as 1-based ranks. Ties are pessimistic (a constant matrix gets chance-level
+    recall) and NaN is the worst score (never dropped, which would flatter). V2T with several captions per video:
+    each video with captions is a query, the candidates are the caption groups, each scored by its best caption."""
     if torch.is_tensor(sim):  # any device or dtype (numpy has no bfloat16)
         sim = sim.detach().float().cpu().numpy()
     if torch.is_tensor(video_of_text):
@@ -287,8 +277,7 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
 
 
 def load_net(cfg: dict, device: str) -> tuple:
-    """(net in eval mode, its settings (see _settings), its tokenizer, its training config) of cfg["init_from"], for
-    eval.py and search.py."""
+    """(net in eval mode, its settings (see _settings), its tokenizer, its training config) of cfg["init_from"]."""
     if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
         zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
         net, info = hmmc_model.load_model("clip", zero_shot, clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
@@ -300,7 +289,6 @@ def load_net(cfg: dict, device: str) -> tuple:
                          "or --init_from=clip --clip_path=ViT-B-32.pt")
     net.eval()
     ckpt_config = (info["checkpoint"] or {}).get("config") or {}
-    info = None  # the checkpoint's tensors are in the model now
     s = _settings(cfg, net.cfg.to_dict(), ckpt_config)
     tokenizer = get_tokenizer(s["text_encoder"], s["bert_vocab"])
     if cfg.get("bert_unk_input"):
