@@ -103,8 +103,7 @@ class HMMCConfig:
         return cls(**d)
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# distributed helpers
+# ---- distributed helpers --------------------------------------------------------------------------------------------
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -138,8 +137,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherSumGrad.apply(x) if _distributed() else x
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# similarity and loss primitives
+# ---- similarity and loss primitives ---------------------------------------------------------------------------------
 
 def _no_autocast(x: torch.Tensor):
     # similarities scaled by 100 (or 1/0.07) in bf16 would move by ~0.5, enough to reorder close candidates: fp32
@@ -207,8 +205,7 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
     return out, labels
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# modules
+# ---- modules --------------------------------------------------------------------------------------------------------
 
 class VideoEncoder(nn.Module):
     """CLIP ViT per frame x, h = TT(x + P) + x as the original; returns (mean_t normalise(h) (B, E), x (B, T, E))."""
@@ -589,8 +586,7 @@ class HMMC(nn.Module):
         return model
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# one function from `init_from` to a model
+# ---- one function from `init_from` to a model -----------------------------------------------------------------------
 
 _PRETRAIN_ONLY = ("video_m.", "text_m.", "projector.", "projector_m.", "predictor.", "mlm_head.", "queue_")
 # what the weights of a checkpoint fix; every other HMMCConfig field may come from the config that loads it

@@ -364,8 +364,7 @@ class BertModel(nn.Module):
         return x, torch.tanh(self.pooler.dense(x[:, 0]))                     # (B, H) from the [CLS] position
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# weight files: the one guarded reader, the towers' checkpoints, the one check before every load
+# ---- weight files: the one guarded reader, the towers' checkpoints, the one check before every load -----------------
 
 def read_checkpoint(path, mmap: bool = False) -> dict:
     """A weight file as a dict, running no code from it: torch.load(weights_only=True), OpenAI's TorchScript archives
@@ -484,8 +483,7 @@ def strip_prefixes(sd: dict) -> dict:
     return out
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# the original HMMC's checkpoints (state dicts of its BirdModel or BirdPreTrainedModel)
+# ---- the original HMMC's checkpoints (state dicts of its BirdModel or BirdPreTrainedModel) --------------------------
 
 # its key prefixes -> HMMC's (model.py), the first match wins
 _ORIGINAL_PREFIXES = {"visual_encoder.visual.": "video.visual.",  # OpenAI's ViT
@@ -537,8 +535,7 @@ def convert_original(sd: dict) -> tuple[dict, dict, list]:
     return arch, ours, dropped
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# readers of two formats without their packages: OpenAI's TorchScript archives and safetensors
+# ---- readers of two formats without their packages: OpenAI's TorchScript archives and safetensors -------------------
 
 def _is_torchscript(path: str) -> bool:
     # both torch.save and torch.jit.save write zip files; only TorchScript ones carry a code/ folder
