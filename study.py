@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -98,9 +99,7 @@ def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-    return m, sd
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
 def interval(values: list[float]) -> float:
@@ -127,7 +126,7 @@ def summarise(cfg: dict, results: dict) -> dict:
         row["steps"] = [sum(st["iter"] for st in done[s]) for s in seeds]
         row["stage_steps"] = [[st["iter"] for st in done[s]] for s in seeds]
         row["videos"] = [sum(st.get("videos_seen", 0) for st in done[s]) for s in seeds]
-        row["minutes"] = mean_sd([sum(st["time_s"] for st in done[s]) / 60 for s in seeds])[0]
+        row["minutes"] = statistics.mean(sum(st["time_s"] for st in done[s]) / 60 for s in seeds)
         if row["stages"] > 1:  # what the first stage alone gives, e.g. a pre-trained checkpoint before fine-tuning
             row["first_stage_t2v_R1"] = mean_sd([done[s][0]["t2v"]["R1"] for s in seeds])
         for split, r in METRICS:
