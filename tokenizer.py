@@ -221,11 +221,12 @@ def _bert_is_punct(ch: str) -> bool:
 
 
 class BertTokenizer:
-    """BERT WordPiece, same tokens and ids as HF transformers' BertTokenizer(vocab_file, do_lower_case=...)."""
+    """BERT WordPiece, the tokens and ids of HF transformers' BertTokenizer(vocab_file) (lower case, as Chinese
+    BERTs are)."""
 
     specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-    def __init__(self, vocab_file: str, do_lower_case: bool = True):
+    def __init__(self, vocab_file: str):
         if not vocab_file or not os.path.exists(vocab_file):
             raise FileNotFoundError(f"BERT vocab file not found: {vocab_file!r} (a vocab.txt, one token per line)")
         self.vocab = {}
@@ -235,7 +236,6 @@ class BertTokenizer:
         missing = [t for t in self.specials if t not in self.vocab]
         if missing:
             raise ValueError(f"BERT vocab {vocab_file} lacks the special tokens {missing}")
-        self.do_lower_case = do_lower_case
         self.vocab_size = len(self.vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in self.specials)
         # special tokens written in the text are kept whole, before any lower-casing or punctuation split
@@ -257,8 +257,8 @@ class BertTokenizer:
                 out.append(ch)
         words = []
         for word in "".join(out).split():
-            if self.do_lower_case:  # lower-casing also strips accents: NFD, then drop the combining marks (Mn)
-                word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            # lower-casing also strips accents: NFD, then drop the combining marks (Mn)
+            word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
             start = 0
             for j, ch in enumerate(word):  # every punctuation character is a word of its own
                 if _bert_is_punct(ch):

@@ -111,10 +111,8 @@ def test_clip_call_contract(clip_tok):
 def test_bert_golden(bert_tok):
     items = _load("tok_bert.json")
     assert len(items) > 300
-    cased = tokenizer.BertTokenizer(os.path.join(GOLDEN, "tok_bert_vocab.txt"), do_lower_case=False)
     for it in items:
         assert bert_tok.encode(it["text"]) == it["ids"], f"caption {it['text']!r}"
-        assert cased.encode(it["text"]) == it["cased"], f"caption {it['text']!r} (cased)"
 
 
 def test_bert_call_contract(bert_tok):
