@@ -598,11 +598,9 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
     """`init_from`: "scratch", "clip" (OpenAI's CLIP at `clip_path`, and the HF BERT folder `bert_path` for
     text_encoder="bert"), or a checkpoint of train.py or the original. A checkpoint fixes the towers' architecture,
     `cfg` the rest (so pre-training parts are dropped for fine-tuning); without `cfg` its own config is used.
-    Returns (model, info: "loaded", "dropped" keys, "message" for the log, "checkpoint" of train.py or None)."""
-    info = {"loaded": 0, "dropped": [], "checkpoint": None}
-    if init_from in ("scratch", "clip"):
-        if cfg is None:
-            raise ValueError(f"init_from={init_from!r} needs a config (HMMCConfig) for the model to build")
+    Returns (model, info: "dropped" keys, "message" for the log, "checkpoint" of train.py or None)."""
+    info = {"dropped": [], "checkpoint": None}
+    if init_from in ("scratch", "clip"):  # these need `cfg`
         if init_from == "scratch":
             with torch.device(device):
                 model = HMMC(cfg)
@@ -617,7 +615,6 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
             cfg = HMMCConfig.from_dict({**cfg.to_dict(), "bert": asdict(bert_cfg)})
             bert_sd = load_bert_state_dict(bert_path)
         model = HMMC.from_clip(cfg, clip_sd, bert_sd)
-        info["loaded"] = len(clip_sd) + len(bert_sd or {})
         info["message"] = f"loaded CLIP from {clip_path}" + (f" and BERT from {bert_path}" if bert_sd else "")
         return model.to(device), info
     ckpt = read_checkpoint(init_from)
@@ -635,7 +632,7 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
     model = HMMC(saved)
     sd, dropped = check_state_dict(model, sd, init_from, droppable=_PRETRAIN_ONLY, optional=("logit_scale",))
     model.load_state_dict(sd, strict=False)
-    info.update(loaded=len(sd), dropped=ignored + dropped)
+    info["dropped"] = ignored + dropped
     parts = sorted({k.split(".")[0] for k in info["dropped"]})
     info["message"] = f"loaded {len(sd)} tensors from {init_from}" + (
         f"; dropped {len(info['dropped'])} this model has no use for ({', '.join(parts)})" if parts else "")

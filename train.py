@@ -320,17 +320,6 @@ def settings_line(config: dict) -> str:
     return "settings: " + (", ".join(changed) + "; the rest" if changed else "all") + " as in train.py --help"
 
 
-def optimizer_line(groups: list) -> str:
-    """One line for the param groups: the lr and size of each part of the model, and what is decayed."""
-    parts = {}
-    for g in groups:
-        part = g["name"].split("_")[0]  # vision, text or new (model.configure_optimizers)
-        lr, n = parts.get(part, (g["base_lr"], 0))
-        parts[part] = (lr, n + sum(p.numel() for p in g["params"]))
-    return ("optimizer: AdamW, " + ", ".join(f"{part} lr {lr:.3g} ({n / 1e6:.2f}M)" for part, (lr, n) in parts.items())
-            + f"; weight decay {weight_decay:g} on matrices, none on 1-D tensors")
-
-
 def log_step(logged: list, names: list, iter_num: int, stop_iter: int, epoch: int, lr: float, t0: float,
              t_log: float, start_iter: int, raw_model, peak) -> float:
     """Print and log the mean loss and its parts over the steps since the last line -> the time of this line."""
@@ -463,7 +452,6 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
            f"stopping at {stop_iter}")
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, clip_lr_scale, text_lr, BETAS, EPS,
                                                device_type)
-    print0(optimizer_line(optimizer.param_groups))
     base_lrs = [g["base_lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, epoch, step_in_epoch, best_r1 = runs.restore(ckpt, optimizer, scaler) if resume_path else (0, 0, 0, -1.0)
