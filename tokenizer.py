@@ -126,8 +126,6 @@ def _clip_bpe() -> tiktoken.Encoding:
     bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT. tiktoken merges the pair
     whose concatenation has the lowest rank, CLIP the pair with the lowest merge rank; they agree unless a reachable
     pair concatenates to a token another merge built. Checked on ~1.7M words (tests/golden/README.md)."""
-    if not os.path.exists(CLIP_BPE_PATH):
-        raise FileNotFoundError(f"CLIP BPE merges file not found at {CLIP_BPE_PATH} (it ships in assets/)")
     # CLIP's byte alphabet: the 188 printable bytes keep their code point and come first, the other 68 follow as
     # chr(256 + n); a byte's position is its id
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -227,8 +225,6 @@ class BertTokenizer:
     specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
     def __init__(self, vocab_file: str):
-        if not vocab_file or not os.path.exists(vocab_file):
-            raise FileNotFoundError(f"BERT vocab file not found: {vocab_file!r} (a vocab.txt, one token per line)")
         self.vocab = {}
         with open(vocab_file, encoding="utf-8") as f:
             for i, line in enumerate(f):
