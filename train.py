@@ -386,8 +386,8 @@ def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
         best_used = f"best {TEST_SPLIT} weights (iter {best['iter_num']}), chosen on the {TEST_SPLIT} split itself: " \
                     f"the original's protocol, optimistic"
         model.load_state_dict(best["model"])
-        same = best["iter_num"] == iter_num
-        best_metrics = metrics if same else evaluate(model, edir, TEST_SPLIT, tokenizer, caption_field)
+        best_metrics = metrics if best["iter_num"] == iter_num else evaluate(model, edir, TEST_SPLIT, tokenizer,
+                                                                             caption_field)
         print0(hmmc_eval.format_table(best_metrics, f"{TEST_SPLIT} split, {best_used}"))
         result["best_on_test"] = {**best_metrics, "split": TEST_SPLIT, "weights": best_used, "iter": best["iter_num"]}
     if is_master():
@@ -452,7 +452,6 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
            f"stopping at {stop_iter}")
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, clip_lr_scale, text_lr, BETAS, EPS,
                                                device_type)
-    base_lrs = [g["base_lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, epoch, step_in_epoch, best_r1 = runs.restore(ckpt, optimizer, scaler) if resume_path else (0, 0, 0, -1.0)
     ckpt = None  # free the memory
@@ -495,8 +494,8 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
         while iter_num < stop_iter:
             runs.fault_injection(rank, iter_num)
             lr_factor = get_lr(iter_num, t_total, warmup_proportion)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_factor
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor
             step_stats, bad = [], []
             for micro in range(gradient_accumulation_steps):
                 batch, (epoch, step_in_epoch), faults = next(stream)  # the position a checkpoint records
