@@ -238,16 +238,10 @@ class CLIP(TextTransformer):
     def __init__(self, cfg: CLIPConfig):
         super().__init__(cfg)
         self.visual = VisionTransformer(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # in OpenAI's state dict; HMMC has its s
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)                                         # (B, E)
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor):
-        img = F.normalize(self.encode_image(image), dim=-1)                # (B, E)
-        txt = F.normalize(self.encode_text(text), dim=-1)                  # (N, E)
-        logits_per_image = self.logit_scale.exp() * img @ txt.T            # (B, N)
-        return logits_per_image, logits_per_image.T
 
 
 # -----------------------------------------------------------------------------------------------------------------

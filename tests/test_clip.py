@@ -43,8 +43,6 @@ def test_golden_outputs(golden, plain_path):
     with torch.no_grad():
         torch.testing.assert_close(m.encode_image(golden["images"]), golden["image_emb"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.encode_text(golden["ids"]), golden["text_emb"], atol=1e-5, rtol=1e-5)
-        logits_img, logits_txt = m(golden["images"], golden["ids"])
-    assert logits_img.shape == (3, 4) and torch.equal(logits_txt, logits_img.T)
 
 
 def test_state_dict_wrapped_in_dict(golden, tmp_path):
@@ -286,7 +284,7 @@ def test_grad_checkpointing_same_result():
     m = towers.CLIP(tiny_cfg())
     images, ids = torch.randn(2, 3, 16, 16), torch.randint(1, 99, (2, 12))
     out = m.encode_image(images).sum() + m.encode_text(ids).sum()
-    params = [p for n, p in m.named_parameters() if n != "logit_scale"]  # only used by forward()
+    params = [p for n, p in m.named_parameters() if n != "logit_scale"]  # in the state dict, unused by the towers
     grads = torch.autograd.grad(out, params)
     m.transformer.grad_checkpointing = m.visual.transformer.grad_checkpointing = True
     out2 = m.encode_image(images).sum() + m.encode_text(ids).sum()
