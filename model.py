@@ -81,12 +81,8 @@ class HMMCConfig:
     freeze_clip_text: bool = False
 
     def __post_init__(self):
-        if self.clip is None:
-            self.clip = CLIPConfig()
-        elif isinstance(self.clip, dict):
-            self.clip = CLIPConfig(**self.clip)
-        if isinstance(self.bert, dict):
-            self.bert = BertConfig(**self.bert)
+        self.clip = CLIPConfig(**self.clip) if isinstance(self.clip, dict) else self.clip or CLIPConfig()
+        self.bert = BertConfig(**self.bert) if isinstance(self.bert, dict) else self.bert
         self.mlm_special_ids = tuple(self.mlm_special_ids)
 
     def to_dict(self) -> dict:
@@ -149,11 +145,10 @@ def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, fra
                             normalized: bool = False) -> torch.Tensor:
     """scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame), (Q, V). `normalized`: inputs are
     unit vectors already (a search index). Chunks of queries keep the (chunk, V, T) tensor near 2^25 elements."""
-    unit = (lambda x: x.float()) if normalized else (lambda x: F.normalize(x.float(), dim=-1))
-    text_emb = unit(text_emb)  # (Q, E)
-    video_emb = unit(video_emb)  # (V, E)
+    text_emb, video_emb, frame_emb = (x.float() if normalized else F.normalize(x.float(), dim=-1)
+                                      for x in (text_emb, video_emb, frame_emb))  # (Q, E), (V, E), (V, T, E)
     V, T, E = frame_emb.shape
-    frames = unit(frame_emb).reshape(V * T, E)  # (V*T, E)
+    frames = frame_emb.reshape(V * T, E)
     k = min(top_k, T)
     chunk_size = chunk_size or max(1, (1 << 25) // max(1, V * T))
     out = torch.empty(text_emb.shape[0], V, device=text_emb.device)  # (Q, V)
@@ -506,8 +501,8 @@ class HMMC(nn.Module):
             param_groups.append({"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
                                  "weight_decay": weight_decay if decay else 0.0, "name": name})
         # the fused kernel (CUDA, and CPU since torch 2.4) is several times faster on the large embedding tables
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps,
+                                 fused=device_type in ("cuda", "cpu"))
 
     def flops_per_video(self, num_frames: int, context_length: int, tag_context_length: int | None = None) -> float:
         """Training FLOPs per video, PaLM-appendix style: 2 per weight per token + 4 n^2 d per attention layer;
@@ -577,9 +572,7 @@ class HMMC(nn.Module):
         """A fine-tuning HMMC from the original's state dict (pre-training parts dropped), the architecture read off
         its shapes; `overrides` set other HMMCConfig fields."""
         sd = state_dict_or_path
-        if isinstance(sd, (str, os.PathLike)):
-            sd = read_checkpoint(sd)
-        arch, ours, _ = convert_original(sd)
+        arch, ours, _ = convert_original(read_checkpoint(sd) if isinstance(sd, (str, os.PathLike)) else sd)
         model = cls(HMMCConfig.from_dict({**arch, **overrides}))
         model.load_state_dict(check_state_dict(model, ours, "original checkpoint", optional=("logit_scale",))[0],
                               strict=False)
