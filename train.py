@@ -250,8 +250,7 @@ def load_data(master: bool, ddp: bool):
 
 
 def warn_cut_captions(captions: list[str], tokenizer):
-    """Say when captions do not fit context_length: nothing else would tell that words never reach the model (a
-    Chinese caption takes a token per character)."""
+    """Say when captions do not fit context_length (a Chinese caption takes a token per character)."""
     sizes = [len(tokenizer.encode(c)) + 2 for c in captions]  # + start and end tokens
     cut = sum(n > context_length for n in sizes)
     if cut:
@@ -261,8 +260,7 @@ def warn_cut_captions(captions: list[str], tokenizer):
 
 
 def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
-    """(model on the device, the checkpoint when resuming). Built on the CPU, so that a GPU run starts from the same
-    weights as a CPU run."""
+    """(model on the device, the checkpoint when resuming), built on the CPU: GPU runs start from CPU runs' weights."""
     clip_args = hmmc_model.CLIPConfig(
         embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
         vision_patch_size=vision_patch_size,
@@ -366,9 +364,8 @@ def eval_and_save(raw_model, tokenizer, evaldata: tuple, state: dict, keep_previ
 
 
 def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
-    """Test metrics -> results.json: of the best-by-val weights where the run has a val split, else of the final
-    weights plus, under "best_on_test", of the weights best on the test split itself: the original's protocol on
-    MSR-VTT (no val split), an optimistic number."""
+    """Test metrics -> results.json: of the best-by-val weights, or without a val split of the final weights plus,
+    under "best_on_test", of the weights best on the test split itself (the original's protocol on MSR-VTT)."""
     edir, eval_split, caption_field = evaldata
     best_path = os.path.join(out_dir, "best.pt")
     used = f"final weights (iter {iter_num})"
@@ -522,8 +519,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
             raw_model.momentum_update()  # once per optimizer step (the original: every micro-step)
 
             # the step's only host sync, once its work is queued: losses, the share of unreadable videos and the
-            # SIGTERM and Ctrl-C flags, averaged over ranks so that all stop at the same step (nothing is saved after
-            # a NaN step)
+            # SIGTERM and Ctrl-C flags, averaged over ranks so that all stop at the same step
             flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size),
                                   float(runs.stop[signal.SIGTERM]), float(runs.stop[signal.SIGINT])])
             stats = torch.cat([torch.stack(step_stats).mean(dim=0), flags.to(device, non_blocking=True)])
