@@ -15,8 +15,7 @@ import torch.distributed.nn  # noqa: F401
 
 
 def init_compute(device: str) -> tuple[bool, int, int, str]:
-    """(ddp, rank, world_size, device). Under torchrun each rank takes its local GPU (NCCL) or a share of the CPU
-    cores (gloo)."""
+    """(ddp, rank, world_size, device); under torchrun a rank takes its GPU (NCCL) or a share of the cores (gloo)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if ddp:

@@ -66,9 +66,8 @@ def help_text(defaults: dict, prog: str, descriptions: dict | None = None) -> st
 
 def configure(defaults: dict, argv: list[str], prog: str = "train.py", descriptions: dict | None = None,
               given: set | None = None) -> dict:
-    """Merge config files and --key=value overrides from `argv` into a copy of `defaults`; raise ValueError on a bad
-    key, type or file. `given`, where passed, receives the keys the arguments set (train.py compares only those
-    with the run it resumes). -h/--help prints the keys with their defaults and descriptions to stdout and exits 0."""
+    """Config files and --key=value overrides from `argv` over a copy of `defaults` (ValueError on a bad key, type or
+    file); `given` receives the keys the arguments set. -h/--help prints every key and exits 0."""
     config, given = dict(defaults), set() if given is None else given
     for arg in argv:
         if arg in ("-h", "--help"):

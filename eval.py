@@ -105,9 +105,8 @@ def _rank_summary(ranks: np.ndarray) -> dict:
 
 
 def dual_softmax(sim: np.ndarray, axis: int) -> np.ndarray:
-    """Dual-softmax ("DSL", CAMoE, Cheng et al. 2021): sim * softmax(sim) along `axis` (temperature 1: our scores are
-    already scaled by 100, like CAMoE's logits). T2V takes the prior over texts (axis 0), which discounts a video that
-    every caption likes; V2T over videos (axis 1). It uses the whole test set at once: opt-in, labelled everywhere."""
+    """Dual softmax ("DSL", CAMoE): sim * softmax(sim) along `axis` (our scores are scaled by 100 already). T2V takes
+    the prior over texts (axis 0), which discounts a video every caption likes; V2T over videos (axis 1)."""
     sim = np.asarray(sim, dtype=np.float64)
     finite = np.where(np.isfinite(sim), sim, -np.inf)
     weights = np.exp(finite - finite.max(axis=axis, keepdims=True))
@@ -160,8 +159,7 @@ def _gather_rows(batches: list[torch.Tensor], n: int, row_shape: tuple, device: 
 @torch.no_grad()
 def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
                   dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every video of a mode="videos" dataset once -> (video_emb [V,E], frame_emb [V,T,E]) in fp32 on device.
-    Under torch.distributed each rank encodes a contiguous shard and every rank gets all rows back."""
+    """A mode="videos" dataset -> (video_emb [V,E], frame_emb [V,T,E]) fp32, each rank encoding a shard of it."""
     shard = torch.utils.data.Subset(dataset, _shard(len(dataset), *_rank_world()))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
@@ -193,8 +191,7 @@ def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int 
 @torch.no_grad()
 def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, *, top_k_frames: int,
                       frame_match_weight: float, chunk_size: int | None = None, normalized: bool = False) -> np.ndarray:
-    """Hierarchical similarity [Q,V] as float32 numpy, computed on the embeddings' device; model.py's
-    hierarchical_similarity takes the queries a chunk at a time so the (chunk, V, T) frame scores stay small."""
+    """model.hierarchical_similarity [Q,V] as float32 numpy, computed on the embeddings' device."""
     top_k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
     sim = hmmc_model.hierarchical_similarity(text_emb, video_emb, frame_emb, top_k=top_k,
                                              frame_match_weight=float(frame_match_weight), chunk_size=chunk_size,
@@ -205,10 +202,8 @@ def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb
 def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, image_size: int, context_length: int,
              top_k_frames: int, frame_match_weight: float, batch_size: int = 64, num_workers: int = 0,
              device: str = "cpu", dtype=None, dsl: bool = False, caption_field: str = "captions") -> dict:
-    """Retrieval metrics of the (unwrapped) `net` on a prepared split: each video and caption encoded once (sharded
-    under DDP), similarity and metrics on rank 0, the same dict returned on every rank: {"t2v", "v2t", "dsl",
-    "num_videos", "num_texts", "context_length", "top_k_frames", "frame_match_weight", "encode_dtype", "encode_s",
-    "videos_per_s"}. Its training mode is restored after."""
+    """Retrieval metrics of the (unwrapped) `net` on a prepared split, encoded once (sharded under DDP), scored on
+    rank 0 and returned on every rank; its training mode is restored after."""
     was_training = net.training
     net.eval()
     rank, world = _rank_world()

@@ -267,8 +267,7 @@ _CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "
 
 
 class HMMC(nn.Module):
-    """Encoders `video` and `text`; pre-training adds the momentum copies `video_m`, `text_m`, `projector_m`, the
-    projector/predictor MLPs, the MLM head and the key queues."""
+    """Encoders `video` and `text`; pre-training adds momentum copies (`*_m`), projector MLPs, MLM head and queues."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
@@ -334,8 +333,7 @@ class HMMC(nn.Module):
         return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
 
     def encode_video(self, video: torch.Tensor):
-        """video (B, T, 3, H, W) -> unit (video_emb (B, E), frame_emb (B, T, E)); frames are matched before the
-        temporal transformer, as in the original."""
+        """video (B, T, 3, H, W) -> unit (video_emb (B, E), frame_emb (B, T, E)), frames before the temporal module."""
         video_emb, frames = self.video(normalize_frames(video))
         return F.normalize(video_emb.float(), dim=-1), F.normalize(frames.float(), dim=-1)
 
@@ -569,8 +567,7 @@ class HMMC(nn.Module):
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
-        """A fine-tuning HMMC from the original's state dict (pre-training parts dropped), the architecture read off
-        its shapes; `overrides` set other HMMCConfig fields."""
+        """A fine-tuning HMMC from the original's state dict or file; `overrides` set other HMMCConfig fields."""
         sd = state_dict_or_path
         arch, ours, _ = convert_original(read_checkpoint(sd) if isinstance(sd, (str, os.PathLike)) else sd)
         model = cls(HMMCConfig.from_dict({**arch, **overrides}))
@@ -588,10 +585,9 @@ _ARCH_FIELDS = ("clip", "bert", "text_encoder", "bert_pooling")
 
 def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str = "", bert_path: str | None = None,
                device="cpu") -> tuple[HMMC, dict]:
-    """`init_from`: "scratch", "clip" (OpenAI's CLIP at `clip_path`, and the HF BERT folder `bert_path` for
-    text_encoder="bert"), or a checkpoint of train.py or the original. A checkpoint fixes the towers' architecture,
-    `cfg` the rest (so pre-training parts are dropped for fine-tuning); without `cfg` its own config is used.
-    Returns (model, info: "dropped" keys, "message" for the log, "checkpoint" of train.py or None)."""
+    """`init_from`: "scratch", "clip" (CLIP at `clip_path`, HF BERT at `bert_path`), or a checkpoint of train.py or
+    the original, which fixes the towers' architecture and `cfg` (default: its own) the rest, so pre-training parts
+    are dropped for fine-tuning. -> (model, info: "dropped" keys, "message", "checkpoint" of train.py or None)."""
     info = {"dropped": [], "checkpoint": None}
     if init_from in ("scratch", "clip"):  # these need `cfg`
         if init_from == "scratch":

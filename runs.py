@@ -95,8 +95,7 @@ def latest_checkpoint(folder: str) -> str | None:
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """Why the checkpoint cannot be resumed from, or None; one without a .sha256 (written by hand) is trusted when it
-    opens (memory-mapped: the tensors are not read)."""
+    """Why the checkpoint cannot be resumed from, or None; one without a .sha256 (edited by hand) is trusted."""
     if os.path.exists(path + ".sha256"):
         with open(path + ".sha256") as f:
             if f.read().strip() != sha256_file(path):
@@ -118,8 +117,7 @@ def sha256_file(path: str) -> str:
 
 
 def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
-    """Write path and path.sha256 through .tmp files, the last ones kept as ckpt.prev.pt(.sha256): at any moment one
-    complete checkpoint matches its checksum."""
+    """Write path and path.sha256 through .tmp files, the last ones kept as ckpt.prev.pt(.sha256)."""
     prev = path.replace("ckpt.pt", "ckpt.prev.pt")
     torch.save(ckpt, path + ".tmp")
     with open(path + ".sha256.tmp", "w") as f:

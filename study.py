@@ -74,9 +74,8 @@ def run(cmd: list[str], folder: str) -> dict:
 
 
 def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.Lock) -> list[dict] | str:
-    """Every stage of one row at one seed, in order -> their results, or the error of a failed one. Rows that begin
-    with the same stages share them (`shared`: (seed, stages so far) -> folder and its lock): one pre-training serves
-    every fine-tuning row."""
+    """Every stage of one row at one seed -> their results, or the error of a failed one. Rows that begin with the same
+    stages share them (`shared`: (seed, stages so far) -> folder, lock): one pre-training serves every fine-tuning."""
     row_stages, previous, out = stages(cfg["rows"][name]), None, []
     for i, args in enumerate(row_stages):
         folder = os.path.join(cfg["out_dir"], name, f"seed{seed}")

@@ -121,11 +121,9 @@ def _clip_pieces(text: str) -> list[str]:
 
 @functools.cache
 def _clip_bpe() -> tiktoken.Encoding:
-    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids. CLIP's
-    end-of-word marker `</w>` becomes one trailing b" " (no piece holds a space): "dog</w>" is b"dog ". Ids: 0-255 the
-    bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order, 49406/49407 SOT/EOT. tiktoken merges the pair
-    whose concatenation has the lowest rank, CLIP the pair with the lowest merge rank; they agree unless a reachable
-    pair concatenates to a token another merge built. Checked on ~1.7M words (tests/golden/README.md)."""
+    """CLIP's vocabulary (parsed once, ~0.5 s) as a tiktoken Encoding whose ranks are CLIP's ids; `</w>` is a trailing
+    b" " ("dog</w>" is b"dog "). tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with
+    the lowest merge rank: the same ids on ~1.7M words checked (tests/golden/README.md)."""
     # CLIP's byte alphabet: the 188 printable bytes keep their code point and come first, the other 68 follow as
     # chr(256 + n); a byte's position is its id
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -198,8 +196,7 @@ def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, w
 
 
 def tokenize(texts, context_length: int = 77) -> torch.Tensor:
-    """CLIP token ids, LongTensor [N, context_length]: SOT, BPE ids, EOT, zero padding; a text longer than the
-    context is cut and its last id is EOT. Identical to OpenAI `clip.tokenize(texts, context_length, truncate=True)`."""
+    """CLIP token ids [N, context_length], those of OpenAI's `clip.tokenize(texts, context_length, truncate=True)`."""
     return ClipTokenizer()(texts, context_length)[0]
 
 
@@ -219,8 +216,7 @@ def _bert_is_punct(ch: str) -> bool:
 
 
 class BertTokenizer:
-    """BERT WordPiece, the tokens and ids of HF transformers' BertTokenizer(vocab_file) (lower case, as Chinese
-    BERTs are)."""
+    """BERT WordPiece, lower-cased: the tokens and ids of HF transformers' BertTokenizer(vocab_file)."""
 
     specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
