@@ -3,10 +3,9 @@ The configurator of every script: defaults (the globals at the top of a script) 
 
     $ python train.py config/finetune_msrvtt.py --batch_size=32 --learning_rate=3e-5
 
-A bare argument is a config file (plain Python); `--key=value` is read with `ast.literal_eval`, else kept as a
-string. A later argument wins. A typo of a key names its close matches instead of creating an unused global, and a
-value must have the default's type (an int does for a float, `true`/`false` and a bare `--flag` for a bool; a None
-default takes anything). `--help` lists every key with its default and the comment beside it.
+A bare argument is a config file (plain Python), `--key=value` a value read by `ast.literal_eval` (else a string); a
+later argument wins. A typo of a key names its close matches, and a value must have the default's type (an int does
+for a float, true/false and a bare --flag for a bool, anything for None). `--help` lists every key and its comment.
 """
 
 import ast

@@ -1,8 +1,7 @@
 """
-Captions -> rows of token ids (and masks) for HMMC's text towers; `get_tokenizer` picks one by text tower.
-English: OpenAI CLIP's byte-level BPE (`ClipTokenizer`, `tokenize`), id for id OpenAI's `clip.tokenize(texts, L,
-truncate=True)`: ftfy.fix_text, html.unescape twice, whitespace collapsed, lower case, split by CLIP's regex, BPE per
-piece. ftfy (not a dependency) is re-implemented by `_ftfy_fix_text`, and the BPE loop runs in tiktoken.
+Captions -> rows of token ids (and masks) for HMMC's text towers; `get_tokenizer` picks one by text tower. English:
+CLIP's BPE (`ClipTokenizer`, `tokenize`), id for id OpenAI's `clip.tokenize(texts, L, truncate=True)`: ftfy.fix_text
+(re-implemented), html.unescape twice, whitespace collapsed, lower case, CLIP's regex, BPE per piece (in tiktoken).
 Chinese: BERT WordPiece (`BertTokenizer`), id for id HF transformers' BertTokenizer.
 
     >>> tokenize("a dog runs", context_length=8)       # SOT, BPE ids, EOT, zero padding
@@ -157,12 +156,6 @@ class ClipTokenizer:
 
     def __init__(self):
         self._bpe = _clip_bpe()
-
-    def __getstate__(self):  # DataLoader workers started by spawn rebuild it (once per process)
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT."""
