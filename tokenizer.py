@@ -11,6 +11,7 @@ import functools
 import gzip
 import html
 import html.entities
+import itertools
 import os
 import re
 import unicodedata
@@ -244,15 +245,8 @@ class BertTokenizer:
         for word in "".join(out).split():
             # lower-casing also strips accents: NFD, then drop the combining marks (Mn)
             word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
-            start = 0
-            for j, ch in enumerate(word):  # every punctuation character is a word of its own
-                if _bert_is_punct(ch):
-                    if j > start:
-                        words.append(word[start:j])
-                    words.append(ch)
-                    start = j + 1
-            if start < len(word):
-                words.append(word[start:])
+            for punct, chars in itertools.groupby(word, _bert_is_punct):  # a punctuation character is a word of its own
+                words.extend(chars if punct else ["".join(chars)])
         return words
 
     def _wordpiece(self, word: str) -> list[str]:

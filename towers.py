@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -469,12 +470,7 @@ def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple =
 
 def strip_prefixes(sd: dict) -> dict:
     """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes of wrapped models."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+    return {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in sd.items()}
 
 
 # ---- the original HMMC's checkpoints (state dicts of its BirdModel or BirdPreTrainedModel) --------------------------
