@@ -180,11 +180,9 @@ def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int 
                  dtype=None) -> torch.Tensor:
     """Encode every caption once -> text_emb [N,E] fp32 on device (sharded over ranks like encode_videos)."""
     shard = _shard(len(ids), *_rank_world())
-    text_embs = []
-    for i in range(shard.start, shard.stop, batch_size):
-        j = min(i + batch_size, shard.stop)
-        with autocast(device, dtype):
-            text_embs.append(net.encode_text(ids[i:j].to(device), mask[i:j].to(device)).float())
+    batches = zip(ids[shard.start:shard.stop].split(batch_size), mask[shard.start:shard.stop].split(batch_size))
+    with autocast(device, dtype):
+        text_embs = [net.encode_text(i.to(device), m.to(device)).float() for i, m in batches]
     return _gather_rows(text_embs, len(ids), (net.cfg.clip.embed_dim,), device)
 
 

@@ -487,17 +487,13 @@ class HMMC(nn.Module):
         lrs = {"vision": learning_rate * clip_lr_scale, "text": text_lr, "new": learning_rate}
         groups = {(tower, decay): [] for tower in lrs for decay in (True, False)}
         for n, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            tower = "vision" if n.startswith("video.visual.") else "text" if n.startswith("text.") else "new"
-            groups[(tower, p.dim() >= 2)].append(p)
-        param_groups = []
-        for (tower, decay), params in groups.items():
-            if not params:
-                continue
-            name = f"{tower}_{'decay' if decay else 'no_decay'}"
-            param_groups.append({"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
-                                 "weight_decay": weight_decay if decay else 0.0, "name": name})
+            if p.requires_grad:
+                tower = "vision" if n.startswith("video.visual.") else "text" if n.startswith("text.") else "new"
+                groups[(tower, p.dim() >= 2)].append(p)
+        param_groups = [{"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
+                         "weight_decay": weight_decay if decay else 0.0,
+                         "name": f"{tower}_{'decay' if decay else 'no_decay'}"}
+                        for (tower, decay), params in groups.items() if params]
         # the fused kernel (CUDA, and CPU since torch 2.4) is several times faster on the large embedding tables
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps,
                                  fused=device_type in ("cuda", "cpu"))
