@@ -66,12 +66,9 @@ _FTFY_SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _ftfy_entity(m):
     s = m.group(0)
-    if s in _FTFY_ENTITIES:
-        return _FTFY_ENTITIES[s]
-    if s.startswith("&#"):
-        out = html.unescape(s)
-        return s if ";" in out else out
-    return s
+    if s.startswith("&#") and ";" not in (out := html.unescape(s)):  # a numeric entity that stdlib html reads
+        return out
+    return _FTFY_ENTITIES.get(s, s)
 
 
 def _ftfy_segment(text: str, unescape: bool) -> str:
@@ -98,9 +95,7 @@ def _ftfy_fix_text(text: str) -> str:
     # ftfy works line by line (and cuts lines at 1e6 characters, which we ignore) and stops HTML unescaping for good
     # at the first line containing '<' (it may be HTML)
     lt = text.find("<")
-    if lt < 0:
-        return _ftfy_segment(text, True)
-    cut = text.rfind("\n", 0, lt) + 1
+    cut = text.rfind("\n", 0, lt) + 1 if lt >= 0 else len(text)
     return _ftfy_segment(text[:cut], True) + _ftfy_segment(text[cut:], False)
 
 

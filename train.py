@@ -1,7 +1,6 @@
 """
-Train HMMC: fine-tune from CLIP or a pre-trained checkpoint on text-video pairs, or pre-train with momentum
-contrast on CHVTT. With no arguments it trains a tiny model on the built-in synthetic dataset on CPU in a few
-minutes. `python train.py --help` lists every setting with its default.
+Train HMMC: fine-tune from CLIP or a pre-trained checkpoint, or pre-train with momentum contrast on CHVTT. With no
+arguments it trains a tiny model on the built-in synthetic data on CPU in minutes; --help lists every setting.
 
 $ python train.py                                                  # the embedded default (config/synthetic.py)
 $ python train.py config/finetune_msrvtt.py --batch_size=64 --gradient_accumulation_steps=4
