@@ -82,7 +82,6 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
         raise ValueError(f"video_of_text must index the {num_videos} videos, "
                          f"got values in [{video_of_text.min()}, {video_of_text.max()}]")
 
-    # T2V: every caption ranks all videos
     true_t2v = sim[np.arange(num_texts), video_of_text]  # (Q,)
     ranks_t2v = (sim >= true_t2v[:, None]).sum(axis=1)  # (Q,)
 

@@ -144,8 +144,7 @@ def fmt(x: float) -> str:
 
 
 def markdown(cfg: dict, summary: dict) -> str:
-    # chains also show the first stage's own T2V R@1 (the weights the next stage starts from), and their steps
-    # stage by stage ("750+1122")
+    # chains also show their first stage's T2V R@1 and their steps stage by stage ("750+1122")
     chains = any(row["stages"] > 1 for row in summary.values())
     heads = [f"{split.upper()} R@{r[1:]} mean ± sd (min-max)" for split, r in METRICS]
     heads += [f"T2V R@1 - {cfg['baseline'] or next(iter(cfg['rows']))} (95% CI)"]

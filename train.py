@@ -186,14 +186,12 @@ def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_si
 
 def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str) -> dict:
     """Retrieval metrics with this run's settings; the RNG is left as it was (a run evaluating or not is the same)."""
-    state = runs.rng_state()
-    metrics = hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
-                                 image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
-                                 frame_match_weight=frame_match_weight, batch_size=eval_batch_size,
-                                 num_workers=num_workers, device=device, dtype=None if dtype == "float32" else dtype,
-                                 caption_field=caption_field)
-    runs.set_rng_state(state)
-    return metrics
+    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+        return hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
+                                  image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
+                                  frame_match_weight=frame_match_weight, batch_size=eval_batch_size,
+                                  num_workers=num_workers, device=device, dtype=None if dtype == "float32" else dtype,
+                                  caption_field=caption_field)
 
 
 def check_data(data_dir: str, splits: list, dataset_name: str):
