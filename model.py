@@ -508,8 +508,7 @@ class HMMC(nn.Module):
             ffn = ffn or 4 * d
             return layers * (2 * n * (4 * d * d + 2 * d * ffn) + 4 * n * n * d)
 
-        grid = c.image_resolution // c.vision_patch_size
-        n_patch = grid * grid
+        n_patch = (c.image_resolution // c.vision_patch_size) ** 2
         vit = 2 * n_patch * 3 * c.vision_patch_size ** 2 * c.vision_width + \
             blocks(n_patch + 1, c.vision_width, c.vision_layers) + 2 * c.vision_width * E
         video = T * vit + (blocks(T, E, cfg.temporal_layers) if cfg.use_temp else 0)
@@ -525,8 +524,7 @@ class HMMC(nn.Module):
         if not cfg.pretrain:
             return 3.0 * (video + text(L))
         texts = text(L) + (text(Lt) if cfg.use_tags else 0)
-        fwd_train = video + texts
-        fwd_m = video + texts
+        fwd_train = fwd_m = video + texts  # the online and the momentum towers
         if self.use_fam:
             mlp = 2 * 2 * E * cfg.proj_hidden  # E -> hidden -> E per frame
             fwd_train += 2 * T * mlp  # projector + predictor
@@ -538,8 +536,7 @@ class HMMC(nn.Module):
 
     @classmethod
     def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
-        """A new HMMC with OpenAI's CLIP (and the HF BERT) loaded; temporal_init="clip" starts the temporal
-        transformer from CLIP's text tower, as CLIP4Clip."""
+        """A new HMMC with OpenAI's CLIP (and HF BERT); temporal_init="clip" copies CLIP's text layers (CLIP4Clip)."""
         cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
         model = cls(cfg)
         model.video.visual.load_state_dict({k[len("visual."):]: v for k, v in clip_sd.items()

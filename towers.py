@@ -196,7 +196,6 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         W = cfg.transformer_width
-        self.context_length, self.eot_id = cfg.context_length, cfg.eot_id
         self.token_embedding = nn.Embedding(cfg.vocab_size, W)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, W))
         self.transformer = Transformer(W, cfg.transformer_layers, cfg.transformer_heads)
@@ -210,8 +209,8 @@ class TextTransformer(nn.Module):
     def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """Per-token features after ln_final, before the projection."""
         B, L = ids.shape
-        if L > self.context_length:
-            raise ValueError(f"text of {L} tokens is longer than the context length {self.context_length}")
+        if L > self.cfg.context_length:
+            raise ValueError(f"text of {L} tokens is longer than the context length {self.cfg.context_length}")
         x = self.token_embedding(ids) + self.positional_embedding[:L]     # (B, L, W)
         x = self.transformer(x, is_causal=True)                           # (B, L, W)
         return self.ln_final(x)                                           # (B, L, W)
@@ -219,7 +218,7 @@ class TextTransformer(nn.Module):
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Each row's first EOT. OpenAI's argmax(ids) is the same while EOT is the largest id; looking it up survives
         other vocabularies, and a row without EOT falls back to argmax, where the reference code pools."""
-        is_eot = ids == self.eot_id                                        # (B, L)
+        is_eot = ids == self.cfg.eot_id                                    # (B, L)
         first_eot = is_eot.int().argmax(dim=1)                             # (B,) argmax returns the first maximum
         return torch.where(is_eot.any(dim=1), first_eot, ids.argmax(dim=1))  # (B,)
 
@@ -436,8 +435,7 @@ def _bert_weights_file(path: str) -> str:
 
 
 def load_bert_state_dict(path: str) -> dict:
-    """A HF BERT folder's weights under BertModel's keys, fp32: without a leading `bert.`, the `cls.*` pre-training
-    heads and the `embeddings.position_ids` buffer."""
+    """A HF BERT folder's fp32 weights under BertModel's keys: no `bert.` prefix, `cls.*` heads or position_ids."""
     file = _bert_weights_file(path)
     out = {}
     for k, v in _state_dict(read_checkpoint(file), file).items():
