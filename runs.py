@@ -132,9 +132,12 @@ def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
 
 def checkpoint(model, optimizer, scaler, config: dict, **position) -> dict:
     """Everything an exact resume needs, as plain types and tensors (torch.load(weights_only=True) reads it)."""
+    rng = {"torch": torch.get_rng_state()}  # the only RNGs a run draws from: data draws are functions of the index
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
     return {"model": model.state_dict(), "optimizer": pack_zero_rows(optimizer.state_dict()),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": model.cfg.to_dict(),
-            "config": config, **position, "rng": rng_state()}
+            "config": config, **position, "rng": rng}
 
 
 def restore(ckpt: dict, optimizer, scaler) -> tuple[int, int, int, float]:
@@ -142,7 +145,9 @@ def restore(ckpt: dict, optimizer, scaler) -> tuple[int, int, int, float]:
     optimizer.load_state_dict(unpack_zero_rows(ckpt["optimizer"]))
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     return ckpt["iter_num"], ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_r1"]
 
 
@@ -171,20 +176,6 @@ def unpack_zero_rows(optimizer_state: dict) -> dict:
                 state[i][k] = torch.zeros(t["shape"], dtype=t["values"].dtype, device=t["values"].device)
                 state[i][k][t["packed_rows"].to(t["values"].device)] = t["values"]
     return {**optimizer_state, "state": state}
-
-
-def rng_state() -> dict:
-    """torch's RNGs, the only ones a run draws from (the data's draws are functions of seed, epoch and index)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def trim_log(path: str, iter_num: int):

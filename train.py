@@ -425,7 +425,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
     if text_encoder == "bert" and init_from == "scratch" and bert_pooling == "cls":
         print0("warning: a BERT trained from scratch with bert_pooling='cls' starts with every caption embedded alike "
                "and learns slowly; bert_pooling='mean' learns (config/synthetic_zh.py)")
-    torch.manual_seed(seed)  # the only RNG the run draws from (runs.rng_state)
+    torch.manual_seed(seed)  # the only RNG the run draws from (saved by runs.checkpoint)
     ctx = autocast(device_type, dtype)
 
     train_set, tokenizer, evaldata = load_data(master, ddp)
