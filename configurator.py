@@ -54,15 +54,6 @@ def describe(path: str) -> dict:
         return {m[1]: m[2].strip() for m in re.finditer(r"^(\w+) = .*?  # (.*)$", f.read(), re.M)}
 
 
-def help_text(defaults: dict, prog: str, descriptions: dict | None = None) -> str:
-    descriptions = descriptions or {}
-    width = max((len(f"--{k}={v!r}") for k, v in defaults.items()), default=0)
-    lines = [f"--{k}={v!r}".ljust(width) + (f"  {descriptions[k]}" if descriptions.get(k) else "")
-             for k, v in defaults.items()]
-    return (f"usage: python {prog} [config_file.py ...] [--key=value ...]\nsettings and defaults:\n  "
-            + "\n  ".join(lines))
-
-
 def configure(defaults: dict, argv: list[str], prog: str = "train.py", descriptions: dict | None = None,
               given: set | None = None) -> dict:
     """Config files and --key=value overrides from `argv` over a copy of `defaults` (ValueError on a bad key, type or
@@ -70,7 +61,10 @@ def configure(defaults: dict, argv: list[str], prog: str = "train.py", descripti
     config, given = dict(defaults), set() if given is None else given
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help_text(defaults, prog, descriptions))
+            width = max((len(f"--{k}={v!r}") for k, v in defaults.items()), default=0)
+            print(f"usage: python {prog} [config_file.py ...] [--key=value ...]\nsettings and defaults:")
+            for k, v in defaults.items():
+                print((f"  --{k}={v!r}".ljust(width + 2) + f"  {(descriptions or {}).get(k, '')}").rstrip())
             sys.exit(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")  # only the first '=': values may contain '=' themselves

@@ -251,17 +251,6 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-def _mlm_head(dim: int, vocab_size: int) -> nn.Sequential:
-    # BERT's LM head on the projected hidden states
-    return nn.Sequential(OrderedDict(dense=nn.Linear(dim, dim), gelu=nn.GELU(), ln=nn.LayerNorm(dim, eps=1e-12),
-                                     decoder=nn.Linear(dim, vocab_size)))
-
-
-def _is_clip_matrix(name: str) -> bool:
-    # the tensors the original stored in fp16 (conv, attention, MLP, projections), which therefore never moved
-    return ".attn." in name or ".mlp." in name or name.endswith(("conv1.weight", "proj", "text_projection"))
-
-
 # the choices of HMMCConfig's string fields
 _CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "temporal_init": ("default", "clip")}
 
@@ -289,7 +278,8 @@ class HMMC(nn.Module):
         towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + ([self.text] if cfg.freeze_clip_text else [])
         for tower in towers:
             for n, p in tower.named_parameters():
-                if _is_clip_matrix(n):
+                # the tensors the original stored in fp16 (conv, attention, MLP, projections), which never moved
+                if ".attn." in n or ".mlp." in n or n.endswith(("conv1.weight", "proj", "text_projection")):
                     p.requires_grad_(False)
         if cfg.pretrain:
             self._build_pretrain(cfg, E)
@@ -302,7 +292,9 @@ class HMMC(nn.Module):
             self.projector = _mlp(E, cfg.proj_hidden)
             self.predictor = _mlp(E, cfg.proj_hidden)
         if self.use_mlm:
-            self.mlm_head = _mlm_head(E, cfg.bert.vocab_size)
+            self.mlm_head = nn.Sequential(OrderedDict(  # BERT's LM head on the projected hidden states
+                dense=nn.Linear(E, E), gelu=nn.GELU(), ln=nn.LayerNorm(E, eps=1e-12),
+                decoder=nn.Linear(E, cfg.bert.vocab_size)))
         # momentum encoders: EMA copies that produce the queue keys; never receive gradients
         self.video_m = copy.deepcopy(self.video)
         self.text_m = copy.deepcopy(self.text)

@@ -299,15 +299,6 @@ def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
     return model, info["checkpoint"]
 
 
-def check_config(world_size: int):
-    """Settings that cannot work together, refused before anything slow happens."""
-    if batch_size % world_size:
-        raise SystemExit(f"config error: batch_size={batch_size} (videos per micro-step over all ranks) must be "
-                         f"divisible by the {world_size} ranks")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"config error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
-
-
 def settings_line(config: dict) -> str:
     """The settings that differ from the defaults block, on one line (`python train.py --help` lists them all)."""
     defaults = {**DEFAULTS, "out_dir": f"out-{config['dataset']}"}
@@ -420,7 +411,11 @@ def main(argv=None):
 def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str | None):
     """Setup, the training loop, the final test. `config` is the run's settings, as its checkpoints record them."""
     master, device_type = rank == 0, torch.device(device).type
-    check_config(world_size)
+    if batch_size % world_size:  # settings that cannot work, refused before anything slow happens
+        raise SystemExit(f"config error: batch_size={batch_size} (videos per micro-step over all ranks) must be "
+                         f"divisible by the {world_size} ranks")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"config error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
     print0(settings_line(config))
     if text_encoder == "bert" and init_from == "scratch" and bert_pooling == "cls":
         print0("warning: a BERT trained from scratch with bert_pooling='cls' starts with every caption embedded alike "
