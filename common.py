@@ -86,9 +86,8 @@ _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "
 
 def peak_flops(device_type: str) -> float | None:
     """The GPU's peak for MFU; None on a CPU (MFU is left out) or an unknown GPU."""
-    if device_type != "cuda":
-        return None
-    return next((v for k, v in _PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    name = torch.cuda.get_device_name() if device_type == "cuda" else ""
+    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
 
 
 def run_script(main):
