@@ -15,8 +15,7 @@ import torch.distributed.nn  # noqa: F401
 
 
 def init_compute(device: str) -> tuple[bool, int, int, str]:
-    """(ddp, rank, world_size, device). Under torchrun each rank takes its local GPU (NCCL) or a share of the CPU
-    cores (gloo)."""
+    """(ddp, rank, world_size, device); under torchrun a rank takes its GPU (NCCL) or a share of the cores (gloo)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if ddp:
@@ -87,16 +86,8 @@ _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "
 
 def peak_flops(device_type: str) -> float | None:
     """The GPU's peak for MFU; None on a CPU (MFU is left out) or an unknown GPU."""
-    if device_type != "cuda":
-        return None
-    return next((v for k, v in _PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The raw model under DDP and torch.compile wrappers (eval must not go through DDP's forward)."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    name = torch.cuda.get_device_name() if device_type == "cuda" else ""
+    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
 
 
 def run_script(main):

@@ -3,10 +3,9 @@ The configurator of every script: defaults (the globals at the top of a script) 
 
     $ python train.py config/finetune_msrvtt.py --batch_size=32 --learning_rate=3e-5
 
-A bare argument is a config file (plain Python); `--key=value` is read with `ast.literal_eval`, else kept as a
-string. A later argument wins. A typo of a key names its close matches instead of creating an unused global, and a
-value must have the default's type (an int does for a float, `true`/`false` and a bare `--flag` for a bool; a None
-default takes anything). `--help` lists every key with its default and the comment beside it.
+A bare argument is a config file (plain Python), `--key=value` a value read by `ast.literal_eval` (else a string); a
+later argument wins. A typo of a key names its close matches, and a value must have the default's type (an int does
+for a float, true/false and a bare --flag for a bool, anything for None). `--help` lists every key and its comment.
 """
 
 import ast
@@ -17,24 +16,9 @@ import re
 import sys
 
 
-def _close(key: str, known) -> str:
-    matches = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(matches)}?" if matches else ""
-
-
-def _close_file(path: str) -> str:
-    """"; did you mean ...?" for a config file that does not exist: the .py files near it by name, in its folder or,
-    where that folder does not exist either, in the folder named most like it."""
-    folder, name = os.path.split(path)
-    if not os.path.isdir(folder or "."):
-        parent, typed = os.path.split(folder)
-        siblings = [d for d in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent, d))] \
-            if os.path.isdir(parent or ".") else []
-        folder = next((os.path.join(parent, d) for d in difflib.get_close_matches(typed, siblings, n=1)), None)
-        if folder is None:
-            return ""
-    files = [f for f in os.listdir(folder or ".") if f.endswith(".py")]
-    matches = [os.path.join(folder, f) for f in difflib.get_close_matches(name, files, n=3, cutoff=0.6)]
+def _close(key: str, known, folder: str = "") -> str:
+    """"; did you mean ...?" naming the entries of `known` (keys, or file names in `folder`) close to `key`."""
+    matches = [os.path.join(folder, m) for m in difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)]
     return f"; did you mean {', '.join(matches)}?" if matches else ""
 
 
@@ -70,24 +54,17 @@ def describe(path: str) -> dict:
         return {m[1]: m[2].strip() for m in re.finditer(r"^(\w+) = .*?  # (.*)$", f.read(), re.M)}
 
 
-def help_text(defaults: dict, prog: str, descriptions: dict | None = None) -> str:
-    descriptions = descriptions or {}
-    width = max((len(f"--{k}={v!r}") for k, v in defaults.items()), default=0)
-    lines = [f"--{k}={v!r}".ljust(width) + (f"  {descriptions[k]}" if descriptions.get(k) else "")
-             for k, v in defaults.items()]
-    return (f"usage: python {prog} [config_file.py ...] [--key=value ...]\nsettings and defaults:\n  "
-            + "\n  ".join(lines))
-
-
 def configure(defaults: dict, argv: list[str], prog: str = "train.py", descriptions: dict | None = None,
               given: set | None = None) -> dict:
-    """Merge config files and --key=value overrides from `argv` into a copy of `defaults`; raise ValueError on a bad
-    key, type or file. `given`, where passed, receives the keys the arguments set (train.py compares only those
-    with the run it resumes). -h/--help prints the keys with their defaults and descriptions to stdout and exits 0."""
+    """Config files and --key=value overrides from `argv` over a copy of `defaults` (ValueError on a bad key, type or
+    file); `given` receives the keys the arguments set. -h/--help prints every key and exits 0."""
     config, given = dict(defaults), set() if given is None else given
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help_text(defaults, prog, descriptions))
+            width = max((len(f"--{k}={v!r}") for k, v in defaults.items()), default=0)
+            print(f"usage: python {prog} [config_file.py ...] [--key=value ...]\nsettings and defaults:")
+            for k, v in defaults.items():
+                print((f"  --{k}={v!r}".ljust(width + 2) + f"  {(descriptions or {}).get(k, '')}").rstrip())
             sys.exit(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")  # only the first '=': values may contain '=' themselves
@@ -103,8 +80,11 @@ def configure(defaults: dict, argv: list[str], prog: str = "train.py", descripti
             raise ValueError(f"command line: {arg!r} is neither a config file nor --key=value")
         else:
             if not os.path.isfile(arg):
+                folder, name = os.path.split(arg)
+                near = [f for f in os.listdir(folder or ".") if f.endswith(".py")] \
+                    if os.path.isdir(folder or ".") else []
                 raise ValueError(f"no config file {arg!r} (a bare argument is a config file; "
-                                 f"overrides are written --key=value){_close_file(arg)}")
+                                 f"overrides are written --key=value){_close(name, near, folder)}")
             with open(arg) as f:
                 code = compile(f.read(), arg, "exec")
             # the file sees the values so far, so it can derive one from another (warmup = 0.1 * epochs); a name it

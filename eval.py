@@ -1,16 +1,11 @@
 """
-Evaluate an HMMC checkpoint on a retrieval benchmark: text-to-video and video-to-text R@1/5/10, median and mean rank
-(a table and a JSON file).
+Evaluate an HMMC checkpoint on a retrieval benchmark: T2V and V2T R@1/5/10, median and mean rank (a table and a JSON
+file). Scores are 100 cos(text, video) + frame_match_weight * mean of the top-k 100 cos(text, frame). Dual softmax
+(--dsl=True) is off by default and every output says whether it was on: published numbers often mix it in unsaid.
 
-$ python eval.py config/eval_synthetic.py --init_from=out/ckpt.pt
 $ python eval.py config/eval_msrvtt.py --init_from=out-finetune-msrvtt/ckpt.pt --dtype=bfloat16 --device=cuda
 $ torchrun --standalone --nproc_per_node=8 eval.py config/eval_msrvtt.py --init_from=out/ckpt.pt
-Zero-shot baseline straight from OpenAI's CLIP weights (mean pooling over frames, no temporal transformer):
-$ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt
-
-Scores are HMMC's hierarchical similarity: 100*cos(text, video) + frame_match_weight * mean of the top-k
-100*cos(text, frame). Dual-softmax re-normalisation ("DSL", --dsl=True) is off by default and every output says
-whether it was on, because published numbers often mix it in without saying so.
+$ python eval.py config/eval_msrvtt.py --init_from=clip --clip_path=ViT-B-32.pt   # zero-shot CLIP, mean pooling
 """
 
 import json
@@ -26,7 +21,7 @@ import torch.distributed as dist
 import configurator
 import model as hmmc_model  # `model` is also the usual name of the network object, so the module gets another
 import prepare
-from common import autocast, cleanup_compute, init_compute, run_script, unwrap
+from common import autocast, cleanup_compute, init_compute, run_script
 from tokenizer import UnkWrapped, get_tokenizer
 
 _bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -59,26 +54,19 @@ config_keys = [k for k in globals() if k not in _keys_before and k != "_keys_bef
 
 
 def retrieval_metrics(sim, video_of_text=None) -> dict:
-    """Text-to-video and video-to-text retrieval metrics of a similarity matrix (higher = more similar).
-
-    sim: [num_texts, num_videos], numpy or torch, never modified; video_of_text: [num_texts] index of each text's
-    video, default identity (square). Returns {"t2v": {...}, "v2t": {...}} with R1, R5, R10 in percent and MdR, MnR
-    as 1-based ranks. Ties are pessimistic (a query's rank counts every candidate scoring at least as high as the
-    true one), so a constant matrix gets chance-level recall, never a perfect one. NaN scores count as the worst
-    score, so a query whose true score is NaN gets the worst rank instead of being dropped (which would flatter).
-    V2T with several captions per video: each video with captions is a query, the candidates are the caption groups,
-    each scored by its best caption.
-    """
+    """T2V and V2T retrieval metrics of a similarity matrix sim [num_texts, num_videos] (numpy or torch, never
+    modified); video_of_text [num_texts]: each text's video, default identity. -> {"t2v": {...}, "v2t": {...}} with
+    R1, R5, R10 in percent and MdR, MnR as 1-based ranks. Ties are pessimistic (a constant matrix gets chance-level
+    recall) and NaN is the worst score (never dropped, which would flatter). V2T with several captions per video:
+    each video with captions is a query, the candidates are the caption groups, each scored by its best caption."""
     if torch.is_tensor(sim):  # any device or dtype (numpy has no bfloat16)
         sim = sim.detach().float().cpu().numpy()
     if torch.is_tensor(video_of_text):
         video_of_text = video_of_text.cpu().numpy()
-    sim = np.asarray(sim)
+    sim = np.asarray(sim, dtype=np.float64)  # float32 scores convert exactly: the ranks stay the same
     if sim.ndim != 2:
         raise ValueError(f"sim must be a 2-D [num_texts, num_videos] matrix, got shape {sim.shape}")
     num_texts, num_videos = sim.shape
-    if not np.issubdtype(sim.dtype, np.floating):
-        sim = sim.astype(np.float64)
     if np.isnan(sim).any():
         sim = np.where(np.isnan(sim), -np.inf, sim)  # a new array: the caller's stays as it was
     if video_of_text is None:
@@ -94,22 +82,13 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
         raise ValueError(f"video_of_text must index the {num_videos} videos, "
                          f"got values in [{video_of_text.min()}, {video_of_text.max()}]")
 
-    # T2V: every caption ranks all videos
     true_t2v = sim[np.arange(num_texts), video_of_text]  # (Q,)
     ranks_t2v = (sim >= true_t2v[:, None]).sum(axis=1)  # (Q,)
 
     # V2T: group the captions by video, score each group by its best caption (max over the group's rows)
     order = np.argsort(video_of_text, kind="stable")
-    videos, starts, counts = np.unique(video_of_text[order], return_index=True, return_counts=True)  # (G,) each
-    # group_score[g, v] = best caption of group g against video v, built one caption slot at a time: a few
-    # (G, V) maxima (slots = the largest group, 10-20 in practice), much faster than np.maximum.reduceat on rows
-    group_score = sim[order[starts]]  # (G, V) first caption of every group (a copy)
-    for j in range(1, int(counts.max())):
-        more = np.nonzero(counts > j)[0]
-        if len(more) == len(counts):  # every group has a j-th caption (equal group sizes): no scatter needed
-            np.maximum(group_score, sim[order[starts + j]], out=group_score)
-        else:
-            group_score[more] = np.maximum(group_score[more], sim[order[starts[more] + j]])
+    videos, starts = np.unique(video_of_text[order], return_index=True)  # (G,) each
+    group_score = np.maximum.reduceat(sim[order], starts, axis=0)  # (G, V) best caption of group g against video v
     if len(videos) != num_videos:  # query = a video with captions; candidates = the G caption groups
         group_score = group_score[:, videos]  # (G, G) [group, query]
     true_v2t = np.diagonal(group_score)  # (G,)
@@ -125,9 +104,8 @@ def _rank_summary(ranks: np.ndarray) -> dict:
 
 
 def dual_softmax(sim: np.ndarray, axis: int) -> np.ndarray:
-    """Dual-softmax ("DSL", CAMoE, Cheng et al. 2021): sim * softmax(sim) along `axis` (temperature 1: our scores are
-    already scaled by 100, like CAMoE's logits). T2V takes the prior over texts (axis 0), which discounts a video that
-    every caption likes; V2T over videos (axis 1). It uses the whole test set at once: opt-in, labelled everywhere."""
+    """Dual softmax ("DSL", CAMoE): sim * softmax(sim) along `axis` (our scores are scaled by 100 already). T2V takes
+    the prior over texts (axis 0), which discounts a video every caption likes; V2T over videos (axis 1)."""
     sim = np.asarray(sim, dtype=np.float64)
     finite = np.where(np.isfinite(sim), sim, -np.inf)
     weights = np.exp(finite - finite.max(axis=axis, keepdims=True))
@@ -178,29 +156,19 @@ def _gather_rows(batches: list[torch.Tensor], n: int, row_shape: tuple, device: 
 
 
 @torch.no_grad()
-def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
-                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every video of a mode="videos" dataset once -> (video_emb [V,E], frame_emb [V,T,E]) in fp32 on device.
-    Under torch.distributed each rank encodes a contiguous shard and every rank gets all rows back."""
-    net = unwrap(net)
-    rank, world = _rank_world()
-    shard = torch.utils.data.Subset(dataset, _shard(len(dataset), rank, world))
+def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
+                  dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mode="videos" dataset -> (video_emb [V,E], frame_emb [V,T,E]) fp32, each rank encoding a shard of it."""
+    shard = torch.utils.data.Subset(dataset, _shard(len(dataset), *_rank_world()))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
-    video_embs, frame_embs, done = [], [], 0
-    t0 = last_print = time.time()
+    video_embs, frame_embs = [], []
     for batch in loader:
         frames = batch["video"].to(device, non_blocking=True)  # (B, T, 3, S, S) uint8: the model normalises them
         with autocast(device, dtype):
             video_emb, frame_emb = net.encode_video(frames)
         video_embs.append(video_emb.float())
         frame_embs.append(frame_emb.float())
-        done, now = done + len(frames), time.time()
-        if progress and rank == 0 and (now - last_print >= 10 or done == len(shard)):  # every 10 s, and the last
-            rate = done / max(now - t0, 1e-9)
-            print(f"encoding videos: {done}/{len(shard)}, {rate:.1f}/s, eta {(len(shard) - done) / rate:.0f}s",
-                  flush=True)
-            last_print = now
     E = net.cfg.clip.embed_dim
     return (_gather_rows(video_embs, len(dataset), (E,), device),
             _gather_rows(frame_embs, len(dataset), (dataset.num_frames, E), device))
@@ -210,21 +178,17 @@ def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, d
 def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 256, device: str = "cpu",
                  dtype=None) -> torch.Tensor:
     """Encode every caption once -> text_emb [N,E] fp32 on device (sharded over ranks like encode_videos)."""
-    net = unwrap(net)
     shard = _shard(len(ids), *_rank_world())
-    text_embs = []
-    for i in range(shard.start, shard.stop, batch_size):
-        j = min(i + batch_size, shard.stop)
-        with autocast(device, dtype):
-            text_embs.append(net.encode_text(ids[i:j].to(device), mask[i:j].to(device)).float())
+    batches = zip(ids[shard.start:shard.stop].split(batch_size), mask[shard.start:shard.stop].split(batch_size))
+    with autocast(device, dtype):
+        text_embs = [net.encode_text(i.to(device), m.to(device)).float() for i, m in batches]
     return _gather_rows(text_embs, len(ids), (net.cfg.clip.embed_dim,), device)
 
 
 @torch.no_grad()
 def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, *, top_k_frames: int,
                       frame_match_weight: float, chunk_size: int | None = None, normalized: bool = False) -> np.ndarray:
-    """Hierarchical similarity [Q,V] as float32 numpy, computed on the embeddings' device; model.py's
-    hierarchical_similarity takes the queries a chunk at a time so the (chunk, V, T) frame scores stay small."""
+    """model.hierarchical_similarity [Q,V] as float32 numpy, computed on the embeddings' device."""
     top_k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
     sim = hmmc_model.hierarchical_similarity(text_emb, video_emb, frame_emb, top_k=top_k,
                                              frame_match_weight=float(frame_match_weight), chunk_size=chunk_size,
@@ -234,26 +198,22 @@ def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb
 
 def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, image_size: int, context_length: int,
              top_k_frames: int, frame_match_weight: float, batch_size: int = 64, num_workers: int = 0,
-             device: str = "cpu", dtype=None, dsl: bool = False, caption_field: str = "captions",
-             progress: bool = True) -> dict:
-    """Retrieval metrics of `net` on a prepared split: each video and caption encoded once (sharded under DDP),
-    similarity and metrics on rank 0, the same dict returned on every rank: {"t2v", "v2t", "dsl", "num_videos",
-    "num_texts", "context_length", "top_k_frames", "frame_match_weight", "encode_dtype", "encode_s", "videos_per_s"}.
-    `net` may be wrapped in DDP or torch.compile; it is put in eval mode and its training mode restored after."""
-    raw = unwrap(net)
-    was_training = raw.training
-    raw.eval()
+             device: str = "cpu", dtype=None, dsl: bool = False, caption_field: str = "captions") -> dict:
+    """Retrieval metrics of the (unwrapped) `net` on a prepared split, encoded once (sharded under DDP), scored on
+    rank 0 and returned on every rank; its training mode is restored after."""
+    was_training = net.training
+    net.eval()
     rank, world = _rank_world()
-    if not raw.cfg.use_frame_fea:
+    if not net.cfg.use_frame_fea:
         frame_match_weight = 0.0  # a model trained without frame features has no business scoring with them
     dataset = prepare.VideoTextDataset(data_dir, split, tokenizer, mode="videos", num_frames=num_frames,
                                        context_length=context_length, image_size=image_size,
                                        caption_field=caption_field, verbose=rank == 0)
     ids, mask, video_of_text = dataset.caption_tokens()
     t0 = time.time()
-    video_emb, frame_emb = encode_videos(raw, dataset, batch_size=batch_size, num_workers=num_workers,
-                                         device=device, dtype=dtype, progress=progress)
-    text_emb = encode_texts(raw, ids, mask, batch_size=max(batch_size, 256), device=device, dtype=dtype)
+    video_emb, frame_emb = encode_videos(net, dataset, batch_size=batch_size, num_workers=num_workers,
+                                         device=device, dtype=dtype)
+    text_emb = encode_texts(net, ids, mask, batch_size=max(batch_size, 256), device=device, dtype=dtype)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     encode_s = time.time() - t0
@@ -271,7 +231,7 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
         box = [result]
         dist.broadcast_object_list(box, src=0)
         result = box[0]
-    raw.train(was_training)
+    net.train(was_training)
     return result
 
 
@@ -308,10 +268,8 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
     return s
 
 
-
 def load_net(cfg: dict, device: str) -> tuple:
-    """(net in eval mode, its settings (see _settings), its tokenizer, its training config) of cfg["init_from"], for
-    eval.py and search.py."""
+    """(net in eval mode, its settings (see _settings), its tokenizer, its training config) of cfg["init_from"]."""
     if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
         zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
         net, info = hmmc_model.load_model("clip", zero_shot, clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
@@ -323,7 +281,6 @@ def load_net(cfg: dict, device: str) -> tuple:
                          "or --init_from=clip --clip_path=ViT-B-32.pt")
     net.eval()
     ckpt_config = (info["checkpoint"] or {}).get("config") or {}
-    info = None  # the checkpoint's tensors are in the model now
     s = _settings(cfg, net.cfg.to_dict(), ckpt_config)
     tokenizer = get_tokenizer(s["text_encoder"], s["bert_vocab"])
     if cfg.get("bert_unk_input"):

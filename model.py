@@ -48,9 +48,7 @@ class HMMCConfig:
     clip: CLIPConfig | dict | None = None  # CLIP towers (ViT-B/32 shapes by default); E = clip.embed_dim
     bert: BertConfig | dict | None = None  # Chinese text tower, required when text_encoder == "bert"
     text_encoder: str = "clip"  # "clip" (English) | "bert" (Chinese BERT + Linear hidden -> E)
-    # "cls": BERT's pooler on [CLS], as released | "mean" of the token states: a BERT trained from scratch starts with
-    # every caption's [CLS] state alike (cos 0.99999) and sits at chance for hundreds of steps with "cls"
-    bert_pooling: str = "cls"
+    bert_pooling: str = "cls"  # "cls": BERT's pooler on [CLS], as released | "mean" of the token states
     # video encoder
     use_temp: bool = True  # temporal transformer over the frame embeddings
     temporal_layers: int = 4
@@ -83,12 +81,8 @@ class HMMCConfig:
     freeze_clip_text: bool = False
 
     def __post_init__(self):
-        if self.clip is None:
-            self.clip = CLIPConfig()
-        elif isinstance(self.clip, dict):
-            self.clip = CLIPConfig(**self.clip)
-        if isinstance(self.bert, dict):
-            self.bert = BertConfig(**self.bert)
+        self.clip = CLIPConfig(**self.clip) if isinstance(self.clip, dict) else self.clip or CLIPConfig()
+        self.bert = BertConfig(**self.bert) if isinstance(self.bert, dict) else self.bert
         self.mlm_special_ids = tuple(self.mlm_special_ids)
 
     def to_dict(self) -> dict:
@@ -105,8 +99,7 @@ class HMMCConfig:
         return cls(**d)
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# distributed helpers
+# ---- distributed helpers --------------------------------------------------------------------------------------------
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -140,8 +133,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherSumGrad.apply(x) if _distributed() else x
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# similarity and loss primitives
+# ---- similarity and loss primitives ---------------------------------------------------------------------------------
 
 def _no_autocast(x: torch.Tensor):
     # similarities scaled by 100 (or 1/0.07) in bf16 would move by ~0.5, enough to reorder close candidates: fp32
@@ -153,11 +145,10 @@ def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, fra
                             normalized: bool = False) -> torch.Tensor:
     """scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame), (Q, V). `normalized`: inputs are
     unit vectors already (a search index). Chunks of queries keep the (chunk, V, T) tensor near 2^25 elements."""
-    unit = (lambda x: x.float()) if normalized else (lambda x: F.normalize(x.float(), dim=-1))
-    text_emb = unit(text_emb)  # (Q, E)
-    video_emb = unit(video_emb)  # (V, E)
+    text_emb, video_emb, frame_emb = (x.float() if normalized else F.normalize(x.float(), dim=-1)
+                                      for x in (text_emb, video_emb, frame_emb))  # (Q, E), (V, E), (V, T, E)
     V, T, E = frame_emb.shape
-    frames = unit(frame_emb).reshape(V * T, E)  # (V*T, E)
+    frames = frame_emb.reshape(V * T, E)
     k = min(top_k, T)
     chunk_size = chunk_size or max(1, (1 << 25) // max(1, V * T))
     out = torch.empty(text_emb.shape[0], V, device=text_emb.device)  # (Q, V)
@@ -196,9 +187,7 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
     """BERT masking: a position (not special, not padding) is chosen with `prob`, then becomes [MASK] 80%, a random
     id 10%, unchanged 10%. Returns (masked_ids, labels), labels -100 where not chosen."""
-    special = torch.zeros_like(ids, dtype=torch.bool)
-    for s in special_ids:
-        special |= ids == s
+    special = torch.isin(ids, torch.tensor(special_ids, device=ids.device))
     if attention_mask is not None:
         special |= attention_mask == 0
     kw = dict(device=ids.device, generator=generator)
@@ -211,8 +200,7 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_id: int, special_ids, p
     return out, labels
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# modules
+# ---- modules --------------------------------------------------------------------------------------------------------
 
 class VideoEncoder(nn.Module):
     """CLIP ViT per frame x, h = TT(x + P) + x as the original; returns (mean_t normalise(h) (B, E), x (B, T, E))."""
@@ -263,33 +251,18 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-def _mlm_head(dim: int, vocab_size: int) -> nn.Sequential:
-    # BERT's LM head on the projected hidden states
-    return nn.Sequential(OrderedDict(dense=nn.Linear(dim, dim), gelu=nn.GELU(), ln=nn.LayerNorm(dim, eps=1e-12),
-                                     decoder=nn.Linear(dim, vocab_size)))
-
-
-def _is_clip_matrix(name: str) -> bool:
-    # the tensors the original stored in fp16 (conv, attention, MLP, projections), which therefore never moved
-    return ".attn." in name or ".mlp." in name or name.endswith(("conv1.weight", "proj", "text_projection"))
-
-
 # the choices of HMMCConfig's string fields
 _CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "temporal_init": ("default", "clip")}
 
 
 class HMMC(nn.Module):
-    """Encoders `video` and `text`; pre-training adds the momentum copies `video_m`, `text_m`, `projector_m`, the
-    projector/predictor MLPs, the MLM head and the key queues."""
+    """Encoders `video` and `text`; pre-training adds momentum copies (`*_m`), projector MLPs, MLM head and queues."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
         for name, choices in _CHOICES.items():  # every check of a config is here, before anything is built
             if getattr(cfg, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
-        if cfg.text_encoder == "bert" and cfg.bert is None:
-            raise ValueError("text_encoder='bert' needs cfg.bert (a BertConfig, e.g. BertConfig.from_json of the "
-                             "BERT folder's config.json)")
         if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
             raise ValueError("MLM pre-training needs the bidirectional BERT text encoder; the CLIP text tower is "
                              "causal. Set weight_mlm=0 for English pre-training (the released English run did).")
@@ -305,7 +278,8 @@ class HMMC(nn.Module):
         towers = ([self.video.visual] if cfg.freeze_clip_vision else []) + ([self.text] if cfg.freeze_clip_text else [])
         for tower in towers:
             for n, p in tower.named_parameters():
-                if _is_clip_matrix(n):
+                # the tensors the original stored in fp16 (conv, attention, MLP, projections), which never moved
+                if ".attn." in n or ".mlp." in n or n.endswith(("conv1.weight", "proj", "text_projection")):
                     p.requires_grad_(False)
         if cfg.pretrain:
             self._build_pretrain(cfg, E)
@@ -318,7 +292,9 @@ class HMMC(nn.Module):
             self.projector = _mlp(E, cfg.proj_hidden)
             self.predictor = _mlp(E, cfg.proj_hidden)
         if self.use_mlm:
-            self.mlm_head = _mlm_head(E, cfg.bert.vocab_size)
+            self.mlm_head = nn.Sequential(OrderedDict(  # BERT's LM head on the projected hidden states
+                dense=nn.Linear(E, E), gelu=nn.GELU(), ln=nn.LayerNorm(E, eps=1e-12),
+                decoder=nn.Linear(E, cfg.bert.vocab_size)))
         # momentum encoders: EMA copies that produce the queue keys; never receive gradients
         self.video_m = copy.deepcopy(self.video)
         self.text_m = copy.deepcopy(self.text)
@@ -349,8 +325,7 @@ class HMMC(nn.Module):
         return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
 
     def encode_video(self, video: torch.Tensor):
-        """video (B, T, 3, H, W) -> unit (video_emb (B, E), frame_emb (B, T, E)); frames are matched before the
-        temporal transformer, as in the original."""
+        """video (B, T, 3, H, W) -> unit (video_emb (B, E), frame_emb (B, T, E)), frames before the temporal module."""
         video_emb, frames = self.video(normalize_frames(video))
         return F.normalize(video_emb.float(), dim=-1), F.normalize(frames.float(), dim=-1)
 
@@ -391,8 +366,6 @@ class HMMC(nn.Module):
             raise ValueError(f"pre-training batch has {T} frames but the frame queues were sized for "
                              f"num_frames={cfg.num_frames}")
         use_tags = cfg.use_tags
-        if use_tags and "tag_ids" not in batch:
-            raise ValueError("use_tags=True but the batch has no tag_ids/tag_mask (dataset mode='pretrain' makes them)")
         # snapshot the queues: the enqueue below writes them in place, but backward still needs the values used here
         queues = {name: getattr(self, f"queue_{name}").clone() for name in self.queue_rows}
         CL = lambda q, k, name: queue_contrastive_loss(q, k, queues[name], cfg.temperature)
@@ -506,20 +479,16 @@ class HMMC(nn.Module):
         lrs = {"vision": learning_rate * clip_lr_scale, "text": text_lr, "new": learning_rate}
         groups = {(tower, decay): [] for tower in lrs for decay in (True, False)}
         for n, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            tower = "vision" if n.startswith("video.visual.") else "text" if n.startswith("text.") else "new"
-            groups[(tower, p.dim() >= 2)].append(p)
-        param_groups = []
-        for (tower, decay), params in groups.items():
-            if not params:
-                continue
-            name = f"{tower}_{'decay' if decay else 'no_decay'}"
-            param_groups.append({"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
-                                 "weight_decay": weight_decay if decay else 0.0, "name": name})
+            if p.requires_grad:
+                tower = "vision" if n.startswith("video.visual.") else "text" if n.startswith("text.") else "new"
+                groups[(tower, p.dim() >= 2)].append(p)
+        param_groups = [{"params": params, "lr": lrs[tower], "base_lr": lrs[tower],
+                         "weight_decay": weight_decay if decay else 0.0,
+                         "name": f"{tower}_{'decay' if decay else 'no_decay'}"}
+                        for (tower, decay), params in groups.items() if params]
         # the fused kernel (CUDA, and CPU since torch 2.4) is several times faster on the large embedding tables
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), eps=eps,
+                                 fused=device_type in ("cuda", "cpu"))
 
     def flops_per_video(self, num_frames: int, context_length: int, tag_context_length: int | None = None) -> float:
         """Training FLOPs per video, PaLM-appendix style: 2 per weight per token + 4 n^2 d per attention layer;
@@ -531,8 +500,7 @@ class HMMC(nn.Module):
             ffn = ffn or 4 * d
             return layers * (2 * n * (4 * d * d + 2 * d * ffn) + 4 * n * n * d)
 
-        grid = c.image_resolution // c.vision_patch_size
-        n_patch = grid * grid
+        n_patch = (c.image_resolution // c.vision_patch_size) ** 2
         vit = 2 * n_patch * 3 * c.vision_patch_size ** 2 * c.vision_width + \
             blocks(n_patch + 1, c.vision_width, c.vision_layers) + 2 * c.vision_width * E
         video = T * vit + (blocks(T, E, cfg.temporal_layers) if cfg.use_temp else 0)
@@ -548,8 +516,7 @@ class HMMC(nn.Module):
         if not cfg.pretrain:
             return 3.0 * (video + text(L))
         texts = text(L) + (text(Lt) if cfg.use_tags else 0)
-        fwd_train = video + texts
-        fwd_m = video + texts
+        fwd_train = fwd_m = video + texts  # the online and the momentum towers
         if self.use_fam:
             mlp = 2 * 2 * E * cfg.proj_hidden  # E -> hidden -> E per frame
             fwd_train += 2 * T * mlp  # projector + predictor
@@ -559,16 +526,9 @@ class HMMC(nn.Module):
             fwd_train += text(L) + head(L) + ((text(Lt) + head(Lt)) if cfg.use_tags else 0)
         return 3.0 * fwd_train + fwd_m
 
-    def estimate_mfu(self, videos_per_s: float, peak_flops: float, num_frames: int | None = None,
-                     context_length: int = 32, tag_context_length: int | None = None) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (both in FLOP/s)."""
-        flops = self.flops_per_video(num_frames or self.cfg.num_frames, context_length, tag_context_length)
-        return flops * videos_per_s / peak_flops
-
     @classmethod
     def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
-        """A new HMMC with OpenAI's CLIP (and the HF BERT) loaded; temporal_init="clip" starts the temporal
-        transformer from CLIP's text tower, as CLIP4Clip."""
+        """A new HMMC with OpenAI's CLIP (and HF BERT); temporal_init="clip" copies CLIP's text layers (CLIP4Clip)."""
         cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
         model = cls(cfg)
         model.video.visual.load_state_dict({k[len("visual."):]: v for k, v in clip_sd.items()
@@ -592,20 +552,16 @@ class HMMC(nn.Module):
 
     @classmethod
     def from_original(cls, state_dict_or_path, **overrides) -> "HMMC":
-        """A fine-tuning HMMC from the original's state dict (pre-training parts dropped), the architecture read off
-        its shapes; `overrides` set other HMMCConfig fields."""
+        """A fine-tuning HMMC from the original's state dict or file; `overrides` set other HMMCConfig fields."""
         sd = state_dict_or_path
-        if isinstance(sd, (str, os.PathLike)):
-            sd = read_checkpoint(sd)
-        arch, ours, _ = convert_original(sd)
+        arch, ours, _ = convert_original(read_checkpoint(sd) if isinstance(sd, (str, os.PathLike)) else sd)
         model = cls(HMMCConfig.from_dict({**arch, **overrides}))
         model.load_state_dict(check_state_dict(model, ours, "original checkpoint", optional=("logit_scale",))[0],
                               strict=False)
         return model
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# one function from `init_from` to a model
+# ---- one function from `init_from` to a model -----------------------------------------------------------------------
 
 _PRETRAIN_ONLY = ("video_m.", "text_m.", "projector.", "projector_m.", "predictor.", "mlm_head.", "queue_")
 # what the weights of a checkpoint fix; every other HMMCConfig field may come from the config that loads it
@@ -614,14 +570,11 @@ _ARCH_FIELDS = ("clip", "bert", "text_encoder", "bert_pooling")
 
 def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str = "", bert_path: str | None = None,
                device="cpu") -> tuple[HMMC, dict]:
-    """`init_from`: "scratch", "clip" (OpenAI's CLIP at `clip_path`, and the HF BERT folder `bert_path` for
-    text_encoder="bert"), or a checkpoint of train.py or the original. A checkpoint fixes the towers' architecture,
-    `cfg` the rest (so pre-training parts are dropped for fine-tuning); without `cfg` its own config is used.
-    Returns (model, info: "loaded", "dropped" keys, "message" for the log, "checkpoint" of train.py or None)."""
-    info = {"loaded": 0, "dropped": [], "checkpoint": None}
-    if init_from in ("scratch", "clip"):
-        if cfg is None:
-            raise ValueError(f"init_from={init_from!r} needs a config (HMMCConfig) for the model to build")
+    """`init_from`: "scratch", "clip" (CLIP at `clip_path`, HF BERT at `bert_path`), or a checkpoint of train.py or
+    the original, which fixes the towers' architecture and `cfg` (default: its own) the rest, so pre-training parts
+    are dropped for fine-tuning. -> (model, info: "dropped" keys, "message", "checkpoint" of train.py or None)."""
+    info = {"dropped": [], "checkpoint": None}
+    if init_from in ("scratch", "clip"):  # these need `cfg`
         if init_from == "scratch":
             with torch.device(device):
                 model = HMMC(cfg)
@@ -636,7 +589,6 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
             cfg = HMMCConfig.from_dict({**cfg.to_dict(), "bert": asdict(bert_cfg)})
             bert_sd = load_bert_state_dict(bert_path)
         model = HMMC.from_clip(cfg, clip_sd, bert_sd)
-        info["loaded"] = len(clip_sd) + len(bert_sd or {})
         info["message"] = f"loaded CLIP from {clip_path}" + (f" and BERT from {bert_path}" if bert_sd else "")
         return model.to(device), info
     ckpt = read_checkpoint(init_from)
@@ -654,7 +606,7 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
     model = HMMC(saved)
     sd, dropped = check_state_dict(model, sd, init_from, droppable=_PRETRAIN_ONLY, optional=("logit_scale",))
     model.load_state_dict(sd, strict=False)
-    info.update(loaded=len(sd), dropped=ignored + dropped)
+    info["dropped"] = ignored + dropped
     parts = sorted({k.split(".")[0] for k in info["dropped"]})
     info["message"] = f"loaded {len(sd)} tensors from {init_from}" + (
         f"; dropped {len(info['dropped'])} this model has no use for ({', '.join(parts)})" if parts else "")

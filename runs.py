@@ -77,8 +77,8 @@ def start_or_resume(config: dict, given: set, defaults: dict) -> tuple[dict, str
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    """ckpt.pt, else ckpt.prev.pt, saying why one is passed over; None where there is none. Checkpoints that are all
-    unusable end the run: that needs a person."""
+    """ckpt.pt, else ckpt.prev.pt, saying why one is passed over; None where there is none. None usable needs a
+    person: the run ends."""
     problems = []
     for path in (os.path.join(folder, "ckpt.pt"), os.path.join(folder, "ckpt.prev.pt")):
         if not os.path.exists(path):
@@ -95,8 +95,7 @@ def latest_checkpoint(folder: str) -> str | None:
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """Why the checkpoint cannot be resumed from, or None; one without a .sha256 (written by hand) is trusted when it
-    opens (memory-mapped: the tensors are not read)."""
+    """Why the checkpoint cannot be resumed from, or None; one without a .sha256 (edited by hand) is trusted."""
     if os.path.exists(path + ".sha256"):
         with open(path + ".sha256") as f:
             if f.read().strip() != sha256_file(path):
@@ -113,16 +112,12 @@ def checkpoint_problem(path: str) -> str | None:
 
 
 def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
-    """Write path and path.sha256 through .tmp files, the last ones kept as ckpt.prev.pt(.sha256): at any moment one
-    complete checkpoint matches its checksum."""
+    """Write path and path.sha256 through .tmp files, the last ones kept as ckpt.prev.pt(.sha256)."""
     prev = path.replace("ckpt.pt", "ckpt.prev.pt")
     torch.save(ckpt, path + ".tmp")
     with open(path + ".sha256.tmp", "w") as f:
@@ -137,9 +132,12 @@ def save_checkpoint(path: str, ckpt: dict, keep_previous: bool = True):
 
 def checkpoint(model, optimizer, scaler, config: dict, **position) -> dict:
     """Everything an exact resume needs, as plain types and tensors (torch.load(weights_only=True) reads it)."""
+    rng = {"torch": torch.get_rng_state()}  # the only RNGs a run draws from: data draws are functions of the index
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
     return {"model": model.state_dict(), "optimizer": pack_zero_rows(optimizer.state_dict()),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "model_args": model.cfg.to_dict(),
-            "config": config, **position, "rng": rng_state()}
+            "config": config, **position, "rng": rng}
 
 
 def restore(ckpt: dict, optimizer, scaler) -> tuple[int, int, int, float]:
@@ -147,7 +145,9 @@ def restore(ckpt: dict, optimizer, scaler) -> tuple[int, int, int, float]:
     optimizer.load_state_dict(unpack_zero_rows(ckpt["optimizer"]))
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     return ckpt["iter_num"], ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_r1"]
 
 
@@ -176,20 +176,6 @@ def unpack_zero_rows(optimizer_state: dict) -> dict:
                 state[i][k] = torch.zeros(t["shape"], dtype=t["values"].dtype, device=t["values"].device)
                 state[i][k][t["packed_rows"].to(t["values"].device)] = t["values"]
     return {**optimizer_state, "state": state}
-
-
-def rng_state() -> dict:
-    """torch's RNGs, the only ones a run draws from (the data's draws are functions of seed, epoch and index)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def trim_log(path: str, iter_num: int):

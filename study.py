@@ -1,21 +1,20 @@
 """
-Experiments over seeds: every row of a table (a set of train.py settings) at several seeds, two runs at a time ->
-each metric's mean, standard deviation and range, and each row's difference to the baseline row seed by seed: a
-researcher's way to tell a change from a seed.
+Experiments over seeds: every row of a table (train.py arguments) at several seeds, two runs at a time -> each
+metric's mean, sd and range, and each row's difference to the baseline row seed by seed.
 
-$ python study.py config/study_synthetic.py                    # the README's first table: 5 seeds x 4 rows
+$ python study.py config/study_synthetic.py                    # the README's first table
 $ python study.py --rows="{'base': '', 'lr': '--learning_rate=3e-4'}" --seeds="(1, 2, 3)" --plot=True
 
 A row is a train.py command line, or a tuple of them: a chain whose later stages start from the best.pt of the
 stage before. A run, `python train.py ROW --seed=S --out_dir=out_dir/ROW/seedS[/stageN]` on one CPU thread, writes
-its command beside its output; the same command reuses its results.json, or continues it where it stopped. Writes
-out_dir/<name>.json (every run's results), <name>.md (the table) and with plot=True <name>_curves.png.
+its command beside its output; the same command reuses its results.json, or continues it where it stopped.
 """
 
 import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -44,12 +43,12 @@ T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 
 
 
 def stages(row) -> list[str]:
-    return [row] if isinstance(row, str) else list(row)
+    return [row] if isinstance(row, str) else list(row)  # a chain is a tuple of stages
 
 
 def run(cmd: list[str], folder: str) -> dict:
-    """One train.py run (reused when its results.json came from the same command) -> its results.json, with the
-    command and the minutes it took. A failure raises a one-line error naming the run and its log."""
+    """One train.py run, reused when its results.json came from the same command -> its results.json; a failure
+    raises a one-line error naming the run and its log."""
     os.makedirs(folder, exist_ok=True)
     line = "python train.py " + shlex.join(cmd)
     cmd_path, results_path, log_path = (os.path.join(folder, f) for f in ("command.txt", "results.json", "train.log"))
@@ -75,9 +74,8 @@ def run(cmd: list[str], folder: str) -> dict:
 
 
 def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.Lock) -> list[dict] | str:
-    """Every stage of one row at one seed, in order -> their results, or the error of a failed one. Rows that begin
-    with the same stages share them (`shared`: (seed, stages so far) -> folder and its lock): one pre-training serves
-    every fine-tuning row."""
+    """Every stage of one row at one seed -> their results, or the error of a failed one. Rows that begin with the same
+    stages share them (`shared`: (seed, stages so far) -> folder, lock): one pre-training serves every fine-tuning."""
     row_stages, previous, out = stages(cfg["rows"][name]), None, []
     for i, args in enumerate(row_stages):
         folder = os.path.join(cfg["out_dir"], name, f"seed{seed}")
@@ -100,9 +98,7 @@ def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-    return m, sd
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
 def interval(values: list[float]) -> float:
@@ -129,7 +125,7 @@ def summarise(cfg: dict, results: dict) -> dict:
         row["steps"] = [sum(st["iter"] for st in done[s]) for s in seeds]
         row["stage_steps"] = [[st["iter"] for st in done[s]] for s in seeds]
         row["videos"] = [sum(st.get("videos_seen", 0) for st in done[s]) for s in seeds]
-        row["minutes"] = mean_sd([sum(st["time_s"] for st in done[s]) / 60 for s in seeds])[0]
+        row["minutes"] = statistics.mean(sum(st["time_s"] for st in done[s]) / 60 for s in seeds)
         if row["stages"] > 1:  # what the first stage alone gives, e.g. a pre-trained checkpoint before fine-tuning
             row["first_stage_t2v_R1"] = mean_sd([done[s][0]["t2v"]["R1"] for s in seeds])
         for split, r in METRICS:
@@ -148,8 +144,7 @@ def fmt(x: float) -> str:
 
 
 def markdown(cfg: dict, summary: dict) -> str:
-    # chains also show the first stage's own T2V R@1 (the weights the next stage starts from), and their steps
-    # stage by stage ("750+1122")
+    # chains also show their first stage's T2V R@1 and their steps stage by stage ("750+1122")
     chains = any(row["stages"] > 1 for row in summary.values())
     heads = [f"{split.upper()} R@{r[1:]} mean ± sd (min-max)" for split, r in METRICS]
     heads += [f"T2V R@1 - {cfg['baseline'] or next(iter(cfg['rows']))} (95% CI)"]

@@ -1,8 +1,7 @@
 """
-Captions -> rows of token ids (and masks) for HMMC's text towers; `get_tokenizer` picks one by text tower.
-English: OpenAI CLIP's byte-level BPE (`ClipTokenizer`, `tokenize`), id for id OpenAI's `clip.tokenize(texts, L,
-truncate=True)`: ftfy.fix_text, html.unescape twice, whitespace collapsed, lower case, split by CLIP's regex, BPE per
-piece. ftfy (not a dependency) is re-implemented by `_ftfy_fix_text`, and the BPE loop runs in tiktoken.
+Captions -> rows of token ids (and masks) for HMMC's text towers; `get_tokenizer` picks one by text tower. English:
+CLIP's BPE (`ClipTokenizer`, `tokenize`), id for id OpenAI's `clip.tokenize(texts, L, truncate=True)`: ftfy.fix_text
+(re-implemented), html.unescape twice, whitespace collapsed, lower case, CLIP's regex, BPE per piece (in tiktoken).
 Chinese: BERT WordPiece (`BertTokenizer`), id for id HF transformers' BertTokenizer.
 
     >>> tokenize("a dog runs", context_length=8)       # SOT, BPE ids, EOT, zero padding
@@ -12,6 +11,7 @@ import functools
 import gzip
 import html
 import html.entities
+import itertools
 import os
 import re
 import unicodedata
@@ -29,31 +29,18 @@ CLIP_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets
 def _ftfy_tables():
     # ftfy's single-character fixes in its order (C1 controls read as cp1252, ligatures, half/full-width forms, curly
     # quotes, line breaks) composed into one str.translate table: \x92 -> ’ -> ' in one step, as across ftfy's
-    c1 = {}
-    for b in range(0x80, 0xA0):
-        try:
-            c1[b] = bytes([b]).decode("cp1252")
-        except UnicodeDecodeError:
-            c1[b] = chr(b)
+    c1 = {b: bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(0x80, 0xA0)}  # 5 are undefined
     ligatures = {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
                  "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl",
                  "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
     ligatures = {ord(k): v for k, v in ligatures.items()}
-    width = {0x3000: " "}
-    for cp in range(0xFF01, 0xFFF0):
-        alt = unicodedata.normalize("NFKC", chr(cp))
-        if alt != chr(cp):
-            width[cp] = alt
+    width = {cp: alt for cp in range(0xFF01, 0xFFF0) if (alt := unicodedata.normalize("NFKC", chr(cp))) != chr(cp)}
+    width[0x3000] = " "
     quotes = {cp: "'" for cp in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)}
     quotes.update({cp: '"' for cp in (0x201C, 0x201D, 0x201E, 0x201F)})
     breaks = {ord("\r"): "\n", 0x2028: "\n", 0x2029: "\n", 0x85: "\n"}  # "\r\n" is replaced before the table
     steps = [c1, ligatures, width, quotes, breaks]
-    table = {}
-    for cp in set().union(*steps):
-        s = chr(cp)
-        for step in steps:
-            s = "".join(step.get(ord(ch), ch) for ch in s)
-        table[cp] = s
+    table = {cp: functools.reduce(str.translate, steps, chr(cp)) for cp in set().union(*steps)}
     # controls ftfy deletes: C0 but \t \n \f \r, DEL, deprecated Arabic format characters, interlinear annotation,
     # object replacement, BOM
     controls = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
@@ -75,18 +62,13 @@ _FTFY_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
 _FTFY_ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
 _FTFY_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _FTFY_SURROGATE = re.compile("[\ud800-\udfff]")
-# text that fix_text returns unchanged: ASCII without '&', ESC or a control character it deletes or rewrites (\r)
-_FTFY_ASCII_NOOP = re.compile(r"[^&\x00-\x08\x0b\x0d-\x1f\x7f]*")
 
 
 def _ftfy_entity(m):
     s = m.group(0)
-    if s in _FTFY_ENTITIES:
-        return _FTFY_ENTITIES[s]
-    if s.startswith("&#"):
-        out = html.unescape(s)
-        return s if ";" in out else out
-    return s
+    if s.startswith("&#") and ";" not in (out := html.unescape(s)):  # a numeric entity that stdlib html reads
+        return out
+    return _FTFY_ENTITIES.get(s, s)
 
 
 def _ftfy_segment(text: str, unescape: bool) -> str:
@@ -110,14 +92,10 @@ def _ftfy_segment(text: str, unescape: bool) -> str:
 
 def _ftfy_fix_text(text: str) -> str:
     """ftfy.fix_text(text) with ftfy's default settings, minus mojibake repair."""
-    if text.isascii() and _FTFY_ASCII_NOOP.fullmatch(text):
-        return text
     # ftfy works line by line (and cuts lines at 1e6 characters, which we ignore) and stops HTML unescaping for good
     # at the first line containing '<' (it may be HTML)
     lt = text.find("<")
-    if lt < 0:
-        return _ftfy_segment(text, True)
-    cut = text.rfind("\n", 0, lt) + 1
+    cut = text.rfind("\n", 0, lt) + 1 if lt >= 0 else len(text)
     return _ftfy_segment(text[:cut], True) + _ftfy_segment(text[cut:], False)
 
 
@@ -126,31 +104,21 @@ def _ftfy_fix_text(text: str) -> str:
 _CLIP_PAT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
-# the same for cleaned ASCII text (\p{L} is [a-z], \p{N} [0-9]): the standard library's `re` runs it 4x faster
-_CLIP_PAT_ASCII = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""")
 _WHITESPACE = regex.compile(r"\s+")
 
 
 def _clip_pieces(text: str) -> list[str]:
     """OpenAI's whitespace_clean(basic_clean(text)).lower(), split into BPE pieces."""
     text = _ftfy_fix_text(text)
-    if "&" in text:
-        text = html.unescape(html.unescape(text))
-    if text.isascii():  # after ftfy the only ASCII whitespace left is \t \n \v \f \r and space: split() agrees with \s
-        return _CLIP_PAT_ASCII.findall(" ".join(text.split()).lower())
+    text = html.unescape(html.unescape(text))
     return _CLIP_PAT.findall(_WHITESPACE.sub(" ", text.strip()).strip().lower())
 
 
 @functools.cache
-def _clip_bpe() -> tuple[tiktoken.Encoding, list[bytes]]:
-    """CLIP's vocabulary, parsed once per process (~0.5 s), as a tiktoken Encoding whose ranks are CLIP's ids, and
-    the id -> bytes table for decoding. CLIP's end-of-word marker `</w>` becomes one trailing b" " (no piece holds a
-    space): "dog</w>" is b"dog ". Ids: 0-255 the bytes, 256-511 byte + `</w>`, 512-49405 the merges in file order,
-    49406/49407 SOT/EOT. tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with the
-    lowest merge rank; they agree unless a reachable pair concatenates to a token another merge built. Checked on
-    ~1.7M words (tests/golden/README.md)."""
-    if not os.path.exists(CLIP_BPE_PATH):
-        raise FileNotFoundError(f"CLIP BPE merges file not found at {CLIP_BPE_PATH} (it ships in assets/)")
+def _clip_bpe() -> tiktoken.Encoding:
+    """CLIP's vocabulary (parsed once, ~0.5 s) as a tiktoken Encoding whose ranks are CLIP's ids; `</w>` is a trailing
+    b" " ("dog</w>" is b"dog "). tiktoken merges the pair whose concatenation has the lowest rank, CLIP the pair with
+    the lowest merge rank: the same ids on ~1.7M words checked (tests/golden/README.md)."""
     # CLIP's byte alphabet: the 188 printable bytes keep their code point and come first, the other 68 follow as
     # chr(256 + n); a byte's position is its id
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -159,19 +127,16 @@ def _clip_bpe() -> tuple[tiktoken.Encoding, list[bytes]]:
     with gzip.open(CLIP_BPE_PATH) as f:
         merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]  # OpenAI's slice: header, 48,894 merges
     ranks = {bytes([b]): i for i, b in enumerate(order)} | {bytes([b, 32]): 256 + i for i, b in enumerate(order)}
-    id_to_bytes = [bytes([b]) for b in order] + [bytes([b]) + b"</w>" for b in order]
     for i, line in enumerate(merges):
         token = "".join(line.split())
         eow = token.endswith("</w>")
         body = bytes(char_to_byte[c] for c in (token[:-4] if eow else token))
         ranks[body + (b" " if eow else b"")] = 512 + i
-        id_to_bytes.append(body + (b"</w>" if eow else b""))
-    id_to_bytes += [b"<|startoftext|>", b"<|endoftext|>"]
     if len(ranks) != 49406:
         raise ValueError(f"{CLIP_BPE_PATH} is not CLIP's bpe_simple_vocab_16e6.txt.gz: {len(ranks) - 512} distinct "
                          f"merges, expected 48894")
     # pieces arrive one at a time, each ending in its b" " marker, so the split pattern is trivial
-    return tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={}), id_to_bytes
+    return tiktoken.Encoding("clip_bpe", pat_str=r"[^ ]+ ", mergeable_ranks=ranks, special_tokens={})
 
 
 class ClipTokenizer:
@@ -183,40 +148,17 @@ class ClipTokenizer:
     pad_id = 0
     mask_id = None  # OpenAI's vocabulary has no mask token (HMMC overwrote id 49394 with "[MASK]"; we do not)
 
+    specials = {"<|startoftext|>": sot_id, "<|endoftext|>": eot_id}  # written in a text, each is one piece
+
     def __init__(self):
-        self._bpe, self._id_to_bytes = _clip_bpe()
-        # per-piece cache, as in OpenAI's tokenizer; a literal <|startoftext|>/<|endoftext|> in the text is one piece
-        # and maps to the special id there too
-        self._cache = {"<|startoftext|>": (self.sot_id,), "<|endoftext|>": (self.eot_id,)}
-
-    def __getstate__(self):  # DataLoader workers started by spawn rebuild it (once per process)
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
+        self._bpe = _clip_bpe()
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT."""
-        if not isinstance(text, str):
-            raise TypeError(f"ClipTokenizer.encode expects str, got {type(text).__name__}: {text!r:.80}")
-        ids, cache = [], self._cache
+        ids = []
         for piece in _clip_pieces(text):
-            out = cache.get(piece)
-            if out is None:
-                out = cache[piece] = tuple(self._bpe.encode_ordinary(piece + " "))
-                if len(cache) > 1_000_000:  # a bound for streams of random text; real captions reuse few words
-                    self._cache = cache = {k: cache[k] for k in ("<|startoftext|>", "<|endoftext|>")}
-            ids.extend(out)
+            ids.extend([self.specials[piece]] if piece in self.specials else self._bpe.encode_ordinary(piece + " "))
         return ids
-
-    def decode(self, ids) -> str:
-        """Text of a list of ids (as OpenAI: `</w>` becomes a space; SOT/EOT come out as their literal strings)."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"ClipTokenizer.decode: id {i} is outside the vocabulary [0, {self.vocab_size})")
-        text = b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
-        return text.replace("</w>", " ")
 
     def __call__(self, texts, context_length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both LongTensor [N, L]; mask is 1 from SOT to EOT."""
@@ -243,8 +185,7 @@ def _pack_rows(texts, context_length: int, encode, start_id: int, end_id: int, w
 
 
 def tokenize(texts, context_length: int = 77) -> torch.Tensor:
-    """CLIP token ids, LongTensor [N, context_length]: SOT, BPE ids, EOT, zero padding; a text longer than the
-    context is cut and its last id is EOT. Identical to OpenAI `clip.tokenize(texts, context_length, truncate=True)`."""
+    """CLIP token ids [N, context_length], those of OpenAI's `clip.tokenize(texts, context_length, truncate=True)`."""
     return ClipTokenizer()(texts, context_length)[0]
 
 
@@ -264,13 +205,11 @@ def _bert_is_punct(ch: str) -> bool:
 
 
 class BertTokenizer:
-    """BERT WordPiece, same tokens and ids as HF transformers' BertTokenizer(vocab_file, do_lower_case=...)."""
+    """BERT WordPiece, lower-cased: the tokens and ids of HF transformers' BertTokenizer(vocab_file)."""
 
     specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-    def __init__(self, vocab_file: str, do_lower_case: bool = True):
-        if not vocab_file or not os.path.exists(vocab_file):
-            raise FileNotFoundError(f"BERT vocab file not found: {vocab_file!r} (a vocab.txt, one token per line)")
+    def __init__(self, vocab_file: str):
         self.vocab = {}
         with open(vocab_file, encoding="utf-8") as f:
             for i, line in enumerate(f):
@@ -278,43 +217,31 @@ class BertTokenizer:
         missing = [t for t in self.specials if t not in self.vocab]
         if missing:
             raise ValueError(f"BERT vocab {vocab_file} lacks the special tokens {missing}")
-        self.inv_vocab = {i: t for t, i in self.vocab.items()}
-        self.do_lower_case = do_lower_case
         self.vocab_size = len(self.vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in self.specials)
         # special tokens written in the text are kept whole, before any lower-casing or punctuation split
         self._special_pat = regex.compile("(" + "|".join(regex.escape(t) for t in self.specials) + ")")
-        self._cache = {}
 
     def _basic(self, text: str) -> list[str]:
         # drop NUL, U+FFFD and control/format characters (C*, except \t \n \r), whitespace -> space, spaces around
         # CJK ideographs so each is a word (no NFC, as HF's Rust tokenizer and transformers 4.x, which HMMC used)
         out = []
         for ch in text:
-            cp = ord(ch)
-            if cp == 0 or cp == 0xFFFD:
-                continue
-            if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+            category = unicodedata.category(ch)
+            if ch in "\t\n\r" or category == "Zs":
                 out.append(" ")
-            elif unicodedata.category(ch).startswith("C"):
+            elif category.startswith("C") or ch == "\ufffd":  # NUL is a C character too
                 continue
-            elif _bert_is_cjk(cp):
+            elif _bert_is_cjk(ord(ch)):
                 out.append(" " + ch + " ")
             else:
                 out.append(ch)
         words = []
         for word in "".join(out).split():
-            if self.do_lower_case:  # lower-casing also strips accents: NFD, then drop the combining marks (Mn)
-                word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
-            start = 0
-            for j, ch in enumerate(word):  # every punctuation character is a word of its own
-                if _bert_is_punct(ch):
-                    if j > start:
-                        words.append(word[start:j])
-                    words.append(ch)
-                    start = j + 1
-            if start < len(word):
-                words.append(word[start:])
+            # lower-casing also strips accents: NFD, then drop the combining marks (Mn)
+            word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            for punct, chars in itertools.groupby(word, _bert_is_punct):  # a punctuation character is a word of its own
+                words.extend(chars if punct else ["".join(chars)])
         return words
 
     def _wordpiece(self, word: str) -> list[str]:
@@ -336,31 +263,18 @@ class BertTokenizer:
         return pieces
 
     def tokenize(self, text: str) -> list[str]:
-        if not isinstance(text, str):
-            raise TypeError(f"BertTokenizer.tokenize expects str, got {type(text).__name__}: {text!r:.80}")
         tokens = []
         for part in self._special_pat.split(text):
             if part in self.specials:
                 tokens.append(part)
                 continue
             for word in self._basic(part):
-                pieces = self._cache.get(word)
-                if pieces is None:
-                    pieces = self._cache[word] = self._wordpiece(word)
-                tokens.extend(pieces)
+                tokens.extend(self._wordpiece(word))
         return tokens
 
     def encode(self, text: str) -> list[int]:
         """WordPiece ids of one text, without [CLS]/[SEP]."""
         return [self.vocab[t] for t in self.tokenize(text)]
-
-    def decode(self, ids) -> str:
-        """Tokens joined by spaces, '##' continuations glued back (HF's convert_tokens_to_string)."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        for i in ids:
-            if i not in self.inv_vocab:
-                raise ValueError(f"BertTokenizer.decode: id {i} is not in the vocabulary")
-        return " ".join(self.inv_vocab[i] for i in ids).replace(" ##", "").strip()
 
     def __call__(self, texts, context_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) LongTensor [N, L]: [CLS] tokens [SEP], cut so the row fits L, padded with 0."""

@@ -6,13 +6,13 @@ transformers. Module names copy OpenAI's / HF's state-dict keys (`c_fc`, `ln_fin
 `load_state_dict` is the whole loader. Weights stay fp32; callers run under autocast.
 
 >>> clip = load_clip("ViT-B-32.pt")          # OpenAI's archive or a plain state dict; architecture from the shapes
->>> bert = load_bert("chinese-roberta-wwm-ext")
 """
 import io
 import json
 import math
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -103,13 +103,11 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    def forward(self, x: torch.Tensor, is_causal: bool = False):
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # (B, L, 3D)
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in q's dtype (bf16 under autocast)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, h, L, D/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)    # (B, h, L, D/h)
         y = y.transpose(1, 2).reshape(B, L, D)                               # (B, L, D)
         return self.out_proj(y)
 
@@ -125,8 +123,8 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(),
                                              c_proj=nn.Linear(4 * width, width)))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+    def forward(self, x: torch.Tensor, is_causal: bool = False):
+        x = x + self.attn(self.ln_1(x), is_causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -139,12 +137,12 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, eps) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    def forward(self, x: torch.Tensor, is_causal: bool = False):
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, is_causal, use_reentrant=False)
             else:
-                x = block(x, attn_mask, is_causal)
+                x = block(x, is_causal)
         return x
 
 
@@ -198,7 +196,6 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         W = cfg.transformer_width
-        self.context_length, self.eot_id = cfg.context_length, cfg.eot_id
         self.token_embedding = nn.Embedding(cfg.vocab_size, W)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, W))
         self.transformer = Transformer(W, cfg.transformer_layers, cfg.transformer_heads)
@@ -212,8 +209,8 @@ class TextTransformer(nn.Module):
     def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """Per-token features after ln_final, before the projection."""
         B, L = ids.shape
-        if L > self.context_length:
-            raise ValueError(f"text of {L} tokens is longer than the context length {self.context_length}")
+        if L > self.cfg.context_length:
+            raise ValueError(f"text of {L} tokens is longer than the context length {self.cfg.context_length}")
         x = self.token_embedding(ids) + self.positional_embedding[:L]     # (B, L, W)
         x = self.transformer(x, is_causal=True)                           # (B, L, W)
         return self.ln_final(x)                                           # (B, L, W)
@@ -221,7 +218,7 @@ class TextTransformer(nn.Module):
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Each row's first EOT. OpenAI's argmax(ids) is the same while EOT is the largest id; looking it up survives
         other vocabularies, and a row without EOT falls back to argmax, where the reference code pools."""
-        is_eot = ids == self.eot_id                                        # (B, L)
+        is_eot = ids == self.cfg.eot_id                                    # (B, L)
         first_eot = is_eot.int().argmax(dim=1)                             # (B,) argmax returns the first maximum
         return torch.where(is_eot.any(dim=1), first_eot, ids.argmax(dim=1))  # (B,)
 
@@ -241,16 +238,10 @@ class CLIP(TextTransformer):
     def __init__(self, cfg: CLIPConfig):
         super().__init__(cfg)
         self.visual = VisionTransformer(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # in OpenAI's state dict; HMMC has its s
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)                                         # (B, E)
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor):
-        img = F.normalize(self.encode_image(image), dim=-1)                # (B, E)
-        txt = F.normalize(self.encode_text(text), dim=-1)                  # (N, E)
-        logits_per_image = self.logit_scale.exp() * img @ txt.T            # (B, N)
-        return logits_per_image, logits_per_image.T
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -367,14 +358,7 @@ class BertModel(nn.Module):
         return x, torch.tanh(self.pooler.dense(x[:, 0]))                     # (B, H) from the [CLS] position
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# weight files: the one guarded reader, the towers' checkpoints, the one check before every load
-
-def load_error(e: Exception) -> str:
-    """A reader's error in its first sentence (torch.load adds ~300 characters of advice)."""
-    first = (str(e).splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first.split('. ')[0].rstrip('.')}"
-
+# ---- weight files: the one guarded reader, the towers' checkpoints, the one check before every load -----------------
 
 def read_checkpoint(path, mmap: bool = False) -> dict:
     """A weight file as a dict, running no code from it: torch.load(weights_only=True), OpenAI's TorchScript archives
@@ -391,8 +375,10 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except _RefusedArchive as e:
         raise ValueError(f"{path}: {e}") from None
-    except Exception as e:
-        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {load_error(e)}") from None
+    except Exception as e:  # in its first sentence: torch.load adds ~300 characters of advice
+        first = (str(e).splitlines() or [""])[0].split(". ")[0].rstrip(".")
+        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt file?): {type(e).__name__}: "
+                         f"{first}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict (a train.py checkpoint or a state dict), got {type(ckpt).__name__}")
     return ckpt
@@ -439,9 +425,6 @@ def load_clip(path: str, device="cpu") -> CLIP:
 
 def _bert_weights_file(path: str) -> str:
     # the weights of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no BERT folder at {path}; download e.g. hfl/chinese-roberta-wwm-ext from "
                                 f"the Hugging Face hub (config.json, vocab.txt and the weights)")
@@ -452,8 +435,7 @@ def _bert_weights_file(path: str) -> str:
 
 
 def load_bert_state_dict(path: str) -> dict:
-    """A HF BERT folder's weights under BertModel's keys, fp32: without a leading `bert.`, the `cls.*` pre-training
-    heads and the `embeddings.position_ids` buffer."""
+    """A HF BERT folder's fp32 weights under BertModel's keys: no `bert.` prefix, `cls.*` heads or position_ids."""
     file = _bert_weights_file(path)
     out = {}
     for k, v in _state_dict(read_checkpoint(file), file).items():
@@ -463,16 +445,6 @@ def load_bert_state_dict(path: str) -> dict:
         # checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta; HF renames them on load
         out[k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")] = v
     return out
-
-
-def load_bert(path: str) -> BertModel:
-    """BertModel from a HF folder (config.json + model.safetensors or pytorch_model.bin)."""
-    file = _bert_weights_file(path)
-    cfg = BertConfig.from_json(os.path.join(os.path.dirname(file), "config.json"))
-    with torch.device("meta"):
-        model = BertModel(cfg)
-    model.load_state_dict(check_state_dict(model, load_bert_state_dict(file), file)[0], assign=True)
-    return model
 
 
 def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),
@@ -496,16 +468,10 @@ def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple =
 
 def strip_prefixes(sd: dict) -> dict:
     """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes of wrapped models."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+    return {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in sd.items()}
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# the original HMMC's checkpoints (state dicts of its BirdModel or BirdPreTrainedModel)
+# ---- the original HMMC's checkpoints (state dicts of its BirdModel or BirdPreTrainedModel) --------------------------
 
 # its key prefixes -> HMMC's (model.py), the first match wins
 _ORIGINAL_PREFIXES = {"visual_encoder.visual.": "video.visual.",  # OpenAI's ViT
@@ -557,8 +523,7 @@ def convert_original(sd: dict) -> tuple[dict, dict, list]:
     return arch, ours, dropped
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# readers of two formats without their packages: OpenAI's TorchScript archives and safetensors
+# ---- readers of two formats without their packages: OpenAI's TorchScript archives and safetensors -------------------
 
 def _is_torchscript(path: str) -> bool:
     # both torch.save and torch.jit.save write zip files; only TorchScript ones carry a code/ folder

@@ -1,7 +1,6 @@
 """
-Train HMMC: fine-tune from CLIP or a pre-trained checkpoint on text-video pairs, or pre-train with momentum
-contrast on CHVTT. With no arguments it trains a tiny model on the built-in synthetic dataset on CPU in a few
-minutes. `python train.py --help` lists every setting with its default.
+Train HMMC: fine-tune from CLIP or a pre-trained checkpoint, or pre-train with momentum contrast on CHVTT. With no
+arguments it trains a tiny model on the built-in synthetic data on CPU in minutes; --help lists every setting.
 
 $ python train.py                                                  # the embedded default (config/synthetic.py)
 $ python train.py config/finetune_msrvtt.py --batch_size=64 --gradient_accumulation_steps=4
@@ -16,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
@@ -135,8 +133,7 @@ BETAS, EPS = (0.9, 0.98), 1e-6  # CLIP's AdamW
 
 
 def get_lr(it: int, t_total: float, warmup: float) -> float:
-    """HMMC's warmup_cosine factor of step `it`: x = it / t_total rises as x / warmup, then 0.5 (1 + cos(pi x)) over
-    the whole range, not rescaled after warm-up (so it drops when warm-up ends), as released."""
+    """HMMC's warmup_cosine: x / warmup, then 0.5 (1 + cos(pi x)) not rescaled after warm-up (a drop), as released."""
     x = it / t_total
     if x < warmup:
         return x / warmup
@@ -149,9 +146,8 @@ def schedule_length(steps_per_epoch: int, gradient_accumulation_steps: int, epoc
 
 
 def epoch_batches(num_items: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list:
-    """This rank's index lists for one epoch: contiguous slices of each global batch of one permutation of seed +
-    epoch, so W ranks x B/W videos are the one-process batch of B and a resumed run sees the same order. The tail that
-    does not fill a global batch is dropped (every rank must contribute equal rows to the all-gather)."""
+    """This rank's index lists for one epoch: its slice of each global batch of one permutation of seed + epoch, so
+    W ranks x B/W videos are the one-process batch of B; the tail short of a global batch is dropped."""
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     per_rank = batch_size // world_size
     return [perm[s * batch_size + rank * per_rank: s * batch_size + (rank + 1) * per_rank]
@@ -159,9 +155,8 @@ def epoch_batches(num_items: int, batch_size: int, world_size: int, rank: int, s
 
 
 def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_size: int):
-    """(micro-batch on the device, (epoch, step_in_epoch) after it, the videos replaced in it as unreadable) from a
-    data position on. Frames travel as uint8 (the model normalises them); on CUDA the next batch is copied on a side
-    stream while the current step runs. The augmentation the loader drew is applied on the device."""
+    """(micro-batch on the device, (epoch, step_in_epoch) after it, its unreadable videos) from a data position on.
+    On CUDA the next batch is copied on a side stream while the current step runs."""
     copy_stream = torch.cuda.Stream() if device.startswith("cuda") else None
     ahead, epoch, step = None, start_epoch, start_step
     while epoch < epochs:
@@ -191,14 +186,12 @@ def batch_stream(dataset, start_epoch: int, start_step: int, rank: int, world_si
 
 def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str) -> dict:
     """Retrieval metrics with this run's settings; the RNG is left as it was (a run evaluating or not is the same)."""
-    state = runs.rng_state()
-    metrics = hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
-                                 image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
-                                 frame_match_weight=frame_match_weight, batch_size=eval_batch_size,
-                                 num_workers=num_workers, device=device, dtype=None if dtype == "float32" else dtype,
-                                 caption_field=caption_field, progress=False)
-    runs.set_rng_state(state)
-    return metrics
+    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+        return hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
+                                  image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
+                                  frame_match_weight=frame_match_weight, batch_size=eval_batch_size,
+                                  num_workers=num_workers, device=device, dtype=None if dtype == "float32" else dtype,
+                                  caption_field=caption_field)
 
 
 def check_data(data_dir: str, splits: list, dataset_name: str):
@@ -212,9 +205,6 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
                f"python prepare.py <msrvtt|vatex|chvtt> ... --out={data_dir} the splits")
     if dataset_name not in synthetic.BUILT_IN:
         how = generic.replace("<msrvtt|vatex|chvtt>", dataset_name)
-    elif own and "frames.lmdb" not in missing:  # a built-in set that lost a split: write it again
-        args = "".join(f" --{k}={v}" for k, v in synthetic.BUILT_IN[dataset_name].items())
-        how = f"python prepare.py synthetic --out={data_dir}{args} writes it anew"
     elif own:
         how = f"{data_dir} holds files of another dataset; move them away and train.py writes the built-in set there"
     else:  # the user's own folder: train.py writes a built-in set only where nothing is
@@ -224,8 +214,8 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
 
 
 def load_data(master: bool, ddp: bool):
-    """(training set, tokenizer, (eval data dir, eval split, eval caption field)). A built-in synthetic set is made
-    on demand, never over anyone's files; every other dataset by prepare.py."""
+    """(training set, tokenizer, (eval data dir, eval split, eval caption field)); a built-in set is made on demand,
+    never over anyone's files."""
     global bert_vocab
     ddir = data_dir or os.path.join("data", dataset)
     edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
@@ -255,21 +245,18 @@ def load_data(master: bool, ddp: bool):
     return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)
 
 
-def warn_cut_captions(captions: list[str], tokenizer, sample: int = 10_000):
-    """Say when captions do not fit context_length: nothing else would tell that words never reach the model (a
-    Chinese caption takes a token per character)."""
-    picked = captions if len(captions) <= sample else random.Random(0).sample(captions, sample)
-    sizes = [len(tokenizer.encode(c)) + 2 for c in picked]  # + start and end tokens
+def warn_cut_captions(captions: list[str], tokenizer):
+    """Say when captions do not fit context_length (a Chinese caption takes a token per character)."""
+    sizes = [len(tokenizer.encode(c)) + 2 for c in captions]  # + start and end tokens
     cut = sum(n > context_length for n in sizes)
     if cut:
-        where = f"{cut} of {len(picked)}" + (" sampled" if len(picked) < len(captions) else "")
-        print(f"warning: {where} {TRAIN_SPLIT} captions are longer than context_length={context_length} tokens and "
-              f"are cut (the longest needs {max(sizes)}); pass --context_length={max(sizes)} to keep them whole")
+        print(f"warning: {cut} of {len(captions)} {TRAIN_SPLIT} captions are longer than context_length="
+              f"{context_length} tokens and are cut (the longest needs {max(sizes)}); pass --context_length="
+              f"{max(sizes)} to keep them whole")
 
 
 def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
-    """(model on the device, the checkpoint when resuming). Built on the CPU, so that a GPU run starts from the same
-    weights as a CPU run."""
+    """(model on the device, the checkpoint when resuming), built on the CPU: GPU runs start from CPU runs' weights."""
     clip_args = hmmc_model.CLIPConfig(
         embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
         vision_patch_size=vision_patch_size,
@@ -311,18 +298,6 @@ def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
     return model, info["checkpoint"]
 
 
-def check_config(world_size: int):
-    """Settings that cannot work together, refused before anything slow happens."""
-    if batch_size % world_size:
-        raise SystemExit(f"config error: batch_size={batch_size} (videos per micro-step over all ranks) must be "
-                         f"divisible by the {world_size} ranks")
-    if pretrain and queue_size % batch_size:
-        raise SystemExit(f"config error: queue_size={queue_size} must be a multiple of the global batch "
-                         f"batch_size={batch_size} (the queue advances by one global batch per micro-step)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"config error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
-
-
 def settings_line(config: dict) -> str:
     """The settings that differ from the defaults block, on one line (`python train.py --help` lists them all)."""
     defaults = {**DEFAULTS, "out_dir": f"out-{config['dataset']}"}
@@ -330,23 +305,12 @@ def settings_line(config: dict) -> str:
     return "settings: " + (", ".join(changed) + "; the rest" if changed else "all") + " as in train.py --help"
 
 
-def optimizer_line(groups: list) -> str:
-    """One line for the param groups: the lr and size of each part of the model, and what is decayed."""
-    parts = {}
-    for g in groups:
-        part = g["name"].split("_")[0]  # vision, text or new (model.configure_optimizers)
-        lr, n = parts.get(part, (g["base_lr"], 0))
-        parts[part] = (lr, n + sum(p.numel() for p in g["params"]))
-    return ("optimizer: AdamW, " + ", ".join(f"{part} lr {lr:.3g} ({n / 1e6:.2f}M)" for part, (lr, n) in parts.items())
-            + f"; weight decay {weight_decay:g} on matrices, none on 1-D tensors")
-
-
 def log_step(logged: list, names: list, iter_num: int, stop_iter: int, epoch: int, lr: float, t0: float,
              t_log: float, start_iter: int, raw_model, peak) -> float:
     """Print and log the mean loss and its parts over the steps since the last line -> the time of this line."""
     now = time.time()
     vps = len(logged) * batch_size * gradient_accumulation_steps / max(now - t_log, 1e-9)
-    mfu = raw_model.estimate_mfu(vps, peak, num_frames, context_length, tag_context_length) if peak else None
+    mfu = raw_model.flops_per_video(num_frames, context_length, tag_context_length) * vps / peak if peak else None
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     eta = (stop_iter - iter_num) * (now - t0) / (iter_num - start_iter)  # this run's average pace
@@ -387,9 +351,8 @@ def eval_and_save(raw_model, tokenizer, evaldata: tuple, state: dict, keep_previ
 
 
 def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
-    """Test metrics -> results.json: of the best-by-val weights where the run has a val split, else of the final
-    weights plus, under "best_on_test", of the weights best on the test split itself: the original's protocol on
-    MSR-VTT (no val split), an optimistic number."""
+    """Test metrics -> results.json: of the best-by-val weights, or without a val split of the final weights plus,
+    under "best_on_test", of the weights best on the test split itself (the original's protocol on MSR-VTT)."""
     edir, eval_split, caption_field = evaldata
     best_path = os.path.join(out_dir, "best.pt")
     used = f"final weights (iter {iter_num})"
@@ -407,8 +370,8 @@ def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
         best_used = f"best {TEST_SPLIT} weights (iter {best['iter_num']}), chosen on the {TEST_SPLIT} split itself: " \
                     f"the original's protocol, optimistic"
         model.load_state_dict(best["model"])
-        same = best["iter_num"] == iter_num
-        best_metrics = metrics if same else evaluate(model, edir, TEST_SPLIT, tokenizer, caption_field)
+        best_metrics = metrics if best["iter_num"] == iter_num else evaluate(model, edir, TEST_SPLIT, tokenizer,
+                                                                             caption_field)
         print0(hmmc_eval.format_table(best_metrics, f"{TEST_SPLIT} split, {best_used}"))
         result["best_on_test"] = {**best_metrics, "split": TEST_SPLIT, "weights": best_used, "iter": best["iter_num"]}
     if is_master():
@@ -447,12 +410,16 @@ def main(argv=None):
 def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str | None):
     """Setup, the training loop, the final test. `config` is the run's settings, as its checkpoints record them."""
     master, device_type = rank == 0, torch.device(device).type
-    check_config(world_size)
+    if batch_size % world_size:  # settings that cannot work, refused before anything slow happens
+        raise SystemExit(f"config error: batch_size={batch_size} (videos per micro-step over all ranks) must be "
+                         f"divisible by the {world_size} ranks")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"config error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
     print0(settings_line(config))
     if text_encoder == "bert" and init_from == "scratch" and bert_pooling == "cls":
         print0("warning: a BERT trained from scratch with bert_pooling='cls' starts with every caption embedded alike "
                "and learns slowly; bert_pooling='mean' learns (config/synthetic_zh.py)")
-    torch.manual_seed(seed)  # the only RNG the run draws from (runs.rng_state)
+    torch.manual_seed(seed)  # the only RNG the run draws from (saved by runs.checkpoint)
     ctx = autocast(device_type, dtype)
 
     train_set, tokenizer, evaldata = load_data(master, ddp)
@@ -473,8 +440,6 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
            f"stopping at {stop_iter}")
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, clip_lr_scale, text_lr, BETAS, EPS,
                                                device_type)
-    print0(optimizer_line(optimizer.param_groups))
-    base_lrs = [g["base_lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, epoch, step_in_epoch, best_r1 = runs.restore(ckpt, optimizer, scaler) if resume_path else (0, 0, 0, -1.0)
     ckpt = None  # free the memory
@@ -517,8 +482,8 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
         while iter_num < stop_iter:
             runs.fault_injection(rank, iter_num)
             lr_factor = get_lr(iter_num, t_total, warmup_proportion)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_factor
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor
             step_stats, bad = [], []
             for micro in range(gradient_accumulation_steps):
                 batch, (epoch, step_in_epoch), faults = next(stream)  # the position a checkpoint records
@@ -545,8 +510,7 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
             raw_model.momentum_update()  # once per optimizer step (the original: every micro-step)
 
             # the step's only host sync, once its work is queued: losses, the share of unreadable videos and the
-            # SIGTERM and Ctrl-C flags, averaged over ranks so that all stop at the same step (nothing is saved after
-            # a NaN step)
+            # SIGTERM and Ctrl-C flags, averaged over ranks so that all stop at the same step
             flags = torch.tensor([len(bad) / (gradient_accumulation_steps * batch_size // world_size),
                                   float(runs.stop[signal.SIGTERM]), float(runs.stop[signal.SIGINT])])
             stats = torch.cat([torch.stack(step_stats).mean(dim=0), flags.to(device, non_blocking=True)])

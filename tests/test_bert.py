@@ -25,10 +25,19 @@ def tiny_cfg(**kw):
     return towers.BertConfig(**d)
 
 
+def load_bert(path: str) -> towers.BertModel:
+    """A BertModel from a HF folder (config.json + model.safetensors or pytorch_model.bin), read as load_model reads
+    the BERT of init_from="clip"."""
+    sd = towers.load_bert_state_dict(path)
+    model = towers.BertModel(towers.BertConfig.from_json(os.path.join(path, "config.json")))
+    model.load_state_dict(towers.check_state_dict(model, sd, towers._bert_weights_file(path))[0])
+    return model
+
+
 @pytest.mark.parametrize("folder", [ST_DIR, BIN_DIR], ids=["safetensors", "bin"])
 def test_golden_outputs(folder, outputs):
     # reference: transformers' BertModel (eval mode) on ids with padding, attention_mask = ids != 0
-    bert = towers.load_bert(folder).eval()
+    bert = load_bert(folder).eval()
     assert bert.cfg.hidden_size == 32 and bert.cfg.num_hidden_layers == 2
     with torch.no_grad():
         last_hidden, pooled = bert(outputs["ids"], outputs["mask"])
@@ -103,7 +112,7 @@ def test_plain_keys_and_tf_layernorm_names(outputs, tmp_path):
           for k, v in sd.items()}
     shutil.copy(os.path.join(ST_DIR, "config.json"), tmp_path)
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    bert = towers.load_bert(str(tmp_path)).eval()
+    bert = load_bert(str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(bert(outputs["ids"], outputs["mask"])[1], outputs["pooled"], atol=1e-5, rtol=1e-5)
 
@@ -124,12 +133,12 @@ def test_config_from_json(tmp_path):
 
 def test_missing_folder_config_and_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no BERT folder at .*nowhere"):
-        towers.load_bert(str(tmp_path / "nowhere"))
+        load_bert(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
-        towers.load_bert(str(tmp_path))
+        load_bert(str(tmp_path))
     shutil.copy(os.path.join(ST_DIR, "model.safetensors"), tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        towers.load_bert(str(tmp_path))
+        load_bert(str(tmp_path))
 
 
 def test_truncated_weights(tmp_path):
@@ -140,7 +149,7 @@ def test_truncated_weights(tmp_path):
         for blob in (data[: len(data) // 2], data[:5]):
             (tmp_path / name).write_bytes(blob)
             with pytest.raises(ValueError, match=f"{name}.*(truncated|too short)"):
-                towers.load_bert(str(tmp_path))
+                load_bert(str(tmp_path))
         os.remove(tmp_path / name)
 
 
@@ -151,7 +160,7 @@ def test_mismatched_keys(tmp_path):
     shutil.copy(os.path.join(ST_DIR, "config.json"), tmp_path)
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin.*pooler\.dense\.weight.*layer\.2\.output\.dense"):
-        towers.load_bert(str(tmp_path))
+        load_bert(str(tmp_path))
 
 
 def test_too_long_input():

@@ -43,8 +43,6 @@ def test_golden_outputs(golden, plain_path):
     with torch.no_grad():
         torch.testing.assert_close(m.encode_image(golden["images"]), golden["image_emb"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.encode_text(golden["ids"]), golden["text_emb"], atol=1e-5, rtol=1e-5)
-        logits_img, logits_txt = m(golden["images"], golden["ids"])
-    assert logits_img.shape == (3, 4) and torch.equal(logits_txt, logits_img.T)
 
 
 def test_state_dict_wrapped_in_dict(golden, tmp_path):
@@ -244,12 +242,9 @@ def test_sdpa_attention_equals_naive():
     nn.init.normal_(attn.in_proj_bias, std=0.1)
     x = torch.randn(3, 9, 64)
     causal = torch.full((9, 9), float("-inf")).triu(1)
-    additive = torch.randn(3, 1, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), naive_attention(attn, x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(attn(x, is_causal=True), naive_attention(attn, x, causal), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(attn(x, additive), naive_attention(attn, x, additive.squeeze(1)),
-                                   atol=1e-5, rtol=1e-5)
         # and it is nn.MultiheadAttention under the same parameter names
         mha = nn.MultiheadAttention(64, 4, batch_first=True)
         mha.load_state_dict(attn.state_dict())
@@ -289,7 +284,7 @@ def test_grad_checkpointing_same_result():
     m = towers.CLIP(tiny_cfg())
     images, ids = torch.randn(2, 3, 16, 16), torch.randint(1, 99, (2, 12))
     out = m.encode_image(images).sum() + m.encode_text(ids).sum()
-    params = [p for n, p in m.named_parameters() if n != "logit_scale"]  # only used by forward()
+    params = [p for n, p in m.named_parameters() if n != "logit_scale"]  # in the state dict, unused by the towers
     grads = torch.autograd.grad(out, params)
     m.transformer.grad_checkpointing = m.visual.transformer.grad_checkpointing = True
     out2 = m.encode_image(images).sum() + m.encode_text(ids).sum()
@@ -377,11 +372,11 @@ def test_bf16_autocast():
     m = towers.CLIP(tiny_cfg())
     images, ids = torch.randn(2, 3, 16, 16), torch.randint(1, 99, (2, 12))
     t = towers.Transformer(64, 1, 4, eps=1e-12)
-    x, mask = torch.randn(2, 5, 64), torch.zeros(2, 1, 5, 5)  # an fp32 additive mask, as the temporal module passes
+    x = torch.randn(2, 5, 64)
     with torch.no_grad():
-        ref = (m.encode_image(images), m.encode_text(ids), t(x, mask))
+        ref = (m.encode_image(images), m.encode_text(ids), t(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = (m.encode_image(images), m.encode_text(ids), t(x, mask))
+            low = (m.encode_image(images), m.encode_text(ids), t(x))
     assert low[0].dtype == low[1].dtype == torch.bfloat16  # the projections ran in bf16
     for a, b in zip(ref, low):
         # observed: up to 0.019 apart on values up to 3.6 (bf16 keeps 8 bits: 0.01 relative per rounding)

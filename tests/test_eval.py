@@ -326,7 +326,7 @@ def trained(tmp_path_factory):
 
 def _evaluate(net, data_dir, **kw):
     args = dict(tokenizer=_tok(), num_frames=T, image_size=S, context_length=16, top_k_frames=2,
-                frame_match_weight=1.0, batch_size=3, progress=False)
+                frame_match_weight=1.0, batch_size=3)
     args.update(kw)
     return ev.evaluate(net, data_dir, "test", **args)
 

@@ -196,8 +196,8 @@ def test_bad_config_errors(data, tmp_path):
     base = ["--data_dir=" + data, f"--out_dir={tmp_path}", *TINY]
     with pytest.raises(SystemExit, match="unknown config key 'learning_rat'.*learning_rate"):
         run(base + ["--learning_rat=1e-3"])
-    with pytest.raises(SystemExit, match="queue_size=10 must be a multiple of the global batch"):
-        run(base + ["--pretrain=True", "--batch_size=4", "--queue_size=10"])
+    with pytest.raises(ValueError, match="queue_size=10 must be a multiple of the global batch"):
+        run(base + ["--pretrain=True", "--weight_mlm=0", "--batch_size=4", "--queue_size=10"])
     with pytest.raises(ValueError, match="MLM pre-training needs the bidirectional BERT text encoder"):
         run(base + ["--pretrain=True", "--weight_mlm=0.05"])
     with pytest.raises(FileNotFoundError, match="python prepare.py msrvtt"):
@@ -258,19 +258,13 @@ def test_a_stale_built_in_pretrain_set_is_refused(tmp_path, monkeypatch):
     assert sorted(os.listdir("data/synthetic_pretrain")) == before and not os.path.exists("out/ckpt.pt")
 
 
-def test_start_up_says_what_differs_from_the_defaults_in_two_lines(data, tmp_path, capsys):
+def test_start_up_says_what_differs_from_the_defaults_in_one_line(data, tmp_path, capsys):
     run(["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", "--max_iters=1", "--seed=3"])
     out = capsys.readouterr().out.splitlines()
     head = out[:next(i for i, line in enumerate(out) if line.startswith("iter 1/"))]
     assert f"settings: out_dir='{tmp_path}', seed=3, data_dir='{data}', batch_size=4, max_iters=1; the rest as in " \
            "train.py --help" in head
-    opt = [line for line in head if line.startswith("optimizer: ")]
-    assert len(opt) == 1 and not any(line.startswith(("config: ", "param group")) for line in head)
-    assert "vision lr 0.001 (" in opt[0] and "text lr 0.0001 (" in opt[0] and "new lr 0.001 (" in opt[0]
-    sizes = re.findall(r"(vision|text|new) lr [0-9.]+ \((\d\.\d\d)M\)", opt[0])
-    assert [part for part, _ in sizes] == ["vision", "text", "new"]
-    total = re.search(r"model: (\d\.\d\d)M trainable", "\n".join(head)).group(1)
-    assert sum(float(n) for _, n in sizes) == pytest.approx(float(total), abs=0.015)
+    assert not any(line.startswith(("config: ", "param group")) for line in head)
     # a config that is all defaults
     assert train.settings_line({**train.DEFAULTS, "out_dir": "out-synthetic"}) == "settings: all as in train.py --help"
 
