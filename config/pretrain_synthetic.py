@@ -19,9 +19,9 @@ tag_context_length = 16  # up to 14 tag characters with [CLS] and [SEP]
 bert_pooling = "mean"  # see config/synthetic_zh.py
 bert_dropout = 0.0
 pretrain = True
-# One batch of keys: on the full captions larger queues learned less in the same steps; config/study_queue.py
-# probes why: keys from up to 32 steps ago come from a momentum encoder that moves fast from scratch, and 12,000
-# videos with 285 distinct titles put ~11 copies of a video's own title among 1,024 negatives (~4 of its caption)
+# One batch of keys. On these titles the paper's 1,024 keys pre-train as well (config/study_queue.py); on the full
+# captions they fall behind, which a slower momentum encoder (stale keys) reproduces and duplicate titles do not
+# explain (docs/results.md, "The paper's long queue")
 queue_size = 32
 proj_hidden = 256  # FAM projector width: 4096 at full size, over-sized for 64-wide towers
 text_lr = 1e-3  # the BERT with mean pooling learns at the video towers' rate, as in config/synthetic_zh.py

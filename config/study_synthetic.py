@@ -8,4 +8,4 @@ rows = {
     "frame-level": "--use_temp=False",
     "chinese": "config/synthetic_zh.py",
 }
-seeds = (1337, 3, 4, 5, 6)  # the default seed and four that no setting was tuned on
+seeds = (1337, 3, 4, 5, 6)  # the default seed and four more (the 9 epochs were chosen at seeds 5 and 3)

@@ -11,11 +11,10 @@
 # would only compete for the two cores.
 # 64-wide towers, 2 layers each for vision, text and the temporal transformer. The ViT takes each 32-px frame as
 # ONE patch: its linear patch embedding sees exact object positions, which is what motion is made of; with 8-px
-# patches the tiny model learned colour and shape but, within the CPU budget, no motion at all (test R@1 8.8 either way)
-# The video towers learn from scratch at 1e-3. The CLIP text tower from scratch learns 10x slower: at the same rate it
-# folds together the words for what the video tower cannot see yet (a caption and its time-reversed twin end at
-# cosine 0.9-1.0), the video tower is left with nothing to learn motion from, and the run ends near the frame-level
-# floor at most seeds. Moving slowly, the text tower keeps the words apart until the video tower can tell them
-# (docs/results.md).
-# 9 epochs: shape is what the one-patch ViT learns last. At 6 epochs the wrong shape of the right colour still ranked
-# first for about a quarter of the test captions, and 2 of 5 seeds ended below R@1 60 (docs/results.md).
+# patches the tiny model learned colour and shape but, within the CPU budget, no motion at all
+# The video towers learn from scratch at 1e-3, the CLIP text tower from scratch 10x slower: at the same rate it can
+# fold together the words for what the video tower cannot see yet (a caption and its time-reversed twin), and the
+# run then ends near the frame-level floor (one of three seeds in docs/results.md). Moving slowly, the text tower
+# keeps the words apart until the video tower can tell them.
+# 9 epochs, not 6: at 6, three of ten English and Chinese runs ended below T2V R@1 60 (40.7 the lowest); at 9 none
+# ended below 64.2 (docs/results.md, "Training length").
