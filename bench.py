@@ -50,7 +50,7 @@ activation_checkpointing = False  # recompute transformer activations in backwar
 pretrain = True  # also time the pre-training step (momentum encoders, queues)
 search_videos = (1000, 10000)  # index sizes of the search rows: one query in, ranked hits out, as the search page
 search_model = "ViT-B/32"  # the tower whose text encoder and embedding size the search rows use (cheap on a CPU)
-recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated clips, extracted by prepare.py frames
+recipe_videos = 96  # the recipe loader rows: distinct videos cut from generated clips by prepare.py frames; 0: none
 recipe_workers = 2  # loader processes of those rows: one per core of this machine leaves none idle
 recipe_repeats = 3  # alternations of the decode floor and every recipe row: each row shows their median ratio
 ratio_repeats = 3  # a ratio's pairs of steps (ours, baseline, in alternation): steps x ratio_repeats
@@ -376,7 +376,7 @@ def run(cfg: dict) -> dict:
     del searcher
     tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
     try:
-        ids, paths = recipe_data(tmp, cfg["recipe_videos"], tokenizer)
+        ids, paths = recipe_data(tmp, cfg["recipe_videos"], tokenizer) if cfg["recipe_videos"] else ([], {})
         for row in time_recipe_loaders(ids, paths, cfg["recipe_workers"], cfg["recipe_repeats"]):
             add(*row)
         for _, db, _, _ in paths.values():
