@@ -6,16 +6,14 @@ $ python bench.py                                   # GPU: ViT-B/32 and ViT-B/16
 $ python bench.py --compile=True --models="('ViT-B/32',)" --batch_sizes="(128, 256)"
 $ python bench.py --size=tiny                       # CI size: seconds on a CPU (the default without a GPU)
 
-MFU = HMMC.flops_per_video * videos/s / the GPU's dense bf16 peak. A shared CPU's load moves absolute rates
-many-fold, so there each step row also times a plain baseline (fp32, naive attention, no compile) in alternation with
-ours and shows the median ratio ours/baseline of the pairs.
+MFU = HMMC.flops_per_video * videos/s / the GPU's dense bf16 peak. A shared CPU's load moves absolute rates many-fold,
+so there each step row shows the median ratio to a plain baseline (fp32, naive attention, eager) timed in alternation.
 """
 
 import io
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,8 +79,7 @@ def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     """softmax(QK^T / sqrt(d)) V materialised in full, as nn.MultiheadAttention-era code computes it."""
     s = (q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # (B, h, L, L)
     if is_causal:
-        L = q.shape[-2]
-        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     return s.softmax(dim=-1) @ v
@@ -113,10 +110,9 @@ def build(tower: str, *, pretrain_: bool, T: int, L: int, batch: int, dev: str) 
 def train_step(tower, B, *, T, L, dev, dt, pretrain_, compile_, grad_ckpt, tokenizer):
     """(one optimizer step on random weights: forward, backward, clip, AdamW, momentum update; its facts)."""
     net = build(tower, pretrain_=pretrain_, T=T, L=L, batch=B, dev=dev)
-    if grad_ckpt:  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
-        for m in net.modules():
-            if hasattr(m, "grad_checkpointing"):
-                m.grad_checkpointing = True
+    for m in net.modules():  # activation checkpointing: trade ~30% speed for memory (larger batches fit)
+        if hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = grad_ckpt
     opt = net.configure_optimizers(weight_decay=0.2, learning_rate=1e-4, clip_lr_scale=1e-3, text_lr=1e-4,
                                    betas=(0.9, 0.98), eps=1e-6, device_type=torch.device(dev).type)
     step_model = net
@@ -158,45 +154,36 @@ def _timed(fn, dev: str) -> float:
 
 def time_steps(make, B: int, *, dev: str, dt, n_steps: int, n_warmup: int, repeats: int, baseline: bool,
                **kw) -> tuple[dict, dict | None, list | None]:
-    """(our row, the baseline's row or None, the paired ratios or None) for the step function that make(...) builds.
-    The baseline's step (fp32, naive attention, eager) and ours run in alternation, one each, the order swapped every
-    pair, so that both see the same load; a pair's ratio is baseline time / our time."""
-    if torch.device(dev).type == "cuda":
+    """(our row, the baseline's row or None, the paired ratios or None) for the step function that make(...) builds,
+    each step timed on its own (synchronised, as train.py syncs once a step to read the loss). With the baseline, its
+    step (fp32, naive attention, eager) and ours run in alternation, one each, the order swapped every pair, so that
+    both see the same load; a pair's ratio is baseline time / our time."""
+    on_cuda = torch.device(dev).type == "cuda"
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    ours_step, facts = make(B=B, dev=dev, dt=dt, **kw)
-    for _ in range(n_warmup):
-        ours_step()
+    ours, facts = make(B=B, dev=dev, dt=dt, **kw)
+    steps = {"ours": ours}
+    if baseline:  # a @contextmanager is also a decorator: the baseline's step runs under plain_attention()
+        steps["base"] = plain_attention()(make(B=B, dev=dev, dt="float32", **{**kw, "compile_": False})[0])
+    for step in steps.values():
+        for _ in range(n_warmup):
+            step()
+    times = {name: [] for name in steps}
+    for i in range(n_steps * (repeats if baseline else 1)):
+        for name in reversed(steps) if i % 2 else steps:  # the order swapped every pair
+            times[name].append(_timed(steps[name], dev))
+    if on_cuda:
+        peak_gb = torch.cuda.max_memory_allocated() / 1e9
+    else:  # the process's peak resident set (Linux reports KiB); it only grows, so it bounds every row so far
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    row = {**_rates(B, times["ours"]), **facts, "peak_mem_gb": peak_gb}
     if not baseline:
-        per_step = _timed(lambda: [ours_step() for _ in range(n_steps)], dev) / n_steps
-        return {**_rates(B, [per_step]), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, None, None
-
-    def plain():
-        with plain_attention():
-            base_step()
-
-    with plain_attention():
-        base_step, _ = make(B=B, dev=dev, dt="float32", **{**kw, "compile_": False})
-    for _ in range(n_warmup):
-        plain()
-    ours, base = [], []
-    for i in range(n_steps * repeats):
-        first, second = (plain, ours_step) if i % 2 else (ours_step, plain)
-        times = {first: _timed(first, dev), second: _timed(second, dev)}
-        ours.append(times[ours_step])
-        base.append(times[plain])
-    return ({**_rates(B, ours), **facts, "peak_mem_gb": _peak_memory_gb(dev)}, _rates(B, base),
-            [b / o for o, b in zip(ours, base)])
+        return row, None, None
+    return row, _rates(B, times["base"]), [b / o for o, b in zip(times["ours"], times["base"])]
 
 
 def _rates(B: int, times: list) -> dict:
     return {"videos_per_s": B / float(np.median(times)), "step_ms": 1000 * float(np.median(times))}
-
-
-def _peak_memory_gb(dev: str) -> float:
-    if torch.device(dev).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    # CPU: the process's peak resident set (Linux reports KiB); it only grows, so it bounds every row so far
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def ratio_summary(ratios: list, noisy_spread: float) -> dict:
@@ -237,99 +224,105 @@ RECIPE_PATHS = {
 }
 
 
-def make_recipe_videos(folder: str, n: int) -> None:
-    """n real video files: three generated sources (16:9, 4:3 and 2.35:1 at a short side of 360 px, moving test
-    patterns with film grain, so that JPEG sizes are like footage) cut into n time windows, without re-encoding."""
-    os.makedirs(folder, exist_ok=True)
-    for s, (name, size) in enumerate([("wide", "640x360"), ("tv", "480x360"), ("scope", "848x360")]):
-        count = len(range(s, n, 3))  # the windows of this source
-        src = os.path.join(folder, f"{name}.src.mkv")
-        ffmpeg = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
-        subprocess.run([*ffmpeg, "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={2 * count}",
-                        "-vf", "noise=alls=12:allf=t", "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", src],
-                       check=True)
-        for k in range(count):
-            subprocess.run([*ffmpeg, "-ss", str(2 * k), "-t", "2", "-i", src, "-c", "copy",
-                            os.path.join(folder, f"{name}{k:03d}.mp4")], check=True)
-        os.remove(src)
-
-
-def recipe_data(tmp: str, n_videos: int, tokenizer) -> tuple:
-    """(video ids, {path name: (dataset, its FrameDB, T, batch)}) of RECIPE_PATHS over n_videos real clips."""
-    videos = os.path.join(tmp, "videos")
-    make_recipe_videos(videos, n_videos)
-    ids = sorted(os.path.splitext(f)[0] for f in os.listdir(videos))
-    paths, dbs = {}, {}
-    for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
-        data = os.path.join(tmp, f"{size}{'sq' if square else ''}")
-        if data not in dbs:
-            framestore.extract_frames(videos, os.path.join(data, "frames.lmdb"),
-                                      num_frames=48 if kind == "pretrain" else 30, frame_size=size,
-                                      workers=os.cpu_count() or 1, square=square, progress_every=1e9)
-            with open(os.path.join(data, "train.jsonl"), "w") as f:
-                for v, vid in enumerate(ids):  # distinct captions, as in a real set; tags, as CHVTT has them
-                    caption = f"{CAPTIONS[v % len(CAPTIONS)]} {v}"
-                    f.write(json.dumps({"video_id": vid, "captions": [caption], "tags": "video,clip,test"}) + "\n")
-            dbs[data] = framestore.FrameDB(os.path.join(data, "frames.lmdb"))
-        ds = prepare.VideoTextDataset(
-            data, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
-            context_length=L, frame_sample="random", image_size=224, augment=augment, seed=seed, verbose=False)
-        paths[name] = ds, dbs[data], T, batch
-    return ids, paths
-
-
-def _decode_floor(db, video_ids: list, T: int) -> float:
-    """Videos per CPU second of Pillow decoding T frames of each video on one thread: what no loader can avoid."""
+def _decode_floor(ds) -> float:
+    """Videos per CPU second of Pillow decoding T frames of each video of ds on one thread: what no loader avoids."""
     from PIL import Image
     c0 = time.process_time()
-    for vid in video_ids:
-        for buf in db.get_frames(vid, np.linspace(0, db.num_frames, T, endpoint=False).astype(int)):
-            Image.open(io.BytesIO(buf)).load()
-    return len(video_ids) / (time.process_time() - c0)
-
-
-def _cpu_seconds(who) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
+    with framestore.FrameDB(ds.lmdb_path) as db:
+        for vid in ds.video_ids:
+            for buf in db.get_frames(vid, np.linspace(0, db.num_frames, ds.num_frames, endpoint=False).astype(int)):
+                Image.open(io.BytesIO(buf)).load()
+    return len(ds.video_ids) / (time.process_time() - c0)
 
 
 def _loader_rate(ds, workers: int, batch: int) -> float:
     """Videos per CPU second of the workers (this process where workers=0; a busy machine inflates wall-clock time,
-    not CPU time) through a DataLoader as train.py builds it, over enough epochs for 4 batches per worker."""
-    g = torch.Generator().manual_seed(seed)
-    order = []
-    while len(order) < max(len(ds), (1 + 4 * max(workers, 1)) * batch):
-        order += torch.randperm(len(ds), generator=g).tolist()
-    batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    not CPU time) through a DataLoader as train.py builds it, over at least an epoch and 4 batches per worker."""
+    need = max(len(ds), (1 + 4 * max(workers, 1)) * batch)
+    order = torch.utils.data.RandomSampler(ds, num_samples=need, generator=torch.Generator().manual_seed(seed))
     who = resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF
-    c0 = _cpu_seconds(who)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=prepare.collate)
+    before = resource.getrusage(who)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=order, drop_last=True, num_workers=workers,
+                                         collate_fn=prepare.collate)
     n = sum(len(b["video"]) for b in loader)  # the workers exit at the end: their CPU time is counted from there
-    return n / (_cpu_seconds(who) - c0)
+    after = resource.getrusage(who)
+    return n / (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
 
-def time_recipe_loaders(ids: list, paths: dict, workers: int, repeats: int) -> list:
-    """[(row name, ours, decode floor, ratios)]: each recipe path's loader in videos per CPU second beside the decode
-    floor of the same frames, alternated `repeats` times (a shared machine's load drifts), and the cores per GPU that
-    the goal then takes."""
-    runs = {name: [] for name in paths}
-    for _ in range(max(1, repeats)):
-        for name, (ds, db, T, batch) in paths.items():
-            runs[name].append((_loader_rate(ds, workers, batch), _decode_floor(db, ids, T)))
-    rows = []
+def time_recipe_loaders(n_videos: int, workers: int, repeats: int, tokenizer):
+    """Yields (row name, ours, decode floor, ratios): each recipe path's loader in videos per CPU second beside the
+    decode floor of the same frames, alternated `repeats` times (a shared machine's load drifts), and the cores per GPU
+    that the goal then takes. The videos: three generated sources (16:9, 4:3 and 2.35:1 at a short side of 360 px,
+    moving test patterns with film grain, so that JPEG sizes are like footage) cut into n_videos files of 2 s."""
+    with tempfile.TemporaryDirectory(prefix="hmmc_bench_") as tmp:
+        videos = os.path.join(tmp, "videos")
+        os.makedirs(videos)
+        for s, (name, size) in enumerate([("wide", "640x360"), ("tv", "480x360"), ("scope", "848x360")][:n_videos]):
+            duration = 2 * len(range(s, n_videos, 3))  # this source's share of the files
+            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi",
+                            "-i", f"testsrc2=size={size}:rate=25:duration={duration}", "-vf", "noise=alls=12:allf=t",
+                            "-c:v", "libx264", "-preset", "ultrafast", "-g", "50",  # a key frame every 2 s
+                            "-f", "segment", "-segment_time", "2", "-reset_timestamps", "1",
+                            os.path.join(videos, f"{name}%03d.mp4")], check=True)
+        with open(os.path.join(tmp, "train.jsonl"), "w") as f:
+            ids = sorted(os.path.splitext(file)[0] for file in os.listdir(videos))
+            for v, vid in enumerate(ids):  # distinct captions, as in a real set; tags, as CHVTT has them
+                caption = f"{CAPTIONS[v % len(CAPTIONS)]} {v}"
+                f.write(json.dumps({"video_id": vid, "captions": [caption], "tags": "video,clip,test"}) + "\n")
+        datasets = {}
+        for name, (kind, size, square, augment, T, batch, L) in RECIPE_PATHS.items():
+            lmdb = os.path.join(tmp, f"{size}{'sq' if square else ''}.lmdb")
+            if not os.path.exists(lmdb):  # the paths of one frame size share its frames
+                framestore.extract_frames(videos, lmdb, num_frames=48 if kind == "pretrain" else 30, frame_size=size,
+                                          workers=os.cpu_count() or 1, square=square, progress_every=1e9)
+            datasets[name] = prepare.VideoTextDataset(
+                tmp, "train", tokenizer, mode="train" if kind == "finetune" else "pretrain", num_frames=T,
+                context_length=L, frame_sample="random", image_size=224, augment=augment, seed=seed, lmdb_path=lmdb,
+                verbose=False)
+        runs = {name: [] for name in datasets}
+        for _ in range(max(1, repeats)):
+            for name, ds in datasets.items():
+                runs[name].append((_loader_rate(ds, workers, RECIPE_PATHS[name][5]), _decode_floor(ds)))
     for name, measured in runs.items():
         ours, floor = zip(*measured)
         rate, goal = float(np.median(ours)), GOAL[RECIPE_PATHS[name][0]]
-        rows.append((f"loader {name}, per core",
-                     {"videos_per_s_core": rate, "cores_per_gpu": goal / rate, "goal": goal, "workers": workers},
-                     {"videos_per_s_core": float(np.median(floor)), "label": "decode floor"},
-                     [o / f for o, f in zip(ours, floor)]))
-    return rows
+        yield (f"loader {name}, per core",
+               {"videos_per_s_core": rate, "cores_per_gpu": goal / rate, "goal": goal, "workers": workers},
+               {"videos_per_s_core": float(np.median(floor)), "label": "decode floor"},
+               [o / f for o, f in zip(ours, floor)])
 
 
 # -----------------------------------------------------------------------------
 
-def run(cfg: dict) -> dict:
+def _format_row(row: dict) -> str:
+    ours = row["ours"]
+    key = next(k for k in UNITS if k in ours)
+    extra = [f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "",
+             f"peak mem {ours['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in ours else "",
+             f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else "",
+             f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s" if "cores_per_gpu" in ours else "",
+             "out of memory" if ours.get("oom") else ""]
+    if row.get("baseline"):
+        extra.append(f"{row['baseline'].get('label', 'baseline')} {row['baseline'][key]:.1f} {UNITS[key]}, "
+                     f"ours/baseline {row['ratio']:.2f} "
+                     f"[{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}]{' NOISY' if row['noisy'] else ''}")
+    return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(e for e in extra if e)}"
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    given = set()
+    cfg = configurator.configure({k: globals()[k] for k in config_keys}, argv, prog="bench.py",
+                                 descriptions=configurator.describe(__file__), given=given)
+    if cfg["size"] not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {cfg['size']!r}")
+    if cfg["size"] == "tiny":  # the tiny presets, under what the arguments set
+        cfg.update({k: v for k, v in TINY.items() if k not in given})
+    elif torch.device(cfg["device"]).type != "cuda":
+        print("warning: --size=full on a CPU: ViT-B/16 at batch 128 takes tens of GB and hours", flush=True)
+    print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
+          flush=True)
+
     dev, dt = init_compute(cfg["device"])[3], cfg["dtype"]  # as train.py sets up: TF32 matmuls on CUDA
     set_cpu_threads(dev)  # and one thread on a CPU, as train.py
     on_cuda = torch.device(dev).type == "cuda"
@@ -339,7 +332,7 @@ def run(cfg: dict) -> dict:
     peak = peak_flops(torch.device(dev).type)
     rows = []
     print(f"{'measurement':<44s} {'value':>10s} {'unit':<10s} details\n"
-          f"  value: the median step or query; the loaders: one pass", flush=True)
+          f"  value: the median step, query or loader pass", flush=True)
     if with_baseline:
         print(f"  ours/baseline: our speed over the baseline's (fp32, naive attention, eager) in "
               f"{cfg['steps'] * max(1, cfg['ratio_repeats'])} alternating pairs of steps,\n"
@@ -365,65 +358,26 @@ def run(cfg: dict) -> dict:
                     add(name, *time_steps(train_step, B, tower=tower, pretrain_=pre, tokenizer=tokenizer,
                                           grad_ckpt=cfg["activation_checkpointing"], **timing))
                 except torch.cuda.OutOfMemoryError:  # a batch that does not fit is a result too
-                    rows.append({"name": name, "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None})
-                    print(f"{name:<44s} out of memory", flush=True)
+                    add(name, {"videos_per_s": 0.0, "oom": True})
                 if on_cuda:
                     torch.cuda.empty_cache()
     searcher = build(cfg["search_model"], pretrain_=False, T=T, L=L, batch=1, dev=dev).eval()
     for num in cfg["search_videos"]:
         add(f"search query {cfg['search_model']}, {num} videos x {T}",
             time_search(searcher, num, T, L, tokenizer, dev))
-    del searcher
-    tmp = tempfile.mkdtemp(prefix="hmmc_bench_")
-    try:
-        ids, paths = recipe_data(tmp, cfg["recipe_videos"], tokenizer) if cfg["recipe_videos"] else ([], {})
-        for row in time_recipe_loaders(ids, paths, cfg["recipe_workers"], cfg["recipe_repeats"]):
+    if cfg["recipe_videos"]:
+        for row in time_recipe_loaders(cfg["recipe_videos"], cfg["recipe_workers"], cfg["recipe_repeats"], tokenizer):
             add(*row)
-        for _, db, _, _ in paths.values():
-            db.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     setup = {"device": torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores, "
-             f"{torch.get_num_threads()} thread(s))", "torch": torch.__version__, "dtype": dt,
-             "compile": cfg["compile"], "peak_flops": peak,
+             f"{torch.get_num_threads()} thread(s))", "torch": torch.__version__, "peak_flops": peak,
              "baseline": "fp32, naive attention, eager" if with_baseline else None, "config": cfg}
-    return {"rows": rows, "setup": setup}
-
-
-def _format_row(row: dict) -> str:
-    ours = row["ours"]
-    key = next(k for k in UNITS if k in ours)
-    extra = [f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "",
-             f"peak mem {ours['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in ours else "",
-             f"fastest {ours['fastest_ms']:.1f} ms of {ours['of']}" if "fastest_ms" in ours else ""]
-    if "cores_per_gpu" in ours:
-        extra.append(f"{ours['cores_per_gpu']:.1f} cores per GPU at {ours['goal']} videos/s")
-    if row.get("baseline"):
-        extra.append(f"{row['baseline'].get('label', 'baseline')} {row['baseline'][key]:.1f} {UNITS[key]}, "
-                     f"ours/baseline {row['ratio']:.2f} "
-                     f"[{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}]{' NOISY' if row['noisy'] else ''}")
-    return f"{row['name']:<44s} {ours[key]:>10.1f} {UNITS[key]:<10s} {' | '.join(e for e in extra if e)}"
-
-
-def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    defaults = {k: globals()[k] for k in config_keys}
-    cfg = configurator.configure(defaults, argv, prog="bench.py", descriptions=configurator.describe(__file__))
-    if cfg["size"] not in ("full", "tiny"):
-        raise ValueError(f"size must be 'full' or 'tiny', got {cfg['size']!r}")
-    if cfg["size"] == "full" and torch.device(cfg["device"]).type != "cuda":
-        print("warning: --size=full on a CPU: ViT-B/16 at batch 128 takes tens of GB and hours", flush=True)
-    if cfg["size"] == "tiny":  # tiny presets replace the defaults, so explicit --key=value still wins
-        cfg = configurator.configure({**defaults, **TINY}, argv, prog="bench.py")
-    print(f"bench: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} compile={cfg['compile']}",
-          flush=True)
-    result = run(cfg)
-    print(f"machine: {result['setup']['device']}, torch {result['setup']['torch']}")
-    noisy = sum(bool(row.get("noisy")) for row in result["rows"])
+    print(f"machine: {setup['device']}, torch {setup['torch']}")
+    noisy = sum(bool(row.get("noisy")) for row in rows)
     if noisy:
         print(f"warning: {noisy} ratios marked NOISY (the machine's load changed while they were measured): "
               f"rerun them on an idle machine", flush=True)
+    result = {"rows": rows, "setup": setup}
     if cfg["out"]:
         os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
         with open(cfg["out"], "w") as f:

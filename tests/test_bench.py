@@ -42,9 +42,9 @@ def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     try:
-        # no --size: without a GPU that is the CPU size
+        # no --size: without a GPU that is the CPU size; --steps=3 beats its preset of 4
         result = bench.main(["--device=cpu", "--dtype=float32", "--recipe_workers=1", "--ratio_repeats=2",
-                             f"--out={out}"])
+                             "--steps=3", f"--out={out}"])
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_bench_tiny_cpu(tmp_path, capsys, monkeypatch):
         assert value > 0
         if row["name"].startswith(("finetune", "pretrain")):
             assert row["baseline"] is not None and row["ratio"] > 0  # CPU: baseline measured side by side
-            assert row["pairs"] == 4 * 2 and isinstance(row["noisy"], bool)  # steps=4 in tiny, ratio_repeats=2
+            assert row["pairs"] == 3 * 2 and isinstance(row["noisy"], bool)  # steps=3, ratio_repeats=2
             lo, hi = row["ratio_p25"], row["ratio_p75"]  # NOISY says the middle half spreads by over 25%
             assert 0 < lo <= row["ratio"] <= hi and row["noisy"] is ((hi - lo) > 0.25 * row["ratio"])
             assert f"ours/baseline {row['ratio']:.2f} [{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}]" in text
@@ -90,6 +90,8 @@ def test_ratio_summary_flags_a_wide_spread():
     row = {"name": "finetune step tiny B=4", "ours": {"videos_per_s": 50.0}, "baseline": {"videos_per_s": 50.0},
            **busy}
     assert bench._format_row(row).endswith("baseline 50.0 videos/s, ours/baseline 1.00 [0.59-35.25] NOISY")
+    oom = {"name": "finetune step ViT-B/16 B=512", "ours": {"videos_per_s": 0.0, "oom": True}, "baseline": None}
+    assert bench._format_row(oom).endswith("0.0 videos/s   out of memory")
 
 
 def fake_steps(monkeypatch, load):
