@@ -37,150 +37,38 @@ class HTTPError(Exception):
 
 # ----------------------------------------------------------------------------- the page
 
-CSS = (
-    "body{font-family:sans-serif;margin:16px;max-width:1400px}h1{font-size:1.4em;overflow-wrap:anywhere}"
-    ".meta{color:#555}code{overflow-wrap:anywhere}.skipped li{margin:2px 0}"
-    "form{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin:12px 0}"
-    "#q{flex:1 1 14em;min-width:0;font-size:16px;padding:4px}#top{width:4em;font-size:16px}"
-    "button{font-size:16px}#status.busy{color:#555}#status.busy::before{content:'\\23F3 '}"
-    "#status.error{color:#b00020;font-weight:bold}#status.error::before{content:'\\26A0 '}"
-    "#warnings{color:#b45309}.hit{margin:14px 0}.explain{color:#555;font-size:12px;margin:2px 0 4px}"
-    ".row{display:flex;gap:10px;align-items:flex-start}.row video{width:240px;flex:none;background:#000}"
-    ".strip{display:flex;flex-wrap:wrap;gap:4px;flex:1;min-width:0}"
-    "figure{margin:0;flex:1 1 40px;min-width:40px;max-width:128px;text-align:center;font-size:11px;color:#555}"
-    "figure button{display:block;width:100%;padding:0;border:0;background:none;cursor:pointer}"
-    "figure button:disabled{cursor:default}figure button:focus-visible{outline:3px solid #1a73e8}"
-    "img{display:block;width:100%;height:auto;aspect-ratio:auto;box-sizing:border-box;"
-    "border:3px solid transparent}figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}"
-    # a phone: the player on top at full width, the frames below it
-    "@media (max-width:640px){body{margin:8px}.row{flex-direction:column}.row video{width:100%;max-height:60vh}}")
-
-# Every piece of data goes into the page as text (textContent, append of strings), never as HTML.
-_JS = r"""
-const $ = (id) => document.getElementById(id);
-const NO_ANSWER = "no answer from the server (is it still running?): ";
-const addressQuery = () => new URLSearchParams(location.search).get("q");
-function el(tag, props, ...children) {
-  const e = Object.assign(document.createElement(tag), props);
-  e.append(...children);
-  return e;
-}
-function say(text, kind = "") {  // kind: "", "busy" or "error"
-  Object.assign($("status"), {textContent: text, className: kind, role: kind === "error" ? "alert" : "status"});
-}
-function hitView(hit) {
-  const video = hit.video_url && el("video", {controls: true, preload: "metadata",
-                                              src: hit.video_url + "#t=" + hit.start});
-  const figures = hit.frames.map((f) => {
-    const play = video && f.time !== null;
-    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, loading: "lazy"});
-    const label = (play ? "play " + hit.video_id + " from " : "frame ") + f.label;
-    const button = el("button", {type: "button", disabled: !play, title: label, ariaLabel: label}, img);
-    if (play) button.onclick = () => { video.currentTime = f.time; video.play(); };
-    return el("figure", {className: f.top ? "top" : ""}, button, el("figcaption", {textContent: f.label}));
-  });
-  const div = el("div", {className: "hit"},
-                 el("div", {}, el("b", {textContent: hit.rank + ". "}), hit.video_id, " \u2014 score " +
-                    hit.score.toFixed(2) + (hit.length ? " \u00b7 " + hit.length + " long" : "")),
-                 el("div", {className: "explain", textContent: hit.explain}),
-                 el("div", {className: "row"}, ...(video ? [video] : []), el("div", {className: "strip"}, ...figures)));
-  div.dataset.videoId = hit.video_id;
-  return div;
-}
-async function search(q, push) {
-  if (push) history.pushState({q}, "", "?" + new URLSearchParams({q}));
-  say("searching\u2026", "busy");
-  $("results").ariaBusy = $("go").disabled = true;
-  $("warnings").replaceChildren();
-  let r, data;
-  try {
-    r = await fetch("/api/search?" + new URLSearchParams({q, top: $("top").value}));
-    data = await r.json();
-  } catch (e) {
-    return say(NO_ANSWER + e, "error");
-  } finally {
-    $("results").ariaBusy = $("go").disabled = false;
-  }
-  $("results").replaceChildren(...(r.ok ? data.hits.map(hitView) : []));
-  if (!r.ok) return say(data.error, "error");
-  $("warnings").append(...data.warnings.map((w) => el("li", {textContent: w})));
-  say(data.hits.length + " of " + data.videos + " videos, best first (" + (1000 * data.seconds).toFixed(0) + " ms)");
-}
-function fromAddress() {  // on opening, and on Back and Forward: the query in the address and its hits
-  const q = addressQuery();
-  $("q").value = q || "";
-  if (q) return search(q, false);
-  $("results").replaceChildren();
-  $("warnings").replaceChildren();
-  say("");
-}
-$("search").onsubmit = (e) => {
-  e.preventDefault();
-  search($("q").value, $("q").value !== addressQuery());  // each new query is a step Back returns from
-};
-window.onpopstate = fromAddress;
-$("rescan").onclick = async () => {
-  $("rescan").disabled = true;
-  say("rescanning the folder: new and changed videos are extracted and encoded\u2026", "busy");
-  const poll = setInterval(() => fetch("/api/status").then((r) => r.json()).then((s) => {
-    if (s.rescan.running) say("rescanning: " + s.rescan.progress + "\u2026", "busy");
-  }, () => {}), 1000);  // a failed poll says nothing: the rescan's own answer does
-  let done;
-  try {
-    const r = await fetch("/api/rescan", {method: "POST", headers: {"X-Requested-By": "hmmc"}});
-    const data = await r.json();
-    done = {ok: r.ok, text: r.ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length +
-            " extracted, " + data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error};
-  } catch (e) {
-    done = {ok: false, text: NO_ANSWER + e};
-  }
-  clearInterval(poll);
-  sessionStorage.setItem("rescanned", JSON.stringify(done));
-  location.reload();  // the counts and the skipped files come with the page; the query stays in the address
-};
-const rescanned = JSON.parse(sessionStorage.getItem("rescanned"));
-sessionStorage.removeItem("rescanned");
-Promise.resolve(fromAddress()).then(() => rescanned && say(rescanned.text, rescanned.ok ? "" : "error"));
-"""
+# a page file a web developer edits; page() fills in its {{name}} markers
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "search.html"), encoding="utf-8") as f:
+    PAGE = f.read()
 
 
-def _sha256(text: str) -> str:
+def _sha256(tag: str) -> str:  # of the page's inline <script> or <style>, as a CSP names it
+    text = re.search(f"<{tag}>(.*)</{tag}>", PAGE, re.S)[1]
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
 # the page runs its own script and style and nothing else, loads images, videos and JSON from this server only, and
 # may not be framed by another site
-CSP = (f"default-src 'none'; script-src {_sha256(_JS)}; style-src {_sha256(CSS)}; img-src 'self'; "
+CSP = (f"default-src 'none'; script-src {_sha256('script')}; style-src {_sha256('style')}; img-src 'self'; "
        f"media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
                     "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
 def page(info: dict) -> str:
-    """The search page: title, checkpoint, the skipped files, the search box; the script fills in the hits."""
-    title = escape(info["title"])
-    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    """The search page: title, checkpoint, the skipped files, the search box; the script fills in the hits. Every
+    value goes in escaped, in one pass (a marker inside a value stays text)."""
+    checkpoint = skipped = ""
     if info["checkpoint"]:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>")
+        checkpoint = f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>"
     if info["skipped"]:
-        parts.append(f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
-                     f"</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items()]
-        parts.append("</ul></details>")
-    parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
-                 f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
-                 f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
-                 f"mean over its top-{info['top_k_frames']} frames; higher is closer, comparable between the videos "
-                 f"of one query.</p>")
-    parts.append(f"<form id=\"search\" role=\"search\"><input id=\"q\" name=\"q\" maxlength=\"{MAX_QUERY}\" "
-                 f"autofocus placeholder=\"describe a scene\" aria-label=\"query\"><label for=\"top\">hits</label>"
-                 f"<input id=\"top\" type=\"number\" min=\"1\" max=\"{MAX_TOP}\" value=\"{int(info['top'])}\">"
-                 f"<button id=\"go\">Search</button><button type=\"button\" id=\"rescan\">Rescan</button></form>")
-    parts += ["<p id=\"status\" class=\"meta\" role=\"status\"></p><ul id=\"warnings\"></ul>"
-              "<div id=\"results\" aria-live=\"polite\"></div>", f"<script>{_JS}</script></body></html>"]
-    return "\n".join(parts)
+        items = "".join(f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items())
+        skipped = (f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
+                   f"</summary><ul>{items}</ul></details>")
+    values = {"title": escape(info["title"]), "checkpoint": checkpoint, "skipped": skipped, "videos": info["videos"],
+              "language": escape(info["language"]), "frame_match_weight": f"{info['frame_match_weight']:g}",
+              "top_k_frames": info["top_k_frames"], "max_query": MAX_QUERY, "max_top": MAX_TOP, "top": int(info["top"])}
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m[1]]), PAGE)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -188,6 +76,7 @@ def page(info: dict) -> str:
 # path -> (its method, the names its query string may hold); "/?q=TEXT" opens the page with that query run
 ROUTES = {"/": ("GET", ("q",)), "/api/search": ("GET", ("q", "top")), "/frame": ("GET", ("id", "p")),
           "/video/": ("GET", ()), "/api/status": ("GET", ()), "/api/rescan": ("POST", ())}
+
 
 def _params(query: str, allowed: tuple) -> dict:
     """The query string as {name: value}, refusing unknown, repeated or too many parameters."""
