@@ -107,7 +107,7 @@ LINK_OUT = "a link to a file outside the folder: not indexed (copy or move the f
 
 
 def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int, workers: int,
-                       retry_failed: bool, progress=None) -> dict:
+                       retry_failed: bool, progress) -> dict:
     """Bring cache_dir/frames_<T>x<size>.lmdb in line with the videos under `source` (new files, changed content,
     removed ones, failures with retry_failed), keeping each file's size, mtime, hash, duration and error in a
     manifest beside it. Returns the store's path, the usable ids, the skipped files and why, the files' paths,
@@ -150,8 +150,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
                       f"(of {len(videos)}) into {lmdb_path}", flush=True)
 
             def shown(n, total):
-                if progress:
-                    progress(f"extracting frames: {n} of {total} new or changed videos")
+                progress(f"extracting frames: {n} of {total} new or changed videos")
             for vid, (err, duration) in framestore.extract_into(db, todo, workers=workers, progress_every=10,
                                                                  on_video=shown).items():
                 if err:  # name the file by its path under the folder: ffmpeg's text carries the absolute one
@@ -174,7 +173,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
 def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames: int, image_size: int,
                 batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
                 frames_per_video: int = 30, extract_workers: int = 4, retry_failed: bool = False,
-                progress=None) -> dict:
+                progress=lambda text: None) -> dict:
     """Video [V,E] and frame [V,T,E] embeddings of the video files under `source`, cached in `cache_dir` per model
     and settings: only new and changed videos are extracted and encoded. Also returns the stored frame "positions"
     the model read, "durations" {id: seconds or None}, "lmdb", "skipped", "extracted", "encoded", "paths" and "path"
@@ -208,8 +207,7 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                                            image_size=image_size, lmdb_path=src["lmdb"])
         assert dataset.video_ids == todo, "the dataset must list the videos in the order given"
         print(f"encoding {len(todo)} videos" + (f" ({len(emb)} unchanged ones reused)" if emb else ""), flush=True)
-        if progress:
-            progress(f"encoding {len(todo)} new or changed videos")
+        progress(f"encoding {len(todo)} new or changed videos")
         try:
             new_video, new_frame = hmmc_eval.encode_videos(net, dataset, batch_size=batch_size,
                                                            num_workers=num_workers, device=device, dtype=dtype)
@@ -218,12 +216,10 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
                 dataset._db.close()
         emb.update(zip(todo, zip(new_video.cpu(), new_frame.cpu())))
     index = {"video_ids": ids, "video_emb": torch.stack([emb[v][0] for v in ids]),
-             "frame_emb": torch.stack([emb[v][1] for v in ids]),
-             "stamps": [src["stamps"][v] for v in ids],
+             "frame_emb": torch.stack([emb[v][1] for v in ids]), "stamps": [src["stamps"][v] for v in ids],
              "positions": prepare.sample_frame_indices(frames_per_video, num_frames).tolist(),
-             "stored_frames": frames_per_video, "durations": {v: src["durations"].get(v) for v in ids},
-             "lmdb": os.path.realpath(src["lmdb"]), "skipped": {str(k): str(v) for k, v in skipped.items()},
-             "key": key}
+             "stored_frames": frames_per_video, "durations": {v: src["durations"][v] for v in ids},
+             "lmdb": os.path.realpath(src["lmdb"]), "skipped": skipped}
     if todo or old["video_ids"] != ids or old["skipped"] != index["skipped"]:  # no old index: all is todo
         tmp = index_path + ".tmp"
         torch.save(index, tmp)
@@ -369,12 +365,6 @@ def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
     return frames
 
 
-def _checkpoint_key(init_from: str, clip_path: str) -> str:
-    path = clip_path if init_from == "clip" else init_from
-    st = os.stat(path)
-    return f"{init_from}|{os.path.realpath(path)}|{st.st_size}|{int(st.st_mtime)}"
-
-
 # ----------------------------------------------------------------------------- the engine behind the search page
 
 LANGUAGES = {"clip": "English (CLIP text encoder)", "bert": "Chinese (Chinese BERT text encoder)"}
@@ -425,7 +415,6 @@ class Searcher:
                 "seconds": seconds}
 
     def thumbnail(self, vid: str, position: int) -> bytes:
-        """A stored frame shrunk to 96 px high (and at most 4x as wide)."""
         index = self.index
         if vid not in index["durations"]:  # every indexed video has an entry there
             raise HTTPError(404, "no such video in the index")
@@ -441,7 +430,7 @@ class Searcher:
         if jpeg is None:  # its file changed or left during a rescan, which has not finished yet
             raise HTTPError(404, "this frame is being replaced by a rescan; search again when it is done")
         img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-        img.thumbnail((4 * 96, 96))
+        img.thumbnail((4 * 96, 96))  # 96 px high, at most 4x as wide
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=80)
         return buf.getvalue()
@@ -544,7 +533,7 @@ def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: st
                 top: int = 5, checkpoint: str = "", vocabulary: set | None = None, **server_args):
     """A search page over `source` on host:port, not yet serving. The port is taken before the index is built, so a
     busy port fails before minutes of indexing."""
-    server = hmmc_serve.listen(host, port, **server_args)
+    server = hmmc_serve.Server(host, port, **server_args)
     try:
         server.search = Searcher(net, source, index_args=index_args, rank_args=rank_args, top=top,
                                  checkpoint=checkpoint, vocabulary=vocabulary)
@@ -577,16 +566,18 @@ def main(argv=None):
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
     net, s, tokenizer, ckpt_config = hmmc_eval.load_net({**cfg, "dataset": None, "data_dir": None,
                                                          "caption_field": None}, dev)
-    checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
+    weights = cfg["clip_path"] if cfg["init_from"] == "clip" else cfg["init_from"]
+    checkpoint = f"zero-shot CLIP from {weights}" if cfg["init_from"] == "clip" else weights
+    st = os.stat(weights)  # the index cache is per model: these weights as they are now
+    model_key = f"{cfg['init_from']}|{os.path.realpath(weights)}|{st.st_size}|{int(st.st_mtime)}"
     vocabulary, captions = None, training_captions(ckpt_config)
     if captions and os.path.isfile(captions[0]):
         vocabulary = caption_vocabulary(*captions)
     elif captions:
         print(f"note: the captions this model was trained on ({captions[0]}) are not here, so queries are not "
               f"checked against its vocabulary", flush=True)
-    index_args = dict(cache_dir=cache_dir, model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]),
-                      num_frames=s["num_frames"], image_size=s["image_size"], batch_size=cfg["batch_size"],
-                      num_workers=cfg["num_workers"], device=dev, dtype=dtype,
+    index_args = dict(cache_dir=cache_dir, model_key=model_key, num_frames=s["num_frames"], image_size=s["image_size"],
+                      batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], device=dev, dtype=dtype,
                       frames_per_video=cfg["frames_per_video"], extract_workers=cfg["extract_workers"],
                       retry_failed=cfg["retry_failed"])
     rank_args = dict(tokenizer=tokenizer, context_length=s["context_length"], top_k_frames=s["top_k_frames"],

@@ -6,6 +6,7 @@ allow-list (DNS rebinding), an Origin check on the one POST, and headers that ke
 """
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -114,10 +115,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise HTTPError(400, f"malformed Range header {header[:80]!r}; one range of the form bytes=START-END")
     if m[1]:
         first, last = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
-    else:  # the last N bytes
-        first, last = max(0, size - int(m[2])), size - 1
-        if int(m[2]) == 0:
-            first = size  # nothing to send
+    else:  # the last N bytes (none for N = 0: first = size)
+        first, last = size - min(int(m[2]), size), size - 1
     if first >= size:
         raise unsatisfiable
     return first, last
@@ -159,8 +158,7 @@ class Handler(BaseHTTPRequestHandler):
         # a body on a GET would be read as the next request on this connection
         if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
             self.close_connection = True
-            self._send_json(400, {"error": "a GET takes no request body"})
-            return
+            return self._send_json(400, {"error": "a GET takes no request body"})
         self._answer("GET")
 
     def do_POST(self):
@@ -168,14 +166,18 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "0")
         if "Transfer-Encoding" in self.headers or not re.fullmatch(r"\d{1,5}", length, flags=re.ASCII):
             self.close_connection = True
-            self._send_json(413 if length.isdigit() else 400, {"error": "no request body is expected here"})
-            return
+            return self._send_json(413 if length.isdigit() else 400, {"error": "no request body is expected here"})
         self.rfile.read(int(length))
         self._answer("POST")
 
     def _answer(self, method: str):
         try:
-            self._check_host()
+            # a page on another site that points its own name at this machine (DNS rebinding) sends its own name in
+            # Host: answer only to an IP address, localhost, this machine's name, and the names given in allowed_hosts
+            host = _host_name(self.headers.get("Host") or "")
+            if not (_is_ip(host) or host in self.server.allowed_hosts):
+                raise HTTPError(403, "unexpected Host header; open the page by this machine's address or name "
+                                     "(or add the name to --allowed_hosts)")
             url = urllib.parse.urlsplit(self.path)
             route = "/video/" if url.path.startswith("/video/") else url.path
             if route not in ROUTES:
@@ -204,7 +206,13 @@ class Handler(BaseHTTPRequestHandler):
             elif route == "/api/status":
                 self._send_json(200, search.status())
             else:
-                self._check_rescan_caller()
+                # a header a plain HTML form or a cross-site request cannot send, and the page's own origin when the
+                # browser names one: another web page cannot start a rescan
+                if self.headers.get("X-Requested-By") != "hmmc":
+                    raise HTTPError(403, "a rescan needs the header X-Requested-By: hmmc (the page's button sends it)")
+                origin = self.headers.get("Origin")
+                if origin is not None and origin != f"http://{(self.headers.get('Host') or '').strip()}":
+                    raise HTTPError(403, f"a rescan from another origin ({_printable(origin, 80)}) is refused")
                 self._send_json(200, search.rescan())
         except HTTPError as e:
             self._send_json(e.status, {"error": e.message}, e.headers)
@@ -220,40 +228,21 @@ class Handler(BaseHTTPRequestHandler):
             print(f"{time.strftime('%H:%M:%S')} {self.client_address[0]} {_printable(self.requestline)} failed:\n"
                   f"{traceback.format_exc().rstrip()}", file=self.server.log, flush=True)
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self._send_json(500, {"error": "internal error; see the server's console"})
-            except OSError:
-                pass
 
-    def _check_host(self):
-        # a page on another site that points its own name at this machine (DNS rebinding) sends its own name in
-        # Host: answer only to an IP address, localhost, this machine's name, and the names given in allowed_hosts
-        host = _host_name(self.headers.get("Host") or "")
-        if not (_is_ip(host) or host in self.server.allowed_hosts):
-            raise HTTPError(403, "unexpected Host header; open the page by this machine's address or name "
-                                 "(or add the name to --allowed_hosts)")
-
-    def _check_rescan_caller(self):
-        # a header a plain HTML form or a cross-site request cannot send, and the page's own origin when the browser
-        # names one: another web page cannot start a rescan
-        if self.headers.get("X-Requested-By") != "hmmc":
-            raise HTTPError(403, "a rescan needs the header X-Requested-By: hmmc (the page's button sends it)")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin != f"http://{(self.headers.get('Host') or '').strip()}":
-            raise HTTPError(403, f"a rescan from another origin ({_printable(origin, 80)}) is refused")
-
-    def _headers(self, headers: dict):
+    def _head(self, status: int, ctype: str, length: int, headers: dict | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(length))
+        if self.close_connection:  # tell the client not to send more on this connection
+            self.send_header("Connection", "close")
         for k, v in {**SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()
 
     def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:  # tell the client not to send more on this connection
-            self.send_header("Connection", "close")
-        self._headers(headers)
+        self._head(status, ctype, len(body), headers)
         self.wfile.write(body)
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None):
@@ -269,13 +258,9 @@ class Handler(BaseHTTPRequestHandler):
             size = os.fstat(f.fileno()).st_size
             span = _byte_range(self.headers.get("Range"), size)
             first, last = span or (0, size - 1)
-            self.send_response(206 if span else 200)
-            self.send_header("Content-Type", mimetypes.guess_type(path)[0] or "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(last - first + 1))
-            if span:
-                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-            self._headers({})
+            ranged = {"Content-Range": f"bytes {first}-{last}/{size}"} if span else {}
+            self._head(206 if span else 200, mimetypes.guess_type(path)[0] or "application/octet-stream",
+                       last - first + 1, {"Accept-Ranges": "bytes", **ranged})
             f.seek(first)
             left = last - first + 1
             while left > 0:
@@ -290,12 +275,8 @@ class Handler(BaseHTTPRequestHandler):
         # what http.server itself refuses (a garbled request line, an unknown method, a timeout): short text
         self.close_connection = True
         body = f"{code} {message or self.responses.get(code, ('',))[0]}\n".encode("utf-8", "replace")
-        self.send_response(code, message)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self._headers({})
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+        self._head(code, "text/plain; charset=utf-8", len(body))
+        if self.command != "HEAD":
             self.wfile.write(body)
 
     def log_request(self, code="-", size="-"):
@@ -310,43 +291,45 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """One daemon thread per connection (Ctrl-C does not wait for them), at most max_connections: one more gets a
-    503 at once."""
+    """Bound to host:port (0: any free one). One daemon thread per connection (Ctrl-C does not wait for them), at most
+    max_connections: one more gets a 503 at once."""
     request_queue_size = 128  # the standard library's 5 turned bursts of connections away into client retries
     daemon_threads = True
 
-    def __init__(self, address, *, allowed_hosts=(), conn_timeout: float = 60.0, max_connections: int = 64,
-                 log=None):
-        if ":" in address[0]:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, allowed_hosts=(), conn_timeout: float = 60.0,
+                 max_connections: int = 64, log=None):
+        if ":" in host:
             self.address_family = socket.AF_INET6
         self.conn_timeout = float(conn_timeout)
         self.slots = threading.BoundedSemaphore(int(max_connections))
         self.allowed_hosts = {"localhost", socket.gethostname().lower(), *(h.lower() for h in allowed_hosts)}
         self.log = log or sys.stderr
-        self.search = None
-        super().__init__(address, Handler)
+        self.search = None  # the engine (search.Searcher), set before serve_forever()
+        try:
+            super().__init__((host, int(port)), Handler)
+        except OSError as e:
+            raise ValueError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e}); "
+                             f"pick another --port") from None
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
+        if self.slots.acquire(blocking=False):
+            super().process_request(request, client_address)  # a thread of its own, which frees the slot when done
+        else:
             self._turn_away(request)
-            return
-        threading.Thread(target=self._serve_then_free, args=(request, client_address), daemon=True).start()
 
-    def _serve_then_free(self, request, client_address):
+    def process_request_thread(self, request, client_address):
         try:
-            self.process_request_thread(request, client_address)
+            super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
     def _turn_away(self, request):
         body = b'{"error": "the server is busy with other connections; try again in a moment"}'
         head = "".join(f"{k}: {v}\r\n" for k, v in {**SECURITY_HEADERS, "Retry-After": "1"}.items())
-        try:
+        with contextlib.suppress(OSError):
             request.settimeout(1)
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                             + f"Content-Length: {len(body)}\r\nConnection: close\r\n{head}\r\n".encode() + body)
-        except OSError:
-            pass
         self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
@@ -366,15 +349,6 @@ def _is_ip(host: str) -> bool:
 
 def is_loopback(host: str) -> bool:
     return host == "localhost" or _is_ip(host) and ipaddress.ip_address(host).is_loopback
-
-
-def listen(host: str = "127.0.0.1", port: int = 8000, **server_args) -> Server:
-    """A Server bound to host:port (0: any free one), no engine yet: set server.search, then serve_forever()."""
-    try:
-        return Server((host, int(port)), **server_args)
-    except OSError as e:
-        raise ValueError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e}); "
-                         f"pick another --port") from None
 
 
 def url_of(server: Server) -> str:

@@ -11,7 +11,7 @@ import framestore
 import prepare
 import search
 from tokenizer import BertTokenizer
-from test_eval import COLOURS, S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
+from test_eval import S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
 
 
 def _run_main(argv, capsys):
