@@ -9,8 +9,8 @@ $ python search.py --init_from=out/ckpt.pt --videos=my_videos/ --serve
 Real videos want a real model: OpenAI's CLIP, zero-shot (frames mean-pooled, no temporal transformer):
 $ python search.py --init_from=clip --clip_path=ViT-B-32.pt --videos=my_videos/ --serve
 
-DIR is a folder of video files or a prepared dataset folder (frames.lmdb + <split>.jsonl). The index lives in
-DIR/.hmmc_index/ unless --index_dir says where (a folder you cannot write to needs it). Scores are
+DIR is a folder of video files, searched recursively (a prepared dataset is evaluated with eval.py). The index lives
+in DIR/.hmmc_index/ unless --index_dir says where (a folder you cannot write to needs it). Scores are
 100*cos(query, video) + frame_match_weight * mean of the top-k 100*cos(query, frame): higher is closer, comparable
 between the videos of one query, not a probability.
 """
@@ -52,7 +52,7 @@ clip_path = "ViT-B-32.pt"  # OpenAI CLIP weights, for init_from="clip"
 bert_path = None  # HF Chinese BERT folder, for init_from="clip" with text_encoder="bert"
 text_encoder = None  # "clip" | "bert"; fixed by the checkpoint, only init_from="clip" may choose
 bert_vocab = None  # vocab.txt of the Chinese tokenizer
-videos = ""  # the folder to search: video files (searched recursively) or a prepared dataset folder
+videos = ""  # the folder of video files to search (searched recursively)
 query = ""  # free text (English or Chinese, as the checkpoint's text encoder reads)
 top = 5  # hits per query
 index_dir = ""  # where the index lives; default DIR/.hmmc_index (give one for a folder you cannot write to)
@@ -107,13 +107,15 @@ LINK_OUT = "a link to a file outside the folder: not indexed (copy or move the f
 
 
 def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_per_video: int, workers: int,
-                       retry_failed: bool, progress=None) -> dict:
+                       retry_failed: bool, progress) -> dict:
     """Bring cache_dir/frames_<T>x<size>.lmdb in line with the videos under `source` (new files, changed content,
     removed ones, failures with retry_failed), keeping each file's size, mtime, hash, duration and error in a
-    manifest beside it. Returns what _read_prepared does."""
+    manifest beside it. Returns the store's path, the usable ids, the skipped files and why, the files' paths,
+    hashes and durations, and the ids extracted now."""
     videos = _list_videos(source, skip=os.path.realpath(cache_dir))
     if not videos:
-        raise ValueError(f"--videos={source}: neither video files nor a frames.lmdb in this folder; nothing to index")
+        raise ValueError(f"--videos={source}: no video files in this folder, nothing to index (search.py indexes "
+                         f"video files; a prepared dataset is evaluated with eval.py --data_dir={source})")
     root = os.path.realpath(source)
     outside = {vid: LINK_OUT for vid, path in videos.items() if not _inside(root, path)}
     videos = {vid: path for vid, path in videos.items() if vid not in outside}
@@ -148,8 +150,7 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
                       f"(of {len(videos)}) into {lmdb_path}", flush=True)
 
             def shown(n, total):
-                if progress:
-                    progress(f"extracting frames: {n} of {total} new or changed videos")
+                progress(f"extracting frames: {n} of {total} new or changed videos")
             for vid, (err, duration) in framestore.extract_into(db, todo, workers=workers, progress_every=10,
                                                                  on_video=shown).items():
                 if err:  # name the file by its path under the folder: ffmpeg's text carries the absolute one
@@ -165,94 +166,61 @@ def _sync_video_folder(source: str, cache_dir: str, *, frame_size: int, frames_p
     ids = [v for v in files if v not in skipped]
     return {"lmdb": lmdb_path, "ids": ids, "skipped": {**skipped, **outside}, "paths": videos,
             "stamps": {v: e["sha1"] for v, e in files.items()},
-            "durations": {v: e.get("duration") for v, e in files.items()}, "stored_frames": frames_per_video,
+            "durations": {v: e.get("duration") for v, e in files.items()},
             "extracted": [v for v in todo if v not in skipped]}
-
-
-def _read_prepared(source: str) -> dict:
-    """A prepared dataset read in place: its splits' videos once each, all re-encoded when frames.lmdb changes."""
-    lmdb_path = os.path.join(source, "frames.lmdb")
-    ids, durations = [], {}
-    for name in sorted(os.listdir(source)):
-        if name.endswith(".jsonl"):
-            for obj in prepare._read_jsonl(os.path.join(source, name)):
-                ids.append(str(obj["video_id"]))
-                durations[ids[-1]] = obj.get("duration")
-    with framestore.FrameDB(lmdb_path) as db:
-        ids = list(dict.fromkeys(ids or db.video_ids()))  # frames without annotations: whatever the LMDB holds
-        skipped = {v: r for v, r in db.failed.items() if v in set(ids)}
-        skipped.update({v: "no frames in the LMDB" for v in ids if v not in skipped and not db.has_video(v)})
-        stored = db.num_frames
-    data_file = os.path.join(lmdb_path, "data.mdb") if os.path.isdir(lmdb_path) else lmdb_path
-    st = os.stat(data_file)
-    return {"lmdb": lmdb_path, "ids": [v for v in ids if v not in skipped], "skipped": skipped, "paths": {},
-            "stamps": dict.fromkeys(ids, f"{st.st_size}|{st.st_mtime_ns}"), "durations": durations,
-            "stored_frames": stored, "extracted": []}
 
 
 def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames: int, image_size: int,
                 batch_size: int = 64, num_workers: int = 0, device: str = "cpu", dtype=None,
                 frames_per_video: int = 30, extract_workers: int = 4, retry_failed: bool = False,
-                progress=None) -> dict:
-    """Video [V,E] and frame [V,T,E] embeddings of the videos under `source` (video files or a prepared dataset),
-    cached in `cache_dir` per model and settings: only new and changed videos are extracted and encoded. Also
-    returns the stored frame "positions" the model read, "durations" {id: seconds or None}, "lmdb", "skipped",
-    "extracted", "encoded", "paths" (files; none for a prepared dataset) and "path" (the index file); progress(text)
-    hears how far it got."""
-    if os.path.exists(os.path.join(source, "frames.lmdb")):
-        src = _read_prepared(source)
-    else:
-        if num_frames > frames_per_video:
-            raise ValueError(f"the model reads {num_frames} frames per video but frames_per_video="
-                             f"{frames_per_video}; pass --frames_per_video={max(30, num_frames)}")
-        # frames for thumbnails are worth a few more pixels than a tiny model needs
-        src = _sync_video_folder(source, cache_dir, frame_size=max(image_size, 112), frames_per_video=frames_per_video,
-                                 workers=extract_workers, retry_failed=retry_failed, progress=progress)
+                progress=lambda text: None) -> dict:
+    """Video [V,E] and frame [V,T,E] embeddings of the video files under `source`, cached in `cache_dir` per model
+    and settings: only new and changed videos are extracted and encoded. Also returns the stored frame "positions"
+    the model read, "durations" {id: seconds or None}, "lmdb", "skipped", "extracted", "encoded", "paths" and "path"
+    (the index file); progress(text) hears how far it got."""
+    if num_frames > frames_per_video:
+        raise ValueError(f"the model reads {num_frames} frames per video but frames_per_video={frames_per_video}; "
+                         f"pass --frames_per_video={max(30, num_frames)}")
+    # frames for thumbnails are worth a few more pixels than a tiny model needs
+    src = _sync_video_folder(source, cache_dir, frame_size=max(image_size, 112), frames_per_video=frames_per_video,
+                             workers=extract_workers, retry_failed=retry_failed, progress=progress)
     ids, skipped = src["ids"], src["skipped"]
     if skipped:
-        hint = "; a file is tried again when it changes, or with --retry_failed" if src["paths"] else ""
-        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items()) + hint,
-              flush=True)
+        print(f"skipped {len(skipped)} video(s): " + "; ".join(f"{v} ({r})" for v, r in skipped.items())
+              + "; a file is tried again when it changes, or with --retry_failed", flush=True)
     if not ids:
         raise ValueError(f"--videos={source}: no usable videos to index ({len(skipped)} skipped)")
     key = hashlib.sha1(json.dumps([INDEX_VERSION, model_key, num_frames, image_size, str(dtype),
                                    os.path.realpath(src["lmdb"])]).encode()).hexdigest()[:16]
     index_path = os.path.join(cache_dir, f"index_{key}.pt")
     old = torch.load(index_path, map_location="cpu", weights_only=True) if os.path.exists(index_path) else None
-    # reuse the embeddings of every video whose file (or LMDB) is as it was; freshly extracted frames are encoded
-    row = {v: i for i, v in enumerate(old["video_ids"] if old else [])
+    old = old or {"video_ids": []}
+    # reuse the embeddings of every video whose file is as it was; freshly extracted frames are encoded
+    emb = {v: (old["video_emb"][i], old["frame_emb"][i]) for i, v in enumerate(old["video_ids"])
            if src["stamps"].get(v) == old["stamps"][i] and v not in src["extracted"]}
-    todo = [v for v in ids if v not in row]
-    video_emb, frame_emb = (old["video_emb"], old["frame_emb"]) if old else (None, None)
+    todo = [v for v in ids if v not in emb]
     if todo:
-        os.makedirs(cache_dir, exist_ok=True)
         with open(os.path.join(cache_dir, "encode.jsonl"), "w", encoding="utf-8") as f:
             for v in todo:  # the id as a stand-in caption: never scored, but some loaders want one per video
                 f.write(json.dumps({"video_id": v, "captions": [v]}, ensure_ascii=False) + "\n")
         dataset = prepare.VideoTextDataset(cache_dir, "encode", None, mode="videos", num_frames=num_frames,
                                            image_size=image_size, lmdb_path=src["lmdb"])
         assert dataset.video_ids == todo, "the dataset must list the videos in the order given"
-        print(f"encoding {len(todo)} videos" + (f" ({len(row)} unchanged ones reused)" if row else ""), flush=True)
-        if progress:
-            progress(f"encoding {len(todo)} new or changed videos")
+        print(f"encoding {len(todo)} videos" + (f" ({len(emb)} unchanged ones reused)" if emb else ""), flush=True)
+        progress(f"encoding {len(todo)} new or changed videos")
         try:
             new_video, new_frame = hmmc_eval.encode_videos(net, dataset, batch_size=batch_size,
                                                            num_workers=num_workers, device=device, dtype=dtype)
         finally:  # free this process's reader whatever happened: the next sync of this folder may write
             if getattr(dataset, "_db", None) is not None:
                 dataset._db.close()
-        base = len(old["video_ids"]) if old else 0
-        row.update({v: base + i for i, v in enumerate(todo)})
-        video_emb = torch.cat([video_emb, new_video.cpu()]) if old else new_video.cpu()
-        frame_emb = torch.cat([frame_emb, new_frame.cpu()]) if old else new_frame.cpu()
-    rows = torch.tensor([row[v] for v in ids], dtype=torch.long)
-    index = {"video_ids": ids, "video_emb": video_emb[rows], "frame_emb": frame_emb[rows],
-             "stamps": [src["stamps"][v] for v in ids],
-             "positions": prepare.sample_frame_indices(src["stored_frames"], num_frames).tolist(),
-             "stored_frames": src["stored_frames"], "durations": {v: src["durations"].get(v) for v in ids},
-             "lmdb": os.path.realpath(src["lmdb"]), "skipped": {str(k): str(v) for k, v in skipped.items()},
-             "key": key}
-    if old is None or todo or old["video_ids"] != ids or old["skipped"] != index["skipped"]:
+        emb.update(zip(todo, zip(new_video.cpu(), new_frame.cpu())))
+    index = {"video_ids": ids, "video_emb": torch.stack([emb[v][0] for v in ids]),
+             "frame_emb": torch.stack([emb[v][1] for v in ids]), "stamps": [src["stamps"][v] for v in ids],
+             "positions": prepare.sample_frame_indices(frames_per_video, num_frames).tolist(),
+             "stored_frames": frames_per_video, "durations": {v: src["durations"][v] for v in ids},
+             "lmdb": os.path.realpath(src["lmdb"]), "skipped": skipped}
+    if todo or old["video_ids"] != ids or old["skipped"] != index["skipped"]:  # no old index: all is todo
         tmp = index_path + ".tmp"
         torch.save(index, tmp)
         os.replace(tmp, index_path)  # a killed run never leaves half an index behind
@@ -260,7 +228,7 @@ def build_index(net, source: str, *, cache_dir: str, model_key: str, num_frames:
     else:
         print(f"loaded the index of {len(ids)} videos from {index_path}", flush=True)
     return {**index, "extracted": src["extracted"], "encoded": todo, "path": index_path,
-            "paths": {v: src["paths"][v] for v in ids if v in src["paths"]}}
+            "paths": {v: src["paths"][v] for v in ids}}
 
 
 # ----------------------------------------------------------------------------- search: queries, ranking, report
@@ -283,10 +251,6 @@ def _script(ch: str) -> str | None:
     if name.startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH")):
         return "cjk"
     return name.split(" ")[0].lower() or "unknown"
-
-
-def _quote(text: str, n: int = 60) -> str:
-    return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
 def words(text: str) -> list[str]:
@@ -321,7 +285,8 @@ def query_warnings(text: str, tokenizer, context_length: int, vocabulary: set | 
     """Why the scores of `text`, which look just as confident, may mean little, one line each: it was cut to the
     model's caption length, its script is not the text encoder's, or most of its words never occur in the captions
     the model was trained on (`vocabulary`)."""
-    q, out, little = _quote(text), [], "its scores will look confident and mean little"
+    q = repr(text if len(text) <= 60 else text[:57] + "...")
+    out, little = [], "its scores will look confident and mean little"
     n, kept = len(tokenizer.encode(text)), context_length - 2  # each row also holds a start and an end token
     if n > kept:
         out.append(f"query {q} is {n} tokens long; the model reads {context_length} per caption, so only the first "
@@ -371,15 +336,6 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
     return results
 
 
-def thumbnail_jpeg(jpeg: bytes, height: int = 96) -> bytes:
-    """A stored frame shrunk to `height` px (and at most 4x as wide)."""
-    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    img.thumbnail((height * 4, height))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
-
-
 def explain_score(hit: dict, frame_match_weight: float) -> str:
     """What a hit's score is made of: the video term and the frame term."""
     k = len(hit["top_frames"])
@@ -409,27 +365,22 @@ def hit_frames(hit: dict, positions: list, duration, stored) -> list[dict]:
     return frames
 
 
-def _checkpoint_key(init_from: str, clip_path: str) -> str:
-    path = clip_path if init_from == "clip" else init_from
-    st = os.stat(path)
-    return f"{init_from}|{os.path.realpath(path)}|{st.st_size}|{int(st.st_mtime)}"
-
-
 # ----------------------------------------------------------------------------- the engine behind the search page
 
 LANGUAGES = {"clip": "English (CLIP text encoder)", "bert": "Chinese (Chinese BERT text encoder)"}
 
 
 class Searcher:
-    """The model and one folder's index, shared by the page's request threads. `lock` serialises the model calls and
-    guards the index; a rescan builds the next index in a spawned process (its LMDB writer must not share this
-    process with the frame reader) while queries keep answering from this one, then swaps it in under the lock."""
+    """The model and one folder's index, shared by the page's request threads. `lock` serialises the model calls;
+    self.index is only ever replaced whole, so each request takes it once. A rescan builds the next index in a spawned
+    process (its LMDB writer must not share this process with the frame reader) while queries keep answering from
+    this one, then swaps it in."""
 
     def __init__(self, net, source: str, *, index_args: dict, rank_args: dict, top: int = 5, checkpoint: str = "",
                  vocabulary: set | None = None):
         self.net, self.source, self.index_args, self.rank_args = net, source, index_args, rank_args
         self.top, self.checkpoint, self.vocabulary = top, checkpoint, vocabulary
-        self.lock = threading.Lock()  # the model and self.index
+        self.lock = threading.Lock()  # the model
         self.frames_lock = threading.Lock()  # self.env, the frame store's reader
         self.rescan_lock = threading.Lock()  # one rescan at a time
         self.env, self.child, self.rescan_state = None, None, {"running": False}
@@ -457,15 +408,14 @@ class Searcher:
             hit["start"] = hit["frames"][int(np.argmax(hit["frame_scores"]))]["time"] or 0.0
             hit["length"] = _clock(duration) if duration else None
             hit["explain"] = explain_score(hit, float(self.rank_args["frame_match_weight"]))
-            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="") if vid in index["paths"] else None
+            hit["video_url"] = "/video/" + urllib.parse.quote(vid, safe="")
         warnings = query_warnings(query, self.rank_args["tokenizer"], self.rank_args["context_length"],
                                   self.vocabulary)
         return {"query": query, "hits": hits, "warnings": warnings, "videos": len(index["video_ids"]),
                 "seconds": seconds}
 
     def thumbnail(self, vid: str, position: int) -> bytes:
-        with self.lock:
-            index = self.index
+        index = self.index
         if vid not in index["durations"]:  # every indexed video has an entry there
             raise HTTPError(404, "no such video in the index")
         if position not in index["positions"]:
@@ -479,15 +429,15 @@ class Searcher:
                 jpeg = self._read_frame(index["lmdb"], key)
         if jpeg is None:  # its file changed or left during a rescan, which has not finished yet
             raise HTTPError(404, "this frame is being replaced by a rescan; search again when it is done")
-        return thumbnail_jpeg(jpeg)
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        img.thumbnail((4 * 96, 96))  # 96 px high, at most 4x as wide
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=80)
+        return buf.getvalue()
 
     def _read_frame(self, path: str, key: bytes) -> bytes | None:
-        if self.env is None:
-            subdir = os.path.isdir(path)
-            try:  # with the lock table, LMDB keeps every page this reader sees until it is done, whatever writes
-                self.env = lmdb.open(path, readonly=True, lock=True, readahead=False, subdir=subdir, max_readers=256)
-            except lmdb.Error:  # a prepared dataset on read-only storage: no lock file, and no rescan writes there
-                self.env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=subdir)
+        if self.env is None:  # with the lock table, LMDB keeps every page this reader sees until done, whatever writes
+            self.env = lmdb.open(path, readonly=True, lock=True, readahead=False, max_readers=256)
         with self.env.begin() as txn:
             return txn.get(key)
 
@@ -498,8 +448,7 @@ class Searcher:
 
     def video_file(self, vid: str) -> str:
         # the index's rule again: a link out of the folder is neither indexed nor served
-        with self.lock:
-            path = self.index["paths"].get(vid)
+        path = self.index["paths"].get(vid)
         if path is None or not _inside(os.path.realpath(self.source), path) or not os.path.isfile(path):
             raise HTTPError(404, "no video file with this id")
         return os.path.realpath(path)
@@ -516,8 +465,7 @@ class Searcher:
                 self.rescan_state = {"running": False, "error": f"rescan failed, the previous index is kept: {payload}"}
                 raise HTTPError(409, self.rescan_state["error"])
             new = {**hmmc_model.read_checkpoint(payload["path"]), **payload}
-            with self.lock:
-                self.index = new
+            self.index = new  # a request that took the old one finishes with it
             with self.frames_lock:
                 self._close_frames()  # the next thumbnail opens the store of the new index
             result = {"videos": len(new["video_ids"]), "extracted": new["extracted"], "encoded": new["encoded"],
@@ -550,13 +498,10 @@ class Searcher:
         return answer or ("error", f"the rescan process ended with exit code {child.exitcode} before finishing")
 
     def status(self) -> dict:
-        with self.lock:
-            videos = len(self.index["video_ids"])
-        return {"videos": videos, "rescan": dict(self.rescan_state)}
+        return {"videos": len(self.index["video_ids"]), "rescan": dict(self.rescan_state)}
 
     def info(self) -> dict:  # what the page shows above the search box
-        with self.lock:
-            index = self.index
+        index = self.index
         text_encoder = self.net.cfg.text_encoder
         return {"title": f"HMMC search over {self.source}", "checkpoint": self.checkpoint,
                 "language": LANGUAGES.get(text_encoder, text_encoder), "videos": len(index["video_ids"]),
@@ -577,7 +522,7 @@ def _rescan_child(conn, net, source: str, index_args: dict):
     try:
         index = build_index(net, source, progress=lambda text: conn.send(("progress", text)), **index_args)
         conn.send(("done", {k: index[k] for k in ("path", "extracted", "encoded", "paths")}))
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         traceback.print_exc()
         conn.send(("error", str(e) or type(e).__name__))
     finally:
@@ -588,7 +533,7 @@ def make_server(net, source: str, *, index_args: dict, rank_args: dict, host: st
                 top: int = 5, checkpoint: str = "", vocabulary: set | None = None, **server_args):
     """A search page over `source` on host:port, not yet serving. The port is taken before the index is built, so a
     busy port fails before minutes of indexing."""
-    server = hmmc_serve.listen(host, port, **server_args)
+    server = hmmc_serve.Server(host, port, **server_args)
     try:
         server.search = Searcher(net, source, index_args=index_args, rank_args=rank_args, top=top,
                                  checkpoint=checkpoint, vocabulary=vocabulary)
@@ -605,17 +550,14 @@ def main(argv=None):
     cfg = configurator.configure(defaults, sys.argv[1:] if argv is None else argv, prog="search.py",
                                  descriptions=configurator.describe(__file__))
     source = cfg["videos"]
-    if not source:
-        raise ValueError("--videos=DIR: name the folder of video files (or the prepared dataset folder) to search")
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--videos={source}: no such folder; name the folder of video files to search")
     if cfg["top"] < 1:
         raise ValueError(f"--top={cfg['top']}: ask for at least one hit per query (e.g. --top=5)")
     if cfg["serve"] and cfg["query"]:
         raise ValueError("--serve takes its queries in the page; drop --query")
     if not cfg["serve"] and not cfg["query"]:
         raise ValueError("search.py needs --query=TEXT, or --serve for a search page")
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"--videos={source}: no such folder (expected a folder of video files or a prepared "
-                                f"dataset folder with frames.lmdb)")
     cache_dir = cfg["index_dir"] or os.path.join(source, ".hmmc_index")
     if not cfg["index_dir"] and not os.access(source, os.W_OK):
         raise ValueError(f"--videos={source}: this folder is not writable, so the index cannot live in it; pass "
@@ -624,16 +566,18 @@ def main(argv=None):
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
     net, s, tokenizer, ckpt_config = hmmc_eval.load_net({**cfg, "dataset": None, "data_dir": None,
                                                          "caption_field": None}, dev)
-    checkpoint = f"zero-shot CLIP from {cfg['clip_path']}" if cfg["init_from"] == "clip" else cfg["init_from"]
+    weights = cfg["clip_path"] if cfg["init_from"] == "clip" else cfg["init_from"]
+    checkpoint = f"zero-shot CLIP from {weights}" if cfg["init_from"] == "clip" else weights
+    st = os.stat(weights)  # the index cache is per model: these weights as they are now
+    model_key = f"{cfg['init_from']}|{os.path.realpath(weights)}|{st.st_size}|{int(st.st_mtime)}"
     vocabulary, captions = None, training_captions(ckpt_config)
     if captions and os.path.isfile(captions[0]):
         vocabulary = caption_vocabulary(*captions)
     elif captions:
         print(f"note: the captions this model was trained on ({captions[0]}) are not here, so queries are not "
               f"checked against its vocabulary", flush=True)
-    index_args = dict(cache_dir=cache_dir, model_key=_checkpoint_key(cfg["init_from"], cfg["clip_path"]),
-                      num_frames=s["num_frames"], image_size=s["image_size"], batch_size=cfg["batch_size"],
-                      num_workers=cfg["num_workers"], device=dev, dtype=dtype,
+    index_args = dict(cache_dir=cache_dir, model_key=model_key, num_frames=s["num_frames"], image_size=s["image_size"],
+                      batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], device=dev, dtype=dtype,
                       frames_per_video=cfg["frames_per_video"], extract_workers=cfg["extract_workers"],
                       retry_failed=cfg["retry_failed"])
     rank_args = dict(tokenizer=tokenizer, context_length=s["context_length"], top_k_frames=s["top_k_frames"],

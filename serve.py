@@ -6,6 +6,7 @@ allow-list (DNS rebinding), an Origin check on the one POST, and headers that ke
 """
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -37,150 +38,38 @@ class HTTPError(Exception):
 
 # ----------------------------------------------------------------------------- the page
 
-CSS = (
-    "body{font-family:sans-serif;margin:16px;max-width:1400px}h1{font-size:1.4em;overflow-wrap:anywhere}"
-    ".meta{color:#555}code{overflow-wrap:anywhere}.skipped li{margin:2px 0}"
-    "form{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin:12px 0}"
-    "#q{flex:1 1 14em;min-width:0;font-size:16px;padding:4px}#top{width:4em;font-size:16px}"
-    "button{font-size:16px}#status.busy{color:#555}#status.busy::before{content:'\\23F3 '}"
-    "#status.error{color:#b00020;font-weight:bold}#status.error::before{content:'\\26A0 '}"
-    "#warnings{color:#b45309}.hit{margin:14px 0}.explain{color:#555;font-size:12px;margin:2px 0 4px}"
-    ".row{display:flex;gap:10px;align-items:flex-start}.row video{width:240px;flex:none;background:#000}"
-    ".strip{display:flex;flex-wrap:wrap;gap:4px;flex:1;min-width:0}"
-    "figure{margin:0;flex:1 1 40px;min-width:40px;max-width:128px;text-align:center;font-size:11px;color:#555}"
-    "figure button{display:block;width:100%;padding:0;border:0;background:none;cursor:pointer}"
-    "figure button:disabled{cursor:default}figure button:focus-visible{outline:3px solid #1a73e8}"
-    "img{display:block;width:100%;height:auto;aspect-ratio:auto;box-sizing:border-box;"
-    "border:3px solid transparent}figure.top img{border-color:#e8590c}figure.top{color:#e8590c;font-weight:bold}"
-    # a phone: the player on top at full width, the frames below it
-    "@media (max-width:640px){body{margin:8px}.row{flex-direction:column}.row video{width:100%;max-height:60vh}}")
-
-# Every piece of data goes into the page as text (textContent, append of strings), never as HTML.
-_JS = r"""
-const $ = (id) => document.getElementById(id);
-const NO_ANSWER = "no answer from the server (is it still running?): ";
-const addressQuery = () => new URLSearchParams(location.search).get("q");
-function el(tag, props, ...children) {
-  const e = Object.assign(document.createElement(tag), props);
-  e.append(...children);
-  return e;
-}
-function say(text, kind = "") {  // kind: "", "busy" or "error"
-  Object.assign($("status"), {textContent: text, className: kind, role: kind === "error" ? "alert" : "status"});
-}
-function hitView(hit) {
-  const video = hit.video_url && el("video", {controls: true, preload: "metadata",
-                                              src: hit.video_url + "#t=" + hit.start});
-  const figures = hit.frames.map((f) => {
-    const play = video && f.time !== null;
-    const img = el("img", {src: f.url, alt: hit.video_id + " frame " + f.position, loading: "lazy"});
-    const label = (play ? "play " + hit.video_id + " from " : "frame ") + f.label;
-    const button = el("button", {type: "button", disabled: !play, title: label, ariaLabel: label}, img);
-    if (play) button.onclick = () => { video.currentTime = f.time; video.play(); };
-    return el("figure", {className: f.top ? "top" : ""}, button, el("figcaption", {textContent: f.label}));
-  });
-  const div = el("div", {className: "hit"},
-                 el("div", {}, el("b", {textContent: hit.rank + ". "}), hit.video_id, " \u2014 score " +
-                    hit.score.toFixed(2) + (hit.length ? " \u00b7 " + hit.length + " long" : "")),
-                 el("div", {className: "explain", textContent: hit.explain}),
-                 el("div", {className: "row"}, ...(video ? [video] : []), el("div", {className: "strip"}, ...figures)));
-  div.dataset.videoId = hit.video_id;
-  return div;
-}
-async function search(q, push) {
-  if (push) history.pushState({q}, "", "?" + new URLSearchParams({q}));
-  say("searching\u2026", "busy");
-  $("results").ariaBusy = $("go").disabled = true;
-  $("warnings").replaceChildren();
-  let r, data;
-  try {
-    r = await fetch("/api/search?" + new URLSearchParams({q, top: $("top").value}));
-    data = await r.json();
-  } catch (e) {
-    return say(NO_ANSWER + e, "error");
-  } finally {
-    $("results").ariaBusy = $("go").disabled = false;
-  }
-  $("results").replaceChildren(...(r.ok ? data.hits.map(hitView) : []));
-  if (!r.ok) return say(data.error, "error");
-  $("warnings").append(...data.warnings.map((w) => el("li", {textContent: w})));
-  say(data.hits.length + " of " + data.videos + " videos, best first (" + (1000 * data.seconds).toFixed(0) + " ms)");
-}
-function fromAddress() {  // on opening, and on Back and Forward: the query in the address and its hits
-  const q = addressQuery();
-  $("q").value = q || "";
-  if (q) return search(q, false);
-  $("results").replaceChildren();
-  $("warnings").replaceChildren();
-  say("");
-}
-$("search").onsubmit = (e) => {
-  e.preventDefault();
-  search($("q").value, $("q").value !== addressQuery());  // each new query is a step Back returns from
-};
-window.onpopstate = fromAddress;
-$("rescan").onclick = async () => {
-  $("rescan").disabled = true;
-  say("rescanning the folder: new and changed videos are extracted and encoded\u2026", "busy");
-  const poll = setInterval(() => fetch("/api/status").then((r) => r.json()).then((s) => {
-    if (s.rescan.running) say("rescanning: " + s.rescan.progress + "\u2026", "busy");
-  }, () => {}), 1000);  // a failed poll says nothing: the rescan's own answer does
-  let done;
-  try {
-    const r = await fetch("/api/rescan", {method: "POST", headers: {"X-Requested-By": "hmmc"}});
-    const data = await r.json();
-    done = {ok: r.ok, text: r.ok ? "rescanned: " + data.videos + " videos, " + data.extracted.length +
-            " extracted, " + data.encoded.length + " encoded, in " + data.seconds.toFixed(1) + " s" : data.error};
-  } catch (e) {
-    done = {ok: false, text: NO_ANSWER + e};
-  }
-  clearInterval(poll);
-  sessionStorage.setItem("rescanned", JSON.stringify(done));
-  location.reload();  // the counts and the skipped files come with the page; the query stays in the address
-};
-const rescanned = JSON.parse(sessionStorage.getItem("rescanned"));
-sessionStorage.removeItem("rescanned");
-Promise.resolve(fromAddress()).then(() => rescanned && say(rescanned.text, rescanned.ok ? "" : "error"));
-"""
+# a page file a web developer edits; page() fills in its {{name}} markers
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "search.html"), encoding="utf-8") as f:
+    PAGE = f.read()
 
 
-def _sha256(text: str) -> str:
+def _sha256(tag: str) -> str:  # of the page's inline <script> or <style>, as a CSP names it
+    text = re.search(f"<{tag}>(.*)</{tag}>", PAGE, re.S)[1]
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
 # the page runs its own script and style and nothing else, loads images, videos and JSON from this server only, and
 # may not be framed by another site
-CSP = (f"default-src 'none'; script-src {_sha256(_JS)}; style-src {_sha256(CSS)}; img-src 'self'; "
+CSP = (f"default-src 'none'; script-src {_sha256('script')}; style-src {_sha256('style')}; img-src 'self'; "
        f"media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
                     "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
 def page(info: dict) -> str:
-    """The search page: title, checkpoint, the skipped files, the search box; the script fills in the hits."""
-    title = escape(info["title"])
-    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">", f"<title>{title}</title>",
-             f"<style>{CSS}</style>", "</head><body>", f"<h1>{title}</h1>"]
+    """The search page: title, checkpoint, the skipped files, the search box; the script fills in the hits. Every
+    value goes in escaped, in one pass (a marker inside a value stays text)."""
+    checkpoint = skipped = ""
     if info["checkpoint"]:
-        parts.append(f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>")
+        checkpoint = f"<p class=\"meta\">checkpoint: <code>{escape(info['checkpoint'])}</code></p>"
     if info["skipped"]:
-        parts.append(f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
-                     f"</summary><ul>")
-        parts += [f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items()]
-        parts.append("</ul></details>")
-    parts.append(f"<p class=\"meta\">{info['videos']} videos indexed. Queries in <b id=\"language\">"
-                 f"{escape(info['language'])}</b>: that is the language this model was trained on. Scores: "
-                 f"100 &times; cosine of the query with the video, plus {info['frame_match_weight']:g} &times; the "
-                 f"mean over its top-{info['top_k_frames']} frames; higher is closer, comparable between the videos "
-                 f"of one query.</p>")
-    parts.append(f"<form id=\"search\" role=\"search\"><input id=\"q\" name=\"q\" maxlength=\"{MAX_QUERY}\" "
-                 f"autofocus placeholder=\"describe a scene\" aria-label=\"query\"><label for=\"top\">hits</label>"
-                 f"<input id=\"top\" type=\"number\" min=\"1\" max=\"{MAX_TOP}\" value=\"{int(info['top'])}\">"
-                 f"<button id=\"go\">Search</button><button type=\"button\" id=\"rescan\">Rescan</button></form>")
-    parts += ["<p id=\"status\" class=\"meta\" role=\"status\"></p><ul id=\"warnings\"></ul>"
-              "<div id=\"results\" aria-live=\"polite\"></div>", f"<script>{_JS}</script></body></html>"]
-    return "\n".join(parts)
+        items = "".join(f"<li><code>{escape(v)}</code>: {escape(r[:300])}</li>" for v, r in info["skipped"].items())
+        skipped = (f"<details class=\"skipped\"><summary>{len(info['skipped'])} file(s) skipped as unreadable"
+                   f"</summary><ul>{items}</ul></details>")
+    values = {"title": escape(info["title"]), "checkpoint": checkpoint, "skipped": skipped, "videos": info["videos"],
+              "language": escape(info["language"]), "frame_match_weight": f"{info['frame_match_weight']:g}",
+              "top_k_frames": info["top_k_frames"], "max_query": MAX_QUERY, "max_top": MAX_TOP, "top": int(info["top"])}
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m[1]]), PAGE)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -188,6 +77,7 @@ def page(info: dict) -> str:
 # path -> (its method, the names its query string may hold); "/?q=TEXT" opens the page with that query run
 ROUTES = {"/": ("GET", ("q",)), "/api/search": ("GET", ("q", "top")), "/frame": ("GET", ("id", "p")),
           "/video/": ("GET", ()), "/api/status": ("GET", ()), "/api/rescan": ("POST", ())}
+
 
 def _params(query: str, allowed: tuple) -> dict:
     """The query string as {name: value}, refusing unknown, repeated or too many parameters."""
@@ -225,10 +115,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise HTTPError(400, f"malformed Range header {header[:80]!r}; one range of the form bytes=START-END")
     if m[1]:
         first, last = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
-    else:  # the last N bytes
-        first, last = max(0, size - int(m[2])), size - 1
-        if int(m[2]) == 0:
-            first = size  # nothing to send
+    else:  # the last N bytes (none for N = 0: first = size)
+        first, last = size - min(int(m[2]), size), size - 1
     if first >= size:
         raise unsatisfiable
     return first, last
@@ -270,8 +158,7 @@ class Handler(BaseHTTPRequestHandler):
         # a body on a GET would be read as the next request on this connection
         if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
             self.close_connection = True
-            self._send_json(400, {"error": "a GET takes no request body"})
-            return
+            return self._send_json(400, {"error": "a GET takes no request body"})
         self._answer("GET")
 
     def do_POST(self):
@@ -279,14 +166,18 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "0")
         if "Transfer-Encoding" in self.headers or not re.fullmatch(r"\d{1,5}", length, flags=re.ASCII):
             self.close_connection = True
-            self._send_json(413 if length.isdigit() else 400, {"error": "no request body is expected here"})
-            return
+            return self._send_json(413 if length.isdigit() else 400, {"error": "no request body is expected here"})
         self.rfile.read(int(length))
         self._answer("POST")
 
     def _answer(self, method: str):
         try:
-            self._check_host()
+            # a page on another site that points its own name at this machine (DNS rebinding) sends its own name in
+            # Host: answer only to an IP address, localhost, this machine's name, and the names given in allowed_hosts
+            host = _host_name(self.headers.get("Host") or "")
+            if not (_is_ip(host) or host in self.server.allowed_hosts):
+                raise HTTPError(403, "unexpected Host header; open the page by this machine's address or name "
+                                     "(or add the name to --allowed_hosts)")
             url = urllib.parse.urlsplit(self.path)
             route = "/video/" if url.path.startswith("/video/") else url.path
             if route not in ROUTES:
@@ -315,7 +206,13 @@ class Handler(BaseHTTPRequestHandler):
             elif route == "/api/status":
                 self._send_json(200, search.status())
             else:
-                self._check_rescan_caller()
+                # a header a plain HTML form or a cross-site request cannot send, and the page's own origin when the
+                # browser names one: another web page cannot start a rescan
+                if self.headers.get("X-Requested-By") != "hmmc":
+                    raise HTTPError(403, "a rescan needs the header X-Requested-By: hmmc (the page's button sends it)")
+                origin = self.headers.get("Origin")
+                if origin is not None and origin != f"http://{(self.headers.get('Host') or '').strip()}":
+                    raise HTTPError(403, f"a rescan from another origin ({_printable(origin, 80)}) is refused")
                 self._send_json(200, search.rescan())
         except HTTPError as e:
             self._send_json(e.status, {"error": e.message}, e.headers)
@@ -331,40 +228,21 @@ class Handler(BaseHTTPRequestHandler):
             print(f"{time.strftime('%H:%M:%S')} {self.client_address[0]} {_printable(self.requestline)} failed:\n"
                   f"{traceback.format_exc().rstrip()}", file=self.server.log, flush=True)
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self._send_json(500, {"error": "internal error; see the server's console"})
-            except OSError:
-                pass
 
-    def _check_host(self):
-        # a page on another site that points its own name at this machine (DNS rebinding) sends its own name in
-        # Host: answer only to an IP address, localhost, this machine's name, and the names given in allowed_hosts
-        host = _host_name(self.headers.get("Host") or "")
-        if not (_is_ip(host) or host in self.server.allowed_hosts):
-            raise HTTPError(403, "unexpected Host header; open the page by this machine's address or name "
-                                 "(or add the name to --allowed_hosts)")
-
-    def _check_rescan_caller(self):
-        # a header a plain HTML form or a cross-site request cannot send, and the page's own origin when the browser
-        # names one: another web page cannot start a rescan
-        if self.headers.get("X-Requested-By") != "hmmc":
-            raise HTTPError(403, "a rescan needs the header X-Requested-By: hmmc (the page's button sends it)")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin != f"http://{(self.headers.get('Host') or '').strip()}":
-            raise HTTPError(403, f"a rescan from another origin ({_printable(origin, 80)}) is refused")
-
-    def _headers(self, headers: dict):
+    def _head(self, status: int, ctype: str, length: int, headers: dict | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(length))
+        if self.close_connection:  # tell the client not to send more on this connection
+            self.send_header("Connection", "close")
         for k, v in {**SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()
 
     def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:  # tell the client not to send more on this connection
-            self.send_header("Connection", "close")
-        self._headers(headers)
+        self._head(status, ctype, len(body), headers)
         self.wfile.write(body)
 
     def _send_json(self, status: int, obj: dict, headers: dict | None = None):
@@ -380,13 +258,9 @@ class Handler(BaseHTTPRequestHandler):
             size = os.fstat(f.fileno()).st_size
             span = _byte_range(self.headers.get("Range"), size)
             first, last = span or (0, size - 1)
-            self.send_response(206 if span else 200)
-            self.send_header("Content-Type", mimetypes.guess_type(path)[0] or "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(last - first + 1))
-            if span:
-                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
-            self._headers({})
+            ranged = {"Content-Range": f"bytes {first}-{last}/{size}"} if span else {}
+            self._head(206 if span else 200, mimetypes.guess_type(path)[0] or "application/octet-stream",
+                       last - first + 1, {"Accept-Ranges": "bytes", **ranged})
             f.seek(first)
             left = last - first + 1
             while left > 0:
@@ -401,12 +275,8 @@ class Handler(BaseHTTPRequestHandler):
         # what http.server itself refuses (a garbled request line, an unknown method, a timeout): short text
         self.close_connection = True
         body = f"{code} {message or self.responses.get(code, ('',))[0]}\n".encode("utf-8", "replace")
-        self.send_response(code, message)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self._headers({})
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+        self._head(code, "text/plain; charset=utf-8", len(body))
+        if self.command != "HEAD":
             self.wfile.write(body)
 
     def log_request(self, code="-", size="-"):
@@ -421,43 +291,45 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """One daemon thread per connection (Ctrl-C does not wait for them), at most max_connections: one more gets a
-    503 at once."""
+    """Bound to host:port (0: any free one). One daemon thread per connection (Ctrl-C does not wait for them), at most
+    max_connections: one more gets a 503 at once."""
     request_queue_size = 128  # the standard library's 5 turned bursts of connections away into client retries
     daemon_threads = True
 
-    def __init__(self, address, *, allowed_hosts=(), conn_timeout: float = 60.0, max_connections: int = 64,
-                 log=None):
-        if ":" in address[0]:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, allowed_hosts=(), conn_timeout: float = 60.0,
+                 max_connections: int = 64, log=None):
+        if ":" in host:
             self.address_family = socket.AF_INET6
         self.conn_timeout = float(conn_timeout)
         self.slots = threading.BoundedSemaphore(int(max_connections))
         self.allowed_hosts = {"localhost", socket.gethostname().lower(), *(h.lower() for h in allowed_hosts)}
         self.log = log or sys.stderr
-        self.search = None
-        super().__init__(address, Handler)
+        self.search = None  # the engine (search.Searcher), set before serve_forever()
+        try:
+            super().__init__((host, int(port)), Handler)
+        except OSError as e:
+            raise ValueError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e}); "
+                             f"pick another --port") from None
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
+        if self.slots.acquire(blocking=False):
+            super().process_request(request, client_address)  # a thread of its own, which frees the slot when done
+        else:
             self._turn_away(request)
-            return
-        threading.Thread(target=self._serve_then_free, args=(request, client_address), daemon=True).start()
 
-    def _serve_then_free(self, request, client_address):
+    def process_request_thread(self, request, client_address):
         try:
-            self.process_request_thread(request, client_address)
+            super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
     def _turn_away(self, request):
         body = b'{"error": "the server is busy with other connections; try again in a moment"}'
         head = "".join(f"{k}: {v}\r\n" for k, v in {**SECURITY_HEADERS, "Retry-After": "1"}.items())
-        try:
+        with contextlib.suppress(OSError):
             request.settimeout(1)
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                             + f"Content-Length: {len(body)}\r\nConnection: close\r\n{head}\r\n".encode() + body)
-        except OSError:
-            pass
         self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
@@ -477,15 +349,6 @@ def _is_ip(host: str) -> bool:
 
 def is_loopback(host: str) -> bool:
     return host == "localhost" or _is_ip(host) and ipaddress.ip_address(host).is_loopback
-
-
-def listen(host: str = "127.0.0.1", port: int = 8000, **server_args) -> Server:
-    """A Server bound to host:port (0: any free one), no engine yet: set server.search, then serve_forever()."""
-    try:
-        return Server((host, int(port)), **server_args)
-    except OSError as e:
-        raise ValueError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e}); "
-                         f"pick another --port") from None
 
 
 def url_of(server: Server) -> str:

@@ -1,5 +1,4 @@
-# Tests for search.py: the index of a folder (a prepared dataset or real video files), ranking, the command line and
-# the query warnings. The search page's server is tested in test_serve.py.
+# Tests for search.py: the index of a folder of real video files, ranking, the command line and the query warnings. The search page's server is tested in test_serve.py.
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import framestore
 import prepare
 import search
 from tokenizer import BertTokenizer
-from test_eval import COLOURS, S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
+from test_eval import S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
 
 
 def _run_main(argv, capsys):
@@ -33,29 +32,6 @@ def _hits(text):
     return out
 
 
-def test_search_prepared_dataset_finds_own_video(trained, tmp_path, capsys):
-    path, data_dir, _ = trained
-    index_dir = str(tmp_path / "index")
-    base = [f"--init_from={path}", f"--videos={data_dir}", f"--index_dir={index_dir}", "--num_workers=0",
-            "--device=cpu"]
-    before = sorted(os.listdir(data_dir))
-    firsts, texts = [], []
-    for c in COLOURS:
-        hits, text = _run_main(base + [f"--query=a {c} screen", "--top=3"], capsys)
-        firsts.append(hits[0]["video_id"])
-        texts.append(text)
-        assert len(_hits(text)) == 3
-    assert "indexed 8 videos" in texts[0] and all("loaded the index" in t for t in texts[1:])
-    correct = sum(f == f"vid_{c}" for f, c in zip(firsts, COLOURS))
-    assert correct >= 6, firsts  # most captions find their own video first
-    # one query: exactly `top` hit lines, best first; the second search reuses the cached index
-    _, text = _run_main(base + ["--query=a red screen", "--top=5"], capsys)
-    hits = _hits(text)
-    assert [h[0] for h in hits] == [1, 2, 3, 4, 5]
-    assert [h[2] for h in hits] == sorted((h[2] for h in hits), reverse=True)
-    assert "loaded the index" in text and "encoding" not in text
-
-
 def _write_mp4(path, frames, fps=8):
     h, w, _ = frames[0].shape
     cmd = ["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r",
@@ -64,6 +40,15 @@ def _write_mp4(path, frames, fps=8):
 
 
 FOLDER_COLOURS = ("red", "green", "blue", "yellow")
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A folder of four coloured mp4s, searched with --index_dir (the folder stays as it is)."""
+    videos = tmp_path_factory.mktemp("clips")
+    for i, c in enumerate(FOLDER_COLOURS):
+        _write_mp4(str(videos / f"clip_{c}.mp4"), _frames(c, n=12, size=48, seed=10 + i))
+    return videos
 
 
 @pytest.mark.needs("ffmpeg", "ffprobe")
@@ -112,6 +97,10 @@ def test_search_bad_input(trained, tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(ValueError, match="nothing to index"):
         search.main(base + [f"--videos={empty}", "--query=red"])
+    # a prepared dataset (frames.lmdb, no video files) is eval.py's to evaluate
+    with pytest.raises(ValueError, match=r"no video files in this folder, nothing to index \(search.py indexes video "
+                                         r"files; a prepared dataset is evaluated with eval.py --data_dir="):
+        search.main(base + [f"--videos={data_dir}", "--query=red", f"--index_dir={tmp_path / 'p'}"])
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         search.main(base + [f"--videos={data_dir}", "--query=   ", f"--index_dir={tmp_path / 'i'}"])
     assert not os.path.exists(tmp_path / "i")  # refused before any work
@@ -260,11 +249,12 @@ def test_query_warnings():
                          "Chinese) barely knows; its scores will look confident and mean little")
 
 
-def test_search_cli_prints_query_warnings(trained, tmp_path, capsys):
-    path, data_dir, _ = trained
+@pytest.mark.needs("ffmpeg", "ffprobe")
+def test_search_cli_prints_query_warnings(trained, clips, tmp_path, capsys):
+    path, _, _ = trained
     long = "a red screen " * 8
-    _, text = _run_main([f"--init_from={path}", f"--videos={data_dir}", f"--query={long}", "--num_workers=0",
-                         "--device=cpu", f"--index_dir={tmp_path / 'i'}", "--top=1"], capsys)
+    _, text = _run_main([f"--init_from={path}", f"--videos={clips}", f"--query={long}", "--num_workers=0",
+                         "--device=cpu", f"--index_dir={tmp_path / 'i'}", "--top=1", "--frames_per_video=6"], capsys)
     warnings = [line for line in text.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "24 tokens long; the model reads 16 per caption, so only the first 14" in warnings[0]
     assert len(_hits(text)) == 1
@@ -306,20 +296,23 @@ def test_words_and_the_training_vocabulary(tmp_path):
                            "city); its scores will look confident and mean little")
 
 
-def test_search_cli_warns_of_words_the_model_never_saw(trained, tmp_path, capsys):
-    path, data_dir, _ = trained
+@pytest.mark.needs("ffmpeg", "ffprobe")
+def test_search_cli_warns_of_words_the_model_never_saw(trained, clips, tmp_path, capsys):
+    path, _, _ = trained
     ckpt = torch.load(path, weights_only=False)
     ckpt["config"]["train_split"] = "test"  # the toy set has one split: its captions stand for the training ones
     own = str(tmp_path / "ckpt.pt")
     torch.save(ckpt, own)
-    before = sorted(os.listdir(data_dir))
-    base = [f"--init_from={own}", f"--videos={data_dir}", "--num_workers=0", "--device=cpu",
-            f"--index_dir={tmp_path / 'index'}", "--top=2"]
+    before = sorted(os.listdir(clips))
+    base = [f"--init_from={own}", f"--videos={clips}", "--num_workers=0", "--device=cpu",
+            f"--index_dir={tmp_path / 'index'}", "--top=2", "--frames_per_video=6"]
     _, text = _run_main(base + ["--query=a man riding a bicycle in the city"], capsys)
     warnings = [line for line in text.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "never occur in the" in warnings[0] and "(man, riding, bicycle" in warnings[0]
     assert len(_hits(text)) == 2  # still answered
     _, text = _run_main(base + ["--query=a red screen"], capsys)
-    assert "warning:" not in text and _hits(text)[0][1] == "vid_red"
+    hits = _hits(text)
+    assert "warning:" not in text and hits[0][1] == "clip_red"
+    assert [h[0] for h in hits] == [1, 2] and hits[0][2] >= hits[1][2]  # `top` lines, best first
     # --index_dir: nothing is written into the searched folder
-    assert sorted(os.listdir(data_dir)) == before and os.listdir(tmp_path / "index")
+    assert sorted(os.listdir(clips)) == before and os.listdir(tmp_path / "index")

@@ -18,7 +18,6 @@ import pytest
 
 import model as hmmc_model
 import framestore
-import prepare
 import search
 import serve
 from test_eval import S, T, _frames, _tok, trained  # noqa: F401 (trained is a fixture)
