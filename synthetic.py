@@ -74,8 +74,7 @@ def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) ->
     grid = ((np.arange(size * ss) + 0.5) / ss).astype(np.float32)  # sample positions in pixels
     gy, gx = np.meshgrid(grid, grid, indexing="ij")  # (size*ss, size*ss)
     background = rng.integers(0, 30, size=3).astype(np.float32)
-    frames = np.empty((num_frames, size, size, 3), dtype=np.float32)
-    frames[:] = background
+    frames = np.full((num_frames, size, size, 3), background, dtype=np.float32)
     per_object = num_frames // len(events)
     for k, (colour, shape, motion) in enumerate(events):
         r = rng.uniform(0.17, 0.21) * size
@@ -93,8 +92,7 @@ def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) ->
         first_of_leg = np.searchsorted(leg, leg)
         u = (np.arange(n) - first_of_leg + 0.5) / np.bincount(leg)[leg]  # progress at the centre of the frame's slot
         pos = start + corners[leg] + u[:, None] * steps[leg]
-        cx = pos[:, 0].astype(np.float32)
-        cy = pos[:, 1].astype(np.float32)
+        cx, cy = pos.T.astype(np.float32)
         rgb = np.array(_SYN_COLOURS[colour][0], dtype=np.float32)
         inside = _syn_coverage(shape, gx - cx[:, None, None], gy - cy[:, None, None], r)  # (n, size*ss, size*ss)
         alpha = inside.reshape(-1, size, ss, size, ss).sum(axis=(2, 4), dtype=np.float32)[..., None] / (ss * ss)
@@ -132,8 +130,7 @@ def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double:
         seen.add((a, b, axes))
         for da in (axes[0], _SYN_OPPOSITE[axes[0]]):
             for db in (axes[1], _SYN_OPPOSITE[axes[1]]):
-                out.append([(*a, (da,)), (*b, (db,))])
-                out.append([(*b, (db,)), (*a, (da,))])
+                out += [[(*a, (da,)), (*b, (db,))], [(*b, (db,)), (*a, (da,))]]  # in both orders
     return out
 
 
@@ -217,7 +214,7 @@ def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | 
         os.makedirs(mp4_dir, exist_ok=True)
     db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
     # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
-    mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
+    mp4_pool, mp4_jobs = ThreadPoolExecutor(os.cpu_count() or 1), []
     for split, event_lists in splits.items():
         with open(os.path.join(tmp_dir, f"{split}.jsonl"), "w") as f:
             for i, events in enumerate(event_lists):
@@ -242,8 +239,7 @@ def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | 
         if verbose and (n % 1000 == 0 or n == len(mp4_jobs)):
             print(f"synthetic: {n}/{len(mp4_jobs)} .mp4 files in {videos} ({n / (time.time() - t0 + 1e-9):.0f}/s)",
                   flush=True)
-    if mp4_pool:
-        mp4_pool.shutdown()
+    mp4_pool.shutdown()
     with open(os.path.join(tmp_dir, "vocab.txt"), "w") as f:
         f.write("\n".join(_SYN_SPECIALS + sorted(set("，然后移动" + "".join(_ZH.values())))) + "\n")
     # swap in the finished folder at the end, so an interrupted run never leaves a dataset that looks complete
