@@ -89,7 +89,7 @@ def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) ->
         lo, hi = corners.min(axis=0), corners.max(axis=0)
         start = rng.uniform(r - lo, size - r - hi)  # (2,)
         leg = np.arange(n) * len(motion) // n  # the leg each frame is on
-        first_of_leg = np.searchsorted(leg, leg)
+        first_of_leg = np.searchsorted(leg, leg)  # leg never decreases: the index of its first frame
         u = (np.arange(n) - first_of_leg + 0.5) / np.bincount(leg)[leg]  # progress at the centre of the frame's slot
         pos = start + corners[leg] + u[:, None] * steps[leg]
         cx, cy = pos.T.astype(np.float32)
