@@ -5,6 +5,7 @@
 LMDB layout: key f"{video_id}_{i}" -> JPEG of frame i, at the centre of the i-th of T equal time segments, short side
 frame_size; `__meta__` -> JSON {"version", "num_frames", "frame_size", "count", "failed": {id: reason}[, "square"]}.
 """
+import contextlib
 import errno
 import io
 import json
@@ -22,34 +23,30 @@ FRAMEDB_VERSION = 1
 _META_KEY = b"__meta__"
 
 # py-lmdb opens a path once per process, yet a train and an eval set may both read it: readers share a counted one.
-_SHARED_ENVS = {}  # realpath -> [env, refcount, pid]
+_SHARED_ENVS = {}  # realpath -> (env, readers, pid)
 
 
 def _open_shared_env(path):
     key = os.path.realpath(path)
-    entry = _SHARED_ENVS.get(key)
-    if entry is not None and entry[2] != os.getpid():
-        # inherited through fork (a DataLoader worker): unusable here, and safe to close without a lock file
-        try:
-            entry[0].close()
-        except lmdb.Error:
-            pass
-        entry = None
-    if entry is None:
+    env, readers, pid = _SHARED_ENVS.get(key, (None, 0, os.getpid()))
+    if pid != os.getpid():  # inherited through fork (a DataLoader worker): unusable here, closed without a lock file
+        with contextlib.suppress(lmdb.Error):
+            env.close()
+        env, readers = None, 0
+    if env is None:
         env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False,
                         subdir=os.path.isdir(path), max_readers=2048, max_spare_txns=1)
-        entry = _SHARED_ENVS[key] = [env, 0, os.getpid()]
-    entry[1] += 1
-    return entry[0]
+    _SHARED_ENVS[key] = (env, readers + 1, os.getpid())
+    return env
 
 
 def _release_shared_env(path):
     key = os.path.realpath(path)
-    entry = _SHARED_ENVS.get(key)
-    if entry is not None and entry[2] == os.getpid():
-        entry[1] -= 1
-        if entry[1] <= 0:
-            entry[0].close()
+    env, readers, pid = _SHARED_ENVS.get(key, (None, 0, None))
+    if pid == os.getpid():
+        _SHARED_ENVS[key] = (env, readers - 1, pid)
+        if readers == 1:  # the last reader
+            env.close()
             del _SHARED_ENVS[key]
 
 
@@ -103,17 +100,15 @@ class FrameDB:
             cur = txn.cursor()
             if not cur.first():
                 return None  # a fresh store
-            # no __meta__: an LMDB of the original tools/frame2lmdb.py
+            # no __meta__: an LMDB of the original tools/frame2lmdb.py, whose first key is <video_id>_0
             key = bytes(cur.key()).decode("utf-8", "replace")
-            vid, _, idx = key.rpartition("_")
-            if not vid or not idx.isdigit():
-                raise ValueError(f"{self.path}: key {key!r} is not of the form <video_id>_<frame index> and "
-                                 f"there is no __meta__ entry; is this a frame LMDB?")
+            vid = key.rpartition("_")[0]
             n = 0
-            while txn.get(f"{vid}_{n}".encode()) is not None:
+            while vid and txn.get(f"{vid}_{n}".encode()) is not None:
                 n += 1
             if n == 0:
-                raise ValueError(f"{self.path}: cannot infer the frame count (no key {vid}_0)")
+                raise ValueError(f"{self.path}: no __meta__ entry and the first key {key!r} is not <video_id>_0; "
+                                 f"is this a frame LMDB?")
             return {"version": 0, "num_frames": n, "frame_size": None, "count": txn.stat()["entries"] // n,
                     "failed": {}}
 
@@ -251,19 +246,18 @@ def find_videos(videos_dir: str, ids=None) -> dict:
     """{file name without extension: path} of the videos under videos_dir; with `ids`, those ids (any extension,
     None for no file)."""
     wanted = set(ids) if ids is not None else None
-    found = {}  # video id -> (not a known video extension, path): known extensions win a tie of names
-    for rel in walk_files(videos_dir):
+    found = {}
+    # known video extensions first, then by path: of two files with one name, the first is used
+    for rel in sorted(walk_files(videos_dir), key=lambda rel: (not is_video(rel), rel)):
         stem = os.path.splitext(os.path.basename(rel))[0]
         if stem not in wanted if wanted is not None else not is_video(rel):
             continue
-        cand = (not is_video(rel), os.path.join(videos_dir, rel))
+        path = os.path.join(videos_dir, rel)
         if stem in found:
-            keep = min(found[stem], cand)
-            print(f"warning: two files for video id {stem!r}: {found[stem][1]} and {cand[1]}; using {keep[1]}",
+            print(f"warning: two files for video id {stem!r}: {found[stem]} and {path}; using {found[stem]}",
                   flush=True)
-            cand = keep
-        found[stem] = cand
-    found = {vid: path for vid, (_, path) in found.items()}
+        else:
+            found[stem] = path
     return found if ids is None else {vid: found.get(vid) for vid in dict.fromkeys(ids)}
 
 
@@ -301,8 +295,7 @@ def finite_float(x):
 def _rate(x):
     """ffprobe's "30000/1001" -> 29.97 (None for 0/0 or junk)."""
     num, _, den = str(x).partition("/")
-    v = finite_float(num)
-    d = finite_float(den or 1)
+    v, d = finite_float(num), finite_float(den or 1)
     return v / d if v and d and v / d > 0 else None
 
 
@@ -357,8 +350,8 @@ def decode_video(path, num_frames, frame_size, quality=90, square=False) -> tupl
     the centres; round=up shows the frame on screen at each slot's time."""
     info = probe_video(path)
     w, h = info["width"], info["height"]
-    W, H = (frame_size, max(1, round(h * frame_size / w))) if w <= h else (max(1, round(w * frame_size / h)),
-                                                                           frame_size)
+    short = min(w, h)  # scaled to frame_size
+    W, H = max(1, round(w * frame_size / short)), max(1, round(h * frame_size / short))
     # the centre square, placed where the dataset's centre crop takes it
     crop = f",crop={frame_size}:{frame_size}:{int(round((W - frame_size) / 2))}:{int(round((H - frame_size) / 2))}" \
         if square else ""

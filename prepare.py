@@ -14,7 +14,6 @@ A dataset is data/<name>/frames.lmdb and data/<name>/<split>.jsonl, one video pe
   {"video_id": str, "captions": [str, ...], "tags": str or [str, ...] (opt), "duration": float (opt), ...}
 Other languages get a suffix (`captions_zh`, `captions_en`/`tags_en`); `caption_field` picks one, tags follow it.
 """
-import contextlib
 import csv
 import io
 import json
@@ -246,12 +245,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, split, tokenizer=None, *, mode="train", num_frames=12, context_length=32,
                  frame_sample="uniform", image_size=224, augment="none", seed=0, caption_field="captions",
                  tag_context_length=25, lmdb_path=None, verbose=True, replace_bad=False):
-        if mode not in ("train", "pretrain", "videos"):
-            raise ValueError(f"mode must be 'train', 'pretrain' or 'videos', got {mode!r}")
-        if frame_sample not in ("uniform", "random", "stratified"):
-            raise ValueError(f"frame_sample must be 'uniform', 'random' or 'stratified', got {frame_sample!r}")
-        if augment not in ("none", "frame", "clip"):
-            raise ValueError(f"augment must be 'none', 'frame' or 'clip', got {augment!r}")
+        for key, value, allowed in (("mode", mode, ("train", "pretrain", "videos")),
+                                    ("frame_sample", frame_sample, ("uniform", "random", "stratified")),
+                                    ("augment", augment, ("none", "frame", "clip"))):
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
         if mode != "videos" and tokenizer is None:
             raise ValueError(f"mode={mode!r} needs a tokenizer (tokenizer.get_tokenizer('clip') or ('bert', vocab))")
         self.data_dir, self.split, self.tokenizer, self.mode = data_dir, split, tokenizer, mode
@@ -268,8 +266,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 data_dir) else []
             raise FileNotFoundError(f"no split file {jsonl} (splits there: {have or 'none'}); make it with "
                                     f"`python prepare.py <msrvtt|vatex|chvtt|synthetic> --out={data_dir}`")
-        db = FrameDB(self.lmdb_path)  # only to check: each worker opens its own (LMDB and fork do not mix)
-        try:
+        with FrameDB(self.lmdb_path) as db:  # only to check: each worker opens its own (LMDB and fork do not mix)
             self.lmdb_frames = db.num_frames
             if num_frames > db.num_frames:
                 raise ValueError(f"{self.lmdb_path} stores {db.num_frames} frames per video but num_frames="
@@ -304,8 +301,6 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 tags = obj.get(self.tag_field)
                 # a string as written (CHVTT: the raw tag string); None when the field is absent (VATEX)
                 self.tags.append(" ".join(tags) if isinstance(tags, list) else tags)
-        finally:
-            db.close()
         if verbose and (missing or no_caption):
             msg = f"{jsonl}: using {len(self.video_ids)} of {total} videos"
             if missing:
@@ -462,31 +457,31 @@ def _listed(name: str, split: str, path: str, read_ids, records: dict, counter: 
 def _finish_conversion(name: str, out: str, splits: dict, frames, counter: Counter) -> dict:
     """Drop videos without frames (when an LMDB is known), write the splits, print one summary line each."""
     frames = frames or os.path.join(out, "frames.lmdb")
-    have_frames = os.path.exists(frames)
-    if not have_frames:
+    stored = None  # the videos with frames, where an LMDB tells
+    if os.path.exists(frames):
+        with FrameDB(frames) as db:
+            stored = {r["video_id"] for records in splits.values() for r in records if db.has_video(r["video_id"])}
+    else:
         print(f"{name}: no frame LMDB at {frames}, so videos are not checked for frames now (the dataset "
               f"leaves out missing ones when it loads); pass --frames=PATH to check", flush=True)
     os.makedirs(out, exist_ok=True)
     summary = {}
-    with (FrameDB(frames) if have_frames else contextlib.nullcontext()) as db:
-        for split, records in splits.items():
-            missing = [r["video_id"] for r in records if db is not None and not db.has_video(r["video_id"])]
-            if missing:
-                gone = set(missing)
-                records = [r for r in records if r["video_id"] not in gone]
-                print(f"{name}: {split}: {len(missing)} videos have no frames in {frames}, left out "
-                      f"(e.g. {', '.join(missing[:5])})", flush=True)
-            path = os.path.join(out, f"{split}.jsonl")
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            os.replace(path + ".tmp", path)  # never leave a half-written split behind
-            n_caps = sum(len(r.get("captions", [])) for r in records)
-            print(f"{name}: wrote {path}: {len(records)} videos, {n_caps} captions", flush=True)
-            summary[split] = {"videos": len(records), "captions": n_caps, "missing_frames": missing}
-    if counter["empty"]:
-        print(f"{name}: dropped {counter['empty']} empty captions", flush=True)
-    if counter["no_caption"]:
-        print(f"{name}: dropped {counter['no_caption']} videos without any caption", flush=True)
+    for split, records in splits.items():
+        missing = [r["video_id"] for r in records if stored is not None and r["video_id"] not in stored]
+        if missing:
+            records = [r for r in records if r["video_id"] in stored]
+            print(f"{name}: {split}: {len(missing)} videos have no frames in {frames}, left out "
+                  f"(e.g. {', '.join(missing[:5])})", flush=True)
+        path = os.path.join(out, f"{split}.jsonl")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(path + ".tmp", path)  # never leave a half-written split behind
+        n_caps = sum(len(r.get("captions", [])) for r in records)
+        print(f"{name}: wrote {path}: {len(records)} videos, {n_caps} captions", flush=True)
+        summary[split] = {"videos": len(records), "captions": n_caps, "missing_frames": missing}
+    for key, what in (("empty", "empty captions"), ("no_caption", "videos without any caption")):
+        if counter[key]:
+            print(f"{name}: dropped {counter[key]} {what}", flush=True)
     return summary
 
 
@@ -540,10 +535,8 @@ def convert_msrvtt(anno=None, data_json=None, train_9k=None, train_7k=None, test
             if not vid:
                 raise ValueError(f"{test_csv}:{lineno}: no video_id (expected columns key, vid_key, video_id, "
                                  f"sentence)")
-            kept = _clean_captions([row.get("sentence")], counter)
-            if kept:
-                test.setdefault(vid, []).extend(kept)
-    splits["test"] = [record(vid, c) for vid, c in test.items()]
+            test.setdefault(vid, []).extend(_clean_captions([row.get("sentence")], counter))
+    splits["test"] = [record(vid, c) for vid, c in test.items() if c]
     return _finish_conversion("msrvtt", out, splits, frames, counter)
 
 
@@ -694,34 +687,30 @@ COMMANDS = {
 }
 
 
-def _usage() -> str:
-    return "\n".join(["usage: python prepare.py <command> [--key=value ...]   (<command> --help lists its options)",
-                      "commands:", *(f"  {name:9s}  {summary}" for name, (summary, _, _) in COMMANDS.items())])
+_USAGE = "\n".join(["usage: python prepare.py <command> [--key=value ...]   (<command> --help lists its options)",
+                    "commands:", *(f"  {name:9s}  {summary}" for name, (summary, _, _) in COMMANDS.items())])
 
 
-def _quote_paths(args: list, defaults: dict) -> list:
+def _quote_path(arg: str, defaults: dict) -> str:
     # configure reads values as Python literals: quoted, a path (default None) stays as typed (--ids=2024 a file)
-    out = []
-    for a in args:
-        key, eq, text = a[2:].partition("=")
-        if a.startswith("--") and eq and key in defaults and defaults[key] is None:
-            a = f"--{key}={text!r}"
-        out.append(a)
-    return out
+    key, eq, text = arg[2:].partition("=")
+    if arg.startswith("--") and eq and key in defaults and defaults[key] is None:
+        return f"--{key}={text!r}"
+    return arg
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(_USAGE)
         return
     cmd, args = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        sys.exit(f"error: unknown command {cmd!r}\n{_usage()}")
+        sys.exit(f"error: unknown command {cmd!r}\n{_USAGE}")
     _, run, options = COMMANDS[cmd]
     defaults = {key: default for key, (default, _) in options.items()}
     try:
-        config = configure(defaults, _quote_paths(args, defaults), prog=f"prepare.py {cmd}",
+        config = configure(defaults, [_quote_path(a, defaults) for a in args], prog=f"prepare.py {cmd}",
                            descriptions={key: text for key, (_, text) in options.items()})
         run(**config)
     except (ValueError, OSError, RuntimeError) as e:  # bad options or inputs: one line, no traceback

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -75,8 +74,7 @@ def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) ->
     grid = ((np.arange(size * ss) + 0.5) / ss).astype(np.float32)  # sample positions in pixels
     gy, gx = np.meshgrid(grid, grid, indexing="ij")  # (size*ss, size*ss)
     background = rng.integers(0, 30, size=3).astype(np.float32)
-    frames = np.empty((num_frames, size, size, 3), dtype=np.float32)
-    frames[:] = background
+    frames = np.full((num_frames, size, size, 3), background, dtype=np.float32)
     per_object = num_frames // len(events)
     for k, (colour, shape, motion) in enumerate(events):
         r = rng.uniform(0.17, 0.21) * size
@@ -86,19 +84,15 @@ def _syn_render(events, rng: np.random.Generator, num_frames: int, size: int) ->
         # legs of the path, then a placement of the whole path drawn uniformly among those that fit the frame: the
         # time reverse of every video is then an equally likely video (see the module docstring)
         lengths = rng.uniform(0.4, 0.55, size=len(motion)) * size / len(motion) ** 0.5
-        steps = [np.array(_SYN_DIRECTIONS[d][0], dtype=np.float64) * L for d, L in zip(motion, lengths)]
-        corners = np.cumsum([np.zeros(2)] + steps, axis=0)  # (legs+1, 2) relative to the start
+        steps = np.array([_SYN_DIRECTIONS[d][0] for d in motion], dtype=np.float64) * lengths[:, None]
+        corners = np.cumsum([np.zeros(2), *steps], axis=0)  # (legs+1, 2) relative to the start
         lo, hi = corners.min(axis=0), corners.max(axis=0)
         start = rng.uniform(r - lo, size - r - hi)  # (2,)
-        pos = np.empty((n, 2))
-        legs = len(motion)
-        for j in range(n):
-            leg = min(j * legs // n, legs - 1)
-            in_leg = [i for i in range(n) if min(i * legs // n, legs - 1) == leg]
-            u = (in_leg.index(j) + 0.5) / len(in_leg)  # progress along the leg at the centre of the frame's slot
-            pos[j] = start + corners[leg] + u * steps[leg]
-        cx = pos[:, 0].astype(np.float32)
-        cy = pos[:, 1].astype(np.float32)
+        leg = np.arange(n) * len(motion) // n  # the leg each frame is on
+        first_of_leg = np.searchsorted(leg, leg)  # leg never decreases: the index of its first frame
+        u = (np.arange(n) - first_of_leg + 0.5) / np.bincount(leg)[leg]  # progress at the centre of the frame's slot
+        pos = start + corners[leg] + u[:, None] * steps[leg]
+        cx, cy = pos.T.astype(np.float32)
         rgb = np.array(_SYN_COLOURS[colour][0], dtype=np.float32)
         inside = _syn_coverage(shape, gx - cx[:, None, None], gy - cy[:, None, None], r)  # (n, size*ss, size*ss)
         alpha = inside.reshape(-1, size, ss, size, ss).sum(axis=(2, 4), dtype=np.float32)[..., None] / (ss * ss)
@@ -118,12 +112,8 @@ def _syn_random_events(rng: np.random.Generator, p_two: float):
 def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double: int):
     """Event lists of whole confusion groups: `num_single` of one object's motion and its reverse (2 videos),
     `num_double` of two objects in both orders and both directions of their axes (8 videos)."""
-    pairs, seen = [], set()
-    for m in _SYN_MOTIONS:
-        key = min(m, _syn_reverse(m))
-        if key not in seen:
-            seen.add(key)
-            pairs.append((key, _syn_reverse(key)))
+    keys = dict.fromkeys(min(m, _syn_reverse(m)) for m in _SYN_MOTIONS)  # one motion of each pair, in order
+    pairs = [(key, _syn_reverse(key)) for key in keys]
     singles = [(o, p) for o in _SYN_OBJECTS for p in pairs]
     order = rng.permutation(len(singles))[:num_single]
     out = []
@@ -140,8 +130,7 @@ def _syn_confusion_groups(rng: np.random.Generator, num_single: int, num_double:
         seen.add((a, b, axes))
         for da in (axes[0], _SYN_OPPOSITE[axes[0]]):
             for db in (axes[1], _SYN_OPPOSITE[axes[1]]):
-                out.append([(*a, (da,)), (*b, (db,))])
-                out.append([(*b, (db,)), (*a, (da,))])
+                out += [[(*a, (da,)), (*b, (db,))], [(*b, (db,)), (*a, (da,))]]  # in both orders
     return out
 
 
@@ -185,57 +174,11 @@ def _syn_pretrain_text(events, rng: np.random.Generator) -> dict:
             "captions_zh": [_syn_title(events, order, "zh")], "tags_zh": [_ZH[w] for w in tags]}
 
 
-def captions_of_test_split(seed: int = 0, test_single: int = 90, test_double: int = 3,
-                           field: str = "captions_zh", **_) -> list[str]:
-    """The test captions prepare_synthetic(seed, test_single, test_double) writes (its first draws), without videos."""
-    events = _syn_confusion_groups(np.random.default_rng(seed), test_single, test_double)
-    write = {"captions": _syn_caption_en, "captions_zh": _syn_caption_zh}[field]
-    return [write(e) for e in events]
-
-
-def overlap(titles, captions) -> int:
-    """How many of the distinct `captions` appear verbatim among `titles`."""
-    titles = set(titles)
-    return sum(c in titles for c in set(captions))
-
-
-def queue_copies(titles: list[str], queue_size: int) -> float:
-    """Mean copies of a video's own title among `queue_size` random others: the queue's false negatives."""
-    n = len(titles)
-    return queue_size * sum(k * (k - 1) for k in Counter(titles).values()) / (n * (n - 1))
-
-
-def title_report(records: list[dict], queue_size: int = 1024) -> str:
-    """One line on pre-training records: their titles against the test captions of the built-in synthetic set."""
-    test = {lang: captions_of_test_split(**BUILT_IN["synthetic"], field="captions" + lang) for lang in ("", "_zh")}
-    titles = {lang: [r["captions" + lang][0] for r in records] for lang in ("", "_zh")}
-    full = [r["captions_full_zh"][0] for r in records]
-    return (f"titles: {overlap(titles['_zh'], test['_zh'])} (English {overlap(titles[''], test[''])}) of the "
-            f"{len(set(test['_zh']))} test captions of the built-in synthetic set appear verbatim among "
-            f"{len(records)} titles (among the full captions: {overlap(full, test['_zh'])}); "
-            f"{len(set(titles['_zh']))} distinct titles, {queue_copies(titles['_zh'], queue_size):.1f} copies of a "
-            f"video's own title among {queue_size} random others ({queue_copies(full, queue_size):.1f} of its "
-            f"full caption)")
-
-
 # the built-in datasets, made by train.py on first use: data/<name> <- prepare_synthetic(**arguments)
 BUILT_IN = {
     "synthetic": {},
     "synthetic_pretrain": dict(seed=1, num_train=12000, titles=True),  # other videos, twice as many, titles
 }
-
-
-def stale(name: str, folder: str) -> str | None:
-    """Why the built-in set `name` in `folder` is outdated (a pre-training set from before titles), or None."""
-    path = os.path.join(folder, "train.jsonl")
-    if not BUILT_IN.get(name, {}).get("titles") or not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        first = json.loads(f.readline() or "{}")
-    if "captions_full" in first:
-        return None
-    return (f"{folder} was written by an older version: its captions are full captions, not the titles of "
-            f"{name!r}; delete the folder and train.py writes it anew")
 
 
 def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | None = None,
@@ -271,8 +214,7 @@ def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | 
         os.makedirs(mp4_dir, exist_ok=True)
     db = FrameDB(os.path.join(tmp_dir, "frames.lmdb"), readonly=False, num_frames=num_frames, frame_size=frame_size)
     # one ffmpeg process per .mp4: threads suffice to keep every core busy, the encoding runs outside the GIL
-    mp4_pool, mp4_jobs = (ThreadPoolExecutor(os.cpu_count() or 1), []) if videos else (None, [])
-    titled = []  # the training records with titles, for the report below
+    mp4_pool, mp4_jobs = ThreadPoolExecutor(os.cpu_count() or 1), []
     for split, event_lists in splits.items():
         with open(os.path.join(tmp_dir, f"{split}.jsonl"), "w") as f:
             for i, events in enumerate(event_lists):
@@ -289,8 +231,6 @@ def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | 
                     full = {f"{k}_full{lang}": record[k + lang] for k in ("captions", "tags") for lang in ("", "_zh")}
                     record = {"video_id": vid, **_syn_pretrain_text(events, text_rng), **full,
                               "duration": record["duration"]}
-                    if split == "train":
-                        titled.append(record)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     db.close()
     t0 = time.time()
@@ -299,8 +239,7 @@ def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | 
         if verbose and (n % 1000 == 0 or n == len(mp4_jobs)):
             print(f"synthetic: {n}/{len(mp4_jobs)} .mp4 files in {videos} ({n / (time.time() - t0 + 1e-9):.0f}/s)",
                   flush=True)
-    if mp4_pool:
-        mp4_pool.shutdown()
+    mp4_pool.shutdown()
     with open(os.path.join(tmp_dir, "vocab.txt"), "w") as f:
         f.write("\n".join(_SYN_SPECIALS + sorted(set("，然后移动" + "".join(_ZH.values())))) + "\n")
     # swap in the finished folder at the end, so an interrupted run never leaves a dataset that looks complete
@@ -310,6 +249,4 @@ def prepare_synthetic(out: str = "data/synthetic", seed: int = 0, videos: str | 
         counts = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
         print(f"wrote synthetic dataset to {out}: {counts} videos, {num_frames} frames of {frame_size} px",
               flush=True)
-        if titles:
-            print(title_report(titled), flush=True)
     return out

@@ -60,8 +60,6 @@ _FTFY_TABLE, _FTFY_CONTROLS, _FTFY_ENTITIES = _ftfy_tables()
 # ftfy's patterns use the standard library's `re` (its \d is any Unicode digit), so ours do too
 _FTFY_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
 _FTFY_ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
-_FTFY_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
-_FTFY_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _ftfy_entity(m):
@@ -79,10 +77,8 @@ def _ftfy_segment(text: str, unescape: bool) -> str:
             text = _FTFY_ENTITY.sub(_ftfy_entity, text)
         # ftfy's mojibake repair ("cafÃ©" -> "café", ~400 lines of heuristics) would come here: such text stays as is
         text = text.replace("\r\n", "\n").translate(_FTFY_TABLE)
-        if _FTFY_SURROGATE.search(text):  # strings from bad JSON: pairs joined, lone halves become U+FFFD
-            text = _FTFY_SURROGATE_PAIR.sub(
-                lambda m: chr(0x10000 + (ord(m[0][0]) - 0xD800) * 1024 + ord(m[0][1]) - 0xDC00), text)
-            text = _FTFY_SURROGATE.sub("\ufffd", text)
+        # surrogates (strings from bad JSON): pairs joined into their character, lone halves become U+FFFD
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         if "\x1b" in text:
             text = _FTFY_ANSI.sub("", text)
         text = unicodedata.normalize("NFC", text.translate(_FTFY_CONTROLS))
@@ -210,10 +206,8 @@ class BertTokenizer:
     specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
     def __init__(self, vocab_file: str):
-        self.vocab = {}
-        with open(vocab_file, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                self.vocab[line.rstrip("\n")] = i  # a repeated token keeps its last line, as HF's loader does
+        with open(vocab_file, encoding="utf-8") as f:  # a repeated token keeps its last line, as HF's loader does
+            self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
         missing = [t for t in self.specials if t not in self.vocab]
         if missing:
             raise ValueError(f"BERT vocab {vocab_file} lacks the special tokens {missing}")
@@ -230,12 +224,8 @@ class BertTokenizer:
             category = unicodedata.category(ch)
             if ch in "\t\n\r" or category == "Zs":
                 out.append(" ")
-            elif category.startswith("C") or ch == "\ufffd":  # NUL is a C character too
-                continue
-            elif _bert_is_cjk(ord(ch)):
-                out.append(" " + ch + " ")
-            else:
-                out.append(ch)
+            elif not category.startswith("C") and ch != "\ufffd":  # NUL is a C character too
+                out.append(f" {ch} " if _bert_is_cjk(ord(ch)) else ch)
         words = []
         for word in "".join(out).split():
             # lower-casing also strips accents: NFD, then drop the combining marks (Mn)

@@ -226,10 +226,6 @@ def load_data(master: bool, ddp: bool):
                 synthetic.prepare_synthetic(folder, **synthetic.BUILT_IN[name])
             if ddp:
                 dist.barrier()
-        if name in synthetic.BUILT_IN and os.path.normpath(folder) == os.path.join("data", name):
-            problem = synthetic.stale(name, folder)
-            if problem:
-                raise ValueError(f"dataset {name!r}: {problem}")
     eval_split = val_split if val_split and os.path.exists(os.path.join(edir, f"{val_split}.jsonl")) else TEST_SPLIT
     check_data(ddir, [TRAIN_SPLIT], dataset)
     check_data(edir, [eval_split, TEST_SPLIT], eval_dataset or dataset)

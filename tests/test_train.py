@@ -244,20 +244,6 @@ def test_a_users_data_folder_is_never_written(data, tmp_path, monkeypatch):
     assert os.listdir("data/synthetic") == ["NOTES.txt"]
 
 
-def test_a_stale_built_in_pretrain_set_is_refused(tmp_path, monkeypatch):
-    # data/synthetic_pretrain from before titles: full captions where the titles belong; training on it would
-    # measure more labels, not transfer
-    monkeypatch.chdir(tmp_path)
-    prepare_synthetic("data/synthetic_pretrain", num_train=4, test_single=1, test_double=0, val_single=1,
-                      val_double=0, verbose=False)
-    before = sorted(os.listdir("data/synthetic_pretrain"))
-    with pytest.raises(ValueError, match="dataset 'synthetic_pretrain': data/synthetic_pretrain was written by an "
-                                         "older version: .* delete the folder and train.py writes it anew"):
-        run(["--dataset=synthetic_pretrain", "--pretrain=True", "--weight_mlm=0", "--batch_size=4", "--queue_size=8",
-             "--max_iters=1", "--out_dir=out", *TINY])
-    assert sorted(os.listdir("data/synthetic_pretrain")) == before and not os.path.exists("out/ckpt.pt")
-
-
 def test_start_up_says_what_differs_from_the_defaults_in_one_line(data, tmp_path, capsys):
     run(["--data_dir=" + data, f"--out_dir={tmp_path}", "--batch_size=4", "--max_iters=1", "--seed=3"])
     out = capsys.readouterr().out.splitlines()
