@@ -122,9 +122,8 @@ def format_table(metrics: dict, title: str) -> str:
 
 
 def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    ddp = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
 
 
 def _shard(n: int) -> list[int]:
@@ -147,14 +146,12 @@ def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, d
     shard = torch.utils.data.Subset(dataset, _shard(len(dataset)))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
-    video_embs, frame_embs = [], []
-    for batch in loader:
-        frames = batch["video"].to(device, non_blocking=True)  # (B, T, 3, S, S) uint8: the model normalises them
+    embs = []  # per batch (video_emb, frame_emb), fp32
+    for batch in loader:  # (B, T, 3, S, S) uint8 frames: the model normalises them
         with autocast(device, dtype):
-            video_emb, frame_emb = net.encode_video(frames)
-        video_embs.append(video_emb.float())
-        frame_embs.append(frame_emb.float())
-    return _gather(torch.cat(video_embs), len(dataset)), _gather(torch.cat(frame_embs), len(dataset))
+            embs.append(net.encode_video(batch["video"].to(device, non_blocking=True)))
+    video_emb, frame_emb = (torch.cat(parts) for parts in zip(*embs))
+    return _gather(video_emb, len(dataset)), _gather(frame_emb, len(dataset))
 
 
 @torch.no_grad()
@@ -164,7 +161,7 @@ def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int 
     rows = _shard(len(ids))
     batches = zip(ids[rows].split(batch_size), mask[rows].split(batch_size))
     with autocast(device, dtype):
-        text_emb = torch.cat([net.encode_text(i.to(device), m.to(device)).float() for i, m in batches])
+        text_emb = torch.cat([net.encode_text(i.to(device), m.to(device)) for i, m in batches])  # fp32
     return _gather(text_emb, len(ids))
 
 
@@ -203,12 +200,11 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
                       frame_match_weight=float(frame_match_weight),
                       encode_dtype=str(dtype or "float32").replace("torch.", ""), encode_s=round(encode_s, 3),
                       videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
+    box = [result]
     if world > 1:  # every rank returns the same dict, so callers need no rank checks
-        box = [result]
         dist.broadcast_object_list(box, src=0)
-        result = box[0]
     net.train(was_training)
-    return result
+    return box[0]
 
 
 def _settings(cfg: dict, model_cfg: hmmc_model.HMMCConfig, ckpt_config: dict) -> dict:
@@ -291,11 +287,9 @@ def main(argv=None):
         print(f"encoded {result['num_videos']} videos and {result['num_texts']} captions in {result['encode_s']:.1f}s "
               f"({result['videos_per_s']:.0f} videos/s)")
         print(format_table(result, title))
-        out_path = cfg["out"]
-        if not out_path:
-            base = "out" if is_clip else os.path.dirname(cfg["init_from"]) or "."
-            name = f"eval_{'clip_' if is_clip else ''}{s['dataset']}_{cfg['split']}{'_dsl' if cfg['dsl'] else ''}"
-            out_path = os.path.join(base, name + ".json")
+        base = "out" if is_clip else os.path.dirname(cfg["init_from"]) or "."
+        name = f"eval_{'clip_' if is_clip else ''}{s['dataset']}_{cfg['split']}{'_dsl' if cfg['dsl'] else ''}"
+        out_path = cfg["out"] or os.path.join(base, name + ".json")
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path, "w") as f:
             json.dump({**result, "split": cfg["split"], "checkpoint": cfg["init_from"], "config": {**cfg, **s},

@@ -13,7 +13,7 @@ import copy
 import math
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -86,16 +86,14 @@ class HMMCConfig:
         self.mlm_special_ids = tuple(self.mlm_special_ids)
 
     def to_dict(self) -> dict:
-        d = asdict(self)  # nested dataclasses become dicts
-        d["mlm_special_ids"] = list(self.mlm_special_ids)  # plain types for weights_only checkpoints
-        return d
+        # nested dataclasses become dicts, the tuple a list: plain types for weights_only checkpoints
+        return {**asdict(self), "mlm_special_ids": list(self.mlm_special_ids)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HMMCConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown HMMCConfig keys {unknown}; valid keys: {sorted(known)}")
+            raise ValueError(f"unknown HMMCConfig keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
 
@@ -250,16 +248,14 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-# the choices of HMMCConfig's string fields
-_CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "temporal_init": ("default", "clip")}
-
-
 class HMMC(nn.Module):
     """Encoders `video` and `text`; pre-training adds momentum copies (`*_m`), projector MLPs, MLM head and queues."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
-        for name, choices in _CHOICES.items():  # every check of a config is here, before anything is built
+        # every check of a config is here, before anything is built; first the choices of the string fields
+        for name, choices in {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"),
+                              "temporal_init": ("default", "clip")}.items():
             if getattr(cfg, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
         if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
@@ -528,10 +524,9 @@ class HMMC(nn.Module):
                                             if k.startswith("visual.")})
         if cfg.text_encoder == "clip":
             model.text.load_state_dict({k: clip_sd[k] for k in model.text.state_dict() if k in clip_sd})
-        else:
-            if bert_sd is None:
-                raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
-            # mean pooling has no use for the checkpoint's [CLS] pooler
+        elif bert_sd is None:
+            raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
+        else:  # mean pooling has no use for the checkpoint's [CLS] pooler
             model.text.bert.load_state_dict({k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
                                              and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
         if cfg.temporal_init == "clip" and cfg.use_temp:  # temporal block i <- text block i, positions <- text's
