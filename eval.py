@@ -67,8 +67,7 @@ def retrieval_metrics(sim, video_of_text=None) -> dict:
     if sim.ndim != 2:
         raise ValueError(f"sim must be a 2-D [num_texts, num_videos] matrix, got shape {sim.shape}")
     num_texts, num_videos = sim.shape
-    if np.isnan(sim).any():
-        sim = np.where(np.isnan(sim), -np.inf, sim)  # a new array: the caller's stays as it was
+    sim = np.where(np.isnan(sim), -np.inf, sim)  # a new array: the caller's stays as it was
     if video_of_text is None:
         if num_texts != num_videos:
             raise ValueError(f"sim is {num_texts}x{num_videos}: pass video_of_text for a non-square matrix")
@@ -113,18 +112,9 @@ def dual_softmax(sim: np.ndarray, axis: int) -> np.ndarray:
     return sim * weights
 
 
-def metrics_with_dsl(sim: np.ndarray, video_of_text=None, dsl: bool = False) -> dict:
-    """retrieval_metrics, optionally on the dual-softmax matrices (one prior per direction)."""
-    if not dsl:
-        return retrieval_metrics(sim, video_of_text)
-    return {"t2v": retrieval_metrics(dual_softmax(sim, axis=0), video_of_text)["t2v"],
-            "v2t": retrieval_metrics(dual_softmax(sim, axis=1), video_of_text)["v2t"]}
-
-
-def format_table(metrics: dict, title: str = "") -> str:
-    """The original README's layout: one row per direction, R@1 R@5 R@10 MdR MnR."""
-    lines = [title] if title else []
-    lines.append(f"{'':6s}{'R@1':>7s}{'R@5':>7s}{'R@10':>7s}{'MdR':>7s}{'MnR':>7s}")
+def format_table(metrics: dict, title: str) -> str:
+    """The original README's layout: a title, then one row per direction, R@1 R@5 R@10 MdR MnR."""
+    lines = [title, f"{'':6s}{'R@1':>7s}{'R@5':>7s}{'R@10':>7s}{'MdR':>7s}{'MnR':>7s}"]
     for name, key in (("T2V", "t2v"), ("V2T", "v2t")):
         m = metrics[key]
         lines.append(f"{name:6s}{m['R1']:7.1f}{m['R5']:7.1f}{m['R10']:7.1f}{m['MdR']:7.1f}{m['MnR']:7.1f}")
@@ -132,68 +122,47 @@ def format_table(metrics: dict, title: str = "") -> str:
 
 
 def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    ddp = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
 
 
-def _shard(n: int, rank: int, world: int) -> range:
-    """Contiguous equal shards (the last may be shorter or empty), so gathering is a plain concatenation."""
-    per = math.ceil(n / world) if n else 0
-    return range(min(rank * per, n), min((rank + 1) * per, n))
+def _shard(n: int) -> list[int]:
+    """This rank's contiguous share of n rows, ceil(n / world) of them: the last rank's is padded with row n - 1, so
+    every rank gathers the same shape."""
+    rank, world = _rank_world()
+    per = math.ceil(n / world)
+    return [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
 
 
-def _gather_rows(batches: list[torch.Tensor], n: int, row_shape: tuple, device: str) -> torch.Tensor:
-    """Concatenate this rank's batches, then every rank's shard of the n rows (shards from `_shard`), on every rank."""
-    # an empty shard (more ranks than rows) still takes part in the gather
-    x = torch.cat(batches) if batches else torch.zeros((0, *row_shape), device=device)
-    world = _rank_world()[1]
-    if world == 1:
-        return x
-    padded = x.new_zeros((math.ceil(n / world), *x.shape[1:]))  # all_gather needs equal shapes: pad the last shard
-    padded[:len(x)] = x
-    return hmmc_model.all_gather_rows(padded)[:n]
+def _gather(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The n rows of which each rank encoded its `_shard`, in order, on every rank."""
+    return hmmc_model.all_gather_rows(x)[:n] if _rank_world()[1] > 1 else x
 
 
 @torch.no_grad()
 def encode_videos(net, dataset, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu",
                   dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A mode="videos" dataset -> (video_emb [V,E], frame_emb [V,T,E]) fp32, each rank encoding a shard of it."""
-    shard = torch.utils.data.Subset(dataset, _shard(len(dataset), *_rank_world()))
+    shard = torch.utils.data.Subset(dataset, _shard(len(dataset)))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
-    video_embs, frame_embs = [], []
-    for batch in loader:
-        frames = batch["video"].to(device, non_blocking=True)  # (B, T, 3, S, S) uint8: the model normalises them
+    embs = []  # per batch (video_emb, frame_emb), fp32
+    for batch in loader:  # (B, T, 3, S, S) uint8 frames: the model normalises them
         with autocast(device, dtype):
-            video_emb, frame_emb = net.encode_video(frames)
-        video_embs.append(video_emb.float())
-        frame_embs.append(frame_emb.float())
-    E = net.cfg.clip.embed_dim
-    return (_gather_rows(video_embs, len(dataset), (E,), device),
-            _gather_rows(frame_embs, len(dataset), (dataset.num_frames, E), device))
+            embs.append(net.encode_video(batch["video"].to(device, non_blocking=True)))
+    video_emb, frame_emb = (torch.cat(parts) for parts in zip(*embs))
+    return _gather(video_emb, len(dataset)), _gather(frame_emb, len(dataset))
 
 
 @torch.no_grad()
 def encode_texts(net, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 256, device: str = "cpu",
                  dtype=None) -> torch.Tensor:
     """Encode every caption once -> text_emb [N,E] fp32 on device (sharded over ranks like encode_videos)."""
-    shard = _shard(len(ids), *_rank_world())
-    batches = zip(ids[shard.start:shard.stop].split(batch_size), mask[shard.start:shard.stop].split(batch_size))
+    rows = _shard(len(ids))
+    batches = zip(ids[rows].split(batch_size), mask[rows].split(batch_size))
     with autocast(device, dtype):
-        text_embs = [net.encode_text(i.to(device), m.to(device)).float() for i, m in batches]
-    return _gather_rows(text_embs, len(ids), (net.cfg.clip.embed_dim,), device)
-
-
-@torch.no_grad()
-def similarity_matrix(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, *, top_k_frames: int,
-                      frame_match_weight: float, chunk_size: int | None = None, normalized: bool = False) -> np.ndarray:
-    """model.hierarchical_similarity [Q,V] as float32 numpy, computed on the embeddings' device."""
-    top_k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
-    sim = hmmc_model.hierarchical_similarity(text_emb, video_emb, frame_emb, top_k=top_k,
-                                             frame_match_weight=float(frame_match_weight), chunk_size=chunk_size,
-                                             normalized=normalized)
-    return sim.float().cpu().numpy()
+        text_emb = torch.cat([net.encode_text(i.to(device), m.to(device)) for i, m in batches])  # fp32
+    return _gather(text_emb, len(ids))
 
 
 def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, image_size: int, context_length: int,
@@ -219,44 +188,45 @@ def evaluate(net, data_dir: str, split: str, *, tokenizer, num_frames: int, imag
     encode_s = time.time() - t0
     result = None
     if rank == 0:
-        sim = similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=top_k_frames,
-                                frame_match_weight=frame_match_weight)
-        result = metrics_with_dsl(sim, video_of_text, dsl=dsl)
+        sim = hmmc_model.hierarchical_similarity(text_emb, video_emb, frame_emb, top_k_frames,
+                                                 frame_match_weight).cpu().numpy()
+        if dsl:  # one prior per direction
+            result = {"t2v": retrieval_metrics(dual_softmax(sim, axis=0), video_of_text)["t2v"],
+                      "v2t": retrieval_metrics(dual_softmax(sim, axis=1), video_of_text)["v2t"]}
+        else:
+            result = retrieval_metrics(sim, video_of_text)
         result.update(dsl=bool(dsl), num_videos=len(video_emb), num_texts=len(text_emb),
                       context_length=int(context_length), top_k_frames=int(top_k_frames),
                       frame_match_weight=float(frame_match_weight),
                       encode_dtype=str(dtype or "float32").replace("torch.", ""), encode_s=round(encode_s, 3),
                       videos_per_s=round(len(video_emb) / max(encode_s, 1e-9), 1))
+    box = [result]
     if world > 1:  # every rank returns the same dict, so callers need no rank checks
-        box = [result]
         dist.broadcast_object_list(box, src=0)
-        result = box[0]
     net.train(was_training)
-    return result
+    return box[0]
 
 
-def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
+def _settings(cfg: dict, model_cfg: hmmc_model.HMMCConfig, ckpt_config: dict) -> dict:
     """Eval settings: command line/config file first, then the checkpoint's training config, then defaults."""
     def pick(key, fallback):
         return next((c[key] for c in (cfg, ckpt_config) if c.get(key) is not None), fallback)
 
-    if cfg["text_encoder"] and cfg["text_encoder"] != model_args["text_encoder"]:
-        raise ValueError(f"{cfg['init_from']} has a {model_args['text_encoder']!r} text encoder, but "
+    if cfg["text_encoder"] and cfg["text_encoder"] != model_cfg.text_encoder:
+        raise ValueError(f"{cfg['init_from']} has a {model_cfg.text_encoder!r} text encoder, but "
                          f"text_encoder={cfg['text_encoder']!r} was asked for; drop the override")
-    is_clip = cfg["init_from"] == "clip"
-    clip_args = model_args.get("clip") or {}
     s = {
         "dataset": pick("dataset", "synthetic"),
-        "num_frames": int(pick("num_frames", model_args.get("num_frames", 12))),
-        "image_size": int(pick("image_size", clip_args.get("image_resolution", 224))),
+        "num_frames": int(pick("num_frames", model_cfg.num_frames)),
+        "image_size": int(pick("image_size", model_cfg.clip.image_resolution)),
         # a training run's captions may be longer (CHVTT titles: 45); the benchmarks are read at their own length
         "context_length": int(cfg.get("context_length") or ckpt_config.get("eval_context_length")
-                              or min(32, clip_args.get("context_length") or 32)),  # a toy tower may hold fewer
+                              or min(32, model_cfg.clip.context_length)),  # a toy tower may hold fewer
         "top_k_frames": int(pick("top_k_frames", 3)),
         # the zero-shot CLIP baseline is the plain mean-pooling one unless frames are asked for explicitly
-        "frame_match_weight": float(pick("frame_match_weight", 0.0 if is_clip else 1.0)),
+        "frame_match_weight": float(pick("frame_match_weight", 0.0 if cfg["init_from"] == "clip" else 1.0)),
         "caption_field": pick("caption_field", "captions"),
-        "text_encoder": model_args.get("text_encoder", "clip"),
+        "text_encoder": model_cfg.text_encoder,
         "bert_vocab": pick("bert_vocab", None),
         "bert_path": pick("bert_path", None),
     }
@@ -270,18 +240,17 @@ def _settings(cfg: dict, model_args: dict, ckpt_config: dict) -> dict:
 
 def load_net(cfg: dict, device: str) -> tuple:
     """(net in eval mode, its settings (see _settings), its tokenizer, its training config) of cfg["init_from"]."""
-    if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
-        zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
-        net, info = hmmc_model.load_model("clip", zero_shot, clip_path=cfg["clip_path"], bert_path=cfg["bert_path"],
-                                          device=device)
-    elif cfg["init_from"]:
-        net, info = hmmc_model.load_model(cfg["init_from"], device=device)
-    else:
+    if not cfg["init_from"]:
         raise ValueError("no model: pass --init_from=<ckpt.pt> (train.py's checkpoint), an original HMMC state dict, "
                          "or --init_from=clip --clip_path=ViT-B-32.pt")
+    zero_shot = None  # a checkpoint brings its own config
+    if cfg["init_from"] == "clip":  # the zero-shot baseline: mean pooling of CLIP frame embeddings
+        zero_shot = hmmc_model.HMMCConfig(text_encoder=cfg["text_encoder"] or "clip", use_temp=False)
+    net, info = hmmc_model.load_model(cfg["init_from"], zero_shot, clip_path=cfg["clip_path"],
+                                      bert_path=cfg["bert_path"], device=device)
     net.eval()
     ckpt_config = (info["checkpoint"] or {}).get("config") or {}
-    s = _settings(cfg, net.cfg.to_dict(), ckpt_config)
+    s = _settings(cfg, net.cfg, ckpt_config)
     tokenizer = get_tokenizer(s["text_encoder"], s["bert_vocab"])
     if cfg.get("bert_unk_input"):
         if s["text_encoder"] != "bert":
@@ -297,7 +266,7 @@ def main(argv=None):
                                  descriptions=configurator.describe(__file__))
 
     # under torchrun the encoding is sharded over the processes and the metrics computed on rank 0
-    ddp, rank, _, dev = init_compute(cfg["device"])
+    _, rank, _, dev = init_compute(cfg["device"])
     # autocast on the GPU only: CPU bf16 matmuls are slower than fp32 on most CPUs
     dtype = None if cfg["dtype"] == "float32" or not dev.startswith("cuda") else cfg["dtype"]
     is_clip = cfg["init_from"] == "clip"
@@ -318,18 +287,15 @@ def main(argv=None):
         print(f"encoded {result['num_videos']} videos and {result['num_texts']} captions in {result['encode_s']:.1f}s "
               f"({result['videos_per_s']:.0f} videos/s)")
         print(format_table(result, title))
-        out_path = cfg["out"]
-        if not out_path:
-            base = "out" if is_clip else os.path.dirname(cfg["init_from"]) or "."
-            name = f"eval_{'clip_' if is_clip else ''}{s['dataset']}_{cfg['split']}{'_dsl' if cfg['dsl'] else ''}"
-            out_path = os.path.join(base, name + ".json")
+        base = "out" if is_clip else os.path.dirname(cfg["init_from"]) or "."
+        name = f"eval_{'clip_' if is_clip else ''}{s['dataset']}_{cfg['split']}{'_dsl' if cfg['dsl'] else ''}"
+        out_path = cfg["out"] or os.path.join(base, name + ".json")
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path, "w") as f:
             json.dump({**result, "split": cfg["split"], "checkpoint": cfg["init_from"], "config": {**cfg, **s},
                        "model_args": net.cfg.to_dict()}, f, indent=2, default=str)
         print(f"wrote {out_path}", flush=True)
-    if ddp:
-        cleanup_compute()
+    cleanup_compute()  # under torchrun
     return result
 
 

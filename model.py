@@ -13,7 +13,7 @@ import copy
 import math
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from towers import (BertConfig, BertModel, CLIPConfig, TextTransformer, Transformer, VisionTransformer,
-                    check_state_dict, convert_original, load_bert_state_dict, load_clip_state_dict, read_checkpoint,
+                    convert_original, load_bert_state_dict, load_checked, load_clip_state_dict, read_checkpoint,
                     strip_prefixes)
 from towers import load_clip  # noqa: F401 (model.load_clip is how users load OpenAI's CLIP)
 
@@ -86,16 +86,14 @@ class HMMCConfig:
         self.mlm_special_ids = tuple(self.mlm_special_ids)
 
     def to_dict(self) -> dict:
-        d = asdict(self)  # nested dataclasses become dicts
-        d["mlm_special_ids"] = list(self.mlm_special_ids)  # plain types for weights_only checkpoints
-        return d
+        # nested dataclasses become dicts, the tuple a list: plain types for weights_only checkpoints
+        return {**asdict(self), "mlm_special_ids": list(self.mlm_special_ids)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HMMCConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown HMMCConfig keys {unknown}; valid keys: {sorted(known)}")
+            raise ValueError(f"unknown HMMCConfig keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
 
@@ -141,15 +139,14 @@ def _no_autocast(x: torch.Tensor):
 
 
 def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, frame_emb: torch.Tensor, top_k: int,
-                            frame_match_weight: float, scale: float = 100.0, chunk_size: int | None = None,
-                            normalized: bool = False) -> torch.Tensor:
-    """scale*cos(t, v) + frame_match_weight * mean of the top-k scale*cos(t, frame), (Q, V). `normalized`: inputs are
+                            frame_match_weight: float, chunk_size: int | None = None, normalized: bool = False):
+    """100 cos(t, v) + frame_match_weight * mean of the top-k (1..T) 100 cos(t, frame), fp32 (Q, V); `normalized`:
     unit vectors already (a search index). Chunks of queries keep the (chunk, V, T) tensor near 2^25 elements."""
     text_emb, video_emb, frame_emb = (x.float() if normalized else F.normalize(x.float(), dim=-1)
                                       for x in (text_emb, video_emb, frame_emb))  # (Q, E), (V, E), (V, T, E)
     V, T, E = frame_emb.shape
     frames = frame_emb.reshape(V * T, E)
-    k = min(top_k, T)
+    k = max(1, min(top_k, T))
     chunk_size = chunk_size or max(1, (1 << 25) // max(1, V * T))
     out = torch.empty(text_emb.shape[0], V, device=text_emb.device)  # (Q, V)
     # TF32 keeps 10 mantissa bits: near-ties among 1,000 videos decide R@1, so the ranking is computed in full fp32
@@ -160,11 +157,11 @@ def hierarchical_similarity(text_emb: torch.Tensor, video_emb: torch.Tensor, fra
             for i in range(0, text_emb.shape[0], chunk_size):
                 t = text_emb[i:i + chunk_size]  # (c, E)
                 sim = t @ video_emb.T  # (c, V)
-                if frame_match_weight != 0 and k > 0:
+                if frame_match_weight != 0:
                     sim_frame = (t @ frames.T).view(-1, V, T)  # (c, V, T)
                     # a caption usually describes a few moments of a clip: keep the best-matching frames only
                     sim = sim + frame_match_weight * sim_frame.topk(k, dim=-1).values.mean(dim=-1)
-                out[i:i + chunk_size] = scale * sim
+                out[i:i + chunk_size] = 100 * sim
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
@@ -251,16 +248,14 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
-# the choices of HMMCConfig's string fields
-_CHOICES = {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"), "temporal_init": ("default", "clip")}
-
-
 class HMMC(nn.Module):
     """Encoders `video` and `text`; pre-training adds momentum copies (`*_m`), projector MLPs, MLM head and queues."""
 
     def __init__(self, cfg: HMMCConfig):
         super().__init__()
-        for name, choices in _CHOICES.items():  # every check of a config is here, before anything is built
+        # every check of a config is here, before anything is built; first the choices of the string fields
+        for name, choices in {"text_encoder": ("clip", "bert"), "bert_pooling": ("cls", "mean"),
+                              "temporal_init": ("default", "clip")}.items():
             if getattr(cfg, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
         if cfg.pretrain and cfg.text_encoder == "clip" and cfg.weight_mlm > 0:
@@ -317,12 +312,8 @@ class HMMC(nn.Module):
             return self.logit_scale.exp().clamp(max=100.0)
         return self.cfg.sim_scale
 
-    def _text(self, encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # the CLIP tower pools at EOT under a causal mask, so padding after EOT cannot matter
-        return encoder(ids) if self.cfg.text_encoder == "clip" else encoder(ids, mask)  # (N, E)
-
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self._text(self.text, ids, mask).float(), dim=-1)  # (N, E)
+        return F.normalize(self.text(ids, mask).float(), dim=-1)  # (N, E)
 
     def encode_video(self, video: torch.Tensor):
         """video (B, T, 3, H, W) -> unit (video_emb (B, E), frame_emb (B, T, E)), frames before the temporal module."""
@@ -374,8 +365,8 @@ class HMMC(nn.Module):
         # online features
         video = normalize_frames(batch["video"])  # (B, T, 3, H, W)
         v, frames = self.video(video)  # (B, E), (B, T, E) raw pre-temporal frames
-        title = self._text(self.text, batch["ids"], batch["mask"])  # (B, E)
-        tag = self._text(self.text, batch["tag_ids"], batch["tag_mask"]) if use_tags else None
+        title = self.text(batch["ids"], batch["mask"])  # (B, E)
+        tag = self.text(batch["tag_ids"], batch["tag_mask"]) if use_tags else None
         if self.use_fam:
             pred = self.predictor(self.projector(frames.reshape(B * T, -1))).reshape(B, T, -1)  # (B, T, E)
 
@@ -383,8 +374,8 @@ class HMMC(nn.Module):
         proj_m = None
         with torch.no_grad():
             v_m, frames_m = self.video_m(video)  # (B, E), (B, T, E)
-            title_m = self._text(self.text_m, batch["ids"], batch["mask"])  # (B, E)
-            tag_m = self._text(self.text_m, batch["tag_ids"], batch["tag_mask"]) if use_tags else None
+            title_m = self.text_m(batch["ids"], batch["mask"])  # (B, E)
+            tag_m = self.text_m(batch["tag_ids"], batch["tag_mask"]) if use_tags else None
             if self.use_fam:
                 proj_m = self.projector_m(frames_m.reshape(B * T, -1)).reshape(B, T, -1)  # (B, T, E)
 
@@ -512,41 +503,38 @@ class HMMC(nn.Module):
             return blocks(L, b.hidden_size, b.num_hidden_layers, b.intermediate_size) + \
                 2 * b.hidden_size * b.hidden_size + 2 * b.hidden_size * E
 
-        L, Lt = context_length, tag_context_length or context_length
         if not cfg.pretrain:
-            return 3.0 * (video + text(L))
-        texts = text(L) + (text(Lt) if cfg.use_tags else 0)
-        fwd_train = fwd_m = video + texts  # the online and the momentum towers
+            return 3.0 * (video + text(context_length))
+        lengths = [context_length, tag_context_length or context_length] if cfg.use_tags else [context_length]
+        fwd_train = fwd_m = video + sum(text(n) for n in lengths)  # the online and the momentum towers
         if self.use_fam:
             mlp = 2 * 2 * E * cfg.proj_hidden  # E -> hidden -> E per frame
             fwd_train += 2 * T * mlp  # projector + predictor
             fwd_m += T * mlp
-        if self.use_mlm:
-            head = lambda n: 2 * n * (E * E + E * cfg.bert.vocab_size)
-            fwd_train += text(L) + head(L) + ((text(Lt) + head(Lt)) if cfg.use_tags else 0)
+        if self.use_mlm:  # a second online pass over the masked ids, then the LM head
+            fwd_train += sum(text(n) + 2 * n * (E * E + E * cfg.bert.vocab_size) for n in lengths)
         return 3.0 * fwd_train + fwd_m
 
     @classmethod
     def from_clip(cls, cfg: HMMCConfig, clip_sd: dict, bert_sd: dict | None = None) -> "HMMC":
         """A new HMMC with OpenAI's CLIP (and HF BERT); temporal_init="clip" copies CLIP's text layers (CLIP4Clip)."""
-        cfg = HMMCConfig.from_dict({**cfg.to_dict(), "clip": asdict(CLIPConfig.from_state_dict(clip_sd))})
+        cfg = replace(cfg, clip=CLIPConfig.from_state_dict(clip_sd))
         model = cls(cfg)
         model.video.visual.load_state_dict({k[len("visual."):]: v for k, v in clip_sd.items()
                                             if k.startswith("visual.")})
         if cfg.text_encoder == "clip":
             model.text.load_state_dict({k: clip_sd[k] for k in model.text.state_dict() if k in clip_sd})
-        else:
-            if bert_sd is None:
-                raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
-            # mean pooling has no use for the checkpoint's [CLS] pooler
+        elif bert_sd is None:
+            raise ValueError("text_encoder='bert' needs bert_sd (towers.load_bert_state_dict(path))")
+        else:  # mean pooling has no use for the checkpoint's [CLS] pooler
             model.text.bert.load_state_dict({k: v for k, v in bert_sd.items() if k != "embeddings.position_ids"
                                              and not (cfg.bert_pooling == "mean" and k.startswith("pooler."))})
         if cfg.temporal_init == "clip" and cfg.use_temp:  # temporal block i <- text block i, positions <- text's
             temporal, pos = model.video.temporal, model.video.frame_position_embeddings
             blocks = {k: clip_sd["transformer." + k] for k in temporal.state_dict() if "transformer." + k in clip_sd}
-            temporal.load_state_dict(check_state_dict(temporal, blocks, "temporal_init='clip': CLIP's text tower")[0])
+            load_checked(temporal, blocks, "temporal_init='clip': CLIP's text tower")
             rows = {"weight": clip_sd["positional_embedding"][:cfg.max_frames]}
-            pos.load_state_dict(check_state_dict(pos, rows, "temporal_init='clip': CLIP's text positions")[0])
+            load_checked(pos, rows, "temporal_init='clip': CLIP's text positions")
         model.copy_to_momentum()
         return model
 
@@ -556,8 +544,7 @@ class HMMC(nn.Module):
         sd = state_dict_or_path
         arch, ours, _ = convert_original(read_checkpoint(sd) if isinstance(sd, (str, os.PathLike)) else sd)
         model = cls(HMMCConfig.from_dict({**arch, **overrides}))
-        model.load_state_dict(check_state_dict(model, ours, "original checkpoint", optional=("logit_scale",))[0],
-                              strict=False)
+        load_checked(model, ours, "original checkpoint", optional=("logit_scale",))
         return model
 
 
@@ -574,40 +561,34 @@ def load_model(init_from: str, cfg: HMMCConfig | None = None, *, clip_path: str 
     the original, which fixes the towers' architecture and `cfg` (default: its own) the rest, so pre-training parts
     are dropped for fine-tuning. -> (model, info: "dropped" keys, "message", "checkpoint" of train.py or None)."""
     info = {"dropped": [], "checkpoint": None}
-    if init_from in ("scratch", "clip"):  # these need `cfg`
-        if init_from == "scratch":
-            with torch.device(device):
-                model = HMMC(cfg)
-            info["message"] = f"initialised a new model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)"
-            return model, info
+    if init_from == "scratch":  # "scratch" and "clip" need `cfg`
+        with torch.device(device):
+            model = HMMC(cfg)
+        info["message"] = f"initialised a new model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)"
+        return model, info
+    if init_from == "clip":
         clip_sd, bert_sd = load_clip_state_dict(clip_path), None
         if cfg.text_encoder == "bert":
             if not bert_path:
                 raise ValueError("init_from='clip' with text_encoder='bert' needs bert_path (a HF folder such as "
                                  "hfl/chinese-roberta-wwm-ext)")
-            bert_cfg = BertConfig.from_json(os.path.join(bert_path, "config.json"))
-            cfg = HMMCConfig.from_dict({**cfg.to_dict(), "bert": asdict(bert_cfg)})
             bert_sd = load_bert_state_dict(bert_path)
-        model = HMMC.from_clip(cfg, clip_sd, bert_sd)
+            cfg = replace(cfg, bert=BertConfig.from_json(os.path.join(bert_path, "config.json")))
         info["message"] = f"loaded CLIP from {clip_path}" + (f" and BERT from {bert_path}" if bert_sd else "")
-        return model.to(device), info
+        return HMMC.from_clip(cfg, clip_sd, bert_sd).to(device), info
     ckpt = read_checkpoint(init_from)
-    if "model" in ckpt and "model_args" in ckpt:  # ours
+    if "model" in ckpt and "model_args" in ckpt:  # train.py's
         saved, sd, ignored = HMMCConfig.from_dict(ckpt["model_args"]), strip_prefixes(ckpt["model"]), []
         info["checkpoint"] = ckpt
-    elif isinstance(ckpt.get("state_dict"), dict) or all(torch.is_tensor(v) for v in ckpt.values()):
-        arch, sd, ignored = convert_original(ckpt)  # a bare state dict: the original HMMC's released weights
+    else:  # a bare state dict: the original HMMC's released weights
+        arch, sd, ignored = convert_original(ckpt, init_from)
         saved = HMMCConfig(**arch)
-    else:
-        raise ValueError(f"{init_from}: neither a train.py checkpoint (with 'model' and 'model_args') nor a state "
-                         f"dict; top-level keys: {sorted(ckpt)[:20]}")
     if cfg is not None:
-        saved = HMMCConfig.from_dict({**cfg.to_dict(), **{k: saved.to_dict()[k] for k in _ARCH_FIELDS}})
+        saved = replace(cfg, **{k: getattr(saved, k) for k in _ARCH_FIELDS})
     model = HMMC(saved)
-    sd, dropped = check_state_dict(model, sd, init_from, droppable=_PRETRAIN_ONLY, optional=("logit_scale",))
-    model.load_state_dict(sd, strict=False)
+    dropped = load_checked(model, sd, init_from, droppable=_PRETRAIN_ONLY, optional=("logit_scale",))
     info["dropped"] = ignored + dropped
     parts = sorted({k.split(".")[0] for k in info["dropped"]})
-    info["message"] = f"loaded {len(sd)} tensors from {init_from}" + (
+    info["message"] = f"loaded {len(sd) - len(dropped)} tensors from {init_from}" + (
         f"; dropped {len(info['dropped'])} this model has no use for ({', '.join(parts)})" if parts else "")
     return model.to(device), info

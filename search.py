@@ -322,8 +322,8 @@ def search_index(net, index: dict, queries: list[str], *, tokenizer, context_len
     video_emb = index["video_emb"].to(device)
     frame_emb = index["frame_emb"].to(device)
     k = max(1, min(int(top_k_frames), frame_emb.shape[1]))
-    sim = hmmc_eval.similarity_matrix(text_emb, video_emb, frame_emb, top_k_frames=k,
-                                      frame_match_weight=frame_match_weight, normalized=True)  # unit vectors: (Q, V)
+    sim = hmmc_model.hierarchical_similarity(text_emb, video_emb, frame_emb, k, frame_match_weight,
+                                             normalized=True).cpu().numpy()  # unit vectors: (Q, V)
     results = []
     for qi in range(len(queries)):
         order = np.argsort(-sim[qi], kind="stable")[:top]

@@ -49,13 +49,14 @@ class CLIPConfig:
         if "visual.proj" not in sd and any(k.startswith("visual.layer1.") for k in sd):
             raise ValueError("this is a ResNet CLIP (visual.layer1.* keys, no visual.proj); ResNet CLIP models are "
                              "not supported, use a ViT one (ViT-B/32, ViT-B/16, ViT-L/14, ...)")
-        missing = [k for k in _CLIP_VISION_KEYS + (_CLIP_TEXT_KEYS if text else ()) if k not in sd]
+        needed = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj"]  # load_checked: the rest
+        if text:
+            needed += ["text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"]
+        missing = [k for k in needed if k not in sd]
         if missing:
             raise ValueError(f"not a CLIP ViT state dict: missing keys {missing}")
-        n_pos = sd["visual.positional_embedding"].shape[0]  # grid*grid patches + 1 class token
-        grid = round(math.sqrt(n_pos - 1))
-        if grid * grid + 1 != n_pos:
-            raise ValueError(f"visual.positional_embedding has {n_pos} rows, not a square patch grid plus one")
+        # grid*grid patches + 1 class token; another count fails the shape check of the load
+        grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
         conv = sd["visual.conv1.weight"]  # (width, 3, patch, patch)
         vision = dict(embed_dim=sd["visual.proj"].shape[1], image_resolution=conv.shape[-1] * grid,
                       vision_layers=_count_layers(sd, "visual.transformer.resblocks."), vision_width=conv.shape[0],
@@ -69,11 +70,6 @@ class CLIPConfig:
                    transformer_layers=_count_layers(sd, "transformer.resblocks."),
                    # OpenAI's vocabulary ends with <|startoftext|>, <|endoftext|>; a small one keeps that order
                    eot_id=min(49407, vocab_size - 1))
-
-
-# the keys from_state_dict reads; check_state_dict reports the rest
-_CLIP_VISION_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj")
-_CLIP_TEXT_KEYS = ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
 
 
 def _count_layers(sd: dict, prefix: str) -> int:
@@ -227,7 +223,8 @@ class TextTransformer(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(ids)]  # (B, W)
         return x @ self.text_projection                                    # (B, E)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # `mask` (BERT's interface) is not needed: pooled at EOT under a causal mask, padding after EOT cannot matter
         return self.encode_text(ids)
 
 
@@ -264,8 +261,6 @@ class BertConfig:
     @classmethod
     def from_json(cls, path: str) -> "BertConfig":
         """Read a HF config.json; fields we do not model must hold the values we implement."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no BERT config at {path}; a HF model folder has config.json next to the weights")
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
         for key, ok in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
@@ -324,21 +319,17 @@ class BertModel(nn.Module):
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])))
         self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H))) if pooler else None
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
-        self.apply(self._init_weights)
+        for m in self.modules():  # BERT's init (initializer_range 0.02); matters only without a checkpoint
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
         # from scratch, types and positions at 0.02 like the words make captions start alike (cos 0.995 under mean
         # pooling); zero types and CLIP's 0.01 positions leave the words to tell them apart (0.95)
         nn.init.zeros_(self.embeddings.token_type_embeddings.weight)
         nn.init.normal_(self.embeddings.position_embeddings.weight, std=0.01)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        # BERT's init (initializer_range 0.02); only matters when training without a checkpoint
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            nn.init.zeros_(m.weight[m.padding_idx])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None):
         B, L = ids.shape
@@ -389,20 +380,17 @@ def _state_dict(ckpt: dict, source: str) -> dict:
     if isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise ValueError(f"{source} does not hold a state dict (a dict of tensors)")
+        raise ValueError(f"{source} does not hold a state dict (a dict of tensors); top-level keys: "
+                         f"{sorted(ckpt)[:20]}")
     return {k: v.float() if v.is_floating_point() else v for k, v in ckpt.items()}
-
-
-# where OpenAI's `clip` package downloads ViT-B/32 from (the hex part is the file's SHA-256)
-VIT_B_32_URL = ("https://openaipublic.azureedge.net/clip/models/"
-                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
 
 
 def load_clip_state_dict(path: str) -> dict:
     """OpenAI's CLIP archive (ViT-B-32.pt) or a torch.save'd state dict, as an fp32 state dict."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # the URL OpenAI's `clip` package uses (the hex part is the file's SHA-256)
         raise FileNotFoundError(f"no CLIP checkpoint at {path}; download OpenAI's ViT-B/32 weights from "
-                                f"{VIT_B_32_URL}")
+                                "https://openaipublic.azureedge.net/clip/models/"
+                                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
     sd = _state_dict(read_checkpoint(path), path)
     # OpenAI's archives add three ints; archives traced from open_clip also carry its constant causal mask
     sd = {k: v for k, v in sd.items()
@@ -419,12 +407,12 @@ def load_clip(path: str, device="cpu") -> CLIP:
     sd = load_clip_state_dict(path)
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = CLIP(CLIPConfig.from_state_dict(sd))
-    model.load_state_dict(check_state_dict(model, sd, path)[0], assign=True)
+    load_checked(model, sd, path, assign=True)
     return model.to(device)
 
 
 def _bert_weights_file(path: str) -> str:
-    # the weights of a HF BERT folder (model.safetensors preferred), or `path` itself if it is a file
+    # the weights file of a HF BERT folder, model.safetensors preferred
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no BERT folder at {path}; download e.g. hfl/chinese-roberta-wwm-ext from "
                                 f"the Hugging Face hub (config.json, vocab.txt and the weights)")
@@ -447,10 +435,10 @@ def load_bert_state_dict(path: str) -> dict:
     return out
 
 
-def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple = (),
-                     optional: tuple = ()) -> tuple[dict, list]:
-    """The check before every load: (sd to load, keys dropped). Keys the model lacks with a `droppable` prefix are
-    dropped, `optional` ones may be missing; any other difference is a ValueError naming `source`."""
+def load_checked(model: nn.Module, sd: dict, source: str, droppable: tuple = (), optional: tuple = (),
+                 assign: bool = False) -> list:
+    """Every load: `sd` into `model` after a check; returns the keys dropped. Keys the model lacks with a `droppable`
+    prefix are dropped, `optional` ones may be missing; any other difference is a ValueError naming `source`."""
     own = model.state_dict()
     dropped = sorted(k for k in sd if k not in own and droppable and k.startswith(droppable))
     sd = {k: v for k, v in sd.items() if k not in dropped}
@@ -463,7 +451,8 @@ def check_state_dict(model: nn.Module, sd: dict, source: str, droppable: tuple =
             return "[" + ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") + "]"
         raise ValueError(f"{source} holds another architecture than this model: missing {show(missing)}; "
                          f"unexpected {show(unexpected)}; shape mismatch {show(shapes)}")
-    return sd, dropped
+    model.load_state_dict(sd, strict=False, assign=assign)
+    return dropped
 
 
 def strip_prefixes(sd: dict) -> dict:
@@ -482,17 +471,16 @@ _ORIGINAL_PREFIXES = {"visual_encoder.visual.": "video.visual.",  # OpenAI's ViT
                       "text_encoder.": "text."}  # OpenAI's text keys
 # dropped: the pre-training parts, and scalars that earlier commits of the original saved, which touch no embedding
 _ORIGINAL_DROPPED = ("text_encoder_k.", "visual_encoder_k.", "v_projector", "v_predictor", "t_projector", "cls.",
-                     "queue_")
-_ORIGINAL_SCALARS = ("logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
+                     "queue_", "logit_scale", "weight_sum", "text_encoder.logit_scale", "visual_encoder.logit_scale")
 
 
-def convert_original(sd: dict) -> tuple[dict, dict, list]:
+def convert_original(sd: dict, source: str = "the original checkpoint") -> tuple[dict, dict, list]:
     """The original's state dict -> (the HMMCConfig fields its shapes fix, our state dict, the keys dropped)."""
-    sd = strip_prefixes(_state_dict(sd, "the original checkpoint"))
+    sd = strip_prefixes(_state_dict(sd, source))
     ours, dropped, unknown = {}, [], []
     for k, v in sd.items():
         old = next((p for p in _ORIGINAL_PREFIXES if k.startswith(p)), None)
-        if k.startswith(_ORIGINAL_DROPPED) or k in _ORIGINAL_SCALARS:
+        if k.startswith(_ORIGINAL_DROPPED):
             dropped.append(k)
         elif old is None:
             unknown.append(k)
@@ -551,10 +539,6 @@ class _ScriptObject:
         self.state = state
 
 
-# torch.jit._pickle's wrappers of lists of plain values, each of which returns its first argument unchanged
-_TYPED_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
-
-
 class _TensorUnpickler(pickle.Unpickler):
     """Unpickles data.pkl allowing only what tensors need: modules become inert _ScriptObjects, other globals fail."""
 
@@ -571,8 +555,9 @@ class _TensorUnpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if module == "__torch__" or module.startswith("__torch__."):
             return _ScriptObject
-        if module == "torch.jit._pickle" and name in _TYPED_CONTAINERS:
-            return lambda value, *type_tag: value
+        if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist",
+                                                        "build_tensorlist", "restore_type_tag"):
+            return lambda value, *type_tag: value  # wrappers of lists of plain values: each returns its first argument
         raise _RefusedArchive(f"refusing to load {module}.{name} from the archive: only tensors and TorchScript "
                               f"modules holding them are read (this does not look like an OpenAI CLIP file)")
 
@@ -614,26 +599,21 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def read_safetensors(path: str) -> dict:
-    """The safetensors format without its package (on a little-endian machine, as the format)."""
+    """The safetensors format without its package (on a little-endian machine, as the format). A file cut short fails
+    in struct or json; read_checkpoint names the file in every error."""
     with open(path, "rb") as f:
         buf = bytearray(f.read())  # writable, so torch.frombuffer can share it without a warning
-    if len(buf) < 8:
-        raise ValueError(f"{path} is too short to be a safetensors file ({len(buf)} bytes)")
     n = struct.unpack("<Q", buf[:8])[0]
-    if 8 + n > len(buf):
-        raise ValueError(f"{path}: header of {n} bytes runs past the end of the {len(buf)}-byte file (truncated?)")
-    header = json.loads(buf[8:8 + n].decode("utf-8"))
+    header = json.loads(buf[8:8 + n])
     header.pop("__metadata__", None)
-    start, size = 8 + n, len(buf) - 8 - n
     sd = {}
     for name, info in header.items():
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
         dtype, shape, (a, b) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         count = math.prod(shape)
-        if not 0 <= a <= b <= size or b - a != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} bytes {a}..{b} do not fit the file or its shape {shape} "
-                             f"(truncated or corrupt file?)")
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + a) if count else torch.empty(0, dtype=dtype)
+        if not 0 <= a <= b <= len(buf) - 8 - n or b - a != count * dtype.itemsize:
+            raise ValueError(f"tensor {name} bytes {a}..{b} do not fit the file or its shape {shape}")
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + a) if count else torch.empty(0, dtype=dtype)
         sd[name] = t.reshape(shape)
     return sd

@@ -30,7 +30,7 @@ def load_bert(path: str) -> towers.BertModel:
     the BERT of init_from="clip"."""
     sd = towers.load_bert_state_dict(path)
     model = towers.BertModel(towers.BertConfig.from_json(os.path.join(path, "config.json")))
-    model.load_state_dict(towers.check_state_dict(model, sd, towers._bert_weights_file(path))[0])
+    towers.load_checked(model, sd, towers._bert_weights_file(path))
     return model
 
 

@@ -198,14 +198,10 @@ def test_equal_groups_match_reference():
     _assert_same(ev.retrieval_metrics(sim, vot), _reference_metrics(sim, vot))
 
 
-def test_dsl_is_labelled_and_sane():
+def test_dsl_is_sane():
+    # evaluate(dsl=True) scores each direction on its own dual-softmax matrix: test_evaluate_applies_dsl
     rng = np.random.default_rng(8)
     sim = rng.normal(size=(30, 30)) + 2 * np.eye(30)
-    plain = ev.metrics_with_dsl(sim, dsl=False)
-    assert plain == ev.retrieval_metrics(sim)
-    with_dsl = ev.metrics_with_dsl(sim, dsl=True)
-    assert with_dsl["t2v"] == ev.retrieval_metrics(ev.dual_softmax(sim, axis=0))["t2v"]
-    assert with_dsl["v2t"] == ev.retrieval_metrics(ev.dual_softmax(sim, axis=1))["v2t"]
     # the prior is a softmax along one axis: columns of the T2V weights sum to one
     w = ev.dual_softmax(sim, axis=0) / sim
     assert np.allclose(w.sum(axis=0), 1.0)
@@ -220,14 +216,14 @@ def test_format_table_layout():
 
 # ----------------------------------------------------------------------------- similarity
 
-def test_similarity_matrix_chunked_equals_full_and_loop():
+def test_hierarchical_similarity_chunked_equals_full_and_loop():
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(23, 16, generator=g), dim=-1)
     video = F.normalize(torch.randn(11, 16, generator=g), dim=-1)
     frames = F.normalize(torch.randn(11, 5, 16, generator=g), dim=-1)
-    full = ev.similarity_matrix(text, video, frames, top_k_frames=2, frame_match_weight=1.0, chunk_size=10_000)
-    chunked = ev.similarity_matrix(text, video, frames, top_k_frames=2, frame_match_weight=1.0, chunk_size=4)
+    full = hmmc_model.hierarchical_similarity(text, video, frames, 2, 1.0, chunk_size=10_000).numpy()
+    chunked = hmmc_model.hierarchical_similarity(text, video, frames, 2, 1.0, chunk_size=4).numpy()
     np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=1e-5)
     ref = np.zeros((23, 11))
     for q in range(23):
@@ -235,7 +231,7 @@ def test_similarity_matrix_chunked_equals_full_and_loop():
             per_frame = sorted((100 * float(text[q] @ frames[v, t]) for t in range(5)), reverse=True)
             ref[q, v] = 100 * float(text[q] @ video[v]) + 1.0 * sum(per_frame[:2]) / 2
     np.testing.assert_allclose(full, ref, rtol=1e-5, atol=1e-3)
-    video_only = ev.similarity_matrix(text, video, frames, top_k_frames=2, frame_match_weight=0.0)
+    video_only = hmmc_model.hierarchical_similarity(text, video, frames, 2, 0.0).numpy()
     np.testing.assert_allclose(video_only, 100 * (text @ video.T).numpy(), rtol=1e-5, atol=1e-3)
 
 
@@ -529,10 +525,10 @@ def test_checkpoint_eval_caption_length():
     # a pre-training checkpoint (45-token CHVTT titles) is evaluated at its eval_context_length, not at 45;
     # a checkpoint saved before that setting existed gets the benchmarks' 32; the command line beats both
     cfg = {**{k: getattr(ev, k) for k in ev.config_keys}, "init_from": "ckpt.pt"}
-    model_args = {"text_encoder": "clip", "clip": {"context_length": 77}}
-    assert ev._settings(cfg, model_args, {"context_length": 45, "eval_context_length": 40})["context_length"] == 40
-    assert ev._settings(cfg, model_args, {"context_length": 45})["context_length"] == 32
-    assert ev._settings({**cfg, "context_length": 20}, model_args, {"context_length": 45})["context_length"] == 20
+    model_cfg = hmmc_model.HMMCConfig()  # CLIP's 77-token text tower
+    assert ev._settings(cfg, model_cfg, {"context_length": 45, "eval_context_length": 40})["context_length"] == 40
+    assert ev._settings(cfg, model_cfg, {"context_length": 45})["context_length"] == 32
+    assert ev._settings({**cfg, "context_length": 20}, model_cfg, {"context_length": 45})["context_length"] == 20
 
 
 def test_bert_unk_input_needs_the_bert_text_encoder(trained, tmp_path):

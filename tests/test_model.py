@@ -262,7 +262,7 @@ def test_hierarchical_similarity_brute_force_and_chunks():
     t = torch.randn(Q, E, generator=g)
     v = torch.randn(V, E, generator=g)
     f = torch.randn(V, T, E, generator=g)
-    sim = M.hierarchical_similarity(t, v, f, top_k=k, frame_match_weight=0.7, scale=100.0)
+    sim = M.hierarchical_similarity(t, v, f, top_k=k, frame_match_weight=0.7)
     ref = torch.empty(Q, V)
     for i in range(Q):
         for j in range(V):
@@ -819,7 +819,7 @@ def test_original_state_dict_takes_its_protocol_from_the_eval_config(tmp_path):
 
     def settings(*argv):
         cfg = configurator.configure(defaults, [*argv, f"--init_from={path}"], prog="eval.py")
-        return cfg, ev._settings(cfg, net.cfg.to_dict(), ckpt_config)
+        return cfg, ev._settings(cfg, net.cfg, ckpt_config)
 
     cfg, s = settings(os.path.join(root, "config", "eval_original_msrvtt.py"))
     assert (s["top_k_frames"], s["context_length"], s["num_frames"], s["image_size"]) == (2, 32, 12, 224)
