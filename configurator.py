@@ -11,6 +11,7 @@ for a float, true/false and a bare --flag for a bool, anything for None). `--hel
 import ast
 import difflib
 import dis
+import glob
 import os
 import re
 import sys
@@ -77,8 +78,7 @@ def configure(defaults: dict, argv: list[str], prog: str = "train.py", descripti
         else:
             if not os.path.isfile(arg):
                 folder, name = os.path.split(arg)
-                near = [f for f in os.listdir(folder or ".") if f.endswith(".py")] \
-                    if os.path.isdir(folder or ".") else []
+                near = glob.glob("*.py", root_dir=folder or ".")
                 raise ValueError(f"no config file {arg!r} (a bare argument is a config file; "
                                  f"overrides are written --key=value){_close(name, near, folder)}")
             with open(arg) as f:

@@ -75,8 +75,7 @@ def start_or_resume(config: dict, given: set, defaults: dict) -> tuple[dict, str
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    """ckpt.pt, else ckpt.prev.pt, saying why one is passed over; None where there is none. None usable needs a
-    person: the run ends."""
+    """ckpt.pt, else ckpt.prev.pt, saying why one is passed over; None where neither is; none usable ends the run."""
     problems = []
     for path in (os.path.join(folder, "ckpt.pt"), os.path.join(folder, "ckpt.prev.pt")):
         if not os.path.exists(path):
