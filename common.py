@@ -61,12 +61,11 @@ def cleanup_compute():
         dist.destroy_process_group()
 
 
-def autocast(device: str, dtype):
-    """bf16/fp16 autocast on the device's type, or nothing for float32 (a dtype name, a torch.dtype or None)."""
-    if dtype is None or dtype in ("float32", torch.float32):
+def autocast(device: str, dtype: str | None):
+    """bf16/fp16 autocast on the device's type, or nothing for "float32" or None."""
+    if dtype in (None, "float32"):
         return nullcontext()
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return torch.amp.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.amp.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def is_master() -> bool:

@@ -11,6 +11,7 @@ for a float, true/false and a bare --flag for a bool, anything for None). `--hel
 import ast
 import difflib
 import dis
+import glob
 import os
 import re
 import sys
@@ -38,16 +39,6 @@ def _check_type(key: str, value, default, source: str):
                      f"got {type(value).__name__} {value!r}")
 
 
-def _parse_value(text: str, default):
-    # strings need no quotes on the command line: anything literal_eval cannot read stays a string, and a key
-    # whose default is a string keeps the raw text even when it looks like a number (--dataset=2024)
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    return text if isinstance(default, str) and not isinstance(value, str) else value
-
-
 def describe(path: str) -> dict:
     """key -> the comment after `key = value` at the top level of a script (its defaults block), for --help."""
     with open(path, encoding="utf-8") as f:
@@ -70,19 +61,24 @@ def configure(defaults: dict, argv: list[str], prog: str = "train.py", descripti
             key, eq, text = arg[2:].partition("=")  # only the first '=': values may contain '=' themselves
             if key not in config:
                 raise ValueError(f"command line: unknown config key {key!r}{_close(key, config)}")
-            if not eq:
-                if not isinstance(defaults[key], bool):
-                    raise ValueError(f"command line: {arg!r} has no value; write --{key}=value")
-                text = "True"  # a bare --flag switches a bool on
-            config[key] = _check_type(key, _parse_value(text, defaults[key]), defaults[key], "command line")
+            if not eq and not isinstance(defaults[key], bool):
+                raise ValueError(f"command line: {arg!r} has no value; write --{key}=value")
+            # strings need no quotes: anything literal_eval cannot read stays a string, and a key whose default is a
+            # string keeps the raw text even when it looks like a number (--dataset=2024)
+            try:
+                value = ast.literal_eval(text) if eq else True  # a bare --flag switches a bool on
+            except (ValueError, SyntaxError):
+                value = text
+            if isinstance(defaults[key], str) and not isinstance(value, str):
+                value = text
+            config[key] = _check_type(key, value, defaults[key], "command line")
             given.add(key)
         elif arg.startswith("-"):
             raise ValueError(f"command line: {arg!r} is neither a config file nor --key=value")
         else:
             if not os.path.isfile(arg):
                 folder, name = os.path.split(arg)
-                near = [f for f in os.listdir(folder or ".") if f.endswith(".py")] \
-                    if os.path.isdir(folder or ".") else []
+                near = glob.glob("*.py", root_dir=folder or ".")
                 raise ValueError(f"no config file {arg!r} (a bare argument is a config file; "
                                  f"overrides are written --key=value){_close(name, near, folder)}")
             with open(arg) as f:

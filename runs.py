@@ -4,13 +4,11 @@ start_or_resume, checkpoints with a checksum and the one before as a fallback, S
 """
 import hashlib
 import json
-import math
 import os
 import signal
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
 import eval as hmmc_eval
 import model as hmmc_model
@@ -77,8 +75,7 @@ def start_or_resume(config: dict, given: set, defaults: dict) -> tuple[dict, str
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    """ckpt.pt, else ckpt.prev.pt, saying why one is passed over; None where there is none. None usable needs a
-    person: the run ends."""
+    """ckpt.pt, else ckpt.prev.pt, saying why one is passed over; None where neither is; none usable ends the run."""
     problems = []
     for path in (os.path.join(folder, "ckpt.pt"), os.path.join(folder, "ckpt.prev.pt")):
         if not os.path.exists(path):
@@ -154,27 +151,25 @@ def restore(ckpt: dict, optimizer, scaler) -> tuple[int, int, int, float]:
 def pack_zero_rows(optimizer_state: dict) -> dict:
     """Each matrix of the optimizer's state that is zero in most rows as its other rows and their indices: AdamW's
     moments of a token embedding stay zero for every token the data never holds (25 of 44 MB on the synthetic set)."""
-    state = {}
-    for i, tensors in optimizer_state["state"].items():
-        state[i] = dict(tensors)
+    state = {i: dict(tensors) for i, tensors in optimizer_state["state"].items()}
+    for tensors in state.values():
         for k, t in tensors.items():
             if torch.is_tensor(t) and t.dim() >= 2 and t.numel():
                 # a row is kept when any of its bytes is nonzero (-0.0 too), so the round trip is exact
                 kept = t.contiguous().view(torch.uint8).reshape(len(t), -1).any(dim=1).nonzero().flatten()
                 if 2 * len(kept) <= len(t):
-                    state[i][k] = {"packed_rows": kept.cpu(), "values": t[kept], "shape": list(t.shape)}
+                    tensors[k] = {"packed_rows": kept.cpu(), "values": t[kept], "shape": list(t.shape)}
     return {**optimizer_state, "state": state}
 
 
 def unpack_zero_rows(optimizer_state: dict) -> dict:
     """pack_zero_rows undone, bit for bit."""
-    state = {}
-    for i, tensors in optimizer_state["state"].items():
-        state[i] = dict(tensors)
+    state = {i: dict(tensors) for i, tensors in optimizer_state["state"].items()}
+    for tensors in state.values():
         for k, t in tensors.items():
             if isinstance(t, dict) and "packed_rows" in t:
-                state[i][k] = torch.zeros(t["shape"], dtype=t["values"].dtype, device=t["values"].device)
-                state[i][k][t["packed_rows"].to(t["values"].device)] = t["values"]
+                tensors[k] = torch.zeros(t["shape"], dtype=t["values"].dtype, device=t["values"].device)
+                tensors[k][t["packed_rows"].to(t["values"].device)] = t["values"]
     return {**optimizer_state, "state": state}
 
 
@@ -201,28 +196,6 @@ def show_results(out_dir: str, iter_num: int) -> bool:
     for r in filter(None, (results, results.get("best_on_test"))):
         print0(hmmc_eval.format_table(r, f"{r['split']} split, {r['weights']}"))
     return True
-
-
-def check_step(loss: float, bad_share: float, max_bad_fraction: float, bad: list, bad_seen: set, iter_num: int,
-               ddp: bool, last_good: str | None, lmdb_path: str):
-    """Stop on a NaN loss or too many unreadable videos (all ranks see the same averages); name each bad one once."""
-    if not math.isfinite(loss):
-        good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-        raise SystemExit(f"loss is {loss} at iter {iter_num}; stopping, {good}. Try a lower learning_rate or "
-                         f"dtype=bfloat16/float32")
-    if bad_share > 0:
-        if ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, bad)
-            bad = [b for rank_bad in gathered for b in rank_bad]
-        for fault in (f for item in bad for f in item.split("\n")):
-            video = fault.split(" ", 1)[0]
-            if video not in bad_seen:
-                bad_seen.add(video)
-                print0(f"unreadable video {fault} at iter {iter_num}: replaced by another sample")
-        if bad_share > max_bad_fraction:
-            raise SystemExit(f"{100 * bad_share:.0f}% of the videos of iter {iter_num} could not be read, more than "
-                             f"max_bad_fraction={max_bad_fraction}; check the frames in {lmdb_path}")
 
 
 stop = {signal.SIGTERM: False, signal.SIGINT: False}  # set by the handler; the loop acts on them after a step

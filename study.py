@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import configurator
@@ -53,30 +52,28 @@ def run(cmd: list[str], folder: str) -> dict:
     line = "python train.py " + shlex.join(cmd)
     cmd_path, results_path, log_path = (os.path.join(folder, f) for f in ("command.txt", "results.json", "train.log"))
     same = os.path.exists(cmd_path) and open(cmd_path).read().strip() == line
-    if same and os.path.exists(results_path):
-        with open(results_path) as f:
-            return {**json.load(f), "command": line, "folder": folder, "reused": True}
-    print("$ " + line, flush=True)
-    with open(cmd_path, "w") as f:
-        f.write(line + "\n")
-    # another command in the folder: its run is replaced; the same command continues a run that stopped half-way
-    full = [sys.executable, os.path.join(ROOT, "train.py"), *cmd] + ([] if same else ["--overwrite=True"])
-    t0 = time.time()
-    with open(log_path, "a" if same else "w") as log:
-        done = subprocess.run(full, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode or not os.path.exists(results_path):
-        with open(log_path) as f:
-            last = ([s for s in f.read().splitlines() if s.strip()] or ["(no output)"])[-1]
-        raise RuntimeError(f"{line} failed (exit {done.returncode}): {last.strip()} (log: {log_path})")
+    reused = same and os.path.exists(results_path)
+    if not reused:
+        print("$ " + line, flush=True)
+        with open(cmd_path, "w") as f:
+            f.write(line + "\n")
+        # another command in the folder: its run is replaced; the same command continues a run that stopped half-way
+        full = [sys.executable, os.path.join(ROOT, "train.py"), *cmd] + ([] if same else ["--overwrite=True"])
+        with open(log_path, "a" if same else "w") as log:
+            done = subprocess.run(full, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode or not os.path.exists(results_path):
+            with open(log_path) as f:
+                last = ([s for s in f.read().splitlines() if s.strip()] or ["(no output)"])[-1]
+            raise RuntimeError(f"{line} failed (exit {done.returncode}): {last.strip()} (log: {log_path})")
     with open(results_path) as f:
-        return {**json.load(f), "command": line, "folder": folder, "minutes": round((time.time() - t0) / 60, 2),
-                "reused": False}
+        return {**json.load(f), "command": line, "folder": folder, "reused": reused}
 
 
 def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.Lock) -> list[dict] | str:
     """Every stage of one row at one seed -> their results, or the error of a failed one. Rows that begin with the same
     stages share them (`shared`: (seed, stages so far) -> folder, lock): one pre-training serves every fine-tuning."""
-    row_stages, previous, out = stages(cfg["rows"][name]), None, []
+    row_stages, out = stages(cfg["rows"][name]), []
     for i, args in enumerate(row_stages):
         folder = os.path.join(cfg["out_dir"], name, f"seed{seed}")
         if len(row_stages) > 1:
@@ -84,8 +81,8 @@ def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.
         with lock:
             folder, busy = shared.setdefault((seed, tuple(row_stages[:i + 1])), (folder, threading.Lock()))
         cmd = shlex.split(args)
-        if previous:  # a later stage starts from the weights the stage before reported (results.json)
-            cmd.append(f"--init_from={os.path.join(previous, 'best.pt')}")
+        if out:  # a later stage starts from the weights the stage before reported (results.json)
+            cmd.append(f"--init_from={os.path.join(out[-1]['folder'], 'best.pt')}")
         cmd += [*shlex.split(cfg["train_args"]), f"--seed={seed}", f"--out_dir={folder}"]
         try:
             with busy:  # another row running the same stage: wait for it, then reuse its results
@@ -93,7 +90,6 @@ def run_row_seed(cfg: dict, name: str, seed: int, shared: dict, lock: threading.
         except RuntimeError as e:
             print(f"error: row {name} seed {seed}: {e}", flush=True)
             return str(e)
-        previous = folder
     return out
 
 
@@ -171,13 +167,12 @@ def markdown(cfg: dict, summary: dict) -> str:
 def plot_curves(results: dict, path: str):
     """Training loss and val T2V R@1 against steps: per row the mean over seeds and a band from min to max."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure to close
     except ImportError:
         print("plot: matplotlib is not installed (pip install matplotlib); no curves.png", flush=True)
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_r1 = fig.subplots(1, 2)
     for name, by_seed in results.items():
         done = [r for r in by_seed.values() if isinstance(r, list)]
         curves = {"loss": {}, "r1": {}}  # kind -> iter -> values over seeds
@@ -202,7 +197,6 @@ def plot_curves(results: dict, path: str):
     ax_r1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     print(f"wrote {path}", flush=True)
 
 

@@ -190,8 +190,7 @@ def evaluate(model, data_dir: str, split: str, tokenizer, caption_field: str) ->
         return hmmc_eval.evaluate(model, data_dir, split, tokenizer=tokenizer, num_frames=num_frames,
                                   image_size=image_size, context_length=eval_context_length, top_k_frames=top_k_frames,
                                   frame_match_weight=frame_match_weight, batch_size=eval_batch_size,
-                                  num_workers=num_workers, device=device, dtype=None if dtype == "float32" else dtype,
-                                  caption_field=caption_field)
+                                  num_workers=num_workers, device=device, dtype=dtype, caption_field=caption_field)
 
 
 def check_data(data_dir: str, splits: list, dataset_name: str):
@@ -200,15 +199,13 @@ def check_data(data_dir: str, splits: list, dataset_name: str):
                if not os.path.exists(os.path.join(data_dir, p))]
     if not missing:
         return
-    own = os.path.normpath(data_dir) == os.path.join("data", dataset_name)
-    generic = (f"python prepare.py frames --videos=VIDEO_DIR --out={data_dir}/frames.lmdb makes the frames and "
-               f"python prepare.py <msrvtt|vatex|chvtt> ... --out={data_dir} the splits")
-    if dataset_name not in synthetic.BUILT_IN:
-        how = generic.replace("<msrvtt|vatex|chvtt>", dataset_name)
-    elif own:
+    built_in = dataset_name in synthetic.BUILT_IN
+    how = (f"python prepare.py frames --videos=VIDEO_DIR --out={data_dir}/frames.lmdb makes the frames and python "
+           f"prepare.py {'<msrvtt|vatex|chvtt>' if built_in else dataset_name} ... --out={data_dir} the splits")
+    if built_in and os.path.normpath(data_dir) == os.path.join("data", dataset_name):
         how = f"{data_dir} holds files of another dataset; move them away and train.py writes the built-in set there"
-    else:  # the user's own folder: train.py writes a built-in set only where nothing is
-        how = f"{generic}; or leave --data_dir out to train on the built-in set in data/{dataset_name}"
+    elif built_in:  # the user's own folder: train.py writes a built-in set only where nothing is
+        how += f"; or leave --data_dir out to train on the built-in set in data/{dataset_name}"
     raise FileNotFoundError(f"dataset {dataset_name!r} is not prepared: {', '.join(missing)} missing in "
                             f"{data_dir}; {how}")
 
@@ -220,8 +217,7 @@ def load_data(master: bool, ddp: bool):
     ddir = data_dir or os.path.join("data", dataset)
     edir = os.path.join("data", eval_dataset) if eval_dataset else ddir
     for name, folder in ((dataset, ddir), (eval_dataset, edir)):
-        if name in synthetic.BUILT_IN and not os.path.exists(os.path.join(folder, "frames.lmdb")) and \
-                not (os.path.isdir(folder) and os.listdir(folder)):  # never into a folder that holds anything
+        if name in synthetic.BUILT_IN and not (os.path.isdir(folder) and os.listdir(folder)):  # only where nothing is
             if master:
                 synthetic.prepare_synthetic(folder, **synthetic.BUILT_IN[name])
             if ddp:
@@ -236,41 +232,33 @@ def load_data(master: bool, ddp: bool):
         ddir, TRAIN_SPLIT, tokenizer, mode="pretrain" if pretrain else "train", num_frames=num_frames,
         context_length=context_length, frame_sample=frame_sample, image_size=image_size, augment=augment, seed=seed,
         caption_field=caption_field, tag_context_length=tag_context_length, verbose=master, replace_bad=True)
-    if master:
-        warn_cut_captions([c for c, _ in train_set.captions], tokenizer)
-    return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)
-
-
-def warn_cut_captions(captions: list[str], tokenizer):
-    """Say when captions do not fit context_length (a Chinese caption takes a token per character)."""
-    sizes = [len(tokenizer.encode(c)) + 2 for c in captions]  # + start and end tokens
+    sizes = [len(tokenizer.encode(c)) + 2 for c, _ in train_set.captions]  # + start and end tokens
     cut = sum(n > context_length for n in sizes)
-    if cut:
-        print(f"warning: {cut} of {len(captions)} {TRAIN_SPLIT} captions are longer than context_length="
+    if master and cut:  # a Chinese caption takes a token per character
+        print(f"warning: {cut} of {len(sizes)} {TRAIN_SPLIT} captions are longer than context_length="
               f"{context_length} tokens and are cut (the longest needs {max(sizes)}); pass --context_length="
               f"{max(sizes)} to keep them whole")
+    return train_set, tokenizer, (edir, eval_split, eval_caption_field or caption_field)
 
 
 def build_model(tokenizer, resume_path: str | None, sync_bn: bool):
     """(model on the device, the checkpoint when resuming), built on the CPU: GPU runs start from CPU runs' weights."""
-    clip_args = hmmc_model.CLIPConfig(
+    # every HMMCConfig field named like a setting is that setting; the towers' and the token ids are set here
+    model_args = {f.name: globals()[f.name] for f in dataclasses.fields(hmmc_model.HMMCConfig) if f.name in DEFAULTS}
+    model_args["clip"] = hmmc_model.CLIPConfig(
         embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers, vision_width=vision_width,
         vision_patch_size=vision_patch_size,
         context_length=max(context_length, tag_context_length, eval_context_length),
         vocab_size=tokenizer.vocab_size, transformer_width=transformer_width, transformer_heads=transformer_heads,
-        transformer_layers=transformer_layers, eot_id=getattr(tokenizer, "eot_id", None) or 49407)
-    bert_args, mlm_ids = None, {}
+        transformer_layers=transformer_layers, eot_id=getattr(tokenizer, "eot_id", 49407))
     if text_encoder == "bert":
-        bert_args = hmmc_model.BertConfig(
+        model_args["bert"] = hmmc_model.BertConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=bert_hidden_size, num_hidden_layers=bert_layers,
             num_attention_heads=bert_heads, intermediate_size=4 * bert_hidden_size,
             max_position_embeddings=max(64, context_length, tag_context_length, eval_context_length),
             pad_token_id=tokenizer.pad_id, hidden_dropout_prob=bert_dropout, attention_probs_dropout_prob=bert_dropout)
-        mlm_ids = dict(mlm_mask_id=tokenizer.mask_id, mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id,
-                                                                      tokenizer.sep_id))
-    # every other HMMCConfig field is the setting of its name
-    model_args = {f.name: globals()[f.name] for f in dataclasses.fields(hmmc_model.HMMCConfig) if f.name in DEFAULTS}
-    model_args.update(clip=clip_args, bert=bert_args, **mlm_ids)
+        model_args.update(mlm_mask_id=tokenizer.mask_id,
+                          mlm_special_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id))
     model, info = hmmc_model.load_model(
         resume_path or init_from, None if resume_path else hmmc_model.HMMCConfig(**model_args),
         clip_path=clip_path, bert_path=bert_path)
@@ -302,10 +290,11 @@ def settings_line(config: dict) -> str:
 
 
 def log_step(logged: list, names: list, iter_num: int, stop_iter: int, epoch: int, lr: float, t0: float,
-             t_log: float, start_iter: int, raw_model, peak) -> float:
+             t_log: float, start_iter: int, raw_model) -> float:
     """Print and log the mean loss and its parts over the steps since the last line -> the time of this line."""
     now = time.time()
     vps = len(logged) * batch_size * gradient_accumulation_steps / max(now - t_log, 1e-9)
+    peak = peak_flops(torch.device(device).type)
     mfu = raw_model.flops_per_video(num_frames, context_length, tag_context_length) * vps / peak if peak else None
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -323,6 +312,28 @@ def append_log(record: dict):
     if is_master():
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def check_step(loss: float, bad_share: float, bad: list, bad_seen: set, iter_num: int, last_good: str | None,
+               lmdb_path: str):
+    """Stop on a NaN loss or too many unreadable videos (all ranks see the same averages); name each bad one once."""
+    if not math.isfinite(loss):
+        good = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+        raise SystemExit(f"loss is {loss} at iter {iter_num}; stopping, {good}. Try a lower learning_rate or "
+                         f"dtype=bfloat16/float32")
+    if bad_share > 0:
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, bad)
+            bad = [b for rank_bad in gathered for b in rank_bad]
+        for fault in (f for item in bad for f in item.split("\n")):
+            video = fault.split(" ", 1)[0]
+            if video not in bad_seen:
+                bad_seen.add(video)
+                print0(f"unreadable video {fault} at iter {iter_num}: replaced by another sample")
+        if bad_share > max_bad_fraction:
+            raise SystemExit(f"{100 * bad_share:.0f}% of the videos of iter {iter_num} could not be read, more than "
+                             f"max_bad_fraction={max_bad_fraction}; check the frames in {lmdb_path}")
 
 
 def eval_and_save(raw_model, tokenizer, evaldata: tuple, state: dict, keep_previous: bool) -> float:
@@ -351,25 +362,24 @@ def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
     under "best_on_test", of the weights best on the test split itself (the original's protocol on MSR-VTT)."""
     edir, eval_split, caption_field = evaldata
     best_path = os.path.join(out_dir, "best.pt")
-    used = f"final weights (iter {iter_num})"
-    on_test = eval_split == TEST_SPLIT
     best = hmmc_model.read_checkpoint(best_path) if os.path.exists(best_path) else None
-    if not on_test and best is not None and best["iter_num"] != iter_num:
+    used = f"final weights (iter {iter_num})"
+    if eval_split != TEST_SPLIT and best is not None and best["iter_num"] != iter_num:
         model.load_state_dict(best["model"])
         used = f"best {eval_split} weights (iter {best['iter_num']})"
     metrics = evaluate(model, edir, TEST_SPLIT, tokenizer, caption_field)
-    chance = f"chance R@1 {100 / max(metrics.get('num_videos', 1), 1):.2f}%"
+    chance = f"chance R@1 {100 / max(metrics['num_videos'], 1):.2f}%"
     print0(hmmc_eval.format_table(metrics, f"{TEST_SPLIT} split, {used}, {chance}"))
     result = {**metrics, "split": TEST_SPLIT, "weights": used, "iter": iter_num,
               "videos_seen": iter_num * batch_size * gradient_accumulation_steps, "time_s": time.time() - t0}
-    if on_test and best is not None:
-        best_used = f"best {TEST_SPLIT} weights (iter {best['iter_num']}), chosen on the {TEST_SPLIT} split itself: " \
-                    f"the original's protocol, optimistic"
-        model.load_state_dict(best["model"])
-        best_metrics = metrics if best["iter_num"] == iter_num else evaluate(model, edir, TEST_SPLIT, tokenizer,
-                                                                             caption_field)
-        print0(hmmc_eval.format_table(best_metrics, f"{TEST_SPLIT} split, {best_used}"))
-        result["best_on_test"] = {**best_metrics, "split": TEST_SPLIT, "weights": best_used, "iter": best["iter_num"]}
+    if eval_split == TEST_SPLIT and best is not None:
+        used = (f"best {TEST_SPLIT} weights (iter {best['iter_num']}), chosen on the {TEST_SPLIT} split itself: the "
+                f"original's protocol, optimistic")
+        if best["iter_num"] != iter_num:
+            model.load_state_dict(best["model"])
+            metrics = evaluate(model, edir, TEST_SPLIT, tokenizer, caption_field)
+        print0(hmmc_eval.format_table(metrics, f"{TEST_SPLIT} split, {used}"))
+        result["best_on_test"] = {**metrics, "split": TEST_SPLIT, "weights": used, "iter": best["iter_num"]}
     if is_master():
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
@@ -381,11 +391,8 @@ def final_test(model, tokenizer, evaldata: tuple, iter_num: int, t0: float):
 def main(argv=None):
     global device
     given = set()  # the keys this command sets: a resume compares only these with the run's settings
-    try:
-        config = configure(DEFAULTS, sys.argv[1:] if argv is None else argv, prog="train.py",
-                           descriptions=describe(__file__), given=given)
-    except ValueError as e:
-        raise SystemExit(f"config error: {e}")
+    config = configure(DEFAULTS, sys.argv[1:] if argv is None else argv, prog="train.py",
+                       descriptions=describe(__file__), given=given)
     config["out_dir"] = config["out_dir"] or f"out-{config['dataset']}"
     config, resume_path = runs.start_or_resume(config, given, DEFAULTS)
     globals().update(config)  # the settings are plain names from here on, nanoGPT style
@@ -458,7 +465,6 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
     if master:
         os.makedirs(out_dir, exist_ok=True)
         runs.trim_log(os.path.join(out_dir, "log.jsonl"), iter_num)  # a new run (iter 0) starts a new log
-    peak = peak_flops(device_type)
 
     def snapshot():
         return runs.checkpoint(raw_model, optimizer, scaler, config, iter_num=iter_num, epoch=epoch,
@@ -514,24 +520,22 @@ def train(config: dict, ddp: bool, rank: int, world_size: int, resume_path: str 
                 dist.all_reduce(stats)
                 stats /= world_size
             *losses, bad_share, term, interrupt = stats.tolist()
-            runs.check_step(losses[0], bad_share, max_bad_fraction, bad, bad_seen, iter_num, ddp, last_good,
-                            train_set.lmdb_path)
+            check_step(losses[0], bad_share, bad, bad_seen, iter_num, last_good, train_set.lmdb_path)
             iter_num += 1
 
             logged.append(losses)
             if iter_num % log_interval == 0 or iter_num == stop_iter:
                 t_log, logged = log_step(logged, list(parts), iter_num, stop_iter, epoch, lr_factor * learning_rate,
-                                         t0, t_log, start_iter, raw_model, peak), []
+                                         t0, t_log, start_iter, raw_model), []
             saved = (eval_interval > 0 and iter_num % eval_interval == 0) or iter_num == stop_iter
             if saved:
                 best_r1 = eval_and_save(raw_model, tokenizer, evaldata, snapshot(), keep_previous)
                 last_good, keep_previous = os.path.join(out_dir, "ckpt.pt"), True
-                model.train()
-            if keep_epoch_checkpoints and epoch + (step_in_epoch == steps_per_epoch) > epochs_done:
-                epochs_done = epoch + (step_in_epoch == steps_per_epoch)
-                if master:  # a complete, resumable checkpoint: fine-tuning may start from any epoch's
-                    runs.save_checkpoint(os.path.join(out_dir, f"ckpt_epoch{epochs_done}.pt"), snapshot(), False)
-                    print0(f"saved {out_dir}/ckpt_epoch{epochs_done}.pt (end of epoch {epochs_done}, iter {iter_num})")
+            finished = epoch + (step_in_epoch == steps_per_epoch)  # epochs whose every batch is used
+            if keep_epoch_checkpoints and master and finished > epochs_done:  # fine-tuning may start from any epoch
+                epochs_done = finished
+                runs.save_checkpoint(os.path.join(out_dir, f"ckpt_epoch{finished}.pt"), snapshot(), False)
+                print0(f"saved {out_dir}/ckpt_epoch{finished}.pt (end of epoch {finished}, iter {iter_num})")
             if term or interrupt:  # SIGTERM (preemption) or Ctrl-C: this step is done on every rank; save and leave
                 if master and not saved:
                     runs.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), snapshot(), keep_previous)

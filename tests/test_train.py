@@ -194,7 +194,7 @@ def test_finetune_from_pretrained_checkpoint(data, tmp_path):
 
 def test_bad_config_errors(data, tmp_path):
     base = ["--data_dir=" + data, f"--out_dir={tmp_path}", *TINY]
-    with pytest.raises(SystemExit, match="unknown config key 'learning_rat'.*learning_rate"):
+    with pytest.raises(ValueError, match="unknown config key 'learning_rat'.*learning_rate"):
         run(base + ["--learning_rat=1e-3"])
     with pytest.raises(ValueError, match="queue_size=10 must be a multiple of the global batch"):
         run(base + ["--pretrain=True", "--weight_mlm=0", "--batch_size=4", "--queue_size=10"])
